@@ -1,0 +1,197 @@
+"""The one module that touches ``cryptography.hazmat``.
+
+Everything else signs and verifies through :class:`PrivateKey` and
+:class:`PublicKey`. Two algorithms: ECDSA P-256 with SHA-256 (DER signatures,
+what HSMs, KMS and OpenSSF model-signing use) and Ed25519.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from .errors import KeyFormatError, SignatureError
+
+Algorithm = Literal["ecdsa-p256-sha256", "ed25519"]
+ALGORITHMS: tuple[Algorithm, ...] = ("ecdsa-p256-sha256", "ed25519")
+
+_PublicRaw = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+_PrivateRaw = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+@dataclass(frozen=True, eq=False)
+class PublicKey:
+    """A public key of one of :data:`ALGORITHMS`."""
+
+    _key: _PublicRaw
+    algorithm: Algorithm
+
+    @classmethod
+    def from_pem(cls, pem: bytes | str) -> PublicKey:
+        """Parse a PEM SubjectPublicKeyInfo; raises :class:`KeyFormatError`."""
+        data = pem.encode() if isinstance(pem, str) else pem
+        try:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError) as e:
+            raise KeyFormatError(f"public key is not a valid PEM SubjectPublicKeyInfo: {e}") from e
+        return cls._wrap(key)
+
+    @classmethod
+    def from_der(cls, der: bytes) -> PublicKey:
+        """Parse a DER SubjectPublicKeyInfo; raises :class:`KeyFormatError`."""
+        try:
+            key = serialization.load_der_public_key(der)
+        except (ValueError, TypeError) as e:
+            raise KeyFormatError(f"public key is not a valid DER SubjectPublicKeyInfo: {e}") from e
+        return cls._wrap(key)
+
+    @classmethod
+    def from_ed25519_raw(cls, raw: bytes) -> PublicKey:
+        """Wrap a raw 32-byte Ed25519 public key."""
+        if len(raw) != 32:
+            raise KeyFormatError(f"Ed25519 public key has {len(raw)} bytes, want 32")
+        return cls(ed25519.Ed25519PublicKey.from_public_bytes(raw), "ed25519")
+
+    @classmethod
+    def _wrap(cls, key: object) -> PublicKey:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            return cls(key, "ed25519")
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if not isinstance(key.curve, ec.SECP256R1):
+                raise KeyFormatError(f"ECDSA key is on curve {key.curve.name}, want secp256r1 (P-256)")
+            return cls(key, "ecdsa-p256-sha256")
+        raise KeyFormatError(f"unsupported public key type {type(key).__name__}")
+
+    def der(self) -> bytes:
+        """DER SubjectPublicKeyInfo."""
+        return self._key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def pem(self) -> str:
+        """PEM SubjectPublicKeyInfo."""
+        return self._key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+
+    def raw(self) -> bytes:
+        """Raw public key bytes (Ed25519: 32 bytes; P-256: uncompressed point)."""
+        if isinstance(self._key, ed25519.Ed25519PublicKey):
+            return self._key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return self._key.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+
+    def keyid(self) -> str:
+        """DSSE key id: lowercase hex SHA-256 of the DER SubjectPublicKeyInfo."""
+        return hashlib.sha256(self.der()).hexdigest()
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        """Verify ``signature`` over ``data``; raises :class:`SignatureError`."""
+        try:
+            if isinstance(self._key, ed25519.Ed25519PublicKey):
+                self._key.verify(signature, data)
+            else:
+                self._key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature as e:
+            raise SignatureError(
+                f"{self.algorithm} signature does not verify for key {self.keyid()[:16]}"
+            ) from e
+        except ValueError as e:  # malformed DER signature
+            raise SignatureError(f"{self.algorithm} signature is malformed: {e}") from e
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PublicKey) and self.der() == other.der()
+
+    def __hash__(self) -> int:
+        return hash(self.der())
+
+
+@dataclass(frozen=True, eq=False)
+class PrivateKey:
+    """A private signing key of one of :data:`ALGORITHMS`."""
+
+    _key: _PrivateRaw
+    algorithm: Algorithm
+
+    @classmethod
+    def generate(cls, algorithm: Algorithm = "ecdsa-p256-sha256") -> PrivateKey:
+        """Generate a fresh key."""
+        if algorithm == "ed25519":
+            return cls(ed25519.Ed25519PrivateKey.generate(), "ed25519")
+        if algorithm == "ecdsa-p256-sha256":
+            return cls(ec.generate_private_key(ec.SECP256R1()), "ecdsa-p256-sha256")
+        raise KeyFormatError(f"unknown algorithm {algorithm!r}, want one of {ALGORITHMS}")
+
+    @classmethod
+    def from_pem(cls, pem: bytes | str) -> PrivateKey:
+        """Parse an unencrypted PKCS#8 PEM private key; raises :class:`KeyFormatError`."""
+        data = pem.encode() if isinstance(pem, str) else pem
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as e:
+            raise KeyFormatError(f"private key is not a valid unencrypted PEM: {e}") from e
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            return cls(key, "ed25519")
+        if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+            return cls(key, "ecdsa-p256-sha256")
+        raise KeyFormatError(f"unsupported private key type {type(key).__name__}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PrivateKey:
+        """Load a PEM private key file; raises :class:`KeyFormatError` naming the path."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise KeyFormatError(f"cannot read key file {path}: {e.strerror}") from e
+        try:
+            return cls.from_pem(data)
+        except KeyFormatError as e:
+            raise KeyFormatError(f"{path}: {e}") from e
+
+    def pem(self) -> bytes:
+        """PKCS#8 PEM, unencrypted (protect the file: :meth:`save` writes mode 0600)."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write PKCS#8 PEM with file mode 0600 (created that way, never world-readable)."""
+        p = Path(path)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.pem())
+        os.chmod(p, 0o600)
+
+    def public_key(self) -> PublicKey:
+        """The matching public key."""
+        return PublicKey(self._key.public_key(), self.algorithm)
+
+    def keyid(self) -> str:
+        """DSSE key id of the public key."""
+        return self.public_key().keyid()
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data`` (ECDSA: DER-encoded signature over SHA-256)."""
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            return self._key.sign(data)
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    def ed25519_seed(self) -> bytes:
+        """Raw 32-byte Ed25519 private key (for signed-note key strings)."""
+        if not isinstance(self._key, ed25519.Ed25519PrivateKey):
+            raise KeyFormatError("signed-note keys must be Ed25519")
+        return self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )

@@ -1,0 +1,177 @@
+"""DSSE envelopes (https://github.com/secure-systems-lab/dsse, protocol v1).
+
+A receipt is a DSSE envelope whose payload is an in-toto Statement v1. The
+signature covers the pre-authentication encoding::
+
+    PAE(type, body) = "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body
+
+The Merkle leaf of a receipt is the RFC 8785 canonical JSON of the envelope
+object (:meth:`Envelope.canonical`), so anyone holding the envelope recomputes
+``leaf_hash = SHA-256(0x00 || JCS(envelope))`` without our code.
+
+Example::
+
+    >>> from kolm_ledger.keys import PrivateKey
+    >>> from kolm_ledger import dsse
+    >>> key = PrivateKey.generate()
+    >>> env = dsse.sign(b'{"_type": "x"}', dsse.IN_TOTO_PAYLOAD_TYPE, key)
+    >>> dsse.verify_signature(env, key.public_key())
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ._crypto import PrivateKey, PublicKey
+from .canonical import canonical_json
+from .errors import EnvelopeFormatError, SignatureError
+
+__all__ = [
+    "IN_TOTO_PAYLOAD_TYPE",
+    "MAX_ENVELOPE_BYTES",
+    "Envelope",
+    "Signature",
+    "b64decode",
+    "pae",
+    "sign",
+    "verify_signature",
+]
+
+IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
+#: Envelopes (canonical JSON) larger than this are refused by the ledger.
+MAX_ENVELOPE_BYTES = 64 * 1024
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %b %d %b" % (len(t), t, len(payload), payload)
+
+
+def b64decode(s: object, what: str) -> bytes:
+    """Strict standard base64 (RFC 4648 §4, padded); raises :class:`EnvelopeFormatError`."""
+    if not isinstance(s, str):
+        raise EnvelopeFormatError(f"{what}: want a base64 string, got {type(s).__name__}")
+    try:
+        return base64.b64decode(s.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise EnvelopeFormatError(f"{what}: not valid base64: {e}") from e
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One DSSE signature."""
+
+    keyid: str
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A DSSE envelope."""
+
+    payload: bytes
+    payload_type: str
+    signatures: tuple[Signature, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The DSSE JSON object (base64 payload and signatures)."""
+        return {
+            "payload": base64.b64encode(self.payload).decode(),
+            "payloadType": self.payload_type,
+            "signatures": [
+                {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode()} for s in self.signatures
+            ],
+        }
+
+    def canonical(self) -> bytes:
+        """RFC 8785 canonical JSON of :meth:`to_json` — the Merkle leaf data."""
+        return canonical_json(self.to_json())
+
+    def leaf_hash(self) -> bytes:
+        """RFC 6962 leaf hash of :meth:`canonical`."""
+        return hashlib.sha256(b"\x00" + self.canonical()).digest()
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON bytes (same as :meth:`canonical`)."""
+        return self.canonical()
+
+    @classmethod
+    def from_json(cls, obj: object) -> Envelope:
+        """Parse a DSSE JSON object; raises :class:`EnvelopeFormatError` naming the field."""
+        if not isinstance(obj, dict):
+            raise EnvelopeFormatError(f"envelope: want a JSON object, got {type(obj).__name__}")
+        unknown = sorted(obj.keys() - {"payload", "payloadType", "signatures"})
+        if unknown:
+            raise EnvelopeFormatError(f"envelope: unknown field(s) {', '.join(unknown)}")
+        for f in ("payload", "payloadType", "signatures"):
+            if f not in obj:
+                raise EnvelopeFormatError(f"envelope: missing field {f}")
+        payload = b64decode(obj["payload"], "envelope.payload")
+        ptype = obj["payloadType"]
+        if not isinstance(ptype, str) or not ptype:
+            raise EnvelopeFormatError("envelope.payloadType: want a non-empty string")
+        sigs_obj = obj["signatures"]
+        if not isinstance(sigs_obj, list) or not sigs_obj:
+            raise EnvelopeFormatError("envelope.signatures: want a non-empty list")
+        sigs: list[Signature] = []
+        for i, s in enumerate(sigs_obj):
+            if not isinstance(s, dict):
+                raise EnvelopeFormatError(f"envelope.signatures[{i}]: want an object")
+            unknown = sorted(s.keys() - {"keyid", "sig"})
+            if unknown:
+                raise EnvelopeFormatError(
+                    f"envelope.signatures[{i}]: unknown field(s) {', '.join(unknown)}"
+                )
+            keyid = s.get("keyid")
+            if not isinstance(keyid, str):
+                raise EnvelopeFormatError(f"envelope.signatures[{i}].keyid: want a string")
+            sig = b64decode(s.get("sig"), f"envelope.signatures[{i}].sig")
+            if not sig:
+                raise EnvelopeFormatError(f"envelope.signatures[{i}].sig: empty")
+            sigs.append(Signature(keyid, sig))
+        return cls(payload, ptype, tuple(sigs))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        """Parse DSSE JSON bytes; raises :class:`EnvelopeFormatError`."""
+        if len(data) > 4 * MAX_ENVELOPE_BYTES:
+            raise EnvelopeFormatError(f"envelope is {len(data)} bytes; far over the size limit")
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EnvelopeFormatError(f"envelope is not JSON: {e}") from e
+        return cls.from_json(obj)
+
+
+def sign(payload: bytes, payload_type: str, key: PrivateKey) -> Envelope:
+    """Sign ``payload`` as a one-signature DSSE envelope keyed by the DSSE key id."""
+    return Envelope(payload, payload_type, (Signature(key.keyid(), key.sign(pae(payload_type, payload))),))
+
+
+def verify_signature(envelope: Envelope, key: PublicKey) -> None:
+    """Verify that ``key`` signed ``envelope``; raises :class:`SignatureError`.
+
+    (1) find a signature whose keyid is ``key``'s DSSE key id;
+    (2) verify it over PAE(payloadType, payload).
+    """
+    keyid = key.keyid()
+    sigs = [s for s in envelope.signatures if s.keyid == keyid]
+    if not sigs:
+        have = ", ".join(s.keyid[:16] for s in envelope.signatures)
+        raise SignatureError(f"envelope has no signature by key {keyid[:16]} (has: {have})")
+    msg = pae(envelope.payload_type, envelope.payload)
+    last: SignatureError | None = None
+    for s in sigs:
+        try:
+            key.verify(s.sig, msg)
+            return
+        except SignatureError as e:
+            last = e
+    assert last is not None
+    raise SignatureError(f"envelope signature by key {keyid[:16]} does not verify") from last
