@@ -65,7 +65,9 @@ class PublicKey:
             return cls(key, "ed25519")
         if isinstance(key, ec.EllipticCurvePublicKey):
             if not isinstance(key.curve, ec.SECP256R1):
-                raise KeyFormatError(f"ECDSA key is on curve {key.curve.name}, want secp256r1 (P-256)")
+                raise KeyFormatError(
+                    f"ECDSA key is on curve {key.curve.name}, want secp256r1 (P-256)"
+                )
             return cls(key, "ecdsa-p256-sha256")
         raise KeyFormatError(f"unsupported public key type {type(key).__name__}")
 
@@ -84,7 +86,9 @@ class PublicKey:
     def raw(self) -> bytes:
         """Raw public key bytes (Ed25519: 32 bytes; P-256: uncompressed point)."""
         if isinstance(self._key, ed25519.Ed25519PublicKey):
-            return self._key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            return self._key.public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
         return self._key.public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )

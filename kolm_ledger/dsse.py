@@ -151,7 +151,9 @@ class Envelope:
 
 def sign(payload: bytes, payload_type: str, key: PrivateKey) -> Envelope:
     """Sign ``payload`` as a one-signature DSSE envelope keyed by the DSSE key id."""
-    return Envelope(payload, payload_type, (Signature(key.keyid(), key.sign(pae(payload_type, payload))),))
+    return Envelope(
+        payload, payload_type, (Signature(key.keyid(), key.sign(pae(payload_type, payload))),)
+    )
 
 
 def verify_signature(envelope: Envelope, key: PublicKey) -> None:

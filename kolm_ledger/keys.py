@@ -184,7 +184,9 @@ class TrustedKey:
             raise TrustRootFormatError(f"{where}.role: {role!r} is not one of {list(ROLES)}")
         alg = obj["algorithm"]
         if alg not in ALGORITHMS:
-            raise TrustRootFormatError(f"{where}.algorithm: {alg!r} is not one of {list(ALGORITHMS)}")
+            raise TrustRootFormatError(
+                f"{where}.algorithm: {alg!r} is not one of {list(ALGORITHMS)}"
+            )
         pem = obj["public_key_pem"]
         if not isinstance(pem, str):
             raise TrustRootFormatError(f"{where}.public_key_pem: want a PEM string")
@@ -212,8 +214,15 @@ class TrustedKey:
         not_before = parse_time(obj["not_before"], f"{where}.not_before")
         nb = obj.get("not_after")
         not_after = None if nb is None else parse_time(nb, f"{where}.not_after")
-        return cls(KeyID(pub.keyid()), cast(Role, role), cast(Algorithm, alg), pub,
-                   not_before, not_after, origin)
+        return cls(
+            KeyID(pub.keyid()),
+            cast(Role, role),
+            cast(Algorithm, alg),
+            pub,
+            not_before,
+            not_after,
+            origin,
+        )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Predicate types (one per kind)::
 
-    urn:kolm:receipt:label:v1       subject: digest of JCS({input, output})
+    urn:kolm:receipt:label:v1       subjects: digest of JCS({input, output}); SHA-256 of the job id
     urn:kolm:receipt:eval:v1        subject: artifact digest
     urn:kolm:receipt:artifact:v1    subject: artifact digest (and the .kolm file digest)
     urn:kolm:receipt:prediction:v1  subject: output digest
@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ._crypto import PrivateKey, PublicKey
-from .canonical import canonical_json, digest_hex
+from .canonical import canonical_json, digest_hex, sha256_hex
 from .dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, sign
 from .errors import StatementFormatError
 from .keys import format_time
@@ -42,6 +42,7 @@ __all__ = [
     "artifact_statement",
     "eval_statement",
     "example_digest",
+    "job_digest",
     "key_statement",
     "kind_of",
     "label_statement",
@@ -57,12 +58,37 @@ KINDS: tuple[str, ...] = ("label", "eval", "artifact", "prediction", "key")
 #: Predicate fields each kind must carry (more are allowed).
 REQUIRED: dict[str, tuple[str, ...]] = {
     "label": ("task", "teacher", "k", "votes", "sample_digests", "verifier", "agreement", "job_id"),
-    "eval": ("holdout_digest", "n", "correct", "k_score", "interval", "outcome_root",
-             "teacher_k_score", "metric"),
-    "artifact": ("base_model", "training_set_root", "label_count", "eval_receipt",
-                 "k_score", "verifier", "compile_config_digest", "kolm_version", "checkpoint"),
-    "prediction": ("artifact_digest", "input_commitment", "verifier_verdict", "backend",
-                   "confidence", "latency_ms", "request_id", "time"),
+    "eval": (
+        "holdout_digest",
+        "n",
+        "correct",
+        "k_score",
+        "interval",
+        "outcome_root",
+        "teacher_k_score",
+        "metric",
+    ),
+    "artifact": (
+        "base_model",
+        "training_set_root",
+        "label_count",
+        "eval_receipt",
+        "k_score",
+        "verifier",
+        "compile_config_digest",
+        "kolm_version",
+        "checkpoint",
+    ),
+    "prediction": (
+        "artifact_digest",
+        "input_commitment",
+        "verifier_verdict",
+        "backend",
+        "confidence",
+        "latency_ms",
+        "request_id",
+        "time",
+    ),
     "key": ("action", "keyid", "role", "algorithm", "public_key_pem", "effective_at"),
 }
 
@@ -83,6 +109,14 @@ def kind_of(ptype: str) -> str:
     raise StatementFormatError(
         f"predicateType {ptype[:80]!r} is not a kolm receipt type ({PREDICATE_PREFIX}<kind>:v1)"
     )
+
+
+def job_digest(job_id: str) -> str:
+    """Hex SHA-256 of a compile job id: the second subject of its label receipts.
+
+    Lets anyone find every label of a job through the ledger's subject index.
+    """
+    return sha256_hex(job_id.encode())
 
 
 def example_digest(input_value: Any, output_value: Any) -> str:
@@ -245,7 +279,11 @@ def label_statement(
     }
     if include_input:
         pred["input"] = input_value
-    return _statement("label", [Subject("example", example_digest(input_value, output_value))], pred)
+    subjects = [
+        Subject("example", example_digest(input_value, output_value)),
+        Subject(f"job:{job_id}", job_digest(job_id)),
+    ]
+    return _statement("label", subjects, pred)
 
 
 def eval_statement(
@@ -268,8 +306,12 @@ def eval_statement(
         "n": n,
         "correct": correct,
         "k_score": k_score,
-        "interval": {"low": interval[0], "high": interval[1], "confidence": 0.95,
-                     "method": "wilson"},
+        "interval": {
+            "low": interval[0],
+            "high": interval[1],
+            "confidence": 0.95,
+            "method": "wilson",
+        },
         "outcome_root": outcome_root,
         "teacher_k_score": teacher_k_score,
         "metric": metric,

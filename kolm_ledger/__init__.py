@@ -1,0 +1,54 @@
+"""kolm_ledger: receipts, keys, the RFC 6962 Merkle log, checkpoints, storage, audit.
+
+Importable without torch: this is what an auditor or a downstream system installs.
+
+Example::
+
+    >>> import tempfile, pathlib
+    >>> from kolm_ledger import Ledger, PrivateKey, Store, init_keys, receipts
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> trust = init_keys(d / "keys")
+    >>> ledger = Ledger(Store(f"sqlite:///{d}/ledger.db"), trust, PrivateKey.load(d / "keys/log.key"))
+    >>> admin = PrivateKey.load(d / "keys/admin.key")
+    >>> st = receipts.key_statement(action="register", role="infer",
+    ...                             public_key=PrivateKey.generate().public_key())
+    >>> [a.index for a in ledger.append([receipts.sign_statement(st, admin)])]
+    [0]
+    >>> audit(ledger.store, trust).ok
+    True
+"""
+
+from . import receipts
+from ._crypto import PrivateKey, PublicKey
+from .audit import AuditReport, audit
+from .bundle import Bundle
+from .checkpoint import Checkpoint, SignedCheckpoint
+from .dsse import Envelope
+from .errors import KolmError
+from .keys import TrustedKey, TrustRoot, init_keys
+from .ledger import Ledger
+from .storage import Store
+from .verify import VerifiedReceipt, verify_bundle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuditReport",
+    "Bundle",
+    "Checkpoint",
+    "Envelope",
+    "KolmError",
+    "Ledger",
+    "PrivateKey",
+    "PublicKey",
+    "SignedCheckpoint",
+    "Store",
+    "TrustRoot",
+    "TrustedKey",
+    "VerifiedReceipt",
+    "__version__",
+    "audit",
+    "init_keys",
+    "receipts",
+    "verify_bundle",
+]

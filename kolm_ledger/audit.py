@@ -1,0 +1,366 @@
+"""Audit a whole ledger, trusting nothing but the trust root.
+
+For every entry, in index order:
+
+1. the index follows the previous one (no gap, nothing deleted);
+2. the stored envelope parses and is in canonical (RFC 8785) form;
+3. the stored leaf hash equals SHA-256(0x00 || envelope);
+4. the signing key is trusted (root + key receipts so far), its DSSE signature verifies,
+   its role may sign the receipt kind, and it was valid at the entry's integration time;
+5. the stored chain hash equals SHA-256(0x02 || previous chain || leaf hash).
+
+Then, for the whole log:
+
+6. every stored interior Merkle node equals the one recomputed from the leaves;
+7. every checkpoint is signed by a trusted log key for the origin, its stored columns
+   match its signed body, and its root and chain head equal those recomputed at its size
+   (which also proves each checkpoint consistent with the previous one);
+8. every entry is covered by the newest checkpoint, and no checkpoint claims entries
+   that are missing.
+
+Every failure is reported with the entry index (or checkpoint size) and the reason.
+
+Example::
+
+    >>> from kolm_ledger.storage import Store
+    >>> from kolm_ledger.keys import TrustRoot
+    >>> audit(Store("sqlite:///:memory:"), TrustRoot(())).ok
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import Checkpoint, check_consistent, verify_checkpoint
+from .dsse import Envelope, verify_signature
+from .errors import KolmError
+from .keys import TrustRoot
+from .ledger import chain_next
+from .merkle import CompactRange
+from .receipts import Statement
+from .storage import Entry, Store
+from .storage.models import node_id
+from .trust import TrustState
+
+if TYPE_CHECKING:
+    from .client import LedgerClient
+
+__all__ = ["AuditReport", "Failure", "audit", "audit_remote"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One audit failure: the entry index (or ``None``), a checkpoint size, and why."""
+
+    index: int | None
+    reason: str
+    checkpoint_size: int | None = None
+
+    def __str__(self) -> str:
+        if self.index is not None:
+            return f"entry {self.index}: {self.reason}"
+        if self.checkpoint_size is not None:
+            return f"checkpoint {self.checkpoint_size}: {self.reason}"
+        return f"tree: {self.reason}"
+
+
+@dataclass
+class AuditReport:
+    """What an audit saw and what failed."""
+
+    entries: int = 0
+    checkpoints: int = 0
+    by_kind: Counter[str] = field(default_factory=Counter)
+    failures: list[Failure] = field(default_factory=list)
+    root: bytes = b""
+    size: int = 0
+    newest_checkpoint: Checkpoint | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed."""
+        return not self.failures
+
+    def failing_indices(self) -> list[int]:
+        """Sorted entry indices named by failures."""
+        return sorted({f.index for f in self.failures if f.index is not None})
+
+
+class _Walker:
+    """Checks (1)-(5) and (7b) entry by entry; shared by the local and remote audits."""
+
+    def __init__(
+        self, trust: TrustRoot, cps: dict[int, Checkpoint], rep: AuditReport, keep_nodes: bool
+    ) -> None:
+        self.state = TrustState(trust)
+        self.cps = cps
+        self.rep = rep
+        self.tree = CompactRange.empty()
+        self.chain = bytes(32)
+        self.expected = 0
+        self.keep_nodes = keep_nodes
+        self.recomputed: dict[int, bytes] = {}
+        self.roots: dict[int, bytes] = {}
+
+    def feed(self, e: Entry) -> None:
+        rep, fail = self.rep, self.rep.failures.append
+        # (1) continuity
+        if e.index != self.expected:
+            for missing in range(self.expected, min(e.index, self.expected + 1000)):
+                fail(Failure(missing, "entry is missing (deleted or never written)"))
+            self.expected = e.index  # keep walking; roots will not match past the gap
+        self.expected += 1
+        rep.entries += 1
+        leaf = hashlib.sha256(b"\x00" + e.envelope).digest()
+        # (3) leaf hash
+        if leaf != e.leaf_hash:
+            fail(
+                Failure(
+                    e.index,
+                    f"stored leaf hash {e.leaf_hash.hex()[:16]} != recomputed {leaf.hex()[:16]}",
+                )
+            )
+        try:
+            # (2) parse, canonical form
+            env = Envelope.from_bytes(e.envelope)
+            if env.canonical() != e.envelope:
+                raise KolmError("stored envelope is not in RFC 8785 canonical form")
+            st = Statement.from_envelope(env)
+            rep.by_kind[st.kind] += 1
+            if st.kind != e.kind:
+                raise KolmError(f"stored kind {e.kind!r} but the statement is {st.kind!r}")
+            # (4) key, signature, role, validity at integration time
+            if len(env.signatures) != 1:
+                raise KolmError(f"envelope has {len(env.signatures)} signatures, want 1")
+            key = self.state.get(env.signatures[0].keyid)
+            verify_signature(env, key.public_key)
+            key.check_may_sign(st.kind)
+            key.check_valid_at(e.integrated_at)
+            if st.kind == "key":
+                self.state = self.state.apply(st, e.integrated_at)
+        except KolmError as err:
+            fail(Failure(e.index, str(err)))
+        # (5) chain
+        self.chain = chain_next(self.chain, leaf)
+        if self.chain != e.chain_hash:
+            fail(Failure(e.index, "hash chain does not link (stored chain hash differs)"))
+            self.chain = e.chain_hash  # resync so only the entries that break it are named
+        for lv, i, h in self.tree.append(leaf):
+            if self.keep_nodes:
+                self.recomputed[node_id(lv, i)] = h
+        # (7b) roots at checkpoint sizes
+        size = self.tree.size
+        cp = self.cps.get(size)
+        if cp is not None:
+            root = self.tree.root()
+            self.roots[size] = root
+            if root != cp.root:
+                fail(
+                    Failure(
+                        None,
+                        f"Merkle root recomputed at size {size} is "
+                        f"{root.hex()[:16]}, the checkpoint says {cp.root.hex()[:16]}",
+                        size,
+                    )
+                )
+            if self.chain != cp.chain_head:
+                fail(
+                    Failure(None, f"chain head at size {size} differs from the checkpoint's", size)
+                )
+
+    def finish(self, newest: int) -> None:
+        rep, fail = self.rep, self.rep.failures.append
+        rep.size = self.tree.size
+        rep.root = self.tree.root()
+        # (8) coverage
+        if newest > self.expected:
+            fail(
+                Failure(
+                    self.expected,
+                    f"entry is missing: checkpoint of size {newest} covers "
+                    f"{newest - self.expected} more entries than the log "
+                    "holds",
+                    newest,
+                )
+            )
+        elif self.expected > newest:
+            fail(
+                Failure(
+                    newest,
+                    f"entries {newest}..{self.expected - 1} are not covered by any "
+                    "signed checkpoint",
+                )
+            )
+
+
+def audit(
+    store: Store,
+    trust: TrustRoot,
+    *,
+    origin: str | None = None,
+    progress: Progress | None = None,
+) -> AuditReport:
+    """Audit ``store`` against ``trust``; see the module docstring for the numbered checks."""
+    rep = AuditReport()
+    fail = rep.failures.append
+    total = store.size()
+
+    # (7a) checkpoints: signatures and stored columns, before the walk
+    cps: dict[int, Checkpoint] = {}
+    for sc in store.checkpoints():
+        rep.checkpoints += 1
+        try:
+            cp = verify_checkpoint(sc.note, trust, origin=origin).checkpoint
+        except KolmError as e:
+            fail(Failure(None, f"checkpoint signature: {e}", sc.size))
+            continue
+        if (cp.size, cp.root, cp.chain_head) != (sc.size, sc.root, sc.chain_head):
+            fail(
+                Failure(None, "stored size/root/chain columns differ from the signed note", sc.size)
+            )
+        cps[cp.size] = cp
+    newest = max(cps) if cps else 0
+    rep.newest_checkpoint = cps.get(newest)
+
+    w = _Walker(trust, cps, rep, keep_nodes=True)
+    for e in store.entries():
+        w.feed(e)
+        if progress is not None and rep.entries % 1000 == 0:
+            progress(rep.entries, total)
+    w.finish(newest)
+    # (6) stored interior nodes
+    _check_nodes(store, w.recomputed, rep)
+    if progress is not None:
+        progress(rep.entries, total)
+    return rep
+
+
+def _check_nodes(store: Store, recomputed: dict[int, bytes], rep: AuditReport) -> None:
+    seen: set[int] = set()
+    for lv, i, h in store.node_hashes(0, 1 << 62):
+        nid = node_id(lv, i)
+        seen.add(nid)
+        want = recomputed.get(nid)
+        span = f"over entries {i << lv}..{((i + 1) << lv) - 1}"
+        if want is None:
+            rep.failures.append(
+                Failure(
+                    None,
+                    f"stored Merkle node (level {lv}, index {i}) {span} has no leaves under it",
+                )
+            )
+        elif want != h:
+            rep.failures.append(
+                Failure(
+                    None,
+                    f"stored Merkle node (level {lv}, index {i}) {span} "
+                    "differs from the one recomputed from the leaves",
+                )
+            )
+    for nid in recomputed.keys() - seen:
+        lv, i = nid >> 48, nid & ((1 << 48) - 1)
+        rep.failures.append(
+            Failure(
+                None,
+                f"Merkle node (level {lv}, index {i}) over entries "
+                f"{i << lv}..{((i + 1) << lv) - 1} is missing",
+            )
+        )
+
+
+def audit_remote(
+    client: LedgerClient,
+    trust: TrustRoot,
+    *,
+    state_path: str | os.PathLike[str] | None = None,
+    origin: str | None = None,
+    progress: Progress | None = None,
+) -> AuditReport:
+    """Audit a ledger over gRPC, verifying everything client-side.
+
+    Checks (1)-(5) and (8) on every streamed entry, (7) on the newest checkpoint, and —
+    when ``state_path`` holds the checkpoint the previous audit verified — that the new
+    checkpoint is consistent with it (a consistency proof from the server, and the root
+    recomputed at the old size), so a ledger that rewrote or forked history is caught.
+    On success the newest checkpoint is saved to ``state_path`` (atomically).
+    """
+    rep = AuditReport()
+    fail = rep.failures.append
+    signed = client.checkpoint()
+    try:
+        cp = verify_checkpoint(signed.to_bytes(), trust, origin=origin).checkpoint
+    except KolmError as e:
+        fail(Failure(None, f"checkpoint signature: {e}", signed.checkpoint.size))
+        return rep
+    rep.checkpoints = 1
+    rep.newest_checkpoint = cp
+    cps = {cp.size: cp}
+    old: Checkpoint | None = None
+    state = Path(state_path) if state_path else None
+    if state is not None and state.exists():
+        try:
+            old = verify_checkpoint(
+                json.loads(state.read_text())["note"].encode(), trust, origin=origin
+            ).checkpoint
+        except (KolmError, ValueError, KeyError) as e:
+            fail(Failure(None, f"state file {state}: cannot use the remembered checkpoint: {e}"))
+            return rep
+        if old.size > cp.size:
+            fail(
+                Failure(
+                    None,
+                    f"log shrank: remembered checkpoint has size {old.size}, the "
+                    f"ledger now says {cp.size}",
+                    cp.size,
+                )
+            )
+            return rep
+        if old.size > 0:
+            try:
+                hashes, _ = client.consistency_proof(old.size, cp.size)
+                check_consistent(old, cp, hashes)
+            except KolmError as e:
+                fail(
+                    Failure(
+                        None,
+                        f"checkpoint of size {cp.size} is not consistent with the "
+                        f"remembered checkpoint of size {old.size}: {e}",
+                        cp.size,
+                    )
+                )
+            cps.setdefault(old.size, old)
+    w = _Walker(trust, cps, rep, keep_nodes=False)
+    for e in client.entries(0, cp.size):
+        w.feed(e)
+        if progress is not None and rep.entries % 1000 == 0:
+            progress(rep.entries, cp.size)
+    w.finish(cp.size)
+    if progress is not None:
+        progress(rep.entries, cp.size)
+    if rep.ok and state is not None:
+        tmp = state.with_name(state.name + ".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "origin": cp.origin,
+                    "size": cp.size,
+                    "root": cp.root.hex(),
+                    "note": signed.to_bytes().decode(),
+                },
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n"
+        )
+        os.replace(tmp, state)
+    return rep

@@ -1,0 +1,309 @@
+"""The ``kolm`` command.
+
+``kolm_ledger`` owns the root parser. Other packages add subcommands through the
+``kolm.commands`` entry-point group: each entry point names a function
+``register(subparsers)`` that adds its parsers and sets ``func`` on them, so this
+package never imports them.
+
+Exit codes: 0 success; 1 a verification or audit failed; 2 bad input or another error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .errors import KolmError, VerificationError
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _trust_default(keyfile: str) -> Path:
+    return Path(keyfile).resolve().parent / "trust.json"
+
+
+def cmd_keys_init(a: argparse.Namespace) -> int:
+    from .keys import init_keys
+
+    root = init_keys(a.dir, origin=a.origin)
+    for k in root.keys:
+        print(f"{k.role:8} {k.algorithm:18} {k.keyid}")
+    print(f"wrote {Path(a.dir) / 'trust.json'}")
+    return 0
+
+
+def _open_ledger(db: str, trust_path: str | Path, log_key_path: str | Path) -> Any:
+    from .keys import PrivateKey, TrustRoot
+    from .ledger import Ledger
+    from .storage import Store
+
+    return Ledger(Store(db), TrustRoot.load(trust_path), PrivateKey.load(log_key_path))
+
+
+def cmd_ledger_append(a: argparse.Namespace) -> int:
+    from .keys import PrivateKey
+    from .receipts import Statement, sign_statement
+
+    trust = a.trust or _trust_default(a.key)
+    log_key = a.log_key or Path(trust).parent / "log.key"
+    try:
+        data = Path(a.statement).read_bytes()
+    except OSError as e:
+        raise KolmError(f"cannot read statement {a.statement}: {e.strerror}") from e
+    st = Statement.from_bytes(data)
+    env = sign_statement(st, PrivateKey.load(a.key))
+    ledger = _open_ledger(a.db, trust, log_key)
+    (res,) = ledger.append([env])
+    print(res.index)
+    return 0
+
+
+def cmd_ledger_checkpoint(a: argparse.Namespace) -> int:
+    from .errors import NotFoundError
+    from .storage import Store
+
+    cp = Store(a.db).latest_checkpoint()
+    if cp is None:
+        raise NotFoundError("the log is empty; no checkpoint yet")
+    sys.stdout.write(cp.note.decode())
+    return 0
+
+
+def cmd_ledger_bundle(a: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .dsse import Envelope
+    from .errors import NotFoundError
+    from .storage import Store
+    from .tlogproof import TlogProof
+
+    store = Store(a.db)
+    entry = store.get_entry(a.index)
+    cp = store.latest_checkpoint()
+    if cp is None or cp.size <= a.index:
+        raise NotFoundError(f"no checkpoint covers index {a.index} yet")
+    proof = store.inclusion_proof(a.index, cp.size)
+    b = Bundle(Envelope.from_bytes(entry.envelope), TlogProof(a.index, tuple(proof), cp.note))
+    sys.stdout.write(b.to_bytes().decode())
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .keys import TrustRoot
+    from .verify import verify_bundle
+
+    trust = TrustRoot.load(a.trust)
+    try:
+        if a.ledger:
+            from .client import LedgerClient
+
+            if (a.index is None) == (a.leaf_hash is None):
+                raise KolmError("with --ledger give exactly one of --index or --leaf-hash")
+            with LedgerClient(a.ledger) as c:
+                bundle = c.bundle(
+                    index=a.index, leaf_hash=bytes.fromhex(a.leaf_hash) if a.leaf_hash else None
+                )
+        elif a.bundle:
+            bundle = Bundle.load(a.bundle)
+        else:
+            raise KolmError("give a BUNDLE file or --ledger HOST:PORT with --index/--leaf-hash")
+        v = verify_bundle(bundle, trust)
+    except KolmError as e:
+        step = getattr(e, "step", None)
+        print(f"FAILED{f' at step {step}' if step is not None else ''}: {e}")
+        return 1
+    print(
+        f"OK: {v.kind} receipt at index {v.index} signed by {v.role} key {v.keyid[:16]}, "
+        f"included in checkpoint {v.checkpoint.origin} size {v.checkpoint.size}"
+    )
+    return 0
+
+
+def cmd_audit(a: argparse.Namespace) -> int:
+    from .audit import audit
+    from .keys import TrustRoot
+    from .storage import Store
+
+    trust = TrustRoot.load(a.trust)
+    if a.ledger:
+        from rich.progress import Progress
+
+        from .audit import audit_remote
+        from .client import LedgerClient
+
+        with LedgerClient(a.ledger) as c, Progress(transient=True) as prog:
+            task = prog.add_task("auditing", total=None)
+            rep = audit_remote(
+                c,
+                trust,
+                state_path=a.state,
+                progress=lambda n, t: prog.update(task, completed=n, total=t),
+            )
+    elif a.db:
+        rep = audit(Store(a.db), trust)
+    else:
+        raise KolmError("give --db URL or --ledger HOST:PORT")
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(rep.by_kind.items()))
+    if rep.ok:
+        print(
+            f"OK: {rep.entries} entries ({kinds}), {rep.checkpoints} checkpoints, "
+            f"root {rep.root.hex()}"
+        )
+        return 0
+    print(
+        f"FAILED: {len(rep.failures)} failure(s) in {rep.entries} entries; "
+        f"failing indices: {rep.failing_indices()[:50]}"
+    )
+    for f in rep.failures[:200]:
+        print(f"  {f}")
+    return 1
+
+
+def cmd_ledger_serve(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from .keys import PrivateKey, TrustRoot
+    from .rpc import configure_logging
+    from .server import serve
+
+    configure_logging(a.log_level)
+    asyncio.run(
+        serve(
+            a.db,
+            TrustRoot.load(a.trust),
+            PrivateKey.load(a.log_key),
+            listen=a.listen,
+            metrics_port=a.metrics_port,
+            max_batch=a.max_batch,
+            max_wait_ms=a.max_wait_ms,
+            max_queue=a.max_queue,
+            ready_file=a.ready_file,
+        )
+    )
+    return 0
+
+
+def cmd_provenance(a: argparse.Namespace) -> int:
+    from .client import LedgerClient
+    from .keys import TrustRoot
+    from .provenance_check import check_provenance
+
+    trust = TrustRoot.load(a.trust) if a.trust else None
+    with LedgerClient(a.ledger) as c:
+        report = check_provenance(c.provenance(a.artifact_digest, include_labels=True), trust)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(a)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """The root parser with every built-in and plug-in subcommand."""
+    p = argparse.ArgumentParser(prog="kolm", description="kolm: distillation you can prove")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keys = sub.add_parser("keys", help="create and manage signing keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    ki = ksub.add_parser("init", help="create admin/compile/infer/log keys and trust.json")
+    ki.add_argument("dir")
+    ki.add_argument("--origin", default="kolm.dev/ledger", help="checkpoint origin of the log key")
+    ki.set_defaults(func=cmd_keys_init)
+
+    led = sub.add_parser("ledger", help="append to and read a ledger database")
+    lsub = led.add_subparsers(dest="ledger_command", required=True)
+    la = lsub.add_parser("append", help="sign an in-toto statement and append it")
+    la.add_argument("--db", required=True, help="SQLAlchemy URL")
+    la.add_argument("--key", required=True, help="producer private key (PEM)")
+    la.add_argument("--trust", help="trust root (default: trust.json beside --key)")
+    la.add_argument("--log-key", help="log private key (default: log.key beside the trust root)")
+    la.add_argument("statement")
+    la.set_defaults(func=cmd_ledger_append)
+    lc = lsub.add_parser("checkpoint", help="print the newest signed checkpoint")
+    lc.add_argument("--db", required=True)
+    lc.set_defaults(func=cmd_ledger_checkpoint)
+    lb = lsub.add_parser("bundle", help="print the offline receipt bundle of one entry")
+    lb.add_argument("--db", required=True)
+    lb.add_argument("--index", type=int, required=True)
+    lb.set_defaults(func=cmd_ledger_bundle)
+
+    ls = lsub.add_parser("serve", help="run the ledger gRPC service")
+    ls.add_argument("--db", required=True, help="SQLAlchemy URL")
+    ls.add_argument("--trust", required=True)
+    ls.add_argument("--log-key", required=True)
+    ls.add_argument("--listen", default="127.0.0.1:7070")
+    ls.add_argument("--metrics-port", type=int, help="Prometheus metrics on this HTTP port")
+    ls.add_argument("--max-batch", type=int, default=1000, help="entries per group commit")
+    ls.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait to fill a batch")
+    ls.add_argument(
+        "--max-queue", type=int, default=50_000, help="queued entries before RESOURCE_EXHAUSTED"
+    )
+    ls.add_argument("--ready-file", help="write the bound port here once serving")
+    ls.add_argument("--log-level", default="INFO")
+    ls.set_defaults(func=cmd_ledger_serve)
+
+    v = sub.add_parser("verify", help="verify an offline receipt bundle")
+    v.add_argument("bundle", nargs="?")
+    v.add_argument("--trust", required=True)
+    v.add_argument("--ledger", help="fetch the bundle from this ledger (HOST:PORT)")
+    v.add_argument("--index", type=int)
+    v.add_argument("--leaf-hash", help="hex leaf hash")
+    v.set_defaults(func=cmd_verify)
+
+    au = sub.add_parser("audit", help="audit a whole ledger")
+    au.add_argument("--db", help="SQLAlchemy URL of the ledger database")
+    au.add_argument("--ledger", help="audit a ledger service over gRPC (HOST:PORT)")
+    au.add_argument("--trust", required=True)
+    au.add_argument(
+        "--state",
+        help="remember the verified checkpoint here; demand consistency with it next time",
+    )
+    au.set_defaults(func=cmd_audit)
+
+    pv = sub.add_parser("provenance", help="artifact → eval → training labels, recomputed")
+    pv.add_argument("artifact_digest")
+    pv.add_argument("--ledger", required=True)
+    pv.add_argument("--trust", help="also verify every receipt's signature and key role")
+    pv.set_defaults(func=cmd_provenance)
+
+    d = sub.add_parser("demo", help="run the end-to-end demo into a fresh directory")
+    d.add_argument("--dir", help="output directory (default: a fresh ./kolm-demo-<time>)")
+    d.add_argument("--receipts", type=int, default=300, help="receipts of each kind to append")
+    d.set_defaults(func=cmd_demo)
+
+    for ep in sorted(entry_points(group="kolm.commands"), key=lambda e: e.name):
+        ep.load()(sub)
+    return p, sub
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kolm`` command; returns the exit code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser, _ = build_parser()
+    a = parser.parse_args(argv)
+    func: Handler = a.func
+    try:
+        return func(a)
+    except VerificationError as e:
+        step = getattr(e, "step", None)
+        print(f"FAILED{f' at step {step}' if step else ''}: {e}", file=sys.stderr)
+        return 1
+    except KolmError as e:
+        print(f"kolm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

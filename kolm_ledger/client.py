@@ -1,0 +1,395 @@
+"""Python clients of the ledger service: :class:`LedgerClient` (sync) and
+:class:`AsyncLedgerClient` (``grpc.aio``). They take and return domain types
+(envelopes, bundles, checkpoints, entries) and raise :class:`KolmError` subclasses.
+
+Example::
+
+    client = LedgerClient("127.0.0.1:7070")
+    res = client.append(envelope, wait=True)
+    res.bundle.save("receipt.kolm-receipt.json")
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from ._pb import ledger_pb2 as pb
+from ._pb import ledger_pb2_grpc as pb_grpc
+from .bundle import Bundle
+from .checkpoint import SignedCheckpoint
+from .dsse import Envelope
+from .errors import BackpressureError, KolmError
+from .provenance import Provenance
+from .rpc import error_from_rpc
+from .sequencer import Promise
+from .storage import Entry, micros
+from .storage.repository import from_micros
+
+__all__ = ["AppendResult", "AsyncLedgerClient", "LedgerClient", "channel_options"]
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    """Channel options shared by every kolm client."""
+    return [
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ]
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """The ledger's answer to one append."""
+
+    index: int
+    leaf_hash: bytes
+    duplicate: bool
+    promise: Promise
+    checkpoint_size: int
+    bundle: Bundle | None = None
+
+
+def _result(r: pb.AppendResponse) -> AppendResult:
+    p = r.promise
+    return AppendResult(
+        r.index,
+        r.leaf_hash,
+        r.duplicate,
+        Promise(p.origin, p.index, p.leaf_hash, p.integrated_time_us, p.key_id, p.signature),
+        r.checkpoint_size,
+        Bundle.from_bytes(r.bundle) if r.bundle else None,
+    )
+
+
+def _status_error(s: pb.Status) -> KolmError:
+    code = grpc.StatusCode.UNKNOWN
+    for c in grpc.StatusCode:
+        if c.value[0] == s.code:
+            code = c
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and s.retry_after_ms:
+        err: KolmError = BackpressureError(s.message, s.retry_after_ms)
+    else:
+        from .rpc import _CODE_TO_ERROR
+
+        err = _CODE_TO_ERROR.get(code, KolmError)(s.message)
+    err.grpc_code = code.name
+    return err
+
+
+def _entry(e: pb.Entry) -> Entry:
+    return Entry(
+        e.index,
+        e.leaf_hash,
+        e.chain_hash,
+        e.kind,
+        e.key_id,
+        from_micros(e.integrated_time_us),
+        e.envelope,
+    )
+
+
+def _env_bytes(e: Envelope | bytes) -> bytes:
+    return e.to_bytes() if isinstance(e, Envelope) else e
+
+
+def _provenance(p: pb.Provenance) -> Provenance:
+    return Provenance(
+        artifact=_entry(p.artifact),
+        eval=_entry(p.eval) if p.HasField("eval") else None,
+        k_score=p.k_score,
+        eval_n=p.eval_n,
+        eval_correct=p.eval_correct,
+        interval=(p.interval_low, p.interval_high),
+        teacher_k_score=p.teacher_k_score,
+        training_set_root=p.training_set_root,
+        recomputed_root=p.recomputed_root,
+        label_count=p.label_count,
+        labels_found=p.labels_found,
+        job_id=p.job_id,
+        labels=[_entry(e) for e in p.labels],
+    )
+
+
+def _find_request(
+    subject_digest: str | None,
+    kind: str | None,
+    key_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    after_index: int,
+    limit: int,
+) -> pb.FindEntriesRequest:
+    return pb.FindEntriesRequest(
+        subject_digest=subject_digest or "",
+        kind=kind or "",
+        key_id=key_id or "",
+        since_us=micros(since) if since else 0,
+        until_us=micros(until) if until else 0,
+        after_index=after_index,
+        limit=limit,
+    )
+
+
+def _leaf(index: int | None, leaf_hash: bytes | None) -> dict[str, Any]:
+    if (index is None) == (leaf_hash is None):
+        raise KolmError("give exactly one of index or leaf_hash")
+    return {"index": index} if index is not None else {"leaf_hash": leaf_hash}
+
+
+class LedgerClient:
+    """Synchronous client. ``credentials`` None means plain text (loopback only)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = (
+            grpc.secure_channel(target, credentials, channel_options())
+            if credentials
+            else grpc.insecure_channel(target, channel_options())
+        )
+        self._stub = pb_grpc.LedgerStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> LedgerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, req: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self._stub, method)(req, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
+
+    def append(self, envelope: Envelope | bytes, *, wait: bool = False) -> AppendResult:
+        """Append one envelope; with ``wait`` the result carries the offline bundle."""
+        return _result(
+            self._call(
+                "Append", pb.AppendRequest(envelope=_env_bytes(envelope), wait_for_checkpoint=wait)
+            )
+        )
+
+    def append_many(
+        self, envelopes: Iterable[Envelope | bytes], *, batch: int = 500, wait: bool = False
+    ) -> list[AppendResult | KolmError]:
+        """Append through ``AppendStream`` in messages of ``batch``; one result per envelope."""
+        envs = [_env_bytes(e) for e in envelopes]
+
+        def reqs() -> Iterator[pb.AppendStreamRequest]:
+            for i in range(0, len(envs), batch):
+                yield pb.AppendStreamRequest(
+                    batch_id=i // batch, envelopes=envs[i : i + batch], wait_for_checkpoint=wait
+                )
+
+        out: list[AppendResult | KolmError] = []
+        try:
+            for resp in self._stub.AppendStream(reqs(), timeout=max(self.timeout, 600)):
+                for r in resp.results:
+                    out.append(
+                        _result(r.ok) if r.WhichOneof("result") == "ok" else _status_error(r.error)
+                    )
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
+        return out
+
+    def checkpoint(self, size: int = 0) -> SignedCheckpoint:
+        """The newest signed checkpoint (or the one of ``size``)."""
+        return SignedCheckpoint.from_bytes(
+            self._call("GetCheckpoint", pb.GetCheckpointRequest(size=size)).note
+        )
+
+    def inclusion_proof(
+        self, *, index: int | None = None, leaf_hash: bytes | None = None, tree_size: int = 0
+    ) -> pb.InclusionProof:
+        """Inclusion proof message (index, tree_size, leaf_hash, hashes, checkpoint)."""
+        return self._call(
+            "GetInclusionProof",
+            pb.GetInclusionProofRequest(tree_size=tree_size, **_leaf(index, leaf_hash)),
+        )
+
+    def consistency_proof(self, from_size: int, to_size: int = 0) -> tuple[list[bytes], bytes]:
+        """(hashes, signed checkpoint note of to_size)."""
+        r = self._call(
+            "GetConsistencyProof",
+            pb.GetConsistencyProofRequest(from_size=from_size, to_size=to_size),
+        )
+        return list(r.hashes), r.checkpoint
+
+    def entries(self, start: int = 0, end: int = 0) -> Iterator[Entry]:
+        """Stream entries ``start <= index < end`` (0: to the current size)."""
+        try:
+            for e in self._stub.GetEntries(
+                pb.GetEntriesRequest(start=start, end=end), timeout=None
+            ):
+                yield _entry(e)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
+
+    def find(
+        self,
+        *,
+        subject_digest: str | None = None,
+        kind: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[Entry]:
+        """Every matching entry (follows pages)."""
+        out: list[Entry] = []
+        after = -1
+        while True:
+            r = self._call(
+                "FindEntries",
+                _find_request(subject_digest, kind, key_id, since, until, after, min(limit, 1000)),
+            )
+            out.extend(_entry(e) for e in r.entries)
+            if r.next_after_index < 0 or len(out) >= limit:
+                return out[:limit]
+            after = r.next_after_index
+
+    def bundle(
+        self, *, index: int | None = None, leaf_hash: bytes | None = None, tree_size: int = 0
+    ) -> Bundle:
+        """The offline receipt bundle of one entry."""
+        r = self._call(
+            "GetReceiptBundle",
+            pb.GetReceiptBundleRequest(tree_size=tree_size, **_leaf(index, leaf_hash)),
+        )
+        return Bundle.from_bytes(r.bundle)
+
+    def provenance(self, artifact_digest: str, *, include_labels: bool = True) -> Provenance:
+        """Artifact → eval → labels, as the server sees it (re-verify client-side)."""
+        return _provenance(
+            self._call(
+                "GetProvenance",
+                pb.GetProvenanceRequest(
+                    artifact_digest=artifact_digest, include_labels=include_labels
+                ),
+                timeout=300,
+            )
+        )
+
+
+class AsyncLedgerClient:
+    """``grpc.aio`` client with the same surface as :class:`LedgerClient` (awaitable)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, channel_options())
+            if credentials
+            else grpc.aio.insecure_channel(target, channel_options())
+        )
+        self._stub = pb_grpc.LedgerStub(self._channel)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def _call(self, method: str, req: Any, timeout: float | None = None) -> Any:
+        try:
+            return await getattr(self._stub, method)(req, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
+
+    async def append(self, envelope: Envelope | bytes, *, wait: bool = False) -> AppendResult:
+        """Append one envelope."""
+        return _result(
+            await self._call(
+                "Append", pb.AppendRequest(envelope=_env_bytes(envelope), wait_for_checkpoint=wait)
+            )
+        )
+
+    async def append_batch(
+        self, envelopes: Sequence[Envelope | bytes], *, wait: bool = False
+    ) -> list[AppendResult | KolmError]:
+        """Append one batch through a short ``AppendStream`` call."""
+        return (await self.append_batches([envelopes], wait=wait))[0]
+
+    async def append_batches(
+        self, batches: Sequence[Sequence[Envelope | bytes]], *, wait: bool = False
+    ) -> list[list[AppendResult | KolmError]]:
+        """Several batches over one ``AppendStream`` call; results per batch, in order."""
+
+        async def reqs() -> AsyncIterator[pb.AppendStreamRequest]:
+            for i, b in enumerate(batches):
+                yield pb.AppendStreamRequest(
+                    batch_id=i, envelopes=[_env_bytes(e) for e in b], wait_for_checkpoint=wait
+                )
+
+        out: list[list[AppendResult | KolmError]] = []
+        try:
+            async for resp in self._stub.AppendStream(reqs(), timeout=self.timeout):
+                out.append(
+                    [
+                        _result(r.ok) if r.WhichOneof("result") == "ok" else _status_error(r.error)
+                        for r in resp.results
+                    ]
+                )
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
+        return out
+
+    async def checkpoint(self, size: int = 0) -> SignedCheckpoint:
+        """The newest signed checkpoint."""
+        r = await self._call("GetCheckpoint", pb.GetCheckpointRequest(size=size))
+        return SignedCheckpoint.from_bytes(r.note)
+
+    async def bundle(
+        self, *, index: int | None = None, leaf_hash: bytes | None = None, tree_size: int = 0
+    ) -> Bundle:
+        """The offline receipt bundle of one entry."""
+        r = await self._call(
+            "GetReceiptBundle",
+            pb.GetReceiptBundleRequest(tree_size=tree_size, **_leaf(index, leaf_hash)),
+        )
+        return Bundle.from_bytes(r.bundle)
+
+    async def find(
+        self,
+        *,
+        subject_digest: str | None = None,
+        kind: str | None = None,
+        key_id: str | None = None,
+        limit: int = 1000,
+    ) -> list[Entry]:
+        """Matching entries (first page up to ``limit``)."""
+        r = await self._call(
+            "FindEntries",
+            _find_request(subject_digest, kind, key_id, None, None, -1, min(limit, 1000)),
+        )
+        return [_entry(e) for e in r.entries]
+
+    async def provenance(self, artifact_digest: str, *, include_labels: bool = False) -> Provenance:
+        """Artifact → eval → labels."""
+        return _provenance(
+            await self._call(
+                "GetProvenance",
+                pb.GetProvenanceRequest(
+                    artifact_digest=artifact_digest, include_labels=include_labels
+                ),
+                timeout=300,
+            )
+        )

@@ -1,0 +1,229 @@
+"""gRPC plumbing shared by the three kolm services (and their clients).
+
+- :func:`status_of` is the one table from error class to gRPC status: each
+  :class:`~kolm_ledger.errors.KolmError` subclass declares ``grpc_code``; anything
+  else is ``INTERNAL`` with a generic message (the detail goes to the log only).
+- :class:`ErrorInterceptor` applies it to every RPC of a ``grpc.aio`` server.
+- :func:`error_from_rpc` maps a status back to the error class on the client side.
+- :func:`add_standard_services` adds health checking and reflection.
+- :func:`run_until_signal` serves until SIGTERM/SIGINT, then stops gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import errors
+from .errors import BackpressureError, KolmError
+
+__all__ = [
+    "ErrorInterceptor",
+    "JsonFormatter",
+    "add_standard_services",
+    "configure_logging",
+    "error_from_rpc",
+    "run_until_signal",
+    "status_of",
+]
+
+log = logging.getLogger("kolm.rpc")
+
+#: Client-side mapping from status code back to the most specific class we can name.
+_CODE_TO_ERROR: dict[grpc.StatusCode, type[KolmError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInput,
+    grpc.StatusCode.PERMISSION_DENIED: errors.KeyPolicyError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.ConflictError,
+    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: errors.UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.UnavailableError,
+}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message for ``exc``."""
+    if isinstance(exc, KolmError):
+        return grpc.StatusCode[exc.grpc_code], str(exc) or type(exc).__name__
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def error_from_rpc(e: grpc.RpcError) -> KolmError:
+    """Translate a client-side ``RpcError`` into a :class:`KolmError` (raise it ``from e``)."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    detail = e.details() if hasattr(e, "details") else str(e)
+    base = _CODE_TO_ERROR.get(code, KolmError)
+    err: KolmError
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry = 0
+        md = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+        for k, v in md or ():
+            if k == "retry-after-ms":
+                retry = int(v)
+        err = BackpressureError(detail or "", retry) if retry else base(detail or "")
+    else:
+        err = base(f"{detail}" if detail else code.name)
+    err.grpc_code = code.name
+    return err
+
+
+def _wrap_unary(fn: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request, context)
+        except (KolmError, Exception) as e:
+            await _abort(context, e, method)
+
+    return wrapper
+
+
+def _wrap_stream(fn: Callable[..., Any], method: str) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for item in fn(request, context):
+                yield item
+        except (KolmError, Exception) as e:
+            await _abort(context, e, method)
+
+    return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: BaseException, method: str) -> None:
+    if isinstance(e, asyncio.CancelledError):
+        raise e
+    if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
+        raise e
+    code, msg = status_of(e)
+    if code == grpc.StatusCode.INTERNAL:
+        ref = uuid.uuid4().hex[:12]
+        log.exception("internal error in %s (ref %s)", method, ref, exc_info=e)
+        msg = f"internal error (ref {ref})"
+    if isinstance(e, BackpressureError):
+        context.set_trailing_metadata((("retry-after-ms", str(e.retry_after_ms)),))
+    await context.abort(code, msg)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by servicers to gRPC statuses through :func:`status_of`."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler
+
+
+def add_standard_services(
+    server: grpc.aio.Server, service_names: Sequence[str]
+) -> health.aio.HealthServicer:
+    """Add gRPC health checking (every service SERVING) and server reflection."""
+    hs = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    reflection.enable_server_reflection(
+        (
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return hs
+
+
+async def set_serving(
+    hs: health.aio.HealthServicer, service_names: Sequence[str], serving: bool
+) -> None:
+    """Mark the overall server and each service SERVING or NOT_SERVING."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", *service_names):
+        await hs.set(name, status)
+
+
+async def run_until_signal(
+    server: grpc.aio.Server,
+    *,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    grace: float = 10.0,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop: no new RPCs, in-flight ones get ``grace`` s."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", grace)
+    if on_stop is not None:
+        await on_stop()
+    await server.stop(grace)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line (structured logs)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for k, v in record.__dict__.items():
+            if k.startswith("kolm_"):
+                obj[k[5:]] = v
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Structured JSON logs on stderr."""
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [h]
+    root.setLevel(level)

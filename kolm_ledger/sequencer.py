@@ -1,0 +1,211 @@
+"""The sequencer: group commit of validated appends, one checkpoint per batch.
+
+Producers ``await submit(items)``; one writer task takes up to ``max_batch`` queued
+items (waiting at most ``max_wait_ms`` for the batch to fill once one is there),
+writes them in one transaction on a worker thread, and resolves every waiter with
+its index and a signed promise. The queue is bounded: past ``max_queue`` items a
+submit fails at once with :class:`BackpressureError` (``RESOURCE_EXHAUSTED`` plus a
+retry hint) instead of growing without limit.
+
+A promise is the log's Ed25519 signature over::
+
+    kolm.promise/v1\\n<origin>\\n<index>\\n<base64 leaf hash>\\n<integrated time µs>\\n
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from ._crypto import PrivateKey, PublicKey
+from .checkpoint import SignedCheckpoint
+from .errors import BackpressureError, SignatureError, UnavailableError
+from .ledger import Appended, Ledger, Validated
+from .note import NoteSigner
+from .storage import micros
+
+__all__ = ["Promise", "Sequencer", "promise_message", "verify_promise"]
+
+log = logging.getLogger("kolm.sequencer")
+
+APPENDS = Counter("kolm_ledger_appends_total", "Entries sequenced", ["result"])
+BATCH_SIZE = Histogram(
+    "kolm_ledger_batch_size",
+    "Entries per sequenced batch",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+)
+QUEUE_DEPTH = Gauge("kolm_ledger_queue_depth", "Validated appends waiting for the sequencer")
+COMMIT_SECONDS = Histogram(
+    "kolm_ledger_commit_seconds",
+    "Time to write and sign one batch",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+)
+APPEND_SECONDS = Histogram(
+    "kolm_ledger_append_latency_seconds",
+    "From submit to acknowledged (covered by a checkpoint)",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+)
+
+
+def promise_message(origin: str, index: int, leaf_hash: bytes, integrated_us: int) -> bytes:
+    """The bytes a signed promise covers."""
+    return (
+        f"kolm.promise/v1\n{origin}\n{index}\n{base64.b64encode(leaf_hash).decode()}\n"
+        f"{integrated_us}\n"
+    ).encode()
+
+
+@dataclass(frozen=True)
+class Promise:
+    """The log's signed promise to include an entry."""
+
+    origin: str
+    index: int
+    leaf_hash: bytes
+    integrated_time_us: int
+    key_id: str
+    signature: bytes
+
+
+def verify_promise(p: Promise, log_key: PublicKey) -> None:
+    """Verify a promise against the log's public key; raises :class:`SignatureError`."""
+    try:
+        log_key.verify(
+            p.signature, promise_message(p.origin, p.index, p.leaf_hash, p.integrated_time_us)
+        )
+    except SignatureError as e:
+        raise SignatureError(f"signed promise for index {p.index} does not verify") from e
+
+
+@dataclass
+class _Item:
+    validated: Validated
+    future: asyncio.Future[tuple[Appended, Promise, SignedCheckpoint | None]]
+    t0: float
+
+
+class Sequencer:
+    """Batches validated appends into group commits on one :class:`Ledger`."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        log_key: PrivateKey,
+        *,
+        max_batch: int = 1000,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 50_000,
+    ) -> None:
+        self.ledger = ledger
+        self._key = log_key
+        self._key_id = NoteSigner(ledger.origin, log_key).key_id.hex()
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self._queue: deque[_Item] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._last_batch_s = 0.005
+
+    def start(self) -> None:
+        """Start the writer task on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="kolm-sequencer")
+
+    @property
+    def depth(self) -> int:
+        """Items waiting."""
+        return len(self._queue)
+
+    async def submit(
+        self, items: Sequence[Validated]
+    ) -> list[tuple[Appended, Promise, SignedCheckpoint | None]]:
+        """Queue ``items`` (all or none) and wait until they are durably sequenced."""
+        if self._closing:
+            raise UnavailableError("the ledger is shutting down; retry on another replica")
+        if len(self._queue) + len(items) > self.max_queue:
+            batches = (len(self._queue) + self.max_batch - 1) // self.max_batch
+            retry = max(5, int(1000 * self._last_batch_s * max(1, batches)))
+            raise BackpressureError(
+                f"sequencer queue is full ({len(self._queue)} waiting, limit {self.max_queue}); "
+                f"retry after {retry} ms",
+                retry,
+            )
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        futs = []
+        for v in items:
+            f: asyncio.Future[tuple[Appended, Promise, SignedCheckpoint | None]] = (
+                loop.create_future()
+            )
+            self._queue.append(_Item(v, f, now))
+            futs.append(f)
+        QUEUE_DEPTH.set(len(self._queue))
+        self._wake.set()
+        return list(await asyncio.gather(*futs))
+
+    async def close(self) -> None:
+        """Refuse new work, finish everything already queued, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self._queue) < self.max_batch and not self._closing:
+                deadline = loop.time() + self.max_wait
+                while len(self._queue) < self.max_batch and loop.time() < deadline:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
+                    except TimeoutError:
+                        break
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            QUEUE_DEPTH.set(len(self._queue))
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(None, self._write, batch)
+            except Exception as e:
+                log.error("batch of %d failed: %s", len(batch), e)
+                APPENDS.labels("error").inc(len(batch))
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                continue
+            self._last_batch_s = time.perf_counter() - t0
+            COMMIT_SECONDS.observe(self._last_batch_s)
+            BATCH_SIZE.observe(len(batch))
+            done = time.perf_counter()
+            for it, r in zip(batch, results, strict=True):
+                APPENDS.labels("duplicate" if r[0].duplicate else "ok").inc()
+                APPEND_SECONDS.observe(done - it.t0)
+                if not it.future.done():
+                    it.future.set_result(r)
+
+    def _write(self, batch: list[_Item]) -> list[tuple[Appended, Promise, SignedCheckpoint | None]]:
+        appended, checkpoint = self.ledger.append_validated([it.validated for it in batch])
+        self.ledger.refresh_trust()
+        out = []
+        origin = self.ledger.origin
+        for a in appended:
+            us = micros(a.integrated_at)
+            sig = self._key.sign(promise_message(origin, a.index, a.leaf_hash, us))
+            out.append(
+                (a, Promise(origin, a.index, a.leaf_hash, us, self._key_id, sig), checkpoint)
+            )
+        return out

@@ -1,0 +1,371 @@
+"""The ledger gRPC service (``kolm.ledger.v1.Ledger``) on ``grpc.aio``.
+
+The servicer is thin: it parses messages, calls :class:`~kolm_ledger.ledger.Ledger`,
+:class:`~kolm_ledger.sequencer.Sequencer` and :mod:`kolm_ledger.provenance`, and
+builds replies. Errors become statuses in :class:`~kolm_ledger.rpc.ErrorInterceptor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import start_http_server
+
+from . import rpc
+from ._crypto import PrivateKey
+from ._pb import ledger_pb2 as pb
+from ._pb import ledger_pb2_grpc as pb_grpc
+from .checkpoint import SignedCheckpoint
+from .errors import InvalidInput, KolmError, NotFoundError
+from .keys import TrustRoot
+from .ledger import Appended, Ledger
+from .provenance import provenance
+from .sequencer import Promise, Sequencer
+from .storage import Entry, Store, StoredCheckpoint, micros
+from .storage.repository import from_micros
+
+__all__ = ["LedgerServer", "LedgerServicer", "serve"]
+
+log = logging.getLogger("kolm.ledger")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ledger"].full_name
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+def entry_pb(e: Entry) -> pb.Entry:
+    """Entry → protobuf."""
+    return pb.Entry(
+        index=e.index,
+        leaf_hash=e.leaf_hash,
+        chain_hash=e.chain_hash,
+        kind=e.kind,
+        key_id=e.key_id,
+        integrated_time_us=micros(e.integrated_at),
+        envelope=e.envelope,
+    )
+
+
+def checkpoint_pb(c: StoredCheckpoint) -> pb.Checkpoint:
+    """Stored checkpoint → protobuf."""
+    return pb.Checkpoint(note=c.note, size=c.size, root=c.root, chain_head=c.chain_head)
+
+
+def promise_pb(p: Promise) -> pb.SignedPromise:
+    """Promise → protobuf."""
+    return pb.SignedPromise(
+        origin=p.origin,
+        index=p.index,
+        leaf_hash=p.leaf_hash,
+        integrated_time_us=p.integrated_time_us,
+        key_id=p.key_id,
+        signature=p.signature,
+    )
+
+
+class LedgerServicer(pb_grpc.LedgerServicer):
+    """Thin servicer over the ledger core."""
+
+    def __init__(self, ledger: Ledger, sequencer: Sequencer) -> None:
+        self.ledger = ledger
+        self.seq = sequencer
+
+    async def _append(self, envelopes: Sequence[bytes], wait: bool) -> list[pb.AppendResponse]:
+        validated = [self.ledger.validate(e) for e in envelopes]
+        results = await self.seq.submit(validated)
+        return [await self._response(a, p, c, wait) for a, p, c in results]
+
+    async def _response(
+        self, a: Appended, p: Promise, c: SignedCheckpoint | None, wait: bool
+    ) -> pb.AppendResponse:
+        cp_size = c.checkpoint.size if c is not None and c.checkpoint.size > a.index else 0
+        resp = pb.AppendResponse(
+            index=a.index,
+            leaf_hash=a.leaf_hash,
+            duplicate=a.duplicate,
+            promise=promise_pb(p),
+            checkpoint_size=cp_size,
+        )
+        if wait:
+            b = await asyncio.to_thread(self.ledger.bundle, a.index, cp_size or None)
+            resp.bundle = b.to_bytes()
+            resp.checkpoint_size = SignedCheckpoint.from_bytes(
+                b.tlog_proof.checkpoint
+            ).checkpoint.size
+        return resp
+
+    async def Append(
+        self, request: pb.AppendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AppendResponse:
+        (resp,) = await self._append([request.envelope], request.wait_for_checkpoint)
+        return resp
+
+    async def AppendStream(
+        self,
+        request_iterator: AsyncIterator[pb.AppendStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.AppendStreamResponse]:
+        """Each request is validated per envelope; valid ones are sequenced together."""
+        pending: asyncio.Queue[asyncio.Task[pb.AppendStreamResponse] | None] = asyncio.Queue(64)
+
+        async def one(req: pb.AppendStreamRequest) -> pb.AppendStreamResponse:
+            out: list[pb.AppendResult | None] = [None] * len(req.envelopes)
+            ok_pos, valid = [], []
+            for i, raw in enumerate(req.envelopes):
+                try:
+                    valid.append(self.ledger.validate(raw))
+                    ok_pos.append(i)
+                except KolmError as e:
+                    code, msg = rpc.status_of(e)
+                    out[i] = pb.AppendResult(error=pb.Status(code=code.value[0], message=msg))
+            if valid:
+                try:
+                    results = await self.seq.submit(valid)
+                    for i, (a, p, c) in zip(ok_pos, results, strict=True):
+                        out[i] = pb.AppendResult(
+                            ok=await self._response(a, p, c, req.wait_for_checkpoint)
+                        )
+                except KolmError as e:
+                    code, msg = rpc.status_of(e)
+                    retry = getattr(e, "retry_after_ms", 0)
+                    for i in ok_pos:
+                        out[i] = pb.AppendResult(
+                            error=pb.Status(code=code.value[0], message=msg, retry_after_ms=retry)
+                        )
+            return pb.AppendStreamResponse(
+                batch_id=req.batch_id, results=[r for r in out if r is not None]
+            )
+
+        async def reader() -> None:
+            try:
+                async for req in request_iterator:
+                    await pending.put(asyncio.ensure_future(one(req)))
+            finally:
+                await pending.put(None)
+
+        rtask = asyncio.ensure_future(reader())
+        try:
+            while True:
+                t = await pending.get()
+                if t is None:
+                    break
+                yield await t
+        finally:
+            rtask.cancel()
+
+    async def GetCheckpoint(
+        self, request: pb.GetCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Checkpoint:
+        return checkpoint_pb(await self._checkpoint(request.size))
+
+    async def _resolve(self, which: str | None, index: int, leaf_hash: bytes) -> int:
+        if which == "leaf_hash":
+            if len(leaf_hash) != 32:
+                raise InvalidInput(f"leaf_hash has {len(leaf_hash)} bytes, want 32")
+            return (await asyncio.to_thread(self.ledger.store.get_by_leaf_hash, leaf_hash)).index
+        if which == "index":
+            return index
+        raise InvalidInput("give either index or leaf_hash")
+
+    async def _checkpoint(self, size: int) -> StoredCheckpoint:
+        store = self.ledger.store
+        if size:
+            return await asyncio.to_thread(store.checkpoint_at, size)
+        c = await asyncio.to_thread(store.latest_checkpoint)
+        if c is None:
+            raise NotFoundError("the log is empty; no checkpoint yet")
+        return c
+
+    async def GetInclusionProof(
+        self, request: pb.GetInclusionProofRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InclusionProof:
+        idx = await self._resolve(request.WhichOneof("leaf"), request.index, request.leaf_hash)
+        cp = await self._checkpoint(request.tree_size)
+        if idx >= cp.size:
+            raise NotFoundError(f"index {idx} is not covered by the checkpoint of size {cp.size}")
+        store = self.ledger.store
+        hashes = await asyncio.to_thread(store.inclusion_proof, idx, cp.size)
+        leaf = (await asyncio.to_thread(store.get_nodes, [(0, idx)]))[0]
+        return pb.InclusionProof(
+            index=idx, tree_size=cp.size, leaf_hash=leaf, hashes=hashes, checkpoint=cp.note
+        )
+
+    async def GetConsistencyProof(
+        self, request: pb.GetConsistencyProofRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConsistencyProof:
+        cp = await self._checkpoint(request.to_size)
+        if not 0 < request.from_size <= cp.size:
+            raise InvalidInput(f"from_size must be in 1..{cp.size}, got {request.from_size}")
+        hashes = await asyncio.to_thread(
+            self.ledger.store.consistency_proof, request.from_size, cp.size
+        )
+        return pb.ConsistencyProof(
+            from_size=request.from_size, to_size=cp.size, hashes=hashes, checkpoint=cp.note
+        )
+
+    async def GetEntries(
+        self, request: pb.GetEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Entry]:
+        store = self.ledger.store
+        end = request.end or await asyncio.to_thread(store.size)
+        if request.start > end:
+            raise InvalidInput(f"start {request.start} is after end {end}")
+        pos = request.start
+        while pos < end:
+            hi = min(pos + 1000, end)
+            batch = await asyncio.to_thread(lambda a=pos, b=hi: list(store.entries(a, b)))
+            for e in batch:
+                yield entry_pb(e)
+            pos = hi
+
+    async def FindEntries(
+        self, request: pb.FindEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FindEntriesResponse:
+        limit = request.limit or 100
+        if limit > 1000:
+            raise InvalidInput(f"limit {limit} is over the maximum of 1000")
+        if not (
+            request.subject_digest
+            or request.kind
+            or request.key_id
+            or request.since_us
+            or request.until_us
+        ):
+            raise InvalidInput("give at least one filter: subject_digest, kind, key_id or time")
+        found = await asyncio.to_thread(
+            self.ledger.store.find,
+            subject_digest=request.subject_digest or None,
+            kind=request.kind or None,
+            key_id=request.key_id or None,
+            since=from_micros(request.since_us) if request.since_us else None,
+            until=from_micros(request.until_us) if request.until_us else None,
+            after_index=request.after_index if request.after_index >= 0 else -1,
+            limit=limit + 1,
+        )
+        more = len(found) > limit
+        found = found[:limit]
+        return pb.FindEntriesResponse(
+            entries=[entry_pb(e) for e in found], next_after_index=found[-1].index if more else -1
+        )
+
+    async def GetReceiptBundle(
+        self, request: pb.GetReceiptBundleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReceiptBundle:
+        idx = await self._resolve(request.WhichOneof("leaf"), request.index, request.leaf_hash)
+        b = await asyncio.to_thread(self.ledger.bundle, idx, request.tree_size or None)
+        return pb.ReceiptBundle(bundle=b.to_bytes(), index=idx)
+
+    async def GetProvenance(
+        self, request: pb.GetProvenanceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Provenance:
+        p = await asyncio.to_thread(
+            provenance,
+            self.ledger.store,
+            request.artifact_digest,
+            include_labels=request.include_labels,
+        )
+        return pb.Provenance(
+            artifact=entry_pb(p.artifact),
+            eval=entry_pb(p.eval) if p.eval else None,
+            k_score=p.k_score,
+            eval_n=p.eval_n,
+            eval_correct=p.eval_correct,
+            interval_low=p.interval[0],
+            interval_high=p.interval[1],
+            teacher_k_score=p.teacher_k_score or 0.0,
+            training_set_root=p.training_set_root,
+            recomputed_root=p.recomputed_root,
+            label_count=p.label_count,
+            labels_found=p.labels_found,
+            labels=[entry_pb(e) for e in p.labels],
+            job_id=p.job_id,
+        )
+
+
+@dataclass
+class LedgerServer:
+    """A running ledger service (server, sequencer, health) and its bound port."""
+
+    server: grpc.aio.Server
+    sequencer: Sequencer
+    ledger: Ledger
+    port: int
+    health: object
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Graceful stop: NOT_SERVING, refuse new appends, drain the queue, stop the server."""
+        await rpc.set_serving(self.health, [SERVICE_NAME], False)  # type: ignore[arg-type]
+        await self.sequencer.close()
+        await self.server.stop(grace)
+        self.ledger.store.close()
+
+
+async def start(
+    db: str,
+    trust: TrustRoot,
+    log_key: PrivateKey,
+    *,
+    listen: str = "127.0.0.1:0",
+    max_batch: int = 1000,
+    max_wait_ms: float = 2.0,
+    max_queue: int = 50_000,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> LedgerServer:
+    """Start a ledger service; ``listen`` port 0 picks a free port (see ``.port``)."""
+    store = Store(db)
+    ledger = Ledger(store, trust, log_key)
+    seq = Sequencer(
+        ledger, log_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
+    )
+    seq.start()
+    server = grpc.aio.server(
+        interceptors=[*interceptors, rpc.ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
+    )
+    pb_grpc.add_LedgerServicer_to_server(LedgerServicer(ledger, seq), server)
+    hs = rpc.add_standard_services(server, [SERVICE_NAME])
+    port = (
+        server.add_secure_port(listen, credentials)
+        if credentials
+        else server.add_insecure_port(listen)
+    )
+    if port == 0:
+        raise InvalidInput(f"cannot listen on {listen}")
+    await server.start()
+    await rpc.set_serving(hs, [SERVICE_NAME], True)
+    log.info("ledger serving", extra={"kolm_port": port, "kolm_db": store.url.render_as_string()})
+    return LedgerServer(server, seq, ledger, port, hs)
+
+
+async def serve(
+    db: str,
+    trust: TrustRoot,
+    log_key: PrivateKey,
+    *,
+    listen: str,
+    metrics_port: int | None = None,
+    ready_file: str | None = None,
+    **kw: object,
+) -> None:
+    """Run the service until SIGTERM/SIGINT (``kolm ledger serve``)."""
+    if metrics_port is not None:
+        start_http_server(metrics_port, addr="127.0.0.1")
+    srv = await start(db, trust, log_key, listen=listen, **kw)  # type: ignore[arg-type]
+    print(f"kolm ledger listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
+    if ready_file:
+        from pathlib import Path
+
+        Path(ready_file).write_text(str(srv.port))
+
+    async def on_stop() -> None:
+        await rpc.set_serving(srv.health, [SERVICE_NAME], False)  # type: ignore[arg-type]
+        await srv.sequencer.close()
+
+    await rpc.run_until_signal(srv.server, on_stop=on_stop)
+    srv.ledger.store.close()

@@ -1,0 +1,487 @@
+"""The ledger repository: SQLite (embedded default) or PostgreSQL (scale-out).
+
+Writes happen only inside :meth:`Store.sequencing`, one transaction that holds
+the sequencer lock (``BEGIN IMMEDIATE`` on SQLite, a transaction-level advisory
+lock on PostgreSQL), so any number of processes sharing one database build
+exactly one chain. Reads never lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.pool import QueuePool, StaticPool
+
+from ..errors import InvalidInput, NotFoundError, StorageError
+from ..merkle import CompactRange, NodeID, consistency_proof, inclusion_proof, peak_ids
+from .models import CheckpointRow, EntryRow, NodeRow, SubjectRow, node_id
+
+__all__ = ["Entry", "Head", "NewEntry", "SequencingTx", "Store", "StoredCheckpoint"]
+
+_ADVISORY_LOCK_KEY = 0x6B6F6C6D  # "kolm"
+_MIGRATIONS = Path(__file__).parent / "migrations"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def micros(t: datetime) -> int:
+    """Microseconds since the epoch (UTC)."""
+    d = t.astimezone(UTC) - _EPOCH
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+
+
+def from_micros(us: int) -> datetime:
+    """Inverse of :func:`micros`."""
+    return datetime.fromtimestamp(us / 1_000_000, tz=UTC).replace(microsecond=us % 1_000_000)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stored ledger entry."""
+
+    index: int
+    leaf_hash: bytes
+    chain_hash: bytes
+    kind: str
+    key_id: str
+    integrated_at: datetime
+    envelope: bytes  # canonical JSON of the DSSE envelope (the Merkle leaf data)
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    """An entry about to be written (already validated and sequenced)."""
+
+    index: int
+    leaf_hash: bytes
+    chain_hash: bytes
+    kind: str
+    key_id: str
+    integrated_at_us: int
+    envelope: bytes
+    subjects: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A checkpoint as stored."""
+
+    size: int
+    root: bytes
+    chain_head: bytes
+    note: bytes
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Head:
+    """The tree state the next append extends."""
+
+    size: int
+    peaks: CompactRange
+    chain_head: bytes
+
+
+def _entry(r: Any) -> Entry:
+    return Entry(
+        r.idx,
+        bytes(r.leaf_hash),
+        bytes(r.chain_hash),
+        r.kind,
+        r.key_id,
+        from_micros(r.integrated_at),
+        bytes(r.envelope),
+    )
+
+
+def _checkpoint(r: Any) -> StoredCheckpoint:
+    return StoredCheckpoint(
+        r.size, bytes(r.root), bytes(r.chain_head), bytes(r.note), from_micros(r.created_at)
+    )
+
+
+class SequencingTx:
+    """One write transaction holding the sequencer lock."""
+
+    def __init__(self, store: Store, conn: Connection) -> None:
+        self._store = store
+        self.conn = conn
+
+    def head(self) -> Head:
+        """Current size, compact range and chain head, read under the lock."""
+        cached = self._store._head_cache
+        size = _size(self.conn)
+        if cached is not None and cached.size == size:
+            return Head(cached.size, cached.peaks.copy(), cached.chain_head)
+        if size == 0:
+            return Head(0, CompactRange.empty(), bytes(32))
+        ids = peak_ids(size)
+        peaks = _get_nodes(self.conn, ids)
+        chain = self.conn.execute(
+            select(EntryRow.chain_hash).where(EntryRow.idx == size - 1)
+        ).scalar_one_or_none()
+        if chain is None:
+            raise StorageError(f"entry {size - 1} is missing though the log has {size} rows")
+        return Head(size, CompactRange.from_peaks(size, peaks), bytes(chain))
+
+    def existing(self, leaf_hashes: Sequence[bytes]) -> dict[bytes, int]:
+        """Map of those ``leaf_hashes`` already in the log to their index."""
+        out: dict[bytes, int] = {}
+        hs = list(leaf_hashes)
+        for i in range(0, len(hs), 500):
+            rows = self.conn.execute(
+                select(EntryRow.leaf_hash, EntryRow.idx).where(
+                    EntryRow.leaf_hash.in_(hs[i : i + 500])
+                )
+            )
+            out.update((bytes(h), idx) for h, idx in rows)
+        return out
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        """Newest checkpoint, read under the lock."""
+        r = self.conn.execute(
+            select(CheckpointRow).order_by(CheckpointRow.size.desc()).limit(1)
+        ).first()
+        return _checkpoint(r) if r else None
+
+    def write(
+        self,
+        entries: Sequence[NewEntry],
+        nodes: Sequence[tuple[int, int, bytes]],
+        checkpoint: StoredCheckpoint | None,
+        new_head: Head | None = None,
+    ) -> None:
+        """Insert a sequenced batch (entries, subjects, interior nodes, checkpoint)."""
+        c = self.conn
+        if entries:
+            c.execute(
+                insert(EntryRow),
+                [
+                    {
+                        "idx": e.index,
+                        "leaf_hash": e.leaf_hash,
+                        "chain_hash": e.chain_hash,
+                        "kind": e.kind,
+                        "key_id": e.key_id,
+                        "integrated_at": e.integrated_at_us,
+                        "envelope": e.envelope,
+                    }
+                    for e in entries
+                ],
+            )
+            subj = [{"digest": d, "idx": e.index} for e in entries for d in sorted(set(e.subjects))]
+            if subj:
+                c.execute(insert(SubjectRow), subj)
+        if nodes:
+            c.execute(
+                insert(NodeRow), [{"node_id": node_id(lv, i), "hash": h} for lv, i, h in nodes]
+            )
+        if checkpoint is not None:
+            c.execute(
+                insert(CheckpointRow),
+                [
+                    {
+                        "size": checkpoint.size,
+                        "root": checkpoint.root,
+                        "chain_head": checkpoint.chain_head,
+                        "note": checkpoint.note,
+                        "created_at": micros(checkpoint.created_at),
+                    }
+                ],
+            )
+        self._pending_head = new_head
+
+    _pending_head: Head | None = None
+
+
+def _size(conn: Connection) -> int:
+    top = conn.execute(select(func.max(EntryRow.idx))).scalar_one_or_none()
+    return 0 if top is None else int(top) + 1
+
+
+def _get_nodes(conn: Connection, ids: Sequence[NodeID]) -> list[bytes]:
+    leaves = [i for lv, i in ids if lv == 0]
+    inner = [node_id(lv, i) for lv, i in ids if lv > 0]
+    found: dict[NodeID, bytes] = {}
+    if leaves:
+        for idx, h in conn.execute(
+            select(EntryRow.idx, EntryRow.leaf_hash).where(EntryRow.idx.in_(leaves))
+        ):
+            found[(0, idx)] = bytes(h)
+    if inner:
+        mask = (1 << 48) - 1
+        for nid, h in conn.execute(
+            select(NodeRow.node_id, NodeRow.hash).where(NodeRow.node_id.in_(inner))
+        ):
+            found[(nid >> 48, nid & mask)] = bytes(h)
+    try:
+        return [found[i] for i in ids]
+    except KeyError as e:
+        raise StorageError(f"Merkle node (level, index) = {e.args[0]} is missing") from e
+
+
+class Store:
+    """Ledger storage on any SQLAlchemy URL (``sqlite:///path`` or ``postgresql+psycopg://``).
+
+    Requires the URL's database to exist (SQLite creates the file). Opening runs the
+    alembic migrations to head.
+    """
+
+    def __init__(self, url: str, *, migrate: bool = True, pool_size: int = 5) -> None:
+        try:
+            u = make_url(url)
+        except ArgumentError as e:
+            raise InvalidInput(f"--db {url!r} is not a SQLAlchemy URL: {e}") from e
+        self.url = u
+        self.dialect = u.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise InvalidInput(f"--db {url!r}: engine {self.dialect!r}, want sqlite or postgresql")
+        try:
+            if self.dialect == "sqlite":
+                if u.database and u.database != ":memory:":
+                    Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+                memory = u.database in (None, "", ":memory:")
+                self.engine: Engine = create_engine(
+                    u,
+                    poolclass=StaticPool if memory else QueuePool,
+                    connect_args={"check_same_thread": False},
+                )
+                _configure_sqlite(self.engine)
+            else:
+                self.engine = create_engine(
+                    u, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+                )
+        except (NoSuchModuleError, ImportError) as e:
+            raise InvalidInput(
+                f"--db {url!r}: database driver missing ({e}); "
+                "install kolm[postgres] for PostgreSQL"
+            ) from e
+        self._head_cache: Head | None = None
+        self._lock = threading.Lock()
+        if migrate:
+            self.migrate()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest alembic revision."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
+        try:
+            with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY + 1}
+                    )
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except DBAPIError as e:
+            raise StorageError(f"cannot open ledger database {self.url!r}: {e.orig}") from e
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        self.engine.dispose()
+
+    @contextmanager
+    def sequencing(self) -> Iterator[SequencingTx]:
+        """A write transaction holding the sequencer lock; commits on success.
+
+        Within one process, sequencing is also serialized by a thread lock.
+        """
+        with self._lock:
+            try:
+                with self.engine.connect().execution_options(kolm_write=True) as conn, conn.begin():
+                    if self.dialect == "postgresql":
+                        conn.execute(
+                            text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY}
+                        )
+                    tx = SequencingTx(self, conn)
+                    yield tx
+            except DBAPIError as e:
+                self._head_cache = None
+                raise StorageError(f"ledger write failed: {e.orig}") from e
+            except BaseException:
+                self._head_cache = None
+                raise
+            self._head_cache = tx._pending_head
+
+    # ---- reads -------------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except DBAPIError as e:
+            raise StorageError(f"ledger read failed: {e.orig}") from e
+
+    def size(self) -> int:
+        """Number of entries."""
+        with self._read() as c:
+            return _size(c)
+
+    def get_entry(self, index: int) -> Entry:
+        """Entry at ``index``; raises :class:`NotFoundError`."""
+        with self._read() as c:
+            r = c.execute(select(EntryRow).where(EntryRow.idx == index)).first()
+        if r is None:
+            raise NotFoundError(f"no entry at index {index}")
+        return _entry(r)
+
+    def get_by_leaf_hash(self, leaf_hash: bytes) -> Entry:
+        """Entry with ``leaf_hash``; raises :class:`NotFoundError`."""
+        with self._read() as c:
+            r = c.execute(select(EntryRow).where(EntryRow.leaf_hash == leaf_hash)).first()
+        if r is None:
+            raise NotFoundError(f"no entry with leaf hash {leaf_hash.hex()}")
+        return _entry(r)
+
+    def entries(self, start: int = 0, end: int | None = None, batch: int = 2000) -> Iterator[Entry]:
+        """Entries with ``start <= index < end`` in index order (read in batches)."""
+        pos = start
+        while end is None or pos < end:
+            hi = pos + batch if end is None else min(pos + batch, end)
+            with self._read() as c:
+                rows = c.execute(
+                    select(EntryRow)
+                    .where(EntryRow.idx >= pos, EntryRow.idx < hi)
+                    .order_by(EntryRow.idx)
+                ).all()
+            if not rows:
+                if end is None:
+                    return
+                pos = hi
+                continue
+            for r in rows:
+                yield _entry(r)
+            pos = hi
+
+    def find(
+        self,
+        *,
+        subject_digest: str | None = None,
+        kind: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_index: int = -1,
+        limit: int = 1000,
+    ) -> list[Entry]:
+        """Entries matching every given filter, in index order, after ``after_index``."""
+        q = select(EntryRow).where(EntryRow.idx > after_index)
+        if subject_digest is not None:
+            q = q.where(
+                EntryRow.idx.in_(select(SubjectRow.idx).where(SubjectRow.digest == subject_digest))
+            )
+        if kind is not None:
+            q = q.where(EntryRow.kind == kind)
+        if key_id is not None:
+            q = q.where(EntryRow.key_id == key_id)
+        if since is not None:
+            q = q.where(EntryRow.integrated_at >= micros(since))
+        if until is not None:
+            q = q.where(EntryRow.integrated_at < micros(until))
+        with self._read() as c:
+            return [_entry(r) for r in c.execute(q.order_by(EntryRow.idx).limit(limit))]
+
+    def get_nodes(self, ids: Sequence[NodeID]) -> list[bytes]:
+        """Hashes of Merkle nodes ``ids`` (level 0 = leaf hashes), in one round trip each kind."""
+        with self._read() as c:
+            return _get_nodes(c, ids)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """Inclusion proof of ``index`` in the tree of ``size``. Requires 0 <= index < size <= log size."""
+        self._check_size(size)
+        if not 0 <= index < size:
+            raise InvalidInput(f"index {index} is outside the tree of size {size}")
+        return inclusion_proof(index, size, self.get_nodes)
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        """Consistency proof between sizes. Requires 0 < size1 <= size2 <= log size."""
+        self._check_size(size2)
+        if not 0 < size1 <= size2:
+            raise InvalidInput(f"consistency needs 0 < size1 <= size2, got {size1} and {size2}")
+        return consistency_proof(size1, size2, self.get_nodes)
+
+    def _check_size(self, size: int) -> None:
+        n = self.size()
+        if size > n:
+            raise NotFoundError(f"tree size {size} is beyond the log size {n}")
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        """Newest checkpoint, or None for an empty log."""
+        with self._read() as c:
+            r = c.execute(
+                select(CheckpointRow).order_by(CheckpointRow.size.desc()).limit(1)
+            ).first()
+        return _checkpoint(r) if r else None
+
+    def checkpoint_at(self, size: int) -> StoredCheckpoint:
+        """The checkpoint of exactly ``size``; raises :class:`NotFoundError`."""
+        with self._read() as c:
+            r = c.execute(select(CheckpointRow).where(CheckpointRow.size == size)).first()
+        if r is None:
+            raise NotFoundError(f"no checkpoint at tree size {size}")
+        return _checkpoint(r)
+
+    def checkpoint_covering(self, index: int) -> StoredCheckpoint:
+        """The smallest checkpoint whose size covers ``index``."""
+        with self._read() as c:
+            r = c.execute(
+                select(CheckpointRow)
+                .where(CheckpointRow.size > index)
+                .order_by(CheckpointRow.size)
+                .limit(1)
+            ).first()
+        if r is None:
+            raise NotFoundError(f"no checkpoint covers index {index} yet")
+        return _checkpoint(r)
+
+    def checkpoints(self, min_size: int = 0) -> Iterator[StoredCheckpoint]:
+        """All checkpoints with size >= ``min_size``, smallest first."""
+        with self._read() as c:
+            rows = c.execute(
+                select(CheckpointRow)
+                .where(CheckpointRow.size >= min_size)
+                .order_by(CheckpointRow.size)
+            ).all()
+        for r in rows:
+            yield _checkpoint(r)
+
+    def node_hashes(self, min_id: int, max_id: int) -> Iterator[tuple[int, int, bytes]]:
+        """Stored interior nodes with ``min_id <= node_id < max_id`` as (level, index, hash)."""
+        mask = (1 << 48) - 1
+        with self._read() as c:
+            for nid, h in c.execute(
+                select(NodeRow.node_id, NodeRow.hash)
+                .where(NodeRow.node_id >= min_id, NodeRow.node_id < max_id)
+                .order_by(NodeRow.node_id)
+            ):
+                yield nid >> 48, nid & mask, bytes(h)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL, durable commits (synchronous=FULL), and BEGIN IMMEDIATE for writers."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # writers take the write lock up front; readers use a deferred (snapshot) transaction
+        write = conn.get_execution_options().get("kolm_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

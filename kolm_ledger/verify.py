@@ -1,0 +1,224 @@
+"""Offline verification of one receipt bundle: the API a downstream system calls.
+
+No network, no kolm server, no torch: only the bundle and a trust root. The
+procedure, with the step numbers that errors carry::
+
+    (1) parse bundle        the bundle JSON, its DSSE envelope and its tlog-proof parse
+    (2) parse statement     the payload is an in-toto Statement v1 with a kolm predicate
+                            type and an RFC 3339 ``time``
+    (3) check signature     a signature is by a key in the trust root and verifies
+                            (every signature by a trusted key must verify)
+    (4) check key policy    that key's role may sign this kind of receipt, and the key
+                            was valid (not before, not expired, not revoked) at the
+                            receipt's own ``time``
+    (5) compute leaf hash   ``SHA-256(0x00 || JCS(envelope))``, within the ledger's
+                            entry size limit
+    (6) check checkpoint    the tlog-proof's checkpoint is signed by a trusted log key
+                            for ``origin``, valid at ``now``
+    (7) check inclusion     ``index < size`` and the inclusion proof links the leaf hash
+                            to the checkpoint root
+
+Each failure raises the specific :class:`~kolm_ledger.errors.KolmError` subclass
+(``SignatureError``, ``RoleError``, ``InclusionProofError``...) with a message that
+starts ``"step N (<step name>): "`` and an attribute ``step = N`` (read it with
+:func:`step_of`). :func:`verify_bundle` takes a parsed bundle and starts at step 2;
+:func:`verify_bundle_bytes` starts at step 1.
+
+Example::
+
+    >>> from kolm_ledger.verify import STEPS
+    >>> STEPS[0], STEPS[-1]
+    ('parse bundle', 'check inclusion')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from . import dsse
+from .bundle import Bundle
+from .checkpoint import Checkpoint, verify_checkpoint
+from .dsse import MAX_ENVELOPE_BYTES, Envelope
+from .errors import EntryTooLargeError, KolmError, StatementFormatError, UnknownKeyError
+from .keys import Role, TrustedKey, TrustRoot
+from .receipts import Statement
+
+__all__ = [
+    "STEPS",
+    "VerifiedReceipt",
+    "step_of",
+    "verify_bundle",
+    "verify_bundle_bytes",
+]
+
+#: The verification steps, in order; step ``n`` is ``STEPS[n - 1]``.
+STEPS: tuple[str, ...] = (
+    "parse bundle",
+    "parse statement",
+    "check signature",
+    "check key policy",
+    "compute leaf hash",
+    "check checkpoint",
+    "check inclusion",
+)
+
+
+@dataclass(frozen=True)
+class VerifiedReceipt:
+    """What a verified bundle establishes."""
+
+    statement: Statement
+    envelope: Envelope
+    kind: str
+    keyid: str
+    role: Role
+    index: int
+    leaf_hash: bytes
+    checkpoint: Checkpoint
+    time: datetime
+
+
+def step_of(error: BaseException) -> int | None:
+    """The verification step an error from this module failed at (``None`` if not one)."""
+    step = getattr(error, "step", None)
+    return step if isinstance(step, int) else None
+
+
+def _at_step(step: int, error: KolmError) -> KolmError:
+    """A copy of ``error`` (same class) whose message names the step, with ``.step`` set."""
+    new = type(error)(f"step {step} ({STEPS[step - 1]}): {error}")
+    cast(Any, new).step = step
+    return new
+
+
+@contextmanager
+def _step(step: int) -> Iterator[None]:
+    try:
+        yield
+    except KolmError as e:
+        if step_of(e) is not None:
+            raise
+        raise _at_step(step, e) from e
+
+
+def _receipt_time(statement: Statement) -> datetime:
+    """The predicate's ``time``: RFC 3339 with an explicit offset, as UTC."""
+    value = statement.predicate.get("time")
+    if not isinstance(value, str):
+        raise StatementFormatError(
+            f"statement.predicate.time: want an RFC 3339 string, got {type(value).__name__}"
+        )
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError as e:
+        raise StatementFormatError(
+            f"statement.predicate.time: {value[:40]!r} is not RFC 3339"
+        ) from e
+    if t.tzinfo is None:
+        raise StatementFormatError(f"statement.predicate.time: {value[:40]!r} has no UTC offset")
+    try:
+        return t.astimezone(UTC)
+    except OverflowError as e:
+        raise StatementFormatError(
+            f"statement.predicate.time: {value[:40]!r} is out of range"
+        ) from e
+
+
+def _trusted_signer(envelope: Envelope, trust: TrustRoot) -> TrustedKey:
+    """The first trusted key that signed ``envelope``; every trusted signature must verify."""
+    by_id: dict[str, TrustedKey] = {k.keyid: k for k in trust.keys}
+    signers: list[TrustedKey] = []
+    for s in envelope.signatures:
+        k = by_id.get(s.keyid)
+        if k is not None and k not in signers:
+            signers.append(k)
+    if not signers:
+        have = ", ".join(s.keyid[:16] for s in envelope.signatures)
+        raise UnknownKeyError(
+            f"no envelope signature is by a key in the trust root (keyids: {have})"
+        )
+    for k in signers:
+        dsse.verify_signature(envelope, k.public_key)
+    return signers[0]
+
+
+def verify_bundle(
+    bundle: Bundle,
+    trust: TrustRoot,
+    *,
+    origin: str | None = None,
+    now: datetime | None = None,
+) -> VerifiedReceipt:
+    """Verify a parsed receipt bundle offline (steps 2 to 7 of the module docstring).
+
+    ``origin``: the ledger the caller expects (default: any log in the trust root).
+    ``now``: the time log keys must be valid at (default: the current time).
+    Raises a :class:`~kolm_ledger.errors.KolmError` subclass whose ``step`` attribute
+    and message prefix name the step that failed.
+
+    (2) parse the statement inside the envelope;
+    (3) the signing key is trusted and its DSSE signature verifies;
+    (4) the key's role may sign this kind, and it was valid at the receipt's time;
+    (5) recompute the leaf hash from the envelope;
+    (6) the checkpoint is signed by a trusted log key;
+    (7) the inclusion proof links the leaf to the checkpoint root.
+    """
+    now = now if now is not None else datetime.now(UTC)
+    env = bundle.envelope
+    proof = bundle.tlog_proof
+    # (2) parse the statement inside the envelope
+    with _step(2):
+        statement = Statement.from_envelope(env)
+        kind = statement.kind
+        t = _receipt_time(statement)
+    # (3) the signing key is in the trust root and its DSSE signature verifies
+    with _step(3):
+        key = _trusted_signer(env, trust)
+    # (4) the key's role may sign this kind and it was valid at the receipt's time
+    with _step(4):
+        key.check_may_sign(kind)
+        key.check_valid_at(t)
+    # (5) recompute the leaf hash
+    with _step(5):
+        canonical = env.canonical()
+        if len(canonical) > MAX_ENVELOPE_BYTES:
+            raise EntryTooLargeError(
+                f"envelope is {len(canonical)} bytes, over the ledger's "
+                f"{MAX_ENVELOPE_BYTES}-byte entry limit"
+            )
+        leaf_hash = env.leaf_hash()
+    # (6) check the checkpoint signature
+    with _step(6):
+        signed = verify_checkpoint(proof.checkpoint, trust, origin=origin, at=now)
+    # (7) check the inclusion proof
+    with _step(7):
+        proof.verify_inclusion(leaf_hash, signed.checkpoint)
+    return VerifiedReceipt(
+        statement=statement,
+        envelope=env,
+        kind=kind,
+        keyid=key.keyid,
+        role=key.role,
+        index=proof.index,
+        leaf_hash=leaf_hash,
+        checkpoint=signed.checkpoint,
+        time=t,
+    )
+
+
+def verify_bundle_bytes(
+    data: bytes,
+    trust: TrustRoot,
+    *,
+    origin: str | None = None,
+    now: datetime | None = None,
+) -> VerifiedReceipt:
+    """Parse (step 1) and verify (steps 2 to 7) a bundle file's bytes."""
+    # (1) parse the bundle
+    with _step(1):
+        bundle = Bundle.from_bytes(data)
+    return verify_bundle(bundle, trust, origin=origin, now=now)
