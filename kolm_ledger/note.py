@@ -429,10 +429,13 @@ class Note:
         # (4) at least one known key signed
         if not verified:
             names = sorted({v.key_label for v in known.values()})
+            signers = [s.key for s in self.signatures[:5]]
+            if len(self.signatures) > 5:
+                signers.append(f"{len(self.signatures) - 5} more")
             raise CheckpointError(
                 "note has no verifiable signature from "
                 + (", ".join(names) if names else "any key (no verifiers given)")
-                + f"; it is signed by {', '.join(s.key for s in self.signatures)}"
+                + f"; it is signed by {', '.join(signers)}"
             )
         return verified
 

@@ -1,0 +1,868 @@
+"""The task spec: what to distill, from which teacher, checked how, trained how.
+
+A spec is a YAML (or JSON) file; :meth:`TaskSpec.load` turns it into validated,
+frozen dataclasses. Every problem raises :class:`~kolm_ledger.errors.SpecError`
+whose message starts with the dotted path of the field::
+
+    >>> from kolm_compile.spec import TaskSpec
+    >>> spec = TaskSpec.load("kolm_compile/examples/banking77-router.yaml")  # doctest: +SKIP
+    >>> spec.teacher.k, spec.teacher.min_agreement                          # doctest: +SKIP
+    (5, 3)
+    >>> TaskSpec.from_dict({"name": "x", "task": "classify"}, ".")          # doctest: +SKIP
+    Traceback (most recent call last):
+    kolm_ledger.errors.SpecError: spec.labels: required for task classify
+
+Schema (``*`` = required; unknown fields are rejected by name)::
+
+    name*: str                [a-z0-9][a-z0-9-_]{0,63}
+    task*: classify | extract | generate
+    labels: [str, ...]        classify: the closed label set (required, >= 2, distinct)
+    json_schema: {..} | path  extract: JSON Schema (Draft 2020-12) the output must satisfy
+    instructions: str         what the teacher is asked to do (prepended to every prompt)
+    verifier:                 default: label_set (classify), json_schema (extract);
+      name*: str              generate needs one: regex, exact_match, python_ast, bleu, ...
+      params: {..}            see kolm_compile.verifiers; label_set gets `labels` and
+                              json_schema gets `schema` filled in from the task
+    teacher:
+      backend*: openai | transformers | replay | simulated   (or any registered teacher)
+      model: str              required for openai and transformers
+      params: {temperature: 0.7, max_tokens, top_p, stop, seed,
+               presence_penalty, frequency_penalty}
+      k: int = 5              samples per input
+      min_agreement: int      votes the winning answer needs; default floor(k/2)+1
+      # openai only
+      endpoint: url = https://api.openai.com      POST {endpoint}/v1/chat/completions
+      api_key_env: str        name of the environment variable holding the API key
+      concurrency: int = 4    requests in flight at once
+      timeout_s: float = 60   per request
+      max_retries: int = 5    on 429, 5xx, timeouts and connection errors
+      batch_samples: bool = true   ask for all k samples in one request (`n`)
+      # transformers only
+      device: str             default: cuda if available, else cpu
+      # replay only
+      path*: path             JSONL of {input_sha256, samples: [...], model}
+      # simulated only (offline demos and benchmarks)
+      dataset*: path          CSV/JSONL with gold labels (data.text_column/label_column)
+      accuracy: float = 0.85  chance that one sample is the gold label
+      similarity_temperature: float = 0.1   wrong answers ~ softmax(similarity / t)
+      # simulated and transformers
+      seed: int               default: the spec's seed
+    student:                  defaults: kolm_compile._train.TrainConfig
+      base_model, lora_r, epochs, learning_rate, max_length, batch_size
+      confidence_threshold: float = 0.5   below it, inference escalates to the teacher
+    data:                     at least one of seed_pairs, unlabeled
+      seed_pairs: path        CSV/JSONL of labelled pairs (text,label or input,output)
+      unlabeled: path         CSV/JSONL of inputs for the teacher to label
+      holdout: path           CSV/JSONL of labelled pairs for the K-score
+      text_column: str = text
+      label_column: str = label
+      limit_per_label: int    keep at most this many rows per label
+      labels: [str, ...]      keep only rows with these labels (subset of `labels`)
+    budget:
+      max_teacher_calls: int  requests a teacher may send (unset: no limit)
+      price_per_1k_input_tokens: float = 0
+      price_per_1k_output_tokens: float = 0
+    seed: int = 0             in [0, 2**53)
+
+Paths are relative to the spec file's directory (``base_dir``). ``to_dict()`` is
+deterministic (sorted keys, paths relative to ``base_dir``, kolm version
+stamped); ``digest()`` is the SHA-256 of its RFC 8785 canonical JSON with every
+referenced file's SHA-256 added, so it changes when the data changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import types
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import rfc8785
+import yaml
+
+from kolm_compile import _train
+from kolm_compile.verifiers import Verifier, get_verifier
+from kolm_ledger.errors import SpecError
+
+__all__ = [
+    "TASK_TYPES",
+    "BudgetSpec",
+    "DataSpec",
+    "StudentSpec",
+    "TaskSpec",
+    "TeacherSpec",
+    "VerifierSpec",
+    "kolm_version",
+]
+
+TASK_TYPES = ("classify", "extract", "generate")
+_NAME = re.compile(r"[a-z0-9][a-z0-9\-_]{0,63}")
+_TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+_MAX_SEED = 2**53  # I-JSON safe: the seed goes into canonical JSON
+
+
+def kolm_version() -> str:
+    """The kolm version stamped into every serialized spec."""
+    from kolm_ledger import __version__
+
+    return __version__
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def _fail(path: str, want: str, got: Any) -> SpecError:
+    return SpecError(f"{path}: must be {want}, got {got!r}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(path: str, v: Any, lo: int, hi: int | None = None) -> int:
+    if not _is_int(v):
+        raise _fail(path, "an integer", v)
+    if v < lo:
+        raise SpecError(f"{path}: must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise SpecError(f"{path}: must be <= {hi}, got {v}")
+    return int(v)
+
+
+def _num(path: str, v: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise _fail(path, "a number", v)
+    if v < lo or (lo_open and v == lo) or v > hi:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise SpecError(f"{path}: must be in {interval}, got {v!r}")
+    return float(v)
+
+
+def _str(path: str, v: Any, *, choices: Sequence[str] = ()) -> str:
+    if not isinstance(v, str):
+        raise _fail(path, "a string", v)
+    if choices and v not in choices:
+        raise SpecError(f"{path}: must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def _text(path: str, v: Any) -> str:
+    text = _str(path, v)
+    if not text.strip():
+        raise SpecError(f"{path}: must not be empty")
+    return text
+
+
+def _bool(path: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _fail(path, "true or false", v)
+    return v
+
+
+def _labels(path: str, v: Any, *, min_len: int = 1) -> tuple[str, ...]:
+    if isinstance(v, str | bytes) or not isinstance(v, Sequence):
+        raise _fail(path, "a list of strings", v)
+    if len(v) < min_len:
+        raise SpecError(f"{path}: must have at least {min_len} entries, got {len(v)}")
+    for i, label in enumerate(v):
+        if not isinstance(label, str) or not label or label != label.strip() or "\n" in label:
+            raise _fail(f"{path}[{i}]", "a non-empty one-line string without outer spaces", label)
+    dup = [label for label, n in Counter(v).items() if n > 1]
+    if dup:
+        raise SpecError(f"{path}: duplicate label {dup[0]!r}")
+    return tuple(v)
+
+
+def _freeze(v: Any) -> Any:
+    """Deep read-only copy: mappings → MappingProxyType (sorted), lists → tuples."""
+    if isinstance(v, Mapping):
+        return types.MappingProxyType({k: _freeze(v[k]) for k in sorted(v)})
+    if isinstance(v, list | tuple):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def _thaw(v: Any) -> Any:
+    """Inverse of :func:`_freeze`: plain dicts (sorted) and lists, JSON-ready."""
+    if isinstance(v, Mapping):
+        return {k: _thaw(v[k]) for k in sorted(v)}
+    if isinstance(v, list | tuple):
+        return [_thaw(x) for x in v]
+    if isinstance(v, Path):
+        return v.as_posix()
+    return v
+
+
+def _mapping(path: str, v: Any) -> Mapping[str, Any]:
+    if not isinstance(v, Mapping):
+        raise _fail(path, "a mapping", type(v).__name__)
+    for key in v:
+        if not isinstance(key, str):
+            raise SpecError(f"{path}: keys must be strings, got {key!r}")
+    try:
+        rfc8785.dumps(_thaw(v))
+    except Exception as e:
+        raise SpecError(f"{path}: not representable as canonical JSON: {e}") from e
+    frozen: Mapping[str, Any] = _freeze(v)
+    return frozen
+
+
+def _table_path(path: str, v: Any) -> Path:
+    if isinstance(v, str):
+        if not v.strip():
+            raise SpecError(f"{path}: must not be empty")
+        v = Path(v)
+    if not isinstance(v, Path):
+        raise _fail(path, "a path", v)
+    if v.suffix.lower() not in _TABLE_SUFFIXES:
+        raise SpecError(f"{path}: must be a {', '.join(_TABLE_SUFFIXES)} file, got {v.name!r}")
+    return v
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class _Section:
+    """Shared by the spec sections: the dotted path of the section and its fields."""
+
+    PATH: ClassVar[str] = "spec"
+
+    @classmethod
+    def _from_mapping(cls, raw: Any, path: str, **extra: Any) -> Any:
+        if not isinstance(raw, Mapping):
+            raise _fail(path, "a mapping", type(raw).__name__)
+        known = {f.name: f for f in fields(cls) if f.init and f.name != "base_dir"}  # type: ignore[arg-type]
+        for key in raw:
+            if key not in known:
+                raise SpecError(f"{path}.{key}: unknown field (known: {', '.join(sorted(known))})")
+        for name, f in known.items():
+            required = f.default is MISSING and f.default_factory is MISSING
+            if required and raw.get(name) is None:
+                raise SpecError(f"{path}.{name}: required")
+        return cls(**{k: v for k, v in raw.items() if v is not None}, **extra)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name → help string (for CLIs and docs)."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class VerifierSpec(_Section):
+    """Which verifier decides whether an output is acceptable (see kolm_compile.verifiers)."""
+
+    PATH: ClassVar[str] = "spec.verifier"
+
+    name: str = field(metadata=_help("registered verifier name"))
+    params: Mapping[str, Any] = field(
+        default_factory=dict, metadata=_help("verifier parameters (defaults filled in)")
+    )
+
+    def __post_init__(self) -> None:
+        _text(f"{self.PATH}.name", self.name)
+        object.__setattr__(self, "params", _mapping(f"{self.PATH}.params", self.params))
+
+    def build(self) -> Verifier:
+        """The configured verifier."""
+        return get_verifier(self.name, _thaw(self.params))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, sorted."""
+        return {"name": self.name, "params": _thaw(self.params)}
+
+
+# Teacher options that belong to one backend, the defaults filled in for it,
+# and what it requires. A backend registered elsewhere gets no such checks.
+_BACKEND_OPTIONS: dict[str, frozenset[str]] = {
+    "endpoint": frozenset({"openai"}),
+    "api_key_env": frozenset({"openai"}),
+    "concurrency": frozenset({"openai"}),
+    "timeout_s": frozenset({"openai"}),
+    "max_retries": frozenset({"openai"}),
+    "batch_samples": frozenset({"openai"}),
+    "device": frozenset({"transformers"}),
+    "path": frozenset({"replay"}),
+    "dataset": frozenset({"simulated"}),
+    "accuracy": frozenset({"simulated"}),
+    "similarity_temperature": frozenset({"simulated"}),
+    "seed": frozenset({"simulated", "transformers"}),
+}
+_BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "openai": {
+        "endpoint": "https://api.openai.com",
+        "concurrency": 4,
+        "timeout_s": 60.0,
+        "max_retries": 5,
+        "batch_samples": True,
+    },
+    "simulated": {"accuracy": 0.85, "similarity_temperature": 0.1},
+}
+_BACKEND_REQUIRED: dict[str, tuple[str, ...]] = {
+    "openai": ("model",),
+    "transformers": ("model",),
+    "replay": ("path",),
+    "simulated": ("dataset",),
+}
+_BUILTIN = frozenset(_BACKEND_REQUIRED)
+_SAMPLING_PARAMS = (
+    "frequency_penalty",
+    "max_tokens",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "temperature",
+    "top_p",
+)
+
+
+def _check_sampling_params(path: str, raw: Any) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise _fail(path, "a mapping", type(raw).__name__)
+    out: dict[str, Any] = {"temperature": 0.7}
+    for key, v in raw.items():
+        p = f"{path}.{key}"
+        if key == "temperature":
+            out[key] = _num(p, v, 0.0, 2.0)
+        elif key == "top_p":
+            out[key] = _num(p, v, 0.0, 1.0, lo_open=True)
+        elif key in ("presence_penalty", "frequency_penalty"):
+            out[key] = _num(p, v, -2.0, 2.0)
+        elif key == "max_tokens":
+            out[key] = _int(p, v, 1, 1_000_000)
+        elif key == "seed":
+            out[key] = _int(p, v, 0, _MAX_SEED - 1)
+        elif key == "stop":
+            stops = [v] if isinstance(v, str) else v
+            if not isinstance(stops, list | tuple) or not 1 <= len(stops) <= 4:
+                raise _fail(p, "a string or a list of 1 to 4 strings", v)
+            out[key] = tuple(_text(f"{p}[{i}]", s) for i, s in enumerate(stops))
+        else:
+            raise SpecError(
+                f"{p}: unknown sampling parameter (known: {', '.join(_SAMPLING_PARAMS)})"
+            )
+    frozen: Mapping[str, Any] = _freeze(out)
+    return frozen
+
+
+@dataclass(frozen=True)
+class TeacherSpec(_Section):
+    """The model that labels inputs: k samples each, then verify and vote."""
+
+    PATH: ClassVar[str] = "spec.teacher"
+
+    backend: str = field(metadata=_help("registered teacher backend"))
+    model: str | None = field(default=None, metadata=_help("model name, or a local path"))
+    params: Mapping[str, Any] = field(
+        default_factory=dict, metadata=_help("sampling parameters sent with every request")
+    )
+    k: int = field(default=5, metadata=_help("samples per input"))
+    min_agreement: int | None = field(
+        default=None, metadata=_help("votes the winning answer needs; default floor(k/2)+1")
+    )
+    endpoint: str | None = field(
+        default=None,
+        metadata=_help("openai: base URL; requests go to {endpoint}/v1/chat/completions"),
+    )
+    api_key_env: str | None = field(
+        default=None, metadata=_help("openai: name of the environment variable with the API key")
+    )
+    concurrency: int | None = field(default=None, metadata=_help("openai: requests in flight"))
+    timeout_s: float | None = field(default=None, metadata=_help("openai: per-request timeout"))
+    max_retries: int | None = field(
+        default=None, metadata=_help("openai: retries on 429, 5xx, timeouts and connection errors")
+    )
+    batch_samples: bool | None = field(
+        default=None, metadata=_help("openai: request all k samples at once with `n`")
+    )
+    device: str | None = field(default=None, metadata=_help("transformers: torch device"))
+    path: Path | None = field(default=None, metadata=_help("replay: JSONL of recorded samples"))
+    dataset: Path | None = field(default=None, metadata=_help("simulated: gold-labelled table"))
+    accuracy: float | None = field(
+        default=None, metadata=_help("simulated: chance that one sample is the gold label")
+    )
+    similarity_temperature: float | None = field(
+        default=None, metadata=_help("simulated: softmax temperature over label similarity")
+    )
+    seed: int | None = field(
+        default=None, metadata=_help("simulated/transformers: sampling seed; default spec.seed")
+    )
+
+    def __post_init__(self) -> None:
+        p = self.PATH
+        backend = _text(f"{p}.backend", self.backend)
+        from kolm_compile.teachers import teacher_backends  # the registry imports this module
+
+        known = teacher_backends()
+        if backend not in known:
+            raise SpecError(
+                f"{p}.backend: unknown teacher backend {backend!r} (known: {', '.join(known)})"
+            )
+        for name, backends in _BACKEND_OPTIONS.items():
+            if getattr(self, name) is not None and backend in _BUILTIN and backend not in backends:
+                raise SpecError(
+                    f"{p}.{name}: only used by backend {'/'.join(sorted(backends))}, not {backend}"
+                )
+        for name, value in _BACKEND_DEFAULTS.get(backend, {}).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in _BACKEND_REQUIRED.get(backend, ()):
+            if getattr(self, name) is None:
+                raise SpecError(f"{p}.{name}: required for backend {backend}")
+
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.model is not None:
+            put("model", _text(f"{p}.model", self.model))
+        put("params", _check_sampling_params(f"{p}.params", self.params))
+        put("k", _int(f"{p}.k", self.k, 1, 100))
+        if self.min_agreement is None:
+            put("min_agreement", self.k // 2 + 1)
+        put("min_agreement", _int(f"{p}.min_agreement", self.min_agreement, 1, self.k))
+        if self.endpoint is not None:
+            endpoint = _text(f"{p}.endpoint", self.endpoint)
+            if not re.match(r"https?://[^/\s]+", endpoint):
+                raise _fail(f"{p}.endpoint", "an http(s) URL", endpoint)
+        if self.api_key_env is not None and not re.fullmatch(
+            r"[A-Za-z_][A-Za-z0-9_]*", str(self.api_key_env)
+        ):
+            raise _fail(f"{p}.api_key_env", "an environment variable name", self.api_key_env)
+        if self.concurrency is not None:
+            put("concurrency", _int(f"{p}.concurrency", self.concurrency, 1, 1024))
+        if self.timeout_s is not None:
+            put("timeout_s", _num(f"{p}.timeout_s", self.timeout_s, 0.0, 3600.0, lo_open=True))
+        if self.max_retries is not None:
+            put("max_retries", _int(f"{p}.max_retries", self.max_retries, 0, 100))
+        if self.batch_samples is not None:
+            _bool(f"{p}.batch_samples", self.batch_samples)
+        if self.device is not None:
+            _text(f"{p}.device", self.device)
+        if self.path is not None:
+            put("path", _path(f"{p}.path", self.path, (".jsonl", ".ndjson")))
+        if self.dataset is not None:
+            put("dataset", _table_path(f"{p}.dataset", self.dataset))
+        if self.accuracy is not None:
+            put("accuracy", _num(f"{p}.accuracy", self.accuracy, 0.0, 1.0))
+        if self.similarity_temperature is not None:
+            t = _num(
+                f"{p}.similarity_temperature", self.similarity_temperature, 0.0, 100.0, lo_open=True
+            )
+            put("similarity_temperature", t)
+        if self.seed is not None:
+            put("seed", _int(f"{p}.seed", self.seed, 0, _MAX_SEED - 1))
+
+
+def _path(path: str, v: Any, suffixes: Sequence[str]) -> Path:
+    if isinstance(v, str) and v.strip():
+        v = Path(v)
+    if not isinstance(v, Path):
+        raise _fail(path, "a path", v)
+    if v.suffix.lower() not in suffixes:
+        raise SpecError(f"{path}: must be a {', '.join(suffixes)} file, got {v.name!r}")
+    return v
+
+
+_TRAIN_DEFAULTS = _train.TrainConfig()
+
+
+@dataclass(frozen=True)
+class StudentSpec(_Section):
+    """The small model trained on the verified labels (LoRA on an encoder)."""
+
+    PATH: ClassVar[str] = "spec.student"
+
+    base_model: str = field(
+        default=_TRAIN_DEFAULTS.base_model, metadata=_help("logical id of the base encoder")
+    )
+    lora_r: int = field(default=_TRAIN_DEFAULTS.lora_r, metadata=_help("LoRA rank"))
+    epochs: int = field(default=_TRAIN_DEFAULTS.epochs, metadata=_help("passes over the labels"))
+    learning_rate: float = field(
+        default=_TRAIN_DEFAULTS.learning_rate, metadata=_help("peak AdamW learning rate")
+    )
+    max_length: int = field(
+        default=_TRAIN_DEFAULTS.max_length, metadata=_help("token limit per input")
+    )
+    batch_size: int = field(
+        default=_TRAIN_DEFAULTS.batch_size, metadata=_help("examples per optimizer step")
+    )
+    confidence_threshold: float = field(
+        default=0.5, metadata=_help("inference escalates to the teacher below this confidence")
+    )
+
+    def __post_init__(self) -> None:
+        p = self.PATH
+        object.__setattr__(
+            self,
+            "confidence_threshold",
+            _num(f"{p}.confidence_threshold", self.confidence_threshold, 0.0, 1.0),
+        )
+        self.train_config(0)  # the trainer's own checks, with our field path
+
+    def train_config(self, seed: int) -> _train.TrainConfig:
+        """The :class:`~kolm_compile._train.TrainConfig` these settings mean."""
+        try:
+            return _train.TrainConfig(
+                base_model=self.base_model,
+                lora_r=self.lora_r,
+                epochs=self.epochs,
+                learning_rate=self.learning_rate,
+                max_length=self.max_length,
+                batch_size=self.batch_size,
+                seed=seed,
+            )
+        except SpecError as e:
+            raise SpecError(f"{self.PATH}.{e}") from e
+
+
+@dataclass(frozen=True)
+class DataSpec(_Section):
+    """Where the inputs and labelled pairs come from."""
+
+    PATH: ClassVar[str] = "spec.data"
+
+    seed_pairs: Path | None = field(default=None, metadata=_help("labelled pairs (CSV/JSONL)"))
+    unlabeled: Path | None = field(default=None, metadata=_help("inputs for the teacher"))
+    holdout: Path | None = field(default=None, metadata=_help("labelled pairs for the K-score"))
+    text_column: str = field(default="text", metadata=_help("column with the input text"))
+    label_column: str = field(default="label", metadata=_help("column with the label/output"))
+    limit_per_label: int | None = field(default=None, metadata=_help("rows kept per label"))
+    labels: tuple[str, ...] | None = field(
+        default=None, metadata=_help("keep only rows with these labels")
+    )
+
+    def __post_init__(self) -> None:
+        p = self.PATH
+        for name in ("seed_pairs", "unlabeled", "holdout"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _table_path(f"{p}.{name}", value))
+        if self.seed_pairs is None and self.unlabeled is None:
+            raise SpecError(f"{p}: needs seed_pairs or unlabeled")
+        _text(f"{p}.text_column", self.text_column)
+        _text(f"{p}.label_column", self.label_column)
+        if self.limit_per_label is not None:
+            _int(f"{p}.limit_per_label", self.limit_per_label, 1)
+        if self.labels is not None:
+            object.__setattr__(self, "labels", _labels(f"{p}.labels", self.labels))
+
+
+@dataclass(frozen=True)
+class BudgetSpec(_Section):
+    """What teacher calls may cost."""
+
+    PATH: ClassVar[str] = "spec.budget"
+
+    max_teacher_calls: int | None = field(
+        default=None, metadata=_help("requests a teacher may send; unset: no limit")
+    )
+    price_per_1k_input_tokens: float = field(
+        default=0.0, metadata=_help("price of 1000 prompt tokens")
+    )
+    price_per_1k_output_tokens: float = field(
+        default=0.0, metadata=_help("price of 1000 completion tokens")
+    )
+
+    def __post_init__(self) -> None:
+        p = self.PATH
+        if self.max_teacher_calls is not None:
+            _int(f"{p}.max_teacher_calls", self.max_teacher_calls, 1)
+        for name in ("price_per_1k_input_tokens", "price_per_1k_output_tokens"):
+            object.__setattr__(self, name, _num(f"{p}.{name}", getattr(self, name), 0.0, 1e9))
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """The price of that many tokens."""
+        return (
+            input_tokens * self.price_per_1k_input_tokens
+            + output_tokens * self.price_per_1k_output_tokens
+        ) / 1000.0
+
+
+# --------------------------------------------------------------------------- the task spec
+
+
+# Files a spec points at: dotted field → (section attribute, field name).
+_FILE_FIELDS = (
+    ("data.holdout", "data", "holdout"),
+    ("data.seed_pairs", "data", "seed_pairs"),
+    ("data.unlabeled", "data", "unlabeled"),
+    ("teacher.dataset", "teacher", "dataset"),
+    ("teacher.path", "teacher", "path"),
+)
+_SECTIONS: dict[str, type[_Section]] = {
+    "budget": BudgetSpec,
+    "data": DataSpec,
+    "student": StudentSpec,
+    "teacher": TeacherSpec,
+    "verifier": VerifierSpec,
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec(_Section):
+    """A whole task spec; see the module docstring for the schema."""
+
+    PATH: ClassVar[str] = "spec"
+
+    name: str = field(metadata=_help("job name: [a-z0-9][a-z0-9-_]{0,63}"))
+    task: str = field(metadata=_help("classify | extract | generate"))
+    teacher: TeacherSpec = field(metadata=_help("the teacher section"))
+    data: DataSpec = field(metadata=_help("the data section"))
+    labels: tuple[str, ...] | None = field(default=None, metadata=_help("classify: label set"))
+    json_schema: Mapping[str, Any] | None = field(
+        default=None, metadata=_help("extract: JSON Schema of the output")
+    )
+    instructions: str | None = field(default=None, metadata=_help("what the teacher is asked"))
+    verifier: VerifierSpec | None = field(default=None, metadata=_help("the verifier section"))
+    student: StudentSpec = field(default_factory=StudentSpec, metadata=_help("the student section"))
+    budget: BudgetSpec = field(default_factory=BudgetSpec, metadata=_help("the budget section"))
+    seed: int = field(default=0, metadata=_help("seed for every random choice of the job"))
+    base_dir: Path = field(
+        default=Path("."), compare=False, metadata=_help("directory relative paths start from")
+    )
+
+    def __post_init__(self) -> None:
+        p = self.PATH
+
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise _fail(f"{p}.name", "a name matching [a-z0-9][a-z0-9-_]{0,63}", self.name)
+        task = _str(f"{p}.task", self.task, choices=TASK_TYPES)
+        if not isinstance(self.base_dir, str | Path):
+            raise _fail(f"{p}.base_dir", "a path", self.base_dir)
+        put("base_dir", Path(os.path.abspath(self.base_dir)))
+        put("seed", _int(f"{p}.seed", self.seed, 0, _MAX_SEED - 1))
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, cls):
+                raise _fail(f"{p}.{name}", f"a {cls.__name__}", type(value).__name__)
+
+        # (1) what the task type needs
+        if self.labels is not None:
+            put("labels", _labels(f"{p}.labels", self.labels, min_len=2))
+        if self.json_schema is not None:
+            put("json_schema", _mapping(f"{p}.json_schema", self.json_schema))
+        if task == "classify" and self.labels is None:
+            raise SpecError(f"{p}.labels: required for task classify")
+        if task != "classify" and self.labels is not None:
+            raise SpecError(f"{p}.labels: only used by task classify, not {task}")
+        if task == "extract" and self.json_schema is None:
+            raise SpecError(f"{p}.json_schema: required for task extract")
+        if task != "extract" and self.json_schema is not None:
+            raise SpecError(f"{p}.json_schema: only used by task extract, not {task}")
+        if self.instructions is not None:
+            _text(f"{p}.instructions", self.instructions)
+
+        # (2) the verifier, filled in from the task (building it checks the params)
+        put("verifier", self._complete_verifier())
+
+        # (3) file paths, relative to base_dir
+        put("data", self._resolved(self.data, ("seed_pairs", "unlabeled", "holdout")))
+        put("teacher", self._resolved(self.teacher, ("path", "dataset")))
+        if self.teacher.seed is None and self.teacher.backend in _BACKEND_OPTIONS["seed"]:
+            put("teacher", replace(self.teacher, seed=self.seed))
+        if self.teacher.backend == "simulated" and task != "classify":
+            raise SpecError(
+                f"{p}.teacher.backend: simulated only answers task classify, not {task}"
+            )
+        if self.data.labels is not None and self.labels is not None:
+            extra = [label for label in self.data.labels if label not in self.labels]
+            if extra:
+                raise SpecError(f"{p}.data.labels: {extra[0]!r} is not in spec.labels")
+
+    def _complete_verifier(self) -> VerifierSpec:
+        """The verifier section with task-given params and defaults filled in."""
+        p = self.PATH
+        v = self.verifier
+        want = {"classify": "label_set", "extract": "json_schema"}.get(self.task)
+        if v is None:
+            if want is None:
+                raise SpecError(f"{p}.verifier: required for task {self.task}")
+            v = VerifierSpec(want)
+        if want is not None and v.name != want:
+            raise SpecError(
+                f"{p}.verifier.name: task {self.task} needs verifier {want}, got {v.name!r}"
+            )
+        params = _thaw(v.params)
+        given = {"label_set": ("labels", "labels"), "json_schema": ("schema", "json_schema")}
+        if want in given:
+            param, source = given[want]
+            value = _thaw(getattr(self, source))
+            if param in params and params[param] != value:
+                raise SpecError(f"{p}.verifier.params.{param}: must equal spec.{source}")
+            params[param] = value
+        return VerifierSpec(v.name, get_verifier(v.name, params).params)
+
+    def _resolved(self, section: Any, names: Sequence[str]) -> Any:
+        changes = {}
+        for name in names:
+            value = getattr(section, name)
+            if isinstance(value, Path) and not value.is_absolute():
+                changes[name] = Path(os.path.normpath(self.base_dir / value))
+        return replace(section, **changes) if changes else section
+
+    # ----------------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, check_files: bool = True) -> TaskSpec:
+        """Read a YAML or JSON spec file; relative paths start at its directory.
+
+        With ``check_files`` every referenced file must exist (``SpecError``
+        naming the field otherwise).
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise SpecError(f"spec: cannot read {path}: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise SpecError(f"spec: {path} is not UTF-8 text") from e
+        try:
+            raw = (
+                json.loads(text)
+                if path.suffix.lower() == ".json"
+                else yaml.load(text, _StrictLoader)
+            )
+        except (ValueError, yaml.YAMLError) as e:
+            raise SpecError(f"spec: {path.name} does not parse: {e}") from e
+        return cls.from_dict(raw, path.parent, check_files=check_files)
+
+    @classmethod
+    def from_dict(
+        cls, d: Any, base_dir: str | os.PathLike[str], *, check_files: bool = True
+    ) -> TaskSpec:
+        """Validate a parsed spec (the inverse of :meth:`to_dict`).
+
+        ``kolm_version`` in ``d`` is accepted and ignored; ``json_schema`` may be
+        a path to a JSON file. With ``check_files`` every referenced file must
+        exist.
+        """
+        if not isinstance(d, Mapping):
+            raise _fail("spec", "a mapping", type(d).__name__)
+        raw = {k: v for k, v in d.items() if k != "kolm_version"}
+        base = Path(base_dir)
+        if isinstance(raw.get("json_schema"), str):
+            raw["json_schema"] = _load_json_schema(base / raw["json_schema"])
+        for name, section in _SECTIONS.items():
+            if raw.get(name) is not None:
+                raw[name] = section._from_mapping(raw[name], f"spec.{name}")
+        spec: TaskSpec = cls._from_mapping(raw, "spec", base_dir=base)
+        if check_files:
+            spec.check_files()
+        return spec
+
+    def files(self) -> dict[str, Path]:
+        """Dotted field → absolute path, for every file the spec points at."""
+        out = {}
+        for dotted, attr, name in _FILE_FIELDS:
+            value = getattr(getattr(self, attr), name, None)
+            if value is not None:
+                out[dotted] = value
+        return out
+
+    def check_files(self) -> None:
+        """Raise :class:`SpecError` naming the field of the first missing file."""
+        for dotted, path in self.files().items():
+            if not path.is_file():
+                raise SpecError(f"spec.{dotted}: file not found: {path}")
+
+    def build_verifier(self) -> Verifier:
+        """The task's verifier."""
+        assert self.verifier is not None
+        return self.verifier.build()
+
+    # ----------------------------------------------------------------------- serializing
+
+    def to_dict(self, *, with_file_digests: bool = False) -> dict[str, Any]:
+        """Deterministic JSON-ready form: sorted keys, unset fields left out,
+        paths relative to ``base_dir`` (POSIX), ``kolm_version`` stamped.
+
+        With ``with_file_digests`` a ``files`` entry maps each referenced file's
+        dotted field to its SHA-256 (the files must exist).
+        """
+        out: dict[str, Any] = {"kolm_version": kolm_version()}
+        for f in fields(self):
+            if f.name == "base_dir":
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name == "verifier":
+                value = self.verifier.to_dict()  # type: ignore[union-attr]
+            elif isinstance(value, _Section):
+                value = {
+                    g.name: self._relative(getattr(value, g.name))
+                    for g in fields(value)  # type: ignore[arg-type]
+                    if getattr(value, g.name) is not None
+                }
+            out[f.name] = value
+        if with_file_digests:
+            out["files"] = {dotted: _file_sha256(dotted, p) for dotted, p in self.files().items()}
+        plain: dict[str, Any] = _thaw(out)
+        return plain
+
+    def _relative(self, value: Any) -> Any:
+        if isinstance(value, Path):
+            return Path(os.path.relpath(value, self.base_dir)).as_posix()
+        return value
+
+    def digest(self) -> str:
+        """Hex SHA-256 of RFC 8785 canonical ``to_dict(with_file_digests=True)``."""
+        return hashlib.sha256(rfc8785.dumps(self.to_dict(with_file_digests=True))).hexdigest()
+
+
+def _file_sha256(dotted: str, path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise SpecError(f"spec.{dotted}: cannot read {path}: {e.strerror or e}") from e
+    return h.hexdigest()
+
+
+def _load_json_schema(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpecError(f"spec.json_schema: cannot read {path}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise SpecError(f"spec.json_schema: {path.name} is not JSON: {e}") from e
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 reads "3e-4" (no dot) as a string; read it as the float people mean.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)

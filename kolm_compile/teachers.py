@@ -1,0 +1,998 @@
+"""Teachers: the models that label inputs, k samples at a time.
+
+One registry; each backend is a class registered with :func:`register_teacher`
+and built from the spec's teacher section with :func:`build_teacher`::
+
+    >>> from kolm_compile.spec import TaskSpec
+    >>> from kolm_compile.teachers import build_teacher
+    >>> spec = TaskSpec.load("kolm_compile/examples/banking77-router.yaml")  # doctest: +SKIP
+    >>> teacher = build_teacher(spec.teacher, spec)                          # doctest: +SKIP
+    >>> [s.text for s in teacher.sample("ex-1", "my card has not arrived yet", 3, spec)]  # doctest: +SKIP
+    ['card_arrival', 'card_arrival', 'activate_my_card']
+
+Every teacher offers ``describe()`` (backend, model, sampling params: what a
+label receipt records; never a secret), ``sample(prompt_id, input_text, k,
+task, first_index=0)`` and ``sample_many(requests, task, on_result=None)``.
+Samples are numbered: ``sample(..., k=3, first_index=2)`` returns samples 2, 3
+and 4 of that input, which lets the response cache ask only for the samples it
+lacks and lets deterministic backends (replay, simulated) give the same sample
+for the same number whatever the batching.
+
+Backends:
+
+- ``openai``: any OpenAI-compatible ``POST {endpoint}/v1/chat/completions``
+  (stdlib HTTP). ``n = k`` per request (more requests if the server returns fewer
+  choices), retries with exponential backoff and jitter on 429/5xx/timeouts/
+  connection errors, a concurrency limit, token usage and cost accounting, and
+  ``max_teacher_calls`` from the budget. The API key is read from the
+  environment variable the spec names and appears in no message, log or receipt.
+- ``transformers``: a local causal or seq2seq LM (imported lazily).
+- ``replay``: responses recorded in a JSONL file, looked up by input SHA-256.
+- ``simulated``: answers from gold labels with a set per-sample accuracy, wrong
+  answers drawn toward similar labels. For offline demos and benchmarks only;
+  ``describe()`` says ``"simulated": true``.
+
+Token accounting: one request's prompt and completion tokens are split over the
+samples it returned (integer parts that add up to the request's usage), so
+summing any field over all samples gives what was billed. ``cost`` uses the
+spec's budget prices; a sample served from the cache is marked ``cached`` and
+its recorded tokens and cost are what it cost when it was bought.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import http.client
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from kolm_ledger.errors import (
+    FormatError,
+    InvalidInput,
+    NotFoundError,
+    ResourceExhaustedError,
+    SpecError,
+    UnavailableError,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kolm_compile.spec import TaskSpec, TeacherSpec
+
+__all__ = [
+    "PROMPT_VERSION",
+    "BaseTeacher",
+    "OpenAITeacher",
+    "ReplayTeacher",
+    "SampleRequest",
+    "SimulatedTeacher",
+    "Teacher",
+    "TeacherSample",
+    "TransformersTeacher",
+    "build_messages",
+    "build_teacher",
+    "input_sha256",
+    "register_teacher",
+    "teacher_backends",
+    "trigram_similarity",
+]
+
+log = logging.getLogger(__name__)
+
+PROMPT_VERSION = "1"
+"""Bumped whenever :func:`build_messages` changes what it sends; recorded by ``describe()``."""
+
+
+# --------------------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True)
+class TeacherSample:
+    """One sampled answer and what it cost (see the module docstring on accounting)."""
+
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, without ``cached`` (a property of where it came from, not of the sample)."""
+        return {
+            "cost": self.cost,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "text": self.text,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, cached: bool = False) -> TeacherSample:
+        """Inverse of :meth:`to_dict`; raises ``FormatError`` on wrong types."""
+        text, cost = d.get("text"), d.get("cost", 0.0)
+        tokens = (d.get("input_tokens", 0), d.get("output_tokens", 0))
+        if not isinstance(text, str):
+            raise FormatError(f"teacher sample text must be a string, got {type(text).__name__}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in tokens):
+            raise FormatError(f"teacher sample token counts must be integers >= 0, got {tokens}")
+        if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
+            raise FormatError(f"teacher sample cost must be a number >= 0, got {cost!r}")
+        return cls(text, tokens[0], tokens[1], float(cost), cached)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """Ask for samples ``first_index .. first_index + k - 1`` of one input.
+
+    ``prompt_id`` is the caller's name for the request (e.g. the example id),
+    used in logs and errors only: the same input under another id is the same
+    request to a cache.
+    """
+
+    prompt_id: str
+    input_text: str
+    k: int
+    first_index: int = 0
+
+
+def input_sha256(input_text: str) -> str:
+    """Hex SHA-256 of the UTF-8 input: how replay files and errors name an input."""
+    return hashlib.sha256(input_text.encode("utf-8")).hexdigest()
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What every teacher offers."""
+
+    backend: str
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, model and sampling params (no secrets): what label receipts record."""
+        ...
+
+    def sample(
+        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+    ) -> list[TeacherSample]:
+        """Samples ``first_index .. first_index + k - 1`` for one input."""
+        ...
+
+    def sample_many(
+        self,
+        requests: Sequence[SampleRequest],
+        task: TaskSpec,
+        *,
+        on_result: Callable[[int, list[TeacherSample]], None] | None = None,
+    ) -> list[list[TeacherSample]]:
+        """Samples for each request, in request order; ``on_result(i, samples)``
+        is called as each request completes (from any thread)."""
+        ...
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+_SYSTEM = (
+    "You are a careful annotator. Follow the instructions exactly and answer with "
+    "the answer only: no explanation, no formatting."
+)
+
+
+def _classify_prompt(task: TaskSpec, input_text: str) -> str:
+    labels = "\n".join(f"- {label}" for label in task.labels or ())
+    return (
+        "Classify the input into exactly one of these labels:\n"
+        f"{labels}\n\n"
+        "Answer with exactly one label from the list, written exactly as shown, and nothing else."
+        f"\n\nInput:\n{input_text}"
+    )
+
+
+def _extract_prompt(task: TaskSpec, input_text: str) -> str:
+    schema = json.dumps(dict(_plain(task.json_schema)), indent=2, sort_keys=True)
+    return (
+        "Extract the requested information from the input as one JSON value that is valid "
+        f"against this JSON Schema (Draft 2020-12):\n{schema}\n\n"
+        "Answer with the JSON only, without code fences or commentary."
+        f"\n\nInput:\n{input_text}"
+    )
+
+
+def _generate_prompt(task: TaskSpec, input_text: str) -> str:
+    return f"Input:\n{input_text}"
+
+
+_PROMPTS: dict[str, Callable[[TaskSpec, str], str]] = {
+    "classify": _classify_prompt,
+    "extract": _extract_prompt,
+    "generate": _generate_prompt,
+}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {k: _plain(v[k]) for k in sorted(v)}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+def build_messages(task: TaskSpec, input_text: str) -> list[dict[str, str]]:
+    """The chat messages every backend sends for ``input_text`` (system, user).
+
+    The user message starts with the spec's ``instructions`` (when set), then
+    what the task type needs: the label list (classify), the JSON Schema
+    (extract), or nothing more (generate); the input comes last.
+    """
+    body = _PROMPTS[task.task](task, input_text)
+    if task.instructions:
+        body = f"{task.instructions.strip()}\n\n{body}"
+    return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": body}]
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` integers that differ by at most 1 and add up to ``total``."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _samples(
+    texts: Sequence[str], input_tokens: int, output_tokens: int, task: TaskSpec
+) -> list[TeacherSample]:
+    ins, outs = _split(input_tokens, len(texts)), _split(output_tokens, len(texts))
+    return [
+        TeacherSample(text, i, o, task.budget.cost(i, o))
+        for text, i, o in zip(texts, ins, outs, strict=True)
+    ]
+
+
+def _check_k(k: int, first_index: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidInput(f"k must be an integer >= 1, got {k!r}")
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
+        raise InvalidInput(f"first_index must be an integer >= 0, got {first_index!r}")
+
+
+# --------------------------------------------------------------------------- base and registry
+
+
+class BaseTeacher:
+    """Base class: a sequential ``sample_many`` and a no-op ``close``."""
+
+    backend: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, model and sampling params; override."""
+        raise NotImplementedError
+
+    def sample(
+        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+    ) -> list[TeacherSample]:
+        """Samples ``first_index .. first_index + k - 1`` for one input; override."""
+        raise NotImplementedError
+
+    def sample_many(
+        self,
+        requests: Sequence[SampleRequest],
+        task: TaskSpec,
+        *,
+        on_result: Callable[[int, list[TeacherSample]], None] | None = None,
+    ) -> list[list[TeacherSample]]:
+        """Samples for each request, in order (sequentially here)."""
+        out = []
+        for i, r in enumerate(requests):
+            samples = self.sample(r.prompt_id, r.input_text, r.k, task, first_index=r.first_index)
+            if on_result is not None:
+                on_result(i, samples)
+            out.append(samples)
+        return out
+
+    def close(self) -> None:
+        """Release resources (connections, models)."""
+
+    def __enter__(self) -> BaseTeacher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()!r})"
+
+
+_T = TypeVar("_T", bound=type)
+_REGISTRY: dict[str, Callable[..., Teacher]] = {}
+
+
+def register_teacher(name: str) -> Callable[[_T], _T]:
+    """Class decorator: register a teacher backend under ``name``.
+
+    The class is called as ``cls(spec: TeacherSpec, task: TaskSpec, **options)``
+    and sets ``backend = name``. Registering a name twice raises ``ValueError``.
+    """
+
+    def decorate(cls: _T) -> _T:
+        if name in _REGISTRY:
+            raise ValueError(f"teacher backend {name!r} is already registered")
+        cls.backend = name  # type: ignore[attr-defined]
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def teacher_backends() -> list[str]:
+    """The registered backend names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_teacher(spec: TeacherSpec, task: TaskSpec, **options: Any) -> Teacher:
+    """Build the teacher for ``spec`` (the spec's teacher section) and ``task``.
+
+    ``options`` go to the backend: ``embed=`` for ``simulated``,
+    ``model=``/``tokenizer=`` for ``transformers``, ``sleep=``/``rng=``/
+    ``backoff_base_s=``/``backoff_max_s=`` for ``openai``. Unknown backend →
+    :class:`SpecError` naming ``spec.teacher.backend``.
+    """
+    factory = _REGISTRY.get(spec.backend)
+    if factory is None:
+        raise SpecError(
+            f"spec.teacher.backend: unknown teacher backend {spec.backend!r} "
+            f"(known: {', '.join(teacher_backends())})"
+        )
+    return factory(spec, task, **options)
+
+
+# --------------------------------------------------------------------------- openai
+
+
+_RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+def _display_url(url: str) -> str:
+    """The URL without user:password@ (safe for messages and receipts)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+def _chat_url(endpoint: str) -> str:
+    base = endpoint.rstrip("/")
+    return f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect would resend the Authorization header elsewhere: treat as an error."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+@register_teacher("openai")
+class OpenAITeacher(BaseTeacher):
+    """An OpenAI-compatible chat-completions endpoint (see the module docstring).
+
+    ``sleep`` and ``rng`` are injectable so tests can observe backoff without
+    waiting. Backoff before retry ``a`` (0-based) is ``d/2 + uniform(0, d/2)``
+    with ``d = min(backoff_max_s, backoff_base_s * 2**a)``, at least the server's
+    ``Retry-After`` (capped at ``backoff_max_s``).
+    """
+
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        task: TaskSpec,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        assert spec.endpoint is not None and spec.model is not None
+        self._spec = spec
+        self._url = _chat_url(spec.endpoint)
+        self.endpoint = _display_url(spec.endpoint)
+        self._api_key: str | None = None
+        if spec.api_key_env:
+            key = os.environ.get(spec.api_key_env, "")
+            if not key.strip():
+                raise SpecError(
+                    f"spec.teacher.api_key_env: environment variable {spec.api_key_env} "
+                    "is not set or empty"
+                )
+            self._api_key = key.strip()
+        self._params = _plain(spec.params)
+        self._timeout = float(spec.timeout_s or 60.0)
+        self._retries = int(spec.max_retries if spec.max_retries is not None else 5)
+        self._concurrency = int(spec.concurrency or 4)
+        self._slots = threading.BoundedSemaphore(self._concurrency)
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._rng_lock = threading.Lock()
+        self._backoff = (float(backoff_base_s), float(backoff_max_s))
+        self._max_calls = task.budget.max_teacher_calls
+        self._calls = 0
+        self._calls_lock = threading.Lock()
+        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+        host = urllib.parse.urlsplit(self._url).hostname or ""
+        if host in ("127.0.0.1", "localhost", "::1"):
+            handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
+        self._opener = urllib.request.build_opener(*handlers)
+
+    @property
+    def calls(self) -> int:
+        """HTTP requests sent so far (retries included)."""
+        return self._calls
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, model, endpoint (no credentials), sampling params, prompt version."""
+        return {
+            "backend": self.backend,
+            "endpoint": self.endpoint,
+            "model": self._spec.model,
+            "params": self._params,
+            "prompt_version": PROMPT_VERSION,
+        }
+
+    def __repr__(self) -> str:
+        return f"OpenAITeacher(endpoint={self.endpoint!r}, model={self._spec.model!r})"
+
+    def _scrub(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "[redacted]")
+        return text
+
+    def sample(
+        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+    ) -> list[TeacherSample]:
+        """POST until ``k`` choices arrived (one request when the server honours ``n``).
+
+        Raises :class:`UnavailableError` (endpoint named, key never) when the
+        endpoint stays unreachable through ``max_retries`` retries,
+        :class:`ResourceExhaustedError` past ``budget.max_teacher_calls``.
+        """
+        _check_k(k, first_index)
+        messages = build_messages(task, input_text)
+        out: list[TeacherSample] = []
+        while len(out) < k:
+            n = k - len(out) if self._spec.batch_samples is not False else 1
+            body = {**self._params, "messages": messages, "model": self._spec.model}
+            if n > 1:
+                body["n"] = n
+            texts, usage = self._parse(self._post(body, prompt_id), n)
+            out.extend(_samples(texts, usage[0], usage[1], task))
+        return out
+
+    def sample_many(
+        self,
+        requests: Sequence[SampleRequest],
+        task: TaskSpec,
+        *,
+        on_result: Callable[[int, list[TeacherSample]], None] | None = None,
+    ) -> list[list[TeacherSample]]:
+        """All requests, ``concurrency`` in flight at once; results in request order.
+
+        The first failure cancels the requests not yet started and is raised.
+        """
+        if not requests:
+            return []
+
+        def run(i: int) -> list[TeacherSample]:
+            r = requests[i]
+            samples = self.sample(r.prompt_id, r.input_text, r.k, task, first_index=r.first_index)
+            if on_result is not None:
+                on_result(i, samples)
+            return samples
+
+        pool = ThreadPoolExecutor(min(self._concurrency, len(requests)), "kolm-teacher")
+        try:
+            futures = [pool.submit(run, i) for i in range(len(requests))]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _take_call(self) -> None:
+        with self._calls_lock:
+            if self._max_calls is not None and self._calls >= self._max_calls:
+                raise ResourceExhaustedError(
+                    f"teacher call budget exhausted: {self._calls} requests sent, "
+                    f"budget.max_teacher_calls is {self._max_calls}"
+                )
+            self._calls += 1
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        base, cap = self._backoff
+        d = min(cap, base * 2**attempt)
+        with self._rng_lock:
+            delay = d / 2 + self._rng.uniform(0, d / 2)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, cap))
+        return float(delay)
+
+    def _send(self, data: bytes) -> tuple[int, dict[str, str], bytes]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        req = urllib.request.Request(self._url, data=data, headers=headers, method="POST")
+        try:
+            with self._opener.open(req, timeout=self._timeout) as resp:
+                return resp.status, dict(resp.headers.items()), resp.read()
+        except urllib.error.HTTPError as e:
+            with e:
+                return e.code, dict(e.headers.items()) if e.headers else {}, e.read()
+
+    def _post(self, body: dict[str, Any], prompt_id: str) -> Any:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        attempts = self._retries + 1
+        last = ""
+        for attempt in range(attempts):
+            self._take_call()
+            retry_after: float | None = None
+            try:
+                with self._slots:
+                    status, headers, payload = self._send(data)
+            except (OSError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", None) or e
+                last = self._scrub(f"{type(e).__name__}: {reason}")
+            else:
+                if status == 200:
+                    try:
+                        return json.loads(payload)
+                    except ValueError as e:
+                        raise UnavailableError(
+                            f"teacher endpoint {self.endpoint} answered HTTP 200 with invalid JSON"
+                        ) from e
+                if status not in _RETRY_STATUS and status < 500:
+                    raise self._client_error(status, payload)
+                last = f"HTTP {status}"
+                retry_after = _retry_after(headers)
+            if attempt + 1 < attempts:
+                delay = self._delay(attempt, retry_after)
+                log.warning(
+                    "teacher %s request %s failed (%s); retry %d/%d in %.2fs",
+                    self.endpoint, prompt_id, last, attempt + 1, self._retries, delay,
+                )  # fmt: skip
+                self._sleep(delay)
+        raise UnavailableError(
+            f"teacher endpoint {self.endpoint} unreachable after {attempts} attempts (last: {last})"
+        )
+
+    def _client_error(self, status: int, payload: bytes) -> Exception:
+        if status in (401, 403):
+            # The body of an auth error may quote (part of) the key: never show it.
+            return UnavailableError(
+                f"teacher endpoint {self.endpoint} refused the credentials (HTTP {status})"
+            )
+        message = ""
+        try:
+            message = str(json.loads(payload)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            message = payload[:200].decode("utf-8", "replace")
+        message = self._scrub(message)[:300]
+        return InvalidInput(
+            f"teacher endpoint {self.endpoint} rejected the request (HTTP {status}): {message}"
+        )
+
+    def _parse(self, response: Any, n: int) -> tuple[list[str], tuple[int, int]]:
+        def bad(why: str) -> UnavailableError:
+            return UnavailableError(
+                f"teacher endpoint {self.endpoint} sent a malformed response: {why}"
+            )
+
+        if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
+            raise bad("no choices list")
+        choices = response["choices"]
+        if not choices:
+            raise bad("empty choices")
+        try:
+            choices = sorted(choices, key=lambda c: c.get("index", 0))
+            texts = [(c["message"].get("content") or "") for c in choices[:n]]
+        except (AttributeError, KeyError, TypeError) as e:
+            raise bad(f"choice without message ({e})") from e
+        if not all(isinstance(t, str) for t in texts):
+            raise bad("message content is not a string")
+        usage = response.get("usage") or {}
+        prompt = usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
+        completion = usage.get("completion_tokens", 0) if isinstance(usage, dict) else 0
+        if not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in (prompt, completion)
+        ):
+            raise bad(f"usage token counts are not integers: {usage!r}")
+        return texts, (prompt, completion)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    for key, value in headers.items():
+        if key.lower() == "retry-after":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None  # an HTTP date: fall back to our own backoff
+            return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return None
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def _seed_int(*parts: object) -> int:
+    data = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+
+
+@register_teacher("transformers")
+class TransformersTeacher(BaseTeacher):
+    """A local causal (decoder-only) or seq2seq language model as the teacher.
+
+    ``spec.model`` is a local directory (relative to the spec's directory or
+    absolute) or a model id already in the Hugging Face cache; ``model=`` and
+    ``tokenizer=`` may be passed ready-made instead. Sampling is seeded from
+    ``(teacher seed, input digest, sample number)``, so a sample can be repeated.
+    The chat template is used when the tokenizer has one, else the messages
+    are written as ``role: content`` paragraphs ending in ``assistant:``.
+    """
+
+    def __init__(
+        self, spec: TeacherSpec, task: TaskSpec, *, model: Any = None, tokenizer: Any = None
+    ) -> None:
+        import torch
+        import transformers
+
+        assert spec.model is not None
+        self._spec = spec
+        self._params = _plain(spec.params)
+        self._seed = spec.seed if spec.seed is not None else task.seed
+        self._lock = threading.Lock()
+        source = spec.model
+        if (task.base_dir / source).exists():
+            source = str(task.base_dir / source)
+        if tokenizer is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        if model is None:
+            config = transformers.AutoConfig.from_pretrained(source)
+            auto = (
+                transformers.AutoModelForSeq2SeqLM
+                if config.is_encoder_decoder
+                else transformers.AutoModelForCausalLM
+            )
+            model = auto.from_pretrained(source)
+        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._model = model.to(device).eval()
+        self._tokenizer = tokenizer
+        self._device = device
+        self._seq2seq = bool(model.config.is_encoder_decoder)
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, model, sampling params, seed and prompt version."""
+        return {
+            "backend": self.backend,
+            "model": self._spec.model,
+            "params": self._params,
+            "prompt_version": PROMPT_VERSION,
+            "seed": self._seed,
+        }
+
+    def _prompt(self, task: TaskSpec, input_text: str) -> str:
+        messages = build_messages(task, input_text)
+        if getattr(self._tokenizer, "chat_template", None):
+            return str(
+                self._tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+            )
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+
+    def sample(
+        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+    ) -> list[TeacherSample]:
+        """Generate samples ``first_index .. first_index + k - 1``, one seeded call each."""
+        import torch
+
+        _check_k(k, first_index)
+        max_new = int(self._params.get("max_tokens", 32))
+        temperature = float(self._params.get("temperature", 0.7))
+        config = self._model.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        tok = self._tokenizer
+        tok.truncation_side = "left"  # keep the end of the prompt: the input and the cue
+        encoded = tok(
+            self._prompt(task, input_text),
+            return_tensors="pt",
+            add_special_tokens=self._seq2seq,
+            truncation=limit is not None,
+            max_length=(max(1, limit - max_new) if not self._seq2seq else limit) if limit else None,
+        )
+        ids = encoded["input_ids"].to(self._device)
+        mask = encoded["attention_mask"].to(self._device)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "pad_token_id": pad,
+            "do_sample": temperature > 0,
+        }
+        if temperature > 0:
+            kwargs["temperature"] = temperature
+            if "top_p" in self._params:
+                kwargs["top_p"] = float(self._params["top_p"])
+        digest = input_sha256(input_text)
+        texts, produced = [], 0
+        # One generate call per sample, each seeded by its number, so sample i is
+        # the same whether it was asked for alone or in a batch.
+        with self._lock, torch.random.fork_rng(devices=[]), torch.inference_mode():
+            for index in range(first_index, first_index + k):
+                torch.manual_seed(_seed_int(self._seed, digest, index))
+                out = self._model.generate(input_ids=ids, attention_mask=mask, **kwargs)[0]
+                new = out if self._seq2seq else out[ids.shape[1] :]
+                kept = [int(t) for t in new if pad is None or int(t) != pad]
+                produced += len(kept)
+                texts.append(tok.decode(kept, skip_special_tokens=True).strip())
+        return _samples(texts, int(ids.shape[1]), produced, task)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@register_teacher("replay")
+class ReplayTeacher(BaseTeacher):
+    """Answers recorded earlier: one JSONL line per input.
+
+    Line format: ``{"input_sha256": hex, "samples": [str | {text, input_tokens,
+    output_tokens}, ...], "model": str}`` (``model`` optional). Samples are
+    served by number; a missing input or too few samples raise
+    :class:`NotFoundError` naming the input digest.
+    """
+
+    def __init__(self, spec: TeacherSpec, task: TaskSpec) -> None:
+        assert spec.path is not None
+        self._path = spec.path
+        self._records: dict[str, list[TeacherSample]] = {}
+        models: set[str] = set()
+        try:
+            raw = self._path.read_bytes()
+        except OSError as e:
+            raise SpecError(
+                f"spec.teacher.path: cannot read {self._path}: {e.strerror or e}"
+            ) from e
+        self._file_sha256 = hashlib.sha256(raw).hexdigest()
+        for n, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            digest, samples, model = self._parse_line(line, n)
+            if digest in self._records:
+                raise FormatError(
+                    f"replay file {self._path.name} line {n}: input {digest} repeated"
+                )
+            self._records[digest] = samples
+            if model:
+                models.add(model)
+        self._model = spec.model or (models.pop() if len(models) == 1 else "replay")
+
+    def _parse_line(self, line: str, n: int) -> tuple[str, list[TeacherSample], str | None]:
+        where = f"replay file {self._path.name} line {n}"
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise FormatError(f"{where}: not JSON: {e}") from e
+        if not isinstance(rec, dict):
+            raise FormatError(f"{where}: must be a JSON object")
+        digest, samples, model = rec.get("input_sha256"), rec.get("samples"), rec.get("model")
+        if not isinstance(digest, str) or len(digest) != 64 or digest != digest.lower():
+            raise FormatError(f"{where}: input_sha256 must be 64 lowercase hex characters")
+        if not isinstance(samples, list) or not samples:
+            raise FormatError(f"{where}: samples must be a non-empty list")
+        if model is not None and not isinstance(model, str):
+            raise FormatError(f"{where}: model must be a string")
+        parsed = []
+        for s in samples:
+            try:
+                parsed.append(
+                    TeacherSample(s) if isinstance(s, str) else TeacherSample.from_dict(s)
+                )
+            except (FormatError, AttributeError) as e:
+                raise FormatError(f"{where}: bad sample: {e}") from e
+        return (
+            digest,
+            [TeacherSample(s.text, s.input_tokens, s.output_tokens) for s in parsed],
+            model,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, model, the recording's SHA-256 and prompt version."""
+        return {
+            "backend": self.backend,
+            "file_sha256": self._file_sha256,
+            "model": self._model,
+            "prompt_version": PROMPT_VERSION,
+        }
+
+    def sample(
+        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+    ) -> list[TeacherSample]:
+        """Recorded samples ``first_index .. first_index + k - 1`` (no cost: already paid)."""
+        _check_k(k, first_index)
+        digest = input_sha256(input_text)
+        recorded = self._records.get(digest)
+        if recorded is None:
+            raise NotFoundError(
+                f"replay file {self._path.name} has no samples for input sha256 {digest}"
+            )
+        if len(recorded) < first_index + k:
+            raise NotFoundError(
+                f"replay file {self._path.name} has {len(recorded)} samples for input sha256 "
+                f"{digest}, need {first_index + k}"
+            )
+        return recorded[first_index : first_index + k]
+
+
+# --------------------------------------------------------------------------- simulated
+
+
+def _read_table(path: Path) -> Iterable[Mapping[str, Any]]:
+    """Rows of a CSV (header row) or JSONL file."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f)
+        return
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise FormatError(f"{path.name} line {n}: not JSON: {e}") from e
+                if not isinstance(row, dict):
+                    raise FormatError(f"{path.name} line {n}: must be a JSON object")
+                yield row
+
+
+def _label_words(label: str) -> str:
+    return " ".join(label.replace("_", " ").replace("-", " ").split()).lower()
+
+
+def _trigrams(text: str) -> set[str]:
+    padded = f"  {text} "
+    return {padded[i : i + 3] for i in range(len(padded) - 2)}
+
+
+def trigram_similarity(names: Sequence[str]) -> list[list[float]]:
+    """Pairwise Jaccard similarity of the character-trigram sets of ``names``."""
+    grams = [_trigrams(n) for n in names]
+    return [[len(a & b) / len(a | b) if a | b else 0.0 for b in grams] for a in grams]
+
+
+def _cosine(matrix: np.ndarray) -> list[list[float]]:
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=np.float64)
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    m = m / np.where(norms == 0, 1.0, norms)
+    return (m @ m.T).tolist()  # type: ignore[no-any-return]
+
+
+@register_teacher("simulated")
+class SimulatedTeacher(BaseTeacher):
+    """A stand-in teacher for offline demos and benchmarks — not a model.
+
+    Knows the gold label of every input in ``spec.dataset`` (columns
+    ``data.text_column``/``data.label_column``; rows whose label is not in the
+    task's label set are skipped; the first row wins for a repeated text). Each
+    sample is the gold label with probability ``accuracy``; otherwise another
+    label ``j`` with probability ∝ ``exp(sim(gold, j) / similarity_temperature)``,
+    where ``sim`` is the cosine similarity of ``embed([label names])`` (names with
+    ``_``/``-`` read as spaces) or, without ``embed``, the character-trigram
+    Jaccard similarity of the names. Sample ``i`` of an input uses its own RNG
+    seeded from ``(seed, input digest, i)``: reproducible and independent of
+    order and batching. Token counts are estimated at 4 characters per token so
+    cost demos have numbers; ``describe()`` says ``"simulated": true``.
+    """
+
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        task: TaskSpec,
+        *,
+        embed: Callable[[list[str]], np.ndarray] | None = None,
+    ) -> None:
+        assert spec.dataset is not None and task.labels is not None
+        self._spec = spec
+        self._labels = list(task.labels)
+        self._accuracy = float(spec.accuracy if spec.accuracy is not None else 0.85)
+        self._temperature = float(spec.similarity_temperature or 0.1)
+        self._seed = spec.seed if spec.seed is not None else task.seed
+        text_col, label_col = task.data.text_column, task.data.label_column
+        known = set(self._labels)
+        self._gold: dict[str, str] = {}
+        h = hashlib.sha256()
+        try:
+            h.update(spec.dataset.read_bytes())
+            for n, row in enumerate(_read_table(spec.dataset), 1):
+                if text_col not in row or label_col not in row:
+                    raise FormatError(
+                        f"{spec.dataset.name} row {n}: needs columns {text_col!r} and {label_col!r}"
+                    )
+                text, label = str(row[text_col]).strip(), str(row[label_col]).strip()
+                if label in known:
+                    self._gold.setdefault(input_sha256(text), label)
+        except OSError as e:
+            raise SpecError(
+                f"spec.teacher.dataset: cannot read {spec.dataset}: {e.strerror or e}"
+            ) from e
+        self._dataset_sha256 = h.hexdigest()
+        names = [_label_words(label) for label in self._labels]
+        self._similarity_kind = "embedding-cosine" if embed else "char-trigram-jaccard"
+        sim = _cosine(embed(names)) if embed else trigram_similarity(names)
+        self._wrong: dict[str, tuple[list[str], list[float]]] = {}
+        for i, gold in enumerate(self._labels):
+            others = [j for j in range(len(self._labels)) if j != i]
+            if not others:
+                continue
+            top = max(sim[i][j] for j in others)
+            weights = [math.exp((sim[i][j] - top) / self._temperature) for j in others]
+            total, cumulative, acc = sum(weights), [], 0.0
+            for w in weights:
+                acc += w / total
+                cumulative.append(acc)
+            self._wrong[gold] = ([self._labels[j] for j in others], cumulative)
+
+    def describe(self) -> dict[str, Any]:
+        """Says ``backend: simulated`` and ``simulated: true``, with every knob."""
+        return {
+            "accuracy": self._accuracy,
+            "backend": self.backend,
+            "dataset_sha256": self._dataset_sha256,
+            "model": self._spec.model or "simulated",
+            "prompt_version": PROMPT_VERSION,
+            "seed": self._seed,
+            "similarity": self._similarity_kind,
+            "similarity_temperature": self._temperature,
+            "simulated": True,
+        }
+
+    def confusion_probability(self, gold: str, answer: str) -> float:
+        """Probability that one sample for an input with label ``gold`` is ``answer``."""
+        if answer == gold:
+            return self._accuracy if gold in self._wrong else 1.0
+        labels, cumulative = self._wrong[gold]
+        i = labels.index(answer)
+        p = cumulative[i] - (cumulative[i - 1] if i else 0.0)
+        return (1.0 - self._accuracy) * p
+
+    def sample(
+        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+    ) -> list[TeacherSample]:
+        """Samples ``first_index .. first_index + k - 1``; unknown input → NotFoundError."""
+        _check_k(k, first_index)
+        digest = input_sha256(input_text.strip())
+        gold = self._gold.get(digest)
+        if gold is None:
+            raise NotFoundError(f"simulated teacher has no gold label for input sha256 {digest}")
+        texts = []
+        for index in range(first_index, first_index + k):
+            rng = random.Random(_seed_int(self._seed, digest, index))
+            if gold not in self._wrong or rng.random() < self._accuracy:
+                texts.append(gold)
+            else:
+                labels, cumulative = self._wrong[gold]
+                pick = min(bisect_right(cumulative, rng.random()), len(labels) - 1)
+                texts.append(labels[pick])
+        prompt_chars = sum(len(m["content"]) for m in build_messages(task, input_text))
+        out_chars = sum(len(t) for t in texts)
+        return _samples(texts, math.ceil(prompt_chars / 4), math.ceil(out_chars / 4), task)

@@ -1,0 +1,588 @@
+"""Deterministic verifiers: is this model output acceptable, and what is its canonical form?
+
+A verifier is looked up by name in one registry and configured with params::
+
+    >>> from kolm_compile.verifiers import get_verifier
+    >>> v = get_verifier("label_set", {"labels": ["card_arrival", "pin_blocked"]})
+    >>> v.check("  Card_Arrival. ")
+    Verdict(ok=True, normalized='card_arrival', reason='ok')
+    >>> v.check("lost card").ok
+    False
+
+``Verdict.normalized`` is the canonical answer that k-sample voting counts (two
+outputs that differ only in case, spacing or JSON key order are one vote), and
+what is written into a label receipt. Every verifier's ``spec_digest()`` is the
+SHA-256 of the RFC 8785 canonical JSON of ``{name, version, params}`` (params with
+their defaults filled in); receipts record name, version and that digest.
+
+Verifiers that compare against a reference (``exact_match``, ``python_ast``,
+``bleu``) do so when ``check(..., reference=...)`` is given one (evaluation on a
+holdout). Without a reference (voting over teacher samples, where no answer is
+known yet) they check only the form of the output and normalize it; the verdict's
+reason then says ``"no reference: form only"``.
+
+Registered verifiers and their params (``*`` = required):
+
+=============  =======  ==============================================================
+name           version  params
+=============  =======  ==============================================================
+label_set      1        labels*, case_sensitive=false, strip=true
+json_schema    1        schema* (Draft 2020-12), strip_code_fences=true
+regex          1        pattern*, ignore_case=false, strip=true
+exact_match    1        strip=true, collapse_whitespace=false, case_sensitive=true
+python_ast     1        mode="exec" ("exec" | "eval"), strip_code_fences=true
+bleu           1        threshold* in [0, 1], max_n=4, lowercase=false
+=============  =======  ==============================================================
+
+Bad params raise :class:`~kolm_ledger.errors.SpecError` naming the field, e.g.
+``"spec.verifier.params.pattern: not a valid regular expression: ..."``. New
+verifiers subclass :class:`BaseVerifier` and register with
+:func:`register_verifier`.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+import rfc8785
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, best_match
+
+from kolm_ledger.errors import SpecError
+
+__all__ = [
+    "BaseVerifier",
+    "Verdict",
+    "Verifier",
+    "get_verifier",
+    "register_verifier",
+    "sentence_bleu",
+    "verifier_names",
+]
+
+_PARAMS = "spec.verifier.params"
+_NO_REFERENCE = "no reference: form only"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one check.
+
+    ``ok``: the output is acceptable. ``normalized``: its canonical form (the
+    answer that voting counts; for a failed check, the output as far as it could
+    be normalized). ``reason``: ``"ok"`` or what failed, for logs and receipts.
+    """
+
+    ok: bool
+    normalized: str
+    reason: str
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """What every verifier offers (see :class:`BaseVerifier`)."""
+
+    @property
+    def name(self) -> str:
+        """The registered name."""
+        ...
+
+    @property
+    def version(self) -> str:
+        """The version recorded in receipts."""
+        ...
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The params with defaults filled in (a copy)."""
+        ...
+
+    def spec_digest(self) -> str:
+        """Hex SHA-256 of the canonical JSON of ``{name, version, params}``."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """``{name, version, params, spec_digest}`` for receipts and artifacts."""
+        ...
+
+    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+        """Judge ``output`` (against ``reference`` when the verifier uses one)."""
+        ...
+
+
+# --------------------------------------------------------------------------- params
+
+
+_MISSING: Any = object()
+
+
+class _Params:
+    """Reads a params mapping field by field; what is left over is unknown."""
+
+    def __init__(self, verifier: str, raw: Any) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise SpecError(f"{_PARAMS}: must be a mapping, got {type(raw).__name__}")
+        self._verifier = verifier
+        self._raw = dict(raw)
+        self.values: dict[str, Any] = {}
+
+    def _get(self, key: str, default: Any) -> Any:
+        if key in self._raw:
+            return self._raw[key]
+        if default is _MISSING:
+            raise SpecError(f"{_PARAMS}.{key}: required by verifier {self._verifier}")
+        return default
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise SpecError(f"{_PARAMS}.{key}: must be true or false, got {value!r}")
+        self.values[key] = value
+        return value
+
+    def string(self, key: str, default: Any = _MISSING, choices: Sequence[str] = ()) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise SpecError(f"{_PARAMS}.{key}: must be a string, got {type(value).__name__}")
+        if choices and value not in choices:
+            raise SpecError(f"{_PARAMS}.{key}: must be one of {list(choices)}, got {value!r}")
+        self.values[key] = value
+        return value
+
+    def number(self, key: str, lo: float, hi: float, default: Any = _MISSING) -> float:
+        value = self._get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not lo <= value <= hi
+        ):
+            raise SpecError(f"{_PARAMS}.{key}: must be a number in [{lo:g}, {hi:g}], got {value!r}")
+        self.values[key] = value
+        return float(value)
+
+    def integer(self, key: str, lo: int, hi: int, default: Any = _MISSING) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise SpecError(f"{_PARAMS}.{key}: must be an integer in [{lo}, {hi}], got {value!r}")
+        self.values[key] = value
+        return value
+
+    def string_list(self, key: str) -> list[str]:
+        value = self._get(key, _MISSING)
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+            raise SpecError(f"{_PARAMS}.{key}: must be a non-empty list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise SpecError(f"{_PARAMS}.{key}[{i}]: must be a non-empty string, got {item!r}")
+        if len(set(value)) != len(value):
+            dup = next(v for v, n in Counter(value).items() if n > 1)
+            raise SpecError(f"{_PARAMS}.{key}: duplicate entry {dup!r}")
+        self.values[key] = list(value)
+        return list(value)
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self._get(key, _MISSING)
+        if not isinstance(value, Mapping):
+            raise SpecError(f"{_PARAMS}.{key}: must be a mapping, got {type(value).__name__}")
+        plain: dict[str, Any] = json.loads(json.dumps(value))  # a deep, plain copy
+        self.values[key] = plain
+        return plain
+
+    def finish(self) -> dict[str, Any]:
+        unknown = sorted(set(self._raw) - set(self.values))
+        if unknown:
+            raise SpecError(
+                f"{_PARAMS}.{unknown[0]}: unknown parameter for verifier {self._verifier} "
+                f"(known: {', '.join(sorted(self.values))})"
+            )
+        return dict(sorted(self.values.items()))
+
+
+# --------------------------------------------------------------------------- base and registry
+
+
+class BaseVerifier:
+    """Base class: parses params in :meth:`configure`, provides digest and description.
+
+    Subclasses set nothing by hand: :func:`register_verifier` sets ``name`` and
+    ``version``. They implement ``configure(p)`` (read params through ``p``) and
+    ``check``.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = ""
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        reader = _Params(self.name, params)
+        self.configure(reader)
+        self._params = reader.finish()
+        body: dict[str, Any] = {"name": self.name, "version": self.version, "params": self._params}
+        try:
+            canonical = rfc8785.dumps(body)
+        except Exception as e:  # e.g. an integer outside the I-JSON range
+            raise SpecError(f"{_PARAMS}: not representable as canonical JSON: {e}") from e
+        self._digest = hashlib.sha256(canonical).hexdigest()
+
+    def configure(self, p: _Params) -> None:
+        """Read and validate params (override)."""
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The params with defaults filled in (a deep copy)."""
+        copy: dict[str, Any] = json.loads(json.dumps(self._params))
+        return copy
+
+    def spec_digest(self) -> str:
+        """Hex SHA-256 of RFC 8785 canonical JSON of ``{name, version, params}``."""
+        return self._digest
+
+    def describe(self) -> dict[str, Any]:
+        """``{name, version, params, spec_digest}``: what receipts record."""
+        return {
+            "name": self.name,
+            "params": self.params,
+            "spec_digest": self._digest,
+            "version": self.version,
+        }
+
+    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+        """Judge ``output``; see the module docstring for what ``reference`` does."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
+
+
+_V = TypeVar("_V", bound=type[BaseVerifier])
+_REGISTRY: dict[str, type[BaseVerifier]] = {}
+
+
+def register_verifier(name: str, version: str) -> Callable[[_V], _V]:
+    """Class decorator: register a :class:`BaseVerifier` subclass under ``name``.
+
+    ``version`` is recorded in every receipt; bump it whenever the verdict or
+    the normalized form could change for some input. Registering a name twice
+    raises ``ValueError``.
+    """
+
+    def decorate(cls: _V) -> _V:
+        if name in _REGISTRY:
+            raise ValueError(f"verifier {name!r} is already registered")
+        cls.name = name
+        cls.version = version
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def verifier_names() -> list[str]:
+    """The registered verifier names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_verifier(name: str, params: Mapping[str, Any] | None = None) -> Verifier:
+    """Build the verifier registered as ``name`` with ``params``.
+
+    Raises :class:`SpecError` naming ``spec.verifier.name`` for an unknown name
+    and ``spec.verifier.params.<field>`` for bad params.
+    """
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise SpecError(
+            f"spec.verifier.name: unknown verifier {name!r} (known: {', '.join(verifier_names())})"
+        )
+    return cls(params)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+_FENCE = re.compile(r"\A```[A-Za-z0-9_+-]*[ \t]*\n(.*?)\n?```\Z", re.DOTALL)
+
+
+def _strip_fences(text: str) -> str:
+    """``"```json\\n{...}\\n```"`` → ``"{...}"``; anything else is only stripped."""
+    text = text.strip()
+    m = _FENCE.match(text)
+    return m.group(1).strip() if m else text
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _ensure_text(output: object, what: str = "output") -> str:
+    if not isinstance(output, str):
+        raise TypeError(f"{what} must be str, got {type(output).__name__}")
+    return output
+
+
+# --------------------------------------------------------------------------- verifiers
+
+
+# Surrounding characters a teacher often adds to a bare label: whitespace,
+# quotes, backticks, a final full stop.
+_LABEL_STRIP = " \t\r\n\"'`."
+
+
+@register_verifier("label_set", "1")
+class LabelSetVerifier(BaseVerifier):
+    """The output must be one of a closed set of labels.
+
+    With ``strip`` (default) surrounding whitespace, quotes, backticks and full
+    stops are ignored; unless ``case_sensitive`` the comparison is case-folded.
+    ``normalized`` is the label exactly as written in ``labels``.
+    """
+
+    def configure(self, p: _Params) -> None:
+        labels = p.string_list("labels")
+        self._case_sensitive = p.boolean("case_sensitive", False)
+        self._strip = p.boolean("strip", True)
+        self._index: dict[str, str] = {}
+        for i, label in enumerate(labels):
+            key = self._key(label)
+            if key in self._index:
+                raise SpecError(
+                    f"{_PARAMS}.labels[{i}]: {label!r} is the same label as "
+                    f"{self._index[key]!r} once normalized"
+                )
+            self._index[key] = label
+
+    def _clean(self, text: str) -> str:
+        return text.strip(_LABEL_STRIP) if self._strip else text
+
+    def _key(self, text: str) -> str:
+        text = self._clean(text)
+        return text if self._case_sensitive else text.casefold()
+
+    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+        label = self._index.get(self._key(_ensure_text(output)))
+        if label is None:
+            cleaned = self._clean(output)
+            return Verdict(
+                False, cleaned, f"{_short(cleaned)} is not one of the {len(self._index)} labels"
+            )
+        return Verdict(True, label, "ok")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+@register_verifier("json_schema", "1")
+class JSONSchemaVerifier(BaseVerifier):
+    """The output must be JSON that validates against a Draft 2020-12 schema.
+
+    Strict JSON: ``NaN``/``Infinity`` and duplicate object keys are rejected.
+    With ``strip_code_fences`` (default) a Markdown code fence around the JSON is
+    removed first. ``normalized`` is the RFC 8785 canonical JSON text, so key
+    order and spacing never split a vote.
+    """
+
+    def configure(self, p: _Params) -> None:
+        schema = p.mapping("schema")
+        self._fences = p.boolean("strip_code_fences", True)
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as e:
+            raise SpecError(
+                f"{_PARAMS}.schema: not a valid JSON Schema (Draft 2020-12): {e.message}"
+            ) from e
+        self._validator = Draft202012Validator(schema)
+
+    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+        text = _ensure_text(output).strip()
+        if self._fences:
+            text = _strip_fences(text)
+        try:
+            value = json.loads(
+                text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
+            )
+        except (ValueError, RecursionError) as e:
+            return Verdict(False, text, f"not valid JSON: {e}")
+        try:
+            normalized = rfc8785.dumps(value).decode()
+        except Exception as e:  # integers outside the I-JSON range, lone surrogates
+            return Verdict(False, text, f"not representable as canonical JSON: {e}")
+        error = best_match(self._validator.iter_errors(value))
+        if error is not None:
+            return Verdict(False, normalized, f"schema: {error.json_path}: {error.message}")
+        return Verdict(True, normalized, "ok")
+
+
+@register_verifier("regex", "1")
+class RegexVerifier(BaseVerifier):
+    """The whole output (stripped unless ``strip`` is false) must match ``pattern``."""
+
+    def configure(self, p: _Params) -> None:
+        pattern = p.string("pattern")
+        ignore_case = p.boolean("ignore_case", False)
+        self._strip = p.boolean("strip", True)
+        try:
+            self._regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+        except re.error as e:
+            raise SpecError(f"{_PARAMS}.pattern: not a valid regular expression: {e}") from e
+
+    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+        text = _ensure_text(output)
+        if self._strip:
+            text = text.strip()
+        if self._regex.fullmatch(text) is None:
+            return Verdict(False, text, f"{_short(text)} does not match {self._regex.pattern!r}")
+        return Verdict(True, text, "ok")
+
+
+@register_verifier("exact_match", "1")
+class ExactMatchVerifier(BaseVerifier):
+    """The output must equal the reference after the configured normalization.
+
+    Normalization: ``strip`` surrounding whitespace, ``collapse_whitespace`` runs
+    to one space, and case-fold unless ``case_sensitive``.
+    """
+
+    def configure(self, p: _Params) -> None:
+        self._strip = p.boolean("strip", True)
+        self._collapse = p.boolean("collapse_whitespace", False)
+        self._case_sensitive = p.boolean("case_sensitive", True)
+
+    def _norm(self, text: str) -> str:
+        if self._collapse:
+            text = " ".join(text.split())
+        elif self._strip:
+            text = text.strip()
+        return text if self._case_sensitive else text.casefold()
+
+    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+        normalized = self._norm(_ensure_text(output))
+        if reference is None:
+            return Verdict(True, normalized, _NO_REFERENCE)
+        want = self._norm(_ensure_text(reference, "reference"))
+        if normalized != want:
+            return Verdict(False, normalized, f"{_short(normalized)} != reference {_short(want)}")
+        return Verdict(True, normalized, "ok")
+
+
+@register_verifier("python_ast", "1")
+class PythonASTVerifier(BaseVerifier):
+    """The output must be Python that parses; with a reference, to the same AST.
+
+    AST equivalence: ``ast.dump`` of both trees (no line/column attributes) must
+    be equal, so formatting, comments and quote style do not matter.
+    ``normalized`` is ``ast.unparse`` of the tree (canonical formatting of the
+    running Python version).
+    """
+
+    def configure(self, p: _Params) -> None:
+        self._mode = p.string("mode", "exec", choices=("exec", "eval"))
+        self._fences = p.boolean("strip_code_fences", True)
+
+    def _parse(self, text: str) -> ast.AST:
+        if self._fences:
+            text = _strip_fences(text)
+        return ast.parse(text, mode=self._mode)
+
+    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+        text = _ensure_text(output)
+        try:
+            tree = self._parse(text)
+        except SyntaxError as e:
+            return Verdict(False, text.strip(), f"not valid Python: line {e.lineno}: {e.msg}")
+        except (ValueError, RecursionError, MemoryError) as e:
+            return Verdict(False, text.strip(), f"not valid Python: {type(e).__name__}")
+        normalized = ast.unparse(tree)
+        if reference is None:
+            return Verdict(True, normalized, _NO_REFERENCE)
+        try:
+            want = self._parse(_ensure_text(reference, "reference"))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return Verdict(False, normalized, "reference is not valid Python")
+        if ast.dump(tree) != ast.dump(want):
+            return Verdict(False, normalized, "AST differs from the reference")
+        return Verdict(True, normalized, "ok")
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def sentence_bleu(reference: Sequence[str], hypothesis: Sequence[str], max_n: int = 4) -> float:
+    """Sentence BLEU of token lists, in [0, 1], with add-one smoothing.
+
+    Papineni et al. (2002) with one reference: the geometric mean of clipped
+    n-gram precisions p_1..p_max_n times the brevity penalty
+    ``BP = 1 if c > r else exp(1 - r/c)``. For n >= 2, ``p_n = (m + 1)/(c + 1)``
+    (Lin & Och 2004, "add-one"), so one missing 4-gram does not zero a sentence;
+    p_1 is not smoothed. An empty hypothesis scores 0. Requires ``max_n >= 1``.
+    """
+    if max_n < 1:
+        raise ValueError(f"max_n must be >= 1, got {max_n}")
+    c, r = len(hypothesis), len(reference)
+    if c == 0:
+        return 0.0
+    log_sum = 0.0
+    for n in range(1, max_n + 1):
+        hyp, ref = _ngrams(hypothesis, n), _ngrams(reference, n)
+        matches = sum(min(count, ref[gram]) for gram, count in hyp.items())
+        total = sum(hyp.values())
+        if n == 1:
+            if matches == 0:
+                return 0.0
+            log_sum += math.log(matches / total)
+        else:
+            log_sum += math.log((matches + 1) / (total + 1))
+    bp = 1.0 if c > r else math.exp(1.0 - r / c)
+    return bp * math.exp(log_sum / max_n)
+
+
+@register_verifier("bleu", "1")
+class BLEUVerifier(BaseVerifier):
+    """Sentence BLEU against the reference must be at least ``threshold``.
+
+    Tokens are runs of word characters and single punctuation marks
+    (lower-cased if ``lowercase``). See :func:`sentence_bleu` for the formula.
+    ``normalized`` is the output with whitespace collapsed.
+    """
+
+    def configure(self, p: _Params) -> None:
+        self._threshold = p.number("threshold", 0.0, 1.0)
+        self._max_n = p.integer("max_n", 1, 8, default=4)
+        self._lowercase = p.boolean("lowercase", False)
+
+    def _tokens(self, text: str) -> list[str]:
+        return _TOKEN.findall(text.lower() if self._lowercase else text)
+
+    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+        normalized = " ".join(_ensure_text(output).split())
+        if not normalized:
+            return Verdict(False, normalized, "empty output")
+        if reference is None:
+            return Verdict(True, normalized, _NO_REFERENCE)
+        ref = self._tokens(_ensure_text(reference, "reference"))
+        score = sentence_bleu(ref, self._tokens(normalized), self._max_n)
+        ok = score >= self._threshold
+        reason = f"BLEU-{self._max_n} {score:.4f} {'>=' if ok else '<'} {self._threshold:.4f}"
+        return Verdict(ok, normalized, reason)
