@@ -7,13 +7,14 @@ what HSMs, KMS and OpenSSF model-signing use) and Ed25519.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -22,6 +23,7 @@ from .errors import KeyFormatError, SignatureError
 Algorithm = Literal["ecdsa-p256-sha256", "ed25519"]
 ALGORITHMS: tuple[Algorithm, ...] = ("ecdsa-p256-sha256", "ed25519")
 
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _PublicRaw = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 _PrivateRaw = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -36,10 +38,10 @@ class PublicKey:
     @classmethod
     def from_pem(cls, pem: bytes | str) -> PublicKey:
         """Parse a PEM SubjectPublicKeyInfo; raises :class:`KeyFormatError`."""
-        data = pem.encode() if isinstance(pem, str) else pem
         try:
+            data = pem.encode() if isinstance(pem, str) else pem
             key = serialization.load_pem_public_key(data)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise KeyFormatError(f"public key is not a valid PEM SubjectPublicKeyInfo: {e}") from e
         return cls._wrap(key)
 
@@ -48,7 +50,7 @@ class PublicKey:
         """Parse a DER SubjectPublicKeyInfo; raises :class:`KeyFormatError`."""
         try:
             key = serialization.load_der_public_key(der)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise KeyFormatError(f"public key is not a valid DER SubjectPublicKeyInfo: {e}") from e
         return cls._wrap(key)
 
@@ -95,6 +97,10 @@ class PublicKey:
 
     def keyid(self) -> str:
         """DSSE key id: lowercase hex SHA-256 of the DER SubjectPublicKeyInfo."""
+        return self._keyid
+
+    @functools.cached_property
+    def _keyid(self) -> str:
         return hashlib.sha256(self.der()).hexdigest()
 
     def verify(self, signature: bytes, data: bytes) -> None:
@@ -103,7 +109,7 @@ class PublicKey:
             if isinstance(self._key, ed25519.Ed25519PublicKey):
                 self._key.verify(signature, data)
             else:
-                self._key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+                self._key.verify(signature, data, _ECDSA_SHA256)
         except InvalidSignature as e:
             raise SignatureError(
                 f"{self.algorithm} signature does not verify for key {self.keyid()[:16]}"
@@ -137,10 +143,10 @@ class PrivateKey:
     @classmethod
     def from_pem(cls, pem: bytes | str) -> PrivateKey:
         """Parse an unencrypted PKCS#8 PEM private key; raises :class:`KeyFormatError`."""
-        data = pem.encode() if isinstance(pem, str) else pem
         try:
+            data = pem.encode() if isinstance(pem, str) else pem
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise KeyFormatError(f"private key is not a valid unencrypted PEM: {e}") from e
         if isinstance(key, ed25519.Ed25519PrivateKey):
             return cls(key, "ed25519")
@@ -188,7 +194,7 @@ class PrivateKey:
         """Sign ``data`` (ECDSA: DER-encoded signature over SHA-256)."""
         if isinstance(self._key, ed25519.Ed25519PrivateKey):
             return self._key.sign(data)
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return self._key.sign(data, _ECDSA_SHA256)
 
     def ed25519_seed(self) -> bytes:
         """Raw 32-byte Ed25519 private key (for signed-note key strings)."""

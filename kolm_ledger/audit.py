@@ -3,7 +3,8 @@
 For every entry, in index order:
 
 1. the index follows the previous one (no gap, nothing deleted);
-2. the stored envelope parses and is in canonical (RFC 8785) form;
+2. the stored envelope parses and is in canonical (RFC 8785) form, and the stored kind
+   and key id columns are the statement's kind and the signature's key id;
 3. the stored leaf hash equals SHA-256(0x00 || envelope);
 4. the signing key is trusted (root + key receipts so far), its DSSE signature verifies,
    its role may sign the receipt kind, and it was valid at the entry's integration time;
@@ -16,7 +17,9 @@ Then, for the whole log:
    match its signed body, and its root and chain head equal those recomputed at its size
    (which also proves each checkpoint consistent with the previous one);
 8. every entry is covered by the newest checkpoint, and no checkpoint claims entries
-   that are missing.
+   that are missing; every batch (a run of entries integrated at one time) ends at a
+   signed checkpoint, since the ledger signs one per batch (so one deleted is noticed);
+9. the subject index lists exactly the subjects of each entry's statement.
 
 Every failure is reported with the entry index (or checkpoint size) and the reason.
 
@@ -36,12 +39,13 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint, check_consistent, verify_checkpoint
 from .dsse import Envelope, verify_signature
-from .errors import KolmError
+from .errors import KolmError, NotFoundError
 from .keys import TrustRoot
 from .ledger import chain_next
 from .merkle import CompactRange
@@ -97,10 +101,14 @@ class AuditReport:
 
 
 class _Walker:
-    """Checks (1)-(5) and (7b) entry by entry; shared by the local and remote audits."""
+    """Checks (1)-(5) and (7b) entry by entry; shared by the local and remote audits.
+
+    ``local``: the whole database is at hand, so also recompute every interior node (6),
+    every batch's checkpoint (8) and the subject index (9).
+    """
 
     def __init__(
-        self, trust: TrustRoot, cps: dict[int, Checkpoint], rep: AuditReport, keep_nodes: bool
+        self, trust: TrustRoot, cps: dict[int, Checkpoint], rep: AuditReport, local: bool
     ) -> None:
         self.state = TrustState(trust)
         self.cps = cps
@@ -108,8 +116,10 @@ class _Walker:
         self.tree = CompactRange.empty()
         self.chain = bytes(32)
         self.expected = 0
-        self.keep_nodes = keep_nodes
+        self.local = local
         self.recomputed: dict[int, bytes] = {}
+        self.subjects: dict[int, set[str] | None] = {}  # None: the statement did not parse
+        self.last_time: datetime | None = None
         self.roots: dict[int, bytes] = {}
 
     def feed(self, e: Entry) -> None:
@@ -122,6 +132,8 @@ class _Walker:
         self.expected += 1
         rep.entries += 1
         leaf = hashlib.sha256(b"\x00" + e.envelope).digest()
+        if self.local:
+            self.subjects[e.index] = None
         # (3) leaf hash
         if leaf != e.leaf_hash:
             fail(
@@ -139,9 +151,16 @@ class _Walker:
             rep.by_kind[st.kind] += 1
             if st.kind != e.kind:
                 raise KolmError(f"stored kind {e.kind!r} but the statement is {st.kind!r}")
+            if self.local:
+                self.subjects[e.index] = set(st.subject_digests())
             # (4) key, signature, role, validity at integration time
             if len(env.signatures) != 1:
                 raise KolmError(f"envelope has {len(env.signatures)} signatures, want 1")
+            if e.key_id != env.signatures[0].keyid:
+                raise KolmError(
+                    f"stored key id {e.key_id[:16]} but the envelope is signed by "
+                    f"{env.signatures[0].keyid[:16]}"
+                )
             key = self.state.get(env.signatures[0].keyid)
             verify_signature(env, key.public_key)
             key.check_may_sign(st.kind)
@@ -155,8 +174,12 @@ class _Walker:
         if self.chain != e.chain_hash:
             fail(Failure(e.index, "hash chain does not link (stored chain hash differs)"))
             self.chain = e.chain_hash  # resync so only the entries that break it are named
+        # (8) a new integration time starts a new batch: the previous one needs its checkpoint
+        if self.local and self.last_time not in (None, e.integrated_at):
+            self._check_batch_end(e.index)
+        self.last_time = e.integrated_at
         for lv, i, h in self.tree.append(leaf):
-            if self.keep_nodes:
+            if self.local:
                 self.recomputed[node_id(lv, i)] = h
         # (7b) roots at checkpoint sizes
         size = self.tree.size
@@ -178,10 +201,24 @@ class _Walker:
                     Failure(None, f"chain head at size {size} differs from the checkpoint's", size)
                 )
 
+    def _check_batch_end(self, size: int) -> None:
+        if size not in self.cps:
+            self.rep.failures.append(
+                Failure(
+                    None,
+                    f"a batch ends at entry {size - 1} (the next entry was integrated at "
+                    "another time), but there is no valid signed checkpoint of this size "
+                    "(deleted or forged)",
+                    size,
+                )
+            )
+
     def finish(self, newest: int) -> None:
         rep, fail = self.rep, self.rep.failures.append
         rep.size = self.tree.size
         rep.root = self.tree.root()
+        if self.local and self.expected and newest >= self.expected:
+            self._check_batch_end(self.expected)
         # (8) coverage
         if newest > self.expected:
             fail(
@@ -221,8 +258,8 @@ def audit(
         rep.checkpoints += 1
         try:
             cp = verify_checkpoint(sc.note, trust, origin=origin).checkpoint
-        except KolmError as e:
-            fail(Failure(None, f"checkpoint signature: {e}", sc.size))
+        except KolmError as err:
+            fail(Failure(None, f"checkpoint signature: {err}", sc.size))
             continue
         if (cp.size, cp.root, cp.chain_head) != (sc.size, sc.root, sc.chain_head):
             fail(
@@ -232,7 +269,7 @@ def audit(
     newest = max(cps) if cps else 0
     rep.newest_checkpoint = cps.get(newest)
 
-    w = _Walker(trust, cps, rep, keep_nodes=True)
+    w = _Walker(trust, cps, rep, local=True)
     for e in store.entries():
         w.feed(e)
         if progress is not None and rep.entries % 1000 == 0:
@@ -240,6 +277,8 @@ def audit(
     w.finish(newest)
     # (6) stored interior nodes
     _check_nodes(store, w.recomputed, rep)
+    # (9) the subject index
+    _check_subjects(store, w.subjects, rep)
     if progress is not None:
         progress(rep.entries, total)
     return rep
@@ -278,6 +317,35 @@ def _check_nodes(store: Store, recomputed: dict[int, bytes], rep: AuditReport) -
         )
 
 
+def _check_subjects(store: Store, want: dict[int, set[str] | None], rep: AuditReport) -> None:
+    """Compare the stored subject index with the subjects of the statements that parsed."""
+    stored: dict[int, set[str]] = {}
+    for idx, digest in store.subject_index():
+        stored.setdefault(idx, set()).add(digest)
+    for idx in sorted(stored.keys() | want.keys()):
+        if idx not in want:
+            rep.failures.append(
+                Failure(idx, "the subject index names this entry, which does not exist")
+            )
+            continue
+        subjects = want[idx]
+        if subjects is None:  # the statement did not parse; already reported
+            continue
+        have = stored.get(idx, set())
+        if have != subjects:
+            extra, missing = sorted(have - subjects), sorted(subjects - have)
+            rep.failures.append(
+                Failure(
+                    idx,
+                    "subject index differs from the statement: "
+                    + ", ".join(
+                        [f"lists {d[:16]} it does not name" for d in extra]
+                        + [f"lacks {d[:16]}" for d in missing]
+                    ),
+                )
+            )
+
+
 def audit_remote(
     client: LedgerClient,
     trust: TrustRoot,
@@ -296,11 +364,23 @@ def audit_remote(
     """
     rep = AuditReport()
     fail = rep.failures.append
-    signed = client.checkpoint()
+    try:
+        signed = client.checkpoint()
+    except NotFoundError as err:  # an empty log: fine, unless an earlier audit saw entries
+        if state_path is not None and Path(state_path).exists():
+            fail(
+                Failure(
+                    None,
+                    f"log shrank: {state_path} remembers a checkpoint, but the ledger now "
+                    f"has none ({err})",
+                    0,
+                )
+            )
+        return rep
     try:
         cp = verify_checkpoint(signed.to_bytes(), trust, origin=origin).checkpoint
-    except KolmError as e:
-        fail(Failure(None, f"checkpoint signature: {e}", signed.checkpoint.size))
+    except KolmError as err:
+        fail(Failure(None, f"checkpoint signature: {err}", signed.checkpoint.size))
         return rep
     rep.checkpoints = 1
     rep.newest_checkpoint = cp
@@ -312,8 +392,8 @@ def audit_remote(
             old = verify_checkpoint(
                 json.loads(state.read_text())["note"].encode(), trust, origin=origin
             ).checkpoint
-        except (KolmError, ValueError, KeyError) as e:
-            fail(Failure(None, f"state file {state}: cannot use the remembered checkpoint: {e}"))
+        except (KolmError, ValueError, KeyError) as err:
+            fail(Failure(None, f"state file {state}: cannot use the remembered checkpoint: {err}"))
             return rep
         if old.size > cp.size:
             fail(
@@ -329,17 +409,17 @@ def audit_remote(
             try:
                 hashes, _ = client.consistency_proof(old.size, cp.size)
                 check_consistent(old, cp, hashes)
-            except KolmError as e:
+            except KolmError as err:
                 fail(
                     Failure(
                         None,
                         f"checkpoint of size {cp.size} is not consistent with the "
-                        f"remembered checkpoint of size {old.size}: {e}",
+                        f"remembered checkpoint of size {old.size}: {err}",
                         cp.size,
                     )
                 )
             cps.setdefault(old.size, old)
-    w = _Walker(trust, cps, rep, keep_nodes=False)
+    w = _Walker(trust, cps, rep, local=False)
     for e in client.entries(0, cp.size):
         w.feed(e)
         if progress is not None and rep.entries % 1000 == 0:

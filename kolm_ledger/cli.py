@@ -95,9 +95,9 @@ def cmd_ledger_bundle(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from .bundle import Bundle
+    from .errors import BundleFormatError
     from .keys import TrustRoot
-    from .verify import verify_bundle
+    from .verify import verify_bundle, verify_bundle_bytes
 
     trust = TrustRoot.load(a.trust)
     try:
@@ -110,11 +110,15 @@ def cmd_verify(a: argparse.Namespace) -> int:
                 bundle = c.bundle(
                     index=a.index, leaf_hash=bytes.fromhex(a.leaf_hash) if a.leaf_hash else None
                 )
+            v = verify_bundle(bundle, trust)
         elif a.bundle:
-            bundle = Bundle.load(a.bundle)
+            try:
+                data = Path(a.bundle).read_bytes()
+            except OSError as e:
+                raise BundleFormatError(f"cannot read bundle {a.bundle}: {e.strerror}") from e
+            v = verify_bundle_bytes(data, trust)  # parsing is step 1
         else:
             raise KolmError("give a BUNDLE file or --ledger HOST:PORT with --index/--leaf-hash")
-        v = verify_bundle(bundle, trust)
     except KolmError as e:
         step = getattr(e, "step", None)
         print(f"FAILED{f' at step {step}' if step is not None else ''}: {e}")

@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
 IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 #: Envelopes (canonical JSON) larger than this are refused by the ledger.
 MAX_ENVELOPE_BYTES = 64 * 1024
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII except '"' and '\\'
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -90,7 +92,22 @@ class Envelope:
         }
 
     def canonical(self) -> bytes:
-        """RFC 8785 canonical JSON of :meth:`to_json` — the Merkle leaf data."""
+        """RFC 8785 canonical JSON of :meth:`to_json` — the Merkle leaf data.
+
+        Fast path: when every string is plain printable ASCII without ``"`` or ``\\``
+        (always so for base64 and hex, and for ordinary payload types), JCS reduces to
+        this fixed layout (keys already in sorted order, no escaping, no whitespace);
+        otherwise the general RFC 8785 encoder runs. A property test holds both equal.
+        """
+        payload = base64.b64encode(self.payload).decode()
+        parts = [s.keyid for s in self.signatures]
+        if _PLAIN.fullmatch(self.payload_type) and all(_PLAIN.fullmatch(k) for k in parts):
+            sigs = ",".join(
+                f'{{"keyid":"{s.keyid}","sig":"{base64.b64encode(s.sig).decode()}"}}'
+                for s in self.signatures
+            )
+            return (f'{{"payload":"{payload}","payloadType":"{self.payload_type}",'
+                    f'"signatures":[{sigs}]}}').encode()
         return canonical_json(self.to_json())
 
     def leaf_hash(self) -> bytes:
@@ -116,6 +133,10 @@ class Envelope:
         ptype = obj["payloadType"]
         if not isinstance(ptype, str) or not ptype:
             raise EnvelopeFormatError("envelope.payloadType: want a non-empty string")
+        try:
+            ptype.encode()
+        except UnicodeEncodeError as e:
+            raise EnvelopeFormatError("envelope.payloadType: not valid Unicode text") from e
         sigs_obj = obj["signatures"]
         if not isinstance(sigs_obj, list) or not sigs_obj:
             raise EnvelopeFormatError("envelope.signatures: want a non-empty list")
@@ -144,7 +165,7 @@ class Envelope:
             raise EnvelopeFormatError(f"envelope is {len(data)} bytes; far over the size limit")
         try:
             obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise EnvelopeFormatError(f"envelope is not JSON: {e}") from e
         return cls.from_json(obj)
 

@@ -81,6 +81,8 @@ class KolmError(Exception):
     """Root of every error kolm raises on purpose."""
 
     grpc_code: str = "INTERNAL"
+    #: the numbered verification step that failed, where a procedure numbers its steps
+    step: int | None = None
 
 
 class InvalidInput(KolmError):

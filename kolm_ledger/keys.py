@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -84,10 +85,13 @@ def parse_time(s: object, what: str) -> datetime:
     try:
         t = datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError as e:
-        raise TrustRootFormatError(f"{what}: {s!r} is not RFC 3339") from e
+        raise TrustRootFormatError(f"{what}: {s[:40]!r} is not RFC 3339") from e
     if t.tzinfo is None:
-        raise TrustRootFormatError(f"{what}: {s!r} has no UTC offset")
-    return t.astimezone(UTC)
+        raise TrustRootFormatError(f"{what}: {s[:40]!r} has no UTC offset")
+    try:
+        return t.astimezone(UTC)
+    except OverflowError as e:
+        raise TrustRootFormatError(f"{what}: {s[:40]!r} is out of range") from e
 
 
 @dataclass(frozen=True)
@@ -236,12 +240,16 @@ class TrustRoot:
         if len(set(ids)) != len(ids):
             raise TrustRootFormatError("trust root lists the same keyid twice")
 
+    @functools.cached_property
+    def _by_id(self) -> dict[str, TrustedKey]:
+        return {k.keyid: k for k in self.keys}
+
     def get(self, keyid: str) -> TrustedKey:
         """The key with this id; raises :class:`UnknownKeyError`."""
-        for k in self.keys:
-            if k.keyid == keyid:
-                return k
-        raise UnknownKeyError(f"key {keyid[:16]} is not in the trust root")
+        k = self._by_id.get(keyid)
+        if k is None:
+            raise UnknownKeyError(f"key {keyid[:16]} is not in the trust root")
+        return k
 
     def by_role(self, role: Role) -> list[TrustedKey]:
         """All keys with ``role``."""
@@ -253,7 +261,7 @@ class TrustRoot:
 
     def with_key(self, key: TrustedKey) -> TrustRoot:
         """A copy with ``key`` added or replaced (same key id)."""
-        return TrustRoot(tuple(k for k in self.keys if k.keyid != key.keyid) + (key,))
+        return TrustRoot((*(k for k in self.keys if k.keyid != key.keyid), key))
 
     def revoke(self, keyid: str, at: datetime) -> TrustRoot:
         """A copy where ``keyid`` is revoked from ``at`` on."""
@@ -273,7 +281,7 @@ class TrustRoot:
         """Parse trust-root JSON; raises :class:`TrustRootFormatError` naming the field."""
         try:
             obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise TrustRootFormatError(f"trust root is not JSON: {e}") from e
         if not isinstance(obj, dict):
             raise TrustRootFormatError("trust root: want a JSON object")

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 
 from ._crypto import PrivateKey
 from .bundle import Bundle
-from .checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
+from .checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint, verify_checkpoint
 from .dsse import MAX_ENVELOPE_BYTES, Envelope, verify_signature
 from .errors import (
     ConflictError,
@@ -42,12 +42,13 @@ from .errors import (
     EnvelopeFormatError,
     InvalidInput,
     KeyFormatError,
+    KolmError,
     NotFoundError,
+    StatementFormatError,
     StorageError,
     UnknownKeyError,
 )
 from .keys import TrustedKey, TrustRoot
-from .merkle import root_from_peaks
 from .note import NoteSigner
 from .receipts import Statement
 from .storage import Entry, NewEntry, Store, StoredCheckpoint, micros
@@ -138,6 +139,7 @@ class Ledger:
         self.trust = TrustState(trust)
         self._trust_lock = threading.Lock()
         self._trust_seen = -1
+        self._verified_note: bytes | None = None
         self.refresh_trust()
 
     # ---- trust -------------------------------------------------------------------------
@@ -161,8 +163,14 @@ class Ledger:
     ) -> Validated:
         """Run checks (1)-(5) of the module docstring; raises the specific error."""
         # (1)+(2) size, then parse
-        env, canonical = _parse(envelope)
-        st = Statement.from_envelope(env)
+        try:
+            env, canonical = _parse(envelope)
+        except RecursionError as e:  # json.loads on deeply nested input
+            raise EnvelopeFormatError("envelope is nested too deeply to parse") from e
+        try:
+            st = Statement.from_envelope(env)
+        except RecursionError as e:
+            raise StatementFormatError("envelope payload is nested too deeply to parse") from e
         kind = st.kind
         if len(env.signatures) != 1:
             raise EnvelopeFormatError(
@@ -175,7 +183,12 @@ class Ledger:
         verify_signature(env, key.public_key)
         # (5) role and validity
         key.check_may_sign(kind)
-        key.check_valid_at(now or self._clock())
+        now = now or self._clock()
+        key.check_valid_at(now)
+        if kind == "key":
+            # a key receipt that does not apply to the trust state must be refused here:
+            # once committed it would break every later refresh_trust (and every reopen)
+            self.trust.apply(st, now)
         leaf = hashlib.sha256(b"\x00" + canonical).digest()
         return Validated(env, canonical, leaf, st, kind, keyid)
 
@@ -243,25 +256,45 @@ class Ledger:
                 signed = sign_checkpoint(cp, self._signers)
                 stored = StoredCheckpoint(size, cp.root, chain, signed.to_bytes(), now)
             tx.write(new, nodes, stored, Head(size, peaks, chain))
+        if signed is not None:
+            self._verified_note = signed.to_bytes()  # ours, just committed: no need to re-verify
         if key_receipts:
             self.refresh_trust()
         return results, signed
 
     def _check_last_checkpoint(self, last: StoredCheckpoint | None, head: Head) -> None:
-        """Refuse to extend a log whose stored state contradicts its newest checkpoint."""
+        """Refuse to extend a log whose stored state contradicts its newest checkpoint.
+
+        Every batch writes its entries and its checkpoint in one transaction, so the
+        newest checkpoint covers exactly the stored entries; anything else (entries
+        without a checkpoint, rows deleted or added, a rewritten node or chain hash, a
+        checkpoint row whose columns differ from its signed note) is tampering.
+        """
         if last is None:
+            if head.size:
+                raise ConflictError(
+                    f"the log holds {head.size} entries but no signed checkpoint; "
+                    "refusing to extend it"
+                )
             return
-        if last.size > head.size:
+        if last.note != self._verified_note:
+            try:
+                cp = verify_checkpoint(last.note, self.trust.root, origin=self.origin).checkpoint
+            except KolmError as e:
+                raise ConflictError(
+                    f"newest stored checkpoint (size {last.size}) does not verify: {e}"
+                ) from e
+            if (cp.size, cp.root, cp.chain_head) != (last.size, last.root, last.chain_head):
+                raise ConflictError(
+                    f"newest stored checkpoint (size {last.size}): stored size/root/chain "
+                    "columns differ from its signed note"
+                )
+            self._verified_note = last.note
+        if last.size != head.size:
             raise ConflictError(
                 f"newest checkpoint has size {last.size} but the log holds {head.size} entries"
             )
-        if last.size == head.size:
-            root, chain = head.peaks.root(), head.chain_head
-        else:
-            from .merkle import peak_ids
-
-            root = root_from_peaks(self.store.get_nodes(peak_ids(last.size)))
-            chain = self.store.get_entry(last.size - 1).chain_hash
+        root, chain = head.peaks.root(), head.chain_head
         if root != last.root or chain != last.chain_head:
             raise ConflictError(
                 f"stored tree at size {last.size} has root {root.hex()[:16]}, but its signed "

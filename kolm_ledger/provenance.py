@@ -59,6 +59,18 @@ class Provenance:
         )
 
 
+def _named_eval(store: Store, leaf_hex: object) -> Entry | None:
+    """The eval entry whose leaf hash the artifact receipt names (an artifact may be
+    evaluated more than once; it names the evaluation it reports)."""
+    if not isinstance(leaf_hex, str) or len(leaf_hex) != 64:
+        return None
+    try:
+        e = store.get_by_leaf_hash(bytes.fromhex(leaf_hex))
+    except (ValueError, NotFoundError):
+        return None
+    return e if e.kind == "eval" else None
+
+
 def provenance(store: Store, artifact_digest: str, *, include_labels: bool = False) -> Provenance:
     """Look up an artifact's receipts; raises :class:`NotFoundError` if it was never logged."""
     arts = store.find(subject_digest=artifact_digest, kind="artifact", limit=10)
@@ -66,8 +78,10 @@ def provenance(store: Store, artifact_digest: str, *, include_labels: bool = Fal
         raise NotFoundError(f"no artifact receipt for digest {artifact_digest}")
     art = arts[-1]
     ap = predicate_of(art)
-    evals = store.find(subject_digest=artifact_digest, kind="eval", limit=10)
-    ev = evals[-1] if evals else None
+    ev = _named_eval(store, ap.get("eval_receipt"))
+    if ev is None:  # fall back to the newest eval of this artifact; the check will object
+        evals = store.find(subject_digest=artifact_digest, kind="eval", limit=10)
+        ev = evals[-1] if evals else None
     ep = predicate_of(ev) if ev else {}
     job_id = str(ap.get("job_id", ""))
     labels: list[Entry] = []

@@ -5,7 +5,8 @@ server computed:
 
 1. each returned entry's leaf hash from its envelope, and (with a trust root) its
    signature and that a ``compile`` key signed it;
-2. the artifact receipt names the eval receipt's leaf hash;
+2. the artifact receipt names the eval receipt's leaf hash, and that eval receipt's
+   subject is the artifact;
 3. the K-score: ``100 * correct / n`` in the eval receipt equals the K-score in both
    receipts;
 4. the training-set root: the Merkle root over the label receipts' leaf hashes (in
@@ -104,6 +105,15 @@ def check_provenance(p: Provenance, trust: TrustRoot | None = None) -> Provenanc
         # (2)
         if ap.get("eval_receipt") != p.eval.leaf_hash.hex():
             fails.append("artifact receipt does not name this eval receipt's leaf hash")
+        ev_subjects = [
+            s["digest"]["sha256"]
+            for s in json.loads(Envelope.from_bytes(p.eval.envelope).payload)["subject"]
+        ]
+        if art_digest not in ev_subjects:
+            fails.append(
+                f"eval receipt (index {p.eval.index}) evaluates "
+                f"{', '.join(d[:16] for d in ev_subjects)}, not artifact {art_digest[:16]}"
+            )
     # (3)
     n = int(ep.get("n", 0) or 0)  # type: ignore[call-overload]
     correct = int(ep.get("correct", 0) or 0)  # type: ignore[call-overload]

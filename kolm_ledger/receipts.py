@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -136,8 +137,11 @@ class Subject:
         return {"name": self.name, "digest": {"sha256": self.sha256}}
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def _is_hex64(s: object) -> bool:
-    return isinstance(s, str) and len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+    return isinstance(s, str) and _HEX64.fullmatch(s) is not None
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,7 @@ class Statement:
         """Parse statement JSON bytes."""
         try:
             obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise StatementFormatError(f"statement is not JSON: {e}") from e
         return cls.from_json(obj)
 

@@ -7,6 +7,12 @@ its index and a signed promise. The queue is bounded: past ``max_queue`` items a
 submit fails at once with :class:`BackpressureError` (``RESOURCE_EXHAUSTED`` plus a
 retry hint) instead of growing without limit.
 
+Key receipts change what later entries may be signed with, so a key receipt ends its
+batch, and before each write the trust state is refreshed (key receipts sequenced by
+this or any other replica since the items were validated) and every item's key is
+checked again: an entry signed by a key revoked in the meantime is refused
+(``FAILED_PRECONDITION``) instead of being committed where an audit would reject it.
+
 A promise is the log's Ed25519 signature over::
 
     kolm.promise/v1\\n<origin>\\n<index>\\n<base64 leaf hash>\\n<integrated time µs>\\n
@@ -26,7 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ._crypto import PrivateKey, PublicKey
 from .checkpoint import SignedCheckpoint
-from .errors import BackpressureError, SignatureError, UnavailableError
+from .errors import BackpressureError, KolmError, SignatureError, UnavailableError
 from .ledger import Appended, Ledger, Validated
 from .note import NoteSigner
 from .storage import micros
@@ -127,12 +133,32 @@ class Sequencer:
     async def submit(
         self, items: Sequence[Validated]
     ) -> list[tuple[Appended, Promise, SignedCheckpoint | None]]:
-        """Queue ``items`` (all or none) and wait until they are durably sequenced."""
+        """Queue ``items`` (all or none) and wait until they are durably sequenced.
+
+        Raises the first item's error if any item was refused (see :meth:`submit_each`).
+        """
+        out = await self.submit_each(items)
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+        return out  # type: ignore[return-value]
+
+    async def submit_each(
+        self, items: Sequence[Validated]
+    ) -> list[tuple[Appended, Promise, SignedCheckpoint | None] | BaseException]:
+        """Queue ``items`` (all or none) and wait for each: its result, or why it was refused.
+
+        Items may land in different batches, so some can be committed while another is
+        refused (its key revoked meanwhile) or its batch fails. A full queue or a
+        shutdown refuses them all at once by raising.
+        """
         if self._closing:
             raise UnavailableError("the ledger is shutting down; retry on another replica")
         if len(self._queue) + len(items) > self.max_queue:
             batches = (len(self._queue) + self.max_batch - 1) // self.max_batch
-            retry = max(5, int(1000 * self._last_batch_s * max(1, batches)))
+            # each queued batch may first wait max_wait to fill, then takes a commit
+            per_batch = self._last_batch_s + self.max_wait
+            retry = max(5, int(1000 * per_batch * max(1, batches)))
             raise BackpressureError(
                 f"sequencer queue is full ({len(self._queue)} waiting, limit {self.max_queue}); "
                 f"retry after {retry} ms",
@@ -149,7 +175,7 @@ class Sequencer:
             futs.append(f)
         QUEUE_DEPTH.set(len(self._queue))
         self._wake.set()
-        return list(await asyncio.gather(*futs))
+        return list(await asyncio.gather(*futs, return_exceptions=True))
 
     async def close(self) -> None:
         """Refuse new work, finish everything already queued, then stop."""
@@ -169,13 +195,21 @@ class Sequencer:
                 continue
             if len(self._queue) < self.max_batch and not self._closing:
                 deadline = loop.time() + self.max_wait
-                while len(self._queue) < self.max_batch and loop.time() < deadline:
+                while (
+                    len(self._queue) < self.max_batch
+                    and loop.time() < deadline
+                    and not self._closing  # shutting down: write what is queued now
+                ):
                     self._wake.clear()
                     try:
                         await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
                     except TimeoutError:
                         break
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            batch: list[_Item] = []
+            while self._queue and len(batch) < self.max_batch:
+                batch.append(self._queue.popleft())
+                if batch[-1].validated.kind == "key":
+                    break  # later items are re-checked against the trust state it makes
             QUEUE_DEPTH.set(len(self._queue))
             t0 = time.perf_counter()
             try:
@@ -192,17 +226,42 @@ class Sequencer:
             BATCH_SIZE.observe(len(batch))
             done = time.perf_counter()
             for it, r in zip(batch, results, strict=True):
+                if isinstance(r, KolmError):
+                    APPENDS.labels("refused").inc()
+                    if not it.future.done():
+                        it.future.set_exception(r)
+                    continue
                 APPENDS.labels("duplicate" if r[0].duplicate else "ok").inc()
                 APPEND_SECONDS.observe(done - it.t0)
                 if not it.future.done():
                     it.future.set_result(r)
 
-    def _write(self, batch: list[_Item]) -> list[tuple[Appended, Promise, SignedCheckpoint | None]]:
-        appended, checkpoint = self.ledger.append_validated([it.validated for it in batch])
+    def _write(
+        self, batch: list[_Item]
+    ) -> list[tuple[Appended, Promise, SignedCheckpoint | None] | KolmError]:
+        """Re-check each item's key against the current trust state, then write the rest."""
         self.ledger.refresh_trust()
-        out = []
+        now = self.ledger._clock()
+        checked: list[KolmError | None] = []
+        for it in batch:
+            try:
+                key = self.ledger.key(it.validated.key_id)
+                key.check_may_sign(it.validated.kind)
+                key.check_valid_at(now)
+                checked.append(None)
+            except KolmError as e:
+                checked.append(e)
+        appended, checkpoint = self.ledger.append_validated(
+            [it.validated for it, err in zip(batch, checked, strict=True) if err is None]
+        )
         origin = self.ledger.origin
-        for a in appended:
+        done = iter(appended)
+        out: list[tuple[Appended, Promise, SignedCheckpoint | None] | KolmError] = []
+        for err in checked:
+            if err is not None:
+                out.append(err)
+                continue
+            a = next(done)
             us = micros(a.integrated_at)
             sig = self._key.sign(promise_message(origin, a.index, a.leaf_hash, us))
             out.append(

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import grpc
 from prometheus_client import start_http_server
@@ -20,9 +21,9 @@ from ._crypto import PrivateKey
 from ._pb import ledger_pb2 as pb
 from ._pb import ledger_pb2_grpc as pb_grpc
 from .checkpoint import SignedCheckpoint
-from .errors import InvalidInput, KolmError, NotFoundError
+from .errors import InvalidInput, KolmError, NotFoundError, UnknownKeyError
 from .keys import TrustRoot
-from .ledger import Appended, Ledger
+from .ledger import Appended, Ledger, Validated
 from .provenance import provenance
 from .sequencer import Promise, Sequencer
 from .storage import Entry, Store, StoredCheckpoint, micros
@@ -33,6 +34,22 @@ __all__ = ["LedgerServer", "LedgerServicer", "serve"]
 log = logging.getLogger("kolm.ledger")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ledger"].full_name
 MAX_MESSAGE = 16 * 1024 * 1024
+_MAX_INT64 = 2**63 - 1
+
+
+def _int64(value: int, what: str) -> int:
+    """``value`` (a uint64 field) if storage can hold it; else :class:`InvalidInput`."""
+    if value > _MAX_INT64:
+        raise InvalidInput(f"{what} {value} is out of range (at most {_MAX_INT64})")
+    return value
+
+
+def _time_us(us: int, what: str) -> datetime:
+    """A µs timestamp field as a datetime; :class:`InvalidInput` if no datetime can hold it."""
+    try:
+        return from_micros(us)
+    except (ValueError, OverflowError, OSError) as e:
+        raise InvalidInput(f"{what} {us} is out of range: {e}") from e
 
 
 def entry_pb(e: Entry) -> pb.Entry:
@@ -72,8 +89,17 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         self.ledger = ledger
         self.seq = sequencer
 
+    async def _validate(self, envelope: bytes) -> Validated:
+        try:
+            return self.ledger.validate(envelope)
+        except UnknownKeyError:
+            # the key may have been registered through another replica since this one
+            # last folded key receipts into its trust state
+            await asyncio.to_thread(self.ledger.refresh_trust)
+            return self.ledger.validate(envelope)
+
     async def _append(self, envelopes: Sequence[bytes], wait: bool) -> list[pb.AppendResponse]:
-        validated = [self.ledger.validate(e) for e in envelopes]
+        validated = [await self._validate(e) for e in envelopes]
         results = await self.seq.submit(validated)
         return [await self._response(a, p, c, wait) for a, p, c in results]
 
@@ -115,25 +141,35 @@ class LedgerServicer(pb_grpc.LedgerServicer):
             ok_pos, valid = [], []
             for i, raw in enumerate(req.envelopes):
                 try:
-                    valid.append(self.ledger.validate(raw))
+                    valid.append(await self._validate(raw))
                     ok_pos.append(i)
                 except KolmError as e:
                     code, msg = rpc.status_of(e)
                     out[i] = pb.AppendResult(error=pb.Status(code=code.value[0], message=msg))
             if valid:
                 try:
-                    results = await self.seq.submit(valid)
-                    for i, (a, p, c) in zip(ok_pos, results, strict=True):
-                        out[i] = pb.AppendResult(
-                            ok=await self._response(a, p, c, req.wait_for_checkpoint)
-                        )
-                except KolmError as e:
+                    outcomes = await self.seq.submit_each(valid)
+                except KolmError as e:  # backpressure or shutdown: none was queued
                     code, msg = rpc.status_of(e)
                     retry = getattr(e, "retry_after_ms", 0)
                     for i in ok_pos:
                         out[i] = pb.AppendResult(
                             error=pb.Status(code=code.value[0], message=msg, retry_after_ms=retry)
                         )
+                    outcomes = []
+                # one result per envelope: some may be committed while another was refused
+                for i, o in zip(ok_pos, outcomes, strict=False):
+                    try:
+                        if isinstance(o, BaseException):
+                            raise o
+                        out[i] = pb.AppendResult(
+                            ok=await self._response(*o, req.wait_for_checkpoint)
+                        )
+                    except Exception as e:
+                        code, msg = rpc.status_of(e)
+                        if code == grpc.StatusCode.INTERNAL:
+                            log.error("append failed: %s", e)
+                        out[i] = pb.AppendResult(error=pb.Status(code=code.value[0], message=msg))
             return pb.AppendStreamResponse(
                 batch_id=req.batch_id, results=[r for r in out if r is not None]
             )
@@ -166,13 +202,13 @@ class LedgerServicer(pb_grpc.LedgerServicer):
                 raise InvalidInput(f"leaf_hash has {len(leaf_hash)} bytes, want 32")
             return (await asyncio.to_thread(self.ledger.store.get_by_leaf_hash, leaf_hash)).index
         if which == "index":
-            return index
+            return _int64(index, "index")
         raise InvalidInput("give either index or leaf_hash")
 
     async def _checkpoint(self, size: int) -> StoredCheckpoint:
         store = self.ledger.store
         if size:
-            return await asyncio.to_thread(store.checkpoint_at, size)
+            return await asyncio.to_thread(store.checkpoint_at, _int64(size, "tree size"))
         c = await asyncio.to_thread(store.latest_checkpoint)
         if c is None:
             raise NotFoundError("the log is empty; no checkpoint yet")
@@ -209,9 +245,11 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         self, request: pb.GetEntriesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Entry]:
         store = self.ledger.store
-        end = request.end or await asyncio.to_thread(store.size)
+        size = await asyncio.to_thread(store.size)
+        end = request.end or size
         if request.start > end:
             raise InvalidInput(f"start {request.start} is after end {end}")
+        end = min(end, size)  # an end past the log must not walk (and query) empty ranges
         pos = request.start
         while pos < end:
             hi = min(pos + 1000, end)
@@ -239,8 +277,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
             subject_digest=request.subject_digest or None,
             kind=request.kind or None,
             key_id=request.key_id or None,
-            since=from_micros(request.since_us) if request.since_us else None,
-            until=from_micros(request.until_us) if request.until_us else None,
+            since=_time_us(request.since_us, "since_us") if request.since_us else None,
+            until=_time_us(request.until_us, "until_us") if request.until_us else None,
             after_index=request.after_index if request.after_index >= 0 else -1,
             limit=limit + 1,
         )
@@ -254,7 +292,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         self, request: pb.GetReceiptBundleRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReceiptBundle:
         idx = await self._resolve(request.WhichOneof("leaf"), request.index, request.leaf_hash)
-        b = await asyncio.to_thread(self.ledger.bundle, idx, request.tree_size or None)
+        size = _int64(request.tree_size, "tree size") or None
+        b = await asyncio.to_thread(self.ledger.bundle, idx, size)
         return pb.ReceiptBundle(bundle=b.to_bytes(), index=idx)
 
     async def GetProvenance(

@@ -15,12 +15,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import cast
 
 from ._crypto import PublicKey
-from .errors import KeyFormatError, StatementFormatError, UnknownKeyError
+from .errors import KeyFormatError, StatementFormatError, TrustRootFormatError, UnknownKeyError
 from .keys import ROLES, KeyID, Role, TrustedKey, TrustRoot, parse_time
 from .receipts import Statement
 
@@ -38,11 +39,15 @@ class TrustState:
         """Every key known (from the root and from key receipts)."""
         return [*self.root.keys, *self.extra]
 
+    @functools.cached_property
+    def _extra_by_id(self) -> dict[str, TrustedKey]:
+        return {k.keyid: k for k in self.extra}
+
     def get(self, keyid: str) -> TrustedKey:
         """The key with this id; raises :class:`UnknownKeyError`."""
-        for k in self.extra:
-            if k.keyid == keyid:
-                return k
+        k = self._extra_by_id.get(keyid)
+        if k is not None:
+            return k
         try:
             return self.root.get(keyid)
         except UnknownKeyError:
@@ -60,32 +65,57 @@ class TrustState:
         if statement.kind != "key":
             return self
         p = statement.predicate
-        try:
-            effective = max(parse_time(p["effective_at"], "key.effective_at"), integrated_at)
-        except KeyFormatError as e:  # pragma: no cover - parse_time raises TrustRootFormatError
-            raise StatementFormatError(str(e)) from e
+        # the predicate is arbitrary (signed) JSON: check types before use, so a bad key
+        # receipt raises StatementFormatError and never a foreign error
+        for f in ("action", "keyid", "role", "effective_at"):
+            if not isinstance(p[f], str):
+                raise StatementFormatError(
+                    f"key receipt {f}: want a string, got {type(p[f]).__name__}"
+                )
         action, keyid, role = p["action"], p["keyid"], p["role"]
+        if action not in ("register", "rotate", "revoke"):
+            raise StatementFormatError(
+                f"key receipt action {action[:20]!r}, want register, rotate or revoke"
+            )
+        effective = max(_time(p["effective_at"], "effective_at"), integrated_at)
         if action == "revoke":
             k = self.get(keyid)
             if k.revoked_at is not None and k.revoked_at <= effective:
                 return self
             return self._with(replace(k, revoked_at=effective))
         if role not in ROLES or role == "log":
-            raise StatementFormatError(f"key receipt role {role!r} cannot be registered")
-        pub = PublicKey.from_pem(p["public_key_pem"])
+            raise StatementFormatError(f"key receipt role {role[:20]!r} cannot be registered")
+        pem = p["public_key_pem"]
+        if not isinstance(pem, str):
+            raise StatementFormatError("key receipt public_key_pem: want a PEM string")
+        try:
+            pub = PublicKey.from_pem(pem)
+        except (KeyFormatError, UnicodeError) as e:
+            raise StatementFormatError(f"key receipt public_key_pem: {e}") from e
         if pub.keyid() != keyid:
             raise StatementFormatError("key receipt keyid does not match its public key")
         not_after = p.get("not_after")
+        replaces = p.get("replaces")
+        if replaces is not None and not isinstance(replaces, str):
+            raise StatementFormatError("key receipt replaces: want a key id string")
         key = TrustedKey(
             KeyID(keyid),
             cast(Role, role),
             pub.algorithm,
             pub,
             effective,
-            None if not_after is None else parse_time(not_after, "key.not_after"),
+            None if not_after is None else _time(not_after, "not_after"),
         )
         state = self._with(key)
-        if action == "rotate" and p.get("replaces"):
-            old = state.get(str(p["replaces"]))
+        if action == "rotate" and replaces:
+            old = state.get(replaces)
             state = state._with(replace(old, revoked_at=effective))
         return state
+
+
+def _time(value: object, field: str) -> datetime:
+    """A key receipt's RFC 3339 time field; raises :class:`StatementFormatError`."""
+    try:
+        return parse_time(value, f"key receipt {field}")
+    except (TrustRootFormatError, OverflowError) as e:
+        raise StatementFormatError(f"key receipt {field}: {e}") from e

@@ -37,7 +37,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
 
 from . import dsse
 from .bundle import Bundle
@@ -91,7 +90,7 @@ def step_of(error: BaseException) -> int | None:
 def _at_step(step: int, error: KolmError) -> KolmError:
     """A copy of ``error`` (same class) whose message names the step, with ``.step`` set."""
     new = type(error)(f"step {step} ({STEPS[step - 1]}): {error}")
-    cast(Any, new).step = step
+    new.step = step
     return new
 
 

@@ -118,7 +118,7 @@ def _with(**changes: Any) -> dict[str, Any]:
         (_with(envelope={**GOOD["envelope"], "signatures": []}), "bundle.envelope.*signatures"),
         (
             _with(envelope={**GOOD["envelope"], "payloadType": "a\ud800"}),
-            "bundle.envelope.*canonical",
+            "bundle.envelope.*payloadType",
         ),
         (_with(tlog_proof=5), "bundle.tlog_proof: want a tlog-proof string, got int"),
         (_with(tlog_proof=""), "bundle.tlog_proof: tlog-proof has no blank line"),
