@@ -24,6 +24,7 @@ Algorithm = Literal["ecdsa-p256-sha256", "ed25519"]
 ALGORITHMS: tuple[Algorithm, ...] = ("ecdsa-p256-sha256", "ed25519")
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_ECDSA_SHA256_RFC6979 = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 _PublicRaw = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 _PrivateRaw = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -190,11 +191,15 @@ class PrivateKey:
         """DSSE key id of the public key."""
         return self.public_key().keyid()
 
-    def sign(self, data: bytes) -> bytes:
-        """Sign ``data`` (ECDSA: DER-encoded signature over SHA-256)."""
+    def sign(self, data: bytes, *, deterministic: bool = False) -> bytes:
+        """Sign ``data`` (ECDSA: DER-encoded signature over SHA-256).
+
+        ``deterministic`` uses RFC 6979 nonces for ECDSA, so the same key and data give
+        the same bytes (reproducible artifacts); Ed25519 is always deterministic.
+        """
         if isinstance(self._key, ed25519.Ed25519PrivateKey):
             return self._key.sign(data)
-        return self._key.sign(data, _ECDSA_SHA256)
+        return self._key.sign(data, _ECDSA_SHA256_RFC6979 if deterministic else _ECDSA_SHA256)
 
     def ed25519_seed(self) -> bytes:
         """Raw 32-byte Ed25519 private key (for signed-note key strings)."""
