@@ -106,8 +106,10 @@ class Envelope:
                 f'{{"keyid":"{s.keyid}","sig":"{base64.b64encode(s.sig).decode()}"}}'
                 for s in self.signatures
             )
-            return (f'{{"payload":"{payload}","payloadType":"{self.payload_type}",'
-                    f'"signatures":[{sigs}]}}').encode()
+            return (
+                f'{{"payload":"{payload}","payloadType":"{self.payload_type}",'
+                f'"signatures":[{sigs}]}}'
+            ).encode()
         return canonical_json(self.to_json())
 
     def leaf_hash(self) -> bytes:

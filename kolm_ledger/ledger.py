@@ -203,18 +203,27 @@ class Ledger:
         now = self._clock()
         items = [self.validate(e, now) for e in envelopes]
         results, _ = self.append_validated(items)
-        return results
+        return [r for r in results if isinstance(r, Appended)]
 
     def append_validated(
-        self, items: Sequence[Validated]
-    ) -> tuple[list[Appended], SignedCheckpoint | None]:
-        """Sequence already-validated envelopes in one transaction; one checkpoint per batch."""
+        self, items: Sequence[Validated], *, skip_refused: bool = False
+    ) -> tuple[list[Appended | KolmError], SignedCheckpoint | None]:
+        """Sequence already-validated envelopes in one transaction; one checkpoint per batch.
+
+        Under the sequencer lock, the trust state is refreshed (key receipts committed by
+        any replica since validation) and each item's key is checked again, applying key
+        receipts of this batch in order — so a revocation always wins over entries after
+        it. A refused item raises (nothing is written), or with ``skip_refused`` takes
+        its error in the result list while the others are written.
+        """
         if not items:
             return [], None
         now = self._clock()
         now_us = micros(now)
-        results: list[Appended] = []
+        results: list[Appended | KolmError] = []
         with self.store.sequencing() as tx:
+            self.refresh_trust()
+            state = self.trust
             head = tx.head()
             self._check_last_checkpoint(tx.latest_checkpoint(), head)
             existing = tx.existing([v.leaf_hash for v in items])
@@ -229,6 +238,17 @@ class Ledger:
                 known = existing.get(v.leaf_hash, batch_seen.get(v.leaf_hash))
                 if known is not None:
                     results.append(Appended(known, v.leaf_hash, now, True))
+                    continue
+                try:
+                    key = state.get(v.key_id)
+                    key.check_may_sign(v.kind)
+                    key.check_valid_at(now)
+                    if v.kind == "key":
+                        state = state.apply(v.statement, now)
+                except KolmError as e:
+                    if not skip_refused:
+                        raise
+                    results.append(e)
                     continue
                 chain = chain_next(chain, v.leaf_hash)
                 nodes.extend(peaks.append(v.leaf_hash))
@@ -327,7 +347,7 @@ class Ledger:
         cp = self.store.latest_checkpoint() if size is None else self.store.checkpoint_at(size)
         if cp is None or cp.size <= index:
             raise NotFoundError(f"no checkpoint covers index {index} yet")
-        proof = self.store.inclusion_proof(index, cp.size)
+        proof = self.store.inclusion_proof(index, cp.size, check_size=False)
         return Bundle(Envelope.from_bytes(entry.envelope), TlogProof(index, tuple(proof), cp.note))
 
     def bundle_for_leaf(self, leaf_hash: bytes, size: int | None = None) -> Bundle:

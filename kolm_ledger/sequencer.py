@@ -239,29 +239,16 @@ class Sequencer:
     def _write(
         self, batch: list[_Item]
     ) -> list[tuple[Appended, Promise, SignedCheckpoint | None] | KolmError]:
-        """Re-check each item's key against the current trust state, then write the rest."""
-        self.ledger.refresh_trust()
-        now = self.ledger._clock()
-        checked: list[KolmError | None] = []
-        for it in batch:
-            try:
-                key = self.ledger.key(it.validated.key_id)
-                key.check_may_sign(it.validated.kind)
-                key.check_valid_at(now)
-                checked.append(None)
-            except KolmError as e:
-                checked.append(e)
-        appended, checkpoint = self.ledger.append_validated(
-            [it.validated for it, err in zip(batch, checked, strict=True) if err is None]
+        """Write the batch; the ledger re-checks each key under the lock (see append_validated)."""
+        results, checkpoint = self.ledger.append_validated(
+            [it.validated for it in batch], skip_refused=True
         )
         origin = self.ledger.origin
-        done = iter(appended)
         out: list[tuple[Appended, Promise, SignedCheckpoint | None] | KolmError] = []
-        for err in checked:
-            if err is not None:
-                out.append(err)
+        for a in results:
+            if isinstance(a, KolmError):
+                out.append(a)
                 continue
-            a = next(done)
             us = micros(a.integrated_at)
             sig = self._key.sign(promise_message(origin, a.index, a.leaf_hash, us))
             out.append(

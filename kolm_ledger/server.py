@@ -222,8 +222,12 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         if idx >= cp.size:
             raise NotFoundError(f"index {idx} is not covered by the checkpoint of size {cp.size}")
         store = self.ledger.store
-        hashes = await asyncio.to_thread(store.inclusion_proof, idx, cp.size)
-        leaf = (await asyncio.to_thread(store.get_nodes, [(0, idx)]))[0]
+        hashes, leaf = await asyncio.to_thread(
+            lambda: (
+                store.inclusion_proof(idx, cp.size, check_size=False),
+                store.get_nodes([(0, idx)])[0],
+            )
+        )
         return pb.InclusionProof(
             index=idx, tree_size=cp.size, leaf_hash=leaf, hashes=hashes, checkpoint=cp.note
         )
@@ -400,7 +404,10 @@ async def serve(
     if ready_file:
         from pathlib import Path
 
-        Path(ready_file).write_text(str(srv.port))
+        # atomically, so a watcher never reads a partly written port
+        tmp = Path(ready_file).with_name(Path(ready_file).name + ".tmp")
+        tmp.write_text(str(srv.port))
+        tmp.replace(ready_file)
 
     async def on_stop() -> None:
         await rpc.set_serving(srv.health, [SERVICE_NAME], False)  # type: ignore[arg-type]

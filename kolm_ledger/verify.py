@@ -18,6 +18,18 @@ procedure, with the step numbers that errors carry::
     (7) check inclusion     ``index < size`` and the inclusion proof links the leaf hash
                             to the checkpoint root
 
+For a ``prediction`` receipt, :func:`verify_prediction` goes on::
+
+    (8) check artifact receipt  the artifact's own receipt bundle passes steps 2-7, is an
+                                ``artifact`` receipt (so signed by a ``compile`` key) and
+                                its subject is the artifact digest the prediction names
+    (9) check input commitment  ``SHA-256(salt || JCS(input))`` equals the receipt's
+                                ``input_commitment`` (the caller alone holds the salt)
+
+The canonical input is the RFC 8785 (JCS) JSON of the input value: for a
+``classify`` task the input is a JSON string, so ``"where is my card?"`` is
+committed as the 19 bytes ``"where is my card?"`` *with* the quotes.
+
 Each failure raises the specific :class:`~kolm_ledger.errors.KolmError` subclass
 (``SignatureError``, ``RoleError``, ``InclusionProofError``...) with a message that
 starts ``"step N (<step name>): "`` and an attribute ``step = N`` (read it with
@@ -27,31 +39,46 @@ starts ``"step N (<step name>): "`` and an attribute ``step = N`` (read it with
 Example::
 
     >>> from kolm_ledger.verify import STEPS
-    >>> STEPS[0], STEPS[-1]
-    ('parse bundle', 'check inclusion')
+    >>> STEPS[0], STEPS[6], STEPS[-1]
+    ('parse bundle', 'check inclusion', 'check input commitment')
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from . import dsse
 from .bundle import Bundle
+from .canonical import canonical_json, digest_hex
 from .checkpoint import Checkpoint, verify_checkpoint
 from .dsse import MAX_ENVELOPE_BYTES, Envelope
-from .errors import EntryTooLargeError, KolmError, StatementFormatError, UnknownKeyError
+from .errors import (
+    EntryTooLargeError,
+    InvalidInput,
+    KolmError,
+    StatementFormatError,
+    UnknownKeyError,
+    VerificationError,
+)
 from .keys import Role, TrustedKey, TrustRoot
 from .receipts import Statement
 
 __all__ = [
+    "SALT_BYTES",
     "STEPS",
+    "VerifiedPrediction",
     "VerifiedReceipt",
+    "input_commitment",
     "step_of",
     "verify_bundle",
     "verify_bundle_bytes",
+    "verify_prediction",
 ]
 
 #: The verification steps, in order; step ``n`` is ``STEPS[n - 1]``.
@@ -63,7 +90,14 @@ STEPS: tuple[str, ...] = (
     "compute leaf hash",
     "check checkpoint",
     "check inclusion",
+    "check artifact receipt",
+    "check input commitment",
 )
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+#: Length of the salt of an input commitment.
+SALT_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -221,3 +255,141 @@ def verify_bundle_bytes(
     with _step(1):
         bundle = Bundle.from_bytes(data)
     return verify_bundle(bundle, trust, origin=origin, now=now)
+
+
+def input_commitment(input_value: Any, salt: bytes) -> str:
+    """Hex ``SHA-256(salt || JCS(input_value))``: how a prediction receipt commits to its input.
+
+    Requires ``len(salt) == SALT_BYTES`` and an input RFC 8785 can represent (a string
+    for ``classify``); raises :class:`InvalidInput` otherwise.
+    """
+    if not isinstance(salt, bytes | bytearray) or len(salt) != SALT_BYTES:
+        n = len(salt) if isinstance(salt, bytes | bytearray) else type(salt).__name__
+        raise InvalidInput(f"salt has {n} bytes, want {SALT_BYTES}")
+    return hashlib.sha256(bytes(salt) + canonical_json(input_value)).hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifiedPrediction:
+    """What a verified prediction bundle establishes.
+
+    ``artifact`` is the verified artifact receipt (``None`` when none was given, so step
+    8 did not run) and ``k_score`` its K-score; ``input_checked`` says step 9 ran.
+    """
+
+    receipt: VerifiedReceipt
+    artifact_digest: str
+    output: Any
+    backend: str
+    reason: str | None
+    artifact: VerifiedReceipt | None
+    k_score: float | None
+    input_checked: bool
+
+
+def _hex64(pred: Mapping[str, Any], field: str) -> str:
+    v = pred.get(field)
+    if not isinstance(v, str) or _HEX64.fullmatch(v) is None:
+        raise StatementFormatError(f"statement.predicate.{field}: want 64 lowercase hex digits")
+    return v
+
+
+def _check_prediction(statement: Statement) -> None:
+    """The prediction-specific fields are well formed and the output matches the subject."""
+    if statement.kind != "prediction":
+        raise StatementFormatError(f"receipt is a {statement.kind!r} receipt, want 'prediction'")
+    pred = statement.predicate
+    _hex64(pred, "artifact_digest")
+    _hex64(pred, "input_commitment")
+    if pred.get("backend") not in ("student", "teacher"):
+        raise StatementFormatError(
+            f"statement.predicate.backend: {str(pred.get('backend'))[:20]!r}, "
+            "want 'student' or 'teacher'"
+        )
+    if "output" in pred:
+        want = statement.subjects[0].sha256
+        got = digest_hex(pred["output"])
+        if got != want:
+            raise StatementFormatError(
+                f"output digest {got[:16]}… does not match the subject digest {want[:16]}…"
+            )
+
+
+def verify_prediction(
+    bundle: Bundle,
+    trust: TrustRoot,
+    *,
+    artifact_bundle: Bundle | None = None,
+    input_value: Any = None,
+    salt: bytes | None = None,
+    origin: str | None = None,
+    now: datetime | None = None,
+) -> VerifiedPrediction:
+    """Verify a ``prediction`` receipt bundle offline: steps 2-7, then 8 and 9.
+
+    Steps 2-7 are :func:`verify_bundle`'s (the key must be an ``infer`` key valid at the
+    receipt's time); then the statement must be a well-formed prediction whose
+    ``output`` (when present) hashes to the subject digest (reported as step 2).
+
+    (8) with ``artifact_bundle`` (the artifact receipt's bundle, e.g. from the ledger's
+        ``FindEntries`` + ``GetReceiptBundle``): it passes steps 2-7, is an ``artifact``
+        receipt and names the artifact digest the prediction names;
+    (9) with ``salt`` (and ``input_value``; ``None`` is not an input): the commitment
+        recomputes. Giving one of ``input_value`` / ``salt`` without the other is an error.
+
+    Raises a :class:`~kolm_ledger.errors.KolmError` subclass with ``step`` set.
+    """
+    receipt = verify_bundle(bundle, trust, origin=origin, now=now)
+    statement = receipt.statement
+    with _step(2):
+        _check_prediction(statement)
+    pred = statement.predicate
+    digest = str(pred["artifact_digest"])
+    artifact: VerifiedReceipt | None = None
+    k_score: float | None = None
+    # (8) check the artifact receipt
+    if artifact_bundle is not None:
+        try:
+            artifact = verify_bundle(artifact_bundle, trust, origin=origin, now=now)
+        except KolmError as e:
+            raise _at_step(8, type(e)(f"artifact receipt: {e}")) from e
+        with _step(8):
+            if artifact.kind != "artifact":
+                raise VerificationError(
+                    f"the artifact bundle holds a {artifact.kind!r} receipt, want 'artifact'"
+                )
+            named = artifact.statement.subject_digests()
+            if digest not in named:
+                raise VerificationError(
+                    f"the artifact receipt is for {named[0][:16]}…, the prediction names "
+                    f"artifact {digest[:16]}…"
+                )
+            ks = artifact.statement.predicate.get("k_score")
+            if isinstance(ks, bool) or not isinstance(ks, int | float):
+                raise StatementFormatError("artifact receipt k_score: want a number")
+            k_score = float(ks)
+    # (9) check the input commitment
+    checked = False
+    if salt is not None or input_value is not None:
+        with _step(9):
+            if salt is None or input_value is None:
+                raise InvalidInput("to check the input commitment give both the input and salt")
+            got = input_commitment(input_value, salt)
+            want = _hex64(pred, "input_commitment")
+            if got != want:
+                raise VerificationError(
+                    f"input commitment {got[:16]}… of the given input and salt does not "
+                    f"match the receipt's {want[:16]}…"
+                )
+            checked = True
+    reason = pred.get("reason")
+    return VerifiedPrediction(
+        receipt=receipt,
+        artifact_digest=digest,
+        output=pred.get("output"),
+        backend=str(pred["backend"]),
+        reason=reason if isinstance(reason, str) else None,
+        artifact=artifact,
+        k_score=k_score,
+        input_checked=checked,
+    )

@@ -170,21 +170,43 @@ class SequencingTx:
             c.exec_driver_sql(
                 "INSERT INTO entries (idx, leaf_hash, chain_hash, kind, key_id, integrated_at, "
                 f"envelope) VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})",
-                [(e.index, e.leaf_hash, e.chain_hash, e.kind, e.key_id, e.integrated_at_us,
-                  e.envelope) for e in entries])
+                [
+                    (
+                        e.index,
+                        e.leaf_hash,
+                        e.chain_hash,
+                        e.kind,
+                        e.key_id,
+                        e.integrated_at_us,
+                        e.envelope,
+                    )
+                    for e in entries
+                ],
+            )
             subj = [(d, e.index) for e in entries for d in sorted(set(e.subjects))]
             if subj:
                 c.exec_driver_sql(
-                    f"INSERT INTO entry_subjects (digest, idx) VALUES ({ph}, {ph})", subj)
+                    f"INSERT INTO entry_subjects (digest, idx) VALUES ({ph}, {ph})", subj
+                )
         if nodes:
-            c.exec_driver_sql(f"INSERT INTO nodes (node_id, hash) VALUES ({ph}, {ph})",
-                              [(node_id(lv, i), h) for lv, i, h in nodes])
+            c.exec_driver_sql(
+                f"INSERT INTO nodes (node_id, hash) VALUES ({ph}, {ph})",
+                [(node_id(lv, i), h) for lv, i, h in nodes],
+            )
         if checkpoint is not None:
             c.exec_driver_sql(
                 "INSERT INTO checkpoints (size, root, chain_head, note, created_at) "
                 f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph})",
-                [(checkpoint.size, checkpoint.root, checkpoint.chain_head, checkpoint.note,
-                  micros(checkpoint.created_at))])
+                [
+                    (
+                        checkpoint.size,
+                        checkpoint.root,
+                        checkpoint.chain_head,
+                        checkpoint.note,
+                        micros(checkpoint.created_at),
+                    )
+                ],
+            )
         self._pending_head = new_head
 
     _pending_head: Head | None = None
@@ -195,25 +217,55 @@ def _size(conn: Connection) -> int:
     return 0 if top is None else int(top) + 1
 
 
-def _get_nodes(conn: Connection, ids: Sequence[NodeID]) -> list[bytes]:
-    leaves = [i for lv, i in ids if lv == 0]
-    inner = [node_id(lv, i) for lv, i in ids if lv > 0]
-    found: dict[NodeID, bytes] = {}
-    if leaves:
-        for idx, h in conn.execute(
-            select(EntryRow.idx, EntryRow.leaf_hash).where(EntryRow.idx.in_(leaves))
-        ):
-            found[(0, idx)] = bytes(h)
-    if inner:
-        mask = (1 << 48) - 1
-        for nid, h in conn.execute(
-            select(NodeRow.node_id, NodeRow.hash).where(NodeRow.node_id.in_(inner))
-        ):
-            found[(nid >> 48, nid & mask)] = bytes(h)
+def _get_nodes(
+    conn: Connection, ids: Sequence[NodeID], cache: dict[int, bytes] | None = None
+) -> list[bytes]:
+    """One round trip for every node not in ``cache``.
+
+    Leaves are level-0 nodes, so ``node_id(0, i) == i`` names entry ``i``'s leaf hash and
+    interior ids (level >= 1) never collide with it: a single UNION ALL reads both.
+    Nodes are immutable once committed, so ``cache`` may keep them forever.
+    """
+    keys = [node_id(lv, i) for lv, i in ids]
+    found: dict[int, bytes] = {}
+    missing = []
+    for k in keys:
+        h = cache.get(k) if cache is not None else None
+        if h is None:
+            missing.append(k)
+        else:
+            found[k] = h
+    if missing:
+        leaves = [k for k in missing if k < (1 << 48)]
+        inner = [k for k in missing if k >= (1 << 48)]
+        ph = "?" if conn.dialect.name == "sqlite" else "%s"
+        parts, params = [], []
+        if inner:
+            parts.append(
+                f"SELECT node_id, hash FROM nodes WHERE node_id IN ({', '.join([ph] * len(inner))})"
+            )
+            params.extend(inner)
+        if leaves:
+            parts.append(
+                f"SELECT idx, leaf_hash FROM entries WHERE idx IN ({', '.join([ph] * len(leaves))})"
+            )
+            params.extend(leaves)
+        for k, h in conn.exec_driver_sql(" UNION ALL ".join(parts), tuple(params)):
+            found[k] = bytes(h)
+            if cache is not None:
+                cache[k] = found[k]
+        if cache is not None and len(cache) > _NODE_CACHE_MAX:
+            cache.clear()
     try:
-        return [found[i] for i in ids]
+        return [found[k] for k in keys]
     except KeyError as e:
-        raise StorageError(f"Merkle node (level, index) = {e.args[0]} is missing") from e
+        k = e.args[0]
+        raise StorageError(
+            f"Merkle node (level, index) = {(k >> 48, k & ((1 << 48) - 1))} is missing"
+        ) from e
+
+
+_NODE_CACHE_MAX = 2_000_000
 
 
 class Store:
@@ -253,6 +305,7 @@ class Store:
                 "install kolm[postgres] for PostgreSQL"
             ) from e
         self._head_cache: Head | None = None
+        self._nodes: dict[int, bytes] = {}
         self._lock = threading.Lock()
         if migrate:
             self.migrate()
@@ -381,11 +434,16 @@ class Store:
     def get_nodes(self, ids: Sequence[NodeID]) -> list[bytes]:
         """Hashes of Merkle nodes ``ids`` (level 0 = leaf hashes), in one round trip each kind."""
         with self._read() as c:
-            return _get_nodes(c, ids)
+            return _get_nodes(c, ids, self._nodes)
 
-    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        """Inclusion proof of ``index`` in the tree of ``size``. Requires 0 <= index < size <= log size."""
-        self._check_size(size)
+    def inclusion_proof(self, index: int, size: int, *, check_size: bool = True) -> list[bytes]:
+        """Inclusion proof of ``index`` in the tree of ``size``. Requires 0 <= index < size <= log size.
+
+        ``check_size=False`` skips one query when the caller knows ``size`` exists (it came
+        from a stored checkpoint).
+        """
+        if check_size:
+            self._check_size(size)
         if not 0 <= index < size:
             raise InvalidInput(f"index {index} is outside the tree of size {size}")
         return inclusion_proof(index, size, self.get_nodes)
