@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -42,7 +42,7 @@ class PublicKey:
         try:
             data = pem.encode() if isinstance(pem, str) else pem
             key = serialization.load_pem_public_key(data)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as e:
             raise KeyFormatError(f"public key is not a valid PEM SubjectPublicKeyInfo: {e}") from e
         return cls._wrap(key)
 
@@ -51,7 +51,7 @@ class PublicKey:
         """Parse a DER SubjectPublicKeyInfo; raises :class:`KeyFormatError`."""
         try:
             key = serialization.load_der_public_key(der)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as e:
             raise KeyFormatError(f"public key is not a valid DER SubjectPublicKeyInfo: {e}") from e
         return cls._wrap(key)
 
@@ -147,7 +147,7 @@ class PrivateKey:
         try:
             data = pem.encode() if isinstance(pem, str) else pem
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as e:
             raise KeyFormatError(f"private key is not a valid unencrypted PEM: {e}") from e
         if isinstance(key, ed25519.Ed25519PrivateKey):
             return cls(key, "ed25519")

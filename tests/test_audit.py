@@ -1,0 +1,701 @@
+"""``audit``: clean ledgers pass; every kind of tampering by someone with database access fails.
+
+The tamper campaign builds ONE base ledger per engine (a couple of hundred receipts of
+all five kinds, one checkpoint per batch, a key registered along the way), drops the
+append-only triggers as an attacker would, and then for each generated case copies the
+base (SQLite: a file copy; PostgreSQL: ``CREATE DATABASE ... TEMPLATE``), applies one
+mutation, audits the copy, and checks that the audit fails, names the index of the entry
+that was touched (or the node / checkpoint), and blames no entry before it.
+
+Cases come from a seeded generator (:func:`cases`): random byte flips in every hashed or
+checked column, deleted rows (with and without closing the gap), reordered rows,
+inserted forged rows (signed by an untrusted key, or validly signed but never logged),
+truncation, rewritten or deleted Merkle nodes, subject-index rows and checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from kolm_ledger import receipts
+from kolm_ledger._crypto import PrivateKey
+from kolm_ledger._samples import sample_statement
+from kolm_ledger.audit import AuditReport, Failure, audit
+from kolm_ledger.checkpoint import Checkpoint, check_consistent, sign_checkpoint
+from kolm_ledger.errors import CheckpointError
+from kolm_ledger.keys import TrustedKey, TrustRoot
+from kolm_ledger.ledger import Ledger, chain_next
+from kolm_ledger.note import NoteSigner
+from kolm_ledger.storage import Store, micros
+from kolm_ledger.storage.models import APPEND_ONLY_TABLES, node_id
+
+ORIGIN = "audit.kolm.dev/ledger"
+EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
+T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
+KEYS = {
+    name: PrivateKey.generate("ed25519" if name.startswith("log") else "ecdsa-p256-sha256")
+    for name in ("admin", "compile", "infer", "rogue", "log", "log_rogue")
+}
+EXTRA_INFER = PrivateKey.generate()  # registered by a key receipt in the base ledger
+TRUST = TrustRoot(
+    tuple(
+        TrustedKey.for_key(
+            KEYS[r].public_key(), r, not_before=EPOCH, origin=ORIGIN if r == "log" else None
+        )
+        for r in ("admin", "compile", "infer", "log")
+    )
+)
+SIGNER = {"label": "compile", "eval": "compile", "artifact": "compile", "prediction": "infer"}
+SIGNER["key"] = "admin"
+BASE_SIZE = 200
+SQLITE_CASES = 720
+PG_CASES = 300
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> datetime:
+        return self.t
+
+
+def signed(kind: str, i: int, key: PrivateKey | None = None) -> Any:
+    st = sample_statement(kind, i, random.Random(f"{kind}-{i}"))
+    return receipts.sign_statement(st, key or KEYS[SIGNER[kind]])
+
+
+def raw(url: str) -> sa.Engine:
+    return sa.create_engine(url, poolclass=NullPool)
+
+
+def drop_triggers(url: str) -> None:
+    eng = raw(url)
+    with eng.begin() as c:
+        for t in APPEND_ONLY_TABLES:
+            if eng.dialect.name == "sqlite":
+                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_update"))
+                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_delete"))
+            else:
+                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_append_only ON {t}"))
+                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_truncate ON {t}"))
+    eng.dispose()
+
+
+def run_sql(url: str, statements: list[tuple[str, dict[str, Any]]]) -> None:
+    eng = raw(url)
+    with eng.begin() as c:
+        for sql, params in statements:
+            c.execute(sa.text(sql), params)
+    eng.dispose()
+
+
+def audit_url(url: str) -> AuditReport:
+    store = Store(url, migrate=False)
+    try:
+        return audit(store, TRUST)
+    finally:
+        store.close()
+
+
+# ---- the base ledger ------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    index: int
+    leaf_hash: bytes
+    chain_hash: bytes
+    kind: str
+    key_id: str
+    integrated_at: int
+    envelope: bytes
+
+
+@dataclass
+class Base:
+    """What the tamper generator needs to know about the base ledger."""
+
+    rows: list[Row]
+    checkpoints: dict[int, dict[str, bytes]]  # size -> stored note, root, chain_head
+    nodes: dict[tuple[int, int], bytes]
+    subjects: dict[int, list[str]] = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted(self.checkpoints)
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+
+def build_base(url: str) -> Base:
+    """~200 receipts of all five kinds in batches of 1-12, one clock tick per batch."""
+    clock = Clock()
+    store = Store(url)
+    led = Ledger(store, TRUST, KEYS["log"], clock=clock)
+    rng = random.Random(2026)
+    envs = []
+    kinds = [receipts.KINDS[i % 5] for i in range(BASE_SIZE - 12)]
+    rng.shuffle(kinds)
+    for i, kind in enumerate(kinds):
+        envs.append(signed(kind, i))
+        if i == 60:  # register another infer key; later predictions use it
+            st = receipts.key_statement(
+                action="register", public_key=EXTRA_INFER.public_key(), role="infer", time=T0
+            )
+            envs.append(receipts.sign_statement(st, KEYS["admin"]))
+    envs += [signed("prediction", 1000 + i, EXTRA_INFER) for i in range(11)]
+    pos = 0
+    while pos < len(envs):
+        k = rng.randint(1, 12)
+        led.append(envs[pos : pos + k])
+        pos += k
+        clock.t += timedelta(seconds=1)
+    rep = audit(store, TRUST)
+    assert rep.ok, rep.failures
+    assert set(rep.by_kind) == set(receipts.KINDS)
+    rows = [
+        Row(
+            e.index,
+            e.leaf_hash,
+            e.chain_hash,
+            e.kind,
+            e.key_id,
+            micros(e.integrated_at),
+            e.envelope,
+        )
+        for e in store.entries()
+    ]
+    base = Base(
+        rows,
+        {
+            c.size: {"note": c.note, "root": c.root, "chain_head": c.chain_head}
+            for c in store.checkpoints()
+        },
+        {(lv, i): h for lv, i, h in store.node_hashes(0, 1 << 62)},
+    )
+    for idx, digest in store.subject_index():
+        base.subjects.setdefault(idx, []).append(digest)
+    store.close()
+    assert base.n == BASE_SIZE
+    assert len(base.checkpoints) > 20
+    # an attacker with database access starts here
+    drop_triggers(url)
+    assert audit_url(url).ok
+    return base
+
+
+# ---- mutations ------------------------------------------------------------------------
+
+SQL = list[tuple[str, dict[str, Any]]]
+
+
+@dataclass
+class Expect:
+    """What the audit must report.
+
+    ``indices``: entry indices it must name; ``first``: no entry before it may be named;
+    ``checkpoint``: a failure must concern the checkpoint of this size; ``text``: some
+    failure must contain this.
+    """
+
+    indices: set[int] = field(default_factory=set)
+    first: int | None = None
+    checkpoint: int | None = None
+    text: str | None = None
+
+
+Mutation = Callable[[Base, random.Random], tuple[SQL, Expect]]
+
+
+def _flip(data: bytes, rng: random.Random) -> bytes:
+    b = bytearray(data)
+    b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+    return bytes(b)
+
+
+def flip_column(column: str) -> Mutation:
+    def m(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+        row = rng.choice(base.rows)
+        value = _flip(getattr(row, column), rng)
+        sql = f"UPDATE entries SET {column} = :v WHERE idx = :i"
+        return [(sql, {"v": value, "i": row.index})], Expect({row.index}, row.index)
+
+    return m
+
+
+def set_kind(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    row = rng.choice(base.rows)
+    kind = rng.choice([k for k in receipts.KINDS if k != row.kind])
+    sql = "UPDATE entries SET kind = :k WHERE idx = :i"
+    return [(sql, {"k": kind, "i": row.index})], Expect({row.index}, row.index)
+
+
+def set_key_id(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    row = rng.choice(base.rows)
+    other = rng.choice([k.keyid for k in TRUST.keys if k.keyid != row.key_id])
+    sql = "UPDATE entries SET key_id = :k WHERE idx = :i"
+    return [(sql, {"k": other, "i": row.index})], Expect({row.index}, row.index)
+
+
+def delete_entry(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    i = rng.randrange(base.n - 1)
+    sql: SQL = [("DELETE FROM entries WHERE idx = :i", {"i": i})]
+    if rng.random() < 0.5:
+        sql.append(("DELETE FROM entry_subjects WHERE idx = :i", {"i": i}))
+    return sql, Expect({i}, i)
+
+
+def delete_and_close_gap(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """Delete an entry and renumber the rest down, so no index is missing."""
+    i = rng.randrange(base.n - 1)
+    return [
+        ("DELETE FROM entries WHERE idx = :i", {"i": i}),
+        ("DELETE FROM entry_subjects WHERE idx = :i", {"i": i}),
+        ("UPDATE entries SET idx = idx + 1000000 WHERE idx > :i", {"i": i}),
+        ("UPDATE entries SET idx = idx - 1000001 WHERE idx >= 1000000", {}),
+    ], Expect({i}, i)
+
+
+def truncate(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    k = rng.randint(1, 25)
+    cut = base.n - k
+    sql: SQL = [("DELETE FROM entries WHERE idx >= :c", {"c": cut})]
+    if rng.random() < 0.5:  # tidy up the subject index and the nodes above the cut as well
+        sql.append(("DELETE FROM entry_subjects WHERE idx >= :c", {"c": cut}))
+        for lv, ix in sorted(base.nodes):
+            if (ix + 1) << lv > cut:
+                sql.append(("DELETE FROM nodes WHERE node_id = :n", {"n": node_id(lv, ix)}))
+    return sql, Expect({cut}, cut)
+
+
+def swap(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    i = rng.randrange(base.n - 1)
+    j = i + 1 if rng.random() < 0.4 else rng.randrange(i + 1, base.n)
+    return [
+        ("UPDATE entries SET idx = -1 WHERE idx = :i", {"i": i}),
+        ("UPDATE entries SET idx = :i WHERE idx = :j", {"i": i, "j": j}),
+        ("UPDATE entries SET idx = :j WHERE idx = -1", {"j": j}),
+    ], Expect({i, j}, i)
+
+
+def insert_forged(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """A row inserted at ``p`` (later rows shifted up) with a correctly linked chain hash."""
+    p = rng.randrange(base.n + 1)
+    rogue = rng.random() < 0.5
+    kind = rng.choice(receipts.KINDS[:4])
+    env = signed(kind, 5000 + rng.randrange(10**6), KEYS["rogue"] if rogue else None)
+    data = env.canonical()
+    leaf = hashlib.sha256(b"\x00" + data).digest()
+    prev = base.rows[p - 1].chain_hash if p else bytes(32)
+    at = base.rows[p - 1].integrated_at if p else base.rows[0].integrated_at
+    sql: SQL = [
+        ("UPDATE entries SET idx = idx + 1000000 WHERE idx >= :p", {"p": p}),
+        ("UPDATE entries SET idx = idx - 999999 WHERE idx >= 1000000", {}),
+        (
+            "INSERT INTO entries (idx, leaf_hash, chain_hash, kind, key_id, integrated_at, "
+            "envelope) VALUES (:p, :l, :c, :k, :kid, :t, :e)",
+            {
+                "p": p,
+                "l": leaf,
+                "c": chain_next(prev, leaf),
+                "k": kind,
+                "kid": env.signatures[0].keyid,
+                "t": at,
+                "e": data,
+            },
+        ),
+    ]
+    if rogue:  # the untrusted signature is named at p itself
+        return sql, Expect({p}, p)
+    # a validly signed receipt the log never accepted: p itself checks out, so the first
+    # entry named is the one whose chain no longer links (or p, uncovered, at the end)
+    return sql, Expect({min(p + 1, base.n)}, p)
+
+
+def flip_node(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    lv, ix = rng.choice(sorted(base.nodes))
+    sql = "UPDATE nodes SET hash = :h WHERE node_id = :n"
+    return [(sql, {"n": node_id(lv, ix), "h": _flip(base.nodes[lv, ix], rng)})], Expect(
+        text=f"(level {lv}, index {ix})"
+    )
+
+
+def delete_node(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    lv, ix = rng.choice(sorted(base.nodes))
+    sql = "DELETE FROM nodes WHERE node_id = :n"
+    return [(sql, {"n": node_id(lv, ix)})], Expect(text=f"(level {lv}, index {ix})")
+
+
+def insert_node(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    lv = rng.randint(1, 6)
+    ix = (base.n >> lv) + rng.randint(1, 5)
+    sql = "INSERT INTO nodes (node_id, hash) VALUES (:n, :h)"
+    return [(sql, {"n": node_id(lv, ix), "h": rng.randbytes(32)})], Expect(
+        text=f"(level {lv}, index {ix})"
+    )
+
+
+def flip_checkpoint(column: str) -> Mutation:
+    def m(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+        size = rng.choice(base.sizes)
+        value = _flip(base.checkpoints[size][column], rng)
+        sql = f"UPDATE checkpoints SET {column} = :v WHERE size = :s"
+        return [(sql, {"v": value, "s": size})], Expect(checkpoint=size)
+
+    return m
+
+
+def delete_checkpoint(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    size = rng.choice(base.sizes)
+    sql: SQL = [("DELETE FROM checkpoints WHERE size = :s", {"s": size})]
+    if size == base.sizes[-1]:  # the newest: its entries are no longer covered
+        prev = base.sizes[-2]
+        return sql, Expect({prev}, prev, text="not covered by any signed checkpoint")
+    return sql, Expect(checkpoint=size, text="no valid signed checkpoint")
+
+
+def forged_checkpoint(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """A checkpoint signed by an untrusted key with the right origin: new, or replacing one."""
+    size = rng.choice([*base.sizes, base.n + rng.randint(1, 9)])
+    root, chain = rng.randbytes(32), rng.randbytes(32)
+    note = sign_checkpoint(
+        Checkpoint(ORIGIN, size, root, chain), [NoteSigner(ORIGIN, KEYS["log_rogue"])]
+    ).to_bytes()
+    if size in base.checkpoints:
+        sql = "UPDATE checkpoints SET note = :n, root = :r, chain_head = :c WHERE size = :s"
+    else:
+        sql = (
+            "INSERT INTO checkpoints (size, root, chain_head, note, created_at) "
+            "VALUES (:s, :r, :c, :n, 0)"
+        )
+    return [(sql, {"n": note, "r": root, "c": chain, "s": size})], Expect(
+        checkpoint=size, text="checkpoint signature"
+    )
+
+
+def delete_subjects(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    i = rng.randrange(base.n)
+    d = rng.choice(base.subjects[i])
+    sql = "DELETE FROM entry_subjects WHERE idx = :i AND digest = :d"
+    return [(sql, {"i": i, "d": d})], Expect({i}, i, text="lacks")
+
+
+def insert_subject(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    i = rng.randrange(base.n)
+    d = rng.randbytes(32).hex()
+    sql = "INSERT INTO entry_subjects (digest, idx) VALUES (:d, :i)"
+    return [(sql, {"i": i, "d": d})], Expect({i}, i, text="it does not name")
+
+
+def move_subject(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    while True:  # predictions with the same output share their only subject: pick another
+        i, j = rng.sample(range(base.n), 2)
+        movable = [d for d in base.subjects[i] if d not in base.subjects[j]]
+        if movable:
+            break
+    d = rng.choice(movable)
+    sql = "UPDATE entry_subjects SET idx = :j WHERE idx = :i AND digest = :d"
+    return [(sql, {"i": i, "j": j, "d": d})], Expect({i, j}, min(i, j))
+
+
+#: mutation name -> (weight, mutation)
+MUTATIONS: dict[str, tuple[int, Mutation]] = {
+    "flip-envelope": (22, flip_column("envelope")),
+    "flip-leaf-hash": (8, flip_column("leaf_hash")),
+    "flip-chain-hash": (8, flip_column("chain_hash")),
+    "set-kind": (3, set_kind),
+    "set-key-id": (3, set_key_id),
+    "delete-entry": (6, delete_entry),
+    "delete-and-renumber": (4, delete_and_close_gap),
+    "truncate": (5, truncate),
+    "swap-rows": (8, swap),
+    "insert-forged": (8, insert_forged),
+    "flip-node": (4, flip_node),
+    "delete-node": (2, delete_node),
+    "insert-node": (2, insert_node),
+    "flip-checkpoint-note": (4, flip_checkpoint("note")),
+    "flip-checkpoint-root": (2, flip_checkpoint("root")),
+    "flip-checkpoint-chain": (2, flip_checkpoint("chain_head")),
+    "delete-checkpoint": (3, delete_checkpoint),
+    "forged-checkpoint": (3, forged_checkpoint),
+    "delete-subject": (2, delete_subjects),
+    "insert-subject": (2, insert_subject),
+    "move-subject": (2, move_subject),
+}
+
+
+def cases(engine: str, n: int, seed: int) -> list[Any]:
+    """An explicit, seeded case list: (mutation name, case seed), every mutation present."""
+    rng = random.Random(seed)
+    names = list(MUTATIONS)
+    weights = [MUTATIONS[k][0] for k in names]
+    picked = names + rng.choices(names, weights, k=n - len(names))
+    marks = [pytest.mark.postgres] if engine == "postgresql" else []
+    return [
+        pytest.param(name, rng.randrange(2**32), id=f"{engine}-{k:03d}-{name}", marks=marks)
+        for k, name in enumerate(picked)
+    ]
+
+
+def check_report(rep: AuditReport, expect: Expect, what: str) -> None:
+    assert not rep.ok, f"{what}: tampering not detected"
+    named = rep.failing_indices()
+    assert expect.indices <= set(named), f"{what}: want {expect.indices} named, got {named}"
+    if expect.first is not None and named:
+        assert min(named) >= expect.first, f"{what}: blames {min(named)} < {expect.first}"
+    for f in rep.failures:
+        if f.index is not None:
+            assert str(f).startswith(f"entry {f.index}: "), str(f)
+        assert f.reason
+    if expect.checkpoint is not None:
+        sizes = {f.checkpoint_size for f in rep.failures}
+        assert expect.checkpoint in sizes, f"{what}: checkpoint {expect.checkpoint} not named"
+    if expect.text is not None:
+        assert any(expect.text in str(f) for f in rep.failures), (
+            f"{what}: no failure says {expect.text!r}: {[str(f) for f in rep.failures[:5]]}"
+        )
+
+
+# ---- engines --------------------------------------------------------------------------
+
+
+class Engine:
+    """Copies of one base ledger, made fast."""
+
+    base: Base
+
+    def copy(self) -> str:
+        raise NotImplementedError
+
+    def discard(self, url: str) -> None:
+        raise NotImplementedError
+
+
+class SQLiteEngine(Engine):
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.path = directory / "base.db"
+        self.base = build_base(f"sqlite:///{self.path}")
+        con = sqlite3.connect(self.path)
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+        self.n = 0
+
+    def copy(self) -> str:
+        self.n += 1
+        dst = self.dir / f"case{self.n}.db"
+        shutil.copyfile(self.path, dst)
+        return f"sqlite:///{dst}"
+
+    def discard(self, url: str) -> None:
+        path = Path(url.removeprefix("sqlite:///"))
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            p.unlink(missing_ok=True)
+
+
+class PostgresEngine(Engine):
+    def __init__(self) -> None:
+        admin_url = os.environ.get(
+            "KOLM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        )
+        self.admin = raw(admin_url).execution_options(isolation_level="AUTOCOMMIT")
+        self.name = f"kolm_test_tamper_{uuid.uuid4().hex[:10]}"
+        self.prefix = admin_url.rsplit("/", 1)[0]
+        with self.admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{self.name}"'))
+        try:
+            self.base = build_base(f"{self.prefix}/{self.name}")
+        except BaseException:
+            self.close()
+            raise
+        self.n = 0
+        # dropping a database costs more than copying one: drop in the background
+        self.dropper = ThreadPoolExecutor(1)
+        self.drops: list[Future[None]] = []
+
+    def copy(self) -> str:
+        self.n += 1
+        name = f"{self.name}_c{self.n}"
+        with self.admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{self.name}"'))
+        return f"{self.prefix}/{name}"
+
+    def _drop(self, name: str) -> None:
+        with self.admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    def discard(self, url: str) -> None:
+        self.drops.append(self.dropper.submit(self._drop, url.rsplit("/", 1)[1]))
+
+    def close(self) -> None:
+        if hasattr(self, "dropper"):
+            self.dropper.shutdown(wait=True)
+            for f in self.drops:
+                f.result()
+        self._drop(self.name)
+        self.admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def sqlite_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SQLiteEngine]:
+    yield SQLiteEngine(tmp_path_factory.mktemp("tamper"))
+
+
+@pytest.fixture(scope="module")
+def pg_engine() -> Iterator[PostgresEngine]:
+    eng = PostgresEngine()
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+def run_case(engine: Engine, name: str, seed: int) -> None:
+    rng = random.Random(seed)
+    sql, expect = MUTATIONS[name][1](engine.base, rng)
+    url = engine.copy()
+    try:
+        run_sql(url, sql)
+        check_report(audit_url(url), expect, f"{name} (seed {seed})")
+    finally:
+        engine.discard(url)
+
+
+@pytest.mark.parametrize(("name", "seed"), cases("sqlite", SQLITE_CASES, seed=1))
+def test_tampering_is_detected_sqlite(sqlite_engine: SQLiteEngine, name: str, seed: int) -> None:
+    run_case(sqlite_engine, name, seed)
+
+
+@pytest.mark.parametrize(("name", "seed"), cases("postgresql", PG_CASES, seed=2))
+def test_tampering_is_detected_postgresql(pg_engine: PostgresEngine, name: str, seed: int) -> None:
+    run_case(pg_engine, name, seed)
+
+
+def test_the_campaign_is_big_enough() -> None:
+    assert SQLITE_CASES + PG_CASES >= 1000
+    assert len(MUTATIONS) >= 20
+
+
+# ---- clean audits and specific reports ------------------------------------------------
+
+
+def test_clean_audit(db_url: str) -> None:
+    clock = Clock()
+    store = Store(db_url)
+    try:
+        led = Ledger(store, TRUST, KEYS["log"], clock=clock)
+        for b in range(6):
+            led.append([signed(receipts.KINDS[(b + i) % 5], 10 * b + i) for i in range(b + 2)])
+            clock.t += timedelta(milliseconds=1)
+        rep = audit(store, TRUST)
+        assert rep.ok, rep.failures
+        assert rep.failures == []
+        assert rep.entries == rep.size == store.size() == 27
+        assert rep.checkpoints == 6
+        assert sum(rep.by_kind.values()) == 27
+        assert set(rep.by_kind) == set(receipts.KINDS)
+        cp = led.checkpoint().checkpoint
+        assert rep.newest_checkpoint == cp
+        assert rep.root == cp.root
+        assert audit(store, TRUST, origin=ORIGIN).ok
+        # expecting another log makes every checkpoint fail, each named by its size
+        other = audit(store, TRUST, origin="elsewhere.example/log")
+        sizes = [c.size for c in store.checkpoints()]
+        assert sizes == [2, 5, 9, 14, 20, 27]
+        assert {f.checkpoint_size for f in other.failures} >= set(sizes)
+    finally:
+        store.close()
+
+
+def test_empty_ledger_audits_clean(db_url: str) -> None:
+    store = Store(db_url)
+    try:
+        rep = audit(store, TRUST)
+        assert rep.ok
+        assert (rep.entries, rep.checkpoints, rep.newest_checkpoint) == (0, 0, None)
+    finally:
+        store.close()
+
+
+def test_untrusted_signer_and_post_revocation_entries_are_named(tmp_path: Path) -> None:
+    """The audit replays key receipts itself: a revoked key's later receipts are named."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    clock = Clock()
+    store = Store(url)
+    led = Ledger(store, TRUST, KEYS["log"], clock=clock)
+    led.append([signed("prediction", i) for i in range(3)])
+    stale = led.trust  # a replica that never learns of the revocation
+    clock.t += timedelta(seconds=1)
+    st = receipts.key_statement(
+        action="revoke", public_key=KEYS["infer"].public_key(), role="infer", time=clock.t
+    )
+    led.append([receipts.sign_statement(st, KEYS["admin"])])
+    clock.t += timedelta(seconds=1)
+    led.trust = stale
+    led.append([signed("prediction", 10), signed("label", 11)])
+    rep = audit(store, TRUST)
+    store.close()
+    assert rep.failing_indices() == [4]
+    assert "revoked" in str(rep.failures[0])
+    # with a trust root that lacks the infer key, every prediction is named
+    no_infer = TrustRoot(tuple(k for k in TRUST.keys if k.role != "infer"))
+    store = Store(url)
+    rep = audit(store, no_infer)
+    store.close()
+    assert rep.failing_indices() == [0, 1, 2, 3, 4]  # 3: revoking an unknown key
+
+
+def test_consistent_truncation_needs_a_remembered_checkpoint(tmp_path: Path) -> None:
+    """Cutting entries, nodes and checkpoints back to an older checkpoint leaves a log that
+    is consistent in itself; only a checkpoint remembered from before (a witness, or
+    ``kolm audit --state``) exposes it. This documents that limit of a stateless audit."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    clock = Clock()
+    store = Store(url)
+    led = Ledger(store, TRUST, KEYS["log"], clock=clock)
+    for b in range(4):
+        led.append([signed("label", 10 * b + i) for i in range(4)])
+        clock.t += timedelta(seconds=1)
+    remembered = led.checkpoint().checkpoint
+    nodes = [(lv, i) for lv, i, _ in store.node_hashes(0, 1 << 62) if (i + 1) << lv > 8]
+    store.close()
+    drop_triggers(url)
+    run_sql(
+        url,
+        [
+            ("DELETE FROM entries WHERE idx >= 8", {}),
+            ("DELETE FROM entry_subjects WHERE idx >= 8", {}),
+            ("DELETE FROM checkpoints WHERE size > 8", {}),
+            *[("DELETE FROM nodes WHERE node_id = :n", {"n": node_id(lv, i)}) for lv, i in nodes],
+        ],
+    )
+    rep = audit_url(url)
+    assert rep.ok, rep.failures
+    assert rep.newest_checkpoint is not None
+    assert rep.newest_checkpoint.size == 8
+    with pytest.raises(CheckpointError, match="smaller than old size 16"):
+        check_consistent(remembered, rep.newest_checkpoint, [])
+
+
+def test_every_failure_names_its_index_or_checkpoint() -> None:
+    assert str(Failure(7, "bad")) == "entry 7: bad"
+    assert str(Failure(None, "bad", 12)) == "checkpoint 12: bad"
+    assert str(Failure(None, "bad")) == "tree: bad"
