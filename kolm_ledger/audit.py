@@ -246,8 +246,14 @@ def audit(
     *,
     origin: str | None = None,
     progress: Progress | None = None,
+    state_path: str | os.PathLike[str] | None = None,
 ) -> AuditReport:
-    """Audit ``store`` against ``trust``; see the module docstring for the numbered checks."""
+    """Audit ``store`` against ``trust``; see the module docstring for the numbered checks.
+
+    With ``state_path``, as in :func:`audit_remote`: the newest checkpoint must extend the
+    one remembered there (same root recomputed at its size), so a database truncated or
+    rewritten back to an older, validly signed state is caught; on success it is saved.
+    """
     rep = AuditReport()
     fail = rep.failures.append
     total = store.size()
@@ -268,6 +274,22 @@ def audit(
         cps[cp.size] = cp
     newest = max(cps) if cps else 0
     rep.newest_checkpoint = cps.get(newest)
+    state = Path(state_path) if state_path else None
+    old = _load_state(state, trust, origin, newest, rep)
+    if old is False:
+        return rep
+    if isinstance(old, Checkpoint) and old.size > 0:
+        mine = cps.get(old.size)
+        if mine is not None and (mine.root, mine.chain_head) != (old.root, old.chain_head):
+            fail(
+                Failure(
+                    None,
+                    f"checkpoint of size {old.size} differs from the remembered one "
+                    "(history was rewritten)",
+                    old.size,
+                )
+            )
+        cps.setdefault(old.size, old)
 
     w = _Walker(trust, cps, rep, local=True)
     for e in store.entries():
@@ -281,7 +303,54 @@ def audit(
     _check_subjects(store, w.subjects, rep)
     if progress is not None:
         progress(rep.entries, total)
+    latest = store.latest_checkpoint()
+    if rep.newest_checkpoint is not None and latest is not None:
+        _save_state(state, latest.note, rep.newest_checkpoint, rep)
     return rep
+
+
+def _load_state(
+    state: Path | None, trust: TrustRoot, origin: str | None, newest: int, rep: AuditReport
+) -> Checkpoint | bool | None:
+    """The remembered checkpoint (None if no state yet); False after recording a failure."""
+    if state is None or not state.exists():
+        return None
+    try:
+        old = verify_checkpoint(
+            json.loads(state.read_text())["note"].encode(), trust, origin=origin
+        ).checkpoint
+    except (KolmError, ValueError, KeyError) as err:
+        rep.failures.append(
+            Failure(None, f"state file {state}: cannot use the remembered checkpoint: {err}")
+        )
+        return False
+    if old.size > newest:
+        rep.failures.append(
+            Failure(
+                None,
+                f"log shrank: remembered checkpoint has size {old.size}, the ledger now says "
+                f"{newest}",
+                newest,
+            )
+        )
+        return False
+    return old
+
+
+def _save_state(state: Path | None, note: bytes, cp: Checkpoint, rep: AuditReport) -> None:
+    """Remember ``cp`` (atomically) once an audit passed."""
+    if not rep.ok or state is None:
+        return
+    tmp = state.with_name(state.name + ".tmp")
+    tmp.write_text(
+        json.dumps(
+            {"origin": cp.origin, "size": cp.size, "root": cp.root.hex(), "note": note.decode()},
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
+    os.replace(tmp, state)
 
 
 def _check_nodes(store: Store, recomputed: dict[int, bytes], rep: AuditReport) -> None:
@@ -385,40 +454,24 @@ def audit_remote(
     rep.checkpoints = 1
     rep.newest_checkpoint = cp
     cps = {cp.size: cp}
-    old: Checkpoint | None = None
     state = Path(state_path) if state_path else None
-    if state is not None and state.exists():
+    old = _load_state(state, trust, origin, cp.size, rep)
+    if old is False:
+        return rep
+    if isinstance(old, Checkpoint) and old.size > 0:
         try:
-            old = verify_checkpoint(
-                json.loads(state.read_text())["note"].encode(), trust, origin=origin
-            ).checkpoint
-        except (KolmError, ValueError, KeyError) as err:
-            fail(Failure(None, f"state file {state}: cannot use the remembered checkpoint: {err}"))
-            return rep
-        if old.size > cp.size:
+            hashes, _ = client.consistency_proof(old.size, cp.size)
+            check_consistent(old, cp, hashes)
+        except KolmError as err:
             fail(
                 Failure(
                     None,
-                    f"log shrank: remembered checkpoint has size {old.size}, the "
-                    f"ledger now says {cp.size}",
+                    f"checkpoint of size {cp.size} is not consistent with the "
+                    f"remembered checkpoint of size {old.size}: {err}",
                     cp.size,
                 )
             )
-            return rep
-        if old.size > 0:
-            try:
-                hashes, _ = client.consistency_proof(old.size, cp.size)
-                check_consistent(old, cp, hashes)
-            except KolmError as err:
-                fail(
-                    Failure(
-                        None,
-                        f"checkpoint of size {cp.size} is not consistent with the "
-                        f"remembered checkpoint of size {old.size}: {err}",
-                        cp.size,
-                    )
-                )
-            cps.setdefault(old.size, old)
+        cps.setdefault(old.size, old)
     w = _Walker(trust, cps, rep, local=False)
     for e in client.entries(0, cp.size):
         w.feed(e)
@@ -427,20 +480,5 @@ def audit_remote(
     w.finish(cp.size)
     if progress is not None:
         progress(rep.entries, cp.size)
-    if rep.ok and state is not None:
-        tmp = state.with_name(state.name + ".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "origin": cp.origin,
-                    "size": cp.size,
-                    "root": cp.root.hex(),
-                    "note": signed.to_bytes().decode(),
-                },
-                indent=2,
-                sort_keys=True,
-            )
-            + "\n"
-        )
-        os.replace(tmp, state)
+    _save_state(state, signed.to_bytes(), cp, rep)
     return rep
