@@ -11,6 +11,7 @@ Exit codes: 0 success; 1 a verification or audit failed; 2 bad input or another 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -95,38 +96,113 @@ def cmd_ledger_bundle(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
+    from .bundle import Bundle
     from .errors import BundleFormatError
     from .keys import TrustRoot
-    from .verify import verify_bundle, verify_bundle_bytes
+    from .receipts import Statement
+    from .verify import verify_bundle, verify_bundle_bytes, verify_prediction
 
     trust = TrustRoot.load(a.trust)
+    client = None
     try:
         if a.ledger:
             from .client import LedgerClient
 
-            if (a.index is None) == (a.leaf_hash is None):
-                raise KolmError("with --ledger give exactly one of --index or --leaf-hash")
-            with LedgerClient(a.ledger) as c:
-                bundle = c.bundle(
-                    index=a.index, leaf_hash=bytes.fromhex(a.leaf_hash) if a.leaf_hash else None
-                )
-            v = verify_bundle(bundle, trust)
-        elif a.bundle:
+            client = LedgerClient(a.ledger)
+        if a.bundle:
+            # (1) parse the bundle
             try:
                 data = Path(a.bundle).read_bytes()
             except OSError as e:
                 raise BundleFormatError(f"cannot read bundle {a.bundle}: {e.strerror}") from e
+            if (a.index is not None) or a.leaf_hash:
+                raise KolmError("give a BUNDLE file or --index/--leaf-hash, not both")
             v = verify_bundle_bytes(data, trust)  # parsing is step 1
+            bundle = Bundle.from_bytes(data)
+        elif client is not None:
+            if (a.index is None) == (a.leaf_hash is None):
+                raise KolmError("with --ledger give exactly one of --index or --leaf-hash")
+            bundle = client.bundle(
+                index=a.index, leaf_hash=bytes.fromhex(a.leaf_hash) if a.leaf_hash else None
+            )
+            v = verify_bundle(bundle, trust)
         else:
             raise KolmError("give a BUNDLE file or --ledger HOST:PORT with --index/--leaf-hash")
+        if (a.input is None) != (a.salt is None):
+            raise KolmError("give --input and --salt together")
+        if v.kind != "prediction":
+            if a.input is not None:
+                raise KolmError(f"--input/--salt apply to prediction receipts, not {v.kind!r}")
+            print(
+                f"OK: {v.kind} receipt at index {v.index} signed by {v.role} key "
+                f"{v.keyid[:16]}, included in checkpoint {v.checkpoint.origin} "
+                f"size {v.checkpoint.size}"
+            )
+            return 0
+        artifact_bundle = None
+        if client is not None:
+            digest = Statement.from_envelope(bundle.envelope).predicate.get("artifact_digest")
+            found = client.find(subject_digest=str(digest), kind="artifact", limit=1)
+            if not found:
+                from .errors import VerificationError
+
+                err = VerificationError(
+                    f"step 8 (check artifact receipt): the ledger at {a.ledger} has no "
+                    f"artifact receipt for {str(digest)[:16]}…"
+                )
+                err.step = 8
+                raise err
+            artifact_bundle = client.bundle(index=found[0].index)
+        input_value = None
+        salt = None
+        if a.input is not None:
+            try:
+                input_value = Path(a.input).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise KolmError(f"cannot read --input {a.input}: {e}") from e
+            try:
+                salt = bytes.fromhex(a.salt)
+            except ValueError as e:
+                raise KolmError(f"--salt: not hex: {e}") from e
+        p = verify_prediction(
+            bundle, trust, artifact_bundle=artifact_bundle, input_value=input_value, salt=salt
+        )
     except KolmError as e:
         step = getattr(e, "step", None)
         print(f"FAILED{f' at step {step}' if step is not None else ''}: {e}")
         return 1
-    print(
-        f"OK: {v.kind} receipt at index {v.index} signed by {v.role} key {v.keyid[:16]}, "
-        f"included in checkpoint {v.checkpoint.origin} size {v.checkpoint.size}"
+    finally:
+        if client is not None:
+            client.close()
+    r = p.receipt
+    head = (
+        f"OK: prediction receipt at index {r.index} signed by {r.role} key {r.keyid[:16]}, "
+        f"included in checkpoint {r.checkpoint.origin} size {r.checkpoint.size}"
     )
+    out = json.dumps(p.output)[:80] if p.output is not None else "(digest only)"
+    tail = f"; output {out}, backend {p.backend}{f' ({p.reason})' if p.reason else ''}" + (
+        f", artifact K-score {p.k_score:.1f}" if p.k_score is not None else ""
+    )
+    if p.artifact is None and not p.input_checked:
+        print(head + tail)  # steps 1-7 only: one line, like every other kind
+        return 0
+    print(f"(1-3) signature by infer key {r.keyid[:16]} verifies")
+    print(f"(4)   key role {r.role!r} may sign predictions; valid at {r.time.isoformat()}")
+    print(f"(5-7) included at index {r.index} in checkpoint {r.checkpoint.origin} size "
+          f"{r.checkpoint.size}")  # fmt: skip
+    if p.artifact is not None:
+        print(
+            f"(8)   artifact {p.artifact_digest[:16]}… has an artifact receipt at index "
+            f"{p.artifact.index} signed by compile key {p.artifact.keyid[:16]}; "
+            f"K-score {p.k_score:.1f}"
+        )
+    else:
+        print("(8)   artifact receipt not checked (give --ledger HOST:PORT)")
+    if p.input_checked:
+        print("(9)   the input matches the commitment")
+    else:
+        print("(9)   input commitment not checked (give --input FILE --salt HEX)")
+    print(head + tail)
     return 0
 
 
@@ -151,7 +227,7 @@ def cmd_audit(a: argparse.Namespace) -> int:
                 progress=lambda n, t: prog.update(task, completed=n, total=t),
             )
     elif a.db:
-        rep = audit(Store(a.db), trust)
+        rep = audit(Store(a.db), trust, state_path=a.state)
     else:
         raise KolmError("give --db URL or --ledger HOST:PORT")
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(rep.by_kind.items()))
@@ -212,6 +288,18 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a)
 
 
+def cmd_advise(a: argparse.Namespace) -> int:
+    from .advise import cmd_advise as run
+
+    return run(a)
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import cmd_report as run
+
+    return run(a)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     """The root parser with every built-in and plug-in subcommand."""
     p = argparse.ArgumentParser(prog="kolm", description="kolm: distillation you can prove")
@@ -262,6 +350,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     v.add_argument("--ledger", help="fetch the bundle from this ledger (HOST:PORT)")
     v.add_argument("--index", type=int)
     v.add_argument("--leaf-hash", help="hex leaf hash")
+    v.add_argument("--input", help="prediction: a file holding the input text, to check")
+    v.add_argument("--salt", help="prediction: the hex salt returned with the answer")
     v.set_defaults(func=cmd_verify)
 
     au = sub.add_parser("audit", help="audit a whole ledger")
@@ -284,6 +374,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     d.add_argument("--dir", help="output directory (default: a fresh ./kolm-demo-<time>)")
     d.add_argument("--receipts", type=int, default=300, help="receipts of each kind to append")
     d.set_defaults(func=cmd_demo)
+
+    adv = sub.add_parser("advise", help="which technique fits: RAG, fine-tune or distillation")
+    from .advise import add_arguments as _advise_arguments  # stdlib only; no heavy imports
+
+    _advise_arguments(adv)
+    adv.set_defaults(func=cmd_advise)
+
+    rp = sub.add_parser("report", help="self-contained HTML audit report of one artifact")
+    rp.add_argument("artifact_digest")
+    rp_src = rp.add_mutually_exclusive_group(required=True)
+    rp_src.add_argument("--ledger", help="ledger service HOST:PORT")
+    rp_src.add_argument("--db", help="SQLAlchemy URL of the ledger database")
+    rp.add_argument("--trust", required=True, help="trust root (trust.json)")
+    rp.add_argument("--out", help="write the HTML here (default: report-<digest>.html)")
+    rp.set_defaults(func=cmd_report)
 
     for ep in sorted(entry_points(group="kolm.commands"), key=lambda e: e.name):
         ep.load()(sub)

@@ -198,6 +198,8 @@ def test_steps() -> None:
         "compute leaf hash",
         "check checkpoint",
         "check inclusion",
+        "check artifact receipt",
+        "check input commitment",
     )
 
 

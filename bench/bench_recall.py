@@ -1,0 +1,232 @@
+"""Recall benchmark: sqlite-vec search vs exact numpy search, and predict with/without recall.
+
+Run::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_recall.py            # everything
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_recall.py --sizes 10000 --no-real --no-predict
+
+Prints, per corpus: index build time and size, per-query latency p50/p99 of
+``RecallIndex.search`` (one query per call, k=10) next to an exact numpy brute-force
+search over the same in-memory matrix, and recall@10 of the index against that exact
+search. Synthetic corpora are random unit vectors (dim 384); queries are corpus vectors
+plus Gaussian noise (so each has real near neighbours). The real corpus is Banking77
+train texts embedded with all-MiniLM-L6-v2, queried with Banking77 test texts. The last
+table measures one-text student prediction in-process with and without a retrieval step
+(query embedding + search + evidence), side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kolm_compile import recall
+
+BANKING77 = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
+K = 10
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def unit(m: np.ndarray) -> np.ndarray:
+    return (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
+
+
+def run_corpus(
+    name: str, vecs: np.ndarray, queries: np.ndarray, texts: list[str], tmp: Path
+) -> dict[str, object]:
+    chunks = [recall.Chunk.make(f"c#{i}", t, i) for i, t in enumerate(texts)]
+    path = tmp / f"{name}.db"
+    t0 = time.perf_counter()
+    recall.build_index(chunks, vecs, path, embedding_model="bench")
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    recall.verify_index(path, recall.corpus_root([c.digest for c in chunks]))
+    verify_s = time.perf_counter() - t0
+    idx = recall.RecallIndex.open(path)
+    idx.search(queries[:2], k=K)  # warm the page cache
+    lat_idx, got = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        (row,) = idx.search(q[None, :], k=K)
+        lat_idx.append((time.perf_counter() - t0) * 1000)
+        got.append([h.position for h in row])
+    t0 = time.perf_counter()
+    idx.corpus_tree()
+    tree_s = time.perf_counter() - t0
+    lat_ev = []
+    for q in queries[:50]:
+        (row,) = idx.search(q[None, :], k=K)
+        t0 = time.perf_counter()
+        recall.evidence(row, idx)
+        lat_ev.append((time.perf_counter() - t0) * 1000)
+    idx.close()
+    lat_np, want = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        ix, _ = recall.exact_search(vecs, q[None, :], K)
+        lat_np.append((time.perf_counter() - t0) * 1000)
+        want.append(ix[0].tolist())
+    rec = float(np.mean([len(set(g) & set(w)) / K for g, w in zip(got, want, strict=True)]))
+    return {
+        "corpus": name,
+        "n": len(texts),
+        "build_s": build_s,
+        "verify_s": verify_s,
+        "tree_s": tree_s,
+        "mb": path.stat().st_size / 2**20,
+        "idx_p50": statistics.median(lat_idx),
+        "idx_p99": pct(lat_idx, 99),
+        "np_p50": statistics.median(lat_np),
+        "np_p99": pct(lat_np, 99),
+        "ev_p50": statistics.median(lat_ev),
+        "recall": rec,
+    }
+
+
+def synthetic(n: int, nq: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    vecs = unit(rng.standard_normal((n, 384)).astype(np.float32))
+    base = vecs[rng.choice(n, nq, replace=False)]
+    return vecs, unit(base + 0.05 * rng.standard_normal(base.shape).astype(np.float32))
+
+
+def banking(split: str, n: int) -> list[str]:
+    with open(BANKING77 / f"{split}.csv", newline="") as f:
+        return [r["text"] for r, _ in zip(csv.DictReader(f), range(n), strict=False)]
+
+
+def bench_predict(nq: int, tmp: Path) -> dict[str, float]:
+    from kolm_compile._train import (
+        DEFAULT_BASE_MODEL,
+        Student,
+        TrainConfig,
+        embed_texts,
+        train_classifier,
+    )
+
+    with open(BANKING77 / "train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = sorted({r["category"] for r in rows})[:8]
+    train = [r for r in rows if r["category"] in labels][:160]
+    cfg = TrainConfig(epochs=1, batch_size=16, max_length=32, threads=2)
+    res = train_classifier(
+        [r["text"] for r in train], [r["category"] for r in train], labels, cfg, tmp / "adapter"
+    )
+    student = res.student or Student.load(res.adapter_dir)
+    path = tmp / "examples.db"
+    info = recall.index_from_examples(
+        [(r["text"], r["category"]) for r in train],
+        embed_texts,
+        path,
+        embedding_model=DEFAULT_BASE_MODEL,
+    )
+    idx = recall.RecallIndex.open(path, expected_root=info.corpus_root)
+    queries = banking("test", nq)
+    student.predict(queries[:4])
+    embed_texts(queries[:4])
+    plain, with_recall = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        student.predict([q])
+        plain.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        student.predict([q])
+        (hits,) = idx.search([q], k=K)
+        recall.evidence(hits, idx)
+        recall.neighbour_vote(hits)
+        with_recall.append((time.perf_counter() - t0) * 1000)
+    idx.close()
+    return {
+        "plain_p50": statistics.median(plain),
+        "plain_p99": pct(plain, 99),
+        "rec_p50": statistics.median(with_recall),
+        "rec_p99": pct(with_recall, 99),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--no-real", action="store_true", help="skip the Banking77 MiniLM run")
+    ap.add_argument("--no-predict", action="store_true", help="skip predict with/without recall")
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(
+        f"sqlite backend: {recall.sqlite_backend().__name__} "
+        f"{recall.sqlite_backend().sqlite_version}; k={K}; {a.queries} queries, one per call"
+    )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-recall-") as td:
+        tmp = Path(td)
+        for n in a.sizes:
+            vecs, queries = synthetic(n, a.queries, rng)
+            results.append(
+                run_corpus(
+                    f"synthetic-{n // 1000}k", vecs, queries, [f"chunk {i}" for i in range(n)], tmp
+                )
+            )
+        if not a.no_real and BANKING77.is_dir():
+            from kolm_compile._train import embed_texts
+
+            texts = banking("train", 10_000)
+            t0 = time.perf_counter()
+            vecs = embed_texts(texts)
+            emb_s = time.perf_counter() - t0
+            queries = embed_texts(banking("test", a.queries))
+            r = run_corpus("banking77-minilm", vecs, queries, texts, tmp)
+            r["embed_s"] = emb_s
+            results.append(r)
+        print()
+        print(
+            f"{'corpus':18} {'n':>7} {'build s':>8} {'MB':>6} {'verify s':>8} {'tree s':>6} "
+            f"{'index p50/p99 ms':>17} {'numpy p50/p99 ms':>17} {'idx/np p50':>10} "
+            f"{'evidence ms':>11} {'recall@10':>9}"
+        )
+        for r in results:
+            print(
+                f"{r['corpus']:18} {r['n']:>7} {r['build_s']:>8.2f} {r['mb']:>6.1f} "
+                f"{r['verify_s']:>8.2f} {r['tree_s']:>6.2f} "
+                f"{r['idx_p50']:>8.2f}/{r['idx_p99']:<8.2f} {r['np_p50']:>8.2f}/{r['np_p99']:<8.2f}"
+                f" {r['idx_p50'] / r['np_p50']:>10.2f} {r['ev_p50']:>11.3f} {r['recall']:>9.4f}"
+            )
+        for r in results:
+            if "embed_s" in r:
+                print(
+                    f"(banking77: embedding {r['n']} texts with MiniLM took {r['embed_s']:.1f} s)"
+                )
+        if not a.no_predict and BANKING77.is_dir():
+            p = bench_predict(min(a.queries, 200), tmp)
+            print()
+            print(
+                "in-process student predict, one text per call (kolm_infer has no recall hook yet)"
+            )
+            print(f"{'path':34} {'p50 ms':>8} {'p99 ms':>8}")
+            print(f"{'predict':34} {p['plain_p50']:>8.2f} {p['plain_p99']:>8.2f}")
+            print(
+                f"{'predict + embed + search + evidence':34} {p['rec_p50']:>8.2f} "
+                f"{p['rec_p99']:>8.2f}"
+            )
+            print(
+                f"{'ratio':34} {p['rec_p50'] / p['plain_p50']:>8.2f} "
+                f"{p['rec_p99'] / p['plain_p99']:>8.2f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""``kolm infer serve`` and ``kolm predict`` (a ``kolm.commands`` plug-in).
+
+Importing this module is cheap: torch, the engine and the stubs load only when a
+command runs, so ``kolm --help`` stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kolm_ledger.errors import InvalidInput
+
+__all__ = ["cmd_infer_serve", "cmd_predict", "register"]
+
+
+def cmd_infer_serve(a: argparse.Namespace) -> int:
+    """Run the inference service until SIGTERM/SIGINT."""
+    import asyncio
+
+    from kolm_ledger.keys import PrivateKey, TrustRoot
+    from kolm_ledger.rpc import configure_logging
+
+    from .service import serve
+
+    configure_logging(a.log_level)
+    d = Path(a.artifacts)
+    if not d.is_dir():
+        raise InvalidInput(f"--artifacts {d}: not a directory")
+    teacher = task = None
+    if a.teacher:
+        from kolm_compile.spec import TaskSpec
+        from kolm_compile.teachers import build_teacher
+
+        task = TaskSpec.load(a.teacher, check_files=False)
+        teacher = build_teacher(task.teacher, task)
+    asyncio.run(
+        serve(
+            a.ledger,
+            TrustRoot.load(a.trust),
+            PrivateKey.load(a.key),
+            listen=a.listen,
+            metrics_port=a.metrics_port,
+            ready_file=a.ready_file,
+            artifacts=sorted(d.glob("*.kolm")),
+            teacher=teacher,
+            teacher_task=task,
+            spool=a.spool,
+            max_batch=a.max_batch,
+            max_wait_ms=a.max_wait_ms,
+            output_policy=a.output_policy,
+        )
+    )
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    """Send one prediction; print the answer, write its receipt (bundle or promise)."""
+    import grpc
+
+    from kolm_ledger.client import channel_options
+    from kolm_ledger.rpc import error_from_rpc
+
+    from ._pb import infer_pb2 as pb
+    from ._pb import infer_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(a.to, channel_options()) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        try:
+            r = stub.Predict(
+                pb.PredictRequest(artifact=a.artifact, input=a.text, wait_for_inclusion=a.wait),
+                timeout=a.timeout,
+            )
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
+    print(r.output)
+    state = "verified" if r.verified else "UNVERIFIED"
+    print(
+        f"{state}; backend {r.backend} ({r.reason}); confidence {r.confidence:.3f}; "
+        f"request {r.request_id}",
+        file=sys.stderr,
+    )
+    print(f"salt {r.salt.hex()}  (keep it: it opens the input commitment)", file=sys.stderr)
+    if a.out:
+        kind = r.WhichOneof("receipt")
+        if kind == "bundle":
+            Path(a.out).write_bytes(r.bundle)
+        else:
+            obj: dict[str, Any] = {"envelope": json.loads(r.envelope)}
+            if kind == "promise":
+                p = r.promise
+                obj["promise"] = {
+                    "origin": p.origin,
+                    "index": p.index,
+                    "leaf_hash": p.leaf_hash.hex(),
+                    "integrated_time_us": p.integrated_time_us,
+                    "key_id": p.key_id,
+                    "signature": p.signature.hex(),
+                }
+            else:
+                obj["spooled"] = True
+            Path(a.out).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {a.out} ({kind})", file=sys.stderr)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``infer`` and ``predict`` to the root ``kolm`` subparsers."""
+    inf = sub.add_parser("infer", help="serve verified artifacts with signed receipts")
+    isub = inf.add_subparsers(dest="infer_command", required=True)
+    s = isub.add_parser("serve", help="run the inference gRPC service")
+    s.add_argument("--artifacts", required=True, help="directory: every *.kolm in it is loaded")
+    s.add_argument("--ledger", required=True, help="ledger service HOST:PORT")
+    s.add_argument("--key", required=True, help="infer private key (PEM)")
+    s.add_argument("--trust", required=True, help="trust root (trust.json)")
+    s.add_argument("--teacher", help="task spec YAML whose teacher answers the escape hatch")
+    s.add_argument("--listen", default="127.0.0.1:7071")
+    s.add_argument("--spool", help="durable local spool (SQLite) for when the ledger is down")
+    s.add_argument("--max-batch", type=int, default=32, help="requests per forward pass")
+    s.add_argument("--max-wait-ms", type=float, default=1.0, help="longest wait to fill a batch")
+    s.add_argument(
+        "--output-policy",
+        choices=("full", "digest"),
+        default="full",
+        help="receipts carry the output (full) or only its digest",
+    )
+    s.add_argument("--metrics-port", type=int, help="Prometheus metrics on this HTTP port")
+    s.add_argument("--ready-file", help="write the bound port here once serving")
+    s.add_argument("--log-level", default="INFO")
+    s.set_defaults(func=cmd_infer_serve)
+
+    p = sub.add_parser("predict", help="ask an inference service for one prediction")
+    p.add_argument("text")
+    p.add_argument("--to", required=True, help="inference service HOST:PORT")
+    p.add_argument("--artifact", required=True, help="artifact name or digest")
+    p.add_argument("--out", help="write the receipt bundle (--wait) or the promise here")
+    p.add_argument("--wait", action="store_true", help="wait for inclusion: get the bundle")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_predict)

@@ -1,0 +1,399 @@
+"""Prediction receipts: build and sign them, send them to the ledger in batches, spool them.
+
+- :func:`sign_prediction` builds the ``prediction`` statement of one answer (input
+  commitment ``SHA-256(salt || JCS(input))`` with a fresh 32-byte salt that only the
+  caller gets back) and signs it with the ``infer`` key.
+- :class:`ReceiptWriter` sends envelopes to the ledger through ``AppendStream`` in
+  batches (every receipt queued while a batch is in flight goes in the next one, up
+  to ``max_inflight`` batches at once) and resolves each submitter's future with the
+  ledger's acknowledgement: the signed promise, or with ``wait`` the offline bundle.
+- :class:`Spool` is the optional durable local queue (SQLite, WAL,
+  ``synchronous=FULL``): when the ledger is unreachable a receipt is committed to the
+  spool *before* the answer goes out, and replayed in order once the ledger is back.
+  While the spool holds anything, new receipts go behind it, so the ledger sees them
+  in the order they were made.
+
+Example::
+
+    writer = ReceiptWriter(AsyncLedgerClient("127.0.0.1:7070"), spool=Spool("spool.db"))
+    await writer.start()
+    env, salt, commitment = sign_prediction(infer_key, artifact_digest=d, input_value="hi",
+                                            output="card_arrival", ...)
+    ack = await writer.submit(env)      # ack.promise, or ack.spooled
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from kolm_ledger._crypto import PrivateKey
+from kolm_ledger.bundle import Bundle
+from kolm_ledger.canonical import digest_hex
+from kolm_ledger.client import AppendResult, AsyncLedgerClient
+from kolm_ledger.dsse import Envelope
+from kolm_ledger.errors import InvalidInput, KolmError, StorageError, UnavailableError
+from kolm_ledger.receipts import prediction_statement, sign_statement
+from kolm_ledger.sequencer import Promise
+from kolm_ledger.verify import SALT_BYTES, input_commitment
+
+__all__ = [
+    "OUTPUT_POLICIES",
+    "Ack",
+    "ReceiptWriter",
+    "Spool",
+    "sign_prediction",
+]
+
+log = logging.getLogger("kolm.infer.receipts")
+
+#: ``full``: the receipt carries the output; ``digest``: only its digest (the subject).
+OUTPUT_POLICIES = ("full", "digest")
+
+RECEIPTS = Counter("kolm_infer_receipts_total", "Prediction receipts by outcome", ["outcome"])
+SPOOL_DEPTH = Gauge("kolm_infer_spool_depth", "Receipts waiting in the local spool")
+
+
+def sign_prediction(
+    key: PrivateKey,
+    *,
+    artifact_digest: str,
+    input_value: Any,
+    output: Any,
+    verdict: Mapping[str, Any],
+    backend: str,
+    reason: str,
+    confidence: float | None,
+    latency_ms: float,
+    request_id: str,
+    output_policy: str = "full",
+    extra: Mapping[str, Any] | None = None,
+    salt: bytes | None = None,
+    time: datetime | None = None,
+) -> tuple[Envelope, bytes, str]:
+    """Sign one prediction receipt; returns ``(envelope, salt, input_commitment)``.
+
+    The salt is fresh (``os.urandom(32)``) unless given; hand it to the caller only.
+    """
+    if output_policy not in OUTPUT_POLICIES:
+        raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
+    salt = os.urandom(SALT_BYTES) if salt is None else salt
+    commitment = input_commitment(input_value, salt)
+    st = prediction_statement(
+        output_digest=digest_hex(output),
+        artifact_digest=artifact_digest,
+        input_commitment=commitment,
+        output=output if output_policy == "full" else None,
+        verifier_verdict=verdict,
+        backend=backend,
+        confidence=confidence,
+        latency_ms=round(latency_ms, 3),
+        request_id=request_id,
+        extra={"reason": reason, **(extra or {})},
+        time=time,
+    )
+    return sign_statement(st, key), salt, commitment
+
+
+@dataclass(frozen=True)
+class Ack:
+    """How a receipt was made durable: a ledger promise (and bundle), or the local spool."""
+
+    leaf_hash: bytes
+    promise: Promise | None = None
+    bundle: Bundle | None = None
+    spooled: bool = False
+
+
+# --------------------------------------------------------------------------- spool
+
+
+class Spool:
+    """A durable FIFO of envelopes (SQLite, WAL, ``synchronous=FULL``); thread-safe."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS spool ("
+                " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " leaf_hash BLOB NOT NULL,"
+                " envelope BLOB NOT NULL,"
+                " spooled_at REAL NOT NULL)"
+            )
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot open spool {self.path}: {e}") from e
+        self._lock = threading.Lock()
+        SPOOL_DEPTH.set(self.depth())
+
+    def put(self, envelopes: Sequence[bytes], leaf_hashes: Sequence[bytes]) -> None:
+        """Append envelopes in order, durably (returns after the commit is on disk)."""
+        now = time.time()
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO spool (leaf_hash, envelope, spooled_at) VALUES (?, ?, ?)",
+                    [(h, e, now) for e, h in zip(envelopes, leaf_hashes, strict=True)],
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._db.execute("ROLLBACK") if self._db.in_transaction else None
+                raise StorageError(f"spool {self.path}: write failed: {e}") from e
+        SPOOL_DEPTH.set(self.depth())
+
+    def head(self, n: int) -> list[tuple[int, bytes]]:
+        """The oldest ``n`` entries as ``(seq, envelope)``."""
+        with self._lock:
+            return list(
+                self._db.execute("SELECT seq, envelope FROM spool ORDER BY seq LIMIT ?", (n,))
+            )
+
+    def remove_through(self, seq: int) -> None:
+        """Forget every entry up to and including ``seq`` (they are in the ledger)."""
+        with self._lock:
+            self._db.execute("DELETE FROM spool WHERE seq <= ?", (seq,))
+        SPOOL_DEPTH.set(self.depth())
+
+    def depth(self) -> int:
+        """Entries waiting."""
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM spool").fetchone()[0])
+
+    def leaf_hashes(self) -> list[bytes]:
+        """Leaf hashes of the waiting entries, oldest first."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT leaf_hash FROM spool ORDER BY seq")]
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+
+# --------------------------------------------------------------------------- writer
+
+
+@dataclass
+class _Item:
+    envelope: bytes
+    leaf_hash: bytes
+    wait: bool
+    future: asyncio.Future[Ack]
+
+
+class ReceiptWriter:
+    """Batches receipts to the ledger; fails closed unless a spool is configured.
+
+    ``submit`` resolves once the receipt is acknowledged by the ledger (or, with a
+    spool and the ledger unreachable, committed to the spool). Without a spool, an
+    unreachable ledger raises :class:`UnavailableError` to the submitter.
+    """
+
+    def __init__(
+        self,
+        client: AsyncLedgerClient,
+        *,
+        spool: Spool | None = None,
+        max_batch: int = 512,
+        max_inflight: int = 4,
+        replay_interval_s: float = 0.5,
+    ) -> None:
+        if max_batch < 1 or max_inflight < 1:
+            raise InvalidInput("max_batch and max_inflight must be >= 1")
+        self.client = client
+        self.spool = spool
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight
+        self.replay_interval_s = replay_interval_s
+        self._queue: list[_Item] = []
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._replayer: asyncio.Task[None] | None = None
+        self._spool_pending = False
+        self._closing = False
+        self.batches: list[int] = []  # sizes of the batches sent (for tests and metrics)
+
+    async def start(self) -> None:
+        """Start the batching task (and the spool replayer) on the running loop."""
+        loop = asyncio.get_running_loop()
+        self._runner = loop.create_task(self._run(), name="kolm-receipt-writer")
+        if self.spool is not None:
+            self._spool_pending = await asyncio.to_thread(self.spool.depth) > 0
+            self._replayer = loop.create_task(self._replay_loop(), name="kolm-spool-replay")
+
+    async def submit(self, envelope: Envelope, *, wait: bool = False) -> Ack:
+        """Queue one envelope; returns once it is durable (ledger or spool)."""
+        if self._closing:
+            raise UnavailableError("the inference service is shutting down")
+        data = envelope.to_bytes()
+        leaf = envelope.leaf_hash()
+        if self._spool_pending and not wait:
+            # keep ledger order = creation order: go behind what is already spooled
+            return await self._to_spool([data], [leaf])[0]
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(data, leaf, wait, fut))
+        self._wake.set()
+        return await fut
+
+    def _to_spool(self, envs: list[bytes], leaves: list[bytes]) -> list[asyncio.Future[Ack]]:
+        assert self.spool is not None
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[Ack]] = [loop.create_future() for _ in envs]
+        spool = self.spool
+        self._spool_pending = True
+
+        async def write() -> None:
+            try:
+                await asyncio.to_thread(spool.put, envs, leaves)
+            except KolmError as e:
+                RECEIPTS.labels("failed").inc(len(envs))
+                for f in futs:
+                    f.set_exception(e)
+                return
+            RECEIPTS.labels("spooled").inc(len(envs))
+            for f, h in zip(futs, leaves, strict=True):
+                f.set_result(Ack(h, spooled=True))
+
+        t = loop.create_task(write())
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return futs
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._slots.acquire()
+            # take what is queued now, one wait-flag at a time
+            flag = self._queue[0].wait
+            batch = [it for it in self._queue if it.wait == flag][: self.max_batch]
+            taken = {id(it) for it in batch}
+            self._queue = [it for it in self._queue if id(it) not in taken]
+            t = asyncio.get_running_loop().create_task(self._send(batch, flag))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Item], wait: bool) -> None:
+        try:
+            self.batches.append(len(batch))
+            try:
+                results = await self.client.append_batch([it.envelope for it in batch], wait=wait)
+            except UnavailableError as e:
+                results = [e] * len(batch)
+            except KolmError as e:
+                results = [e] * len(batch)
+            to_spool: list[_Item] = []
+            for it, r in zip(batch, results, strict=False):
+                if isinstance(r, AppendResult):
+                    RECEIPTS.labels("acked").inc()
+                    it.future.set_result(Ack(it.leaf_hash, r.promise, r.bundle))
+                elif isinstance(r, UnavailableError) and self.spool is not None and not wait:
+                    to_spool.append(it)
+                else:
+                    RECEIPTS.labels("failed").inc()
+                    err = r if isinstance(r, KolmError) else KolmError(str(r))
+                    if isinstance(r, UnavailableError):
+                        err = UnavailableError(f"the ledger is unreachable; fail closed: {r}")
+                    it.future.set_exception(err)
+            for it in batch[len(results) :]:
+                it.future.set_exception(UnavailableError("the ledger sent no result"))
+            if to_spool:
+                log.warning("ledger unreachable: spooling %d receipts", len(to_spool))
+                futs = self._to_spool(
+                    [it.envelope for it in to_spool], [it.leaf_hash for it in to_spool]
+                )
+                for it, f in zip(to_spool, futs, strict=True):
+                    _chain(f, it.future)
+        finally:
+            self._slots.release()
+
+    async def _replay_loop(self) -> None:
+        while not self._closing:
+            try:
+                await self.replay_once()
+            except Exception as e:  # keep replaying; the next round retries
+                log.warning("spool replay failed: %s", e)
+            await asyncio.sleep(self.replay_interval_s)
+
+    async def replay_once(self) -> int:
+        """Send the spool to the ledger in order until it is empty or the ledger fails.
+
+        Returns how many entries were confirmed. An entry the ledger refuses (not for
+        unavailability) is logged and dropped from the spool, so one bad receipt cannot
+        block the rest.
+        """
+        assert self.spool is not None
+        done = 0
+        while True:
+            rows = await asyncio.to_thread(self.spool.head, self.max_batch)
+            if not rows:
+                self._spool_pending = False
+                return done
+            try:
+                results = await self.client.append_batch([e for _, e in rows])
+            except UnavailableError:
+                return done
+            last = None
+            for (seq, _), r in zip(rows, results, strict=False):
+                if isinstance(r, UnavailableError):
+                    break
+                if isinstance(r, KolmError):
+                    log.error("ledger refused spooled receipt %d: %s", seq, r)
+                last = seq
+            if last is None:
+                return done
+            await asyncio.to_thread(self.spool.remove_through, last)
+            n = sum(1 for seq, _ in rows if seq <= last)
+            RECEIPTS.labels("replayed").inc(n)
+            done += n
+            if await asyncio.to_thread(self.spool.depth) == 0:
+                # nothing spooled since: new receipts may go straight to the ledger again
+                self._spool_pending = False
+                return done
+
+    async def close(self) -> None:
+        """Finish queued receipts, stop the tasks (the spool keeps what is not replayed)."""
+        self._closing = True
+        self._wake.set()
+        if self._runner is not None:
+            await self._runner
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._replayer is not None:
+            self._replayer.cancel()
+            await asyncio.gather(self._replayer, return_exceptions=True)
+
+
+def _chain(src: asyncio.Future[Ack], dst: asyncio.Future[Ack]) -> None:
+    def done(f: asyncio.Future[Ack]) -> None:
+        if dst.done():
+            return
+        if f.exception() is not None:
+            dst.set_exception(f.exception())  # type: ignore[arg-type]
+        else:
+            dst.set_result(f.result())
+
+    src.add_done_callback(done)

@@ -1,0 +1,330 @@
+"""The inference gRPC service (``kolm.infer.v1.Inference``) on ``grpc.aio``.
+
+The servicer is thin: it parses messages, calls :class:`~kolm_infer.engine.Engine`
+for the answer and :mod:`kolm_infer.receipts` for the signed receipt, and builds the
+reply. Fail closed: a reply is sent only after its receipt is acknowledged by the
+ledger (the signed promise comes back with the answer; ``wait_for_inclusion`` returns
+the offline bundle instead) or, with a spool configured, committed to the spool. The
+ledger unreachable without a spool → ``UNAVAILABLE``. Errors become statuses through
+:class:`kolm_ledger.rpc.ErrorInterceptor` (a refused artifact → ``FAILED_PRECONDITION``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import start_http_server
+
+from kolm_ledger import rpc
+from kolm_ledger._crypto import PrivateKey
+from kolm_ledger.client import AsyncLedgerClient, LedgerClient
+from kolm_ledger.errors import InvalidInput
+from kolm_ledger.keys import TrustRoot
+
+from ._pb import infer_pb2 as pb
+from ._pb import infer_pb2_grpc as pb_grpc
+from .engine import Engine, LoadedArtifact
+from .receipts import OUTPUT_POLICIES, Ack, ReceiptWriter, Spool, sign_prediction
+
+__all__ = ["InferenceServer", "InferenceServicer", "serve", "start"]
+
+log = logging.getLogger("kolm.infer")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+MAX_MESSAGE = 64 * 1024 * 1024
+MAX_INPUT_CHARS = 16_384
+
+
+def artifact_pb(a: LoadedArtifact) -> pb.ArtifactInfo:
+    """Loaded artifact → protobuf."""
+    return pb.ArtifactInfo(
+        name=a.name,
+        digest=a.digest,
+        file_digest=a.file_digest,
+        task_type=a.task_type,
+        labels=a.labels,
+        confidence_threshold=a.confidence_threshold,
+        k_score=a.k_score,
+        artifact_receipt_index=a.receipt_index,
+        verifier=str(a.manifest.get("verifier", {}).get("name", "")),
+        signer_key_id=a.signer_keyid,
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """Thin servicer over the engine and the receipt writer."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        writer: ReceiptWriter,
+        infer_key: PrivateKey,
+        *,
+        output_policy: str = "full",
+    ) -> None:
+        if output_policy not in OUTPUT_POLICIES:
+            raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
+        self.engine = engine
+        self.writer = writer
+        self.key = infer_key
+        self.output_policy = output_policy
+
+    async def LoadArtifact(
+        self, request: pb.LoadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ArtifactInfo:
+        which = request.WhichOneof("source")
+        if which == "path":
+            art = await asyncio.to_thread(
+                self.engine.load, Path(request.path), request.name or None
+            )
+        elif which == "data":
+            fd, tmp = tempfile.mkstemp(suffix=".kolm")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(request.data)
+                art = await asyncio.to_thread(self.engine.load, Path(tmp), request.name or None)
+            finally:
+                os.unlink(tmp)
+        else:
+            raise InvalidInput("give the artifact as path or data")
+        return artifact_pb(art)
+
+    async def ListArtifacts(
+        self, request: pb.ListArtifactsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListArtifactsResponse:
+        return pb.ListArtifactsResponse(artifacts=[artifact_pb(a) for a in self.engine.list()])
+
+    async def UnloadArtifact(
+        self, request: pb.UnloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadArtifactResponse:
+        art = await self.engine.unload(request.artifact)
+        return pb.UnloadArtifactResponse(digest=art.digest)
+
+    async def _predict(self, request: pb.PredictRequest) -> pb.PredictResponse:
+        if len(request.input) > MAX_INPUT_CHARS:
+            raise InvalidInput(
+                f"input has {len(request.input)} characters, limit {MAX_INPUT_CHARS}"
+            )
+        rid = request.request_id or uuid.uuid4().hex
+        art, p = await self.engine.predict(request.artifact, request.input)
+        extra: dict[str, Any] = {}
+        if p.teacher is not None:
+            extra["teacher"] = p.teacher
+        env, salt, commitment = sign_prediction(
+            self.key,
+            artifact_digest=art.digest,
+            input_value=request.input,
+            output=p.output,
+            verdict=p.verdict,
+            backend=p.backend,
+            reason=p.reason,
+            confidence=p.confidence,
+            latency_ms=p.latency_ms,
+            request_id=rid,
+            output_policy=self.output_policy,
+            extra=extra,
+        )
+        ack = await self.writer.submit(env, wait=request.wait_for_inclusion)
+        resp = pb.PredictResponse(
+            request_id=rid,
+            output=p.output,
+            verified=p.verified,
+            backend=p.backend,
+            reason=p.reason,
+            confidence=p.confidence,
+            latency_ms=p.latency_ms,
+            artifact_digest=art.digest,
+            salt=salt,
+            input_commitment=commitment,
+            envelope=env.to_bytes(),
+            verifier_reason=str(p.verdict.get("reason", "")),
+        )
+        _set_receipt(resp, ack)
+        return resp
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        return await self._predict(request)
+
+    async def PredictStream(
+        self,
+        request_iterator: AsyncIterator[pb.PredictRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.PredictResponse]:
+        """Requests are answered concurrently; responses come in completion order."""
+        out: asyncio.Queue[pb.PredictResponse | BaseException | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(req: pb.PredictRequest) -> None:
+            try:
+                await out.put(await self._predict(req))
+            except BaseException as e:  # sent as the stream's status
+                await out.put(e)
+
+        async def reader() -> None:
+            try:
+                async for req in request_iterator:
+                    t = asyncio.ensure_future(one(req))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                await out.put(None)
+
+        rtask = asyncio.ensure_future(reader())
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            rtask.cancel()
+            for t in list(tasks):
+                t.cancel()
+
+
+def _set_receipt(resp: pb.PredictResponse, ack: Ack) -> None:
+    if ack.bundle is not None:
+        resp.bundle = ack.bundle.to_bytes()
+    elif ack.promise is not None:
+        p = ack.promise
+        resp.promise.CopyFrom(
+            pb.Promise(
+                origin=p.origin,
+                index=p.index,
+                leaf_hash=p.leaf_hash,
+                integrated_time_us=p.integrated_time_us,
+                key_id=p.key_id,
+                signature=p.signature,
+            )
+        )
+    else:
+        resp.spooled = ack.spooled
+
+
+@dataclass
+class InferenceServer:
+    """A running inference service and its bound port."""
+
+    server: grpc.aio.Server
+    engine: Engine
+    writer: ReceiptWriter
+    ledger: AsyncLedgerClient
+    port: int
+    health: Any
+    spool: Spool | None = None
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Graceful stop: NOT_SERVING, finish in-flight RPCs and receipts, close everything."""
+        await rpc.set_serving(self.health, [SERVICE_NAME], False)
+        await self.server.stop(grace)
+        await self.writer.close()
+        await self.engine.close()
+        await self.ledger.close()
+        if self.engine.ledger is not None:
+            self.engine.ledger.close()
+        if self.spool is not None:
+            self.spool.close()
+
+
+async def start(
+    ledger: str,
+    trust: TrustRoot,
+    infer_key: PrivateKey,
+    *,
+    artifacts: Sequence[Path] = (),
+    listen: str = "127.0.0.1:0",
+    teacher: Any = None,
+    teacher_task: Any = None,
+    spool: str | os.PathLike[str] | None = None,
+    max_batch: int = 32,
+    max_wait_ms: float = 1.0,
+    output_policy: str = "full",
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> InferenceServer:
+    """Start the service; loads ``artifacts`` first (any refusal raises). Port 0 picks one."""
+    if output_policy not in OUTPUT_POLICIES:
+        raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
+    engine = Engine(
+        trust,
+        LedgerClient(ledger, timeout=10.0),
+        teacher=teacher,
+        teacher_task=teacher_task,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+    )
+    for path in artifacts:
+        await asyncio.to_thread(engine.load, Path(path))
+    client = AsyncLedgerClient(ledger, timeout=10.0)
+    sp = Spool(spool) if spool else None
+    writer = ReceiptWriter(client, spool=sp)
+    await writer.start()
+    server = grpc.aio.server(
+        interceptors=[*interceptors, rpc.ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
+    )
+    pb_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(engine, writer, infer_key, output_policy=output_policy), server
+    )
+    hs = rpc.add_standard_services(server, [SERVICE_NAME])
+    port = (
+        server.add_secure_port(listen, credentials)
+        if credentials
+        else server.add_insecure_port(listen)
+    )
+    if port == 0:
+        raise InvalidInput(f"cannot listen on {listen}")
+    await server.start()
+    await rpc.set_serving(hs, [SERVICE_NAME], True)
+    log.info("inference serving", extra={"kolm_port": port})
+    return InferenceServer(server, engine, writer, client, port, hs, sp)
+
+
+async def serve(
+    ledger: str,
+    trust: TrustRoot,
+    infer_key: PrivateKey,
+    *,
+    listen: str,
+    metrics_port: int | None = None,
+    ready_file: str | None = None,
+    **kw: Any,
+) -> None:
+    """Run until SIGTERM/SIGINT (``kolm infer serve``)."""
+    if metrics_port is not None:
+        start_http_server(metrics_port, addr="127.0.0.1")
+    srv = await start(ledger, trust, infer_key, listen=listen, **kw)
+    print(f"kolm infer listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
+    if ready_file:
+        tmp = Path(ready_file).with_name(Path(ready_file).name + ".tmp")
+        tmp.write_text(str(srv.port))
+        tmp.replace(ready_file)
+
+    async def on_stop() -> None:
+        await rpc.set_serving(srv.health, [SERVICE_NAME], False)
+
+    try:
+        await rpc.run_until_signal(srv.server, on_stop=on_stop)
+    finally:
+        await srv.writer.close()
+        await srv.engine.close()
+        await srv.ledger.close()
+        if srv.spool is not None:
+            srv.spool.close()
