@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast lint bench demo proto clean
+.PHONY: setup test test-fast lint bench soak demo proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+soak: setup
+	$(BIN)/python bench/soak.py
 
 demo: setup
 	$(BIN)/kolm demo $(if $(DIR),--dir $(DIR),)

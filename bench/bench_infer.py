@@ -43,7 +43,7 @@ from kolm_ledger.client import LedgerClient  # noqa: E402
 from kolm_ledger.keys import PrivateKey, init_keys  # noqa: E402
 from kolm_ledger.receipts import artifact_statement, sign_statement  # noqa: E402
 
-DATA = Path("/work/shared/data/banking77")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"  # ../shared
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
 
 

@@ -30,7 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kolm_compile._train import Student, TrainConfig, embed_texts, train_classifier
 from kolm_compile.kscore import kscore
 
-DATA = Path(os.environ.get("KOLM_BANKING77", "/work/shared/data/banking77"))
+DATA = Path(
+    os.environ.get(
+        "KOLM_BANKING77", Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
+    )
+)
 
 
 def read(path: Path) -> list[tuple[str, str]]:

@@ -24,7 +24,6 @@ Layout (every entry sorted, timestamps fixed at 1980-01-01, mode 0644)::
     confidence_threshold   escape-hatch threshold (student confidence below it → teacher)
     verifier          {"name", "version", "params"}
     spec_digest       the task spec digest
-    job_id            the compile job id
     kolm_version
     recall            optional: {"index": "recall/index.db", "corpus_root", "chunks", ...}
 

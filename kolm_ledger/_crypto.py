@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cryptography import x509
 from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -118,6 +119,10 @@ class PublicKey:
         except ValueError as e:  # malformed DER signature
             raise SignatureError(f"{self.algorithm} signature is malformed: {e}") from e
 
+    def x509_public_key(self) -> _PublicRaw:
+        """The key as ``cryptography.x509.CertificateBuilder.public_key`` takes it."""
+        return self._key
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PublicKey) and self.der() == other.der()
 
@@ -200,6 +205,17 @@ class PrivateKey:
         if isinstance(self._key, ed25519.Ed25519PrivateKey):
             return self._key.sign(data)
         return self._key.sign(data, _ECDSA_SHA256_RFC6979 if deterministic else _ECDSA_SHA256)
+
+    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        """Sign an X.509 certificate (ECDSA with SHA-256, or Ed25519) as its issuer."""
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            return builder.sign(self._key, None)
+        return builder.sign(self._key, hashes.SHA256())
+
+    @staticmethod
+    def certificate_pem(cert: x509.Certificate) -> bytes:
+        """PEM encoding of an X.509 certificate."""
+        return cert.public_bytes(serialization.Encoding.PEM)
 
     def ed25519_seed(self) -> bytes:
         """Raw 32-byte Ed25519 private key (for signed-note key strings)."""

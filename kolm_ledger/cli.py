@@ -106,9 +106,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     client = None
     try:
         if a.ledger:
-            from .client import LedgerClient
-
-            client = LedgerClient(a.ledger)
+            client = _client(a)
+        witnesses = _witness_policy(a)
         if a.bundle:
             # (1) parse the bundle
             try:
@@ -117,7 +116,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
                 raise BundleFormatError(f"cannot read bundle {a.bundle}: {e.strerror}") from e
             if (a.index is not None) or a.leaf_hash:
                 raise KolmError("give a BUNDLE file or --index/--leaf-hash, not both")
-            v = verify_bundle_bytes(data, trust)  # parsing is step 1
+            v = verify_bundle_bytes(data, trust, **witnesses)  # parsing is step 1
             bundle = Bundle.from_bytes(data)
         elif client is not None:
             if (a.index is None) == (a.leaf_hash is None):
@@ -125,7 +124,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
             bundle = client.bundle(
                 index=a.index, leaf_hash=bytes.fromhex(a.leaf_hash) if a.leaf_hash else None
             )
-            v = verify_bundle(bundle, trust)
+            v = verify_bundle(bundle, trust, **witnesses)
         else:
             raise KolmError("give a BUNDLE file or --ledger HOST:PORT with --index/--leaf-hash")
         if (a.input is None) != (a.salt is None):
@@ -206,6 +205,27 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _client(a: argparse.Namespace) -> Any:
+    """A LedgerClient for ``--ledger``: mutual TLS with ``--tls-dir``/``--role``, else loopback."""
+    from .client import LedgerClient
+    from .tls import channel_credentials_from_args
+
+    return LedgerClient(a.ledger, credentials=channel_credentials_from_args(a, a.ledger))
+
+
+def _witness_policy(a: argparse.Namespace) -> dict[str, Any]:
+    from .witness import load_witness_verifiers
+
+    wfile = getattr(a, "witnesses", None)
+    k = getattr(a, "min_witnesses", None)
+    if wfile is None:
+        if k:
+            raise KolmError("--min-witnesses needs --witnesses FILE")
+        return {}
+    ws = load_witness_verifiers(wfile)
+    return {"witnesses": ws, "min_witnesses": len(ws) if k is None else k}
+
+
 def cmd_audit(a: argparse.Namespace) -> int:
     from .audit import audit
     from .keys import TrustRoot
@@ -216,9 +236,8 @@ def cmd_audit(a: argparse.Namespace) -> int:
         from rich.progress import Progress
 
         from .audit import audit_remote
-        from .client import LedgerClient
 
-        with LedgerClient(a.ledger) as c, Progress(transient=True) as prog:
+        with _client(a) as c, Progress(transient=True) as prog:
             task = prog.add_task("auditing", total=None)
             rep = audit_remote(
                 c,
@@ -252,7 +271,9 @@ def cmd_ledger_serve(a: argparse.Namespace) -> int:
     from .keys import PrivateKey, TrustRoot
     from .rpc import configure_logging
     from .server import serve
+    from .tls import server_credentials_from_args
 
+    credentials = server_credentials_from_args(a, "ledger", a.listen)
     configure_logging(a.log_level)
     asyncio.run(
         serve(
@@ -260,6 +281,10 @@ def cmd_ledger_serve(a: argparse.Namespace) -> int:
             TrustRoot.load(a.trust),
             PrivateKey.load(a.log_key),
             listen=a.listen,
+            credentials=credentials,
+            extra_log_keys=[PrivateKey.load(k) for k in a.extra_log_key or ()],
+            witnesses=a.witness or (),
+            witness_policy=a.witness_policy,
             metrics_port=a.metrics_port,
             max_batch=a.max_batch,
             max_wait_ms=a.max_wait_ms,
@@ -271,12 +296,11 @@ def cmd_ledger_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_provenance(a: argparse.Namespace) -> int:
-    from .client import LedgerClient
     from .keys import TrustRoot
     from .provenance_check import check_provenance
 
     trust = TrustRoot.load(a.trust) if a.trust else None
-    with LedgerClient(a.ledger) as c:
+    with _client(a) as c:
         report = check_provenance(c.provenance(a.artifact_digest, include_labels=True), trust)
     print(report.render())
     return 0 if report.ok else 1
@@ -300,6 +324,169 @@ def cmd_report(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def _tls() -> Any:
+    from . import tls
+
+    return tls
+
+
+def _key_target(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ledger", help="append the key receipt through this ledger (HOST:PORT)")
+    g.add_argument("--db", help="append the key receipt directly to this ledger database")
+    p.add_argument("--tls-dir", help="with --ledger: mutual TLS as the admin client")
+    p.set_defaults(role_cert="admin")
+
+
+def _append_key_receipt(a: argparse.Namespace, env: Any) -> int:
+    """Append an admin-signed key receipt through --ledger or --db; returns its index."""
+    if a.ledger:
+        from .client import LedgerClient
+        from .tls import channel_credentials_from_args
+
+        ns = argparse.Namespace(tls_dir=a.tls_dir, role="admin")
+        with LedgerClient(a.ledger, credentials=channel_credentials_from_args(ns, a.ledger)) as c:
+            return int(c.append(env, wait=True).index)
+    keys = Path(a.keys)
+    (res,) = _open_ledger(a.db, keys / "trust.json", keys / "log.key").append([env])
+    return int(res.index)
+
+
+def cmd_keys_rotate(a: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from .keys import PrivateKey, TrustedKey, TrustRoot
+    from .receipts import key_statement, sign_statement
+
+    keys = Path(a.keys)
+    old_path = keys / f"{a.role}.key"
+    old = PrivateKey.load(old_path)
+    admin = PrivateKey.load(keys / "admin.key")
+    new = PrivateKey.generate(old.algorithm)
+    staged = keys / f"{a.role}.key.new"
+    new.save(staged)  # kept if the append fails half way: nothing is lost
+    now = datetime.now(UTC).replace(microsecond=0)
+    st = key_statement(
+        action="rotate",
+        public_key=new.public_key(),
+        role=a.role,
+        replaces=old.keyid(),
+        effective_at=now,
+        time=now,
+    )
+    index = _append_key_receipt(a, sign_statement(st, admin))
+    retired = keys / f"{a.role}.key.{old.keyid()[:8]}.retired"
+    old_path.replace(retired)
+    staged.replace(old_path)
+    (keys / f"{a.role}.pub").write_text(new.public_key().pem())
+    trust_path = keys / "trust.json"
+    if trust_path.exists():  # offline verifiers read trust.json: list the new key there too
+        root = TrustRoot.load(trust_path)
+        try:
+            k = root.get(old.keyid())
+            if k.not_after is None or k.not_after > now:
+                from dataclasses import replace
+
+                # validity is second-granular; the receipt takes effect when integrated
+                root = root.with_key(replace(k, not_after=now + timedelta(seconds=1)))
+        except KolmError:
+            pass
+        root = root.with_key(TrustedKey.for_key(new.public_key(), a.role, not_before=now))
+        root.save(trust_path)
+    print(f"rotated {a.role}: {old.keyid()[:16]} -> {new.keyid()[:16]} (key receipt {index})")
+    print(f"old key moved to {retired}")
+    return 0
+
+
+def cmd_keys_revoke(a: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from .keys import PrivateKey, TrustRoot
+    from .receipts import key_statement, sign_statement
+
+    keys = Path(a.keys)
+    admin = PrivateKey.load(keys / "admin.key")
+    root = TrustRoot.load(keys / "trust.json")
+    found = [k for k in root.keys if k.keyid.startswith(a.keyid.lower())]
+    if len(found) != 1:
+        raise KolmError(
+            f"key id {a.keyid[:16]!r} matches {len(found)} keys in {keys / 'trust.json'}, want 1"
+        )
+    k = found[0]
+    if k.role == "log":
+        raise KolmError("log keys are rotated with --extra-log-key, not revoked by key receipt")
+    now = datetime.now(UTC).replace(microsecond=0)
+    st = key_statement(
+        action="revoke",
+        public_key=k.public_key,
+        role=k.role,
+        reason=a.reason,
+        effective_at=now,
+        time=now,
+    )
+    index = _append_key_receipt(a, sign_statement(st, admin))
+    print(f"revoked {k.role} key {k.keyid[:16]} (key receipt {index})")
+    return 0
+
+
+def cmd_certs_init(a: argparse.Namespace) -> int:
+    from .tls import ROLE_URI_PREFIX, init_certs
+
+    for stem, path in init_certs(a.dir).items():
+        print(f"{stem:16} {path}")
+    print(f"client roles are URI SANs {ROLE_URI_PREFIX}<role>")
+    return 0
+
+
+def cmd_ledger_vkey(a: argparse.Namespace) -> int:
+    from .checkpoint import log_verifiers
+    from .keys import TrustRoot
+
+    for v in log_verifiers(TrustRoot.load(a.trust)):
+        print(v.vkey())
+    return 0
+
+
+def cmd_witness_keygen(a: argparse.Namespace) -> int:
+    from .keys import PrivateKey
+    from .witness import Cosigner
+
+    if Path(a.key).exists():
+        raise KolmError(f"{a.key} exists; refusing to overwrite a key")
+    key = PrivateKey.generate("ed25519")
+    key.save(a.key)
+    print(Cosigner(a.name, key).verifier().vkey())
+    return 0
+
+
+def cmd_witness_serve(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .keys import PrivateKey
+    from .note import NoteVerifier
+    from .witness import Cosigner, Witness, start_witness
+
+    w = Witness(
+        Cosigner(a.name, PrivateKey.load(a.key)),
+        a.state,
+        [NoteVerifier.from_vkey(v) for v in a.log_vkey],
+    )
+    srv = start_witness(w, a.listen)
+    port = srv.server_address[1]
+    print(f"kolm witness {w.cosigner.verifier().vkey()} listening on port {port}", flush=True)
+    if a.ready_file:
+        tmp = Path(a.ready_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(a.ready_file)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    srv.shutdown()
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     """The root parser with every built-in and plug-in subcommand."""
     p = argparse.ArgumentParser(prog="kolm", description="kolm: distillation you can prove")
@@ -311,6 +498,42 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     ki.add_argument("dir")
     ki.add_argument("--origin", default="kolm.dev/ledger", help="checkpoint origin of the log key")
     ki.set_defaults(func=cmd_keys_init)
+    kr = ksub.add_parser("rotate", help="replace a producer key (admin-signed key receipt)")
+    kr.add_argument("--keys", required=True, help="key directory (admin.key, trust.json, ...)")
+    kr.add_argument("--role", required=True, choices=("admin", "compile", "infer"))
+    _key_target(kr)
+    kr.set_defaults(func=cmd_keys_rotate)
+    kv = ksub.add_parser("revoke", help="revoke a producer key (admin-signed key receipt)")
+    kv.add_argument("--keys", required=True, help="key directory (admin.key, trust.json, ...)")
+    kv.add_argument("--keyid", required=True, help="key id (hex; a unique prefix is enough)")
+    kv.add_argument("--reason", help="recorded in the key receipt")
+    _key_target(kv)
+    kv.set_defaults(func=cmd_keys_revoke)
+
+    ce = sub.add_parser("certs", help="development CA and mTLS certificates")
+    csub = ce.add_subparsers(dest="certs_command", required=True)
+    cei = csub.add_parser(
+        "init", help="CA, ledger/compile/infer server certs, admin/compile/infer/auditor clients"
+    )
+    cei.add_argument("dir")
+    cei.set_defaults(func=cmd_certs_init)
+
+    wi = sub.add_parser("witness", help="run a C2SP tlog-witness that cosigns checkpoints")
+    wsub = wi.add_subparsers(dest="witness_command", required=True)
+    wk = wsub.add_parser("keygen", help="create a witness key and print its vkey")
+    wk.add_argument("--key", required=True, help="write the Ed25519 private key here")
+    wk.add_argument("--name", default="kolm-witness", help="witness name (key name)")
+    wk.set_defaults(func=cmd_witness_keygen)
+    ws = wsub.add_parser("serve", help="serve POST /add-checkpoint")
+    ws.add_argument("--key", required=True, help="the witness's Ed25519 private key (PEM)")
+    ws.add_argument("--name", default="kolm-witness", help="witness name (key name)")
+    ws.add_argument("--state", required=True, help="state file (written atomically)")
+    ws.add_argument(
+        "--log-vkey", required=True, action="append", help="signed-note vkey of a log (repeatable)"
+    )
+    ws.add_argument("--listen", default="127.0.0.1:7380")
+    ws.add_argument("--ready-file", help="write the bound port here once serving")
+    ws.set_defaults(func=cmd_witness_serve)
 
     led = sub.add_parser("ledger", help="append to and read a ledger database")
     lsub = led.add_subparsers(dest="ledger_command", required=True)
@@ -342,7 +565,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     )
     ls.add_argument("--ready-file", help="write the bound port here once serving")
     ls.add_argument("--log-level", default="INFO")
+    ls.add_argument(
+        "--extra-log-key",
+        action="append",
+        help="also sign checkpoints with this log key (log key rotation; repeatable)",
+    )
+    ls.add_argument(
+        "--witness", action="append", help="witness URL to collect cosignatures from (repeatable)"
+    )
+    ls.add_argument(
+        "--witness-policy",
+        choices=("required", "best-effort"),
+        default="best-effort",
+        help="required: a batch fails (UNAVAILABLE) unless every witness cosigns",
+    )
+    _tls().add_server_tls_arguments(ls)
     ls.set_defaults(func=cmd_ledger_serve)
+
+    lv = lsub.add_parser("vkey", help="print the signed-note verifier keys of the log keys")
+    lv.add_argument("--trust", required=True)
+    lv.set_defaults(func=cmd_ledger_vkey)
 
     v = sub.add_parser("verify", help="verify an offline receipt bundle")
     v.add_argument("bundle", nargs="?")
@@ -352,6 +594,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     v.add_argument("--leaf-hash", help="hex leaf hash")
     v.add_argument("--input", help="prediction: a file holding the input text, to check")
     v.add_argument("--salt", help="prediction: the hex salt returned with the answer")
+    v.add_argument(
+        "--witnesses", help="file of witness vkeys (one per line) to demand cosignatures"
+    )
+    v.add_argument(
+        "--min-witnesses",
+        type=int,
+        help="cosignatures needed from --witnesses (default: all of them)",
+    )
+    _tls().add_client_tls_arguments(v)
     v.set_defaults(func=cmd_verify)
 
     au = sub.add_parser("audit", help="audit a whole ledger")
@@ -362,12 +613,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         "--state",
         help="remember the verified checkpoint here; demand consistency with it next time",
     )
+    _tls().add_client_tls_arguments(au)
     au.set_defaults(func=cmd_audit)
 
     pv = sub.add_parser("provenance", help="artifact → eval → training labels, recomputed")
     pv.add_argument("artifact_digest")
     pv.add_argument("--ledger", required=True)
     pv.add_argument("--trust", help="also verify every receipt's signature and key role")
+    _tls().add_client_tls_arguments(pv)
     pv.set_defaults(func=cmd_provenance)
 
     d = sub.add_parser("demo", help="run the end-to-end demo into a fresh directory")

@@ -8,7 +8,11 @@ Appending an envelope:
 4. verifies the DSSE signature;
 5. checks the key's role may sign that kind and the key is valid now;
 6. sequences it under the storage lock: extends the hash chain and the Merkle tree,
-   and signs one checkpoint per batch (never one inconsistent with the last).
+   and signs one checkpoint per batch (never one inconsistent with the last);
+7. with ``witnesses`` configured, collects their C2SP cosignatures on that checkpoint
+   before committing (:mod:`kolm_ledger.witness`): under ``witness_policy="required"`` a
+   witness that fails fails the batch and nothing is written; under ``"best-effort"``
+   the checkpoint is published with the cosignatures that came back.
 
 Example::
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,15 +51,20 @@ from .errors import (
     NotFoundError,
     StatementFormatError,
     StorageError,
+    UnavailableError,
     UnknownKeyError,
 )
 from .keys import TrustedKey, TrustRoot
-from .note import NoteSigner
+from .merkle import NodeID, consistency_proof
+from .note import Note, NoteSignature, NoteSigner
 from .receipts import Statement
 from .storage import Entry, NewEntry, Store, StoredCheckpoint, micros
 from .storage.repository import Head
 from .tlogproof import TlogProof
 from .trust import TrustState
+from .witness import WitnessConflict, add_checkpoint
+
+log = logging.getLogger("kolm.ledger")
 
 __all__ = ["Appended", "Ledger", "Validated", "chain_next"]
 
@@ -123,7 +133,19 @@ class Ledger:
         *,
         extra_log_keys: Sequence[PrivateKey] = (),
         clock: Clock | None = None,
+        witnesses: Sequence[str] = (),
+        witness_policy: str = "best-effort",
+        witness_timeout: float = 5.0,
     ) -> None:
+        if witness_policy not in ("required", "best-effort"):
+            raise InvalidInput(
+                f"witness_policy {witness_policy!r}, want 'required' or 'best-effort'"
+            )
+        self.witnesses = list(witnesses)
+        self.witness_policy = witness_policy
+        self.witness_timeout = witness_timeout
+        # the size each witness last cosigned, as far as we know (re-synced from its 409)
+        self._witness_sizes: dict[str, int] = {}
         self.store = store
         self._clock = clock or (lambda: datetime.now(UTC))
         try:
@@ -274,6 +296,8 @@ class Ledger:
             if new:
                 cp = Checkpoint(self.origin, size, peaks.root(), chain)
                 signed = sign_checkpoint(cp, self._signers)
+                if self.witnesses:
+                    signed = self._cosign(signed, new, nodes)
                 stored = StoredCheckpoint(size, cp.root, chain, signed.to_bytes(), now)
             tx.write(new, nodes, stored, Head(size, peaks, chain))
         if signed is not None:
@@ -281,6 +305,57 @@ class Ledger:
         if key_receipts:
             self.refresh_trust()
         return results, signed
+
+    def _cosign(
+        self,
+        signed: SignedCheckpoint,
+        new: Sequence[NewEntry],
+        nodes: Sequence[tuple[int, int, bytes]],
+    ) -> SignedCheckpoint:
+        """Add each witness's cosignatures to ``signed`` (step 7 of the module docstring)."""
+        pending: dict[NodeID, bytes] = {(lv, i): h for lv, i, h in nodes}
+        pending.update({(0, e.index): e.leaf_hash for e in new})
+
+        def get_nodes(ids: Sequence[NodeID]) -> list[bytes]:
+            # nodes of this batch are not committed yet; older ones are
+            missing = [i for i in ids if i not in pending]
+            got = dict(zip(missing, self.store.get_nodes(missing), strict=True)) if missing else {}
+            return [pending[i] if i in pending else got[i] for i in ids]
+
+        sigs: list[NoteSignature] = list(signed.note.signatures)
+        for url in self.witnesses:
+            try:
+                sigs.extend(self._witness_one(url, signed, get_nodes))
+            except KolmError as e:
+                if self.witness_policy == "required":
+                    raise UnavailableError(
+                        f"witness {url} did not cosign checkpoint {signed.checkpoint.size}: {e}"
+                    ) from e
+                log.warning("witness %s did not cosign: %s", url, e)
+        return SignedCheckpoint(signed.checkpoint, Note(signed.note.text, tuple(sigs)))
+
+    def _witness_one(
+        self,
+        url: str,
+        signed: SignedCheckpoint,
+        get_nodes: Callable[[Sequence[NodeID]], list[bytes]],
+    ) -> list[NoteSignature]:
+        size = signed.checkpoint.size
+        old = self._witness_sizes.get(url, 0)
+        for _ in range(2):  # once more after a 409 tells us the witness's size
+            if old > size:
+                raise ConflictError(f"witness {url} has cosigned size {old}, beyond {size}")
+            proof = [] if old in (0, size) else consistency_proof(old, size, get_nodes)
+            try:
+                out = add_checkpoint(
+                    url, old, proof, signed.to_bytes(), timeout=self.witness_timeout
+                )
+            except WitnessConflict as c:
+                old = c.size
+                continue
+            self._witness_sizes[url] = size
+            return out
+        raise ConflictError(f"witness {url} keeps answering 409 (last said size {old})")
 
     def _check_last_checkpoint(self, last: StoredCheckpoint | None, head: Head) -> None:
         """Refuse to extend a log whose stored state contradicts its newest checkpoint.

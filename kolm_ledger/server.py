@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import grpc
 from prometheus_client import start_http_server
@@ -20,6 +21,7 @@ from . import rpc
 from ._crypto import PrivateKey
 from ._pb import ledger_pb2 as pb
 from ._pb import ledger_pb2_grpc as pb_grpc
+from .authz import AuthzInterceptor, authorize_append
 from .checkpoint import SignedCheckpoint
 from .errors import InvalidInput, KolmError, NotFoundError, UnknownKeyError
 from .keys import TrustRoot
@@ -28,6 +30,7 @@ from .provenance import provenance
 from .sequencer import Promise, Sequencer
 from .storage import Entry, Store, StoredCheckpoint, micros
 from .storage.repository import from_micros
+from .tls import role_of
 
 __all__ = ["LedgerServer", "LedgerServicer", "serve"]
 
@@ -82,24 +85,120 @@ def promise_pb(p: Promise) -> pb.SignedPromise:
     )
 
 
-class LedgerServicer(pb_grpc.LedgerServicer):
-    """Thin servicer over the ledger core."""
+class _Malformed:
+    """Stands in for a request message whose bytes did not parse."""
 
-    def __init__(self, ledger: Ledger, sequencer: Sequencer) -> None:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError and friends: answered as INVALID_ARGUMENT
+            return _Malformed(e)
+
+    return parse
+
+
+_MALFORMED = "request is not a valid {} protobuf message"
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers request bytes that do not parse with ``INVALID_ARGUMENT`` (not ``UNKNOWN``).
+
+    Must be the outermost interceptor: its request deserializer is the one gRPC uses.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        msg = _MALFORMED.format(handler_call_details.method.rsplit("/", 1)[-1] + " request")
+        des, ser = _tolerant(handler.request_deserializer), handler.response_serializer
+
+        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+        def checked_iter(it: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            async def gen() -> AsyncIterator[Any]:
+                async for r in it:
+                    await check(r, context)
+                    yield r
+
+            return gen()
+
+        if handler.unary_unary:
+            fn_uu = handler.unary_unary
+
+            async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(request, context)
+                return await fn_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(uu, des, ser)
+        if handler.unary_stream:
+            fn_us = handler.unary_stream
+
+            async def us(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(request, context)
+                async for item in fn_us(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(us, des, ser)
+        if handler.stream_unary:
+            fn_su = handler.stream_unary
+
+            async def su(it: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await fn_su(checked_iter(it, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(su, des, ser)
+        if handler.stream_stream:
+            fn_ss = handler.stream_stream
+
+            async def ss(it: Any, context: grpc.aio.ServicerContext) -> Any:
+                async for item in fn_ss(checked_iter(it, context), context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(ss, des, ser)
+        return handler
+
+
+class LedgerServicer(pb_grpc.LedgerServicer):
+    """Thin servicer over the ledger core.
+
+    With ``authorize`` (a TLS server), each validated envelope's kind is checked against
+    the client's role (:func:`~kolm_ledger.authz.authorize_append`).
+    """
+
+    def __init__(self, ledger: Ledger, sequencer: Sequencer, *, authorize: bool = False) -> None:
         self.ledger = ledger
         self.seq = sequencer
+        self.authorize = authorize
 
-    async def _validate(self, envelope: bytes) -> Validated:
+    def _role(self, context: grpc.aio.ServicerContext) -> str | None:
+        return role_of(context) if self.authorize else None
+
+    async def _validate(self, envelope: bytes, role: str | None = None) -> Validated:
         try:
-            return self.ledger.validate(envelope)
+            v = self.ledger.validate(envelope)
         except UnknownKeyError:
             # the key may have been registered through another replica since this one
             # last folded key receipts into its trust state
             await asyncio.to_thread(self.ledger.refresh_trust)
-            return self.ledger.validate(envelope)
+            v = self.ledger.validate(envelope)
+        authorize_append(role, v.kind)
+        return v
 
-    async def _append(self, envelopes: Sequence[bytes], wait: bool) -> list[pb.AppendResponse]:
-        validated = [await self._validate(e) for e in envelopes]
+    async def _append(
+        self, envelopes: Sequence[bytes], wait: bool, role: str | None = None
+    ) -> list[pb.AppendResponse]:
+        validated = [await self._validate(e, role) for e in envelopes]
         results = await self.seq.submit(validated)
         return [await self._response(a, p, c, wait) for a, p, c in results]
 
@@ -125,7 +224,9 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     async def Append(
         self, request: pb.AppendRequest, context: grpc.aio.ServicerContext
     ) -> pb.AppendResponse:
-        (resp,) = await self._append([request.envelope], request.wait_for_checkpoint)
+        (resp,) = await self._append(
+            [request.envelope], request.wait_for_checkpoint, self._role(context)
+        )
         return resp
 
     async def AppendStream(
@@ -135,13 +236,14 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     ) -> AsyncIterator[pb.AppendStreamResponse]:
         """Each request is validated per envelope; valid ones are sequenced together."""
         pending: asyncio.Queue[asyncio.Task[pb.AppendStreamResponse] | None] = asyncio.Queue(64)
+        role = self._role(context)
 
         async def one(req: pb.AppendStreamRequest) -> pb.AppendStreamResponse:
             out: list[pb.AppendResult | None] = [None] * len(req.envelopes)
             ok_pos, valid = [], []
             for i, raw in enumerate(req.envelopes):
                 try:
-                    valid.append(await self._validate(raw))
+                    valid.append(await self._validate(raw, role))
                     ok_pos.append(i)
                 except KolmError as e:
                     code, msg = rpc.status_of(e)
@@ -356,22 +458,46 @@ async def start(
     max_queue: int = 50_000,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    authorize: bool | None = None,
+    extra_log_keys: Sequence[PrivateKey] = (),
+    witnesses: Sequence[str] = (),
+    witness_policy: str = "best-effort",
 ) -> LedgerServer:
-    """Start a ledger service; ``listen`` port 0 picks a free port (see ``.port``)."""
+    """Start a ledger service; ``listen`` port 0 picks a free port (see ``.port``).
+
+    With ``credentials`` (mutual TLS, :func:`kolm_ledger.tls.server_credentials`) every
+    call is authorized by client role (``authorize`` defaults to whether TLS is on).
+    ``extra_log_keys`` also sign every checkpoint (log key rotation); ``witnesses`` are
+    witness URLs whose cosignatures each checkpoint collects under ``witness_policy``.
+    """
+    if authorize is None:
+        authorize = credentials is not None
     store = Store(db)
-    ledger = Ledger(store, trust, log_key)
+    ledger = Ledger(
+        store,
+        trust,
+        log_key,
+        extra_log_keys=extra_log_keys,
+        witnesses=witnesses,
+        witness_policy=witness_policy,
+    )
     seq = Sequencer(
         ledger, log_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
     )
     seq.start()
     server = grpc.aio.server(
-        interceptors=[*interceptors, rpc.ErrorInterceptor()],
+        interceptors=[
+            MalformedRequestInterceptor(),
+            *([AuthzInterceptor()] if authorize else []),
+            *interceptors,
+            rpc.ErrorInterceptor(),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
     )
-    pb_grpc.add_LedgerServicer_to_server(LedgerServicer(ledger, seq), server)
+    pb_grpc.add_LedgerServicer_to_server(LedgerServicer(ledger, seq, authorize=authorize), server)
     hs = rpc.add_standard_services(server, [SERVICE_NAME])
     port = (
         server.add_secure_port(listen, credentials)

@@ -14,7 +14,8 @@ procedure, with the step numbers that errors carry::
     (5) compute leaf hash   ``SHA-256(0x00 || JCS(envelope))``, within the ledger's
                             entry size limit
     (6) check checkpoint    the tlog-proof's checkpoint is signed by a trusted log key
-                            for ``origin``, valid at ``now``
+                            for ``origin``, valid at ``now``; with a witness policy, at
+                            least ``min_witnesses`` of ``witnesses`` cosigned it
     (7) check inclusion     ``index < size`` and the inclusion proof links the leaf hash
                             to the checkpoint root
 
@@ -47,7 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -59,6 +60,7 @@ from .canonical import canonical_json, digest_hex
 from .checkpoint import Checkpoint, verify_checkpoint
 from .dsse import MAX_ENVELOPE_BYTES, Envelope
 from .errors import (
+    CheckpointError,
     EntryTooLargeError,
     InvalidInput,
     KolmError,
@@ -68,6 +70,7 @@ from .errors import (
 )
 from .keys import Role, TrustedKey, TrustRoot
 from .receipts import Statement
+from .witness import CosignatureVerifier, verify_cosignatures
 
 __all__ = [
     "SALT_BYTES",
@@ -185,11 +188,15 @@ def verify_bundle(
     *,
     origin: str | None = None,
     now: datetime | None = None,
+    witnesses: Sequence[CosignatureVerifier] = (),
+    min_witnesses: int = 0,
 ) -> VerifiedReceipt:
     """Verify a parsed receipt bundle offline (steps 2 to 7 of the module docstring).
 
     ``origin``: the ledger the caller expects (default: any log in the trust root).
     ``now``: the time log keys must be valid at (default: the current time).
+    ``witnesses``/``min_witnesses``: the cosignature policy of step 6 (requires
+    ``min_witnesses <= len(witnesses)``; 0 checks none).
     Raises a :class:`~kolm_ledger.errors.KolmError` subclass whose ``step`` attribute
     and message prefix name the step that failed.
 
@@ -227,6 +234,19 @@ def verify_bundle(
     # (6) check the checkpoint signature
     with _step(6):
         signed = verify_checkpoint(proof.checkpoint, trust, origin=origin, at=now)
+        if min_witnesses > len(witnesses):
+            raise InvalidInput(
+                f"policy wants {min_witnesses} witness cosignatures but names only "
+                f"{len(witnesses)} witnesses"
+            )
+        if min_witnesses:
+            cosigned = verify_cosignatures(signed.note, witnesses)
+            if len(cosigned) < min_witnesses:
+                raise CheckpointError(
+                    f"checkpoint has {len(cosigned)} valid witness cosignature(s)"
+                    f"{' (' + ', '.join(cosigned) + ')' if cosigned else ''}, "
+                    f"want at least {min_witnesses}"
+                )
     # (7) check the inclusion proof
     with _step(7):
         proof.verify_inclusion(leaf_hash, signed.checkpoint)
@@ -249,12 +269,16 @@ def verify_bundle_bytes(
     *,
     origin: str | None = None,
     now: datetime | None = None,
+    witnesses: Sequence[CosignatureVerifier] = (),
+    min_witnesses: int = 0,
 ) -> VerifiedReceipt:
     """Parse (step 1) and verify (steps 2 to 7) a bundle file's bytes."""
     # (1) parse the bundle
     with _step(1):
         bundle = Bundle.from_bytes(data)
-    return verify_bundle(bundle, trust, origin=origin, now=now)
+    return verify_bundle(
+        bundle, trust, origin=origin, now=now, witnesses=witnesses, min_witnesses=min_witnesses
+    )
 
 
 def input_commitment(input_value: Any, salt: bytes) -> str:
@@ -324,6 +348,8 @@ def verify_prediction(
     salt: bytes | None = None,
     origin: str | None = None,
     now: datetime | None = None,
+    witnesses: Sequence[CosignatureVerifier] = (),
+    min_witnesses: int = 0,
 ) -> VerifiedPrediction:
     """Verify a ``prediction`` receipt bundle offline: steps 2-7, then 8 and 9.
 
@@ -339,7 +365,9 @@ def verify_prediction(
 
     Raises a :class:`~kolm_ledger.errors.KolmError` subclass with ``step`` set.
     """
-    receipt = verify_bundle(bundle, trust, origin=origin, now=now)
+    receipt = verify_bundle(
+        bundle, trust, origin=origin, now=now, witnesses=witnesses, min_witnesses=min_witnesses
+    )
     statement = receipt.statement
     with _step(2):
         _check_prediction(statement)

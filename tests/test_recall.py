@@ -386,7 +386,7 @@ PLANTED = {
 def _filler() -> list[Document]:
     import csv
 
-    path = Path("/work/shared/data/banking77/train.csv")
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77" / "train.csv"
     if path.is_file():
         with open(path, newline="") as f:
             rows = [r["text"] for r, _ in zip(csv.DictReader(f), range(60), strict=False)]

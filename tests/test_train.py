@@ -29,7 +29,11 @@ from kolm_compile._train import (
 )
 from kolm_ledger.errors import InvalidInput, SpecError
 
-DATA = Path(os.environ.get("KOLM_BANKING77", "/work/shared/data/banking77"))
+DATA = Path(
+    os.environ.get(
+        "KOLM_BANKING77", Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
+    )
+)
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
 PER_LABEL = 16
 # threads=1: with 2 OpenMP threads, a busy neighbour process on a 2-core runner makes

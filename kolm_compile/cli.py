@@ -1,0 +1,157 @@
+"""``kolm compile ...`` subcommands (registered through the ``kolm.commands`` entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run_with_progress"]
+
+
+def register(sub: Any) -> None:
+    """Add ``kolm compile run`` to the root parser (imports stay lazy)."""
+    p = sub.add_parser("compile", help="turn a teacher into a signed Specialist (.kolm)")
+    csub = p.add_subparsers(dest="compile_command", required=True)
+    r = csub.add_parser("run", help="run a compile job locally, with progress bars")
+    r.add_argument("spec", help="task spec (YAML or JSON)")
+    where = r.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="append receipts to this ledger database (in-process)")
+    where.add_argument("--ledger", help="append receipts to this ledger service (HOST:PORT)")
+    r.add_argument("--keys", required=True, help="key folder (compile.key, trust.json, log.key)")
+    r.add_argument("--out", help="where the .kolm goes (default: the work folder)")
+    r.add_argument("--work", help="job folder: teacher cache, build (default: ./kolm-work)")
+    r.add_argument("--bundle-base", action="store_true", help="ship the base weights inside")
+    r.add_argument("--threads", type=int, help="torch threads (part of reproducibility)")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.set_defaults(func=_cmd_run)
+
+
+def run_with_progress(job: Any, console: Any) -> Any:
+    """Run a :class:`~kolm_compile.compiler.CompileJob` with one rich progress bar per stage."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from .compiler import STAGES
+
+    names = {
+        "ingest": "1 ingest",
+        "sample": "2 teacher k-sampling",
+        "vote": "3 verify & vote",
+        "sign": "4 sign labels",
+        "train": "5 LoRA train",
+        "evaluate": "6 evaluate (K-score)",
+        "package": "7 package & sign",
+    }
+    with Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as prog:
+        tasks = {s: prog.add_task(names[s], total=None, info="", start=False) for s in STAGES}
+
+        def on_event(e: Any) -> None:
+            t = tasks[e.stage]
+            if e.state == "started":
+                prog.start_task(t)
+                prog.update(t, total=e.total or None)
+            elif e.state == "progress":
+                info = " ".join(f"{k}={v}" for k, v in e.counters.items())
+                prog.update(t, completed=e.done, total=e.total or None, info=info)
+            else:
+                info = " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in e.counters.items()
+                )
+                prog.update(t, completed=e.total or 1, total=e.total or 1, info=info)
+
+        job._emit = on_event
+        return job.run()
+
+
+def summary_table(result: Any) -> Any:
+    """The closing table of a compile."""
+    from rich.table import Table
+
+    t = Table(title=f"compiled {result.artifact_path.name}")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    k = result.k_score
+    t.add_row(
+        "labels sampled / accepted / rejected",
+        f"{result.labels_sampled} / {result.labels_accepted} / {result.labels_rejected}",
+    )
+    t.add_row("label receipts acknowledged", str(result.labels_logged))
+    t.add_row("student K-score (95% CI)", f"{k.score:.2f} ({k.low:.1f}–{k.high:.1f}), n={k.n}")
+    if result.teacher_single and result.teacher_vote:
+        t.add_row(
+            "teacher K-score: single sample / k-vote",
+            f"{result.teacher_single.score:.2f} / {result.teacher_vote.score:.2f}",
+        )
+    c = result.cost
+    t.add_row(
+        "teacher samples, estimated cost", f"{c['teacher_calls']}, ${c['estimated_cost']:.4f}"
+    )
+    if c.get("teacher_cost_per_call"):
+        t.add_row(
+            "per call: teacher vs student",
+            f"${c['teacher_cost_per_call']:.6f} vs ${c['student_cost_per_call']:.8f}",
+        )
+    t.add_row("artifact digest", result.artifact_digest[:32] + "…")
+    t.add_row("seconds per stage", ", ".join(f"{s} {v:.1f}" for s, v in result.seconds.items()))
+    return t
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kolm_ledger._crypto import PrivateKey
+    from kolm_ledger.keys import TrustRoot
+
+    from .compiler import ClientSink, CompileJob, LedgerSink
+    from .spec import TaskSpec
+
+    console = Console()
+    spec = TaskSpec.load(a.spec)
+    keys = Path(a.keys)
+    if a.db:
+        from kolm_ledger.ledger import Ledger
+        from kolm_ledger.storage import Store
+
+        sink: Any = LedgerSink(
+            Ledger(
+                Store(a.db), TrustRoot.load(keys / "trust.json"), PrivateKey.load(keys / "log.key")
+            )
+        )
+    else:
+        from kolm_ledger.client import LedgerClient
+
+        sink = ClientSink(LedgerClient(a.ledger, timeout=600))
+    from ._train import embed_texts
+
+    job = CompileJob(
+        spec,
+        keys_dir=keys,
+        sink=sink,
+        work_dir=Path(a.work or "kolm-work"),
+        out_dir=Path(a.out) if a.out else None,
+        bundle_base=a.bundle_base,
+        threads=a.threads,
+        embed=embed_texts,
+    )
+    result = run_with_progress(job, console)
+    if a.json:
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+    else:
+        console.print(summary_table(result))
+        console.print(f"wrote {result.artifact_path}")
+    return 0
