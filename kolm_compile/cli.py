@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 __all__ = ["register", "run_with_progress"]
+
+#: the compile service's usual port (ledger 7070, inference 7071)
+DEFAULT_LISTEN = "127.0.0.1:7072"
 
 
 def register(sub: Any) -> None:
@@ -26,6 +30,33 @@ def register(sub: Any) -> None:
     r.add_argument("--threads", type=int, help="torch threads (part of reproducibility)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(func=_cmd_run)
+
+    from kolm_ledger.tls import add_server_tls_arguments
+
+    s = csub.add_parser("serve", help="run the compile gRPC service (jobs persist in --work)")
+    s.add_argument("--ledger", required=True, help="ledger service HOST:PORT")
+    s.add_argument(
+        "--keys", required=True, help="key folder holding compile.key (or that file itself)"
+    )
+    s.add_argument("--work", required=True, help="jobs database, job folders, artifacts/")
+    s.add_argument("--listen", default=DEFAULT_LISTEN)
+    add_server_tls_arguments(s)
+    s.add_argument("--threads", type=int, help="torch threads per job")
+    s.add_argument("--ready-file", help="write the bound port here once serving")
+    s.add_argument("--log-level", default="INFO")
+    s.set_defaults(func=_cmd_serve)
+
+    u = csub.add_parser("submit", help="submit a task spec to a compile service")
+    u.add_argument("spec", help="task spec (YAML or JSON); its data paths are the server's")
+    u.add_argument("--to", required=True, help="compile service HOST:PORT")
+    u.add_argument("--bundle-base", action="store_true", help="ship the base weights inside")
+    u.add_argument("--watch", action="store_true", help="print stage events until the job ends")
+    u.add_argument("--fetch", metavar="OUT.kolm", help="download the artifact (implies --watch)")
+    u.add_argument("--tls-dir", help="connect with mutual TLS using the certificates in DIR")
+    u.add_argument(
+        "--role", default="compile", help="client certificate role to present (default: compile)"
+    )
+    u.set_defaults(func=_cmd_submit)
 
 
 def run_with_progress(job: Any, console: Any) -> Any:
@@ -154,4 +185,103 @@ def _cmd_run(a: argparse.Namespace) -> int:
     else:
         console.print(summary_table(result))
         console.print(f"wrote {result.artifact_path}")
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.rpc import configure_logging
+    from kolm_ledger.tls import client_credentials, server_credentials_from_args
+
+    from ._train import embed_texts
+    from .compiler import ClientSink
+    from .service import JobRunner, serve
+
+    configure_logging(a.log_level)
+    creds = server_credentials_from_args(a, "compile", a.listen)
+    to_ledger = client_credentials(a.tls_dir, "compile") if a.tls_dir else None
+    if to_ledger is None:
+        from kolm_ledger.tls import channel_credentials_from_args
+
+        channel_credentials_from_args(a, a.ledger)  # plain text only toward loopback
+    keys = Path(a.keys)
+    runner = JobRunner(
+        Path(a.work),
+        keys_dir=keys.parent if keys.name == "compile.key" and keys.is_file() else keys,
+        sink_factory=lambda: ClientSink(LedgerClient(a.ledger, timeout=600, credentials=to_ledger)),
+        threads=a.threads,
+        embed=embed_texts,
+    )
+    asyncio.run(serve(runner, listen=a.listen, ready_file=a.ready_file, credentials=creds))
+    return 0
+
+
+def _cmd_submit(a: argparse.Namespace) -> int:
+    import hashlib
+
+    import grpc
+
+    from kolm_ledger.client import channel_options
+    from kolm_ledger.errors import SpecError
+    from kolm_ledger.rpc import error_from_rpc
+    from kolm_ledger.tls import channel_credentials_from_args
+
+    from ._pb import compile_pb2 as pb
+    from ._pb import compile_pb2_grpc as pb_grpc
+
+    try:
+        text = Path(a.spec).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"spec: cannot read {a.spec}: {e.strerror or e}") from e
+    creds = channel_credentials_from_args(a, a.to)
+    ch = (
+        grpc.secure_channel(a.to, creds, channel_options())
+        if creds
+        else grpc.insecure_channel(a.to, channel_options())
+    )
+    with ch:
+        stub = pb_grpc.CompileStub(ch)
+        try:
+            job = stub.SubmitJob(
+                pb.SubmitJobRequest(spec_yaml=text, bundle_base=a.bundle_base), timeout=60
+            )
+            print(job.id, flush=True)
+            if not (a.watch or a.fetch):
+                return 0
+            for e in stub.WatchJob(pb.WatchJobRequest(job_id=job.id)):
+                counters = " ".join(f"{k}={v:.4g}" for k, v in sorted(e.counters.items()))
+                prog = f" {e.done}/{e.total}" if e.total else ""
+                print(
+                    f"{e.stage:<9} {e.state:<9}{prog} {counters} {e.message}".rstrip(), flush=True
+                )
+            job = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=60)
+            if job.state != "succeeded":
+                print(f"job {job.id} {job.state}: {job.error}", file=sys.stderr)
+                return 1
+            r = json.loads(job.result_json)
+            k = r["k_score"]
+            print(
+                f"job {job.id} succeeded: {Path(r['artifact']).name} "
+                f"K-score {k['score']:.2f} ({k['low']:.1f}-{k['high']:.1f}, n={k['n']}), "
+                f"labels {r['labels']['logged']}/{r['labels']['sampled']}, "
+                f"artifact {job.artifact_digest}"
+            )
+            if a.fetch:
+                h = hashlib.sha256()
+                want = ""
+                with open(a.fetch, "wb") as f:
+                    for c in stub.FetchArtifact(
+                        pb.FetchArtifactRequest(digest=job.artifact_digest)
+                    ):
+                        f.write(c.data)
+                        h.update(c.data)
+                        want = c.sha256 or want
+                if h.hexdigest() != want:
+                    print(f"{a.fetch}: sha256 {h.hexdigest()}, server says {want}", file=sys.stderr)
+                    return 1
+                print(f"wrote {a.fetch}")
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
     return 0

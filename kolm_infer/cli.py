@@ -23,10 +23,20 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
 
     from kolm_ledger.keys import PrivateKey, TrustRoot
     from kolm_ledger.rpc import configure_logging
+    from kolm_ledger.tls import (
+        channel_credentials_from_args,
+        client_credentials,
+        server_credentials_from_args,
+    )
 
     from .service import serve
 
     configure_logging(a.log_level)
+    creds = server_credentials_from_args(a, "infer", a.listen)
+    if a.tls_dir:
+        to_ledger = client_credentials(a.tls_dir, "infer")
+    else:
+        to_ledger = channel_credentials_from_args(a, a.ledger)  # plain text only to loopback
     d = Path(a.artifacts)
     if not d.is_dir():
         raise InvalidInput(f"--artifacts {d}: not a directory")
@@ -52,6 +62,8 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
             max_batch=a.max_batch,
             max_wait_ms=a.max_wait_ms,
             output_policy=a.output_policy,
+            credentials=creds,
+            ledger_credentials=to_ledger,
         )
     )
     return 0
@@ -109,6 +121,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``infer`` and ``predict`` to the root ``kolm`` subparsers."""
+    from kolm_ledger.tls import add_server_tls_arguments
+
     inf = sub.add_parser("infer", help="serve verified artifacts with signed receipts")
     isub = inf.add_subparsers(dest="infer_command", required=True)
     s = isub.add_parser("serve", help="run the inference gRPC service")
@@ -118,6 +132,7 @@ def register(sub: Any) -> None:
     s.add_argument("--trust", required=True, help="trust root (trust.json)")
     s.add_argument("--teacher", help="task spec YAML whose teacher answers the escape hatch")
     s.add_argument("--listen", default="127.0.0.1:7071")
+    add_server_tls_arguments(s)
     s.add_argument("--spool", help="durable local spool (SQLite) for when the ledger is down")
     s.add_argument("--max-batch", type=int, default=32, help="requests per forward pass")
     s.add_argument("--max-wait-ms", type=float, default=1.0, help="longest wait to fill a batch")

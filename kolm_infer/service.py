@@ -26,6 +26,7 @@ from prometheus_client import start_http_server
 
 from kolm_ledger import rpc
 from kolm_ledger._crypto import PrivateKey
+from kolm_ledger.authz import AuthzInterceptor
 from kolm_ledger.client import AsyncLedgerClient, LedgerClient
 from kolm_ledger.errors import InvalidInput
 from kolm_ledger.keys import TrustRoot
@@ -254,14 +255,18 @@ async def start(
     max_wait_ms: float = 1.0,
     output_policy: str = "full",
     credentials: grpc.ServerCredentials | None = None,
+    ledger_credentials: grpc.ChannelCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> InferenceServer:
-    """Start the service; loads ``artifacts`` first (any refusal raises). Port 0 picks one."""
+    """Start the service; loads ``artifacts`` first (any refusal raises). Port 0 picks one.
+
+    ``credentials``: mutual TLS for this service; ``ledger_credentials``: toward the ledger.
+    """
     if output_policy not in OUTPUT_POLICIES:
         raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
     engine = Engine(
         trust,
-        LedgerClient(ledger, timeout=10.0),
+        LedgerClient(ledger, timeout=10.0, credentials=ledger_credentials),
         teacher=teacher,
         teacher_task=teacher_task,
         max_batch=max_batch,
@@ -269,12 +274,17 @@ async def start(
     )
     for path in artifacts:
         await asyncio.to_thread(engine.load, Path(path))
-    client = AsyncLedgerClient(ledger, timeout=10.0)
+    client = AsyncLedgerClient(ledger, timeout=10.0, credentials=ledger_credentials)
     sp = Spool(spool) if spool else None
     writer = ReceiptWriter(client, spool=sp)
     await writer.start()
     server = grpc.aio.server(
-        interceptors=[*interceptors, rpc.ErrorInterceptor()],
+        # with mutual TLS every call is authorized by the client certificate's role
+        interceptors=[
+            *([AuthzInterceptor()] if credentials else []),
+            *interceptors,
+            rpc.ErrorInterceptor(),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),

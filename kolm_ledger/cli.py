@@ -623,11 +623,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     _tls().add_client_tls_arguments(pv)
     pv.set_defaults(func=cmd_provenance)
 
-    d = sub.add_parser("demo", help="run the end-to-end demo into a fresh directory")
-    d.add_argument("--dir", help="output directory (default: a fresh ./kolm-demo-<time>)")
-    d.add_argument("--receipts", type=int, default=300, help="receipts of each kind to append")
-    d.set_defaults(func=cmd_demo)
-
     adv = sub.add_parser("advise", help="which technique fits: RAG, fine-tune or distillation")
     from .advise import add_arguments as _advise_arguments  # stdlib only; no heavy imports
 
@@ -645,6 +640,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
     for ep in sorted(entry_points(group="kolm.commands"), key=lambda e: e.name):
         ep.load()(sub)
+    if "demo" not in sub.choices:  # without kolm[ml], the trust-core part of the story
+        d = sub.add_parser("demo", help="run the trust-core demo into a fresh directory")
+        d.add_argument("--dir", help="output directory (default: a fresh ./kolm-demo-<time>)")
+        d.add_argument("--receipts", type=int, default=300, help="receipts of each kind")
+        d.set_defaults(func=cmd_demo)
     return p, sub
 
 

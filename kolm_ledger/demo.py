@@ -23,14 +23,14 @@ from rich.table import Table
 
 from ._crypto import PrivateKey
 from ._samples import sample_statements
-from .audit import audit
-from .keys import init_keys
+from .audit import AuditReport, audit
+from .keys import TrustRoot, init_keys
 from .ledger import Ledger
 from .receipts import KINDS, sign_statement
 from .storage import Store
 from .verify import verify_bundle
 
-__all__ = ["run_demo", "trust_core_story"]
+__all__ = ["run_demo", "tamper_copy", "trust_core_story"]
 
 _SIGNER_ROLE = {
     "label": "compile",
@@ -96,21 +96,7 @@ def trust_core_story(d: Path, per_kind: int, console: Console) -> dict[str, obje
         f"{v.checkpoint.size}"
     )
 
-    tampered = d / "tampered.db"
-    src = sqlite3.connect(d / "ledger.db")
-    dst = sqlite3.connect(tampered)
-    src.backup(dst)
-    src.close()
-    victim = ledger.size // 3
-    dst.executescript("DROP TRIGGER entries_no_update;")
-    row = dst.execute("SELECT envelope FROM entries WHERE idx = ?", (victim,)).fetchone()
-    env = bytearray(row[0])
-    pos = env.index(b'"payload":"') + 40
-    env[pos] = ord("A") if env[pos] != ord("A") else ord("B")
-    dst.execute("UPDATE entries SET envelope = ? WHERE idx = ?", (bytes(env), victim))
-    dst.commit()
-    dst.close()
-    bad = audit(Store(f"sqlite:///{tampered}", migrate=False), trust)
+    victim, bad = tamper_copy(d / "ledger.db", d / "tampered.db", trust)
     console.print(
         f"[bold]5. tampered copy[/] (one byte of entry {victim} flipped, triggers "
         f"dropped): audit [red]FAILED[/] at indices {bad.failing_indices()}"
@@ -131,6 +117,27 @@ def trust_core_story(d: Path, per_kind: int, console: Console) -> dict[str, obje
         "bundle": str(bundle_path),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def tamper_copy(src: Path, dst: Path, trust: TrustRoot) -> tuple[int, AuditReport]:
+    """Copy the ledger, drop a trigger, flip one byte of a middle entry, audit the copy.
+
+    The original is only read (SQLite online backup); returns the victim index and the report.
+    """
+    s = sqlite3.connect(src)
+    t = sqlite3.connect(dst)
+    s.backup(t)
+    s.close()
+    victim = int(t.execute("SELECT max(idx) FROM entries").fetchone()[0]) // 3
+    t.executescript("DROP TRIGGER entries_no_update;")
+    row = t.execute("SELECT envelope FROM entries WHERE idx = ?", (victim,)).fetchone()
+    env = bytearray(row[0])
+    pos = env.index(b'"payload":"') + 40
+    env[pos] = ord("A") if env[pos] != ord("A") else ord("B")
+    t.execute("UPDATE entries SET envelope = ? WHERE idx = ?", (bytes(env), victim))
+    t.commit()
+    t.close()
+    return victim, audit(Store(f"sqlite:///{dst}", migrate=False), trust)
 
 
 def run_demo(a: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs (internal; see proto/)."""

@@ -1,0 +1,960 @@
+"""The compile pipeline: a teacher becomes a signed, provable Specialist (``.kolm``).
+
+Seven stages, each reported as :class:`StageEvent` s and each persisted in the job
+folder when it finishes, so a restarted job resumes after the last finished stage::
+
+    (1) ingest      read unlabeled inputs, seed pairs and the holdout
+    (2) sample      k teacher samples per input (and per holdout input, for the
+                    teacher's own K-score), through the content-hash teacher cache
+    (3) vote        verify every sample, majority vote, accept or reject the input
+    (4) sign        one signed ``label`` receipt per accepted label (and per seed
+                    pair), appended to the ledger in batches; only acknowledged
+                    labels go on
+    (5) train       LoRA student on the acknowledged labels, in ledger index order
+    (6) evaluate    K-score of the student on the holdout (n, Wilson interval), the
+                    teacher's K-score per single sample and per k-vote, per-label P/R
+    (7) package     manifest.json, task.json, verifier.json, adapter/ (base/ with
+                    ``bundle_base``) → deterministic signed ``.kolm``; then the
+                    ``eval`` receipt (subject = artifact digest) and the ``artifact``
+                    receipt (training-set root, eval leaf hash, ledger checkpoint)
+
+The training-set root is :func:`kolm_ledger.provenance.training_set_root` over the
+leaf hashes of the acknowledged label receipts in ledger index order — what
+``kolm provenance`` recomputes. Nothing inside the ``.kolm`` holds a time, a job id
+or a local path: the same spec, seed and teacher cache give a byte-identical file.
+
+Only ``classify`` tasks can be trained today; ``extract``/``generate`` are refused
+with a :class:`~kolm_ledger.errors.SpecError` ("not supported by the trainer yet").
+
+Example::
+
+    from kolm_compile.pipeline import CompileJob
+    from kolm_compile.sinks import LocalLedgerSink
+    from kolm_compile.spec import TaskSpec
+
+    spec = TaskSpec.load("kolm_compile/examples/banking77-router.yaml")
+    job = CompileJob(spec, key=compile_key, sink=LocalLedgerSink.open(db, "keys"),
+                     job_dir=Path("work/job-1"))
+    result = job.run()          # result.artifact_path, result.k_score, result.cost
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kolm_ledger._crypto import PrivateKey
+from kolm_ledger.canonical import canonical_json
+from kolm_ledger.dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, Signature, pae
+from kolm_ledger.errors import KolmError, SpecError
+from kolm_ledger.merkle import root_from_leaves
+from kolm_ledger.provenance import training_set_root
+from kolm_ledger.receipts import (
+    artifact_statement,
+    eval_statement,
+    example_digest,
+    label_statement,
+)
+
+from . import artifact as kolm_artifact
+from . import kscore as ks
+from .cache import CachedTeacher, TeacherCache
+from .sinks import LABEL_BATCH, Acked, ReceiptSink
+from .spec import TaskSpec, kolm_version
+from .teachers import SampleRequest, build_teacher
+from .voting import summarize, vote
+
+__all__ = [
+    "DEFAULT_DOLLARS_PER_CPU_HOUR",
+    "STAGES",
+    "STAGE_TITLES",
+    "CompileJob",
+    "CompileOptions",
+    "CompileResult",
+    "JobCancelled",
+    "StageEvent",
+    "base_weights_digest",
+    "read_table",
+    "sign_deterministic",
+]
+
+STAGES = ("ingest", "sample", "vote", "sign", "train", "evaluate", "package")
+STAGE_TITLES = {
+    "ingest": "1 ingest",
+    "sample": "2 teacher k-sampling",
+    "vote": "3 verify & vote",
+    "sign": "4 sign labels",
+    "train": "5 LoRA train",
+    "evaluate": "6 evaluate (K-score)",
+    "package": "7 package & sign",
+}
+#: assumed price of one CPU core-hour when serving the student (stated in every cost report)
+DEFAULT_DOLLARS_PER_CPU_HOUR = 0.05
+_SEED_TEACHER = "seed-pairs"
+
+
+class JobCancelled(KolmError):
+    """The job was cancelled (between stages or between training steps)."""
+
+    grpc_code = "CANCELLED"
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """Progress of one stage: ``state`` is started | progress | finished | resumed."""
+
+    stage: str
+    state: str
+    done: int = 0
+    total: int = 0
+    counters: Mapping[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Knobs of one compile that are not part of the task spec."""
+
+    bundle_base: bool = False  # copy the base weights into base/ of the artifact
+    threads: int | None = None  # torch CPU threads (part of reproducibility); spec default 2
+    dollars_per_cpu_hour: float = DEFAULT_DOLLARS_PER_CPU_HOUR
+    label_batch: int = LABEL_BATCH
+    teacher_cache: Path | None = None  # default: <job_dir>/teacher-cache.sqlite
+    latency_probe: int = 32  # holdout inputs predicted one at a time to measure latency
+
+
+@dataclass
+class CompileResult:
+    """What a compile produced and measured (JSON round-trips through :meth:`to_dict`)."""
+
+    job_id: str
+    artifact_path: Path
+    artifact_digest: str
+    file_digest: str
+    k_score: ks.KScore
+    teacher_single: ks.KScore
+    teacher_vote: ks.KScore
+    labels: dict[str, Any]
+    training_set_root: str
+    eval_leaf: str
+    artifact_index: int
+    seconds: dict[str, float]
+    cost: dict[str, Any]
+    per_label: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "job_id": self.job_id,
+            "artifact": self.artifact_path.name,
+            "artifact_path": str(self.artifact_path),
+            "artifact_digest": self.artifact_digest,
+            "file_digest": self.file_digest,
+            "k_score": self.k_score.to_dict(),
+            "teacher_k_score_single": self.teacher_single.to_dict(),
+            "teacher_k_score_vote": self.teacher_vote.to_dict(),
+            "labels": self.labels,
+            "training_set_root": self.training_set_root,
+            "eval_leaf": self.eval_leaf,
+            "artifact_index": self.artifact_index,
+            "seconds": self.seconds,
+            "cost": self.cost,
+            "per_label": self.per_label,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CompileResult:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            d["job_id"],
+            Path(d["artifact_path"]),
+            d["artifact_digest"],
+            d["file_digest"],
+            ks.KScore(**d["k_score"]),
+            ks.KScore(**d["teacher_k_score_single"]),
+            ks.KScore(**d["teacher_k_score_vote"]),
+            dict(d["labels"]),
+            d["training_set_root"],
+            d["eval_leaf"],
+            int(d["artifact_index"]),
+            dict(d["seconds"]),
+            dict(d["cost"]),
+            dict(d["per_label"]),
+        )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_table(path: Path, text_col: str, label_col: str | None, field_name: str) -> list[Any]:
+    """Rows of a CSV or JSONL file as ``(text, label-or-None)``; errors name ``field_name``."""
+    rows: list[tuple[str, str | None]] = []
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                for r in csv.DictReader(f):
+                    label = r.get(label_col) if label_col else None
+                    rows.append((r[text_col].strip(), label.strip() if label else None))
+        else:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        r = json.loads(line)
+                        label = r.get(label_col) if label_col else None
+                        rows.append(
+                            (str(r[text_col]).strip(), None if label is None else str(label))
+                        )
+    except KeyError as e:
+        raise SpecError(f"{field_name}: {path.name} has no column {e.args[0]!r}") from e
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{field_name}: cannot read {path.name}: {e}") from e
+    return rows
+
+
+def _select(rows: Sequence[Any], keep: set[str] | None, limit: int | None) -> list[Any]:
+    counts: Counter[str | None] = Counter()
+    out = []
+    for text, label in rows:
+        if keep is not None and label is not None and label not in keep:
+            continue
+        if limit is not None:
+            if counts[label] >= limit:
+                continue
+            counts[label] += 1
+        out.append((text, label))
+    return out
+
+
+def sign_deterministic(statement: Any, key: PrivateKey) -> Envelope:
+    """A DSSE envelope with an RFC 6979 signature: the same statement gives the same bytes.
+
+    With the statement's time fixed per job, a receipt re-signed after a crash is
+    byte-identical, and the ledger answers it as a duplicate (same index) instead of
+    logging the label twice.
+    """
+    payload = statement.to_bytes()
+    sig = key.sign(pae(IN_TOTO_PAYLOAD_TYPE, payload), deterministic=True)
+    return Envelope(payload, IN_TOTO_PAYLOAD_TYPE, (Signature(key.keyid(), sig),))
+
+
+def _stage_time(path: Path) -> datetime:
+    """The time a stage first started (kept across resumes, so its receipts replay exactly)."""
+    if path.exists():
+        return datetime.fromisoformat(path.read_text().strip())
+    now = datetime.now(UTC).replace(microsecond=0)
+    path.write_text(now.isoformat())
+    return now
+
+
+def _dump(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, sort_keys=True))
+    os.replace(tmp, path)
+
+
+_BASE_DIGESTS: dict[str, str] = {}
+
+
+def base_weights_digest(model_id: str) -> str:
+    """SHA-256 over the base model's file digests (name order): what ``base_model`` pins."""
+    if model_id not in _BASE_DIGESTS:
+        from . import _train
+
+        root = _train.resolve_base_model(model_id)
+        files = sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        _BASE_DIGESTS[model_id] = kolm_artifact.artifact_digest(
+            (f, kolm_artifact.sha256_file(root / f)) for f in files
+        )
+    return _BASE_DIGESTS[model_id]
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class CompileJob:
+    """One compile, stage by stage, resumable from its job folder (module docstring).
+
+    Requires ``spec.task == "classify"`` (else :class:`SpecError`) and a ``compile``
+    key listed in the ledger's trust root. ``on_event`` gets every :class:`StageEvent`;
+    ``should_stop`` is polled between stages and training steps (→ :class:`JobCancelled`);
+    ``on_stage_done(stage)`` runs after a stage's output is durably written.
+    """
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        *,
+        key: PrivateKey,
+        sink: ReceiptSink,
+        job_dir: Path,
+        job_id: str | None = None,
+        out_dir: Path | None = None,
+        options: CompileOptions | None = None,
+        on_event: Callable[[StageEvent], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_stage_done: Callable[[str], None] | None = None,
+        embed: Callable[[list[str]], Any] | None = None,
+    ) -> None:
+        if spec.task != "classify":
+            raise SpecError(
+                f"spec.task: {spec.task!r} is not supported by the trainer yet (classify only)"
+            )
+        if spec.data.unlabeled is None and spec.data.seed_pairs is None:
+            raise SpecError("spec.data: needs unlabeled inputs or seed_pairs")
+        if spec.data.holdout is None:
+            raise SpecError("spec.data.holdout: required (the K-score is measured on it)")
+        self.spec = spec
+        self.key = key
+        self.sink = sink
+        self.dir = Path(job_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.stage_dir = self.dir / "stages"
+        self.stage_dir.mkdir(exist_ok=True)
+        self.job_id = job_id or self._stored_job_id() or f"job-{uuid.uuid4().hex[:16]}"
+        (self.dir / "job_id").write_text(self.job_id)
+        self.out_dir = Path(out_dir) if out_dir else self.dir
+        self.opts = options or CompileOptions()
+        self.emit = on_event or (lambda e: None)
+        self._stop = should_stop or (lambda: False)
+        self._stage_done = on_stage_done or (lambda s: None)
+        self.embed = embed
+        self.verifier = spec.build_verifier()
+        self.seconds: dict[str, float] = {}
+        self.teacher_misses = 0  # samples bought from the teacher by this run
+        self._teacher: CachedTeacher | None = None
+        self._cache: TeacherCache | None = None
+
+    def _stored_job_id(self) -> str | None:
+        p = self.dir / "job_id"
+        return p.read_text().strip() if p.exists() else None
+
+    # ---- stage bookkeeping --------------------------------------------------------
+
+    def finished_stages(self) -> list[str]:
+        """Stages whose output is in the job folder, in order."""
+        return [s for s in STAGES if (self.stage_dir / f"{s}.json").exists()]
+
+    def _load(self, stage: str) -> Any:
+        return json.loads((self.stage_dir / f"{stage}.json").read_text())
+
+    def _check_stop(self, stage: str) -> None:
+        if self._stop():
+            raise JobCancelled(f"job {self.job_id} cancelled before stage {stage}")
+
+    def _run_stage(self, stage: str, fn: Callable[[], Any]) -> Any:
+        path = self.stage_dir / f"{stage}.json"
+        if path.exists():
+            out = json.loads(path.read_text())
+            self.seconds[stage] = out.get("_seconds", 0.0)
+            self.emit(StageEvent(stage, "resumed", 1, 1, out.get("_counters", {}), "resumed"))
+            return out
+        self._check_stop(stage)
+        self.emit(StageEvent(stage, "started"))
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds[stage] = round(time.perf_counter() - t0, 3)
+        out["_seconds"] = self.seconds[stage]
+        _dump(path, out)
+        self._stage_done(stage)
+        total = int(out.get("_total", 1))
+        self.emit(StageEvent(stage, "finished", total, total, out.get("_counters", {})))
+        return out
+
+    def _progress(self, stage: str, done: int, total: int, **counters: float) -> None:
+        self.emit(StageEvent(stage, "progress", done, total, counters))
+
+    # ---- the teacher -----------------------------------------------------------------
+
+    def teacher(self) -> CachedTeacher:
+        """The spec's teacher behind the content-hash cache (built once, lazily)."""
+        if self._teacher is None:
+            opts: dict[str, Any] = {}
+            if self.spec.teacher.backend == "simulated" and self.embed is not None:
+                opts["embed"] = self.embed
+            self._cache = TeacherCache(self.opts.teacher_cache or self.dir / "teacher-cache.sqlite")
+            self._teacher = CachedTeacher(
+                build_teacher(self.spec.teacher, self.spec, **opts), self._cache
+            )
+        return self._teacher
+
+    def close(self) -> None:
+        """Release the teacher and its cache."""
+        if self._teacher is not None:
+            self._teacher.close()
+        if self._cache is not None:
+            self._cache.close()
+        self._teacher = self._cache = None
+
+    # ---- (1) ingest ----------------------------------------------------------------
+
+    def _ingest(self) -> dict[str, Any]:
+        spec, d = self.spec, self.spec.data
+        keep = set(d.labels or spec.labels or ()) or None
+        label_set = set(spec.labels or ())
+        seeds: list[Any] = []
+        if d.seed_pairs is not None:
+            rows = read_table(d.seed_pairs, d.text_column, d.label_column, "spec.data.seed_pairs")
+            seeds = list(dict(r for r in _select(rows, keep, None) if r[1]).items())
+            bad = sorted({y for _, y in seeds if y not in label_set})
+            if bad:
+                raise SpecError(f"spec.data.seed_pairs: label {bad[0]!r} is not in spec.labels")
+        seed_texts = {t for t, _ in seeds}
+        inputs: list[Any] = []
+        if d.unlabeled is not None:
+            # a label column, when the file has one, selects rows (limit_per_label, other
+            # intents out) and measures label precision; it never reaches training
+            rows = read_table(d.unlabeled, d.text_column, d.label_column, "spec.data.unlabeled")
+            rows = _select(rows, keep, d.limit_per_label)
+            # unique, in file order; the gold column (if any) is kept only for diagnostics
+            seen: dict[str, str | None] = {}
+            for t, y in rows:
+                if t and t not in seed_texts and t not in seen:
+                    seen[t] = y
+            inputs = list(seen.items())
+        assert d.holdout is not None  # checked in __init__
+        hold_rows = read_table(d.holdout, d.text_column, d.label_column, "spec.data.holdout")
+        holdout = [(t, y) for t, y in hold_rows if y in label_set]
+        if not inputs and not seeds:
+            raise SpecError("spec.data.unlabeled: no inputs left after filtering")
+        if not holdout:
+            raise SpecError("spec.data.holdout: no rows with a label from spec.labels")
+        return {
+            "inputs": [t for t, _ in inputs],
+            "input_gold": [y for _, y in inputs],
+            "seeds": [[t, y] for t, y in seeds],
+            "holdout": [[t, y] for t, y in holdout],
+            "_counters": {"inputs": len(inputs), "seeds": len(seeds), "holdout": len(holdout)},
+        }
+
+    # ---- (2) sample --------------------------------------------------------------------
+
+    def _sample(self, ing: Mapping[str, Any]) -> dict[str, Any]:
+        k = self.spec.teacher.k
+        teacher = self.teacher()
+        texts = list(ing["inputs"]) + [t for t, _ in ing["holdout"]]
+        total = len(texts)
+        done = [0]
+        h0, m0 = teacher.hits, teacher.misses
+
+        def on_result(i: int, samples: Any) -> None:
+            done[0] += 1
+            if done[0] % 25 == 0 or done[0] == total:
+                self._progress("sample", done[0], total, cache_misses=teacher.misses - m0)
+
+        reqs = [SampleRequest(f"x{i}", t, k) for i, t in enumerate(texts)]
+        samples = teacher.sample_many(reqs, self.spec, on_result=on_result)
+        hits, misses = teacher.hits - h0, teacher.misses - m0
+        self.teacher_misses += misses
+        flat = [s for ss in samples for s in ss]
+        n_in = len(ing["inputs"])
+        return {
+            "samples": [[s.text for s in ss] for ss in samples[:n_in]],
+            "holdout_samples": [[s.text for s in ss] for ss in samples[n_in:]],
+            "teacher": teacher.describe(),
+            "usage": {
+                "samples": len(flat),
+                "cache_hits": hits,
+                "cache_misses": misses,
+                "input_tokens": sum(s.input_tokens for s in flat),
+                "output_tokens": sum(s.output_tokens for s in flat),
+                # every sample's price, whether this run or an earlier one paid it
+                "cost": round(sum(s.cost for s in flat), 8),
+                "cost_paid_now": round(sum(s.cost for s in flat if not s.cached), 8),
+            },
+            "_total": total,
+            "_counters": {"samples": len(flat), "cache_hits": hits, "cache_misses": misses},
+        }
+
+    # ---- (3) vote -----------------------------------------------------------------------
+
+    def _vote(self, ing: Mapping[str, Any], smp: Mapping[str, Any]) -> dict[str, Any]:
+        t = self.spec.teacher
+        need = t.min_agreement or t.k // 2 + 1
+        votes = [vote(ss, self.verifier, t.k, need) for ss in smp["samples"]]
+        summary = summarize(votes)
+        accepted: list[list[Any]] = [
+            [i, v.answer, dict(v.votes), list(v.sample_digests), v.agreement]
+            for i, v in enumerate(votes)
+            if v.accepted
+        ]
+        counters: dict[str, float] = {
+            "accepted": len(accepted),
+            "rejected": len(votes) - len(accepted),
+            "acceptance_rate": round(summary.acceptance_rate, 4),
+        }
+        gold = ing.get("input_gold") or []
+        if gold and all(g is not None for g in gold):  # diagnostics when inputs carry gold
+            single = [ss[0] == g for ss, g in zip(smp["samples"], gold, strict=True) if ss]
+            voted = [gold[i] == a for i, a, *_ in accepted]
+            counters["gold_precision_single"] = round(sum(single) / max(1, len(single)), 4)
+            counters["gold_precision_vote"] = round(sum(voted) / max(1, len(voted)), 4)
+        return {
+            "accepted": accepted,
+            "summary": summary.to_dict(),
+            "_total": len(votes),
+            "_counters": counters,
+        }
+
+    # ---- (4) sign -----------------------------------------------------------------------
+
+    def _sign(
+        self, ing: Mapping[str, Any], smp: Mapping[str, Any], vt: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        spec = self.spec
+        task = {"name": spec.name, "type": spec.task, "spec_digest": spec.digest()}
+        vdesc = {
+            "name": self.verifier.name,
+            "version": self.verifier.version,
+            "spec_digest": self.verifier.spec_digest(),
+        }
+        at = _stage_time(self.stage_dir / "sign.time")
+        items: list[tuple[str, str, Any]] = []  # (text, label, statement)
+        seed_teacher = {"backend": _SEED_TEACHER, "source": "spec.data.seed_pairs"}
+        for text, label in ing["seeds"]:
+            st = label_statement(
+                input_value=text,
+                output_value=label,
+                task=task,
+                teacher=seed_teacher,
+                k=1,
+                votes={label: 1},
+                sample_digests=[],
+                verifier=vdesc,
+                agreement=1.0,
+                job_id=self.job_id,
+                include_input=True,
+                time=at,
+            )
+            items.append((text, label, st))
+        for i, answer, votes, digests, agreement in vt["accepted"]:
+            text = ing["inputs"][i]
+            st = label_statement(
+                input_value=text,
+                output_value=answer,
+                task=task,
+                teacher=smp["teacher"],
+                k=spec.teacher.k,
+                votes=votes,
+                sample_digests=digests,
+                verifier=vdesc,
+                agreement=agreement,
+                job_id=self.job_id,
+                include_input=True,
+                time=at,
+            )
+            items.append((text, answer, st))
+        # batches already acknowledged by an interrupted run are not signed again
+        partial_path = self.stage_dir / "sign.partial.json"
+        partial = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+        logged: list[list[Any]] = partial.get("logged", [])
+        failed: list[list[Any]] = partial.get("failed", [])
+        start = int(partial.get("next", 0))
+        batch = self.opts.label_batch
+        for b in range(start, len(items), batch):
+            self._check_stop("sign")
+            chunk = items[b : b + batch]
+            envs = [sign_deterministic(st, self.key) for _, _, st in chunk]
+            res = self.sink.append(envs)
+            for (text, label, _), r in zip(chunk, res, strict=True):
+                if isinstance(r, Acked):
+                    logged.append([r.index, r.leaf_hash.hex(), text, label])
+                else:
+                    failed.append([text, label, f"{type(r).__name__}: {r}"])
+            _dump(partial_path, {"logged": logged, "failed": failed, "next": b + batch})
+            self._progress("sign", min(b + batch, len(items)), len(items), logged=len(logged))
+        logged.sort(key=lambda r: r[0])
+        if not logged:
+            raise KolmError("no label receipt was acknowledged by the ledger; nothing to train on")
+        root = training_set_root([bytes.fromhex(r[1]) for r in logged])
+        return {
+            "logged": logged,
+            "failed": failed,
+            "training_set_root": root,
+            "_total": len(items),
+            "_counters": {
+                "signed": len(items),
+                "logged": len(logged),
+                "append_failed": len(failed),
+            },
+        }
+
+    # ---- (5) train ----------------------------------------------------------------------
+
+    def _train_config(self) -> Any:
+        from . import _train
+
+        cfg = self.spec.student.train_config(self.spec.seed)
+        if self.opts.threads is not None:
+            cfg = _train.TrainConfig.from_dict({**cfg.to_dict(), "threads": self.opts.threads})
+        return cfg
+
+    def model_dir(self) -> Path:
+        """The folder packed into the ``.kolm`` (named after the task)."""
+        return self.dir / "build" / self.spec.name
+
+    def _train(self, sgn: Mapping[str, Any]) -> dict[str, Any]:
+        from . import _train
+
+        cfg = self._train_config()
+        mdir = self.model_dir()
+        if mdir.exists():
+            shutil.rmtree(mdir)
+        mdir.mkdir(parents=True)
+        texts = [r[2] for r in sgn["logged"]]
+        ys = [r[3] for r in sgn["logged"]]
+        _dump(self.dir / "train_set.json", {"texts": texts, "labels": ys})
+
+        def progress(step: int, total: int, loss: float) -> None:
+            self._progress("train", step, total, loss=round(loss, 4))
+
+        try:
+            tr = _train.train_classifier(
+                texts,
+                ys,
+                list(self.spec.labels or ()),
+                cfg,
+                mdir / "adapter",
+                progress=progress,
+                should_stop=self._stop,
+            )
+        except InterruptedError as e:
+            raise JobCancelled(f"job {self.job_id} cancelled during training") from e
+        self._student = tr.student
+        return {
+            "examples": len(texts),
+            "steps": tr.steps,
+            "first_loss": tr.losses[0],
+            "final_loss": tr.losses[-1],
+            "_total": tr.steps,
+            "_counters": {
+                "examples": len(texts),
+                "steps": tr.steps,
+                "final_loss": round(tr.losses[-1], 4),
+            },
+        }
+
+    # ---- (6) evaluate -------------------------------------------------------------------
+
+    def _evaluate(self, ing: Mapping[str, Any], smp: Mapping[str, Any]) -> dict[str, Any]:
+        from . import _train
+
+        cfg = self._train_config()
+        student = getattr(self, "_student", None) or _train.Student.load(
+            self.model_dir() / "adapter", threads=cfg.threads
+        )
+        texts = [t for t, _ in ing["holdout"]]
+        refs = [y for _, y in ing["holdout"]]
+        preds = [p for p, _ in student.predict(texts)]
+        v = self.verifier
+        outcomes = [v.check(p, reference=r).ok and p == r for p, r in zip(preds, refs, strict=True)]
+        score = ks.kscore(outcomes)
+
+        def teacher_ok(answer: str | None, ref: str) -> bool:
+            return (
+                answer is not None
+                and v.check(answer, reference=ref).ok
+                and (v.check(answer).normalized == ref)
+            )
+
+        t = self.spec.teacher
+        hs = smp["holdout_samples"]
+        single = ks.kscore(
+            [bool(ss) and teacher_ok(ss[0], r) for ss, r in zip(hs, refs, strict=True)]
+        )
+        voted = ks.kscore(
+            [
+                (vr := vote(ss, v, t.k, t.min_agreement or t.k // 2 + 1)).accepted
+                and teacher_ok(vr.answer, r)
+                for ss, r in zip(hs, refs, strict=True)
+            ]
+        )
+        # latency: one input per call, as a service would see it
+        probe = texts[: self.opts.latency_probe]
+        student.predict(probe[:2], batch_size=1)  # warm-up
+        t0 = time.perf_counter()
+        for x in probe:
+            student.predict([x], batch_size=1)
+        latency = (time.perf_counter() - t0) / max(1, len(probe))
+        holdout_root = root_from_leaves(
+            [bytes.fromhex(example_digest(x, y)) for x, y in zip(texts, refs, strict=True)]
+        ).hex()
+        outcome_root = root_from_leaves(
+            [
+                hashlib.sha256(
+                    canonical_json({"example": example_digest(x, y), "output": p, "correct": o})
+                ).digest()
+                for x, y, p, o in zip(texts, refs, preds, outcomes, strict=True)
+            ]
+        ).hex()
+        return {
+            "k_score": score.to_dict(),
+            "teacher_single": single.to_dict(),
+            "teacher_vote": voted.to_dict(),
+            "per_label": ks.per_label_metrics(refs, preds),
+            "confusion": ks.confusion_matrix(refs, preds, list(self.spec.labels or ())),
+            "holdout_root": holdout_root,
+            "outcome_root": outcome_root,
+            "latency_s": latency,
+            "threads": cfg.threads,
+            "_total": len(texts),
+            "_counters": {
+                "k_score": score.score,
+                "teacher_single": single.score,
+                "teacher_vote": voted.score,
+            },
+        }
+
+    # ---- (7) package --------------------------------------------------------------------
+
+    def _package(
+        self,
+        smp: Mapping[str, Any],
+        vt: Mapping[str, Any],
+        sgn: Mapping[str, Any],
+        ev: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        from . import _train
+
+        spec, v = self.spec, self.verifier
+        cfg = self._train_config()
+        mdir = self.model_dir()
+        for extra in (
+            "manifest.json",
+            "task.json",
+            "verifier.json",
+            "base",
+            kolm_artifact.SIGNATURE_FILE,
+        ):
+            p = mdir / extra
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        vdict = {"name": v.name, "version": v.version, "params": dict(v.params)}
+        base = {
+            "id": cfg.base_model,
+            "revision": "registered",
+            "weights_digest": base_weights_digest(cfg.base_model),
+        }
+        manifest: dict[str, Any] = {
+            "format": kolm_artifact.FORMAT,
+            "name": spec.name,
+            "task_type": spec.task,
+            "labels": list(spec.labels or ()),
+            "base_model": base,
+            "adapter": "adapter",
+            "max_length": cfg.max_length,
+            "confidence_threshold": spec.student.confidence_threshold,
+            "verifier": vdict,
+            "spec_digest": spec.digest(),
+            "kolm_version": kolm_version(),
+        }
+        if self.opts.bundle_base:
+            src = _train.resolve_base_model(cfg.base_model)
+            shutil.copytree(src, mdir / "base", ignore=shutil.ignore_patterns(".*"))
+            manifest["base"] = "base"
+        (mdir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (mdir / "task.json").write_bytes(canonical_json(spec.to_dict()) + b"\n")
+        (mdir / "verifier.json").write_text(json.dumps(vdict, indent=2, sort_keys=True) + "\n")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        out = self.out_dir / f"{spec.name}.kolm"
+        digest = kolm_artifact.pack(mdir, out, self.key)
+        file_digest = kolm_artifact.sha256_file(out)
+
+        score = ks.KScore(**ev["k_score"])
+        t_single, t_vote = ks.KScore(**ev["teacher_single"]), ks.KScore(**ev["teacher_vote"])
+        at = _stage_time(self.stage_dir / "package.time")
+        est = eval_statement(
+            time=at,
+            artifact_digest=digest,
+            holdout_digest=ev["holdout_root"],
+            n=score.n,
+            correct=score.correct,
+            k_score=score.score,
+            interval=(score.low, score.high),
+            outcome_root=ev["outcome_root"],
+            teacher_k_score=t_vote.score,
+            extra={
+                "job_id": self.job_id,
+                "teacher_k_score_single": t_single.score,
+                "teacher_k_score_vote": t_vote.score,
+                "per_label": ev["per_label"],
+            },
+        )
+        (ev_res,) = self.sink.append([sign_deterministic(est, self.key)])
+        if not isinstance(ev_res, Acked):
+            raise ev_res
+        cost = self.cost_report(smp, ev)
+        summary = vt["summary"]
+        labels = {
+            "sampled": summary["n"],
+            "accepted": summary["accepted"],
+            "rejected": summary["n"] - summary["accepted"],
+            "acceptance_rate": summary["acceptance_rate"],
+            "seed_pairs": len(self._load("ingest")["seeds"]),
+            "logged": len(sgn["logged"]),
+            "append_failed": len(sgn["failed"]),
+        }
+        ast = artifact_statement(
+            time=at,
+            artifact_digest=digest,
+            file_name=out.name,
+            file_digest=file_digest,
+            base_model=base,
+            training_set_root=sgn["training_set_root"],
+            label_count=len(sgn["logged"]),
+            eval_receipt=ev_res.leaf_hash.hex(),
+            k_score=score.score,
+            verifier={**vdict, "spec_digest": v.spec_digest()},
+            compile_config_digest=hashlib.sha256(
+                canonical_json(
+                    {
+                        "spec": spec.digest(),
+                        "train": cfg.to_dict(),
+                        "bundle_base": self.opts.bundle_base,
+                    }
+                )
+            ).hexdigest(),
+            kolm_version=kolm_version(),
+            checkpoint=self.sink.checkpoint(),
+            extra={
+                "job_id": self.job_id,
+                "teacher": smp["teacher"],
+                "labels": labels,
+                "cost": cost,
+            },
+        )
+        (art_res,) = self.sink.append([sign_deterministic(ast, self.key)])
+        if not isinstance(art_res, Acked):
+            raise art_res
+        return {
+            "artifact_path": str(out),
+            "artifact_digest": digest,
+            "file_digest": file_digest,
+            "eval_leaf": ev_res.leaf_hash.hex(),
+            "eval_index": ev_res.index,
+            "artifact_index": art_res.index,
+            "labels": labels,
+            "cost": cost,
+            "_counters": {"artifact_index": art_res.index, "bytes": out.stat().st_size},
+        }
+
+    def cost_report(self, smp: Mapping[str, Any], ev: Mapping[str, Any]) -> dict[str, Any]:
+        """Teacher calls, tokens and cost, beside the projected per-call cost of the student."""
+        u = smp["usage"]
+        k = self.spec.teacher.k
+        per_sample = u["cost"] / u["samples"] if u["samples"] else 0.0
+        cpu_s = ev["latency_s"] * ev["threads"]
+        student = cpu_s / 3600.0 * self.opts.dollars_per_cpu_hour
+        return {
+            "teacher_calls": u["samples"],  # one call = one sample
+            "teacher_calls_paid_by_this_job": u["cache_misses"],
+            "input_tokens": u["input_tokens"],
+            "output_tokens": u["output_tokens"],
+            "estimated_cost": u["cost"],
+            "teacher_cost_per_call": per_sample,
+            "teacher_cost_per_voted_answer": per_sample * k,
+            "student_latency_ms": round(ev["latency_s"] * 1000, 3),
+            "student_threads": ev["threads"],
+            "student_cost_per_call": student,
+            "assumed_dollars_per_cpu_hour": self.opts.dollars_per_cpu_hour,
+            "note": "student cost = mean single-input CPU latency x threads x assumed $/CPU-hour",
+        }
+
+    # ---- run --------------------------------------------------------------------------
+
+    def run(self) -> CompileResult:
+        """Run (or resume) every stage; returns the result. Raises on failure or cancel."""
+        try:
+            ing = self._run_stage("ingest", self._ingest)
+            smp = self._run_stage("sample", lambda: self._sample(ing))
+            vt = self._run_stage("vote", lambda: self._vote(ing, smp))
+            sgn = self._run_stage("sign", lambda: self._sign(ing, smp, vt))
+            self._run_stage("train", lambda: self._train(sgn))
+            ev = self._run_stage("evaluate", lambda: self._evaluate(ing, smp))
+            pk = self._run_stage("package", lambda: self._package(smp, vt, sgn, ev))
+        finally:
+            self.close()
+        return CompileResult(
+            job_id=self.job_id,
+            artifact_path=Path(pk["artifact_path"]),
+            artifact_digest=pk["artifact_digest"],
+            file_digest=pk["file_digest"],
+            k_score=ks.KScore(**ev["k_score"]),
+            teacher_single=ks.KScore(**ev["teacher_single"]),
+            teacher_vote=ks.KScore(**ev["teacher_vote"]),
+            labels=pk["labels"],
+            training_set_root=sgn["training_set_root"],
+            eval_leaf=pk["eval_leaf"],
+            artifact_index=pk["artifact_index"],
+            seconds=dict(self.seconds),
+            cost=pk["cost"],
+            per_label=ev["per_label"],
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kolm_compile.pipeline SPEC (--db URL | --ledger HOST:PORT) --keys DIR``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m kolm_compile.pipeline", description=__doc__)
+    ap.add_argument("spec")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="in-process ledger database URL")
+    where.add_argument("--ledger", help="ledger service HOST:PORT")
+    ap.add_argument(
+        "--keys", required=True, help="folder with compile.key (and trust.json, log.key)"
+    )
+    ap.add_argument("--work", default="kolm-work", help="job folder (resumes if it holds one)")
+    ap.add_argument("--out", help="where the .kolm goes (default: the job folder)")
+    ap.add_argument("--bundle-base", action="store_true")
+    ap.add_argument("--threads", type=int)
+    a = ap.parse_args(argv)
+    from ._train import embed_texts
+    from .sinks import LocalLedgerSink, ServiceSink
+
+    if a.db:
+        sink: Any = LocalLedgerSink.open(a.db, a.keys)
+    else:
+        from kolm_ledger.client import LedgerClient
+
+        sink = ServiceSink(LedgerClient(a.ledger, timeout=600))
+
+    def show(e: StageEvent) -> None:
+        if e.state != "progress":
+            print(f"{STAGE_TITLES[e.stage]:<22} {e.state:<9} {dict(e.counters)}", flush=True)
+
+    job = CompileJob(
+        TaskSpec.load(a.spec),
+        key=PrivateKey.load(Path(a.keys) / "compile.key"),
+        sink=sink,
+        job_dir=Path(a.work),
+        out_dir=Path(a.out) if a.out else None,
+        options=CompileOptions(bundle_base=a.bundle_base, threads=a.threads),
+        on_event=show,
+        embed=embed_texts,
+    )
+    try:
+        print(json.dumps(job.run().to_dict(), indent=2, sort_keys=True))
+    finally:
+        sink.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

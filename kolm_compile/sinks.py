@@ -1,0 +1,129 @@
+"""Where a compile job's receipts go: the ledger service, or an in-process ledger.
+
+A :class:`ReceiptSink` appends a batch of signed envelopes and answers, per envelope
+and in order, either an :class:`Acked` (the ledger index and leaf hash) or the
+:class:`~kolm_ledger.errors.KolmError` that refused it. Only acknowledged label
+receipts may reach training, so an error for one envelope loses that one label only.
+
+Example::
+
+    from kolm_ledger.client import LedgerClient
+    sink = ServiceSink(LedgerClient("127.0.0.1:7000"))
+    acks = sink.append([envelope])            # [Acked(index=..., leaf_hash=...)] or errors
+    sink.checkpoint()                         # {"origin": ..., "size": ..., "root": "<hex>"}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kolm_ledger.dsse import Envelope
+from kolm_ledger.errors import KolmError
+
+__all__ = ["Acked", "LocalLedgerSink", "ReceiptSink", "ServiceSink"]
+
+#: label receipts per append call (one AppendStream message / one ledger batch)
+LABEL_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Acked:
+    """The ledger accepted an envelope: its index and RFC 6962 leaf hash."""
+
+    index: int
+    leaf_hash: bytes
+
+
+class ReceiptSink(Protocol):
+    """Appends receipts; one result per envelope, in order."""
+
+    def append(self, envelopes: Sequence[Envelope]) -> list[Acked | KolmError]:
+        """Append a batch; an error for one envelope does not stop the others."""
+        ...
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The newest checkpoint as ``{"origin", "size", "root"}`` (root in hex)."""
+        ...
+
+
+def _checkpoint_dict(signed: Any) -> dict[str, Any]:
+    cp = signed.checkpoint
+    return {"origin": cp.origin, "size": cp.size, "root": cp.root.hex()}
+
+
+class ServiceSink:
+    """The ledger service through :meth:`kolm_ledger.client.LedgerClient.append_many`."""
+
+    def __init__(self, client: Any, batch: int = LABEL_BATCH) -> None:
+        self.client = client
+        self.batch = batch
+
+    def append(self, envelopes: Sequence[Envelope]) -> list[Acked | KolmError]:
+        """AppendStream in messages of ``batch``; a transport failure fails the whole call."""
+        res = self.client.append_many(list(envelopes), batch=self.batch)
+        if len(res) != len(envelopes):
+            raise KolmError(f"ledger answered {len(res)} results for {len(envelopes)} envelopes")
+        return [r if isinstance(r, KolmError) else Acked(r.index, r.leaf_hash) for r in res]
+
+    def checkpoint(self) -> dict[str, Any]:
+        """GetCheckpoint."""
+        return _checkpoint_dict(self.client.checkpoint())
+
+    def close(self) -> None:
+        """Close the client channel."""
+        self.client.close()
+
+
+class LocalLedgerSink:
+    """An in-process :class:`kolm_ledger.ledger.Ledger` (``kolm compile run --db URL``).
+
+    Each envelope is validated on its own (a refused one takes its error), the valid ones
+    are sequenced as one batch with one checkpoint.
+    """
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+
+    @classmethod
+    def open(cls, db: str, keys_dir: Any) -> LocalLedgerSink:
+        """Open the ledger database ``db`` with ``keys_dir``'s trust root and log key."""
+        from pathlib import Path
+
+        from kolm_ledger.keys import PrivateKey, TrustRoot
+        from kolm_ledger.ledger import Ledger
+        from kolm_ledger.storage import Store
+
+        keys = Path(keys_dir)
+        return cls(
+            Ledger(
+                Store(db),
+                TrustRoot.load(keys / "trust.json"),
+                PrivateKey.load(keys / "log.key"),
+            )
+        )
+
+    def append(self, envelopes: Sequence[Envelope]) -> list[Acked | KolmError]:
+        """Validate each, then one ``append_validated`` batch."""
+        out: list[Acked | KolmError | None] = [None] * len(envelopes)
+        valid, where = [], []
+        for i, env in enumerate(envelopes):
+            try:
+                valid.append(self.ledger.validate(env))
+                where.append(i)
+            except KolmError as e:
+                out[i] = e
+        if valid:
+            results, _ = self.ledger.append_validated(valid, skip_refused=True)
+            for i, r in zip(where, results, strict=True):
+                out[i] = r if isinstance(r, KolmError) else Acked(r.index, r.leaf_hash)
+        return [r for r in out if r is not None]
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The ledger's newest checkpoint."""
+        return _checkpoint_dict(self.ledger.checkpoint())
+
+    def close(self) -> None:
+        """Close the store."""
+        self.ledger.store.close()
