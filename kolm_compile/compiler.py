@@ -40,6 +40,7 @@ from kolm_ledger.receipts import (
     artifact_statement,
     eval_statement,
     example_digest,
+    job_digest,
     label_statement,
     sign_statement,
 )
@@ -89,6 +90,10 @@ class ReceiptSink(Protocol):
         """The newest checkpoint as ``{"origin", "size", "root"}``."""
         ...
 
+    def job_labels(self, job_id: str) -> list[Any]:
+        """Label entries already logged for ``job_id`` (a resumed job reuses them)."""
+        ...
+
 
 class LedgerSink:
     """An in-process :class:`kolm_ledger.ledger.Ledger` (``kolm compile run --db``)."""
@@ -110,6 +115,10 @@ class LedgerSink:
         cp = self.ledger.checkpoint().checkpoint
         return {"origin": cp.origin, "size": cp.size, "root": cp.root.hex()}
 
+    def job_labels(self, job_id: str) -> list[Any]:
+        return list(self.ledger.store.find(subject_digest=job_digest(job_id), kind="label",
+                                           limit=10_000_000))
+
 
 class ClientSink:
     """The ledger service through :class:`kolm_ledger.client.LedgerClient` (AppendStream)."""
@@ -125,6 +134,10 @@ class ClientSink:
     def checkpoint(self) -> dict[str, Any]:
         cp = self.client.checkpoint().checkpoint
         return {"origin": cp.origin, "size": cp.size, "root": cp.root.hex()}
+
+    def job_labels(self, job_id: str) -> list[Any]:
+        return list(self.client.find(subject_digest=job_digest(job_id), kind="label",
+                                     limit=10_000_000))
 
 
 @dataclass
@@ -354,6 +367,23 @@ class CompileJob:
             "spec_digest": verifier.spec_digest(),
         }
         task = {"name": spec.name, "type": spec.task, "spec_digest": spec.digest()}
+        # a resumed job reuses the label receipts its first run already logged, so the
+        # ledger holds exactly one receipt per trained label of the job (provenance counts them)
+        already: dict[str, tuple[int, bytes]] = {}
+        for e in self.sink.job_labels(self.job_id):
+            st_json = json.loads(Envelope.from_bytes(e.envelope).payload)
+            for sub in st_json["subject"]:
+                if sub["name"] == "example":
+                    already[sub["digest"]["sha256"]] = (e.index, e.leaf_hash)
+        logged: list[tuple[int, bytes, str, str]] = []  # (index, leaf, text, label)
+        fresh = []
+        for text, v in accepted:
+            hit = already.get(example_digest(text, v.answer))
+            if hit is not None:
+                logged.append((hit[0], hit[1], text, str(v.answer)))
+            else:
+                fresh.append((text, v))
+        accepted_all, accepted = accepted, fresh
         envs = []
         for text, v in accepted:
             st = label_statement(
@@ -370,7 +400,6 @@ class CompileJob:
                 include_input=True,
             )
             envs.append(sign_statement(st, self.key))
-        logged: list[tuple[int, bytes, str, str]] = []  # (index, leaf, text, label)
         failed = 0
         for i in range(0, len(envs), 500):
             res = self.sink.append(envs[i : i + 500])
@@ -380,6 +409,7 @@ class CompileJob:
                 else:
                     logged.append((r[0], r[1], text, str(v.answer)))
             self._emit(StageEvent("sign", "progress", min(i + 500, len(envs)), len(envs)))
+        accepted = accepted_all
         logged.sort()
         training_root = root_from_leaves([leaf for _, leaf, _, _ in logged]).hex()
         self._done("sign", t0, {"logged": len(logged), "append_failed": failed}, len(envs))

@@ -204,5 +204,12 @@ def test_restart_resumes_without_paying_the_teacher_twice(world: dict[str, Any])
         assert sample[0] == first
         assert sample[-1]["cache_misses"] == 0
         assert sample[-1]["cache_hits"] == first["cache_misses"]
+        # the resumed run reused the label receipts of the first: provenance still adds up
+        from kolm_ledger.client import LedgerClient
+
+        with LedgerClient(world["ledger"].target) as c:
+            prov = c.provenance(got.artifact_digest, include_labels=True)
+        assert prov.labels_found == prov.label_count
+        assert prov.recomputed_root == prov.training_set_root
     finally:
         s.close()
