@@ -1,0 +1,84 @@
+"""``kolm up``: the three services together on one machine, until Ctrl-C.
+
+Ledger (SQLite at ``DIR/ledger.db`` by default, or ``--db`` any SQLAlchemy URL such as
+``postgresql+psycopg://...``), compile (jobs under ``DIR/compile``) and inference
+(loads every ``.kolm`` in ``DIR/compile/artifacts`` at start; LoadArtifact adds more),
+with keys in ``DIR/keys`` (created on first use). Plain text on loopback, as
+``--insecure`` servers; see docs/SECURITY.md for mTLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register_up"]
+
+
+def register_up(sub: Any) -> None:
+    """Add ``kolm up``."""
+    p = sub.add_parser("up", help="run ledger, compile and inference services together")
+    p.add_argument("--dir", default="kolm-up", help="keys, ledger and jobs live here")
+    p.add_argument("--db", help="ledger database URL (default: sqlite:///DIR/ledger.db)")
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    p.add_argument("--ledger-port", type=int, default=7070)
+    p.add_argument("--infer-port", type=int, default=7071)
+    p.add_argument("--compile-port", type=int, default=7072)
+    p.add_argument("--ready-file", help="write the three addresses here (JSON) once serving")
+    p.set_defaults(func=_cmd_up)
+
+
+def _cmd_up(a: argparse.Namespace) -> int:
+    from kolm_ledger.tls import check_insecure_listen
+
+    check_insecure_listen(f"{a.host}:0")
+    return asyncio.run(_up(a))
+
+
+async def _up(a: argparse.Namespace) -> int:
+    import json
+
+    from kolm_compile.compiler import ClientSink
+    from kolm_compile.service import JobRunner
+    from kolm_compile.service import start as start_compile
+    from kolm_ledger._crypto import PrivateKey
+    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.keys import TrustRoot, init_keys
+    from kolm_ledger.server import start as start_ledger
+
+    from .service import start as start_infer
+
+    d = Path(a.dir).resolve()
+    keys = d / "keys"
+    trust = TrustRoot.load(keys / "trust.json") if (keys / "trust.json").exists() \
+        else init_keys(keys)
+    db = a.db or f"sqlite:///{d / 'ledger.db'}"
+    ledger = await start_ledger(db, trust, PrivateKey.load(keys / "log.key"),
+                                listen=f"{a.host}:{a.ledger_port}")
+    lt = f"{a.host}:{ledger.port}"
+    runner = JobRunner(d / "compile", keys_dir=keys,
+                       sink_factory=lambda: ClientSink(LedgerClient(lt, timeout=600)))
+    comp = await start_compile(runner, listen=f"{a.host}:{a.compile_port}")
+    arts = sorted((d / "compile" / "artifacts").glob("*.kolm"))
+    infer = await start_infer(lt, trust, PrivateKey.load(keys / "infer.key"), artifacts=arts,
+                              listen=f"{a.host}:{a.infer_port}", spool=d / "spool.sqlite")
+    addrs = {"ledger": lt, "compile": f"{a.host}:{comp.port}", "infer": f"{a.host}:{infer.port}",
+             "db": db, "keys": str(keys)}
+    for k, v in addrs.items():
+        print(f"{k:8} {v}", flush=True)
+    print("Ctrl-C stops all three.", flush=True)
+    if a.ready_file:
+        Path(a.ready_file).write_text(json.dumps(addrs))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("stopping: inference, compile, ledger", flush=True)
+    await infer.stop(5)
+    await comp.stop(5)
+    await ledger.stop(5)
+    return 0
