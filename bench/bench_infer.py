@@ -113,6 +113,7 @@ def start_ledger(d: Path, keys: Path) -> tuple[subprocess.Popen[bytes], str]:
     ready = d / "ledger.port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "kolm_ledger.cli", "ledger", "serve",
+         "--insecure",
          "--db", f"sqlite:///{d / 'ledger.db'}", "--trust", str(keys / "trust.json"),
          "--log-key", str(keys / "log.key"), "--listen", "127.0.0.1:0",
          "--ready-file", str(ready), "--max-wait-ms", "0.5", "--log-level", "WARNING"],

@@ -144,6 +144,7 @@ def start_server(db: str, keydir: Path, work: Path, *extra: str) -> tuple[subpro
             "kolm_ledger.cli",
             "ledger",
             "serve",
+            "--insecure",
             "--db",
             db,
             "--trust",

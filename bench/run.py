@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark in turn (each prints its own side-by-side ratios).
 
-    .venv/bin/python bench/run.py [--quick] [--only ledger,compile,infer,recall]
+.venv/bin/python bench/run.py [--quick] [--only ledger,compile,infer,recall]
 """
 
 from __future__ import annotations

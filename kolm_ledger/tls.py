@@ -309,12 +309,16 @@ def server_credentials_from_args(
 ) -> grpc.ServerCredentials | None:
     """Server credentials from ``--tls-dir``/``--insecure``; ``None`` means plain text.
 
-    Plain text needs a loopback ``listen``; with neither flag a loopback address is
-    served in plain text (for local development) and any other is refused.
+    Plain text needs an explicit ``--insecure`` and a loopback ``listen``.
     """
     if getattr(a, "tls_dir", None):
         return server_credentials(a.tls_dir, service)
     check_insecure_listen(listen)
+    if not getattr(a, "insecure", False):
+        raise InvalidInput(
+            f"--listen {listen}: plain-text gRPC needs an explicit --insecure (and is only "
+            "allowed on loopback); or give --tls-dir DIR for mutual TLS"
+        )
     return None
 
 

@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PG_ADMIN_URL = os.environ.get("KOLM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "KOLM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BANKING77 = Path(__file__).resolve().parent / "data" / "banking77"
 
@@ -27,8 +29,10 @@ def _pg_create() -> tuple[str, str]:
         with eng.connect() as c:
             c.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as e:  # fail loudly: PostgreSQL tests are not optional
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({e.orig}); "
-                    "start it (.ci/run does) — these tests are part of the suite")
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({e.orig}); "
+            "start it (.ci/run does) — these tests are part of the suite"
+        )
     finally:
         eng.dispose()
     return name, PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name

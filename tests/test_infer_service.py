@@ -459,6 +459,7 @@ def test_spool_survives_kill_9_of_kolm_infer_serve(
         with logf.open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kolm_ledger.cli", "infer", "serve",
+                 "--insecure",
                  "--artifacts", str(path.parent), "--ledger", led.target,
                  "--key", str(world.keys / "infer.key"), "--trust", str(world.keys / "trust.json"),
                  "--spool", str(spool), "--listen", "127.0.0.1:0", "--ready-file", str(ready),

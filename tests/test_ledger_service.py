@@ -991,6 +991,7 @@ def test_serve_process_health_reflection_and_metrics(
             str(KOLM),
             "ledger",
             "serve",
+            "--insecure",
             "--db",
             db_url,
             "--trust",

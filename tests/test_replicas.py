@@ -123,6 +123,7 @@ def replicas(pg_url: str, keydir: Path, tmp_path: Path) -> Iterator[list[str]]:
                     str(KOLM),
                     "ledger",
                     "serve",
+                    "--insecure",
                     "--db",
                     pg_url,
                     "--trust",

@@ -63,6 +63,7 @@ class Serve:
                 str(KOLM),
                 "ledger",
                 "serve",
+                "--insecure",
                 "--db",
                 db,
                 "--trust",
