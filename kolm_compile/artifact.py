@@ -112,10 +112,13 @@ def _statement(name: str, resources: list[tuple[str, str]]) -> dict[str, Any]:
         "subject": [{"name": name, "digest": {"sha256": artifact_digest(resources)}}],
         "predicateType": MODEL_SIGNING_PREDICATE,
         "predicate": {
-            "serialization": {"method": "files", "hash_type": "sha256",
-                              "allow_symlinks": False, "ignore_paths": [SIGNATURE_FILE]},
-            "resources": [{"name": n, "algorithm": "sha256", "digest": d}
-                          for n, d in resources],
+            "serialization": {
+                "method": "files",
+                "hash_type": "sha256",
+                "allow_symlinks": False,
+                "ignore_paths": [SIGNATURE_FILE],
+            },
+            "resources": [{"name": n, "algorithm": "sha256", "digest": d} for n, d in resources],
         },
     }
 
@@ -132,11 +135,15 @@ def sign_directory(model_dir: Path, key: PrivateKey) -> str:
     pem = key.public_key().pem().encode()
     bundle = {
         "mediaType": BUNDLE_MEDIA_TYPE,
-        "verificationMaterial": {"publicKey": {"hint": hashlib.sha256(pem).hexdigest()},
-                                 "tlogEntries": []},
-        "dsseEnvelope": {"payload": base64.b64encode(payload).decode(),
-                         "payloadType": IN_TOTO_PAYLOAD_TYPE,
-                         "signatures": [{"sig": base64.b64encode(sig).decode()}]},
+        "verificationMaterial": {
+            "publicKey": {"hint": hashlib.sha256(pem).hexdigest()},
+            "tlogEntries": [],
+        },
+        "dsseEnvelope": {
+            "payload": base64.b64encode(payload).decode(),
+            "payloadType": IN_TOTO_PAYLOAD_TYPE,
+            "signatures": [{"sig": base64.b64encode(sig).decode()}],
+        },
     }
     (model_dir / SIGNATURE_FILE).write_text(json.dumps(bundle, indent=2) + "\n")
     return str(st["subject"][0]["digest"]["sha256"])
@@ -219,8 +226,9 @@ def zlib_error() -> type[Exception]:
     return zlib.error
 
 
-def verify_artifact(path: Path, trust: TrustState, *, at: datetime | None = None,
-                    into: Path | None = None) -> VerifiedArtifact:
+def verify_artifact(
+    path: Path, trust: TrustState, *, at: datetime | None = None, into: Path | None = None
+) -> VerifiedArtifact:
     """Verify a ``.kolm`` against the trust state; raises :class:`ArtifactError` naming why.
 
     Unpacks into ``into`` (default: a fresh temporary directory, kept for loading).
@@ -240,8 +248,9 @@ def verify_artifact(path: Path, trust: TrustState, *, at: datetime | None = None
         bundle = json.loads(sig_path.read_bytes())
         env_obj = bundle["dsseEnvelope"]
         payload = base64.b64decode(env_obj["payload"], validate=True)
-        sigs = tuple(Signature("", base64.b64decode(s["sig"], validate=True))
-                     for s in env_obj["signatures"])
+        sigs = tuple(
+            Signature("", base64.b64decode(s["sig"], validate=True)) for s in env_obj["signatures"]
+        )
         if env_obj["payloadType"] != IN_TOTO_PAYLOAD_TYPE or not sigs:
             raise ValueError("not an in-toto DSSE envelope with a signature")
         st = json.loads(payload)
@@ -258,19 +267,23 @@ def verify_artifact(path: Path, trust: TrustState, *, at: datetime | None = None
     listed = {n for n, _ in resources}
     if on_disk != listed:
         extra, missing = sorted(on_disk - listed), sorted(listed - on_disk)
-        raise ArtifactError(f"{path.name}: files differ from the signed manifest "
-                            f"(unlisted: {extra[:5]}, missing: {missing[:5]})")
+        raise ArtifactError(
+            f"{path.name}: files differ from the signed manifest "
+            f"(unlisted: {extra[:5]}, missing: {missing[:5]})"
+        )
     # (3) each file digest
     for n, d in resources:
         actual = sha256_file(root / n)
         if actual != d:
-            raise ArtifactError(f"{path.name}: {n} has digest {actual[:16]}…, the signed "
-                                f"manifest says {d[:16]}…")
+            raise ArtifactError(
+                f"{path.name}: {n} has digest {actual[:16]}…, the signed manifest says {d[:16]}…"
+            )
     # (4) subject digest
     digest = artifact_digest(resources)
     if digest != claimed:
-        raise ArtifactError(f"{path.name}: subject digest {claimed[:16]}… does not match the "
-                            f"files ({digest[:16]}…)")
+        raise ArtifactError(
+            f"{path.name}: subject digest {claimed[:16]}… does not match the files ({digest[:16]}…)"
+        )
     # (5) signature by a trusted compile key, valid now (or ``at``) and not revoked
     signer: TrustedKey | None = None
     reasons = []
@@ -278,9 +291,12 @@ def verify_artifact(path: Path, trust: TrustState, *, at: datetime | None = None
         if k.role != "compile":
             continue
         try:
-            verify_signature(Envelope(payload, IN_TOTO_PAYLOAD_TYPE,
-                                      tuple(Signature(k.keyid, s.sig) for s in sigs)),
-                             k.public_key)
+            verify_signature(
+                Envelope(
+                    payload, IN_TOTO_PAYLOAD_TYPE, tuple(Signature(k.keyid, s.sig) for s in sigs)
+                ),
+                k.public_key,
+            )
         except KolmError:
             continue
         try:
@@ -292,8 +308,9 @@ def verify_artifact(path: Path, trust: TrustState, *, at: datetime | None = None
         break
     if signer is None:
         why = f" ({'; '.join(reasons)})" if reasons else ""
-        raise ArtifactError(f"{path.name}: {SIGNATURE_FILE} is not signed by a trusted, valid "
-                            f"compile key{why}")
+        raise ArtifactError(
+            f"{path.name}: {SIGNATURE_FILE} is not signed by a trusted, valid compile key{why}"
+        )
     try:
         manifest = json.loads((root / "manifest.json").read_bytes())
         if manifest.get("format") != FORMAT:
@@ -307,4 +324,3 @@ def read_bytes_of(zpath: Path, member: str) -> bytes:
     """One member's bytes (for tests and tools)."""
     with zipfile.ZipFile(zpath) as z:
         return z.read(member)
-

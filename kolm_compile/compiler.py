@@ -116,8 +116,11 @@ class LedgerSink:
         return {"origin": cp.origin, "size": cp.size, "root": cp.root.hex()}
 
     def job_labels(self, job_id: str) -> list[Any]:
-        return list(self.ledger.store.find(subject_digest=job_digest(job_id), kind="label",
-                                           limit=10_000_000))
+        return list(
+            self.ledger.store.find(
+                subject_digest=job_digest(job_id), kind="label", limit=10_000_000
+            )
+        )
 
 
 class ClientSink:
@@ -136,8 +139,9 @@ class ClientSink:
         return {"origin": cp.origin, "size": cp.size, "root": cp.root.hex()}
 
     def job_labels(self, job_id: str) -> list[Any]:
-        return list(self.client.find(subject_digest=job_digest(job_id), kind="label",
-                                     limit=10_000_000))
+        return list(
+            self.client.find(subject_digest=job_digest(job_id), kind="label", limit=10_000_000)
+        )
 
 
 @dataclass

@@ -547,29 +547,10 @@ async def start(
     """
     if authorize is None:
         authorize = credentials is not None
-    server = grpc.aio.server(
-        interceptors=[
-            *([AuthzInterceptor()] if authorize else []),
-            *interceptors,
-            rpc.ErrorInterceptor(),
-        ],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ],
-    )
+    server = rpc.new_server([*([AuthzInterceptor()] if authorize else []), *interceptors])
     pb_grpc.add_CompileServicer_to_server(CompileServicer(runner), server)
-    hs = rpc.add_standard_services(server, [SERVICE_NAME])
-    port = (
-        server.add_secure_port(listen, credentials)
-        if credentials
-        else server.add_insecure_port(listen)
-    )
-    if port == 0:
-        raise InvalidInput(f"cannot listen on {listen}")
-    await server.start()
+    port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])
     runner.start()
-    await rpc.set_serving(hs, [SERVICE_NAME], True)
     log.info("compile serving", extra={"kolm_port": port})
     return CompileServer(server, runner, port, hs)
 
@@ -580,11 +561,7 @@ async def serve(
     """Run the service until SIGTERM/SIGINT (``kolm compile serve``)."""
     srv = await start(runner, listen=listen, **kw)
     print(f"kolm compile listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
-    if ready_file:
-        # atomically, so a watcher never reads a partly written port
-        tmp = Path(ready_file).with_name(Path(ready_file).name + ".tmp")
-        tmp.write_text(str(srv.port))
-        tmp.replace(ready_file)
+    rpc.write_ready_file(ready_file, srv.port)
 
     async def on_stop() -> None:
         await rpc.set_serving(srv.health, [SERVICE_NAME], False)

@@ -278,31 +278,11 @@ async def start(
     sp = Spool(spool) if spool else None
     writer = ReceiptWriter(client, spool=sp)
     await writer.start()
-    server = grpc.aio.server(
-        # with mutual TLS every call is authorized by the client certificate's role
-        interceptors=[
-            *([AuthzInterceptor()] if credentials else []),
-            *interceptors,
-            rpc.ErrorInterceptor(),
-        ],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ],
-    )
+    server = rpc.new_server([*([AuthzInterceptor()] if credentials else []), *interceptors])
     pb_grpc.add_InferenceServicer_to_server(
         InferenceServicer(engine, writer, infer_key, output_policy=output_policy), server
     )
-    hs = rpc.add_standard_services(server, [SERVICE_NAME])
-    port = (
-        server.add_secure_port(listen, credentials)
-        if credentials
-        else server.add_insecure_port(listen)
-    )
-    if port == 0:
-        raise InvalidInput(f"cannot listen on {listen}")
-    await server.start()
-    await rpc.set_serving(hs, [SERVICE_NAME], True)
+    port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])
     log.info("inference serving", extra={"kolm_port": port})
     return InferenceServer(server, engine, writer, client, port, hs, sp)
 
@@ -322,10 +302,7 @@ async def serve(
         start_http_server(metrics_port, addr="127.0.0.1")
     srv = await start(ledger, trust, infer_key, listen=listen, **kw)
     print(f"kolm infer listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
-    if ready_file:
-        tmp = Path(ready_file).with_name(Path(ready_file).name + ".tmp")
-        tmp.write_text(str(srv.port))
-        tmp.replace(ready_file)
+    rpc.write_ready_file(ready_file, srv.port)
 
     async def on_stop() -> None:
         await rpc.set_serving(srv.health, [SERVICE_NAME], False)

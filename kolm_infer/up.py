@@ -53,20 +53,34 @@ async def _up(a: argparse.Namespace) -> int:
 
     d = Path(a.dir).resolve()
     keys = d / "keys"
-    trust = TrustRoot.load(keys / "trust.json") if (keys / "trust.json").exists() \
-        else init_keys(keys)
+    trust = (
+        TrustRoot.load(keys / "trust.json") if (keys / "trust.json").exists() else init_keys(keys)
+    )
     db = a.db or f"sqlite:///{d / 'ledger.db'}"
-    ledger = await start_ledger(db, trust, PrivateKey.load(keys / "log.key"),
-                                listen=f"{a.host}:{a.ledger_port}")
+    ledger = await start_ledger(
+        db, trust, PrivateKey.load(keys / "log.key"), listen=f"{a.host}:{a.ledger_port}"
+    )
     lt = f"{a.host}:{ledger.port}"
-    runner = JobRunner(d / "compile", keys_dir=keys,
-                       sink_factory=lambda: ClientSink(LedgerClient(lt, timeout=600)))
+    runner = JobRunner(
+        d / "compile", keys_dir=keys, sink_factory=lambda: ClientSink(LedgerClient(lt, timeout=600))
+    )
     comp = await start_compile(runner, listen=f"{a.host}:{a.compile_port}")
     arts = sorted((d / "compile" / "artifacts").glob("*.kolm"))
-    infer = await start_infer(lt, trust, PrivateKey.load(keys / "infer.key"), artifacts=arts,
-                              listen=f"{a.host}:{a.infer_port}", spool=d / "spool.sqlite")
-    addrs = {"ledger": lt, "compile": f"{a.host}:{comp.port}", "infer": f"{a.host}:{infer.port}",
-             "db": db, "keys": str(keys)}
+    infer = await start_infer(
+        lt,
+        trust,
+        PrivateKey.load(keys / "infer.key"),
+        artifacts=arts,
+        listen=f"{a.host}:{a.infer_port}",
+        spool=d / "spool.sqlite",
+    )
+    addrs = {
+        "ledger": lt,
+        "compile": f"{a.host}:{comp.port}",
+        "infer": f"{a.host}:{infer.port}",
+        "db": db,
+        "keys": str(keys),
+    }
     for k, v in addrs.items():
         print(f"{k:8} {v}", flush=True)
     print("Ctrl-C stops all three.", flush=True)

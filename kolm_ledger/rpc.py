@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import errors
-from .errors import BackpressureError, KolmError
+from .errors import BackpressureError, InvalidInput, KolmError
 
 __all__ = [
     "ErrorInterceptor",
@@ -227,3 +227,136 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [h]
     root.setLevel(level)
+
+
+class _Malformed:
+    """Stands in for a request message whose bytes did not parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError and friends: answered as INVALID_ARGUMENT
+            return _Malformed(e)
+
+    return parse
+
+
+_MALFORMED = "request is not a valid {} protobuf message"
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers request bytes that do not parse with ``INVALID_ARGUMENT`` (not ``UNKNOWN``).
+
+    Must be the outermost interceptor: its request deserializer is the one gRPC uses.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        msg = _MALFORMED.format(handler_call_details.method.rsplit("/", 1)[-1] + " request")
+        des, ser = _tolerant(handler.request_deserializer), handler.response_serializer
+
+        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+        def checked_iter(it: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            async def gen() -> AsyncIterator[Any]:
+                async for r in it:
+                    await check(r, context)
+                    yield r
+
+            return gen()
+
+        if handler.unary_unary:
+            fn_uu = handler.unary_unary
+
+            async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(request, context)
+                return await fn_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(uu, des, ser)
+        if handler.unary_stream:
+            fn_us = handler.unary_stream
+
+            async def us(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(request, context)
+                async for item in fn_us(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(us, des, ser)
+        if handler.stream_unary:
+            fn_su = handler.stream_unary
+
+            async def su(it: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await fn_su(checked_iter(it, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(su, des, ser)
+        if handler.stream_stream:
+            fn_ss = handler.stream_stream
+
+            async def ss(it: Any, context: grpc.aio.ServicerContext) -> Any:
+                async for item in fn_ss(checked_iter(it, context), context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(ss, des, ser)
+        return handler
+
+
+#: gRPC message size limit of every kolm server and client
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A ``grpc.aio`` server with kolm's interceptor chain and message limits.
+
+    Outermost :class:`MalformedRequestInterceptor` (undecodable bytes → INVALID_ARGUMENT),
+    then ``interceptors`` (e.g. authorization), then :class:`ErrorInterceptor`.
+    """
+    return grpc.aio.server(
+        interceptors=[MalformedRequestInterceptor(), *interceptors, ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
+    )
+
+
+async def bind_and_start(
+    server: grpc.aio.Server,
+    listen: str,
+    credentials: grpc.ServerCredentials | None,
+    service_names: Sequence[str],
+) -> tuple[int, health.aio.HealthServicer]:
+    """Add health + reflection, bind ``listen`` (TLS when ``credentials``), start, mark SERVING."""
+    hs = add_standard_services(server, service_names)
+    port = (
+        server.add_secure_port(listen, credentials)
+        if credentials
+        else server.add_insecure_port(listen)
+    )
+    if port == 0:
+        raise InvalidInput(f"cannot listen on {listen}")
+    await server.start()
+    await set_serving(hs, service_names, True)
+    return port, hs
+
+
+def write_ready_file(path: str | None, port: int) -> None:
+    """Write the bound port to ``path`` atomically (for scripts waiting on a server)."""
+    if path:
+        from pathlib import Path
+
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(path)

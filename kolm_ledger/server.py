@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import grpc
 from prometheus_client import start_http_server
@@ -83,90 +82,6 @@ def promise_pb(p: Promise) -> pb.SignedPromise:
         key_id=p.key_id,
         signature=p.signature,
     )
-
-
-class _Malformed:
-    """Stands in for a request message whose bytes did not parse."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception as e:  # DecodeError and friends: answered as INVALID_ARGUMENT
-            return _Malformed(e)
-
-    return parse
-
-
-_MALFORMED = "request is not a valid {} protobuf message"
-
-
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Answers request bytes that do not parse with ``INVALID_ARGUMENT`` (not ``UNKNOWN``).
-
-    Must be the outermost interceptor: its request deserializer is the one gRPC uses.
-    """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        msg = _MALFORMED.format(handler_call_details.method.rsplit("/", 1)[-1] + " request")
-        des, ser = _tolerant(handler.request_deserializer), handler.response_serializer
-
-        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
-            if isinstance(request, _Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
-
-        def checked_iter(it: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            async def gen() -> AsyncIterator[Any]:
-                async for r in it:
-                    await check(r, context)
-                    yield r
-
-            return gen()
-
-        if handler.unary_unary:
-            fn_uu = handler.unary_unary
-
-            async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await check(request, context)
-                return await fn_uu(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(uu, des, ser)
-        if handler.unary_stream:
-            fn_us = handler.unary_stream
-
-            async def us(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await check(request, context)
-                async for item in fn_us(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(us, des, ser)
-        if handler.stream_unary:
-            fn_su = handler.stream_unary
-
-            async def su(it: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await fn_su(checked_iter(it, context), context)
-
-            return grpc.stream_unary_rpc_method_handler(su, des, ser)
-        if handler.stream_stream:
-            fn_ss = handler.stream_stream
-
-            async def ss(it: Any, context: grpc.aio.ServicerContext) -> Any:
-                async for item in fn_ss(checked_iter(it, context), context):
-                    yield item
-
-            return grpc.stream_stream_rpc_method_handler(ss, des, ser)
-        return handler
 
 
 class LedgerServicer(pb_grpc.LedgerServicer):
@@ -485,29 +400,9 @@ async def start(
         ledger, log_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
     )
     seq.start()
-    server = grpc.aio.server(
-        interceptors=[
-            MalformedRequestInterceptor(),
-            *([AuthzInterceptor()] if authorize else []),
-            *interceptors,
-            rpc.ErrorInterceptor(),
-        ],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ],
-    )
+    server = rpc.new_server([*([AuthzInterceptor()] if authorize else []), *interceptors])
     pb_grpc.add_LedgerServicer_to_server(LedgerServicer(ledger, seq, authorize=authorize), server)
-    hs = rpc.add_standard_services(server, [SERVICE_NAME])
-    port = (
-        server.add_secure_port(listen, credentials)
-        if credentials
-        else server.add_insecure_port(listen)
-    )
-    if port == 0:
-        raise InvalidInput(f"cannot listen on {listen}")
-    await server.start()
-    await rpc.set_serving(hs, [SERVICE_NAME], True)
+    port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])
     log.info("ledger serving", extra={"kolm_port": port, "kolm_db": store.url.render_as_string()})
     return LedgerServer(server, seq, ledger, port, hs)
 
@@ -527,13 +422,7 @@ async def serve(
         start_http_server(metrics_port, addr="127.0.0.1")
     srv = await start(db, trust, log_key, listen=listen, **kw)  # type: ignore[arg-type]
     print(f"kolm ledger listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
-    if ready_file:
-        from pathlib import Path
-
-        # atomically, so a watcher never reads a partly written port
-        tmp = Path(ready_file).with_name(Path(ready_file).name + ".tmp")
-        tmp.write_text(str(srv.port))
-        tmp.replace(ready_file)
+    rpc.write_ready_file(ready_file, srv.port)
 
     async def on_stop() -> None:
         await rpc.set_serving(srv.health, [SERVICE_NAME], False)  # type: ignore[arg-type]
