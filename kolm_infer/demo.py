@@ -62,6 +62,17 @@ def register_demo(sub: Any) -> None:
         "--monthly-calls", type=int, default=MONTHLY_CALLS, help="volume used for the payback line"
     )
     d.add_argument("--threads", type=int, default=None, help="torch threads for training")
+    d.add_argument(
+        "--trust-core",
+        action="store_true",
+        help="only the trust-core part: keys, receipts, checkpoint, bundle, tamper",
+    )
+    d.add_argument(
+        "--receipts",
+        type=int,
+        default=300,
+        help="with --trust-core: receipts of each kind to append",
+    )
     d.set_defaults(func=run_full_demo)
 
 
@@ -69,7 +80,7 @@ def _fresh_dir(arg: str | None) -> Path:
     d = Path(arg) if arg else Path.cwd() / f"kolm-demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     d.mkdir(parents=True, exist_ok=True)
     if any(d.iterdir()):
-        raise SystemExit(f"kolm demo: {d} is not empty; pass a fresh --dir")
+        raise SystemExit(f"kolm demo: {d} already holds a demo (not empty); pass a fresh --dir")
     return d.resolve()
 
 
@@ -86,6 +97,10 @@ def _spec(small: bool) -> Any:
 
 def run_full_demo(a: argparse.Namespace) -> int:
     """Entry point of ``kolm demo``."""
+    if a.trust_core:
+        from kolm_ledger.demo import run_demo
+
+        return run_demo(a)
     return asyncio.run(_demo(a))
 
 

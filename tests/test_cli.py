@@ -355,7 +355,7 @@ def test_append_and_audit_on_postgresql(keys: Path, pg_url: str, tmp_path: Path)
 
 def test_demo(tmp_path: Path) -> None:
     d = tmp_path / "demo"
-    p = kolm("demo", "--dir", d, "--receipts", 40)
+    p = kolm("demo", "--trust-core", "--dir", d, "--receipts", 40)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
     assert (d / "ledger.db").is_file()
     assert (d / "tampered.db").is_file()
