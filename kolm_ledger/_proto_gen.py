@@ -19,7 +19,7 @@ TARGETS = {"ledger": "kolm_ledger", "compile": "kolm_compile", "infer": "kolm_in
 
 def generate(out_root: Path) -> list[Path]:
     """Generate every stub under ``out_root`` (mirroring the repo layout); returns the files."""
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     written: list[Path] = []
     for svc, pkg in TARGETS.items():

@@ -157,7 +157,7 @@ class LedgerClient:
             if credentials
             else grpc.insecure_channel(target, channel_options())
         )
-        self._stub = pb_grpc.LedgerStub(self._channel)
+        self._stub = pb_grpc.LedgerStub(self._channel)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         """Close the channel."""
@@ -216,10 +216,11 @@ class LedgerClient:
         self, *, index: int | None = None, leaf_hash: bytes | None = None, tree_size: int = 0
     ) -> pb.InclusionProof:
         """Inclusion proof message (index, tree_size, leaf_hash, hashes, checkpoint)."""
-        return self._call(
+        proof: pb.InclusionProof = self._call(
             "GetInclusionProof",
             pb.GetInclusionProofRequest(tree_size=tree_size, **_leaf(index, leaf_hash)),
         )
+        return proof
 
     def consistency_proof(self, from_size: int, to_size: int = 0) -> tuple[list[bytes], bytes]:
         """(hashes, signed checkpoint note of to_size)."""
@@ -302,7 +303,7 @@ class AsyncLedgerClient:
             if credentials
             else grpc.aio.insecure_channel(target, channel_options())
         )
-        self._stub = pb_grpc.LedgerStub(self._channel)
+        self._stub = pb_grpc.LedgerStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         """Close the channel."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import cast
 
 from .errors import NotFoundError
 from .merkle import root_from_leaves
@@ -101,7 +102,7 @@ def provenance(store: Store, artifact_digest: str, *, include_labels: bool = Fal
         artifact=art,
         eval=ev,
         k_score=float(ap.get("k_score", 0.0)),  # type: ignore[arg-type]
-        eval_n=int(ep.get("n", 0)),
+        eval_n=int(cast(int, ep.get("n", 0))),
         eval_correct=int(ep.get("correct", 0)),  # type: ignore[call-overload]
         interval=(float(interval.get("low", 0.0)), float(interval.get("high", 0.0))),
         teacher_k_score=ep.get("teacher_k_score"),  # type: ignore[arg-type]

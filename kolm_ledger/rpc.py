@@ -114,7 +114,7 @@ async def _abort(context: grpc.aio.ServicerContext, e: BaseException, method: st
     await context.abort(code, msg)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Maps exceptions raised by servicers to gRPC statuses through :func:`status_of`."""
 
     async def intercept_service(

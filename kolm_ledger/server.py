@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import grpc
 from prometheus_client import start_http_server
@@ -52,6 +53,10 @@ def _time_us(us: int, what: str) -> datetime:
         return from_micros(us)
     except (ValueError, OverflowError, OSError) as e:
         raise InvalidInput(f"{what} {us} is out of range: {e}") from e
+
+
+def _entries_list(store: Store, start: int, end: int) -> list[Entry]:
+    return list(store.entries(start, end))
 
 
 def entry_pb(e: Entry) -> pb.Entry:
@@ -274,7 +279,7 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         pos = request.start
         while pos < end:
             hi = min(pos + 1000, end)
-            batch = await asyncio.to_thread(lambda a=pos, b=hi: list(store.entries(a, b)))
+            batch = await asyncio.to_thread(_entries_list, store, pos, hi)
             for e in batch:
                 yield entry_pb(e)
             pos = hi
@@ -356,7 +361,7 @@ class LedgerServer:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Graceful stop: NOT_SERVING, refuse new appends, drain the queue, stop the server."""
-        await rpc.set_serving(self.health, [SERVICE_NAME], False)  # type: ignore[arg-type]
+        await rpc.set_serving(self.health, [SERVICE_NAME], False)
         await self.sequencer.close()
         await self.server.stop(grace)
         self.ledger.store.close()
@@ -401,7 +406,9 @@ async def start(
     )
     seq.start()
     server = rpc.new_server([*([AuthzInterceptor()] if authorize else []), *interceptors])
-    pb_grpc.add_LedgerServicer_to_server(LedgerServicer(ledger, seq, authorize=authorize), server)
+    pb_grpc.add_LedgerServicer_to_server(  # type: ignore[no-untyped-call]
+        LedgerServicer(ledger, seq, authorize=authorize), server
+    )
     port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])
     log.info("ledger serving", extra={"kolm_port": port, "kolm_db": store.url.render_as_string()})
     return LedgerServer(server, seq, ledger, port, hs)
@@ -415,17 +422,17 @@ async def serve(
     listen: str,
     metrics_port: int | None = None,
     ready_file: str | None = None,
-    **kw: object,
+    **kw: Any,
 ) -> None:
     """Run the service until SIGTERM/SIGINT (``kolm ledger serve``)."""
     if metrics_port is not None:
         start_http_server(metrics_port, addr="127.0.0.1")
-    srv = await start(db, trust, log_key, listen=listen, **kw)  # type: ignore[arg-type]
+    srv = await start(db, trust, log_key, listen=listen, **kw)
     print(f"kolm ledger listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
     rpc.write_ready_file(ready_file, srv.port)
 
     async def on_stop() -> None:
-        await rpc.set_serving(srv.health, [SERVICE_NAME], False)  # type: ignore[arg-type]
+        await rpc.set_serving(srv.health, [SERVICE_NAME], False)
         await srv.sequencer.close()
 
     await rpc.run_until_signal(srv.server, on_stop=on_stop)

@@ -103,6 +103,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     ledger.close()
 
 
+@pytest.mark.slow
 def test_stages_in_order_with_progress(world: dict[str, Any]) -> None:
     ev: Sequence[StageEvent] = world["events"]
     assert [e.stage for e in ev if e.state == "started"] == list(STAGES)
@@ -111,6 +112,7 @@ def test_stages_in_order_with_progress(world: dict[str, Any]) -> None:
     assert any(e.stage == "sign" and e.state == "progress" for e in ev)
 
 
+@pytest.mark.slow
 def test_student_beats_chance_and_every_trained_label_has_a_receipt(
     world: dict[str, Any],
 ) -> None:
@@ -132,6 +134,7 @@ def test_student_beats_chance_and_every_trained_label_has_a_receipt(
     assert c["assumed_dollars_per_cpu_hour"] == 0.05
 
 
+@pytest.mark.slow
 def test_artifact_verifies_with_kolm_model_signing_and_provenance(world: dict[str, Any]) -> None:
     r: CompileResult = world["result"]
     d = world["dir"]
@@ -163,6 +166,7 @@ def test_artifact_verifies_with_kolm_model_signing_and_provenance(world: dict[st
     assert prov.recomputed_root == prov.training_set_root == r.training_set_root
 
 
+@pytest.mark.slow
 def test_same_spec_seed_and_cache_give_a_byte_identical_kolm(world: dict[str, Any]) -> None:
     d = world["dir"]
     job, _ = world["compile"]("job-b", out_dir=d / "out-b")
@@ -206,6 +210,7 @@ class RefusingSink:
         return self.inner.checkpoint()
 
 
+@pytest.mark.slow
 def test_a_label_whose_append_failed_is_not_trained_on(world: dict[str, Any]) -> None:
     sink = RefusingSink(ServiceSink(world["client"]))
     stop = {"now": False}
@@ -223,6 +228,7 @@ def test_a_label_whose_append_failed_is_not_trained_on(world: dict[str, Any]) ->
     assert len(labels) == len(trained["texts"])
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_training_pays_no_teacher_call(
     world: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -251,6 +257,7 @@ def test_resume_after_an_interrupted_training_pays_no_teacher_call(
     assert prov.root_matches and prov.label_count == r.labels["logged"]
 
 
+@pytest.mark.slow
 def test_a_tampered_teacher_cache_entry_is_detected(world: dict[str, Any], tmp_path: Path) -> None:
     cache = tmp_path / "cache.sqlite"
     spec = tiny_spec(labels=2, per_label=4)
@@ -328,6 +335,7 @@ class DiesAfterAppending:
         return self.inner.checkpoint()
 
 
+@pytest.mark.slow
 def test_a_crash_after_an_acknowledged_batch_does_not_log_labels_twice(
     world: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -356,6 +364,7 @@ def test_a_crash_after_an_acknowledged_batch_does_not_log_labels_twice(
     assert training_set_root([e.leaf_hash for e in labels]) == sign["training_set_root"]
 
 
+@pytest.mark.slow
 def test_bundle_base_ships_the_base_weights(world: dict[str, Any]) -> None:
     import shutil
 
