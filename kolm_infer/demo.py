@@ -300,7 +300,7 @@ async def _demo(a: argparse.Namespace) -> int:
     t.add_row("compile time", f"{compile_s:.0f} s")
     t.add_row(
         "per call: frontier (illustrative) vs student",
-        f"${teacher_call:.4f} vs ${student_call:.7f}",
+        f"${teacher_call:.4f} vs ${student_call:.2e}",
     )
     t.add_row(
         f"payback of the compile (${compile_cost:.2f}) at {a.monthly_calls:,} calls/month",
