@@ -560,11 +560,4 @@ async def serve(
 ) -> None:
     """Run the service until SIGTERM/SIGINT (``kolm compile serve``)."""
     srv = await start(runner, listen=listen, **kw)
-    print(f"kolm compile listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
-    rpc.write_ready_file(ready_file, srv.port)
-
-    async def on_stop() -> None:
-        await rpc.set_serving(srv.health, [SERVICE_NAME], False)
-
-    await rpc.run_until_signal(srv.server, on_stop=on_stop)
-    await asyncio.to_thread(runner.close)
+    await rpc.serve_until_signal(srv, "compile", listen, ready_file=ready_file)

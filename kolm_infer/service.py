@@ -301,17 +301,4 @@ async def serve(
     if metrics_port is not None:
         start_http_server(metrics_port, addr="127.0.0.1")
     srv = await start(ledger, trust, infer_key, listen=listen, **kw)
-    print(f"kolm infer listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
-    rpc.write_ready_file(ready_file, srv.port)
-
-    async def on_stop() -> None:
-        await rpc.set_serving(srv.health, [SERVICE_NAME], False)
-
-    try:
-        await rpc.run_until_signal(srv.server, on_stop=on_stop)
-    finally:
-        await srv.writer.close()
-        await srv.engine.close()
-        await srv.ledger.close()
-        if srv.spool is not None:
-            srv.spool.close()
+    await rpc.serve_until_signal(srv, "infer", listen, ready_file=ready_file)

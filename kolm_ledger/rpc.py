@@ -6,7 +6,7 @@
 - :class:`ErrorInterceptor` applies it to every RPC of a ``grpc.aio`` server.
 - :func:`error_from_rpc` maps a status back to the error class on the client side.
 - :func:`add_standard_services` adds health checking and reflection.
-- :func:`run_until_signal` serves until SIGTERM/SIGINT, then stops gracefully.
+- :func:`serve_until_signal` serves until SIGTERM/SIGINT, then stops gracefully.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,7 +34,7 @@ __all__ = [
     "add_standard_services",
     "configure_logging",
     "error_from_rpc",
-    "run_until_signal",
+    "serve_until_signal",
     "status_of",
 ]
 
@@ -183,22 +183,37 @@ async def set_serving(
         await hs.set(name, status)
 
 
-async def run_until_signal(
-    server: grpc.aio.Server,
+class Stoppable(Protocol):
+    """A started service: its bound port and its own graceful stop."""
+
+    port: int
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """NOT_SERVING, finish in-flight work, stop the server, release resources."""
+        ...
+
+
+async def serve_until_signal(
+    srv: Stoppable,
+    name: str,
+    listen: str,
     *,
-    on_stop: Callable[[], Awaitable[None]] | None = None,
+    ready_file: str | None = None,
     grace: float = 10.0,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then stop: no new RPCs, in-flight ones get ``grace`` s."""
+    """Announce ``srv``, serve until SIGTERM or SIGINT, then ``srv.stop(grace)``.
+
+    The service's own ``stop`` is the one shutdown path, for ``kolm ... serve`` and tests alike.
+    """
+    print(f"kolm {name} listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
+    write_ready_file(ready_file, srv.port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down (grace %.1fs)", grace)
-    if on_stop is not None:
-        await on_stop()
-    await server.stop(grace)
+    await srv.stop(grace)
 
 
 class JsonFormatter(logging.Formatter):

@@ -428,12 +428,4 @@ async def serve(
     if metrics_port is not None:
         start_http_server(metrics_port, addr="127.0.0.1")
     srv = await start(db, trust, log_key, listen=listen, **kw)
-    print(f"kolm ledger listening on {listen.rsplit(':', 1)[0]}:{srv.port}", flush=True)
-    rpc.write_ready_file(ready_file, srv.port)
-
-    async def on_stop() -> None:
-        await rpc.set_serving(srv.health, [SERVICE_NAME], False)
-        await srv.sequencer.close()
-
-    await rpc.run_until_signal(srv.server, on_stop=on_stop)
-    srv.ledger.store.close()
+    await rpc.serve_until_signal(srv, "ledger", listen, ready_file=ready_file)
