@@ -42,7 +42,7 @@ from kolm_compile import _train  # noqa: E402
 from kolm_compile import kscore as ks  # noqa: E402
 from kolm_compile.pipeline import STAGES, CompileJob, CompileOptions  # noqa: E402
 from kolm_compile.sinks import LocalLedgerSink  # noqa: E402
-from kolm_compile.spec import TaskSpec  # noqa: E402
+from kolm_compile.spec import TaskSpec, read_table  # noqa: E402
 from kolm_ledger.keys import PrivateKey, init_keys  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "banking77"
@@ -50,8 +50,8 @@ DEMO_SPEC = ROOT / "kolm_compile" / "examples" / "banking77-router.yaml"
 
 
 def read(path: Path) -> list[tuple[str, str]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        return [(r["text"].strip(), r["category"].strip()) for r in csv.DictReader(f)]
+    """Labelled rows of a Banking77 CSV, read like a spec's data files."""
+    return [(t, str(y)) for t, y in read_table(path, "text", "category", str(path))]
 
 
 def write(path: Path, rows: list[tuple[str, str]]) -> Path:

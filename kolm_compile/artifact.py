@@ -25,7 +25,8 @@ Layout (every entry sorted, timestamps fixed at 1980-01-01, mode 0644)::
     verifier          {"name", "version", "params"}
     spec_digest       the task spec digest
     kolm_version
-    recall            optional: {"index": "recall/index.db", "corpus_root", "chunks", ...}
+    recall            optional: {"index": "recall/index.db", "corpus_root", "chunks", "dim",
+                      "embedding_model", "chunking", "k"} (docs/RECALL.md)
 
 Unzipped, ``<name>/`` verifies with ``model_signing verify key <name> --signature
 <name>/model.sig --public_key compile.pub``. The **artifact digest** is that statement's
@@ -34,7 +35,10 @@ deterministic ECDSA, so the same inputs give a byte-identical ``.kolm``.
 
 :func:`verify_artifact` re-implements the check with kolm's own code (no model_signing
 needed at load time): (1) safe unzip (2) every file listed, nothing extra (3) each file
-digest (4) the subject digest (5) the DSSE signature by a trusted, valid ``compile`` key.
+digest (4) the subject digest (5) the DSSE signature by a trusted, valid ``compile`` key
+(6) with ``manifest["recall"]``: the index is a signed file and
+:func:`kolm_compile.recall.verify_index` recomputes every chunk digest and the corpus
+root, which must equal the manifest's (so the text a prediction cites is the signed text).
 """
 
 from __future__ import annotations
@@ -313,11 +317,35 @@ def verify_artifact(
         )
     try:
         manifest = json.loads((root / "manifest.json").read_bytes())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}, want {FORMAT!r}")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            fmt = manifest.get("format") if isinstance(manifest, dict) else None
+            raise ValueError(f"format {fmt!r}, want {FORMAT!r}")
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path.name}: bad manifest.json: {e}") from e
+    # (6) the recall index, if any, against the corpus root the signed manifest gives
+    if manifest.get("recall") is not None:
+        _verify_recall(path.name, root, manifest["recall"], listed)
     return VerifiedArtifact(path, root, name, digest, file_digest, signer, manifest, resources)
+
+
+def _verify_recall(name: str, root: Path, field: Any, listed: set[str]) -> None:
+    """Step (6) of :func:`verify_artifact`; raises :class:`ArtifactError` naming why."""
+    from kolm_compile.recall import IndexInfo, verify_index
+
+    if not isinstance(field, dict):
+        raise ArtifactError(f"{name}: manifest recall field must be an object")
+    info = IndexInfo.from_manifest(field)
+    k = field.get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise ArtifactError(f"{name}: manifest recall.k must be an integer >= 1, got {k!r}")
+    if info.index not in listed:
+        raise ArtifactError(
+            f"{name}: manifest recall.index {info.index[:80]!r} is not a signed file of the artifact"
+        )
+    try:
+        verify_index(root / info.index, info.corpus_root, expected_chunks=info.chunks)
+    except ArtifactError as e:
+        raise ArtifactError(f"{name}: {e}") from e
 
 
 def read_bytes_of(zpath: Path, member: str) -> bytes:

@@ -25,7 +25,11 @@ def register(sub: Any) -> None:
     where.add_argument("--ledger", help="append receipts to this ledger service (HOST:PORT)")
     r.add_argument("--keys", required=True, help="key folder (compile.key, trust.json, log.key)")
     r.add_argument("--out", help="where the .kolm goes (default: the work folder)")
-    r.add_argument("--work", help="job folder: teacher cache, build (default: ./kolm-work)")
+    r.add_argument(
+        "--work",
+        help="job folder: stages, teacher cache, build (default: ./kolm-work); a folder that "
+        "holds an interrupted job of the same spec resumes it",
+    )
     r.add_argument("--bundle-base", action="store_true", help="ship the base weights inside")
     r.add_argument("--threads", type=int, help="torch threads (part of reproducibility)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -60,7 +64,7 @@ def register(sub: Any) -> None:
 
 
 def run_with_progress(job: Any, console: Any) -> Any:
-    """Run a :class:`~kolm_compile.compiler.CompileJob` with one rich progress bar per stage."""
+    """Run a :class:`~kolm_compile.pipeline.CompileJob` with one rich progress bar per stage."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -69,17 +73,9 @@ def run_with_progress(job: Any, console: Any) -> Any:
         TimeElapsedColumn,
     )
 
-    from .compiler import STAGES
+    from .pipeline import STAGE_TITLES as names
+    from .pipeline import STAGES
 
-    names = {
-        "ingest": "1 ingest",
-        "sample": "2 teacher k-sampling",
-        "vote": "3 verify & vote",
-        "sign": "4 sign labels",
-        "train": "5 LoRA train",
-        "evaluate": "6 evaluate (K-score)",
-        "package": "7 package & sign",
-    }
     with Progress(
         TextColumn("{task.description:<24}"),
         BarColumn(),
@@ -98,6 +94,9 @@ def run_with_progress(job: Any, console: Any) -> Any:
             elif e.state == "progress":
                 info = " ".join(f"{k}={v}" for k, v in e.counters.items())
                 prog.update(t, completed=e.done, total=e.total or None, info=info)
+            elif e.state == "resumed":  # done by an earlier run of this job folder
+                prog.start_task(t)
+                prog.update(t, completed=1, total=1, info="resumed")
             else:
                 info = " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -105,7 +104,7 @@ def run_with_progress(job: Any, console: Any) -> Any:
                 )
                 prog.update(t, completed=e.total or 1, total=e.total or 1, info=info)
 
-        job._emit = on_event
+        job.emit = on_event
         return job.run()
 
 
@@ -137,6 +136,13 @@ def summary_table(result: Any) -> Any:
             "per call: teacher vs student",
             f"${c['teacher_cost_per_call']:.6f} vs ${c['student_cost_per_call']:.8f}",
         )
+    if result.recall:
+        r = result.recall
+        t.add_row(
+            "recall index",
+            f"{r['chunks']} chunks ({r['chunking'].get('source')}), k={r.get('k')}, "
+            f"corpus root {r['corpus_root'][:16]}…",
+        )
     t.add_row("artifact digest", result.artifact_digest[:32] + "…")
     t.add_row("seconds per stage", ", ".join(f"{s} {v:.1f}" for s, v in result.seconds.items()))
     return t
@@ -146,40 +152,36 @@ def _cmd_run(a: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kolm_ledger._crypto import PrivateKey
-    from kolm_ledger.keys import TrustRoot
 
-    from .compiler import ClientSink, CompileJob, LedgerSink
+    from .pipeline import CompileJob, CompileOptions
+    from .sinks import LocalLedgerSink, ServiceSink
     from .spec import TaskSpec
 
     console = Console()
     spec = TaskSpec.load(a.spec)
     keys = Path(a.keys)
+    key = PrivateKey.load(keys / "compile.key")
     if a.db:
-        from kolm_ledger.ledger import Ledger
-        from kolm_ledger.storage import Store
-
-        sink: Any = LedgerSink(
-            Ledger(
-                Store(a.db), TrustRoot.load(keys / "trust.json"), PrivateKey.load(keys / "log.key")
-            )
-        )
+        sink: Any = LocalLedgerSink.open(a.db, keys)
     else:
         from kolm_ledger.client import LedgerClient
 
-        sink = ClientSink(LedgerClient(a.ledger, timeout=600))
+        sink = ServiceSink(LedgerClient(a.ledger, timeout=600))
     from ._train import embed_texts
 
-    job = CompileJob(
-        spec,
-        keys_dir=keys,
-        sink=sink,
-        work_dir=Path(a.work or "kolm-work"),
-        out_dir=Path(a.out) if a.out else None,
-        bundle_base=a.bundle_base,
-        threads=a.threads,
-        embed=embed_texts,
-    )
-    result = run_with_progress(job, console)
+    try:
+        job = CompileJob(
+            spec,
+            key=key,
+            sink=sink,
+            job_dir=Path(a.work or "kolm-work"),
+            out_dir=Path(a.out) if a.out else None,
+            options=CompileOptions(bundle_base=a.bundle_base, threads=a.threads),
+            embed=embed_texts,
+        )
+        result = run_with_progress(job, console)
+    finally:
+        sink.close()
     if a.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
@@ -196,8 +198,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from kolm_ledger.tls import client_credentials, server_credentials_from_args
 
     from ._train import embed_texts
-    from .compiler import ClientSink
     from .service import JobRunner, serve
+    from .sinks import ServiceSink
 
     configure_logging(a.log_level)
     creds = server_credentials_from_args(a, "compile", a.listen)
@@ -210,7 +212,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     runner = JobRunner(
         Path(a.work),
         keys_dir=keys.parent if keys.name == "compile.key" and keys.is_file() else keys,
-        sink_factory=lambda: ClientSink(LedgerClient(a.ledger, timeout=600, credentials=to_ledger)),
+        sink_factory=lambda: ServiceSink(
+            LedgerClient(a.ledger, timeout=600, credentials=to_ledger)
+        ),
         threads=a.threads,
         embed=embed_texts,
     )

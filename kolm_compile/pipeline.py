@@ -14,14 +14,20 @@ folder when it finishes, so a restarted job resumes after the last finished stag
     (6) evaluate    K-score of the student on the holdout (n, Wilson interval), the
                     teacher's K-score per single sample and per k-vote, per-label P/R
     (7) package     manifest.json, task.json, verifier.json, adapter/ (base/ with
-                    ``bundle_base``) → deterministic signed ``.kolm``; then the
-                    ``eval`` receipt (subject = artifact digest) and the ``artifact``
-                    receipt (training-set root, eval leaf hash, ledger checkpoint)
+                    ``bundle_base``, recall/index.db with a ``recall`` spec section)
+                    → deterministic signed ``.kolm``; then the ``eval`` receipt
+                    (subject = artifact digest) and the ``artifact`` receipt
+                    (training-set root, eval leaf hash, ledger checkpoint, and
+                    ``corpus_root``/``corpus_chunks`` when there is a recall index)
 
 The training-set root is :func:`kolm_ledger.provenance.training_set_root` over the
 leaf hashes of the acknowledged label receipts in ledger index order — what
 ``kolm provenance`` recomputes. Nothing inside the ``.kolm`` holds a time, a job id
 or a local path: the same spec, seed and teacher cache give a byte-identical file.
+
+A resumed job (the same job folder, or the same ``job_id`` on a sink with
+``job_labels``) reuses the label receipts the ledger already holds for it, so the
+ledger has exactly one receipt per trained label of a job.
 
 Only ``classify`` tasks can be trained today; ``extract``/``generate`` are refused
 with a :class:`~kolm_ledger.errors.SpecError` ("not supported by the trainer yet").
@@ -40,7 +46,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -57,7 +62,7 @@ from typing import Any
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.canonical import canonical_json
 from kolm_ledger.dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, Signature, pae
-from kolm_ledger.errors import KolmError, SpecError
+from kolm_ledger.errors import ConflictError, KolmError, SpecError
 from kolm_ledger.merkle import root_from_leaves
 from kolm_ledger.provenance import training_set_root
 from kolm_ledger.receipts import (
@@ -71,7 +76,7 @@ from . import artifact as kolm_artifact
 from . import kscore as ks
 from .cache import CachedTeacher, TeacherCache
 from .sinks import LABEL_BATCH, Acked, ReceiptSink
-from .spec import TaskSpec, kolm_version
+from .spec import TaskSpec, kolm_version, read_table
 from .teachers import SampleRequest, build_teacher
 from .voting import summarize, vote
 
@@ -102,6 +107,7 @@ STAGE_TITLES = {
 #: assumed price of one CPU core-hour when serving the student (stated in every cost report)
 DEFAULT_DOLLARS_PER_CPU_HOUR = 0.05
 _SEED_TEACHER = "seed-pairs"
+_CONFUSION_MAX_LABELS = 80  # the eval receipt carries the confusion matrix up to this many
 
 
 class JobCancelled(KolmError):
@@ -152,6 +158,28 @@ class CompileResult:
     seconds: dict[str, float]
     cost: dict[str, Any]
     per_label: dict[str, Any]
+    eval_index: int = -1
+    recall: dict[str, Any] | None = None  # manifest["recall"] when the artifact has an index
+
+    @property
+    def labels_sampled(self) -> int:
+        """Unlabeled inputs the teacher was asked about."""
+        return int(self.labels["sampled"])
+
+    @property
+    def labels_accepted(self) -> int:
+        """Inputs whose k-vote was accepted."""
+        return int(self.labels["accepted"])
+
+    @property
+    def labels_rejected(self) -> int:
+        """Inputs whose k-vote was rejected."""
+        return int(self.labels["rejected"])
+
+    @property
+    def labels_logged(self) -> int:
+        """Label receipts the ledger acknowledged (seed pairs included): the training set."""
+        return int(self.labels["logged"])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -171,6 +199,8 @@ class CompileResult:
             "seconds": self.seconds,
             "cost": self.cost,
             "per_label": self.per_label,
+            "eval_index": self.eval_index,
+            "recall": self.recall,
         }
 
     @classmethod
@@ -191,35 +221,12 @@ class CompileResult:
             dict(d["seconds"]),
             dict(d["cost"]),
             dict(d["per_label"]),
+            int(d.get("eval_index", -1)),
+            dict(d["recall"]) if d.get("recall") else None,
         )
 
 
 # --------------------------------------------------------------------------- data
-
-
-def read_table(path: Path, text_col: str, label_col: str | None, field_name: str) -> list[Any]:
-    """Rows of a CSV or JSONL file as ``(text, label-or-None)``; errors name ``field_name``."""
-    rows: list[tuple[str, str | None]] = []
-    try:
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                for r in csv.DictReader(f):
-                    label = r.get(label_col) if label_col else None
-                    rows.append((r[text_col].strip(), label.strip() if label else None))
-        else:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        r = json.loads(line)
-                        label = r.get(label_col) if label_col else None
-                        rows.append(
-                            (str(r[text_col]).strip(), None if label is None else str(label))
-                        )
-    except KeyError as e:
-        raise SpecError(f"{field_name}: {path.name} has no column {e.args[0]!r}") from e
-    except (OSError, ValueError) as e:
-        raise SpecError(f"{field_name}: cannot read {path.name}: {e}") from e
-    return rows
 
 
 def _select(rows: Sequence[Any], keep: set[str] | None, limit: int | None) -> list[Any]:
@@ -327,6 +334,7 @@ class CompileJob:
         self.stage_dir.mkdir(exist_ok=True)
         self.job_id = job_id or self._stored_job_id() or f"job-{uuid.uuid4().hex[:16]}"
         (self.dir / "job_id").write_text(self.job_id)
+        self._check_same_spec()
         self.out_dir = Path(out_dir) if out_dir else self.dir
         self.opts = options or CompileOptions()
         self.emit = on_event or (lambda e: None)
@@ -342,6 +350,20 @@ class CompileJob:
     def _stored_job_id(self) -> str | None:
         p = self.dir / "job_id"
         return p.read_text().strip() if p.exists() else None
+
+    def _check_same_spec(self) -> None:
+        """A job folder resumes only the spec it was started with (``JOB/spec_digest``)."""
+        p = self.dir / "spec_digest"
+        digest = self.spec.digest()
+        if p.exists():
+            stored = p.read_text().strip()
+            if stored != digest:
+                raise ConflictError(
+                    f"job folder {self.dir} holds job {self.job_id} of another spec "
+                    f"(digest {stored[:16]}…, this spec {digest[:16]}…); use a fresh job folder"
+                )
+        else:
+            p.write_text(digest)
 
     # ---- stage bookkeeping --------------------------------------------------------
 
@@ -564,13 +586,27 @@ class CompileJob:
         logged: list[list[Any]] = partial.get("logged", [])
         failed: list[list[Any]] = partial.get("failed", [])
         start = int(partial.get("next", 0))
+        # labels the ledger already holds for this job (an earlier run of it appended them
+        # and died before recording so) are reused, never logged a second time
+        job_labels = getattr(self.sink, "job_labels", None)
+        already: Mapping[str, Acked] = job_labels(self.job_id) if job_labels else {}
+        reused = 0
         batch = self.opts.label_batch
         for b in range(start, len(items), batch):
             self._check_stop("sign")
             chunk = items[b : b + batch]
-            envs = [sign_deterministic(st, self.key) for _, _, st in chunk]
-            res = self.sink.append(envs)
-            for (text, label, _), r in zip(chunk, res, strict=True):
+            results: list[Acked | KolmError | None] = [
+                already.get(example_digest(text, label)) for text, label, _ in chunk
+            ]
+            todo = [i for i, known in enumerate(results) if known is None]
+            reused += len(chunk) - len(todo)
+            if todo:
+                res = self.sink.append([sign_deterministic(chunk[i][2], self.key) for i in todo])
+                if len(res) != len(todo):
+                    raise KolmError(f"ledger answered {len(res)} results for {len(todo)} receipts")
+                for i, answer in zip(todo, res, strict=True):
+                    results[i] = answer
+            for (text, label, _), r in zip(chunk, results, strict=True):
                 if isinstance(r, Acked):
                     logged.append([r.index, r.leaf_hash.hex(), text, label])
                 else:
@@ -590,6 +626,7 @@ class CompileJob:
                 "signed": len(items),
                 "logged": len(logged),
                 "append_failed": len(failed),
+                "reused": reused,
             },
         }
 
@@ -738,6 +775,7 @@ class CompileJob:
             "task.json",
             "verifier.json",
             "base",
+            "recall",
             kolm_artifact.SIGNATURE_FILE,
         ):
             p = mdir / extra
@@ -768,6 +806,9 @@ class CompileJob:
             src = _train.resolve_base_model(cfg.base_model)
             shutil.copytree(src, mdir / "base", ignore=shutil.ignore_patterns(".*"))
             manifest["base"] = "base"
+        recall_info = self._build_recall(sgn, cfg) if spec.recall is not None else None
+        if recall_info is not None:
+            manifest["recall"] = recall_info
         (mdir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (mdir / "task.json").write_bytes(canonical_json(spec.to_dict()) + b"\n")
         (mdir / "verifier.json").write_text(json.dumps(vdict, indent=2, sort_keys=True) + "\n")
@@ -794,6 +835,12 @@ class CompileJob:
                 "teacher_k_score_single": t_single.score,
                 "teacher_k_score_vote": t_vote.score,
                 "per_label": ev["per_label"],
+                # the matrix grows as labels²: left out past 80 labels (64 KiB entry cap)
+                **(
+                    {"confusion": {"labels": list(spec.labels or ()), "matrix": ev["confusion"]}}
+                    if len(spec.labels or ()) <= _CONFUSION_MAX_LABELS
+                    else {}
+                ),
             },
         )
         (ev_res,) = self.sink.append([sign_deterministic(est, self.key)])
@@ -837,6 +884,15 @@ class CompileJob:
                 "teacher": smp["teacher"],
                 "labels": labels,
                 "cost": cost,
+                # what `kolm recall update` records too: the signed corpus of this artifact
+                **(
+                    {
+                        "corpus_root": recall_info["corpus_root"],
+                        "corpus_chunks": recall_info["chunks"],
+                    }
+                    if recall_info is not None
+                    else {}
+                ),
             },
         )
         (art_res,) = self.sink.append([sign_deterministic(ast, self.key)])
@@ -851,8 +907,48 @@ class CompileJob:
             "artifact_index": art_res.index,
             "labels": labels,
             "cost": cost,
-            "_counters": {"artifact_index": art_res.index, "bytes": out.stat().st_size},
+            "recall": recall_info,
+            "_counters": {
+                "artifact_index": art_res.index,
+                "bytes": out.stat().st_size,
+                **({"recall_chunks": recall_info["chunks"]} if recall_info else {}),
+            },
         }
+
+    def _build_recall(self, sgn: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
+        """Build ``recall/index.db`` in the model folder; returns ``manifest["recall"]``.
+
+        ``source: documents`` chunks the spec's corpus; ``source: examples`` indexes the
+        acknowledged training examples (ledger index order; chunk id = the example digest
+        = the subject of its label receipt). Embeddings: the plain base model
+        (:func:`kolm_compile._train.embed_texts`, ``cfg.threads`` torch threads), as
+        ``kolm recall update`` does. The manifest field is :meth:`IndexInfo.to_manifest`
+        plus ``k``, the default number of chunks a prediction retrieves.
+        """
+        from . import _train, recall
+
+        rs = self.spec.recall
+        assert rs is not None
+        if rs.source == "examples":
+            chunks = recall.chunks_from_examples([(r[2], r[3]) for r in sgn["logged"]])
+            chunking: dict[str, Any] = {"source": "examples"}
+        else:
+            chunks = rs.corpus_chunks()
+            chunking = rs.chunk_config().to_dict()
+        model_id = cfg.base_model
+
+        def embed(texts: Sequence[str]) -> Any:
+            return _train.embed_texts(list(texts), model_id)
+
+        with _train._torch_state(cfg.threads, False):
+            info = recall.build_index(
+                chunks,
+                embed,
+                self.model_dir() / recall.INDEX_FILE,
+                embedding_model=model_id,
+                chunking=chunking,
+            )
+        return {**info.to_manifest(), "k": rs.k}
 
     def cost_report(self, smp: Mapping[str, Any], ev: Mapping[str, Any]) -> dict[str, Any]:
         """Teacher calls, tokens and cost, beside the projected per-call cost of the student."""
@@ -905,6 +1001,8 @@ class CompileJob:
             seconds=dict(self.seconds),
             cost=pk["cost"],
             per_label=ev["per_label"],
+            eval_index=int(pk.get("eval_index", -1)),
+            recall=pk.get("recall"),
         )
 
 

@@ -148,6 +148,8 @@ def update_artifact(
             chunking=chunking.to_dict(),
         )
         manifest["recall"] = info.to_manifest()
+        if "k" in old_recall:  # the artifact's default top-k survives a corpus update
+            manifest["recall"]["k"] = old_recall["k"]
         manifest["previous_artifact"] = old.digest
         (build / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         # (4) re-pack, sign, verify what we wrote

@@ -1,18 +1,18 @@
 """The compile gRPC service (``kolm.compile.v1.Compile``) on ``grpc.aio``.
 
 :class:`JobRunner` is the domain object (no gRPC): it keeps jobs in SQLite under the
-work folder and runs one :class:`~kolm_compile.compiler.CompileJob` at a time in a
+work folder and runs one :class:`~kolm_compile.pipeline.CompileJob` at a time in a
 worker thread, in submission order. Its layout::
 
     WORK/jobs.sqlite              jobs and their stage events (WAL)
-    WORK/jobs/<id>/               the job's folder: teacher cache, build, the .kolm
+    WORK/jobs/<id>/               the job's folder: stages/, teacher cache, build, the .kolm
     WORK/artifacts/<name>.kolm    a copy of the newest artifact of each name (for inference)
 
 Jobs persist: a restarted runner resumes queued and running jobs. A resumed job runs
-again in the same job folder, so its teacher cache answers every input it already
-sampled (``cache_hits`` in the ``sample`` stage's counters; nothing is paid twice).
-Label receipts the interrupted run already appended stay in the ledger; the resumed
-run appends its own and trains on those only.
+again in the same job folder: every stage whose output is there is reported
+``resumed`` and skipped (no teacher call is paid twice), and label receipts the
+interrupted run already appended are reused (found by the job's subject digest), so
+the ledger holds exactly one receipt per trained label of the job.
 
 :class:`CompileServicer` is thin: it parses messages, calls the runner and builds
 replies. Errors become statuses in :class:`~kolm_ledger.rpc.ErrorInterceptor`:
@@ -22,7 +22,7 @@ cancelling a finished job ``FAILED_PRECONDITION``.
 Example::
 
     runner = JobRunner(Path("work"), keys_dir=Path("keys"),
-                       sink_factory=lambda: ClientSink(LedgerClient("127.0.0.1:7070")))
+                       sink_factory=lambda: ServiceSink(LedgerClient("127.0.0.1:7070")))
     srv = await start(runner, listen="127.0.0.1:0")
 """
 
@@ -50,7 +50,8 @@ from kolm_ledger.errors import ConflictError, InvalidInput, KolmError, NotFoundE
 
 from ._pb import compile_pb2 as pb
 from ._pb import compile_pb2_grpc as pb_grpc
-from .compiler import CompileJob, ReceiptSink, StageEvent
+from .pipeline import CompileJob, CompileOptions, JobCancelled, StageEvent
+from .sinks import ReceiptSink
 from .spec import TaskSpec, _StrictLoader
 
 __all__ = [
@@ -169,7 +170,8 @@ class JobRunner:
     """Compile jobs, persisted in ``WORK/jobs.sqlite``, run one at a time in a worker thread.
 
     ``sink_factory`` makes the receipt sink each job appends to (a
-    :class:`~kolm_compile.compiler.ClientSink` toward the ledger service). Call
+    :class:`~kolm_compile.sinks.ServiceSink` toward the ledger service; closed when the
+    job ends if it has ``close()``). Call
     :meth:`start` to begin (and resume) work and :meth:`close` to stop: a job running
     then stops at its next stage or training step and stays ``running``, to be resumed.
     """
@@ -189,6 +191,9 @@ class JobRunner:
         self.keys_dir = Path(keys_dir)
         if not (self.keys_dir / "compile.key").exists():
             raise InvalidInput(f"--keys {self.keys_dir}: no compile.key")
+        from kolm_ledger.keys import PrivateKey
+
+        self.key = PrivateKey.load(self.keys_dir / "compile.key")
         self.sink_factory = sink_factory
         self.spec_base = Path(spec_base) if spec_base else self.work
         self.threads = threads
@@ -276,7 +281,7 @@ class JobRunner:
         out = []
         for job_id, rj in rows:
             r = json.loads(rj)
-            path = Path(r["artifact"])
+            path = Path(r.get("artifact_path") or r["artifact"])
             if not path.exists():
                 continue
             out.append(
@@ -348,7 +353,7 @@ class JobRunner:
                     "UPDATE jobs SET stage = ?, last_event = ? WHERE id = ?",
                     (e["stage"], text, job_id),
                 )
-                if e["state"] == "finished":
+                if e["state"] in ("finished", "resumed"):
                     self._db.execute(
                         "UPDATE jobs SET last_finished_stage = ? WHERE id = ?",
                         (e["stage"], job_id),
@@ -404,22 +409,23 @@ class JobRunner:
     def _run_one(self, job_id: str, spec_text: str, bundle_base: bool) -> None:
         running = self._running
         assert running is not None
+        sink: Any = None
         try:
             spec = parse_spec(spec_text, self.spec_base)
+            sink = self.sink_factory()
             job = CompileJob(
                 spec,
-                keys_dir=self.keys_dir,
-                sink=self.sink_factory(),
-                work_dir=self.work / "jobs" / job_id,
+                key=self.key,
+                sink=sink,
+                job_dir=self.work / "jobs" / job_id,
                 job_id=job_id,
+                options=CompileOptions(bundle_base=bundle_base, threads=self.threads),
                 on_event=lambda e: self._append_event(job_id, _event_dict(job_id, e)),
                 should_stop=lambda: running.cancel.is_set() or self._closing.is_set(),
-                bundle_base=bundle_base,
-                threads=self.threads,
                 embed=self.embed,
             )
             result = job.run()
-        except InterruptedError as e:
+        except (JobCancelled, InterruptedError) as e:
             if running.cancel.is_set():
                 self._finish(job_id, "cancelled", error=str(e))
             else:  # the service is stopping: leave it running, to be resumed
@@ -432,6 +438,13 @@ class JobRunner:
             log.exception("job %s failed", job_id)
             self._finish(job_id, "failed", error=f"internal error: {type(e).__name__}: {e}")
             return
+        finally:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # closing a channel must not fail the job
+                    log.warning("closing the receipt sink failed", exc_info=True)
         shared = self.work / "artifacts"
         shared.mkdir(exist_ok=True)
         tmp = shared / f".{result.artifact_path.name}.tmp"

@@ -4,6 +4,9 @@ A :class:`ReceiptSink` appends a batch of signed envelopes and answers, per enve
 and in order, either an :class:`Acked` (the ledger index and leaf hash) or the
 :class:`~kolm_ledger.errors.KolmError` that refused it. Only acknowledged label
 receipts may reach training, so an error for one envelope loses that one label only.
+``job_labels(job_id)`` (optional for other sinks) answers the label receipts the ledger
+already holds for a job, by example digest, so a resumed job reuses them instead of
+logging a label twice.
 
 Example::
 
@@ -11,18 +14,20 @@ Example::
     sink = ServiceSink(LedgerClient("127.0.0.1:7000"))
     acks = sink.append([envelope])            # [Acked(index=..., leaf_hash=...)] or errors
     sink.checkpoint()                         # {"origin": ..., "size": ..., "root": "<hex>"}
+    sink.job_labels("job-1")                  # {example digest: Acked(...)} already logged
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import KolmError
+from kolm_ledger.receipts import Statement, job_digest
 
-__all__ = ["Acked", "LocalLedgerSink", "ReceiptSink", "ServiceSink"]
+__all__ = ["Acked", "LocalLedgerSink", "ReceiptSink", "ServiceSink", "labels_by_example"]
 
 #: label receipts per append call (one AppendStream message / one ledger batch)
 LABEL_BATCH = 500
@@ -47,10 +52,33 @@ class ReceiptSink(Protocol):
         """The newest checkpoint as ``{"origin", "size", "root"}`` (root in hex)."""
         ...
 
+    # optional: def job_labels(self, job_id: str) -> dict[str, Acked]
+    #   the label receipts already logged for ``job_id``, by example digest (a resumed
+    #   job reuses them); a sink without it makes the job rely on deterministic re-signing
+
 
 def _checkpoint_dict(signed: Any) -> dict[str, Any]:
     cp = signed.checkpoint
     return {"origin": cp.origin, "size": cp.size, "root": cp.root.hex()}
+
+
+#: more label receipts than any one job logs (find() follows pages up to this)
+_JOB_LABELS_LIMIT = 10_000_000
+
+
+def labels_by_example(entries: Iterable[Any]) -> dict[str, Acked]:
+    """Ledger entries of label receipts → ``{example digest: Acked(index, leaf_hash)}``.
+
+    The example digest is the receipt's ``example`` subject (SHA-256 of the canonical
+    ``{input, output}``); the first entry wins for a digest logged twice.
+    """
+    out: dict[str, Acked] = {}
+    for e in entries:
+        st = Statement.from_envelope(Envelope.from_bytes(e.envelope))
+        for sub in st.subjects:
+            if sub.name == "example":
+                out.setdefault(sub.sha256, Acked(int(e.index), bytes(e.leaf_hash)))
+    return out
 
 
 class ServiceSink:
@@ -70,6 +98,14 @@ class ServiceSink:
     def checkpoint(self) -> dict[str, Any]:
         """GetCheckpoint."""
         return _checkpoint_dict(self.client.checkpoint())
+
+    def job_labels(self, job_id: str) -> dict[str, Acked]:
+        """FindEntries(subject = SHA-256 of the job id, kind label), by example digest."""
+        return labels_by_example(
+            self.client.find(
+                subject_digest=job_digest(job_id), kind="label", limit=_JOB_LABELS_LIMIT
+            )
+        )
 
     def close(self) -> None:
         """Close the client channel."""
@@ -123,6 +159,14 @@ class LocalLedgerSink:
     def checkpoint(self) -> dict[str, Any]:
         """The ledger's newest checkpoint."""
         return _checkpoint_dict(self.ledger.checkpoint())
+
+    def job_labels(self, job_id: str) -> dict[str, Acked]:
+        """The job's label receipts in the store, by example digest."""
+        return labels_by_example(
+            self.ledger.store.find(
+                subject_digest=job_digest(job_id), kind="label", limit=_JOB_LABELS_LIMIT
+            )
+        )
 
     def close(self) -> None:
         """Close the store."""

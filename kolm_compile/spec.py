@@ -62,16 +62,29 @@ Schema (``*`` = required; unknown fields are rejected by name)::
       max_teacher_calls: int  requests a teacher may send (unset: no limit)
       price_per_1k_input_tokens: float = 0
       price_per_1k_output_tokens: float = 0
+    recall:                   optional: ship a recall index (recall/index.db) in the .kolm
+      corpus: path            a JSONL of {"id", "text"} documents or a folder of text files
+      source: documents | examples   default documents with a corpus; examples (classify
+                              only, no corpus): the acknowledged training examples are the index
+      chunk_size: int = 200   units per chunk (documents only)
+      chunk_overlap: int      units shared by neighbouring chunks; default min(40, chunk_size // 5)
+      chunk_unit: words | chars = words
+      k: int = 5              chunks a prediction retrieves by default (manifest recall.k), 1..10
     seed: int = 0             in [0, 2**53)
 
 Paths are relative to the spec file's directory (``base_dir``). ``to_dict()`` is
 deterministic (sorted keys, paths relative to ``base_dir``, kolm version
 stamped); ``digest()`` is the SHA-256 of its RFC 8785 canonical JSON with every
-referenced file's SHA-256 added, so it changes when the data changes.
+referenced file's SHA-256 added (a corpus folder: a digest over its files), so it
+changes when the data changes.
+
+Tables (``data.*``, ``teacher.dataset``) are read by :func:`read_table` /
+:func:`read_rows`: a CSV with a header row, or JSON Lines of objects.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -79,7 +92,7 @@ import os
 import re
 import types
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,23 +102,30 @@ import yaml
 
 from kolm_compile import _train
 from kolm_compile.verifiers import Verifier, get_verifier
-from kolm_ledger.errors import SpecError
+from kolm_ledger.errors import FormatError, InvalidInput, SpecError
 
 __all__ = [
+    "RECALL_K_MAX",
     "TASK_TYPES",
     "BudgetSpec",
     "DataSpec",
+    "RecallSpec",
     "StudentSpec",
     "TaskSpec",
     "TeacherSpec",
     "VerifierSpec",
     "kolm_version",
+    "read_rows",
+    "read_table",
 ]
 
 TASK_TYPES = ("classify", "extract", "generate")
 _NAME = re.compile(r"[a-z0-9][a-z0-9\-_]{0,63}")
 _TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+_CORPUS_SUFFIXES = (".jsonl", ".ndjson")
 _MAX_SEED = 2**53  # I-JSON safe: the seed goes into canonical JSON
+#: most chunks a prediction may retrieve by default (a receipt cites ~10 at most: RECALL.md)
+RECALL_K_MAX = 10
 
 
 def kolm_version() -> str:
@@ -117,6 +137,61 @@ def kolm_version() -> str:
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def read_rows(path: Path) -> Iterator[Mapping[str, Any]]:
+    """Rows of a table: a CSV file with a header row, or JSON Lines (``.jsonl``/``.ndjson``:
+    one object per line, blank lines skipped). The one table reader of kolm_compile.
+
+    CSV values are strings (``None`` for a missing trailing cell). Raises
+    :class:`~kolm_ledger.errors.FormatError` naming the file and line for a JSONL line
+    that is not a JSON object; ``OSError`` when the file cannot be read.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f)
+        return
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise FormatError(f"{path.name} line {n}: not JSON: {e}") from e
+                if not isinstance(row, dict):
+                    raise FormatError(f"{path.name} line {n}: must be a JSON object")
+                yield row
+
+
+def read_table(
+    path: Path, text_col: str, label_col: str | None, field_name: str
+) -> list[tuple[str, str | None]]:
+    """A table's rows as ``(text, label-or-None)``, both stripped; an empty label is ``None``.
+
+    Every problem raises :class:`SpecError` starting with ``field_name`` (the dotted
+    spec field the file came from): unreadable file, bad JSON line, missing column.
+    """
+    path = Path(path)
+    out: list[tuple[str, str | None]] = []
+    try:
+        for n, r in enumerate(read_rows(path), 1):
+            text = r.get(text_col)
+            if text is None:
+                raise SpecError(f"{field_name}: {path.name} has no column {text_col!r} (row {n})")
+            label = r.get(label_col) if label_col else None
+            label = None if label is None else str(label).strip() or None
+            out.append((str(text).strip(), label))
+    except FormatError as e:
+        if isinstance(e, SpecError):
+            raise
+        raise SpecError(f"{field_name}: {e}") from e
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SpecError(f"{field_name}: cannot read {path.name}: {e}") from e
+    return out
 
 
 # --------------------------------------------------------------------------- value checks
@@ -588,6 +663,130 @@ class BudgetSpec(_Section):
         ) / 1000.0
 
 
+@dataclass(frozen=True)
+class RecallSpec(_Section):
+    """A recall index to ship in the ``.kolm`` (see docs/RECALL.md and kolm_compile.recall).
+
+    ``source: documents`` (the default when ``corpus`` is given) chunks the corpus;
+    ``source: examples`` indexes the acknowledged training examples (classify only).
+    """
+
+    PATH: ClassVar[str] = "spec.recall"
+
+    corpus: Path | None = field(
+        default=None, metadata=_help('a JSONL of {"id", "text"} documents or a folder of files')
+    )
+    source: str | None = field(
+        default=None,
+        metadata=_help("documents (the corpus, default) | examples (the training examples)"),
+    )
+    chunk_size: int | None = field(default=None, metadata=_help("units per chunk (200)"))
+    chunk_overlap: int | None = field(
+        default=None, metadata=_help("units shared by neighbouring chunks (min(40, size // 5))")
+    )
+    chunk_unit: str | None = field(default=None, metadata=_help("words (default) | chars"))
+    k: int = field(
+        default=5, metadata=_help(f"chunks a prediction retrieves by default, 1..{RECALL_K_MAX}")
+    )
+
+    def __post_init__(self) -> None:
+        p = self.PATH
+
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.corpus is not None:
+            corpus = self.corpus
+            if isinstance(corpus, str):
+                if not corpus.strip():
+                    raise SpecError(f"{p}.corpus: must not be empty")
+                corpus = Path(corpus)
+            if not isinstance(corpus, Path):
+                raise _fail(f"{p}.corpus", "a path (a .jsonl file or a folder)", corpus)
+            put("corpus", corpus)
+        source = self.source
+        if source is None and self.corpus is not None:
+            source = "documents"
+        if source is None:
+            raise SpecError(
+                f"{p}: needs corpus (a JSONL of {{id, text}} or a folder) or source: examples"
+            )
+        put("source", _str(f"{p}.source", source, choices=("documents", "examples")))
+        chunk_fields = ("chunk_size", "chunk_overlap", "chunk_unit")
+        if self.source == "examples":
+            if self.corpus is not None:
+                raise SpecError(
+                    f"{p}.corpus: not used with source examples (the training examples are "
+                    "the corpus); drop one of them"
+                )
+            for name in chunk_fields:
+                if getattr(self, name) is not None:
+                    raise SpecError(f"{p}.{name}: only used with a corpus (source documents)")
+        else:
+            if self.corpus is None:
+                raise SpecError(f"{p}.corpus: required for source documents")
+            size = _int(f"{p}.chunk_size", 200 if self.chunk_size is None else self.chunk_size, 1)
+            if size > 100_000:
+                raise SpecError(f"{p}.chunk_size: must be <= 100000, got {size}")
+            overlap = min(40, size // 5) if self.chunk_overlap is None else self.chunk_overlap
+            overlap = _int(f"{p}.chunk_overlap", overlap, 0)
+            if overlap >= size:
+                raise SpecError(f"{p}.chunk_overlap: must be < chunk_size ({size}), got {overlap}")
+            unit = "words" if self.chunk_unit is None else self.chunk_unit
+            put("chunk_unit", _str(f"{p}.chunk_unit", unit, choices=("words", "chars")))
+            put("chunk_size", size)
+            put("chunk_overlap", overlap)
+        put("k", _int(f"{p}.k", self.k, 1, RECALL_K_MAX))
+
+    def chunk_config(self) -> Any:
+        """The corpus chunking as a :class:`kolm_compile.recall.ChunkConfig` (documents only)."""
+        from kolm_compile.recall import ChunkConfig
+
+        assert self.source == "documents"
+        return ChunkConfig(
+            size=int(self.chunk_size or 200),
+            overlap=int(self.chunk_overlap or 0),
+            unit=str(self.chunk_unit or "words"),
+        )
+
+    def check_corpus(self) -> None:
+        """Raise :class:`SpecError` (``spec.recall.corpus: ...``) unless the corpus exists:
+        a ``.jsonl``/``.ndjson`` file or a folder."""
+        p, c = self.PATH, self.corpus
+        if c is None:
+            return
+        if c.is_dir():
+            return
+        if not c.is_file():
+            raise SpecError(f"{p}.corpus: file or folder not found: {c}")
+        if c.suffix.lower() not in _CORPUS_SUFFIXES:
+            raise SpecError(
+                f"{p}.corpus: must be a {', '.join(_CORPUS_SUFFIXES)} file or a folder, "
+                f"got {c.name!r}"
+            )
+
+    def corpus_chunks(self) -> list[Any]:
+        """The corpus cut into :class:`kolm_compile.recall.Chunk` s (documents only).
+
+        Raises :class:`SpecError` naming ``spec.recall.corpus`` and the problem (missing,
+        unreadable, a bad line, a duplicate or empty id, no documents, no text at all).
+        """
+        from kolm_compile.recall import chunk_documents, load_corpus
+
+        p = self.PATH
+        self.check_corpus()
+        assert self.corpus is not None
+        try:
+            chunks = chunk_documents(load_corpus(self.corpus), self.chunk_config())
+        except InvalidInput as e:
+            raise SpecError(f"{p}.corpus: {e}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"{p}.corpus: cannot read {self.corpus}: {e}") from e
+        if not chunks:
+            raise SpecError(f"{p}.corpus: gives no chunk (every document is empty)")
+        return chunks
+
+
 # --------------------------------------------------------------------------- the task spec
 
 
@@ -598,10 +797,12 @@ _FILE_FIELDS = (
     ("data.unlabeled", "data", "unlabeled"),
     ("teacher.dataset", "teacher", "dataset"),
     ("teacher.path", "teacher", "path"),
+    ("recall.corpus", "recall", "corpus"),
 )
 _SECTIONS: dict[str, type[_Section]] = {
     "budget": BudgetSpec,
     "data": DataSpec,
+    "recall": RecallSpec,
     "student": StudentSpec,
     "teacher": TeacherSpec,
     "verifier": VerifierSpec,
@@ -626,6 +827,9 @@ class TaskSpec(_Section):
     verifier: VerifierSpec | None = field(default=None, metadata=_help("the verifier section"))
     student: StudentSpec = field(default_factory=StudentSpec, metadata=_help("the student section"))
     budget: BudgetSpec = field(default_factory=BudgetSpec, metadata=_help("the budget section"))
+    recall: RecallSpec | None = field(
+        default=None, metadata=_help("the recall section (a recall index in the .kolm)")
+    )
     seed: int = field(default=0, metadata=_help("seed for every random choice of the job"))
     base_dir: Path = field(
         default=Path("."), compare=False, metadata=_help("directory relative paths start from")
@@ -681,6 +885,15 @@ class TaskSpec(_Section):
             extra = [label for label in self.data.labels if label not in self.labels]
             if extra:
                 raise SpecError(f"{p}.data.labels: {extra[0]!r} is not in spec.labels")
+
+        # (4) recall: the corpus path is relative to base_dir; examples need labels
+        if self.recall is not None:
+            put("recall", self._resolved(self.recall, ("corpus",)))
+            if self.recall.source == "examples" and task != "classify":
+                raise SpecError(
+                    f"{p}.recall.source: examples needs task classify (labelled training "
+                    f"examples), not {task}; give a corpus instead"
+                )
 
     def _complete_verifier(self) -> VerifierSpec:
         """The verifier section with task-given params and defaults filled in."""
@@ -773,10 +986,18 @@ class TaskSpec(_Section):
         return out
 
     def check_files(self) -> None:
-        """Raise :class:`SpecError` naming the field of the first missing file."""
+        """Raise :class:`SpecError` naming the field of the first missing file.
+
+        A recall corpus may be a folder; it is also read and chunked here, so a bad
+        corpus entry (duplicate id, empty file, bad line) is reported at load time.
+        """
         for dotted, path in self.files().items():
+            if dotted == "recall.corpus":
+                continue
             if not path.is_file():
                 raise SpecError(f"spec.{dotted}: file not found: {path}")
+        if self.recall is not None and self.recall.corpus is not None:
+            self.recall.corpus_chunks()
 
     def build_verifier(self) -> Verifier:
         """The task's verifier."""
@@ -824,6 +1045,8 @@ class TaskSpec(_Section):
 
 
 def _file_sha256(dotted: str, path: Path) -> str:
+    if path.is_dir():
+        return _folder_sha256(dotted, path)
     h = hashlib.sha256()
     try:
         with path.open("rb") as f:
@@ -831,6 +1054,22 @@ def _file_sha256(dotted: str, path: Path) -> str:
                 h.update(chunk)
     except OSError as e:
         raise SpecError(f"spec.{dotted}: cannot read {path}: {e.strerror or e}") from e
+    return h.hexdigest()
+
+
+def _folder_sha256(dotted: str, path: Path) -> str:
+    """SHA-256 over ``relative POSIX path NUL file SHA-256 LF`` of every file a corpus
+    folder holds (the files :func:`kolm_compile.recall.load_corpus` reads, in its order)."""
+    h = hashlib.sha256()
+    files = []
+    for f in path.rglob("*"):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+            continue
+        files.append((rel.as_posix(), f))
+    for rel_name, f in sorted(files):
+        h.update(rel_name.encode("utf-8") + b"\0")
+        h.update(_file_sha256(dotted, f).encode() + b"\n")
     return h.hexdigest()
 
 

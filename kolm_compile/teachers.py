@@ -41,7 +41,6 @@ its recorded tokens and cost are what it cost when it was bought.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import http.client
 import json
@@ -55,10 +54,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from kolm_ledger.errors import (
@@ -845,24 +843,6 @@ class ReplayTeacher(BaseTeacher):
 # --------------------------------------------------------------------------- simulated
 
 
-def _read_table(path: Path) -> Iterable[Mapping[str, Any]]:
-    """Rows of a CSV (header row) or JSONL file."""
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            yield from csv.DictReader(f)
-        return
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise FormatError(f"{path.name} line {n}: not JSON: {e}") from e
-                if not isinstance(row, dict):
-                    raise FormatError(f"{path.name} line {n}: must be a JSON object")
-                yield row
-
-
 def _label_words(label: str) -> str:
     return " ".join(label.replace("_", " ").replace("-", " ").split()).lower()
 
@@ -921,9 +901,11 @@ class SimulatedTeacher(BaseTeacher):
         known = set(self._labels)
         self._gold: dict[str, str] = {}
         h = hashlib.sha256()
+        from kolm_compile.spec import read_rows  # the one table reader (spec imports this)
+
         try:
             h.update(spec.dataset.read_bytes())
-            for n, row in enumerate(_read_table(spec.dataset), 1):
+            for n, row in enumerate(read_rows(spec.dataset), 1):
                 if text_col not in row or label_col not in row:
                     raise FormatError(
                         f"{spec.dataset.name} row {n}: needs columns {text_col!r} and {label_col!r}"

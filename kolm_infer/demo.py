@@ -106,7 +106,8 @@ def run_full_demo(a: argparse.Namespace) -> int:
 
 async def _demo(a: argparse.Namespace) -> int:
     from kolm_compile.cli import run_with_progress
-    from kolm_compile.compiler import ClientSink, CompileJob
+    from kolm_compile.pipeline import CompileJob, CompileOptions
+    from kolm_compile.sinks import ServiceSink
     from kolm_ledger._crypto import PrivateKey
     from kolm_ledger.audit import audit, audit_remote
     from kolm_ledger.client import LedgerClient
@@ -152,11 +153,11 @@ async def _demo(a: argparse.Namespace) -> int:
         client = LedgerClient(target, timeout=600)
         job = CompileJob(
             spec,
-            keys_dir=d / "keys",
-            sink=ClientSink(client),
-            work_dir=d / "compile",
+            key=PrivateKey.load(d / "keys" / "compile.key"),
+            sink=ServiceSink(client),
+            job_dir=d / "compile",
             out_dir=d / "artifacts",
-            threads=a.threads,
+            options=CompileOptions(threads=a.threads),
             embed=embed_texts,
         )
         t0 = time.perf_counter()

@@ -41,9 +41,9 @@ def _cmd_up(a: argparse.Namespace) -> int:
 async def _up(a: argparse.Namespace) -> int:
     import json
 
-    from kolm_compile.compiler import ClientSink
     from kolm_compile.service import JobRunner
     from kolm_compile.service import start as start_compile
+    from kolm_compile.sinks import ServiceSink
     from kolm_ledger._crypto import PrivateKey
     from kolm_ledger.client import LedgerClient
     from kolm_ledger.keys import TrustRoot, init_keys
@@ -62,7 +62,9 @@ async def _up(a: argparse.Namespace) -> int:
     )
     lt = f"{a.host}:{ledger.port}"
     runner = JobRunner(
-        d / "compile", keys_dir=keys, sink_factory=lambda: ClientSink(LedgerClient(lt, timeout=600))
+        d / "compile",
+        keys_dir=keys,
+        sink_factory=lambda: ServiceSink(LedgerClient(lt, timeout=600)),
     )
     comp = await start_compile(runner, listen=f"{a.host}:{a.compile_port}")
     arts = sorted((d / "compile" / "artifacts").glob("*.kolm"))

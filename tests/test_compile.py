@@ -1,269 +1,197 @@
-"""A real compile: simulated teacher → voted, signed labels through a real ledger service →
-LoRA student → K-score → signed .kolm, verified by kolm, by model_signing and by provenance."""
+"""The compile job beyond tests/test_compile_pipeline.py: the one table reader, a resumed
+job that reuses the label receipts the ledger already holds (``job_labels``), a job folder
+that refuses another spec, and ``kolm compile run`` end to end (a rerun resumes)."""
 
 from __future__ import annotations
 
-import hashlib
-import shutil
+import json
 import subprocess
 import sys
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from _servers import LedgerThread
 
-from kolm_compile.artifact import verify_artifact
-from kolm_compile.compiler import STAGES, ClientSink, CompileJob, StageEvent
-from kolm_compile.spec import TaskSpec
-from kolm_ledger.client import LedgerClient
+from kolm_compile.pipeline import CompileJob, CompileOptions, JobCancelled, StageEvent
+from kolm_compile.sinks import Acked, LocalLedgerSink
+from kolm_compile.spec import TaskSpec, read_rows, read_table
 from kolm_ledger.dsse import Envelope
-from kolm_ledger.errors import KolmError, SpecError, UnavailableError
+from kolm_ledger.errors import ConflictError, FormatError, KolmError, SpecError
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
-from kolm_ledger.trust import TrustState
-
-pytestmark = [pytest.mark.ml, pytest.mark.slow]
+from kolm_ledger.provenance import training_set_root
+from kolm_ledger.receipts import job_digest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
 KOLM = [sys.executable, "-m", "kolm_ledger.cli"]
 
 
-def tiny_spec(labels: int = 4, per_label: int = 20) -> TaskSpec:
+def tiny_raw(labels: int = 3, per_label: int = 8, epochs: int = 1) -> dict[str, Any]:
     raw = yaml.safe_load((EXAMPLES / "banking77-router.yaml").read_text())
     raw["labels"] = raw["labels"][:labels]
     raw["data"]["limit_per_label"] = per_label
-    raw["student"].update(epochs=3, max_length=32, batch_size=16)
-    return TaskSpec.from_dict(raw, EXAMPLES)
+    raw["student"].update(epochs=epochs, max_length=32, batch_size=16)
+    return raw
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    d = tmp_path_factory.mktemp("compile")
-    trust = init_keys(d / "keys")
-    ledger = LedgerThread(
-        f"sqlite:///{d / 'ledger.db'}", trust, PrivateKey.load(d / "keys" / "log.key")
+# --------------------------------------------------------------------------- tables
+
+
+def test_one_table_reader_for_csv_and_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("text,label,x\n  hi there ,  a \nbye,,1\n")
+    (tmp_path / "t.jsonl").write_text(
+        json.dumps({"text": " hi ", "label": "a"}) + "\n\n" + json.dumps({"text": "yo"}) + "\n"
     )
-    events: list[StageEvent] = []
-    client = LedgerClient(ledger.target, timeout=120)
-    job = CompileJob(
-        tiny_spec(),
-        keys_dir=d / "keys",
-        sink=ClientSink(client),
-        work_dir=d / "work",
-        out_dir=d / "out",
-        threads=1,
-        on_event=events.append,
-    )
-    result = job.run()
-    yield {
-        "dir": d,
-        "trust": trust,
-        "ledger": ledger,
-        "client": client,
-        "result": result,
-        "events": events,
-    }
-    client.close()
-    ledger.close()
-
-
-def test_stages_run_in_order_with_progress(world: dict[str, Any]) -> None:
-    started = [e.stage for e in world["events"] if e.state == "started"]
-    finished = [e.stage for e in world["events"] if e.state == "finished"]
-    assert started == list(STAGES) == finished
-    assert any(e.stage == "train" and e.state == "progress" for e in world["events"])
-
-
-def test_student_learned_and_every_trained_label_is_logged(world: dict[str, Any]) -> None:
-    r = world["result"]
-    assert r.k_score.score > 100 / 4 + 20, r.k_score  # well above chance on 4 labels
-    assert r.k_score.low <= r.k_score.score <= r.k_score.high
-    assert r.teacher_vote.score >= r.teacher_single.score  # voting helps the teacher
-    assert r.labels_logged == r.labels_accepted <= r.labels_sampled
-    labels = world["client"].find(kind="label", limit=10_000)
-    assert len(labels) == r.labels_logged
-
-
-def test_artifact_verifies_with_kolm_and_with_model_signing(world: dict[str, Any]) -> None:
-    r, d = world["result"], world["dir"]
-    v = verify_artifact(r.artifact_path, TrustState(world["trust"]), into=d / "v")
-    assert v.digest == r.artifact_digest
-    assert v.manifest["labels"] == list(tiny_spec().labels or ())
-    unz = d / "unzipped"
-    with zipfile.ZipFile(r.artifact_path) as z:
-        z.extractall(unz)
-    cli = Path(sys.executable).with_name("model_signing")
-    p = subprocess.run(
-        [
-            str(cli),
-            "verify",
-            "key",
-            str(unz / v.name),
-            "--signature",
-            str(unz / v.name / "model.sig"),
-            "--public_key",
-            str(d / "keys" / "compile.pub"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
-    # nothing in the artifact names a local path
-    with zipfile.ZipFile(r.artifact_path) as z:
-        for n in z.namelist():
-            assert str(d) not in z.read(n).decode("utf-8", "replace"), n
-
-
-def test_provenance_recomputes_from_the_ledger(world: dict[str, Any]) -> None:
-    r, d = world["result"], world["dir"]
-    p = subprocess.run(
-        [
-            *KOLM,
-            "provenance",
-            "--ledger",
-            world["ledger"].target,
-            r.artifact_digest,
-            "--trust",
-            str(d / "keys" / "trust.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "matches" in p.stdout and f"{r.k_score.score:.2f}" in p.stdout
-
-
-def test_same_spec_seed_and_cache_give_a_byte_identical_kolm(world: dict[str, Any]) -> None:
-    d = world["dir"]
-    work2 = d / "work2"
-    shutil.copytree(d / "work", work2)  # same teacher cache
-    r2 = CompileJob(
-        tiny_spec(),
-        keys_dir=d / "keys",
-        sink=ClientSink(world["client"]),
-        work_dir=work2,
-        out_dir=d / "out2",
-        threads=1,
-    ).run()
-    first = world["result"]
-    assert r2.artifact_digest == first.artifact_digest
-    sha = [
-        hashlib.sha256(p.read_bytes()).hexdigest() for p in (first.artifact_path, r2.artifact_path)
+    assert read_table(tmp_path / "t.csv", "text", "label", "spec.data.unlabeled") == [
+        ("hi there", "a"),
+        ("bye", None),
     ]
-    assert sha[0] == sha[1]
+    assert read_table(tmp_path / "t.jsonl", "text", "label", "spec.data.holdout") == [
+        ("hi", "a"),
+        ("yo", None),
+    ]
+    assert read_table(tmp_path / "t.csv", "text", None, "f") == [("hi there", None), ("bye", None)]
+    with pytest.raises(SpecError, match=r"^spec\.data\.holdout: t\.csv has no column 'input'"):
+        read_table(tmp_path / "t.csv", "input", "label", "spec.data.holdout")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n[1]\n')
+    with pytest.raises(SpecError, match=r"^spec\.data\.seed_pairs: bad\.jsonl line 2: must be"):
+        read_table(tmp_path / "bad.jsonl", "text", "label", "spec.data.seed_pairs")
+    with pytest.raises(SpecError, match=r"^spec\.data\.unlabeled: cannot read absent\.csv"):
+        read_table(tmp_path / "absent.csv", "text", "label", "spec.data.unlabeled")
+    # the simulated teacher reads its gold table with the same reader
+    (tmp_path / "nojson.jsonl").write_text("{\n")
+    with pytest.raises(FormatError, match=r"nojson\.jsonl line 1: not JSON"):
+        list(read_rows(tmp_path / "nojson.jsonl"))
 
 
-class RejectingSink(ClientSink):
-    """Refuses every third label receipt, as a ledger would refuse an append."""
-
-    def append(self, envelopes: Sequence[Envelope]) -> list[tuple[int, bytes] | KolmError]:
-        out: list[tuple[int, bytes] | KolmError] = []
-        keep = []
-        for i in range(len(envelopes)):
-            if len(envelopes) > 1 and i % 3 == 0:
-                out.append(UnavailableError("refused by the test"))
-            else:
-                keep.append(i)
-                out.append(None)  # type: ignore[arg-type]
-        got = super().append([envelopes[i] for i in keep]) if keep else []
-        for i, g in zip(keep, got, strict=True):
-            out[i] = g
-        return out
+# --------------------------------------------------------------------------- resume
 
 
-def test_a_label_whose_append_failed_is_not_trained_on(
-    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _embed(texts: list[str]) -> Any:
+    from kolm_compile._train import embed_texts
+
+    return embed_texts(texts)
+
+
+class CountingSink:
+    """A LocalLedgerSink that counts the label receipts actually sent to the ledger."""
+
+    def __init__(self, inner: LocalLedgerSink) -> None:
+        self.inner, self.sent = inner, 0
+
+    def append(self, envelopes: Sequence[Envelope]) -> list[Acked | KolmError]:
+        self.sent += len(envelopes)
+        return self.inner.append(envelopes)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return self.inner.checkpoint()
+
+    def job_labels(self, job_id: str) -> dict[str, Acked]:
+        return self.inner.job_labels(job_id)
+
+
+@pytest.mark.ml
+@pytest.mark.slow
+def test_a_job_that_lost_its_sign_progress_reuses_the_labels_the_ledger_holds(
+    tmp_path: Path,
 ) -> None:
-    from kolm_compile import _train
-
-    seen: list[list[str]] = []
-    real = _train.train_classifier
-
-    def spy(texts: Any, labels: Any, *a: Any, **kw: Any) -> Any:
-        seen.append(list(texts))
-        return real(texts, labels, *a, **kw)
-
-    monkeypatch.setattr(_train, "train_classifier", spy)
-    spec = tiny_spec(labels=3, per_label=9)
-    r = CompileJob(
-        spec,
-        keys_dir=world["dir"] / "keys",
-        sink=RejectingSink(world["client"]),
-        work_dir=tmp_path / "w",
-        threads=1,
-    ).run()
-    assert r.labels_logged < r.labels_accepted
-    assert len(seen[0]) == r.labels_logged
-    logged = {e.envelope for e in world["client"].find(kind="label", limit=100_000)}
-    import base64
-    import json
-
-    logged_inputs = set()
-    for raw in logged:
-        st = json.loads(base64.b64decode(json.loads(raw)["payload"]))
-        if st["predicate"]["job_id"] == r.job_id:
-            logged_inputs.add(st["predicate"]["input"])
-    assert set(seen[0]) == logged_inputs
-
-
-def test_bad_spec_names_the_field() -> None:
-    raw = yaml.safe_load((EXAMPLES / "banking77-router.yaml").read_text())
-    raw["teacher"]["k"] = 0
-    with pytest.raises(SpecError, match=r"spec\.teacher\.k"):
-        TaskSpec.from_dict(raw, EXAMPLES)
-
-
-def test_compile_run_cli_end_to_end(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     init_keys(keys)
-    raw = yaml.safe_load((EXAMPLES / "banking77-router.yaml").read_text())
-    raw["labels"] = raw["labels"][:3]
-    raw["data"]["limit_per_label"] = 8
-    for k in ("dataset",):
-        raw["teacher"][k] = str((EXAMPLES / raw["teacher"][k]).resolve())
+    key = PrivateKey.load(keys / "compile.key")
+    local = LocalLedgerSink.open(f"sqlite:///{tmp_path / 'ledger.db'}", keys)
+    spec = TaskSpec.from_dict(tiny_raw(), EXAMPLES)
+    opts = CompileOptions(threads=1, label_batch=7)
+    stop = {"now": False}
+
+    def on_event(e: StageEvent) -> None:
+        if e.stage == "train":
+            stop["now"] = True
+
+    try:
+        job = CompileJob(spec, key=key, sink=local, job_dir=tmp_path / "job", options=opts,
+                         on_event=on_event, should_stop=lambda: stop["now"], embed=_embed)  # fmt: skip
+        with pytest.raises(JobCancelled):
+            job.run()
+        logged = local.job_labels(job.job_id)
+        assert logged and all(isinstance(a, Acked) for a in logged.values())
+        # the job folder forgets that it signed (as if it died before writing it down); its
+        # stage time is gone too, so re-signed receipts would differ from the logged ones
+        for name in ("sign.json", "sign.partial.json", "sign.time"):
+            (job.stage_dir / name).unlink(missing_ok=True)
+        counting = CountingSink(local)
+        events: list[StageEvent] = []
+        again = CompileJob(spec, key=key, sink=counting, job_dir=tmp_path / "job", options=opts,
+                           on_event=events.append, embed=_embed)  # fmt: skip
+        r = again.run()
+        assert again.job_id == job.job_id
+        sign = json.loads((again.stage_dir / "sign.json").read_text())
+        assert sign["_counters"]["reused"] == len(logged) == r.labels_logged
+        assert counting.sent == 2  # only the eval and the artifact receipts were appended
+        entries = local.ledger.store.find(
+            subject_digest=job_digest(r.job_id), kind="label", limit=100_000
+        )
+        assert len(entries) == r.labels_logged == len(sign["logged"])
+        assert training_set_root([e.leaf_hash for e in entries]) == r.training_set_root
+        assert (r.labels_sampled, r.labels_accepted) == (r.labels["sampled"], r.labels["accepted"])
+        assert r.labels_rejected == r.labels_sampled - r.labels_accepted
+        assert r.eval_index >= 0 and r.recall is None
+    finally:
+        local.close()
+
+
+def test_a_job_folder_refuses_another_spec(tmp_path: Path, keydir: Path) -> None:
+    key = PrivateKey.load(keydir / "compile.key")
+    sink = LocalLedgerSink.open(f"sqlite:///{tmp_path / 'l.db'}", keydir)
+    try:
+        CompileJob(TaskSpec.from_dict(tiny_raw(), EXAMPLES), key=key, sink=sink,
+                   job_dir=tmp_path / "j")  # fmt: skip
+        with pytest.raises(ConflictError, match="of another spec"):
+            CompileJob(TaskSpec.from_dict(tiny_raw(labels=4), EXAMPLES), key=key, sink=sink,
+                       job_dir=tmp_path / "j")  # fmt: skip
+    finally:
+        sink.close()
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.ml
+@pytest.mark.slow
+def test_compile_run_cli_end_to_end_and_a_rerun_resumes(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    raw = tiny_raw()
+    raw["teacher"]["dataset"] = str((EXAMPLES / raw["teacher"]["dataset"]).resolve())
     for k in ("unlabeled", "holdout"):
         raw["data"][k] = str((EXAMPLES / raw["data"][k]).resolve())
-    raw["student"].update(epochs=1, max_length=32, batch_size=16)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(raw))
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
-    p = subprocess.run(
-        [
-            *KOLM,
-            "compile",
-            "run",
-            str(spec),
-            "--db",
-            db,
-            "--keys",
-            str(keys),
-            "--work",
-            str(tmp_path / "work"),
-            "--out",
-            str(tmp_path),
-            "--threads",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    cmd = [*KOLM, "compile", "run", str(spec), "--db", db, "--keys", str(keys),
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path), "--threads", "1", "--json"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
+    first = json.loads(p.stdout[p.stdout.index("{\n") :])
     assert (tmp_path / "banking77-router.kolm").is_file()
+    assert first["labels"]["logged"] > 0 and first["cost"]["teacher_calls"] > 0
     a = subprocess.run(
         [*KOLM, "audit", "--db", db, "--trust", str(keys / "trust.json")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
     assert a.returncode == 0, a.stdout + a.stderr
+    # the same command again resumes the finished job: same artifact, no new receipt
+    from kolm_ledger.storage import Store
+
+    store = Store(db)
+    size = store.size()
+    store.close()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    again = json.loads(p.stdout[p.stdout.index("{\n") :])
+    assert again["artifact_digest"] == first["artifact_digest"]
+    assert again["job_id"] == first["job_id"]
+    store = Store(db)
+    assert store.size() == size
+    store.close()
     assert TrustRoot.load(keys / "trust.json")
