@@ -30,7 +30,7 @@ from typing import Any
 
 from ._crypto import PrivateKey, PublicKey
 from .canonical import canonical_json
-from .errors import EnvelopeFormatError, SignatureError
+from .errors import EnvelopeFormatError, FormatError, SignatureError
 
 __all__ = [
     "IN_TOTO_PAYLOAD_TYPE",
@@ -39,6 +39,7 @@ __all__ = [
     "Signature",
     "b64decode",
     "pae",
+    "parse_envelope",
     "sign",
     "verify_signature",
 ]
@@ -47,6 +48,13 @@ IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 #: Envelopes (canonical JSON) larger than this are refused by the ledger.
 MAX_ENVELOPE_BYTES = 64 * 1024
 _PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII except '"' and '\\'
+_PLAIN_BYTES = re.compile(rb"[ !#-\[\]-~]*")
+# the canonical layout of a one-signature envelope (see Envelope.canonical)
+_C_HEAD = b'{"payload":"'
+_C_TYPE = b'","payloadType":"'
+_C_KEYID = b'","signatures":[{"keyid":"'
+_C_SIG = b'","sig":"'
+_C_TAIL = b'"}]}'
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -163,13 +171,93 @@ class Envelope:
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
         """Parse DSSE JSON bytes; raises :class:`EnvelopeFormatError`."""
-        if len(data) > 4 * MAX_ENVELOPE_BYTES:
-            raise EnvelopeFormatError(f"envelope is {len(data)} bytes; far over the size limit")
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise EnvelopeFormatError(f"envelope is not JSON: {e}") from e
-        return cls.from_json(obj)
+        return parse_envelope(data)[0]
+
+
+# base64 digits whose low 4 (resp. 2) bits are zero: the last digit before "==" (resp. "=")
+_LOW4_ZERO = frozenset(b"AQgw")
+_LOW2_ZERO = frozenset(b"AEIMQUYcgkosw048")
+
+
+def _b64_canonical(s: bytes) -> bool:
+    """Whether ``s``, which strict base64 decoding accepted, is the encoding of what it decodes to.
+
+    Strict decoding already refuses bad digits, bad or missing padding and trailing data,
+    so the only slack left is the unused low bits of the last digit before the padding.
+    """
+    if s.endswith(b"=="):
+        return s[-3] in _LOW4_ZERO
+    if s.endswith(b"="):
+        return s[-2] in _LOW2_ZERO
+    return True
+
+
+def _parse_canonical(data: bytes) -> Envelope | None:
+    """The envelope ``data`` holds if ``data`` is exactly its canonical JSON, else None.
+
+    The ledger's hot path: receipts arrive in canonical form (what :meth:`Envelope.to_bytes`
+    writes), so one scan over fixed delimiters replaces ``json.loads`` + :meth:`from_json` +
+    :meth:`Envelope.canonical`. It accepts only bytes for which the general path gives the
+    same envelope *and* whose canonical JSON is ``data`` itself: the four strings hold no
+    ``"``, ``\\`` or non-ASCII byte (so JSON decoding them is the identity), both base64
+    strings decode strictly and re-encode to themselves, and nothing follows the layout.
+    Anything else (other key order, whitespace, escapes, several signatures, an empty
+    ``payloadType`` or ``sig``, non-canonical base64) returns None and takes the general
+    path, which gives the precise error.
+    """
+    if not data.startswith(_C_HEAD):
+        return None
+    a = len(_C_HEAD)
+    b = data.find(b'"', a)
+    if b < 0 or not data.startswith(_C_TYPE, b):
+        return None
+    c = b + len(_C_TYPE)
+    d = data.find(b'"', c)
+    if d <= c or not data.startswith(_C_KEYID, d):
+        return None
+    e = d + len(_C_KEYID)
+    f = data.find(b'"', e)
+    if f < 0 or not data.startswith(_C_SIG, f):
+        return None
+    g = f + len(_C_SIG)
+    h = data.find(b'"', g)
+    if h <= g or len(data) != h + len(_C_TAIL) or not data.endswith(_C_TAIL):
+        return None
+    ptype, keyid = data[c:d], data[e:f]
+    if _PLAIN_BYTES.fullmatch(ptype) is None or _PLAIN_BYTES.fullmatch(keyid) is None:
+        return None
+    p64, s64 = data[a:b], data[g:h]
+    try:
+        payload = binascii.a2b_base64(p64, strict_mode=True)
+        sig = binascii.a2b_base64(s64, strict_mode=True)
+    except binascii.Error:
+        return None
+    if not (_b64_canonical(p64) and _b64_canonical(s64)):
+        return None
+    return Envelope(payload, ptype.decode("ascii"), (Signature(keyid.decode("ascii"), sig),))
+
+
+def parse_envelope(data: bytes) -> tuple[Envelope, bytes]:
+    """Parse DSSE JSON bytes into the envelope and its canonical JSON (the Merkle leaf data).
+
+    Canonical input (the common case) is recognised in one pass and is its own canonical
+    form; anything else is parsed as JSON and re-encoded. Raises
+    :class:`EnvelopeFormatError` exactly as :meth:`Envelope.from_bytes` does.
+    """
+    if len(data) > 4 * MAX_ENVELOPE_BYTES:
+        raise EnvelopeFormatError(f"envelope is {len(data)} bytes; far over the size limit")
+    env = _parse_canonical(data)
+    if env is not None:
+        return env, data
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise EnvelopeFormatError(f"envelope is not JSON: {e}") from e
+    env = Envelope.from_json(obj)
+    try:
+        return env, env.canonical()
+    except FormatError as e:  # e.g. a lone surrogate, which json.loads lets through
+        raise EnvelopeFormatError(f"envelope: {e}") from e
 
 
 def sign(payload: bytes, payload_type: str, key: PrivateKey) -> Envelope:

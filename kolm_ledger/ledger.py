@@ -9,10 +9,16 @@ Appending an envelope:
 5. checks the key's role may sign that kind and the key is valid now;
 6. sequences it under the storage lock: extends the hash chain and the Merkle tree,
    and signs one checkpoint per batch (never one inconsistent with the last);
-7. with ``witnesses`` configured, collects their C2SP cosignatures on that checkpoint
-   before committing (:mod:`kolm_ledger.witness`): under ``witness_policy="required"`` a
-   witness that fails fails the batch and nothing is written; under ``"best-effort"``
-   the checkpoint is published with the cosignatures that came back.
+7. with ``witnesses`` configured, once the batch (entries and log-signed checkpoint)
+   has committed, offers the newest committed checkpoint to each witness
+   (:mod:`kolm_ledger.witness`) and appends the cosignatures that come back to
+   ``checkpoint_cosignatures``; readers serve the checkpoint with them. A witness
+   therefore only ever sees checkpoints the log committed. Under
+   ``witness_policy="required"`` the append returns only once every witness cosigned
+   (otherwise :class:`UnavailableError`: the entries stay committed, and a retry is a
+   duplicate that waits for the cosignatures again); under ``"best-effort"`` the
+   checkpoint is served with the cosignatures that came back. Opening a ledger
+   re-offers its newest checkpoint (a crash may have come between commit and cosigning).
 
 Example::
 
@@ -34,13 +40,14 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ._crypto import PrivateKey
 from .bundle import Bundle
 from .checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint, verify_checkpoint
-from .dsse import MAX_ENVELOPE_BYTES, Envelope, verify_signature
+from .dsse import MAX_ENVELOPE_BYTES, Envelope, parse_envelope, verify_signature
 from .errors import (
     ConflictError,
     EntryTooLargeError,
@@ -55,11 +62,11 @@ from .errors import (
     UnknownKeyError,
 )
 from .keys import TrustedKey, TrustRoot
-from .merkle import NodeID, consistency_proof
-from .note import Note, NoteSignature, NoteSigner
+from .merkle import consistency_proof
+from .note import NoteSignature, NoteSigner
 from .receipts import Statement
-from .storage import Entry, NewEntry, Store, StoredCheckpoint, micros
-from .storage.repository import Head
+from .storage import Entry, Store, StoredCheckpoint, micros
+from .storage.repository import Head, LeafHashExists, SequencingTx
 from .tlogproof import TlogProof
 from .trust import TrustState
 from .witness import WitnessConflict, add_checkpoint
@@ -69,6 +76,8 @@ log = logging.getLogger("kolm.ledger")
 __all__ = ["Appended", "Ledger", "Validated", "chain_next"]
 
 Clock = Callable[[], datetime]
+
+_MIN_CHUNK = 64  # fewer envelopes per thread than this are not worth a hand-off
 
 
 def chain_next(prev: bytes, leaf_hash: bytes) -> bytes:
@@ -104,12 +113,14 @@ def _parse(envelope: Envelope | bytes | Mapping[str, object]) -> tuple[Envelope,
             raise EntryTooLargeError(
                 f"entry is {len(envelope)} bytes; the ledger accepts at most {MAX_ENVELOPE_BYTES}"
             )
-        envelope = Envelope.from_bytes(bytes(envelope))
-    elif isinstance(envelope, Mapping):
-        envelope = Envelope.from_json(dict(envelope))
-    if not isinstance(envelope, Envelope):
-        raise EnvelopeFormatError(f"want a DSSE envelope, got {type(envelope).__name__}")
-    canonical = envelope.canonical()
+        # canonical input (the usual case) is its own leaf data: one pass, no JSON parse
+        envelope, canonical = parse_envelope(bytes(envelope))
+    else:
+        if isinstance(envelope, Mapping):
+            envelope = Envelope.from_json(dict(envelope))
+        if not isinstance(envelope, Envelope):
+            raise EnvelopeFormatError(f"want a DSSE envelope, got {type(envelope).__name__}")
+        canonical = envelope.canonical()
     if len(canonical) > MAX_ENVELOPE_BYTES:
         raise EntryTooLargeError(
             f"entry is {len(canonical)} bytes (canonical JSON); the ledger accepts at most "
@@ -122,7 +133,10 @@ class Ledger:
     """Validates and sequences receipts into one store; signs checkpoints with the log key.
 
     Requires ``log_key`` to be an Ed25519 key listed in ``trust`` as a ``log`` key;
-    the checkpoint origin is that key's origin.
+    the checkpoint origin is that key's origin. ``verify_threads`` > 1 lets
+    :meth:`append` validate a batch on that many threads (signature verification runs
+    with the GIL released, so on that many cores); the default validates on the caller's
+    thread.
     """
 
     def __init__(
@@ -136,7 +150,13 @@ class Ledger:
         witnesses: Sequence[str] = (),
         witness_policy: str = "best-effort",
         witness_timeout: float = 5.0,
+        verify_threads: int = 1,
     ) -> None:
+        if verify_threads < 1:
+            raise InvalidInput(f"verify_threads {verify_threads}, want at least 1")
+        # cryptography verifies with the GIL released, so threads verify in parallel
+        self.verify_threads = verify_threads
+        self._verify_pool: ThreadPoolExecutor | None = None
         if witness_policy not in ("required", "best-effort"):
             raise InvalidInput(
                 f"witness_policy {witness_policy!r}, want 'required' or 'best-effort'"
@@ -146,6 +166,9 @@ class Ledger:
         self.witness_timeout = witness_timeout
         # the size each witness last cosigned, as far as we know (re-synced from its 409)
         self._witness_sizes: dict[str, int] = {}
+        # the checkpoint size whose cosignature by each witness this process stored
+        self._cosigned: dict[str, int] = {}
+        self._witness_lock = threading.Lock()  # one offer round at a time, in size order
         self.store = store
         self._clock = clock or (lambda: datetime.now(UTC))
         try:
@@ -162,14 +185,28 @@ class Ledger:
         self._trust_lock = threading.Lock()
         self._trust_seen = -1
         self._verified_note: bytes | None = None
+        # look leaf hashes up before inserting (set while batches bring duplicates)
+        self._look_up = False
+        self._in_tx = threading.local()  # .tx: the sequencing transaction of this thread
         self.refresh_trust()
+        if self.witnesses:
+            self.offer_latest_checkpoint()
 
     # ---- trust -------------------------------------------------------------------------
 
     def refresh_trust(self) -> None:
-        """Fold key receipts sequenced since the last refresh (by any replica) into the trust state."""
+        """Fold key receipts sequenced since the last refresh (by any replica) into the trust state.
+
+        Called under the sequencer lock by :meth:`append_validated`, it reads on that
+        transaction's connection (this thread's only) instead of taking another one.
+        """
+        tx: SequencingTx | None = getattr(self._in_tx, "tx", None)
         with self._trust_lock:
-            for e in self.store.find(kind="key", after_index=self._trust_seen, limit=1_000_000):
+            if tx is not None:
+                found: Sequence[Entry] = tx.entries_of_kind("key", self._trust_seen)
+            else:
+                found = self.store.find(kind="key", after_index=self._trust_seen, limit=1_000_000)
+            for e in found:
                 st = Statement.from_envelope(Envelope.from_bytes(e.envelope))
                 self.trust = self.trust.apply(st, e.integrated_at)
                 self._trust_seen = e.index
@@ -184,6 +221,21 @@ class Ledger:
         self, envelope: Envelope | bytes | Mapping[str, object], now: datetime | None = None
     ) -> Validated:
         """Run checks (1)-(5) of the module docstring; raises the specific error."""
+        return self._validate(envelope, now, self.trust, None)
+
+    def _validate(
+        self,
+        envelope: Envelope | bytes | Mapping[str, object],
+        now: datetime | None,
+        trust: TrustState,
+        passed: dict[tuple[str, str], TrustedKey] | None,
+    ) -> Validated:
+        """:meth:`validate` against ``trust``.
+
+        ``passed`` (one batch: same ``trust``, same ``now``) remembers the keys that
+        passed checks (3) and (5) for a (key id, kind); those checks depend on nothing
+        else, so the next receipt of that pair skips straight to its own signature (4).
+        """
         # (1)+(2) size, then parse
         try:
             env, canonical = _parse(envelope)
@@ -199,18 +251,24 @@ class Ledger:
                 f"receipt envelope has {len(env.signatures)} signatures, want exactly 1"
             )
         keyid = env.signatures[0].keyid
-        # (3) key in the trust state
-        key = self.trust.get(keyid)
-        # (4) signature
-        verify_signature(env, key.public_key)
-        # (5) role and validity
-        key.check_may_sign(kind)
-        now = now or self._clock()
-        key.check_valid_at(now)
-        if kind == "key":
-            # a key receipt that does not apply to the trust state must be refused here:
-            # once committed it would break every later refresh_trust (and every reopen)
-            self.trust.apply(st, now)
+        key = passed.get((keyid, kind)) if passed is not None else None
+        if key is not None:
+            verify_signature(env, key.public_key)  # (4); (3) and (5) passed for this pair
+        else:
+            # (3) key in the trust state
+            key = trust.get(keyid)
+            # (4) signature
+            verify_signature(env, key.public_key)
+            # (5) role and validity
+            key.check_may_sign(kind)
+            now = now or self._clock()
+            key.check_valid_at(now)
+            if kind == "key":
+                # a key receipt that does not apply to the trust state must be refused here:
+                # once committed it would break every later refresh_trust (and every reopen)
+                trust.apply(st, now)
+            elif passed is not None:
+                passed[(keyid, kind)] = key
         leaf = hashlib.sha256(b"\x00" + canonical).digest()
         return Validated(env, canonical, leaf, st, kind, keyid)
 
@@ -223,9 +281,55 @@ class Ledger:
         an envelope already in the log returns its existing index (``duplicate=True``).
         """
         now = self._clock()
-        items = [self.validate(e, now) for e in envelopes]
+        trust = self.trust
+        passed: dict[tuple[str, str], TrustedKey] = {}
+        if self.verify_threads > 1 and len(envelopes) >= 2 * _MIN_CHUNK:
+            items = self._validate_threaded(envelopes, now, trust, passed)
+        else:
+            items = [self._validate(e, now, trust, passed) for e in envelopes]
         results, _ = self.append_validated(items)
         return [r for r in results if isinstance(r, Appended)]
+
+    def _validate_threaded(
+        self,
+        envelopes: Sequence[Envelope | bytes | Mapping[str, object]],
+        now: datetime,
+        trust: TrustState,
+        passed: dict[tuple[str, str], TrustedKey],
+    ) -> list[Validated]:
+        """:meth:`_validate` every envelope, in ``verify_threads`` contiguous chunks at once.
+
+        Raises the error of the first invalid envelope in order, as the sequential loop
+        does: each chunk stops at its first error, and every chunk before the first
+        failing one validated completely.
+        """
+        n = min(self.verify_threads, len(envelopes) // _MIN_CHUNK)
+        step = -(-len(envelopes) // n)
+        chunks = [envelopes[i : i + step] for i in range(0, len(envelopes), step)]
+
+        def run(
+            chunk: Sequence[Envelope | bytes | Mapping[str, object]],
+        ) -> tuple[list[Validated], BaseException | None]:
+            out: list[Validated] = []
+            try:
+                for e in chunk:
+                    out.append(self._validate(e, now, trust, passed))
+            except Exception as err:  # re-raised below, in envelope order
+                return out, err
+            return out, None
+
+        if self._verify_pool is None:
+            self._verify_pool = ThreadPoolExecutor(
+                self.verify_threads - 1, thread_name_prefix="kolm-verify"
+            )
+        futures = [self._verify_pool.submit(run, c) for c in chunks[1:]]
+        done = [run(chunks[0]), *(f.result() for f in futures)]
+        items: list[Validated] = []
+        for out, err in done:
+            if err is not None:
+                raise err
+            items.extend(out)
+        return items
 
     def append_validated(
         self, items: Sequence[Validated], *, skip_refused: bool = False
@@ -237,121 +341,199 @@ class Ledger:
         receipts of this batch in order — so a revocation always wins over entries after
         it. A refused item raises (nothing is written), or with ``skip_refused`` takes
         its error in the result list while the others are written.
+
+        Entries are inserted without looking their leaf hashes up first; if one is
+        already in the log the unique constraint refuses the insert, the transaction rolls
+        back, and the batch is sequenced again with the look-up (so a duplicate still
+        returns its existing index, at the price of a second transaction).
         """
         if not items:
             return [], None
-        now = self._clock()
-        now_us = micros(now)
-        results: list[Appended | KolmError] = []
-        with self.store.sequencing() as tx:
-            self.refresh_trust()
-            state = self.trust
-            head = tx.head()
-            self._check_last_checkpoint(tx.latest_checkpoint(), head)
-            existing = tx.existing([v.leaf_hash for v in items])
-            peaks = head.peaks
-            chain = head.chain_head
-            size = head.size
-            new: list[NewEntry] = []
-            nodes: list[tuple[int, int, bytes]] = []
-            batch_seen: dict[bytes, int] = {}
-            key_receipts: list[Statement] = []
-            for v in items:
-                known = existing.get(v.leaf_hash, batch_seen.get(v.leaf_hash))
-                if known is not None:
-                    results.append(Appended(known, v.leaf_hash, now, True))
-                    continue
-                try:
-                    key = state.get(v.key_id)
-                    key.check_may_sign(v.kind)
-                    key.check_valid_at(now)
-                    if v.kind == "key":
-                        state = state.apply(v.statement, now)
-                except KolmError as e:
-                    if not skip_refused:
-                        raise
-                    results.append(e)
-                    continue
-                chain = chain_next(chain, v.leaf_hash)
-                nodes.extend(peaks.append(v.leaf_hash))
-                new.append(
-                    NewEntry(
-                        size,
-                        v.leaf_hash,
-                        chain,
-                        v.kind,
-                        v.key_id,
-                        now_us,
-                        v.canonical,
-                        tuple(v.statement.subject_digests()),
-                    )
-                )
-                batch_seen[v.leaf_hash] = size
-                results.append(Appended(size, v.leaf_hash, now, False))
-                if v.kind == "key":
-                    key_receipts.append(v.statement)
-                size += 1
-            signed: SignedCheckpoint | None = None
-            stored: StoredCheckpoint | None = None
-            if new:
-                cp = Checkpoint(self.origin, size, peaks.root(), chain)
-                signed = sign_checkpoint(cp, self._signers)
-                if self.witnesses:
-                    signed = self._cosign(signed, new, nodes)
-                stored = StoredCheckpoint(size, cp.root, chain, signed.to_bytes(), now)
-            tx.write(new, nodes, stored, Head(size, peaks, chain))
+        try:
+            results, signed, key_receipts = self._sequence(items, skip_refused, self._look_up)
+        except LeafHashExists:
+            # an item is already in the log: nothing was written; sequence the batch again,
+            # looking its leaf hashes up first (and keep doing so while duplicates come)
+            results, signed, key_receipts = self._sequence(items, skip_refused, True)
         if signed is not None:
             self._verified_note = signed.to_bytes()  # ours, just committed: no need to re-verify
         if key_receipts:
             self.refresh_trust()
+        if self.witnesses:  # step 7, after the commit: witnesses see committed checkpoints only
+            signed = self._cosign(signed)
         return results, signed
 
-    def _cosign(
-        self,
-        signed: SignedCheckpoint,
-        new: Sequence[NewEntry],
-        nodes: Sequence[tuple[int, int, bytes]],
-    ) -> SignedCheckpoint:
-        """Add each witness's cosignatures to ``signed`` (step 7 of the module docstring)."""
-        pending: dict[NodeID, bytes] = {(lv, i): h for lv, i, h in nodes}
-        pending.update({(0, e.index): e.leaf_hash for e in new})
+    def _sequence(
+        self, items: Sequence[Validated], skip_refused: bool, look_up: bool
+    ) -> tuple[list[Appended | KolmError], SignedCheckpoint | None, list[Statement]]:
+        """One sequencing transaction (step 6) for :meth:`append_validated`.
 
-        def get_nodes(ids: Sequence[NodeID]) -> list[bytes]:
-            # nodes of this batch are not committed yet; older ones are
-            missing = [i for i in ids if i not in pending]
-            got = dict(zip(missing, self.store.get_nodes(missing), strict=True)) if missing else {}
-            return [pending[i] if i in pending else got[i] for i in ids]
-
-        sigs: list[NoteSignature] = list(signed.note.signatures)
-        for url in self.witnesses:
+        ``look_up`` reads which leaf hashes are already in the log before sequencing;
+        without it the entries are inserted first and the unique leaf-hash constraint
+        raises :class:`LeafHashExists` (rolling everything back) if one already is — the
+        common all-new batch saves a query per 500 entries.
+        """
+        now = self._clock()
+        now_us = micros(now)
+        results: list[Appended | KolmError] = []
+        key_receipts: list[Statement] = []
+        signed: SignedCheckpoint | None = None
+        with self.store.sequencing() as tx:
+            # key receipts committed by any replica since the last refresh
+            self._in_tx.tx = tx
             try:
-                sigs.extend(self._witness_one(url, signed, get_nodes))
-            except KolmError as e:
-                if self.witness_policy == "required":
-                    raise UnavailableError(
-                        f"witness {url} did not cosign checkpoint {signed.checkpoint.size}: {e}"
-                    ) from e
-                log.warning("witness %s did not cosign: %s", url, e)
-        return SignedCheckpoint(signed.checkpoint, Note(signed.note.text, tuple(sigs)))
+                self.refresh_trust()
+            finally:
+                self._in_tx.tx = None
+            state = self.trust
+            head = tx.head()
+            self._check_last_checkpoint(tx.latest_checkpoint(), head)
+            # leaf hash -> index, of the log (when looked up) and of this batch so far
+            seen = tx.existing([v.leaf_hash for v in items]) if look_up else {}
+            self._look_up = bool(seen)
+            peaks = head.peaks
+            chain = head.chain_head
+            size = head.size
+            subjects: list[tuple[str, int]] = []
+            nodes: list[tuple[int, int, bytes]] = []
+            # (key id, kind) pairs whose key checks passed against ``state`` at ``now``
+            passed: set[tuple[str, str]] = set()
+            sha256 = hashlib.sha256
+            # rows stream to the database as they are made (PostgreSQL inserts meanwhile);
+            # LeafHashExists at the end of the block if one is already stored
+            with tx.entry_writer() as put:
+                for v in items:
+                    leaf = v.leaf_hash
+                    known = seen.get(leaf)
+                    if known is not None:
+                        results.append(Appended(known, leaf, now, True))
+                        continue
+                    kind = v.kind
+                    if kind == "key" or (v.key_id, kind) not in passed:
+                        try:
+                            key = state.get(v.key_id)
+                            key.check_may_sign(kind)
+                            key.check_valid_at(now)
+                            if kind == "key":
+                                state = state.apply(v.statement, now)
+                                passed.clear()  # a new trust state: check every pair again
+                            else:
+                                passed.add((v.key_id, kind))
+                        except KolmError as e:
+                            if not skip_refused:
+                                raise
+                            results.append(e)
+                            continue
+                    chain = sha256(b"\x02" + chain + leaf).digest()  # chain_next, inlined
+                    nodes += peaks.append(leaf)
+                    put((size, leaf, chain, kind, v.key_id, now_us, v.canonical))
+                    subs = v.statement.subjects
+                    if len(subs) == 1:
+                        subjects.append((subs[0].sha256, size))
+                    else:
+                        subjects.extend((d, size) for d in sorted({s.sha256 for s in subs}))
+                    seen[leaf] = size
+                    results.append(Appended(size, leaf, now, False))
+                    if kind == "key":
+                        key_receipts.append(v.statement)
+                    size += 1
+            stored: StoredCheckpoint | None = None
+            if size > head.size:
+                cp = Checkpoint(self.origin, size, peaks.root(), chain)
+                signed = sign_checkpoint(cp, self._signers)
+                stored = StoredCheckpoint(size, cp.root, chain, signed.to_bytes(), now)
+            tx.finish(nodes, stored, Head(size, peaks, chain), subjects)
+        return results, signed, key_receipts
 
-    def _witness_one(
-        self,
-        url: str,
-        signed: SignedCheckpoint,
-        get_nodes: Callable[[Sequence[NodeID]], list[bytes]],
-    ) -> list[NoteSignature]:
+    def offer_latest_checkpoint(self) -> SignedCheckpoint | None:
+        """Offer the newest committed checkpoint to the witnesses that have not cosigned it.
+
+        Runs when the ledger opens (a crash between a commit and its cosignatures leaves
+        that checkpoint uncosigned). Failures are logged, not raised. Returns the
+        checkpoint with every cosignature stored for it, or None for an empty log.
+        """
+        try:
+            return self._collect_cosignatures(strict=False)
+        except KolmError as e:
+            log.warning("offering the newest checkpoint to witnesses failed: %s", e)
+            return None
+
+    def _cosign(self, signed: SignedCheckpoint | None) -> SignedCheckpoint | None:
+        """Step 7 of the module docstring, after the batch committed ``signed``.
+
+        ``signed`` is None when the batch added nothing (only duplicates): under
+        ``"required"`` the newest checkpoint must still be cosigned before the duplicates
+        are acknowledged (a retry after a witness failed); under ``"best-effort"`` nobody
+        is asked.
+        """
+        if signed is None and self.witness_policy != "required":
+            return None
+        out = self._collect_cosignatures(strict=self.witness_policy == "required")
+        return out if out is not None else signed
+
+    def _collect_cosignatures(self, *, strict: bool) -> SignedCheckpoint | None:
+        """Offer the newest committed checkpoint to each witness; store what comes back.
+
+        With ``strict``, raises :class:`UnavailableError` unless every witness has
+        cosigned it (the cosignatures that did come back are stored either way).
+        """
+        with self._witness_lock:
+            failed: dict[str, KolmError] = {}
+            latest: StoredCheckpoint | None = None
+            for _ in range(3):  # again if another replica committed (and offered) a newer one
+                latest = self.store.latest_checkpoint()
+                if latest is None:
+                    return None
+                signed = SignedCheckpoint.from_bytes(latest.note)
+                size, ahead = latest.size, False
+                failed.clear()
+                got: dict[str, list[NoteSignature]] = {}
+                for url in self.witnesses:
+                    if self._cosigned.get(url) == size:
+                        continue
+                    try:
+                        got[url] = self._witness_one(url, signed)
+                    except WitnessConflict as e:
+                        ahead = ahead or e.size > size
+                        failed[url] = e
+                    except KolmError as e:
+                        failed[url] = e
+                if got:  # one short write for all of them, then serve what is stored
+                    sigs = [(g.name, g.key_id, g.sig) for gs in got.values() for g in gs]
+                    self.store.add_cosignatures(size, sigs, self._clock())
+                    self._cosigned.update(dict.fromkeys(got, size))
+                    latest = self.store.checkpoint_at(size)
+                if not ahead:
+                    break
+            assert latest is not None
+            for url, err in failed.items():
+                log.warning("witness %s did not cosign checkpoint %d: %s", url, latest.size, err)
+            if strict and failed:
+                url, err = next(iter(failed.items()))
+                raise UnavailableError(
+                    f"witness {url} did not cosign checkpoint {latest.size}: {err} (the entries "
+                    "are committed; retrying the append waits for the cosignatures again)"
+                )
+            return SignedCheckpoint.from_bytes(latest.note)
+
+    def _witness_one(self, url: str, signed: SignedCheckpoint) -> list[NoteSignature]:
+        """One witness's cosignatures on ``signed`` (committed: its nodes are in the store).
+
+        Raises :class:`WitnessConflict` (its ``size`` beyond ``signed``) when the witness
+        has already cosigned a larger checkpoint.
+        """
         size = signed.checkpoint.size
         old = self._witness_sizes.get(url, 0)
         for _ in range(2):  # once more after a 409 tells us the witness's size
             if old > size:
-                raise ConflictError(f"witness {url} has cosigned size {old}, beyond {size}")
-            proof = [] if old in (0, size) else consistency_proof(old, size, get_nodes)
+                raise WitnessConflict(f"witness {url} has cosigned size {old}, beyond {size}", old)
+            proof = [] if old in (0, size) else consistency_proof(old, size, self.store.get_nodes)
             try:
                 out = add_checkpoint(
                     url, old, proof, signed.to_bytes(), timeout=self.witness_timeout
                 )
             except WitnessConflict as c:
-                old = c.size
+                old = self._witness_sizes[url] = c.size
                 continue
             self._witness_sizes[url] = size
             return out

@@ -373,11 +373,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, ct, body)
 
     def _send(self, status: int, ct: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ct)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ct)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            # the log went away mid-request (killed, timed out). Our state is persisted
+            # already; the log re-offers its newest checkpoint and gets the cosignature again
+            self.close_connection = True
 
     def log_message(self, format: str, *args: object) -> None:  # quiet by default
         pass

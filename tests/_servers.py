@@ -1,14 +1,15 @@
-"""Real servers for tests: a ledger service on its own event loop in a thread."""
+"""Real servers for tests: a ledger service, or any kolm service, on its own loop in a thread."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kolm_ledger.keys import PrivateKey, TrustRoot
 
-__all__ = ["LedgerThread"]
+__all__ = ["LedgerThread", "ServiceThread"]
 
 
 class LedgerThread:
@@ -47,6 +48,54 @@ class LedgerThread:
 
     def close(self) -> None:
         self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class ServiceThread:
+    """A started kolm service (``.port``, ``async stop(grace)``) on its own event loop in a thread.
+
+    ``starter`` is called on that loop and returns the coroutine that starts the service,
+    e.g. ``lambda: kolm_compile.service.start(runner)``.
+    """
+
+    def __init__(self, starter: Callable[[], Awaitable[Any]], timeout: float = 120) -> None:
+        import grpc
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def go() -> Any:
+            return await starter()
+
+        self.srv = self.run(go(), timeout)
+        self.port: int = self.srv.port
+        # a client that can send more than the servers accept (to provoke RESOURCE_EXHAUSTED)
+        self.channel = grpc.insecure_channel(
+            self.target, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def serving(self, service: str) -> bool:
+        """Whether the gRPC health check says ``service`` is SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        r = health_pb2_grpc.HealthStub(self.channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10
+        )
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def close(self, grace: float = 0.5) -> None:
+        self.channel.close()
+        self.run(self.srv.stop(grace), 120)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()

@@ -162,7 +162,7 @@ def test_migrations_create_the_schema(db_url: str, store: Store) -> None:
         tuple(ix["column_names"]) for ix in insp.get_indexes("entries") if ix["unique"]
     }
     with store.engine.connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
         if store.dialect == "sqlite":
             names = {
                 r[0]

@@ -190,20 +190,26 @@ def test_ledger_collects_cosignatures_and_verify_enforces_policy(
         args = ["verify", str(tmp_path / "b.json"), "--trust", str(keys.dir / "trust.json")]
         assert kolm_main([*args, "--witnesses", str(tmp_path / "w.txt")]) == 0
         capsys.readouterr()
-        # required, and one witness is down: the batch fails and nothing is written
+        # required, and one witness is down: the append fails (UNAVAILABLE) but its
+        # entries are committed, with the cosignature that did come back
         servers[1].shutdown()
         servers[1].server_close()
         size = led.size
         refused = label_env(keys.compile, 100)
-        with pytest.raises(UnavailableError, match="did not cosign"):
+        with pytest.raises(UnavailableError, match="did not cosign checkpoint 12"):
             led.append([refused])
-        assert led.size == size
+        assert led.size == size + 1
+        # a retry is a duplicate that waits for the cosignatures again (and fails again)
+        with pytest.raises(UnavailableError, match="did not cosign checkpoint 12"):
+            led.append([refused])
+        assert led.size == size + 1
         led.store.close()
-        # best-effort: published with the cosignatures that came back. The refused batch
-        # is retried as is: witness 0 already cosigned that exact checkpoint (the root and
-        # chain depend only on the leaves), so it cosigns it again
+        # best-effort: the retried append is acknowledged as a duplicate; the checkpoint
+        # is served with the one cosignature that came back
         led = Ledger(Store(db), keys.trust, keys.log, witnesses=urls, witness_policy="best-effort")
-        led.append([refused])
+        (dup,) = led.append([refused])
+        assert dup.duplicate and dup.index == size
+        assert len(led.checkpoint().note.signatures) == 2
         (tmp_path / "b2.json").write_bytes(led.bundle(size).to_bytes())
         led.store.close()
         with pytest.raises(CheckpointError, match=r"1 valid witness cosignature.*want at least 2"):
@@ -307,3 +313,183 @@ def test_witness_serve_process(tmp_path: Path, keys: Keys) -> None:  # noqa: F81
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+# ---- the witness wedge (issue #6) -------------------------------------------------------
+
+
+def _witness_state(path: Path) -> tuple[int, bytes]:
+    s = json.loads(path.read_text())[ORIGIN]
+    return int(s["size"]), base64.b64decode(s["root"])
+
+
+def test_a_batch_lost_before_commit_never_wedges_a_witness(
+    tmp_path: Path,
+    keys: Keys,  # noqa: F811
+) -> None:
+    """The wedge: a witness cosigned size N, then the batch's commit failed (a crash, a lost
+    connection). If the witness saw that checkpoint, the next, different batch at size N
+    is a fork to it and it refuses the log forever. Cosigning after the commit means a
+    witness only ever sees checkpoints the log committed."""
+    import sqlalchemy as sa
+
+    from kolm_ledger.errors import StorageError
+
+    urls, cosigners, servers = _witnesses(tmp_path, keys, 1)
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    try:
+        led = Ledger(Store(db), keys.trust, keys.log, witnesses=urls, witness_policy="required")
+        led.append([label_env(keys.compile, 0)])
+        fail = [True]
+
+        def connection_lost_at_commit(conn: object) -> None:
+            if fail:
+                fail.clear()
+                raise StorageError("ledger write failed: server closed the connection")
+
+        sa.event.listen(led.store.engine, "commit", connection_lost_at_commit)
+        with pytest.raises(StorageError):
+            led.append([label_env(keys.compile, 1), label_env(keys.compile, 2)])
+        sa.event.remove(led.store.engine, "commit", connection_lost_at_commit)
+        assert led.size == 1
+        # a different batch that reaches the same size (3): accepted and cosigned
+        led.append([label_env(keys.compile, 3), label_env(keys.compile, 4)])
+        led.append([label_env(keys.compile, 5)])
+        assert led.size == 4
+        vs = [c.verifier() for c in cosigners]
+        assert verify_bundle(led.bundle(2), keys.trust, witnesses=vs, min_witnesses=1).index == 2
+        # the witness holds exactly the log's newest committed checkpoint
+        assert _witness_state(tmp_path / "w0.json") == (4, led.checkpoint().checkpoint.root)
+        led.store.close()
+    finally:
+        servers[0].shutdown()
+        servers[0].server_close()
+
+
+def test_a_crash_between_commit_and_cosigning_is_healed_when_the_ledger_opens(
+    tmp_path: Path,
+    keys: Keys,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch committed, then the process died before any witness was asked: the
+    newest checkpoint has no cosignature. Opening the ledger offers it again."""
+    import kolm_ledger.ledger as ledger_module
+
+    urls, cosigners, servers = _witnesses(tmp_path, keys, 2)
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    vs = [c.verifier() for c in cosigners]
+    try:
+        led = Ledger(Store(db), keys.trust, keys.log, witnesses=urls, witness_policy="required")
+        led.append([label_env(keys.compile, 0)])
+
+        def killed(*a: object, **kw: object) -> None:
+            raise SystemExit("kill -9")  # not a KolmError: nothing after it runs
+
+        monkeypatch.setattr(ledger_module, "add_checkpoint", killed)
+        with pytest.raises(SystemExit):
+            led.append([label_env(keys.compile, 1), label_env(keys.compile, 2)])
+        monkeypatch.undo()
+        led.store.close()
+        store = Store(db)
+        assert store.size() == 3  # committed before any witness was asked
+        assert verify_cosignatures(Note.from_bytes(store.latest_checkpoint().note), vs) == []
+        store.close()
+        assert _witness_state(tmp_path / "w0.json")[0] == 1
+        # the restarted ledger re-offers its newest checkpoint to both witnesses
+        led = Ledger(Store(db), keys.trust, keys.log, witnesses=urls, witness_policy="required")
+        root = led.checkpoint().checkpoint.root
+        for i in range(2):
+            assert _witness_state(tmp_path / f"w{i}.json") == (3, root)
+        assert verify_bundle(led.bundle(2), keys.trust, witnesses=vs, min_witnesses=2).index == 2
+        led.store.close()
+        # opened again, it offers the checkpoint again and each witness cosigns again; the
+        # store keeps one cosignature per witness and size
+        led = Ledger(Store(db), keys.trust, keys.log, witnesses=urls, witness_policy="required")
+        assert len(led.checkpoint().note.signatures) == 3
+        led.store.close()
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
+def test_cosignatures_are_stored_append_only(
+    tmp_path: Path,
+    db_url: str,
+    keys: Keys,  # noqa: F811
+) -> None:
+    """One row per checkpoint size and witness key; the database refuses UPDATE and DELETE
+    (and TRUNCATE on PostgreSQL), like the log's own tables."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    from kolm_ledger.storage.models import COSIGNATURE_TABLE
+
+    urls, _, servers = _witnesses(tmp_path, keys, 2)
+    try:
+        led = Ledger(Store(db_url), keys.trust, keys.log, witnesses=urls, witness_policy="required")
+        led.append([label_env(keys.compile, 0)])
+        led.append([label_env(keys.compile, 1), label_env(keys.compile, 2)])
+        led.store.close()
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    eng = sa.create_engine(db_url, poolclass=NullPool)
+    try:
+        with eng.connect() as c:
+            rows = c.execute(sa.text(f"SELECT size, name FROM {COSIGNATURE_TABLE}")).all()
+        assert sorted(rows) == [(1, "witness.test/w0"), (1, "witness.test/w1"),
+                                (3, "witness.test/w0"), (3, "witness.test/w1")]  # fmt: skip
+        ops = [
+            ("UPDATE", f"UPDATE {COSIGNATURE_TABLE} SET signature = signature"),
+            ("DELETE", f"DELETE FROM {COSIGNATURE_TABLE}"),
+        ]
+        if eng.dialect.name == "postgresql":
+            ops.append(("TRUNCATE", f"TRUNCATE {COSIGNATURE_TABLE}"))
+        for op, sql in ops:
+            with eng.connect() as c, pytest.raises(sa.exc.DBAPIError) as ei:
+                c.execute(sa.text(sql))
+                c.commit()
+            assert f"kolm: {COSIGNATURE_TABLE} is append-only ({op} refused)" in str(ei.value.orig)
+    finally:
+        eng.dispose()
+
+
+def test_replicas_offer_the_newest_committed_checkpoint(
+    tmp_path: Path,
+    keys: Keys,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two ledgers on one database, one witness: cosigning happens outside the sequencer
+    lock, so a replica can find the witness already past the checkpoint it read. It then
+    offers the newest committed one instead (no fork, no refusal)."""
+    urls, cosigners, servers = _witnesses(tmp_path, keys, 1)
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    vs = [c.verifier() for c in cosigners]
+    try:
+        a = Ledger(Store(db), keys.trust, keys.log, witnesses=urls, witness_policy="required")
+        b = Ledger(Store(db), keys.trust, keys.log, witnesses=urls, witness_policy="required")
+        a.append([label_env(keys.compile, 0)])
+        b.append([label_env(keys.compile, 1), label_env(keys.compile, 2)])
+        a.store.close()
+        # replica a committed size 4 and read "latest" just before b committed size 6 and
+        # had it cosigned
+        a = Ledger(Store(db), keys.trust, keys.log, witnesses=urls, witness_policy="required")
+        monkeypatch.setattr(a, "_cosign", lambda signed: signed)
+        a.append([label_env(keys.compile, 3)])
+        stale = a.store.latest_checkpoint()
+        b.append([label_env(keys.compile, 4), label_env(keys.compile, 5)])
+        monkeypatch.undo()
+        reads = [stale]
+        real = a.store.latest_checkpoint
+        monkeypatch.setattr(a.store, "latest_checkpoint", lambda: reads.pop() if reads else real())
+        out = a._cosign(None)
+        assert out is not None and out.checkpoint.size == 6
+        assert verify_cosignatures(out.note, vs) == ["witness.test/w0"]
+        assert _witness_state(tmp_path / "w0.json")[0] == 6
+        a.store.close()
+        b.store.close()
+    finally:
+        servers[0].shutdown()
+        servers[0].server_close()

@@ -5,9 +5,12 @@
 ``entry_subjects`` subject digest → entry index, for provenance look-ups.
 ``nodes``          every completed interior Merkle node (level >= 1), keyed by
                    ``node_id = level * 2**48 + index``, so proofs cost O(log n) reads.
-``checkpoints``    every signed checkpoint, keyed by tree size.
+``checkpoints``    every signed checkpoint, keyed by tree size (the note as the log signed it).
+``checkpoint_cosignatures``
+                   witness cosignatures collected after a checkpoint committed, one row per
+                   (size, witness key); readers append them to the checkpoint's note.
 
-All four are append-only: there is no update or delete path in code, and the
+All five are append-only: there is no update or delete path in code, and the
 migration installs triggers that reject UPDATE and DELETE (and TRUNCATE on
 PostgreSQL).
 """
@@ -19,8 +22,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "APPEND_ONLY_TABLES",
+    "COSIGNATURE_TABLE",
     "Base",
     "CheckpointRow",
+    "CosignatureRow",
     "EntryRow",
     "NodeRow",
     "SubjectRow",
@@ -28,7 +33,10 @@ __all__ = [
 ]
 
 NODE_LEVEL_SHIFT = 48
+#: the log's tables (what an audit recomputes)
 APPEND_ONLY_TABLES = ("entries", "entry_subjects", "nodes", "checkpoints")
+#: witness cosignatures (revision 0002): append-only too, but outside the log's hashes
+COSIGNATURE_TABLE = "checkpoint_cosignatures"
 
 
 def node_id(level: int, index: int) -> int:
@@ -85,6 +93,17 @@ class CheckpointRow(Base):
     root: Mapped[bytes] = mapped_column(LargeBinary(32))
     chain_head: Mapped[bytes] = mapped_column(LargeBinary(32))
     note: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class CosignatureRow(Base):
+    """A witness cosignature on checkpoint ``size``, stored after that checkpoint committed."""
+
+    __tablename__ = "checkpoint_cosignatures"
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key_id: Mapped[bytes] = mapped_column(LargeBinary(4), primary_key=True)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[int] = mapped_column(BigInteger)
 
 

@@ -8,10 +8,11 @@ exactly one chain. Reads never lock.
 
 from __future__ import annotations
 
+import base64
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,28 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from ..errors import InvalidInput, NotFoundError, StorageError
+from ..errors import InvalidInput, KolmError, NotFoundError, StorageError
 from ..merkle import CompactRange, NodeID, consistency_proof, inclusion_proof, peak_ids
-from .models import CheckpointRow, EntryRow, NodeRow, SubjectRow, node_id
+from .models import (
+    NODE_LEVEL_SHIFT,
+    CheckpointRow,
+    CosignatureRow,
+    EntryRow,
+    NodeRow,
+    SubjectRow,
+    node_id,
+)
 
-__all__ = ["Entry", "Head", "NewEntry", "SequencingTx", "Store", "StoredCheckpoint"]
+__all__ = [
+    "Entry",
+    "EntryTuple",
+    "Head",
+    "LeafHashExists",
+    "NewEntry",
+    "SequencingTx",
+    "Store",
+    "StoredCheckpoint",
+]
 
 _ADVISORY_LOCK_KEY = 0x6B6F6C6D  # "kolm"
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -110,6 +128,76 @@ def _checkpoint(r: Any) -> StoredCheckpoint:
     )
 
 
+def _cosignature_line(name: str, key_id: bytes, sig: bytes) -> bytes:
+    # a signed-note signature line; not validated here: a malformed stored row makes the
+    # note fail to parse where it is verified (the audit names that checkpoint)
+    return f"\u2014 {name} {base64.b64encode(key_id + sig).decode()}\n".encode()
+
+
+def _with_cosignatures(conn: Connection, cps: list[StoredCheckpoint]) -> list[StoredCheckpoint]:
+    """``cps`` with the witness cosignatures stored for them appended to their notes.
+
+    A checkpoint commits with the log's signatures only; witnesses cosign it afterwards
+    (:meth:`Store.add_cosignatures`), so readers put the two together here.
+    """
+    if not cps:
+        return cps
+    sizes = [c.size for c in cps]
+    q = select(
+        CosignatureRow.size, CosignatureRow.name, CosignatureRow.key_id, CosignatureRow.signature
+    )
+    if len(sizes) == 1:
+        q = q.where(CosignatureRow.size == sizes[0])
+    else:
+        q = q.where(CosignatureRow.size >= min(sizes), CosignatureRow.size <= max(sizes))
+    lines: dict[int, list[bytes]] = {}
+    for size, name, kid, sig in conn.execute(
+        q.order_by(CosignatureRow.size, CosignatureRow.name, CosignatureRow.key_id)
+    ):
+        lines.setdefault(int(size), []).append(_cosignature_line(name, bytes(kid), bytes(sig)))
+    if not lines:
+        return cps
+    out = []
+    for c in cps:
+        extra = [ln for ln in lines.get(c.size, ()) if ln not in c.note]
+        out.append(replace(c, note=c.note + b"".join(extra)) if extra else c)
+    return out
+
+
+EntryTuple = tuple[int, bytes, bytes, str, str, int, bytes]
+"""An entry row as :meth:`SequencingTx.insert_entries` takes it: ``(index, leaf_hash,
+chain_hash, kind, key_id, integrated_at_us, envelope)``."""
+
+_ENTRY_COLUMNS = ("idx", "leaf_hash", "chain_hash", "kind", "key_id", "integrated_at", "envelope")
+_ENTRY_TYPES = ("int8", "bytea", "bytea", "varchar", "varchar", "int8", "bytea")
+_LEAF_CONSTRAINT = "uq_entries_leaf_hash"
+
+
+class LeafHashExists(StorageError):
+    """An insert met an entry whose leaf hash is already in the log (the unique constraint).
+
+    :meth:`~kolm_ledger.ledger.Ledger.append_validated` inserts optimistically (no
+    look-up first) and, on this, sequences the batch again with the duplicates resolved.
+    """
+
+
+def _is_driver_error(e: BaseException) -> bool:
+    mod = type(e).__module__
+    return mod.startswith(("sqlite3", "psycopg", "pysqlite"))
+
+
+def _is_leaf_conflict(e: BaseException) -> bool:
+    """Whether ``e`` is the unique violation of ``entries.leaf_hash``."""
+    if isinstance(e, DBAPIError):
+        e = e.orig if isinstance(e.orig, BaseException) else e
+    if type(e).__name__ == "UniqueViolation":  # psycopg
+        diag = getattr(e, "diag", None)
+        return getattr(diag, "constraint_name", None) == _LEAF_CONSTRAINT
+    if type(e).__name__ == "IntegrityError" and _is_driver_error(e):  # sqlite3
+        return "entries.leaf_hash" in str(e)
+    return False
+
+
 class SequencingTx:
     """One write transaction holding the sequencer lock."""
 
@@ -147,12 +235,133 @@ class SequencingTx:
             out.update((bytes(h), idx) for h, idx in rows)
         return out
 
+    def entries_of_kind(self, kind: str, after_index: int = -1) -> list[Entry]:
+        """Entries of ``kind`` after ``after_index``, in index order, read under the lock."""
+        ph = "?" if self._store.dialect == "sqlite" else "%s"
+        rows = self.conn.exec_driver_sql(
+            "SELECT idx, leaf_hash, chain_hash, kind, key_id, integrated_at, envelope "
+            f"FROM entries WHERE kind = {ph} AND idx > {ph} ORDER BY idx",
+            (kind, after_index),
+        )
+        return [_entry(r) for r in rows]
+
     def latest_checkpoint(self) -> StoredCheckpoint | None:
         """Newest checkpoint, read under the lock."""
         r = self.conn.execute(
             select(CheckpointRow).order_by(CheckpointRow.size.desc()).limit(1)
         ).first()
         return _checkpoint(r) if r else None
+
+    def insert_entries(
+        self, rows: Sequence[EntryTuple], subjects: Sequence[tuple[str, int]] = ()
+    ) -> None:
+        """Insert sequenced entries and their subject-index rows, in bulk.
+
+        ``rows`` are :data:`EntryTuple`; ``subjects`` are ``(digest, index)``. Raises as
+        :meth:`entry_writer` does.
+        """
+        if rows:
+            with self.entry_writer() as put:
+                for r in rows:
+                    put(r)
+        self.insert_subjects(subjects)
+
+    @contextmanager
+    def entry_writer(self) -> Iterator[Callable[[EntryTuple], None]]:
+        """Stream entry rows into the log: yields ``put(row)``; they are stored when the block exits.
+
+        PostgreSQL: one binary ``COPY``, fed while the caller still computes later rows,
+        so the server inserts in parallel; SQLite: one ``executemany`` at the end. Raises
+        :class:`LeafHashExists` when a leaf hash is already in the log (the unique
+        constraint; the transaction is then unusable and must be abandoned), and
+        :class:`StorageError` for any other database failure. An exception from the block
+        abandons the rows (and, on PostgreSQL, the transaction).
+        """
+        with self._driver_errors():
+            if self._store.dialect == "sqlite":
+                rows: list[EntryTuple] = []
+                yield rows.append
+                self._executemany("entries", _ENTRY_COLUMNS, rows)
+            else:
+                with self._copy("entries", _ENTRY_COLUMNS, _ENTRY_TYPES) as put:
+                    yield put
+
+    def insert_subjects(self, subjects: Sequence[tuple[str, int]]) -> None:
+        """Insert subject-index rows ``(digest, entry index)`` in bulk."""
+        if subjects:
+            self._bulk("entry_subjects", ("digest", "idx"), ("varchar", "int8"), subjects)
+
+    def insert_nodes(self, nodes: Sequence[tuple[int, int, bytes]]) -> None:
+        """Insert completed interior Merkle nodes ``(level, index, hash)`` in bulk."""
+        if nodes:
+            self._bulk(
+                "nodes",
+                ("node_id", "hash"),
+                ("int8", "bytea"),
+                [((lv << NODE_LEVEL_SHIFT) | i, h) for lv, i, h in nodes],
+            )
+
+    # The hot path of every append goes straight to the driver: SQLAlchemy's per-row
+    # bind processing costs more than the insert itself.
+
+    def _bulk(
+        self,
+        table: str,
+        columns: tuple[str, ...],
+        pg_types: tuple[str, ...],
+        rows: Sequence[tuple[Any, ...]],
+    ) -> None:
+        with self._driver_errors():
+            if self._store.dialect == "sqlite":
+                self._executemany(table, columns, rows)
+            else:
+                with self._copy(table, columns, pg_types) as put:
+                    for r in rows:
+                        put(r)
+
+    def _executemany(
+        self, table: str, columns: tuple[str, ...], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        if not rows:
+            return
+        cur = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' * len(columns))})",
+                rows,
+            )
+        finally:
+            cur.close()
+
+    @contextmanager
+    def _copy(
+        self, table: str, columns: tuple[str, ...], pg_types: tuple[str, ...]
+    ) -> Iterator[Callable[[tuple[Any, ...]], None]]:
+        from psycopg.types.string import BytesBinaryDumper
+
+        dbapi = self.conn.connection.dbapi_connection
+        with dbapi.cursor() as cur:  # type: ignore[union-attr]
+            # bytea by oid would otherwise dump through psycopg.dbapi20's pure-Python
+            # dumper (it accepts dbapi Binary too); this cursor only ever passes bytes
+            cur.adapters.register_dumper(None, BytesBinaryDumper)
+            with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as cp:
+                cp.set_types(list(pg_types))
+                yield cp.write_row
+
+    @contextmanager
+    def _driver_errors(self) -> Iterator[None]:
+        """Map the raw driver's errors: the leaf-hash unique violation, then StorageError."""
+        try:
+            yield
+        except Exception as e:
+            if _is_leaf_conflict(e):
+                raise LeafHashExists(
+                    f"ledger write failed: a leaf hash is already stored: {e}"
+                ) from e
+            if isinstance(e, DBAPIError | KolmError) or not _is_driver_error(e):
+                raise
+            raise StorageError(f"ledger write failed: {e}") from e
 
     def write(
         self,
@@ -162,14 +371,8 @@ class SequencingTx:
         new_head: Head | None = None,
     ) -> None:
         """Insert a sequenced batch (entries, subjects, interior nodes, checkpoint)."""
-        # Plain DBAPI executemany: this is the hot path, and bind processing of
-        # LargeBinary through the ORM layer costs more than the insert itself.
-        c = self.conn
-        ph = "?" if self._store.dialect == "sqlite" else "%s"
         if entries:
-            c.exec_driver_sql(
-                "INSERT INTO entries (idx, leaf_hash, chain_hash, kind, key_id, integrated_at, "
-                f"envelope) VALUES ({ph}, {ph}, {ph}, {ph}, {ph}, {ph}, {ph})",
+            self.insert_entries(
                 [
                     (
                         e.index,
@@ -182,30 +385,37 @@ class SequencingTx:
                     )
                     for e in entries
                 ],
+                [(d, e.index) for e in entries for d in sorted(set(e.subjects))],
             )
-            subj = [(d, e.index) for e in entries for d in sorted(set(e.subjects))]
-            if subj:
-                c.exec_driver_sql(
-                    f"INSERT INTO entry_subjects (digest, idx) VALUES ({ph}, {ph})", subj
-                )
-        if nodes:
-            c.exec_driver_sql(
-                f"INSERT INTO nodes (node_id, hash) VALUES ({ph}, {ph})",
-                [(node_id(lv, i), h) for lv, i, h in nodes],
-            )
+        self.finish(nodes, checkpoint, new_head)
+
+    def finish(
+        self,
+        nodes: Sequence[tuple[int, int, bytes]],
+        checkpoint: StoredCheckpoint | None,
+        new_head: Head | None = None,
+        subjects: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        """Insert a batch's subject rows, interior nodes and checkpoint.
+
+        ``new_head`` is the state after the batch. (On PostgreSQL binary ``COPY`` beat one
+        ``INSERT ... SELECT unnest(...)`` statement for the first two, despite the extra
+        round trip.)
+        """
+        self.insert_subjects(subjects)
+        self.insert_nodes(nodes)
         if checkpoint is not None:
-            c.exec_driver_sql(
+            ph = "?" if self._store.dialect == "sqlite" else "%s"
+            self.conn.exec_driver_sql(
                 "INSERT INTO checkpoints (size, root, chain_head, note, created_at) "
                 f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph})",
-                [
-                    (
-                        checkpoint.size,
-                        checkpoint.root,
-                        checkpoint.chain_head,
-                        checkpoint.note,
-                        micros(checkpoint.created_at),
-                    )
-                ],
+                (
+                    checkpoint.size,
+                    checkpoint.root,
+                    checkpoint.chain_head,
+                    checkpoint.note,
+                    micros(checkpoint.created_at),
+                ),
             )
         self._pending_head = new_head
 
@@ -461,20 +671,20 @@ class Store:
             raise NotFoundError(f"tree size {size} is beyond the log size {n}")
 
     def latest_checkpoint(self) -> StoredCheckpoint | None:
-        """Newest checkpoint, or None for an empty log."""
+        """Newest checkpoint (with its witness cosignatures), or None for an empty log."""
         with self._read() as c:
             r = c.execute(
                 select(CheckpointRow).order_by(CheckpointRow.size.desc()).limit(1)
             ).first()
-        return _checkpoint(r) if r else None
+            return _with_cosignatures(c, [_checkpoint(r)])[0] if r else None
 
     def checkpoint_at(self, size: int) -> StoredCheckpoint:
         """The checkpoint of exactly ``size``; raises :class:`NotFoundError`."""
         with self._read() as c:
             r = c.execute(select(CheckpointRow).where(CheckpointRow.size == size)).first()
-        if r is None:
-            raise NotFoundError(f"no checkpoint at tree size {size}")
-        return _checkpoint(r)
+            if r is None:
+                raise NotFoundError(f"no checkpoint at tree size {size}")
+            return _with_cosignatures(c, [_checkpoint(r)])[0]
 
     def checkpoint_covering(self, index: int) -> StoredCheckpoint:
         """The smallest checkpoint whose size covers ``index``."""
@@ -485,20 +695,44 @@ class Store:
                 .order_by(CheckpointRow.size)
                 .limit(1)
             ).first()
-        if r is None:
-            raise NotFoundError(f"no checkpoint covers index {index} yet")
-        return _checkpoint(r)
+            if r is None:
+                raise NotFoundError(f"no checkpoint covers index {index} yet")
+            return _with_cosignatures(c, [_checkpoint(r)])[0]
 
     def checkpoints(self, min_size: int = 0) -> Iterator[StoredCheckpoint]:
-        """All checkpoints with size >= ``min_size``, smallest first."""
+        """All checkpoints with size >= ``min_size``, smallest first (with cosignatures)."""
         with self._read() as c:
             rows = c.execute(
                 select(CheckpointRow)
                 .where(CheckpointRow.size >= min_size)
                 .order_by(CheckpointRow.size)
             ).all()
-        for r in rows:
-            yield _checkpoint(r)
+            cps = _with_cosignatures(c, [_checkpoint(r) for r in rows])
+        yield from cps
+
+    def add_cosignatures(
+        self, size: int, cosignatures: Sequence[tuple[str, bytes, bytes]], at: datetime
+    ) -> int:
+        """Append witness cosignatures ``(key name, 4-byte key id, signature)`` on checkpoint ``size``.
+
+        Its own short write transaction, after the checkpoint committed. Append-only: a
+        key that already cosigned ``size`` keeps its stored cosignature. Returns the
+        number of rows added.
+        """
+        if not cosignatures:
+            return 0
+        ph = "?" if self.dialect == "sqlite" else "%s"
+        rows = [(size, name, kid, sig, micros(at)) for name, kid, sig in cosignatures]
+        try:
+            with self.engine.connect().execution_options(kolm_write=True) as conn, conn.begin():
+                r = conn.exec_driver_sql(
+                    "INSERT INTO checkpoint_cosignatures (size, name, key_id, signature, "
+                    f"created_at) VALUES ({ph}, {ph}, {ph}, {ph}, {ph}) ON CONFLICT DO NOTHING",
+                    rows,
+                )
+                return max(0, int(r.rowcount))
+        except DBAPIError as e:
+            raise StorageError(f"storing cosignatures on checkpoint {size} failed: {e.orig}") from e
 
     def node_hashes(self, min_id: int, max_id: int) -> Iterator[tuple[int, int, bytes]]:
         """Stored interior nodes with ``min_id <= node_id < max_id`` as (level, index, hash)."""
