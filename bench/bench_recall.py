@@ -10,21 +10,31 @@ Prints, per corpus: index build time and size, per-query latency p50/p99 of
 search over the same in-memory matrix, and recall@10 of the index against that exact
 search. Synthetic corpora are random unit vectors (dim 384); queries are corpus vectors
 plus Gaussian noise (so each has real near neighbours). The real corpus is Banking77
-train texts embedded with all-MiniLM-L6-v2, queried with Banking77 test texts. The last
-table measures one-text student prediction in-process with and without a retrieval step
-(query embedding + search + evidence), side by side in one run.
+train texts embedded with all-MiniLM-L6-v2, queried with Banking77 test texts.
+
+The last two tables use one small student (MiniLM + LoRA, 8 Banking77 labels, trained
+here) and an examples index of its training rows. First, one-text prediction in-process
+with and without a retrieval step (query embedding + search + evidence + vote). Then
+end to end through the inference service: a ``kolm infer serve`` subprocess serving one
+signed artifact (with that index), a ``kolm ledger serve`` subprocess (SQLite) taking the
+receipts (fail closed: each answer waits for the ledger's acknowledgement), and gRPC
+``Predict`` calls from this process, one text per call, alternating ``recall_k=0`` and
+``recall_k=10`` on the same artifact and the same inputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,31 +119,31 @@ def banking(split: str, n: int) -> list[str]:
         return [r["text"] for r, _ in zip(csv.DictReader(f), range(n), strict=False)]
 
 
-def bench_predict(nq: int, tmp: Path) -> dict[str, float]:
-    from kolm_compile._train import (
-        DEFAULT_BASE_MODEL,
-        Student,
-        TrainConfig,
-        embed_texts,
-        train_classifier,
-    )
+def train_small(tmp: Path) -> tuple[Any, list[str], list[tuple[str, str]], recall.IndexInfo]:
+    """The student (8 Banking77 labels, 160 rows, 1 epoch) and an examples index of its
+    training rows at ``tmp/model/recall/index.db``."""
+    from kolm_compile._train import DEFAULT_BASE_MODEL, TrainConfig, embed_texts, train_classifier
 
     with open(BANKING77 / "train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     labels = sorted({r["category"] for r in rows})[:8]
-    train = [r for r in rows if r["category"] in labels][:160]
+    train = [(r["text"], r["category"]) for r in rows if r["category"] in labels][:160]
     cfg = TrainConfig(epochs=1, batch_size=16, max_length=32, threads=2)
     res = train_classifier(
-        [r["text"] for r in train], [r["category"] for r in train], labels, cfg, tmp / "adapter"
+        [t for t, _ in train], [y for _, y in train], labels, cfg, tmp / "model" / "adapter"
     )
-    student = res.student or Student.load(res.adapter_dir)
-    path = tmp / "examples.db"
     info = recall.index_from_examples(
-        [(r["text"], r["category"]) for r in train],
-        embed_texts,
-        path,
-        embedding_model=DEFAULT_BASE_MODEL,
+        train, embed_texts, tmp / "model" / recall.INDEX_FILE, embedding_model=DEFAULT_BASE_MODEL
     )
+    return res, labels, train, info
+
+
+def bench_predict(nq: int, tmp: Path, trained: Any) -> dict[str, float]:
+    from kolm_compile._train import Student, embed_texts
+
+    res, _, _, info = trained
+    student = res.student or Student.load(res.adapter_dir)
+    path = tmp / "model" / recall.INDEX_FILE
     idx = recall.RecallIndex.open(path, expected_root=info.corpus_root)
     queries = banking("test", nq)
     student.predict(queries[:4])
@@ -158,12 +168,142 @@ def bench_predict(nq: int, tmp: Path) -> dict[str, float]:
     }
 
 
+def _serve(args: list[str], ready: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with log.open("ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kolm_ledger.cli", *args, "--insecure",
+             "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )  # fmt: skip
+    end = time.monotonic() + 180
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise SystemExit(f"{args[:2]} did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return proc, f"127.0.0.1:{ready.read_text().strip()}"
+
+
+def bench_service(nq: int, tmp: Path, trained: Any) -> dict[str, float]:
+    """End-to-end ``Predict`` latency through ``kolm infer serve``, recall_k 0 vs K."""
+    import grpc
+
+    from kolm_compile._train import DEFAULT_BASE_MODEL
+    from kolm_compile.artifact import pack, sha256_file
+    from kolm_infer._pb import infer_pb2 as pb
+    from kolm_infer._pb import infer_pb2_grpc as pb_grpc
+    from kolm_ledger.canonical import digest_hex
+    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.keys import PrivateKey, init_keys
+    from kolm_ledger.receipts import artifact_statement, sign_statement
+
+    _, labels, train, info = trained
+    keys = tmp / "keys"
+    init_keys(keys)
+    d = tmp / "model"
+    verifier = {"name": "label_set", "version": "1", "params": {"labels": labels}}
+    task = {"name": "bench-recall", "task": "classify", "labels": labels}
+    manifest = {
+        "format": "kolm/v1",
+        "name": "bench-recall",
+        "task_type": "classify",
+        "labels": labels,
+        "base_model": {"id": DEFAULT_BASE_MODEL, "revision": "bench", "weights_digest": "0" * 64},
+        "adapter": "adapter",
+        "max_length": 32,
+        "confidence_threshold": 0.0,
+        "verifier": verifier,
+        "spec_digest": digest_hex(task),
+        "job_id": "bench",
+        "kolm_version": "0.1.0",
+        "recall": {**info.to_manifest(), "k": K},
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+    (d / "task.json").write_text(json.dumps(task, sort_keys=True))
+    (d / "verifier.json").write_text(json.dumps(verifier, sort_keys=True))
+    arts = tmp / "artifacts"
+    arts.mkdir()
+    out = arts / "bench-recall.kolm"
+    ck = PrivateKey.load(keys / "compile.key")
+    digest = pack(d, out, ck)
+    ledger, target = _serve(
+        ["ledger", "serve", "--db", f"sqlite:///{tmp / 'ledger.db'}",
+         "--trust", str(keys / "trust.json"), "--log-key", str(keys / "log.key"),
+         "--max-wait-ms", "0.5"],
+        tmp / "ledger.port",
+        tmp / "ledger.log",
+    )  # fmt: skip
+    infer = None
+    try:
+        st = artifact_statement(
+            artifact_digest=digest,
+            file_name=out.name,
+            file_digest=sha256_file(out),
+            base_model={"id": DEFAULT_BASE_MODEL},
+            training_set_root="0" * 64,
+            label_count=len(train),
+            eval_receipt="0" * 64,
+            k_score=0.0,
+            verifier=verifier,
+            compile_config_digest="0" * 64,
+            kolm_version="0.1.0",
+            checkpoint={"size": 0},
+            extra={"corpus_root": info.corpus_root, "corpus_chunks": info.chunks},
+        )
+        with LedgerClient(target) as c:
+            c.append(sign_statement(st, ck), wait=True)
+        infer, itarget = _serve(
+            ["infer", "serve", "--artifacts", str(arts), "--ledger", target,
+             "--key", str(keys / "infer.key"), "--trust", str(keys / "trust.json")],
+            tmp / "infer.port",
+            tmp / "infer.log",
+        )  # fmt: skip
+        queries = banking("test", nq)
+        plain: list[float] = []
+        with_recall: list[float] = []
+        sizes: dict[int, list[int]] = {0: [], K: []}
+        with grpc.insecure_channel(itarget) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            for q in queries[:8]:  # warm-up: both paths
+                for k in (0, K):
+                    stub.Predict(pb.PredictRequest(artifact="bench-recall", input=q, recall_k=k))
+            for i, q in enumerate(queries):
+                # alternate which goes first, so drift and caching favour neither
+                for k in (0, K) if i % 2 == 0 else (K, 0):
+                    t0 = time.perf_counter()
+                    r = stub.Predict(
+                        pb.PredictRequest(artifact="bench-recall", input=q, recall_k=k)
+                    )
+                    ms = (time.perf_counter() - t0) * 1000
+                    assert len(r.evidence) == k and r.WhichOneof("receipt") == "promise"
+                    (with_recall if k else plain).append(ms)
+                    sizes[k].append(len(r.envelope))
+    finally:
+        for proc in (infer, ledger):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+    return {
+        "plain_p50": statistics.median(plain),
+        "plain_p99": pct(plain, 99),
+        "rec_p50": statistics.median(with_recall),
+        "rec_p99": pct(with_recall, 99),
+        "plain_bytes": statistics.mean(sizes[0]),
+        "rec_bytes": statistics.mean(sizes[K]),
+        "chunks": info.chunks,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--no-real", action="store_true", help="skip the Banking77 MiniLM run")
     ap.add_argument("--no-predict", action="store_true", help="skip predict with/without recall")
+    ap.add_argument(
+        "--no-service", action="store_true", help="skip the end-to-end inference service run"
+    )
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     print(
@@ -209,12 +349,13 @@ def main() -> int:
                 print(
                     f"(banking77: embedding {r['n']} texts with MiniLM took {r['embed_s']:.1f} s)"
                 )
-        if not a.no_predict and BANKING77.is_dir():
-            p = bench_predict(min(a.queries, 200), tmp)
+        want_predict = not a.no_predict and BANKING77.is_dir()
+        want_service = not a.no_service and BANKING77.is_dir()
+        trained = train_small(tmp) if want_predict or want_service else None
+        if want_predict:
+            p = bench_predict(min(a.queries, 200), tmp, trained)
             print()
-            print(
-                "in-process student predict, one text per call (kolm_infer has no recall hook yet)"
-            )
+            print("in-process student predict, one text per call")
             print(f"{'path':34} {'p50 ms':>8} {'p99 ms':>8}")
             print(f"{'predict':34} {p['plain_p50']:>8.2f} {p['plain_p99']:>8.2f}")
             print(
@@ -224,6 +365,26 @@ def main() -> int:
             print(
                 f"{'ratio':34} {p['rec_p50'] / p['plain_p50']:>8.2f} "
                 f"{p['rec_p99'] / p['plain_p99']:>8.2f}"
+            )
+        if want_service:
+            s = bench_service(min(a.queries, 200), tmp, trained)
+            print()
+            print(
+                f"end to end through kolm infer serve (gRPC Predict, receipt acknowledged by "
+                f"kolm ledger serve), one text per call, {s['chunks']}-chunk examples index"
+            )
+            print(f"{'path':34} {'p50 ms':>8} {'p99 ms':>8} {'receipt B':>10}")
+            print(
+                f"{'Predict recall_k=0':34} {s['plain_p50']:>8.2f} {s['plain_p99']:>8.2f} "
+                f"{s['plain_bytes']:>10.0f}"
+            )
+            print(
+                f"{f'Predict recall_k={K}':34} {s['rec_p50']:>8.2f} {s['rec_p99']:>8.2f} "
+                f"{s['rec_bytes']:>10.0f}"
+            )
+            print(
+                f"{'ratio':34} {s['rec_p50'] / s['plain_p50']:>8.2f} "
+                f"{s['rec_p99'] / s['plain_p99']:>8.2f} {s['rec_bytes'] / s['plain_bytes']:>10.2f}"
             )
     return 0
 

@@ -37,6 +37,8 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
         to_ledger = client_credentials(a.tls_dir, "infer")
     else:
         to_ledger = channel_credentials_from_args(a, a.ledger)  # plain text only to loopback
+    if a.receipt_ack == "spool" and not a.spool:
+        raise InvalidInput("--receipt-ack spool needs --spool FILE (the receipts' local home)")
     d = Path(a.artifacts)
     if not d.is_dir():
         raise InvalidInput(f"--artifacts {d}: not a directory")
@@ -59,6 +61,7 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
             teacher=teacher,
             teacher_task=task,
             spool=a.spool,
+            receipt_ack=a.receipt_ack,
             max_batch=a.max_batch,
             max_wait_ms=a.max_wait_ms,
             output_policy=a.output_policy,
@@ -82,10 +85,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
     with grpc.insecure_channel(a.to, channel_options()) as ch:
         stub = pb_grpc.InferenceStub(ch)
         try:
-            r = stub.Predict(
-                pb.PredictRequest(artifact=a.artifact, input=a.text, wait_for_inclusion=a.wait),
-                timeout=a.timeout,
-            )
+            req = pb.PredictRequest(artifact=a.artifact, input=a.text, wait_for_inclusion=a.wait)
+            if a.recall_k is not None:
+                if a.recall_k < 0:
+                    raise InvalidInput(f"--recall-k {a.recall_k}: want 0 or more")
+                req.recall_k = a.recall_k
+            r = stub.Predict(req, timeout=a.timeout)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from e
     print(r.output)
@@ -96,6 +101,18 @@ def cmd_predict(a: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(f"salt {r.salt.hex()}  (keep it: it opens the input commitment)", file=sys.stderr)
+    if r.evidence:
+        print(f"evidence (corpus root {r.corpus_root[:16]}…):", file=sys.stderr)
+        for e in r.evidence:
+            label = f" [{e.label}]" if e.label else ""
+            print(f"  {e.score:.3f} {e.id}{label} @ {e.position}", file=sys.stderr)
+    if r.HasField("recall_vote"):
+        v = r.recall_vote
+        print(
+            f"neighbour vote: {v.label} ({v.share:.2f} of {v.neighbours}); "
+            f"{'backs' if v.agrees else 'does not back'} the answer",
+            file=sys.stderr,
+        )
     if a.out:
         kind = r.WhichOneof("receipt")
         if kind == "bundle":
@@ -134,6 +151,13 @@ def register(sub: Any) -> None:
     s.add_argument("--listen", default="127.0.0.1:7071")
     add_server_tls_arguments(s)
     s.add_argument("--spool", help="durable local spool (SQLite) for when the ledger is down")
+    s.add_argument(
+        "--receipt-ack",
+        choices=("ledger", "spool"),
+        default="ledger",
+        help="ledger (default, fail closed): answer once the ledger acknowledged the receipt;"
+        " spool (needs --spool): answer once it is durable in the local spool",
+    )
     s.add_argument("--max-batch", type=int, default=32, help="requests per forward pass")
     s.add_argument("--max-wait-ms", type=float, default=1.0, help="longest wait to fill a batch")
     s.add_argument(
@@ -153,5 +177,10 @@ def register(sub: Any) -> None:
     p.add_argument("--artifact", required=True, help="artifact name or digest")
     p.add_argument("--out", help="write the receipt bundle (--wait) or the promise here")
     p.add_argument("--wait", action="store_true", help="wait for inclusion: get the bundle")
+    p.add_argument(
+        "--recall-k",
+        type=int,
+        help="recall chunks to retrieve and cite (default: the artifact's; 0: none; max 10)",
+    )
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_predict)

@@ -12,7 +12,15 @@ Loading (:meth:`Engine.load`) refuses, with :class:`~kolm_ledger.errors.Artifact
 2. ledger inclusion: the ledger holds an ``artifact`` receipt whose subject is the
    artifact digest (``FindEntries``), and its offline bundle (``GetReceiptBundle``)
    verifies against the trust root with :func:`kolm_ledger.verify.verify_bundle`:
-   signed by a compile key, included in a checkpoint signed by a trusted log key.
+   signed by a compile key, included in a checkpoint signed by a trusted log key;
+3. recall (only when the manifest has ``recall``): the index file the manifest names
+   passes :func:`kolm_compile.recall.verify_index` against the manifest's
+   ``corpus_root`` and ``chunks`` (every chunk digest recomputed from its text, the
+   name of a tampered chunk in the error), the artifact receipt's ``corpus_root`` /
+   ``corpus_chunks`` (when it records them) equal the manifest's, and the optional
+   ``recall.k`` is an integer in ``[1, MAX_RECALL_K]``. Loading then opens the index,
+   builds the corpus Merkle tree (for the receipts' inclusion proofs) and loads the
+   query embedder (the manifest's ``embedding_model``), checking its dimension.
 
 Prediction (:meth:`Engine.predict`): requests for one artifact queue up; a worker
 takes up to ``max_batch`` of them (waiting at most ``max_wait_ms`` for the batch to
@@ -23,12 +31,27 @@ Escape hatch: confidence below the manifest's ``confidence_threshold`` or a fail
 verifier sends the request to the teacher (if one is configured, k=1); otherwise
 the student's answer is returned marked unverified.
 
+Recall (an artifact with a recall index): each request retrieves ``recall_k`` chunks
+(default: the manifest's ``recall.k``, else :data:`DEFAULT_RECALL_K`; at most
+:data:`MAX_RECALL_K`). The query embeddings of a micro-batch are computed in one pass,
+right after the student's, on the model thread; the hits become the receipt's
+``evidence`` (id, digest, position, inclusion proof, label). **Classification rule**:
+when the student's confidence is below the threshold, its answer passes the verifier,
+and at least :data:`RECALL_VOTE_MIN_NEIGHBOURS` retrieved chunks carry labels, the
+neighbours vote (:func:`kolm_compile.recall.neighbour_vote`: majority label, ties to
+the best-ranked); if the winner is the student's label with a share above one half,
+the answer is accepted as ``backend="student"``, ``reason="recall_backed"``, verified,
+and the teacher is not asked. Otherwise the escape hatch runs as without recall. A
+verifier failure is never backed by recall.
+
 Example::
 
     engine = Engine(trust_root, LedgerClient("127.0.0.1:7070"))
     engine.load(Path("router.kolm"))
     art, p = await engine.predict("banking77-router", "where is my card?")
     p.output, p.backend, p.reason      # ('card_arrival', 'student', 'confident')
+    art, p = await engine.predict("router-docs", "where is my card?", recall_k=3)
+    [h.chunk_id for h in p.recall.hits]  # the 3 nearest chunks, best first
 """
 
 from __future__ import annotations
@@ -43,8 +66,8 @@ from collections import Counter as _Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Histogram
 
@@ -63,11 +86,20 @@ from kolm_ledger.receipts import Statement
 from kolm_ledger.trust import TrustState
 from kolm_ledger.verify import verify_bundle
 
+if TYPE_CHECKING:
+    from kolm_compile.recall import Hit, IndexInfo, RecallIndex
+
 __all__ = [
+    "DEFAULT_RECALL_K",
+    "MAX_RECALL_K",
     "REASONS",
+    "RECALL_VOTE_MIN_NEIGHBOURS",
+    "ArtifactRecall",
     "Engine",
     "LoadedArtifact",
+    "NoRecallIndex",
     "Prediction",
+    "RecallResult",
     "check_ledger_inclusion",
     "ledger_trust_state",
 ]
@@ -75,7 +107,23 @@ __all__ = [
 log = logging.getLogger("kolm.infer")
 
 #: Why a backend answered: the receipt's ``reason`` field.
-REASONS = ("confident", "low_confidence", "verifier_failed")
+REASONS = ("confident", "recall_backed", "low_confidence", "verifier_failed")
+
+#: Most chunks one prediction may retrieve and cite. Each cited chunk puts its inclusion
+#: proof in the receipt (about 70 + 67·ceil(log2(chunks)) bytes; ~1.2 KB at 100k chunks)
+#: and the ledger caps an entry at 64 KiB.
+MAX_RECALL_K = 10
+#: Chunks retrieved when the request does not say and the manifest has no ``recall.k``.
+DEFAULT_RECALL_K = 5
+#: Labelled neighbours needed before their vote may back a low-confidence answer.
+RECALL_VOTE_MIN_NEIGHBOURS = 3
+
+
+class NoRecallIndex(KolmError):
+    """Retrieval was asked of an artifact that has no recall index."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
 
 PREDICTIONS = Counter(
     "kolm_infer_predictions_total", "Predictions by backend and reason", ["backend", "reason"]
@@ -104,6 +152,30 @@ class Prediction:
     verdict: dict[str, Any]  # verifier name/version/spec digest, ok, reason
     latency_ms: float
     teacher: dict[str, Any] | None = None
+    recall: RecallResult | None = None
+    recall_vote: dict[str, Any] | None = None  # label, share, neighbours, agrees
+
+
+@dataclass(frozen=True)
+class RecallResult:
+    """The chunks retrieved for one request (``k`` asked; ``hits`` best first)."""
+
+    k: int
+    hits: tuple[Hit, ...]
+    evidence: tuple[dict[str, Any], ...]  # the receipt's items, with inclusion proofs
+    corpus_root: str
+
+
+@dataclass
+class ArtifactRecall:
+    """An artifact's verified, open recall index."""
+
+    index: RecallIndex
+    corpus_root: str
+    chunks: int
+    default_k: int
+    embedding_model: str
+    labelled: bool
 
 
 @dataclass
@@ -125,6 +197,7 @@ class LoadedArtifact:
     student: Any
     directory: Path
     batcher: _Batcher | None = field(default=None, repr=False)
+    recall: ArtifactRecall | None = field(default=None, repr=False)
 
 
 def ledger_trust_state(client: LedgerClient, trust: TrustRoot) -> TrustState:
@@ -182,10 +255,15 @@ def check_ledger_inclusion(
 # --------------------------------------------------------------------------- batching
 
 
+_Raw = tuple[str, float, "RecallResult | None"]
+"""One batch result: the student's label and confidence, and what recall retrieved."""
+
+
 @dataclass
 class _Request:
     text: str
-    future: asyncio.Future[tuple[str, float]]
+    k: int  # chunks to retrieve (0: none)
+    future: asyncio.Future[_Raw]
 
 
 class _Batcher:
@@ -193,7 +271,7 @@ class _Batcher:
 
     def __init__(
         self,
-        predict: Callable[[Sequence[str]], list[tuple[str, float]]],
+        predict: Callable[[Sequence[tuple[str, int]]], list[_Raw]],
         executor: ThreadPoolExecutor,
         max_batch: int,
         max_wait_s: float,
@@ -207,9 +285,9 @@ class _Batcher:
         self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kolm-batcher")
 
-    async def submit(self, text: str) -> tuple[str, float]:
-        fut: asyncio.Future[tuple[str, float]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Request(text, fut))
+    async def submit(self, text: str, k: int = 0) -> _Raw:
+        fut: asyncio.Future[_Raw] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Request(text, k, fut))
         return await fut
 
     async def _run(self) -> None:
@@ -239,7 +317,7 @@ class _Batcher:
             self._on_batch(len(batch))
             try:
                 out = await loop.run_in_executor(
-                    self._executor, self._predict, [r.text for r in batch]
+                    self._executor, self._predict, [(r.text, r.k) for r in batch]
                 )
             except Exception as e:
                 for r in batch:
@@ -306,6 +384,10 @@ class Engine:
 
     def verify(self, path: Path) -> tuple[Any, Bundle, Statement, int]:
         """Run every load check on ``path`` without loading the model (see module docstring)."""
+        va, bundle, statement, index, _ = self._verify(path)
+        return va, bundle, statement, index
+
+    def _verify(self, path: Path) -> tuple[Any, Bundle, Statement, int, IndexInfo | None]:
         from kolm_compile.artifact import verify_artifact
 
         if self.ledger is None:
@@ -318,10 +400,11 @@ class Engine:
         try:
             va = verify_artifact(Path(path), state, into=into)
             bundle, statement, index = check_ledger_inclusion(self.ledger, self.trust, va.digest)
+            info = _verify_recall(Path(path).name, va, statement)
         except BaseException:
             shutil.rmtree(into, ignore_errors=True)
             raise
-        return va, bundle, statement, index
+        return va, bundle, statement, index, info
 
     def load(self, path: Path, name: str | None = None) -> LoadedArtifact:
         """Verify and load one ``.kolm``; returns it (already loaded: the same object).
@@ -331,7 +414,7 @@ class Engine:
         from kolm_compile._train import Student
         from kolm_compile.verifiers import get_verifier
 
-        va, bundle, statement, index = self.verify(path)
+        va, bundle, statement, index, info = self._verify(path)
         m = va.manifest
         name = name or str(m.get("name") or va.name)
         try:
@@ -354,7 +437,12 @@ class Engine:
                 raise ArtifactError(
                     f"the name {name!r} is already used by artifact {self._by_name[name][:16]}…"
                 )
-        student = Student.load(adapter, threads=self.model_threads)
+        try:
+            student = Student.load(adapter, threads=self.model_threads)
+            rec = _open_recall(Path(path).name, va, info) if info is not None else None
+        except BaseException:
+            shutil.rmtree(va.directory.parent, ignore_errors=True)
+            raise
         ks = statement.predicate.get("k_score")
         art = LoadedArtifact(
             name=name,
@@ -371,9 +459,12 @@ class Engine:
             verifier=verifier,
             student=student,
             directory=va.directory,
+            recall=rec,
         )
         with self._lock:
             if name in self._by_name or va.digest in self._by_digest:
+                if rec is not None:
+                    rec.index.close()
                 raise ArtifactError(f"artifact {name!r} was loaded concurrently")
             self._by_digest[va.digest] = art
             self._by_name[name] = va.digest
@@ -402,6 +493,8 @@ class Engine:
             self._by_name.pop(art.name, None)
         if art.batcher is not None:
             await art.batcher.close()
+        if art.recall is not None:
+            art.recall.index.close()
         shutil.rmtree(art.directory.parent, ignore_errors=True)
         return art
 
@@ -410,7 +503,7 @@ class Engine:
     def _batcher(self, art: LoadedArtifact) -> _Batcher:
         if art.batcher is None:
             art.batcher = _Batcher(
-                art.student.predict,
+                lambda items: _run_batch(art, items),
                 self._model_thread,
                 self.max_batch,
                 self.max_wait_s,
@@ -422,14 +515,23 @@ class Engine:
         self.batch_sizes[n] += 1
         BATCH_SIZE.observe(n)
 
-    async def predict(self, ref: str, text: str) -> tuple[LoadedArtifact, Prediction]:
-        """Answer one input with the artifact named (or with the digest) ``ref``."""
+    async def predict(
+        self, ref: str, text: str, *, recall_k: int | None = None
+    ) -> tuple[LoadedArtifact, Prediction]:
+        """Answer one input with the artifact named (or with the digest) ``ref``.
+
+        ``recall_k``: chunks to retrieve and cite (``None``: the artifact's default, none
+        without recall; 0: none). Requires ``0 <= recall_k <= MAX_RECALL_K`` (else
+        :class:`InvalidInput`) and, above 0, an artifact with recall (else
+        :class:`NoRecallIndex`).
+        """
         t0 = time.perf_counter()
         if not isinstance(text, str):
             raise InvalidInput(f"input is {type(text).__name__}, want str")
         art = self.get(ref)
-        label, conf = await self._batcher(art).submit(text)
-        p = await self._finish(art, text, label, conf)
+        k = _recall_k(art, recall_k)
+        label, conf, rec = await self._batcher(art).submit(text, k)
+        p = await self._finish(art, text, label, conf, rec)
         p = replace(p, latency_ms=(time.perf_counter() - t0) * 1000)
         PREDICTIONS.labels(p.backend, p.reason).inc()
         LATENCY.observe(p.latency_ms / 1000)
@@ -446,7 +548,14 @@ class Engine:
             "reason": v.reason,
         }
 
-    async def _finish(self, art: LoadedArtifact, text: str, label: str, conf: float) -> Prediction:
+    async def _finish(
+        self,
+        art: LoadedArtifact,
+        text: str,
+        label: str,
+        conf: float,
+        rec: RecallResult | None = None,
+    ) -> Prediction:
         verdict, vd = self._verdict(art, label)
         output = verdict.normalized if verdict.ok else label
         if conf < art.confidence_threshold:
@@ -454,9 +563,14 @@ class Engine:
         elif not verdict.ok:
             reason = "verifier_failed"
         else:
-            return Prediction(output, True, "student", "confident", conf, vd, 0.0)
+            return Prediction(output, True, "student", "confident", conf, vd, 0.0, recall=rec)
+        vote = _vote(rec, label) if reason == "low_confidence" and verdict.ok else None
+        if vote is not None and vote["agrees"]:
+            return Prediction(
+                output, True, "student", "recall_backed", conf, vd, 0.0, None, rec, vote
+            )
         if self.teacher is None:
-            return Prediction(output, False, "student", reason, conf, vd, 0.0)
+            return Prediction(output, False, "student", reason, conf, vd, 0.0, None, rec, vote)
         try:
             samples = await asyncio.get_running_loop().run_in_executor(
                 self._teacher_pool,
@@ -465,12 +579,21 @@ class Engine:
             answer = samples[0].text
         except KolmError as e:
             log.warning("teacher failed (%s); answering with the student, unverified", e)
-            return Prediction(output, False, "student", reason, conf, vd, 0.0)
+            return Prediction(output, False, "student", reason, conf, vd, 0.0, None, rec, vote)
         tv, tvd = self._verdict(art, answer)
         desc = self.teacher.describe()
         teacher = {"backend": desc.get("backend"), "model": desc.get("model")}
         return Prediction(
-            tv.normalized if tv.ok else answer, tv.ok, "teacher", reason, conf, tvd, 0.0, teacher
+            tv.normalized if tv.ok else answer,
+            tv.ok,
+            "teacher",
+            reason,
+            conf,
+            tvd,
+            0.0,
+            teacher,
+            rec,
+            vote,
         )
 
     async def close(self) -> None:
@@ -479,8 +602,132 @@ class Engine:
             if art.batcher is not None:
                 await art.batcher.close()
         self._model_thread.shutdown(wait=True)
+        for art in self.list():
+            if art.recall is not None:
+                art.recall.index.close()
         self._teacher_pool.shutdown(wait=False)
         if self.teacher is not None and hasattr(self.teacher, "close"):
             self.teacher.close()
         if self._own_workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- recall
+
+
+def _verify_recall(name: str, va: Any, statement: Statement) -> IndexInfo | None:
+    """Load check 3 (see the module docstring); ``None`` for an artifact without recall."""
+    from kolm_compile.recall import IndexInfo, verify_index
+
+    rc = va.manifest.get("recall")
+    if rc is None:
+        return None
+    if not isinstance(rc, dict):
+        raise ArtifactError(f"{name}: manifest recall field is not an object")
+    info = IndexInfo.from_manifest(rc)
+    k = rc.get("k", DEFAULT_RECALL_K)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RECALL_K:
+        raise ArtifactError(
+            f"{name}: manifest recall.k is {k!r}, want an integer in [1, {MAX_RECALL_K}]"
+        )
+    rel = PurePosixPath(info.index)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ArtifactError(f"{name}: manifest recall.index {info.index[:80]!r} is unsafe")
+    pred = statement.predicate
+    for field_, want in (("corpus_root", info.corpus_root), ("corpus_chunks", info.chunks)):
+        if field_ in pred and pred[field_] != want:
+            raise ArtifactError(
+                f"{name}: the artifact receipt's {field_} {str(pred[field_])[:16]} is not the "
+                f"manifest's {str(want)[:16]}"
+            )
+    verify_index(va.directory / info.index, info.corpus_root, expected_chunks=info.chunks)
+    return info
+
+
+def _open_recall(name: str, va: Any, info: IndexInfo) -> ArtifactRecall:
+    """Open a verified index, build its corpus tree, load and check the query embedder."""
+    from kolm_compile._train import embed_texts
+    from kolm_compile.recall import RecallIndex
+
+    model_id = info.embedding_model
+
+    def embed(texts: Sequence[str]) -> Any:
+        return embed_texts(texts, model_id)
+
+    idx = RecallIndex.open(va.directory / info.index, k_cap=MAX_RECALL_K, embed=embed)
+    try:
+        tree = idx.corpus_tree()
+        try:
+            dim = int(embed(["kolm"]).shape[1])
+        except KolmError as e:
+            raise ArtifactError(f"{name}: recall embedding model {model_id!r}: {e}") from e
+        if dim != idx.dim:
+            raise ArtifactError(
+                f"{name}: recall embedding model {model_id!r} gives {dim}-d vectors, "
+                f"the index holds {idx.dim}-d"
+            )
+        labelled = idx.chunk(0).label is not None
+    except BaseException:
+        idx.close()
+        raise
+    k = va.manifest["recall"].get("k", DEFAULT_RECALL_K)
+    return ArtifactRecall(idx, tree.root_hex, tree.size, int(k), model_id, labelled)
+
+
+def _recall_k(art: LoadedArtifact, requested: int | None) -> int:
+    """The number of chunks to retrieve for one request (see :meth:`Engine.predict`)."""
+    if requested is None:
+        return art.recall.default_k if art.recall is not None else 0
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+        raise InvalidInput(f"recall_k is {requested!r}, want an integer in [0, {MAX_RECALL_K}]")
+    if requested > MAX_RECALL_K:
+        raise InvalidInput(
+            f"recall_k is {requested}, over the cap of {MAX_RECALL_K} chunks per prediction "
+            "(each cited chunk's inclusion proof goes into the receipt, and the ledger caps "
+            "an entry at 64 KiB)"
+        )
+    if requested and art.recall is None:
+        raise NoRecallIndex(
+            f"artifact {art.name!r} ({art.digest[:16]}…) has no recall index; "
+            "send recall_k 0 or leave it unset"
+        )
+    return requested
+
+
+def _run_batch(art: LoadedArtifact, items: Sequence[tuple[str, int]]) -> list[_Raw]:
+    """On the model thread: the student over the batch, then one query-embedding pass and
+    the searches for the requests that asked for recall."""
+    from kolm_compile.recall import evidence
+
+    texts = [t for t, _ in items]
+    preds = art.student.predict(texts)
+    recalls: list[RecallResult | None] = [None] * len(items)
+    want = [i for i, (_, k) in enumerate(items) if k > 0]
+    if want and art.recall is not None:
+        rc = art.recall
+        rows = rc.index.search([texts[i] for i in want], k=max(items[i][1] for i in want))
+        for i, row in zip(want, rows, strict=True):
+            hits = tuple(row[: items[i][1]])
+            recalls[i] = RecallResult(
+                items[i][1], hits, tuple(evidence(hits, rc.index)), rc.corpus_root
+            )
+    return [(label, conf, r) for (label, conf), r in zip(preds, recalls, strict=True)]
+
+
+def _vote(rec: RecallResult | None, label: str) -> dict[str, Any] | None:
+    """The neighbour vote of the classification rule (module docstring), or ``None`` when
+    fewer than :data:`RECALL_VOTE_MIN_NEIGHBOURS` retrieved chunks carry labels."""
+    if rec is None:
+        return None
+    labelled = [h for h in rec.hits if h.label is not None]
+    if len(labelled) < RECALL_VOTE_MIN_NEIGHBOURS:
+        return None
+    from kolm_compile.recall import neighbour_vote
+
+    winner, share = neighbour_vote(labelled)
+    return {
+        "label": winner,
+        "share": round(share, 4),
+        "neighbours": len(labelled),
+        "agrees": winner == label and share > 0.5,
+    }

@@ -7,6 +7,13 @@ ledger (the signed promise comes back with the answer; ``wait_for_inclusion`` re
 the offline bundle instead) or, with a spool configured, committed to the spool. The
 ledger unreachable without a spool → ``UNAVAILABLE``. Errors become statuses through
 :class:`kolm_ledger.rpc.ErrorInterceptor` (a refused artifact → ``FAILED_PRECONDITION``).
+
+Recall: ``PredictRequest.recall_k`` (unset: the artifact's default; 0: none; over
+:data:`~kolm_infer.engine.MAX_RECALL_K` → ``INVALID_ARGUMENT``; above 0 on an artifact
+without recall → ``FAILED_PRECONDITION``). The retrieved chunks come back as
+``PredictResponse.evidence`` (id, digest, position, label, score, text) and go into the
+receipt as ``evidence`` (id, digest, position, inclusion proof, label) with
+``corpus_root``; the neighbour vote, when taken, as ``recall_vote`` in both.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from kolm_ledger.keys import TrustRoot
 
 from ._pb import infer_pb2 as pb
 from ._pb import infer_pb2_grpc as pb_grpc
-from .engine import Engine, LoadedArtifact
+from .engine import Engine, LoadedArtifact, Prediction
 from .receipts import OUTPUT_POLICIES, Ack, ReceiptWriter, Spool, sign_prediction
 
 __all__ = ["InferenceServer", "InferenceServicer", "serve", "start"]
@@ -57,7 +64,41 @@ def artifact_pb(a: LoadedArtifact) -> pb.ArtifactInfo:
         artifact_receipt_index=a.receipt_index,
         verifier=str(a.manifest.get("verifier", {}).get("name", "")),
         signer_key_id=a.signer_keyid,
+        recall=pb.RecallInfo(
+            corpus_root=a.recall.corpus_root,
+            chunks=a.recall.chunks,
+            default_k=a.recall.default_k,
+            embedding_model=a.recall.embedding_model,
+            labelled=a.recall.labelled,
+        )
+        if a.recall is not None
+        else None,
     )
+
+
+def _recall_pb(resp: pb.PredictResponse, p: Prediction) -> None:
+    """Fill the response's recall fields from the prediction."""
+    if p.recall is not None:
+        resp.recall_k = p.recall.k
+        resp.corpus_root = p.recall.corpus_root
+        resp.evidence.extend(
+            pb.Evidence(
+                id=h.chunk_id,
+                digest=h.digest,
+                position=h.position,
+                label=h.label or "",
+                score=h.score,
+                text=h.text,
+            )
+            for h in p.recall.hits
+        )
+    if p.recall_vote is not None:
+        v = p.recall_vote
+        resp.recall_vote.CopyFrom(
+            pb.RecallVote(
+                label=v["label"], share=v["share"], neighbours=v["neighbours"], agrees=v["agrees"]
+            )
+        )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -115,10 +156,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 f"input has {len(request.input)} characters, limit {MAX_INPUT_CHARS}"
             )
         rid = request.request_id or uuid.uuid4().hex
-        art, p = await self.engine.predict(request.artifact, request.input)
+        k = request.recall_k if request.HasField("recall_k") else None
+        art, p = await self.engine.predict(request.artifact, request.input, recall_k=k)
         extra: dict[str, Any] = {}
         if p.teacher is not None:
             extra["teacher"] = p.teacher
+        if p.recall_vote is not None:
+            extra["recall_vote"] = p.recall_vote
         env, salt, commitment = sign_prediction(
             self.key,
             artifact_digest=art.digest,
@@ -132,6 +176,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             request_id=rid,
             output_policy=self.output_policy,
             extra=extra,
+            evidence=p.recall.evidence if p.recall is not None else None,
+            corpus_root=p.recall.corpus_root if p.recall is not None else None,
         )
         ack = await self.writer.submit(env, wait=request.wait_for_inclusion)
         resp = pb.PredictResponse(
@@ -148,6 +194,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             envelope=env.to_bytes(),
             verifier_reason=str(p.verdict.get("reason", "")),
         )
+        _recall_pb(resp, p)
         _set_receipt(resp, ack)
         return resp
 
@@ -251,6 +298,7 @@ async def start(
     teacher: Any = None,
     teacher_task: Any = None,
     spool: str | os.PathLike[str] | None = None,
+    receipt_ack: str = "ledger",
     max_batch: int = 32,
     max_wait_ms: float = 1.0,
     output_policy: str = "full",
@@ -261,6 +309,8 @@ async def start(
     """Start the service; loads ``artifacts`` first (any refusal raises). Port 0 picks one.
 
     ``credentials``: mutual TLS for this service; ``ledger_credentials``: toward the ledger.
+    ``receipt_ack="spool"`` (needs ``spool``): answer once the receipt is in the local
+    spool, not the ledger (see :class:`~kolm_infer.receipts.ReceiptWriter`).
     """
     if output_policy not in OUTPUT_POLICIES:
         raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
@@ -276,7 +326,7 @@ async def start(
         await asyncio.to_thread(engine.load, Path(path))
     client = AsyncLedgerClient(ledger, timeout=10.0, credentials=ledger_credentials)
     sp = Spool(spool) if spool else None
-    writer = ReceiptWriter(client, spool=sp)
+    writer = ReceiptWriter(client, spool=sp, ack=receipt_ack)
     await writer.start()
     server = rpc.new_server([*([AuthzInterceptor()] if credentials else []), *interceptors])
     pb_grpc.add_InferenceServicer_to_server(

@@ -132,6 +132,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         if v.kind != "prediction":
             if a.input is not None:
                 raise KolmError(f"--input/--salt apply to prediction receipts, not {v.kind!r}")
+            if a.artifact is not None:
+                raise KolmError(f"--artifact applies to prediction receipts, not {v.kind!r}")
             print(
                 f"OK: {v.kind} receipt at index {v.index} signed by {v.role} key "
                 f"{v.keyid[:16]}, included in checkpoint {v.checkpoint.origin} "
@@ -163,8 +165,15 @@ def cmd_verify(a: argparse.Namespace) -> int:
                 salt = bytes.fromhex(a.salt)
             except ValueError as e:
                 raise KolmError(f"--salt: not hex: {e}") from e
+        if a.artifact is not None and not Path(a.artifact).is_file():
+            raise KolmError(f"--artifact {a.artifact}: no such file")
         p = verify_prediction(
-            bundle, trust, artifact_bundle=artifact_bundle, input_value=input_value, salt=salt
+            bundle,
+            trust,
+            artifact_bundle=artifact_bundle,
+            input_value=input_value,
+            salt=salt,
+            artifact_file=a.artifact,
         )
     except KolmError as e:
         step = getattr(e, "step", None)
@@ -182,7 +191,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
     tail = f"; output {out}, backend {p.backend}{f' ({p.reason})' if p.reason else ''}" + (
         f", artifact K-score {p.k_score:.1f}" if p.k_score is not None else ""
     )
-    if p.artifact is None and not p.input_checked:
+    if p.artifact is None and not p.input_checked and not p.evidence_checked:
+        if p.evidence:
+            tail += f"; {len(p.evidence)} evidence chunk(s) not checked (give --artifact FILE)"
         print(head + tail)  # steps 1-7 only: one line, like every other kind
         return 0
     print(f"(1-3) signature by infer key {r.keyid[:16]} verifies")
@@ -201,6 +212,21 @@ def cmd_verify(a: argparse.Namespace) -> int:
         print("(9)   the input matches the commitment")
     else:
         print("(9)   input commitment not checked (give --input FILE --salt HEX)")
+    ids = ", ".join(str(e.get("id"))[:60] for e in p.evidence[:10])
+    if p.evidence_checked:
+        print(
+            f"(10)  {len(p.evidence)} evidence chunk(s) are in the signed corpus "
+            f"{str(p.corpus_root)[:16]}… (from the {p.corpus_source}): {ids}"
+        )
+    elif p.evidence:
+        why = (
+            "the artifact receipt records no corpus root; give --artifact FILE.kolm"
+            if p.artifact is not None
+            else "give --ledger HOST:PORT or --artifact FILE.kolm"
+        )
+        print(f"(10)  {len(p.evidence)} evidence chunk(s) not checked ({why}): {ids}")
+    else:
+        print("(10)  no evidence cited (no recall)")
     print(head + tail)
     return 0
 
@@ -559,7 +585,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     ls.add_argument("--listen", default="127.0.0.1:7070")
     ls.add_argument("--metrics-port", type=int, help="Prometheus metrics on this HTTP port")
     ls.add_argument("--max-batch", type=int, default=1000, help="entries per group commit")
-    ls.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait to fill a batch")
+    ls.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="extra wait to fill a batch (default 0: commit at once; what arrives"
+        " during a commit goes in the next batch)",
+    )
     ls.add_argument(
         "--max-queue", type=int, default=50_000, help="queued entries before RESOURCE_EXHAUSTED"
     )
@@ -577,7 +609,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         "--witness-policy",
         choices=("required", "best-effort"),
         default="best-effort",
-        help="required: a batch fails (UNAVAILABLE) unless every witness cosigns",
+        help=(
+            "required: an append is acknowledged only once every witness cosigned its"
+            " checkpoint; otherwise UNAVAILABLE, though the entries are already durable"
+            " and a retry returns them once the witnesses cosign"
+        ),
     )
     _tls().add_server_tls_arguments(ls)
     ls.set_defaults(func=cmd_ledger_serve)
@@ -594,6 +630,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     v.add_argument("--leaf-hash", help="hex leaf hash")
     v.add_argument("--input", help="prediction: a file holding the input text, to check")
     v.add_argument("--salt", help="prediction: the hex salt returned with the answer")
+    v.add_argument(
+        "--artifact",
+        help="prediction: the .kolm it names; checks cited recall chunks against its index",
+    )
     v.add_argument(
         "--witnesses", help="file of witness vkeys (one per line) to demand cosignatures"
     )

@@ -17,6 +17,10 @@ no sqlite-vec, no torch and no kolm server. The rules:
   ``"label"``), the proof being the inclusion proof of leaf ``position`` in the tree of
   ``corpus_size`` leaves.
 
+:func:`read_artifact_corpus` verifies a ``.kolm`` file's signature and recall index with
+nothing but this package (for ``kolm verify --artifact``): the signed corpus root, the
+corpus tree and the cited rows, so evidence ids, labels and texts can be checked too.
+
 Example::
 
     >>> from kolm_ledger.recall_proof import CorpusTree, chunk_digest, verify_evidence
@@ -29,19 +33,37 @@ Example::
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
+import os
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+import sqlite3
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 from .canonical import digest_hex
-from .errors import InclusionProofError, InvalidInput
+from .dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, Signature, verify_signature
+from .errors import ArtifactError, InclusionProofError, InvalidInput, KolmError
 from .merkle import MemoryTree, hash_leaf, root_from_leaves, verify_inclusion
 
+if TYPE_CHECKING:
+    from .keys import TrustRoot
+
 __all__ = [
+    "ArtifactChunk",
+    "ArtifactCorpus",
     "CorpusTree",
     "chunk_digest",
     "corpus_leaf",
     "corpus_root",
+    "read_artifact_corpus",
     "verify_evidence",
 ]
 
@@ -174,3 +196,202 @@ def verify_evidence(
             )
         except InclusionProofError as e:
             raise _fail(name, f"not in the corpus (position {pos} of {corpus_size}): {e}") from e
+
+
+# --------------------------------------------------------------------------- the artifact file
+
+_SIGNATURE_FILE = "model.sig"
+_MODEL_SIGNING_PREDICATE = "https://model_signing/signature/v1.0"
+
+
+@dataclass(frozen=True)
+class ArtifactChunk:
+    """One chunk row of an artifact's recall index."""
+
+    position: int
+    id: str
+    digest: str
+    text: str
+    label: str | None
+
+
+@dataclass(frozen=True)
+class ArtifactCorpus:
+    """The signed corpus of a verified ``.kolm`` file (see :func:`read_artifact_corpus`)."""
+
+    artifact_digest: str
+    signer_keyid: str
+    corpus_root: str
+    size: int
+    tree: CorpusTree
+    chunks: Mapping[int, ArtifactChunk]  # the requested positions only
+
+
+def _sha256_stream(src: Any, dst: Any) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: src.read(1 << 20), b""):
+        h.update(block)
+        if dst is not None:
+            dst.write(block)
+    return h.hexdigest()
+
+
+def read_artifact_corpus(
+    path: str | os.PathLike[str],
+    trust: TrustRoot,
+    *,
+    artifact_digest: str,
+    at: datetime,
+    positions: Iterable[int] = (),
+) -> ArtifactCorpus:
+    """Verify a ``.kolm`` file's signature and recall index; return its signed corpus.
+
+    Torch-, sqlite-vec- and ``kolm_compile``-free (an auditor's check; the inference
+    service uses ``kolm_compile.artifact.verify_artifact``). Raises
+    :class:`~kolm_ledger.errors.ArtifactError` naming what failed. Steps:
+
+      1. ``model.sig`` (the OpenSSF model-signing DSSE envelope) is signed by a
+         ``compile`` key of ``trust`` valid at ``at`` (the prediction's time);
+      2. its subject digest is the SHA-256 over the listed file digests and equals
+         ``artifact_digest`` (the artifact the prediction names);
+      3. ``manifest.json`` and the recall index file it names hash to their listed
+         digests (only the files read here are hashed: the signature covers the list);
+      4. the index's chunk digests, in position order, give the manifest's
+         ``recall.corpus_root`` over ``recall.chunks`` chunks (this builds the corpus tree);
+      5. the rows at ``positions`` are returned (the caller compares them with the evidence).
+    """
+    p = Path(path)
+    name = p.name
+    try:
+        z = zipfile.ZipFile(p)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ArtifactError(f"{name}: not a readable zip archive: {e}") from e
+    with z, tempfile.TemporaryDirectory(prefix="kolm-verify-") as tmp:
+        names = z.namelist()
+        tops = {PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts}
+        if len(tops) != 1:
+            raise ArtifactError(f"{name}: want one top-level folder, found {sorted(tops)[:5]}")
+        top = tops.pop()
+
+        def member(rel: str) -> str:
+            m = f"{top}/{rel}"
+            if m not in names:
+                raise ArtifactError(f"{name}: no {rel}")
+            return m
+
+        # (1) the signature over the model-signing statement
+        try:
+            sig_obj = json.loads(z.read(member(_SIGNATURE_FILE)))
+            env_obj = sig_obj["dsseEnvelope"]
+            payload = base64.b64decode(env_obj["payload"], validate=True)
+            sigs = [base64.b64decode(s["sig"], validate=True) for s in env_obj["signatures"]]
+            if env_obj["payloadType"] != IN_TOTO_PAYLOAD_TYPE or not sigs:
+                raise ValueError("not an in-toto DSSE envelope with a signature")
+            st = json.loads(payload)
+            if st.get("predicateType") != _MODEL_SIGNING_PREDICATE:
+                raise ValueError(f"predicateType {str(st.get('predicateType'))[:80]!r}")
+            res = st["predicate"]["resources"]
+            if any(r.get("algorithm") != "sha256" for r in res):
+                raise ValueError("only sha256 resources are accepted")
+            resources = [(str(r["name"]), str(r["digest"])) for r in res]
+            claimed = str(st["subject"][0]["digest"]["sha256"])
+            listed = dict(resources)
+        except ArtifactError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, binascii.Error, RecursionError) as e:
+            raise ArtifactError(f"{name}: malformed {_SIGNATURE_FILE}: {e}") from e
+        signer = None
+        for k in trust.by_role("compile"):
+            try:
+                verify_signature(
+                    Envelope(
+                        payload, IN_TOTO_PAYLOAD_TYPE, tuple(Signature(k.keyid, s) for s in sigs)
+                    ),
+                    k.public_key,
+                )
+                k.check_valid_at(at)
+            except KolmError:
+                continue
+            signer = k
+            break
+        if signer is None:
+            raise ArtifactError(
+                f"{name}: {_SIGNATURE_FILE} is not signed by a compile key of the trust root "
+                f"valid at {at.isoformat()}"
+            )
+        # (2) the subject digest is the artifact the prediction names
+        h = hashlib.sha256()
+        try:
+            for _, d in resources:
+                h.update(bytes.fromhex(d))
+        except ValueError as e:
+            raise ArtifactError(f"{name}: malformed file digest in {_SIGNATURE_FILE}") from e
+        if h.hexdigest() != claimed:
+            raise ArtifactError(f"{name}: subject digest does not match the listed files")
+        if claimed != artifact_digest:
+            raise ArtifactError(
+                f"{name} is artifact {claimed[:16]}…, the prediction names {artifact_digest[:16]}…"
+            )
+
+        # (3) the files read here match their signed digests
+        def extract(rel: str) -> Path:
+            if rel not in listed:
+                raise ArtifactError(f"{name}: {rel} is not listed in {_SIGNATURE_FILE}")
+            out = Path(tmp) / hashlib.sha256(rel.encode()).hexdigest()
+            try:
+                with z.open(member(rel)) as src, open(out, "wb") as dst:
+                    got = _sha256_stream(src, dst)
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise ArtifactError(f"{name}: corrupt entry {rel}: {e}") from e
+            if got != listed[rel]:
+                raise ArtifactError(
+                    f"{name}: {rel} has digest {got[:16]}…, the signed manifest says "
+                    f"{listed[rel][:16]}…"
+                )
+            return out
+
+        try:
+            manifest = json.loads(extract("manifest.json").read_bytes())
+            rc = manifest["recall"]
+            root, size, rel = str(rc["corpus_root"]), int(rc["chunks"]), str(rc["index"])
+        except ArtifactError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{name}: manifest.json has no valid recall field ({e})") from e
+        if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+            raise ArtifactError(f"{name}: recall index path {rel[:80]!r} is unsafe")
+        db = extract(rel)
+        # (4) the chunk digests give the signed corpus root
+        want = sorted({int(x) for x in positions})
+        try:
+            conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                digests = [
+                    r[0] for r in conn.execute("SELECT digest FROM chunks ORDER BY position")
+                ]
+                rows = {
+                    r[0]: ArtifactChunk(int(r[0]), r[1], r[2], r[3], r[4])
+                    for pos in want
+                    for r in conn.execute(
+                        "SELECT position, id, digest, text, label FROM chunks WHERE position = ?",
+                        (pos,),
+                    )
+                }
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as e:
+            raise ArtifactError(f"{name}: {rel} is not a readable recall database: {e}") from e
+        if len(digests) != size or size < 1:
+            raise ArtifactError(
+                f"{name}: {rel} holds {len(digests)} chunks, the manifest says {size}"
+            )
+        try:
+            tree = CorpusTree(digests)
+        except InvalidInput as e:
+            raise ArtifactError(f"{name}: {rel}: {e}") from e
+        if tree.root_hex != root:
+            raise ArtifactError(
+                f"{name}: the chunks of {rel} give corpus root {tree.root_hex[:16]}…, the "
+                f"manifest says {root[:16]}…"
+            )
+    return ArtifactCorpus(claimed, signer.keyid, root, size, tree, rows)

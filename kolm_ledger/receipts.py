@@ -94,6 +94,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 
+_REQUIRED_SETS: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in REQUIRED.items()}
+_STATEMENT_FIELDS = frozenset({"_type", "subject", "predicateType", "predicate"})
+_KIND_OF: dict[str, str] = {f"{PREDICATE_PREFIX}{k}:v1": k for k in KINDS}
+
+
 def predicate_type(kind: str) -> str:
     """The predicate type URI of ``kind``."""
     if kind not in KINDS:
@@ -103,6 +108,9 @@ def predicate_type(kind: str) -> str:
 
 def kind_of(ptype: str) -> str:
     """The kind named by predicate type ``ptype``; raises for a foreign type."""
+    kind = _KIND_OF.get(ptype)
+    if kind is not None:
+        return kind
     if ptype.startswith(PREDICATE_PREFIX) and ptype.endswith(":v1"):
         kind = ptype[len(PREDICATE_PREFIX) : -3]
         if kind in KINDS:
@@ -179,23 +187,25 @@ class Statement:
             raise StatementFormatError(
                 f"statement._type: {str(obj.get('_type'))[:80]!r}, want {STATEMENT_TYPE!r}"
             )
-        unknown = sorted(obj.keys() - {"_type", "subject", "predicateType", "predicate"})
-        if unknown:
+        if not obj.keys() <= _STATEMENT_FIELDS:
+            unknown = sorted(obj.keys() - _STATEMENT_FIELDS)
             raise StatementFormatError(f"statement: unknown field(s) {', '.join(unknown)}")
         subj = obj.get("subject")
         if not isinstance(subj, list) or not subj:
             raise StatementFormatError("statement.subject: want a non-empty list")
         subjects: list[Subject] = []
         for i, s in enumerate(subj):
-            where = f"statement.subject[{i}]"
             if not isinstance(s, dict):
-                raise StatementFormatError(f"{where}: want an object")
+                raise StatementFormatError(f"statement.subject[{i}]: want an object")
             name, digest = s.get("name"), s.get("digest")
             if not isinstance(name, str):
-                raise StatementFormatError(f"{where}.name: want a string")
-            if not isinstance(digest, dict) or not _is_hex64(digest.get("sha256")):
-                raise StatementFormatError(f"{where}.digest.sha256: want 64 lowercase hex digits")
-            subjects.append(Subject(name, digest["sha256"]))
+                raise StatementFormatError(f"statement.subject[{i}].name: want a string")
+            sha = digest.get("sha256") if isinstance(digest, dict) else None
+            if not isinstance(sha, str) or _HEX64.fullmatch(sha) is None:
+                raise StatementFormatError(
+                    f"statement.subject[{i}].digest.sha256: want 64 lowercase hex digits"
+                )
+            subjects.append(Subject(name, sha))
         ptype = obj.get("predicateType")
         if not isinstance(ptype, str):
             raise StatementFormatError("statement.predicateType: want a string")
@@ -203,8 +213,8 @@ class Statement:
         pred = obj.get("predicate")
         if not isinstance(pred, dict):
             raise StatementFormatError("statement.predicate: want an object")
-        missing = [f for f in REQUIRED[kind] if f not in pred]
-        if missing:
+        if not pred.keys() >= _REQUIRED_SETS[kind]:
+            missing = [f for f in REQUIRED[kind] if f not in pred]
             raise StatementFormatError(
                 f"statement.predicate: {kind} receipt is missing {', '.join(missing)}"
             )
@@ -214,7 +224,11 @@ class Statement:
     def from_bytes(cls, data: bytes) -> Statement:
         """Parse statement JSON bytes."""
         try:
-            obj = json.loads(data)
+            if data[:1] == b"{" and data[1:2] != b"\x00":
+                # what json.loads(bytes) detects as UTF-8, without its detection pass
+                obj = json.loads(data.decode("utf-8", "surrogatepass"))
+            else:
+                obj = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise StatementFormatError(f"statement is not JSON: {e}") from e
         return cls.from_json(obj)
@@ -373,12 +387,27 @@ def prediction_statement(
     latency_ms: float,
     request_id: str,
     evidence: Sequence[Mapping[str, Any]] | None = None,
+    corpus_root: str | None = None,
     extra: Mapping[str, Any] | None = None,
     time: datetime | None = None,
 ) -> Statement:
-    """A ``prediction`` receipt: one answer of the inference service."""
+    """A ``prediction`` receipt: one answer of the inference service.
+
+    ``evidence`` (recall): the cited chunks, each ``{"id", "digest", "position",
+    "proof"}`` (plus ``"label"`` for a labelled chunk), as made by
+    ``kolm_compile.recall.evidence``; ``corpus_root`` is the hex corpus root they prove
+    into. Give both or neither (else :class:`StatementFormatError`).
+    """
     if backend not in ("student", "teacher"):
         raise StatementFormatError(f"prediction backend {backend!r}, want 'student' or 'teacher'")
+    if (evidence is None) != (corpus_root is None):
+        raise StatementFormatError("prediction evidence and corpus_root go together: give both")
+    if corpus_root is not None and (
+        not isinstance(corpus_root, str) or _HEX64.fullmatch(corpus_root) is None
+    ):
+        raise StatementFormatError("prediction corpus_root: want 64 lowercase hex digits")
+    if evidence is not None and not all(isinstance(e, Mapping) for e in evidence):
+        raise StatementFormatError("prediction evidence: want a list of objects")
     pred: dict[str, Any] = {
         "artifact_digest": artifact_digest,
         "input_commitment": input_commitment,
@@ -394,6 +423,7 @@ def prediction_statement(
         pred["output"] = output
     if evidence is not None:
         pred["evidence"] = [dict(e) for e in evidence]
+        pred["corpus_root"] = corpus_root
     return _statement("prediction", [Subject("output", output_digest)], pred)
 
 

@@ -26,6 +26,14 @@ For a ``prediction`` receipt, :func:`verify_prediction` goes on::
                                 its subject is the artifact digest the prediction names
     (9) check input commitment  ``SHA-256(salt || JCS(input))`` equals the receipt's
                                 ``input_commitment`` (the caller alone holds the salt)
+    (10) check evidence         every chunk the receipt cites (recall ``evidence``) is in
+                                the signed corpus: the corpus root and size come from the
+                                verified artifact receipt (``corpus_root``/``corpus_chunks``)
+                                or from the verified ``.kolm`` file, never from the
+                                prediction receipt, whose own ``corpus_root`` must match;
+                                with the file, each cited chunk's id, digest and label must
+                                also be the index row at its position, its digest must
+                                recompute from that row's text, and missing proofs are made
 
 The canonical input is the RFC 8785 (JCS) JSON of the input value: for a
 ``classify`` task the input is a JSON string, so ``"where is my card?"`` is
@@ -41,12 +49,13 @@ Example::
 
     >>> from kolm_ledger.verify import STEPS
     >>> STEPS[0], STEPS[6], STEPS[-1]
-    ('parse bundle', 'check inclusion', 'check input commitment')
+    ('parse bundle', 'check inclusion', 'check evidence')
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -69,6 +78,7 @@ from .errors import (
     VerificationError,
 )
 from .keys import Role, TrustedKey, TrustRoot
+from .recall_proof import read_artifact_corpus, verify_evidence
 from .receipts import Statement
 from .witness import CosignatureVerifier, verify_cosignatures
 
@@ -95,6 +105,7 @@ STEPS: tuple[str, ...] = (
     "check inclusion",
     "check artifact receipt",
     "check input commitment",
+    "check evidence",
 )
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -299,6 +310,10 @@ class VerifiedPrediction:
 
     ``artifact`` is the verified artifact receipt (``None`` when none was given, so step
     8 did not run) and ``k_score`` its K-score; ``input_checked`` says step 9 ran.
+    ``evidence`` is the receipt's cited chunks (empty without recall) and
+    ``corpus_root`` the root it names; ``evidence_checked`` says step 10 proved them in
+    the signed corpus, whose root and size came from ``corpus_source``
+    (``"artifact receipt"``, ``"artifact file"``, or both joined by ``" and "``).
     """
 
     receipt: VerifiedReceipt
@@ -309,6 +324,10 @@ class VerifiedPrediction:
     artifact: VerifiedReceipt | None
     k_score: float | None
     input_checked: bool
+    evidence: tuple[Mapping[str, Any], ...] = ()
+    corpus_root: str | None = None
+    evidence_checked: bool = False
+    corpus_source: str | None = None
 
 
 def _hex64(pred: Mapping[str, Any], field: str) -> str:
@@ -337,6 +356,103 @@ def _check_prediction(statement: Statement) -> None:
             raise StatementFormatError(
                 f"output digest {got[:16]}… does not match the subject digest {want[:16]}…"
             )
+    if "evidence" in pred or "corpus_root" in pred:
+        if not isinstance(pred.get("evidence"), list):
+            raise StatementFormatError("statement.predicate.evidence: want a list")
+        _hex64(pred, "corpus_root")
+
+
+def _trusted_corpus(artifact: VerifiedReceipt) -> tuple[str, int] | None:
+    """``(corpus_root, corpus_chunks)`` from a verified artifact receipt, if it names them."""
+    ap = artifact.statement.predicate
+    if "corpus_root" not in ap and "corpus_chunks" not in ap:
+        return None
+    root, n = ap.get("corpus_root"), ap.get("corpus_chunks")
+    if not isinstance(root, str) or _HEX64.fullmatch(root) is None:
+        raise StatementFormatError("artifact receipt corpus_root: want 64 lowercase hex digits")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise StatementFormatError("artifact receipt corpus_chunks: want an integer >= 1")
+    return root, n
+
+
+def _check_evidence(
+    pred: Mapping[str, Any],
+    evidence: list[Any],
+    trust: TrustRoot,
+    artifact: VerifiedReceipt | None,
+    artifact_file: str | os.PathLike[str] | None,
+    at: datetime,
+) -> str | None:
+    """Step 10; returns the corpus source, or ``None`` when no trusted corpus was given."""
+    sources: dict[str, tuple[str, int]] = {}
+    if artifact is not None:
+        got = _trusted_corpus(artifact)
+        if got is not None:
+            sources["artifact receipt"] = got
+    corpus = None
+    if artifact_file is not None:
+        positions = [
+            e["position"]
+            for e in evidence
+            if isinstance(e, Mapping)
+            and isinstance(e.get("position"), int)
+            and not isinstance(e.get("position"), bool)
+        ]
+        corpus = read_artifact_corpus(
+            artifact_file,
+            trust,
+            artifact_digest=str(pred["artifact_digest"]),
+            at=at,
+            positions=positions,
+        )
+        sources["artifact file"] = (corpus.corpus_root, corpus.size)
+    if not sources:
+        return None
+    (root, size), *others = sources.values()
+    if any(o != (root, size) for o in others):
+        a, b = sources["artifact receipt"], sources["artifact file"]
+        raise VerificationError(
+            f"the artifact receipt's corpus (root {a[0][:16]}…, {a[1]} chunks) is not the "
+            f"artifact file's (root {b[0][:16]}…, {b[1]} chunks)"
+        )
+    named = str(pred["corpus_root"])
+    if named != root:
+        raise VerificationError(
+            f"the receipt's corpus_root {named[:16]}… is not the artifact's signed corpus "
+            f"root {root[:16]}…"
+        )
+    items: list[Any] = list(evidence)
+    texts: dict[str, str] | None = None
+    if corpus is not None:
+        texts = {}
+        for n, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                continue  # verify_evidence names it
+            cid = item.get("id")
+            name = repr(cid) if isinstance(cid, str) else f"[{n}]"
+            row = corpus.chunks.get(item.get("position"))  # type: ignore[arg-type]
+            if row is None:
+                continue  # out of range: verify_evidence names it
+            for field, have in (("id", row.id), ("digest", row.digest), ("label", row.label)):
+                if item.get(field) != have:
+                    raise VerificationError(
+                        f"evidence chunk {name}: {field} {str(item.get(field))[:80]!r} is not "
+                        f"the artifact's chunk at position {row.position} ({str(have)[:80]!r})"
+                    )
+            texts[row.id] = row.text
+            if "proof" not in item:  # a receipt without proofs: make them from the file
+                items[n] = {**item, "proof": [h.hex() for h in corpus.tree.proof(row.position)]}
+    else:
+        for n, item in enumerate(items):
+            if isinstance(item, Mapping) and "proof" not in item:
+                cid = item.get("id")
+                name = repr(cid) if isinstance(cid, str) else f"[{n}]"
+                raise VerificationError(
+                    f"evidence chunk {name}: the receipt holds no inclusion proof; give the "
+                    "artifact file to compute it"
+                )
+    verify_evidence(items, root, size, texts=texts)
+    return " and ".join(sources)
 
 
 def verify_prediction(
@@ -346,12 +462,13 @@ def verify_prediction(
     artifact_bundle: Bundle | None = None,
     input_value: Any = None,
     salt: bytes | None = None,
+    artifact_file: str | os.PathLike[str] | None = None,
     origin: str | None = None,
     now: datetime | None = None,
     witnesses: Sequence[CosignatureVerifier] = (),
     min_witnesses: int = 0,
 ) -> VerifiedPrediction:
-    """Verify a ``prediction`` receipt bundle offline: steps 2-7, then 8 and 9.
+    """Verify a ``prediction`` receipt bundle offline: steps 2-7, then 8, 9 and 10.
 
     Steps 2-7 are :func:`verify_bundle`'s (the key must be an ``infer`` key valid at the
     receipt's time); then the statement must be a well-formed prediction whose
@@ -362,6 +479,15 @@ def verify_prediction(
         receipt and names the artifact digest the prediction names;
     (9) with ``salt`` (and ``input_value``; ``None`` is not an input): the commitment
         recomputes. Giving one of ``input_value`` / ``salt`` without the other is an error.
+    (10) when the receipt cites recall ``evidence`` and a trusted corpus is at hand — the
+        artifact receipt of step 8 recording ``corpus_root``/``corpus_chunks``, and/or
+        ``artifact_file`` (the ``.kolm``, verified here by signature and digest with
+        :func:`kolm_ledger.recall_proof.read_artifact_corpus`) — the receipt's
+        ``corpus_root`` is that root and every cited chunk verifies
+        (:func:`kolm_ledger.recall_proof.verify_evidence`; failures name the chunk). Without
+        a trusted corpus the step does not run (``evidence_checked`` is false): a root taken
+        from the prediction receipt alone proves nothing. Without the file, ids and labels
+        are bound to the digests only through the chunk text, so only the file checks them.
 
     Raises a :class:`~kolm_ledger.errors.KolmError` subclass with ``step`` set.
     """
@@ -410,7 +536,14 @@ def verify_prediction(
                     f"match the receipt's {want[:16]}…"
                 )
             checked = True
+    # (10) check the evidence against the signed corpus
+    evidence = pred.get("evidence")
+    source = None
+    if isinstance(evidence, list):
+        with _step(10):
+            source = _check_evidence(pred, evidence, trust, artifact, artifact_file, receipt.time)
     reason = pred.get("reason")
+    root = pred.get("corpus_root")
     return VerifiedPrediction(
         receipt=receipt,
         artifact_digest=digest,
@@ -420,4 +553,10 @@ def verify_prediction(
         artifact=artifact,
         k_score=k_score,
         input_checked=checked,
+        evidence=tuple(e for e in evidence if isinstance(e, Mapping))
+        if isinstance(evidence, list)
+        else (),
+        corpus_root=root if isinstance(root, str) else None,
+        evidence_checked=source is not None,
+        corpus_source=source,
     )

@@ -200,6 +200,7 @@ def test_steps() -> None:
         "check inclusion",
         "check artifact receipt",
         "check input commitment",
+        "check evidence",
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kolm/infer/v1/infer.proto\x12\rkolm.infer.v1\"M\n\x13LoadArtifactRequest\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0c\n\x04name\x18\x03 \x01(\tB\x08\n\x06source\"\xdc\x01\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x13\n\x0b\x66ile_digest\x18\x03 \x01(\t\x12\x11\n\ttask_type\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x1c\n\x14\x63onfidence_threshold\x18\x06 \x01(\x01\x12\x0f\n\x07k_score\x18\x07 \x01(\x01\x12\x1e\n\x16\x61rtifact_receipt_index\x18\x08 \x01(\x04\x12\x10\n\x08verifier\x18\t \x01(\t\x12\x15\n\rsigner_key_id\x18\n \x01(\t\"a\n\x0ePredictRequest\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1a\n\x12wait_for_inclusion\x18\x04 \x01(\x08\"z\n\x07Promise\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x11\n\tleaf_hash\x18\x03 \x01(\x0c\x12\x1a\n\x12integrated_time_us\x18\x04 \x01(\x04\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xd7\x02\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x10\n\x08verified\x18\x03 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nconfidence\x18\x06 \x01(\x01\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\x17\n\x0f\x61rtifact_digest\x18\x08 \x01(\t\x12\x0c\n\x04salt\x18\t \x01(\x0c\x12\x18\n\x10input_commitment\x18\n \x01(\t\x12\x10\n\x08\x65nvelope\x18\x0b \x01(\x0c\x12)\n\x07promise\x18\x0c \x01(\x0b\x32\x16.kolm.infer.v1.PromiseH\x00\x12\x10\n\x06\x62undle\x18\r \x01(\x0cH\x00\x12\x11\n\x07spooled\x18\x0e \x01(\x08H\x00\x12\x17\n\x0fverifier_reason\x18\x0f \x01(\tB\t\n\x07receipt\"\x16\n\x14ListArtifactsRequest\"G\n\x15ListArtifactsResponse\x12.\n\tartifacts\x18\x01 \x03(\x0b\x32\x1b.kolm.infer.v1.ArtifactInfo\")\n\x15UnloadArtifactRequest\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\"(\n\x16UnloadArtifactResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t2\xb5\x03\n\tInference\x12O\n\x0cLoadArtifact\x12\".kolm.infer.v1.LoadArtifactRequest\x1a\x1b.kolm.infer.v1.ArtifactInfo\x12H\n\x07Predict\x12\x1d.kolm.infer.v1.PredictRequest\x1a\x1e.kolm.infer.v1.PredictResponse\x12R\n\rPredictStream\x12\x1d.kolm.infer.v1.PredictRequest\x1a\x1e.kolm.infer.v1.PredictResponse(\x01\x30\x01\x12Z\n\rListArtifacts\x12#.kolm.infer.v1.ListArtifactsRequest\x1a$.kolm.infer.v1.ListArtifactsResponse\x12]\n\x0eUnloadArtifact\x12$.kolm.infer.v1.UnloadArtifactRequest\x1a%.kolm.infer.v1.UnloadArtifactResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kolm/infer/v1/infer.proto\x12\rkolm.infer.v1\"M\n\x13LoadArtifactRequest\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0c\n\x04name\x18\x03 \x01(\tB\x08\n\x06source\"\x87\x02\n\x0c\x41rtifactInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x13\n\x0b\x66ile_digest\x18\x03 \x01(\t\x12\x11\n\ttask_type\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\x1c\n\x14\x63onfidence_threshold\x18\x06 \x01(\x01\x12\x0f\n\x07k_score\x18\x07 \x01(\x01\x12\x1e\n\x16\x61rtifact_receipt_index\x18\x08 \x01(\x04\x12\x10\n\x08verifier\x18\t \x01(\t\x12\x15\n\rsigner_key_id\x18\n \x01(\t\x12)\n\x06recall\x18\x0b \x01(\x0b\x32\x19.kolm.infer.v1.RecallInfo\"o\n\nRecallInfo\x12\x13\n\x0b\x63orpus_root\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\x12\x11\n\tdefault_k\x18\x03 \x01(\r\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x10\n\x08labelled\x18\x05 \x01(\x08\"\x85\x01\n\x0ePredictRequest\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1a\n\x12wait_for_inclusion\x18\x04 \x01(\x08\x12\x15\n\x08recall_k\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_recall_k\"d\n\x08\x45vidence\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\r\n\x05label\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x0c\n\x04text\x18\x06 \x01(\t\"N\n\nRecallVote\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\x12\x12\n\nneighbours\x18\x03 \x01(\r\x12\x0e\n\x06\x61grees\x18\x04 \x01(\x08\"z\n\x07Promise\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x11\n\tleaf_hash\x18\x03 \x01(\x0c\x12\x1a\n\x12integrated_time_us\x18\x04 \x01(\x04\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xd9\x03\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x10\n\x08verified\x18\x03 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nconfidence\x18\x06 \x01(\x01\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\x17\n\x0f\x61rtifact_digest\x18\x08 \x01(\t\x12\x0c\n\x04salt\x18\t \x01(\x0c\x12\x18\n\x10input_commitment\x18\n \x01(\t\x12\x10\n\x08\x65nvelope\x18\x0b \x01(\x0c\x12)\n\x07promise\x18\x0c \x01(\x0b\x32\x16.kolm.infer.v1.PromiseH\x00\x12\x10\n\x06\x62undle\x18\r \x01(\x0cH\x00\x12\x11\n\x07spooled\x18\x0e \x01(\x08H\x00\x12\x17\n\x0fverifier_reason\x18\x0f \x01(\t\x12)\n\x08\x65vidence\x18\x10 \x03(\x0b\x32\x17.kolm.infer.v1.Evidence\x12\x13\n\x0b\x63orpus_root\x18\x11 \x01(\t\x12\x10\n\x08recall_k\x18\x12 \x01(\r\x12.\n\x0brecall_vote\x18\x13 \x01(\x0b\x32\x19.kolm.infer.v1.RecallVoteB\t\n\x07receipt\"\x16\n\x14ListArtifactsRequest\"G\n\x15ListArtifactsResponse\x12.\n\tartifacts\x18\x01 \x03(\x0b\x32\x1b.kolm.infer.v1.ArtifactInfo\")\n\x15UnloadArtifactRequest\x12\x10\n\x08\x61rtifact\x18\x01 \x01(\t\"(\n\x16UnloadArtifactResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t2\xb5\x03\n\tInference\x12O\n\x0cLoadArtifact\x12\".kolm.infer.v1.LoadArtifactRequest\x1a\x1b.kolm.infer.v1.ArtifactInfo\x12H\n\x07Predict\x12\x1d.kolm.infer.v1.PredictRequest\x1a\x1e.kolm.infer.v1.PredictResponse\x12R\n\rPredictStream\x12\x1d.kolm.infer.v1.PredictRequest\x1a\x1e.kolm.infer.v1.PredictResponse(\x01\x30\x01\x12Z\n\rListArtifacts\x12#.kolm.infer.v1.ListArtifactsRequest\x1a$.kolm.infer.v1.ListArtifactsResponse\x12]\n\x0eUnloadArtifact\x12$.kolm.infer.v1.UnloadArtifactRequest\x1a%.kolm.infer.v1.UnloadArtifactResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADARTIFACTREQUEST']._serialized_start=44
   _globals['_LOADARTIFACTREQUEST']._serialized_end=121
   _globals['_ARTIFACTINFO']._serialized_start=124
-  _globals['_ARTIFACTINFO']._serialized_end=344
-  _globals['_PREDICTREQUEST']._serialized_start=346
-  _globals['_PREDICTREQUEST']._serialized_end=443
-  _globals['_PROMISE']._serialized_start=445
-  _globals['_PROMISE']._serialized_end=567
-  _globals['_PREDICTRESPONSE']._serialized_start=570
-  _globals['_PREDICTRESPONSE']._serialized_end=913
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=915
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=937
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=939
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1010
-  _globals['_UNLOADARTIFACTREQUEST']._serialized_start=1012
-  _globals['_UNLOADARTIFACTREQUEST']._serialized_end=1053
-  _globals['_UNLOADARTIFACTRESPONSE']._serialized_start=1055
-  _globals['_UNLOADARTIFACTRESPONSE']._serialized_end=1095
-  _globals['_INFERENCE']._serialized_start=1098
-  _globals['_INFERENCE']._serialized_end=1535
+  _globals['_ARTIFACTINFO']._serialized_end=387
+  _globals['_RECALLINFO']._serialized_start=389
+  _globals['_RECALLINFO']._serialized_end=500
+  _globals['_PREDICTREQUEST']._serialized_start=503
+  _globals['_PREDICTREQUEST']._serialized_end=636
+  _globals['_EVIDENCE']._serialized_start=638
+  _globals['_EVIDENCE']._serialized_end=738
+  _globals['_RECALLVOTE']._serialized_start=740
+  _globals['_RECALLVOTE']._serialized_end=818
+  _globals['_PROMISE']._serialized_start=820
+  _globals['_PROMISE']._serialized_end=942
+  _globals['_PREDICTRESPONSE']._serialized_start=945
+  _globals['_PREDICTRESPONSE']._serialized_end=1418
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=1420
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=1442
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=1444
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1515
+  _globals['_UNLOADARTIFACTREQUEST']._serialized_start=1517
+  _globals['_UNLOADARTIFACTREQUEST']._serialized_end=1558
+  _globals['_UNLOADARTIFACTRESPONSE']._serialized_start=1560
+  _globals['_UNLOADARTIFACTRESPONSE']._serialized_end=1600
+  _globals['_INFERENCE']._serialized_start=1603
+  _globals['_INFERENCE']._serialized_end=2040
 # @@protoc_insertion_point(module_scope)
