@@ -3,15 +3,18 @@
 - :func:`sign_prediction` builds the ``prediction`` statement of one answer (input
   commitment ``SHA-256(salt || JCS(input))`` with a fresh 32-byte salt that only the
   caller gets back) and signs it with the ``infer`` key.
-- :class:`ReceiptWriter` sends envelopes to the ledger through ``AppendStream`` in
-  batches (every receipt queued while a batch is in flight goes in the next one, up
-  to ``max_inflight`` batches at once) and resolves each submitter's future with the
-  ledger's acknowledgement: the signed promise, or with ``wait`` the offline bundle.
+- :class:`ReceiptWriter` sends envelopes to the ledger over one persistent
+  ``AppendStream`` in batches (every receipt queued while batches are in flight goes in
+  the next one, up to ``max_inflight`` batches at once) and resolves each submitter's
+  future with the ledger's acknowledgement: the signed promise, or with ``wait`` the
+  offline bundle (``ack="ledger"``, the default: fail closed).
 - :class:`Spool` is the optional durable local queue (SQLite, WAL,
   ``synchronous=FULL``): when the ledger is unreachable a receipt is committed to the
   spool *before* the answer goes out, and replayed in order once the ledger is back.
   While the spool holds anything, new receipts go behind it, so the ledger sees them
-  in the order they were made.
+  in the order they were made. With ``ack="spool"`` (opt-in) every receipt goes to the
+  spool first and the answer waits only for that local commit; a replayer ships the
+  spool to the ledger right after each write (durable locally, not yet in the ledger).
 
 Example::
 
@@ -25,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -49,6 +53,7 @@ from kolm_ledger.sequencer import Promise
 from kolm_ledger.verify import SALT_BYTES, input_commitment
 
 __all__ = [
+    "ACK_MODES",
     "OUTPUT_POLICIES",
     "Ack",
     "ReceiptWriter",
@@ -60,6 +65,9 @@ log = logging.getLogger("kolm.infer.receipts")
 
 #: ``full``: the receipt carries the output; ``digest``: only its digest (the subject).
 OUTPUT_POLICIES = ("full", "digest")
+#: When an answer may go out: ``ledger`` (the ledger acknowledged its receipt: fail
+#: closed) or ``spool`` (its receipt is committed to the local spool; opt-in).
+ACK_MODES = ("ledger", "spool")
 
 RECEIPTS = Counter("kolm_infer_receipts_total", "Prediction receipts by outcome", ["outcome"])
 SPOOL_DEPTH = Gauge("kolm_infer_spool_depth", "Receipts waiting in the local spool")
@@ -81,10 +89,13 @@ def sign_prediction(
     extra: Mapping[str, Any] | None = None,
     salt: bytes | None = None,
     time: datetime | None = None,
+    evidence: Sequence[Mapping[str, Any]] | None = None,
+    corpus_root: str | None = None,
 ) -> tuple[Envelope, bytes, str]:
     """Sign one prediction receipt; returns ``(envelope, salt, input_commitment)``.
 
     The salt is fresh (``os.urandom(32)``) unless given; hand it to the caller only.
+    ``evidence``/``corpus_root``: the recall chunks cited (both or neither).
     """
     if output_policy not in OUTPUT_POLICIES:
         raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
@@ -100,6 +111,8 @@ def sign_prediction(
         confidence=confidence,
         latency_ms=round(latency_ms, 3),
         request_id=request_id,
+        evidence=evidence,
+        corpus_root=corpus_root,
         extra={"reason": reason, **(extra or {})},
         time=time,
     )
@@ -120,7 +133,13 @@ class Ack:
 
 
 class Spool:
-    """A durable FIFO of envelopes (SQLite, WAL, ``synchronous=FULL``); thread-safe."""
+    """A durable FIFO of envelopes (SQLite, WAL, ``synchronous=FULL``); thread-safe.
+
+    ``put`` returns only after its commit is on disk. ``remove_through`` (entries the
+    ledger has acknowledged) commits without waiting for the disk: if a crash loses
+    that deletion, the entries are replayed once more, which the ledger answers as
+    idempotent duplicates.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -137,10 +156,11 @@ class Spool:
                 " envelope BLOB NOT NULL,"
                 " spooled_at REAL NOT NULL)"
             )
+            self._depth = int(self._db.execute("SELECT count(*) FROM spool").fetchone()[0])
         except sqlite3.Error as e:
             raise StorageError(f"cannot open spool {self.path}: {e}") from e
         self._lock = threading.Lock()
-        SPOOL_DEPTH.set(self.depth())
+        SPOOL_DEPTH.set(self._depth)
 
     def put(self, envelopes: Sequence[bytes], leaf_hashes: Sequence[bytes]) -> None:
         """Append envelopes in order, durably (returns after the commit is on disk)."""
@@ -156,7 +176,8 @@ class Spool:
             except sqlite3.Error as e:
                 self._db.execute("ROLLBACK") if self._db.in_transaction else None
                 raise StorageError(f"spool {self.path}: write failed: {e}") from e
-        SPOOL_DEPTH.set(self.depth())
+            self._depth += len(envelopes)
+            SPOOL_DEPTH.set(self._depth)
 
     def head(self, n: int) -> list[tuple[int, bytes]]:
         """The oldest ``n`` entries as ``(seq, envelope)``."""
@@ -168,13 +189,22 @@ class Spool:
     def remove_through(self, seq: int) -> None:
         """Forget every entry up to and including ``seq`` (they are in the ledger)."""
         with self._lock:
-            self._db.execute("DELETE FROM spool WHERE seq <= ?", (seq,))
-        SPOOL_DEPTH.set(self.depth())
+            try:
+                # no fsync for a deletion: losing it in a crash only means a replay that
+                # the ledger answers as duplicates; the next put's fsync covers it anyway
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                cur = self._db.execute("DELETE FROM spool WHERE seq <= ?", (seq,))
+                self._depth = max(0, self._depth - max(cur.rowcount, 0))
+            except sqlite3.Error as e:
+                raise StorageError(f"spool {self.path}: delete failed: {e}") from e
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+            SPOOL_DEPTH.set(self._depth)
 
     def depth(self) -> int:
         """Entries waiting."""
         with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM spool").fetchone()[0])
+            return self._depth
 
     def leaf_hashes(self) -> list[bytes]:
         """Leaf hashes of the waiting entries, oldest first."""
@@ -199,11 +229,28 @@ class _Item:
 
 
 class ReceiptWriter:
-    """Batches receipts to the ledger; fails closed unless a spool is configured.
+    """Sends receipts to the ledger in batches; fails closed unless a spool is configured.
 
-    ``submit`` resolves once the receipt is acknowledged by the ledger (or, with a
-    spool and the ledger unreachable, committed to the spool). Without a spool, an
-    unreachable ledger raises :class:`UnavailableError` to the submitter.
+    ``ack`` says when ``submit`` returns, that is, what the answer waits for:
+
+    - ``"ledger"`` (default, fail closed): once the ledger acknowledged the receipt (the
+      :class:`Ack` carries its signed promise, or with ``wait`` the offline bundle).
+      With a spool and the ledger unreachable, once the receipt is committed to the
+      spool instead (``Ack.spooled``); without a spool an unreachable ledger raises
+      :class:`UnavailableError` to the submitter.
+    - ``"spool"`` (opt-in; needs a spool): once the receipt is durable in the *local*
+      spool (``Ack.spooled``, no promise). A background replayer ships the spool to the
+      ledger in order soon after each write (within ``replay_linger_ms``, which lets
+      receipts gather into fewer, larger appends). A weaker promise: the receipt is on
+      this machine's disk, not yet in the ledger, until it is replayed. ``wait``
+      submissions still go to the ledger (the caller asked for the bundle).
+
+    Batches go over the client's persistent ``AppendStream``
+    (:meth:`~kolm_ledger.client.AsyncLedgerClient.append_pipelined`): everything queued
+    while batches are in flight goes in the next one, up to ``max_inflight`` at once.
+    ``wait`` batches (the bundle takes longer to build) use a short call of their own so
+    they never hold up the acknowledgements queued behind them on the stream
+    (``persistent_stream=False``: every batch does, as before; for comparison).
     """
 
     def __init__(
@@ -211,26 +258,42 @@ class ReceiptWriter:
         client: AsyncLedgerClient,
         *,
         spool: Spool | None = None,
+        ack: str = "ledger",
         max_batch: int = 512,
         max_inflight: int = 4,
         replay_interval_s: float = 0.5,
+        replay_linger_ms: float = 100.0,
+        persistent_stream: bool = True,
     ) -> None:
         if max_batch < 1 or max_inflight < 1:
             raise InvalidInput("max_batch and max_inflight must be >= 1")
+        if ack not in ACK_MODES:
+            raise InvalidInput(f"receipt ack {ack!r}, want one of {ACK_MODES}")
+        if ack == "spool" and spool is None:
+            raise InvalidInput("receipt ack 'spool' needs a spool (--spool FILE)")
         self.client = client
         self.spool = spool
+        self.ack = ack
         self.max_batch = max_batch
         self.max_inflight = max_inflight
         self.replay_interval_s = replay_interval_s
+        self.replay_linger_s = replay_linger_ms / 1000
+        self.persistent_stream = persistent_stream
         self._queue: list[_Item] = []
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._replayer: asyncio.Task[None] | None = None
+        self._replay_wake = asyncio.Event()
+        self._spool_q: list[tuple[list[bytes], list[bytes], list[asyncio.Future[Ack]]]] = []
+        self._spool_writer: asyncio.Task[None] | None = None
+        self._spool_inflight = 0  # receipts handed to the spool writer, not yet committed
         self._spool_pending = False
+        self._ledger_down = False
         self._closing = False
         self.batches: list[int] = []  # sizes of the batches sent (for tests and metrics)
+        self.spool_writes: list[int] = []  # sizes of the spool commits (for tests and metrics)
 
     async def start(self) -> None:
         """Start the batching task (and the spool replayer) on the running loop."""
@@ -241,13 +304,13 @@ class ReceiptWriter:
             self._replayer = loop.create_task(self._replay_loop(), name="kolm-spool-replay")
 
     async def submit(self, envelope: Envelope, *, wait: bool = False) -> Ack:
-        """Queue one envelope; returns once it is durable (ledger or spool)."""
+        """Queue one envelope; returns once it is durable (see ``ack``)."""
         if self._closing:
             raise UnavailableError("the inference service is shutting down")
         data = envelope.to_bytes()
         leaf = envelope.leaf_hash()
-        if self._spool_pending and not wait:
-            # keep ledger order = creation order: go behind what is already spooled
+        if not wait and (self.ack == "spool" or self._spool_pending):
+            # spool-first, or keep ledger order = creation order: go behind the spool
             return await self._to_spool([data], [leaf])[0]
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(data, leaf, wait, fut))
@@ -255,28 +318,47 @@ class ReceiptWriter:
         return await fut
 
     def _to_spool(self, envs: list[bytes], leaves: list[bytes]) -> list[asyncio.Future[Ack]]:
+        """Queue envelopes for the spool; one writer commits them in order, in groups."""
         assert self.spool is not None
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[Ack]] = [loop.create_future() for _ in envs]
-        spool = self.spool
         self._spool_pending = True
+        self._spool_inflight += len(envs)
+        self._spool_q.append((envs, leaves, futs))
+        if self._spool_writer is None or self._spool_writer.done():
+            t = loop.create_task(self._write_spool(), name="kolm-spool-writer")
+            self._spool_writer = t
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+        return futs
 
-        async def write() -> None:
+    async def _write_spool(self) -> None:
+        assert self.spool is not None
+        while self._spool_q:
+            # group commit: everything queued while the previous commit ran
+            group, self._spool_q = self._spool_q, []
+            envs = [e for g in group for e in g[0]]
+            leaves = [h for g in group for h in g[1]]
+            futs = [f for g in group for f in g[2]]
             try:
-                await asyncio.to_thread(spool.put, envs, leaves)
-            except KolmError as e:
+                await asyncio.to_thread(self.spool.put, envs, leaves)
+            except Exception as e:
+                if not isinstance(e, KolmError):
+                    e = StorageError(f"spool {self.spool.path}: write failed: {e}")
                 RECEIPTS.labels("failed").inc(len(envs))
                 for f in futs:
-                    f.set_exception(e)
-                return
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            finally:
+                self._spool_inflight -= len(envs)
+            self.spool_writes.append(len(envs))
             RECEIPTS.labels("spooled").inc(len(envs))
             for f, h in zip(futs, leaves, strict=True):
-                f.set_result(Ack(h, spooled=True))
-
-        t = loop.create_task(write())
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return futs
+                if not f.done():
+                    f.set_result(Ack(h, spooled=True))
+            if self.ack == "spool":
+                self._replay_wake.set()  # ship it now, not at the next poll
 
     async def _run(self) -> None:
         while True:
@@ -289,20 +371,32 @@ class ReceiptWriter:
             await self._slots.acquire()
             # take what is queued now, one wait-flag at a time
             flag = self._queue[0].wait
-            batch = [it for it in self._queue if it.wait == flag][: self.max_batch]
-            taken = {id(it) for it in batch}
-            self._queue = [it for it in self._queue if id(it) not in taken]
+            if all(it.wait == flag for it in self._queue):
+                batch = self._queue[: self.max_batch]
+                self._queue = self._queue[self.max_batch :]
+            else:
+                batch = [it for it in self._queue if it.wait == flag][: self.max_batch]
+                taken = {id(it) for it in batch}
+                self._queue = [it for it in self._queue if id(it) not in taken]
             t = asyncio.get_running_loop().create_task(self._send(batch, flag))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
+    async def _append(
+        self, envs: list[bytes], *, wait: bool = False
+    ) -> Sequence[AppendResult | KolmError]:
+        if wait or not self.persistent_stream:
+            # a bundle takes longer: its own call, not ahead of others' acks on the stream
+            return await self.client.append_batch(envs, wait=wait)
+        return await self.client.append_pipelined(envs)
+
     async def _send(self, batch: list[_Item], wait: bool) -> None:
         try:
             self.batches.append(len(batch))
+            results: Sequence[AppendResult | KolmError]
+            envs = [it.envelope for it in batch]
             try:
-                results = await self.client.append_batch([it.envelope for it in batch], wait=wait)
-            except UnavailableError as e:
-                results = [e] * len(batch)
+                results = await self._append(envs, wait=wait)
             except KolmError as e:
                 results = [e] * len(batch)
             to_spool: list[_Item] = []
@@ -331,12 +425,24 @@ class ReceiptWriter:
             self._slots.release()
 
     async def _replay_loop(self) -> None:
-        while not self._closing:
+        while True:
+            self._replay_wake.clear()
             try:
                 await self.replay_once()
             except Exception as e:  # keep replaying; the next round retries
                 log.warning("spool replay failed: %s", e)
-            await asyncio.sleep(self.replay_interval_s)
+                self._ledger_down = True
+            if self._closing:
+                return
+            if self._ledger_down:
+                await asyncio.sleep(self.replay_interval_s)  # back off: no wake-ups
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._replay_wake.wait(), self.replay_interval_s)
+            if self._replay_wake.is_set() and self.replay_linger_s > 0 and not self._closing:
+                # spool-first: let receipts gather for a moment, so the ledger takes
+                # fewer, larger appends (less CPU taken from the model per receipt)
+                await asyncio.sleep(self.replay_linger_s)
 
     async def replay_once(self) -> int:
         """Send the spool to the ledger in order until it is empty or the ledger fails.
@@ -350,11 +456,14 @@ class ReceiptWriter:
         while True:
             rows = await asyncio.to_thread(self.spool.head, self.max_batch)
             if not rows:
-                self._spool_pending = False
+                self._ledger_down = False
+                if self._spool_inflight == 0:
+                    self._spool_pending = False
                 return done
             try:
-                results = await self.client.append_batch([e for _, e in rows])
+                results = await self._append([e for _, e in rows])
             except UnavailableError:
+                self._ledger_down = True
                 return done
             last = None
             for (seq, _), r in zip(rows, results, strict=False):
@@ -364,18 +473,21 @@ class ReceiptWriter:
                     log.error("ledger refused spooled receipt %d: %s", seq, r)
                 last = seq
             if last is None:
+                self._ledger_down = True
                 return done
+            self._ledger_down = False
             await asyncio.to_thread(self.spool.remove_through, last)
             n = sum(1 for seq, _ in rows if seq <= last)
             RECEIPTS.labels("replayed").inc(n)
             done += n
-            if await asyncio.to_thread(self.spool.depth) == 0:
+            if self.spool.depth() == 0 and self._spool_inflight == 0:
                 # nothing spooled since: new receipts may go straight to the ledger again
                 self._spool_pending = False
                 return done
 
-    async def close(self) -> None:
-        """Finish queued receipts, stop the tasks (the spool keeps what is not replayed)."""
+    async def close(self, flush_timeout_s: float = 5.0) -> None:
+        """Finish queued receipts, try once more to ship the spool (at most
+        ``flush_timeout_s``), stop the tasks; the spool keeps what is not replayed."""
         self._closing = True
         self._wake.set()
         if self._runner is not None:
@@ -383,7 +495,11 @@ class ReceiptWriter:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._replayer is not None:
-            self._replayer.cancel()
+            self._replay_wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._replayer), flush_timeout_s)
+            except TimeoutError:
+                self._replayer.cancel()
             await asyncio.gather(self._replayer, return_exceptions=True)
 
 

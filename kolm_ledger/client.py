@@ -11,6 +11,10 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import logging
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,14 +27,16 @@ from ._pb import ledger_pb2_grpc as pb_grpc
 from .bundle import Bundle
 from .checkpoint import SignedCheckpoint
 from .dsse import Envelope
-from .errors import BackpressureError, KolmError
+from .errors import BackpressureError, KolmError, UnavailableError
 from .provenance import Provenance
 from .rpc import error_from_rpc
 from .sequencer import Promise
 from .storage import Entry, micros
 from .storage.repository import from_micros
 
-__all__ = ["AppendResult", "AsyncLedgerClient", "LedgerClient", "channel_options"]
+__all__ = ["AppendPipe", "AppendResult", "AsyncLedgerClient", "LedgerClient", "channel_options"]
+
+log = logging.getLogger("kolm.client")
 
 
 def channel_options() -> list[tuple[str, Any]]:
@@ -78,6 +84,13 @@ def _status_error(s: pb.Status) -> KolmError:
         err = _CODE_TO_ERROR.get(code, KolmError)(s.message)
     err.grpc_code = code.name
     return err
+
+
+def _results(resp: pb.AppendStreamResponse) -> list[AppendResult | KolmError]:
+    return [
+        _result(r.ok) if r.WhichOneof("result") == "ok" else _status_error(r.error)
+        for r in resp.results
+    ]
 
 
 def _entry(e: pb.Entry) -> Entry:
@@ -304,9 +317,12 @@ class AsyncLedgerClient:
             else grpc.aio.insecure_channel(target, channel_options())
         )
         self._stub = pb_grpc.LedgerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._pipe: AppendPipe | None = None
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Close the persistent append stream (if any), then the channel."""
+        if self._pipe is not None:
+            await self._pipe.close()
         await self._channel.close()
 
     async def _call(self, method: str, req: Any, timeout: float | None = None) -> Any:
@@ -329,6 +345,22 @@ class AsyncLedgerClient:
         """Append one batch through a short ``AppendStream`` call."""
         return (await self.append_batches([envelopes], wait=wait))[0]
 
+    @property
+    def append_streams_opened(self) -> int:
+        """How many persistent ``AppendStream`` calls this client has opened so far."""
+        return self._pipe.opened if self._pipe is not None else 0
+
+    async def append_pipelined(
+        self, envelopes: Sequence[Envelope | bytes], *, wait: bool = False
+    ) -> list[AppendResult | KolmError]:
+        """Append one batch over this client's persistent ``AppendStream`` (:class:`AppendPipe`).
+
+        Concurrent calls are pipelined on the one stream; each waits at most ``timeout``.
+        """
+        if self._pipe is None:
+            self._pipe = AppendPipe(self._stub, timeout=self.timeout)
+        return await self._pipe.append(envelopes, wait=wait)
+
     async def append_batches(
         self, batches: Sequence[Sequence[Envelope | bytes]], *, wait: bool = False
     ) -> list[list[AppendResult | KolmError]]:
@@ -343,12 +375,7 @@ class AsyncLedgerClient:
         out: list[list[AppendResult | KolmError]] = []
         try:
             async for resp in self._stub.AppendStream(reqs(), timeout=self.timeout):
-                out.append(
-                    [
-                        _result(r.ok) if r.WhichOneof("result") == "ok" else _status_error(r.error)
-                        for r in resp.results
-                    ]
-                )
+                out.append(_results(resp))
         except grpc.RpcError as e:
             raise error_from_rpc(e) from e
         return out
@@ -394,3 +421,129 @@ class AsyncLedgerClient:
                 timeout=300,
             )
         )
+
+
+class AppendPipe:
+    """One long-lived ``AppendStream`` call that batches are written to as they come.
+
+    ``append`` writes one message (a batch) and waits for its response, matched by
+    ``batch_id``; several batches may be in flight at once (the ledger answers them in
+    order). No per-batch stream setup: the call is opened on first use and kept open.
+
+    If the call ends for any reason (the ledger restarted or shut down, the connection
+    dropped) every batch still waiting fails (:class:`UnavailableError`, or the error the
+    ledger ended the call with) and the next ``append`` opens a new call. A batch that gets no answer within ``timeout`` seconds
+    fails the same way and tears the call down (an unresponsive ledger is unavailable).
+    A failed batch may still have been sequenced: appending it again is idempotent (the
+    ledger answers ``duplicate`` with the original index and a promise).
+    """
+
+    def __init__(self, stub: Any, *, timeout: float = 30.0) -> None:
+        self._stub = stub
+        self.timeout = timeout
+        self._call: Any = None
+        self._pending: dict[int, asyncio.Future[pb.AppendStreamResponse]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+        self._write_lock = asyncio.Lock()
+        self.opened = 0  # calls opened so far (for tests and metrics)
+
+    def _open(self) -> tuple[Any, dict[int, asyncio.Future[pb.AppendStreamResponse]]]:
+        if self._call is None:
+            self._call = self._stub.AppendStream()  # no deadline: it lives as long as we do
+            self._pending = {}
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read(self._call, self._pending), name="kolm-append-pipe"
+            )
+            self.opened += 1
+        return self._call, self._pending
+
+    def _drop(self, call: Any) -> None:
+        """Forget ``call`` (the next append opens a new one) and cancel it."""
+        if self._call is call:
+            self._call = None
+        call.cancel()
+
+    async def _read(
+        self, call: Any, pending: dict[int, asyncio.Future[pb.AppendStreamResponse]]
+    ) -> None:
+        err: KolmError = UnavailableError("the ledger closed the append stream")
+        try:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    break
+                fut = pending.pop(resp.batch_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(resp)
+        except grpc.RpcError as e:
+            err = error_from_rpc(e)  # UNAVAILABLE, or why the ledger refused the stream
+        except asyncio.CancelledError:
+            err = UnavailableError("the append stream was closed")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task itself was cancelled (close)
+        finally:
+            if self._call is call:
+                self._call = None
+            for fut in pending.values():
+                if not fut.done():
+                    fut.set_exception(err)
+            pending.clear()
+
+    async def append(
+        self, envelopes: Sequence[Envelope | bytes], *, wait: bool = False
+    ) -> list[AppendResult | KolmError]:
+        """Send one batch; one result per envelope (raises :class:`KolmError` if none came)."""
+        call, pending = self._open()
+        bid = next(self._ids)
+        fut: asyncio.Future[pb.AppendStreamResponse] = asyncio.get_running_loop().create_future()
+        pending[bid] = fut
+        req = pb.AppendStreamRequest(
+            batch_id=bid, envelopes=[_env_bytes(e) for e in envelopes], wait_for_checkpoint=wait
+        )
+        try:
+            async with asyncio.timeout(self.timeout):  # the write and the answer together
+                try:
+                    async with self._write_lock:
+                        await call.write(req)
+                except asyncio.CancelledError:
+                    self._drop(call)
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # our deadline, or the caller cancelled us
+                    # the call was cancelled under us (another batch's deadline)
+                    raise UnavailableError("the append stream was closed") from None
+                except grpc.RpcError as e:
+                    self._drop(call)
+                    raise error_from_rpc(e) from e
+                except asyncio.InvalidStateError as e:  # the call had already ended
+                    self._drop(call)
+                    raise UnavailableError(f"the append stream ended: {e}") from e
+                resp = await fut
+        except TimeoutError:
+            log.warning("no answer from the ledger in %g s: reopening the append stream",
+                        self.timeout)  # fmt: skip
+            self._drop(call)
+            raise UnavailableError(f"the ledger did not answer within {self.timeout:g} s") from None
+        finally:
+            pending.pop(bid, None)
+        return _results(resp)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Half-close the call, let pending batches finish (at most ``grace`` s), then stop."""
+        call, reader = self._call, self._reader
+        self._call = None
+        if call is None or reader is None:
+            return
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await call.done_writing()
+        try:
+            await asyncio.wait_for(asyncio.shield(reader), grace)
+        except TimeoutError:
+            pass
+        finally:
+            call.cancel()
+            if not reader.done():
+                reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)

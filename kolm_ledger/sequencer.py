@@ -1,11 +1,17 @@
 """The sequencer: group commit of validated appends, one checkpoint per batch.
 
 Producers ``await submit(items)``; one writer task takes up to ``max_batch`` queued
-items (waiting at most ``max_wait_ms`` for the batch to fill once one is there),
-writes them in one transaction on a worker thread, and resolves every waiter with
-its index and a signed promise. The queue is bounded: past ``max_queue`` items a
-submit fails at once with :class:`BackpressureError` (``RESOURCE_EXHAUSTED`` plus a
-retry hint) instead of growing without limit.
+items, writes them in one transaction on a worker thread, and resolves every waiter
+with its index and a signed promise as soon as that transaction is durable. By default
+(``max_wait_ms=0``) the writer never waits for a batch to fill: an item that finds the
+log idle is committed at once, and whatever arrives while a commit runs forms the next
+batch (group commit: batches grow with the load by themselves, and a lone append pays
+one commit, not a timer). ``max_wait_ms > 0`` opts into waiting up to that long for a
+batch to fill once one item is there (fewer, larger commits; more latency).
+
+The queue is bounded: past ``max_queue`` items a submit fails at once with
+:class:`BackpressureError` (``RESOURCE_EXHAUSTED`` plus a retry hint) instead of
+growing without limit.
 
 Key receipts change what later entries may be signed with, so a key receipt ends its
 batch, and before each write the trust state is refreshed (key receipts sequenced by
@@ -106,7 +112,7 @@ class Sequencer:
         log_key: PrivateKey,
         *,
         max_batch: int = 1000,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 50_000,
     ) -> None:
         self.ledger = ledger
@@ -193,7 +199,8 @@ class Sequencer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if len(self._queue) < self.max_batch and not self._closing:
+            if self.max_wait > 0 and len(self._queue) < self.max_batch and not self._closing:
+                # opt-in fill wait (max_wait_ms > 0): trade latency for larger batches
                 deadline = loop.time() + self.max_wait
                 while (
                     len(self._queue) < self.max_batch

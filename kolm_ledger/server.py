@@ -23,7 +23,7 @@ from ._pb import ledger_pb2 as pb
 from ._pb import ledger_pb2_grpc as pb_grpc
 from .authz import AuthzInterceptor, authorize_append
 from .checkpoint import SignedCheckpoint
-from .errors import InvalidInput, KolmError, NotFoundError, UnknownKeyError
+from .errors import InvalidInput, KolmError, NotFoundError, UnavailableError, UnknownKeyError
 from .keys import TrustRoot
 from .ledger import Appended, Ledger, Validated
 from .provenance import provenance
@@ -100,6 +100,8 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         self.ledger = ledger
         self.seq = sequencer
         self.authorize = authorize
+        self._ending = False
+        self._stream_readers: set[asyncio.Task[None]] = set()
 
     def _role(self, context: grpc.aio.ServicerContext) -> str | None:
         return role_of(context) if self.authorize else None
@@ -149,13 +151,33 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         )
         return resp
 
+    def end_streams(self) -> None:
+        """Shutdown: stop reading every open ``AppendStream``; each answers what it has read.
+
+        A stream's messages already read are sequenced and answered; the stream then ends
+        with ``UNAVAILABLE`` (retry on another replica), so a client holding a long-lived
+        stream (the inference service's receipt writer) never holds up the shutdown.
+        """
+        self._ending = True
+        for t in list(self._stream_readers):
+            t.cancel()
+
     async def AppendStream(
         self,
         request_iterator: AsyncIterator[pb.AppendStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.AppendStreamResponse]:
-        """Each request is validated per envelope; valid ones are sequenced together."""
-        pending: asyncio.Queue[asyncio.Task[pb.AppendStreamResponse] | None] = asyncio.Queue(64)
+        """Each request is validated per envelope; valid ones are sequenced together.
+
+        Messages are handled concurrently (up to 64 in flight per stream) and answered in
+        the order they came. A stream may stay open indefinitely (one per client, no
+        per-batch call setup); on shutdown it is ended with ``UNAVAILABLE`` once every
+        message read so far is answered (:meth:`end_streams`).
+        """
+        if self._ending:
+            raise UnavailableError("the ledger is shutting down; retry on another replica")
+        pending: asyncio.Queue[asyncio.Task[pb.AppendStreamResponse] | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(64)
         role = self._role(context)
 
         async def one(req: pb.AppendStreamRequest) -> pb.AppendStreamResponse:
@@ -197,21 +219,29 @@ class LedgerServicer(pb_grpc.LedgerServicer):
             )
 
         async def reader() -> None:
+            # cancelled (by end_streams or when the call ends) only while waiting for the
+            # next message or a slot: a message read is always queued, hence answered
             try:
                 async for req in request_iterator:
-                    await pending.put(asyncio.ensure_future(one(req)))
+                    pending.put_nowait(asyncio.ensure_future(one(req)))
+                    await slots.acquire()
             finally:
-                await pending.put(None)
+                pending.put_nowait(None)
 
         rtask = asyncio.ensure_future(reader())
+        self._stream_readers.add(rtask)
+        rtask.add_done_callback(self._stream_readers.discard)
         try:
             while True:
                 t = await pending.get()
                 if t is None:
                     break
                 yield await t
+                slots.release()
         finally:
             rtask.cancel()
+        if self._ending:
+            raise UnavailableError("the ledger is shutting down; retry on another replica")
 
     async def GetCheckpoint(
         self, request: pb.GetCheckpointRequest, context: grpc.aio.ServicerContext
@@ -358,10 +388,14 @@ class LedgerServer:
     ledger: Ledger
     port: int
     health: object
+    servicer: LedgerServicer | None = None
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Graceful stop: NOT_SERVING, refuse new appends, drain the queue, stop the server."""
+        """Graceful stop: NOT_SERVING, end open append streams once what they read is
+        answered, refuse new appends, drain the queue, stop the server."""
         await rpc.set_serving(self.health, [SERVICE_NAME], False)
+        if self.servicer is not None:
+            self.servicer.end_streams()
         await self.sequencer.close()
         await self.server.stop(grace)
         self.ledger.store.close()
@@ -374,7 +408,7 @@ async def start(
     *,
     listen: str = "127.0.0.1:0",
     max_batch: int = 1000,
-    max_wait_ms: float = 2.0,
+    max_wait_ms: float = 0.0,
     max_queue: int = 50_000,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
@@ -406,12 +440,11 @@ async def start(
     )
     seq.start()
     server = rpc.new_server([*([AuthzInterceptor()] if authorize else []), *interceptors])
-    pb_grpc.add_LedgerServicer_to_server(  # type: ignore[no-untyped-call]
-        LedgerServicer(ledger, seq, authorize=authorize), server
-    )
+    servicer = LedgerServicer(ledger, seq, authorize=authorize)
+    pb_grpc.add_LedgerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])
     log.info("ledger serving", extra={"kolm_port": port, "kolm_db": store.url.render_as_string()})
-    return LedgerServer(server, seq, ledger, port, hs)
+    return LedgerServer(server, seq, ledger, port, hs, servicer)
 
 
 async def serve(

@@ -377,3 +377,13 @@ def test_demo(tmp_path: Path) -> None:
     assert p.returncode != 0
     assert "already holds a demo" in p.stderr
     shutil.rmtree(d)
+
+
+def test_infer_serve_spool_first_needs_a_spool(tmp_path: Path) -> None:
+    ok("keys", "init", tmp_path / "keys")
+    (tmp_path / "arts").mkdir()
+    p = kolm("infer", "serve", "--artifacts", tmp_path / "arts", "--ledger", "127.0.0.1:1",
+             "--key", tmp_path / "keys" / "infer.key", "--trust", tmp_path / "keys" / "trust.json",
+             "--insecure", "--receipt-ack", "spool")  # fmt: skip
+    assert p.returncode != 0
+    assert "--receipt-ack spool needs --spool" in p.stderr, p.stderr

@@ -502,3 +502,226 @@ def test_spool_survives_kill_9_of_kolm_infer_serve(
         ch.close()
         proc.send_signal(signal.SIGTERM)  # graceful shutdown
         assert proc.wait(30) == 0
+
+
+# --------------------------------------------------------------------------- receipt transport
+
+
+def _receipts(world: World, n: int, tag: str) -> list[Envelope]:  # noqa: F811
+    from kolm_infer.receipts import sign_prediction
+
+    key = world.key("infer")
+    return [
+        sign_prediction(
+            key,
+            artifact_digest="a" * 64,
+            input_value=f"{tag} {i}",
+            output="card_arrival",
+            verdict={"ok": True},
+            backend="student",
+            reason="confident",
+            confidence=0.9,
+            latency_ms=1.0,
+            request_id=f"{tag}-{i}",
+        )[0]
+        for i in range(n)
+    ]
+
+
+def test_receipts_share_one_persistent_append_stream(
+    world: World,  # noqa: F811
+    infer: InferThread,
+) -> None:
+    predict(infer.stub)
+    client = infer.srv.ledger
+    opened = client.append_streams_opened
+    assert opened >= 1
+    texts = [t for t, _ in world.holdout][:16]
+    with ThreadPoolExecutor(8) as ex:
+        rs = list(ex.map(lambda t: predict(infer.stub, t), texts))
+    assert all(r.WhichOneof("receipt") == "promise" for r in rs)
+    assert client.append_streams_opened == opened, "a stream per batch, not one for all"
+
+
+def test_ledger_shutdown_ends_an_open_append_stream_and_the_client_reopens_one(
+    world: World,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from kolm_ledger.client import AppendResult, AsyncLedgerClient
+    from kolm_ledger.errors import UnavailableError
+
+    led = LedgerThread(f"sqlite:///{tmp_path / 'l3.db'}", world.trust, world.key("log"))
+    envs = _receipts(world, 6, "pipe")
+
+    async def scenario() -> None:
+        c = AsyncLedgerClient(led.target, timeout=10)
+        try:
+            first = await c.append_pipelined(envs[:2])
+            assert all(isinstance(r, AppendResult) for r in first)
+            # several batches in flight at once on the one stream, answered in order
+            rs = await asyncio.gather(*(c.append_pipelined([e]) for e in envs[2:4]))
+            assert [r[0].leaf_hash for r in rs] == [e.leaf_hash() for e in envs[2:4]]  # type: ignore[union-attr]
+            assert c.append_streams_opened == 1
+            # a graceful stop is not held up by the open stream (grace 10 s)
+            t0 = time.monotonic()
+            await asyncio.to_thread(led.run, led.srv.stop(10))
+            led.srv = None
+            assert time.monotonic() - t0 < 5
+            with pytest.raises(UnavailableError):
+                await c.append_pipelined([envs[4]])
+            await asyncio.to_thread(led.start)
+            end = time.monotonic() + 30
+            while True:  # the channel reconnects with backoff
+                try:
+                    (r,) = await c.append_pipelined([envs[4]])
+                    break
+                except UnavailableError:
+                    assert time.monotonic() < end
+                    await asyncio.sleep(0.1)
+            assert isinstance(r, AppendResult) and not r.duplicate
+            assert c.append_streams_opened >= 2
+            # appending again is idempotent: the original index, and a promise
+            (d,) = await c.append_pipelined([envs[0]])
+            assert isinstance(d, AppendResult) and d.duplicate
+            assert d.index == first[0].index  # type: ignore[union-attr]
+        finally:
+            await c.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        led.close()
+
+
+def test_spool_first_ack_needs_a_spool(tmp_path: Path) -> None:
+    from kolm_infer.receipts import ReceiptWriter, Spool
+    from kolm_ledger.client import AsyncLedgerClient
+    from kolm_ledger.errors import InvalidInput
+
+    async def scenario() -> None:
+        c = AsyncLedgerClient("127.0.0.1:1")
+        try:
+            with pytest.raises(InvalidInput, match="needs a spool"):
+                ReceiptWriter(c, ack="spool")
+            with pytest.raises(InvalidInput, match="receipt ack"):
+                ReceiptWriter(c, spool=Spool(tmp_path / "s.db"), ack="local")
+        finally:
+            await c.close()
+
+    asyncio.run(scenario())
+
+
+def test_spool_first_answers_from_the_spool_and_ships_to_the_ledger_in_order(
+    world: World,  # noqa: F811
+    ledger2: tuple[LedgerThread, Path],
+    tmp_path: Path,
+) -> None:
+    led, path = ledger2
+    srv = InferThread(
+        world, led, artifacts=[path], spool=tmp_path / "spool.db", receipt_ack="spool"
+    )
+    try:
+        texts = [t for t, _ in world.holdout]
+        rs = [predict(srv.stub, t) for t in texts[:6]]
+        # the answer came once the receipt was in the local spool: no promise
+        assert all(r.WhichOneof("receipt") == "spooled" and r.spooled for r in rs)
+        leaves = [Envelope.from_bytes(r.envelope).leaf_hash() for r in rs]
+        wait_for(lambda: srv.srv.spool.depth() == 0)
+        with LedgerClient(led.target) as c:
+            got = [e.leaf_hash for e in c.entries()]
+        assert [h for h in got if h in set(leaves)] == leaves  # shipped, in order
+        # wait_for_inclusion still goes to the ledger and returns the bundle
+        assert predict(srv.stub, wait_for_inclusion=True).WhichOneof("receipt") == "bundle"
+        # the ledger down: answers still come (durable locally), and are shipped later
+        led.stop()
+        more = [predict(srv.stub, t) for t in texts[6:9]]
+        assert all(r.spooled for r in more)
+        with pytest.raises(grpc.RpcError) as ei:  # the bundle needs the ledger
+            predict(srv.stub, wait_for_inclusion=True)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        later = [Envelope.from_bytes(r.envelope).leaf_hash() for r in more]
+        assert srv.srv.spool.leaf_hashes() == later
+        led.start()
+        wait_for(lambda: srv.srv.spool.depth() == 0)
+        with LedgerClient(led.target) as c:
+            got = [e.leaf_hash for e in c.entries()]
+        assert [h for h in got if h in set(leaves + later)] == leaves + later
+    finally:
+        srv.close()
+
+
+_SPOOL_FIRST_WRITER = """
+import asyncio, sys
+from kolm_infer.receipts import ReceiptWriter, Spool, sign_prediction
+from kolm_ledger.client import AsyncLedgerClient
+from kolm_ledger.keys import PrivateKey
+
+async def main() -> None:
+    key = PrivateKey.load(sys.argv[2])
+    w = ReceiptWriter(AsyncLedgerClient(sys.argv[3], timeout=5), spool=Spool(sys.argv[1]),
+                      ack="spool")
+    await w.start()
+    for i in range(5):
+        env = sign_prediction(key, artifact_digest="b" * 64, input_value=f"kill {i}",
+                              output="card_arrival", verdict={"ok": True}, backend="student",
+                              reason="confident", confidence=0.9, latency_ms=1.0,
+                              request_id=f"kill-{i}")[0]
+        ack = await w.submit(env)
+        assert ack.spooled
+        print(env.leaf_hash().hex(), flush=True)  # the answer would go out now
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_spool_first_acks_survive_kill_9(
+    world: World,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from kolm_infer.receipts import ReceiptWriter, Spool
+    from kolm_ledger.client import AsyncLedgerClient
+
+    led = LedgerThread(f"sqlite:///{tmp_path / 'l4.db'}", world.trust, world.key("log"))
+    spool = tmp_path / "spool.db"
+    try:
+        led.stop()  # nothing can be shipped: every ack is the spool's alone
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SPOOL_FIRST_WRITER, str(spool),
+             str(world.keys / "infer.key"), led.target],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            acked = [bytes.fromhex(proc.stdout.readline().strip()) for _ in range(5)]
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        with sqlite3.connect(spool) as db:
+            assert [r[0] for r in db.execute("SELECT leaf_hash FROM spool ORDER BY seq")] == acked
+        led.start()
+
+        async def replay() -> None:
+            c = AsyncLedgerClient(led.target, timeout=10)
+            w = ReceiptWriter(c, spool=Spool(spool), ack="spool")
+            await w.start()
+            try:
+                end = time.monotonic() + 30
+                while w.spool is not None and w.spool.depth() > 0:
+                    assert time.monotonic() < end
+                    await asyncio.sleep(0.05)
+            finally:
+                await w.close()
+                await c.close()
+
+        asyncio.run(replay())
+        got = ledger_leaves(led.target)
+        assert set(acked) <= got
+        with LedgerClient(led.target) as c:
+            order = [e.leaf_hash for e in c.entries()]
+        assert [h for h in order if h in set(acked)] == acked
+    finally:
+        led.close()
