@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import json
 import os
 import shutil
 import statistics
@@ -48,10 +47,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from kolm_ledger.canonical import digest_hex  # noqa: E402
+from _bench_artifact import log_artifact, package  # noqa: E402
+
 from kolm_ledger.client import LedgerClient  # noqa: E402
 from kolm_ledger.keys import PrivateKey, init_keys  # noqa: E402
-from kolm_ledger.receipts import artifact_statement, sign_statement  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"  # ../shared
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
@@ -71,51 +70,14 @@ def rows(split: str, per_label: int) -> list[tuple[str, str]]:
 
 def build_artifact(d: Path, keys: Path, ledger: str) -> Path:
     from kolm_compile._train import TrainConfig, train_classifier
-    from kolm_compile.artifact import pack, sha256_file
 
     train = rows("train", 16)
     cfg = TrainConfig(epochs=4, batch_size=16, max_length=32, seed=0, threads=1)
     m = d / "bench-router"
     train_classifier([t for t, _ in train], [y for _, y in train], LABELS, cfg, m / "adapter")
-    verifier = {"name": "label_set", "version": "1", "params": {"labels": LABELS}}
-    task = {"name": "bench-router", "task": "classify", "labels": LABELS}
-    manifest = {
-        "format": "kolm/v1",
-        "name": "bench-router",
-        "task_type": "classify",
-        "labels": LABELS,
-        "base_model": {"id": cfg.base_model, "revision": "bench", "weights_digest": "0" * 64},
-        "adapter": "adapter",
-        "max_length": 32,
-        "confidence_threshold": 0.0,
-        "verifier": verifier,
-        "spec_digest": digest_hex(task),
-        "job_id": "bench",
-        "kolm_version": "0.1.0",
-    }
-    (m / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
-    (m / "task.json").write_text(json.dumps(task, sort_keys=True))
-    (m / "verifier.json").write_text(json.dumps(verifier, sort_keys=True))
     out = d / "bench-router.kolm"
-    ck = PrivateKey.load(keys / "compile.key")
-    digest = pack(m, out, ck)
-    st = artifact_statement(
-        artifact_digest=digest,
-        file_name=out.name,
-        file_digest=sha256_file(out),
-        base_model={"id": cfg.base_model},
-        training_set_root="0" * 64,
-        label_count=len(train),
-        eval_receipt="0" * 64,
-        k_score=0.0,
-        verifier=verifier,
-        compile_config_digest="0" * 64,
-        kolm_version="0.1.0",
-        checkpoint={"size": 0},
-        extra={"job_id": "bench"},
-    )
-    with LedgerClient(ledger) as c:
-        c.append(sign_statement(st, ck), wait=True)
+    digest, verifier = package(m, out, keys, "bench-router", LABELS, cfg.base_model)
+    log_artifact(ledger, out, digest, keys, cfg.base_model, len(train), verifier, job_id="bench")
     return out
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import statistics
 import subprocess
@@ -40,6 +39,8 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _bench_artifact import log_artifact, package
 
 from kolm_compile import recall
 
@@ -190,43 +191,21 @@ def bench_service(nq: int, tmp: Path, trained: Any) -> dict[str, float]:
     import grpc
 
     from kolm_compile._train import DEFAULT_BASE_MODEL
-    from kolm_compile.artifact import pack, sha256_file
     from kolm_infer._pb import infer_pb2 as pb
     from kolm_infer._pb import infer_pb2_grpc as pb_grpc
-    from kolm_ledger.canonical import digest_hex
-    from kolm_ledger.client import LedgerClient
-    from kolm_ledger.keys import PrivateKey, init_keys
-    from kolm_ledger.receipts import artifact_statement, sign_statement
+    from kolm_ledger.keys import init_keys
 
     _, labels, train, info = trained
     keys = tmp / "keys"
     init_keys(keys)
     d = tmp / "model"
-    verifier = {"name": "label_set", "version": "1", "params": {"labels": labels}}
-    task = {"name": "bench-recall", "task": "classify", "labels": labels}
-    manifest = {
-        "format": "kolm/v1",
-        "name": "bench-recall",
-        "task_type": "classify",
-        "labels": labels,
-        "base_model": {"id": DEFAULT_BASE_MODEL, "revision": "bench", "weights_digest": "0" * 64},
-        "adapter": "adapter",
-        "max_length": 32,
-        "confidence_threshold": 0.0,
-        "verifier": verifier,
-        "spec_digest": digest_hex(task),
-        "job_id": "bench",
-        "kolm_version": "0.1.0",
-        "recall": {**info.to_manifest(), "k": K},
-    }
-    (d / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
-    (d / "task.json").write_text(json.dumps(task, sort_keys=True))
-    (d / "verifier.json").write_text(json.dumps(verifier, sort_keys=True))
     arts = tmp / "artifacts"
     arts.mkdir()
     out = arts / "bench-recall.kolm"
-    ck = PrivateKey.load(keys / "compile.key")
-    digest = pack(d, out, ck)
+    recall_m = {**info.to_manifest(), "k": K}
+    digest, verifier = package(
+        d, out, keys, "bench-recall", labels, DEFAULT_BASE_MODEL, recall=recall_m
+    )
     ledger, target = _serve(
         ["ledger", "serve", "--db", f"sqlite:///{tmp / 'ledger.db'}",
          "--trust", str(keys / "trust.json"), "--log-key", str(keys / "log.key"),
@@ -236,23 +215,8 @@ def bench_service(nq: int, tmp: Path, trained: Any) -> dict[str, float]:
     )  # fmt: skip
     infer = None
     try:
-        st = artifact_statement(
-            artifact_digest=digest,
-            file_name=out.name,
-            file_digest=sha256_file(out),
-            base_model={"id": DEFAULT_BASE_MODEL},
-            training_set_root="0" * 64,
-            label_count=len(train),
-            eval_receipt="0" * 64,
-            k_score=0.0,
-            verifier=verifier,
-            compile_config_digest="0" * 64,
-            kolm_version="0.1.0",
-            checkpoint={"size": 0},
-            extra={"corpus_root": info.corpus_root, "corpus_chunks": info.chunks},
-        )
-        with LedgerClient(target) as c:
-            c.append(sign_statement(st, ck), wait=True)
+        log_artifact(target, out, digest, keys, DEFAULT_BASE_MODEL, len(train), verifier,
+                     corpus_root=info.corpus_root, corpus_chunks=info.chunks)  # fmt: skip
         infer, itarget = _serve(
             ["infer", "serve", "--artifacts", str(arts), "--ledger", target,
              "--key", str(keys / "infer.key"), "--trust", str(keys / "trust.json")],

@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from _planted import PLANTED
 from test_infer_engine import (  # the shared world (a session fixture built once)
     JOB,
     LABELS,
@@ -46,24 +47,6 @@ from kolm_ledger.verify import step_of, verify_prediction
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-PLANTED = {
-    "volcano": (
-        "The Kilauea lava lake overflowed its crater rim on Tuesday night.",
-        "did the lava in the hawaiian volcano spill over?",
-    ),
-    "cheese": (
-        "Aged gouda develops crunchy tyrosine crystals after two years.",
-        "why does old dutch cheese have crunchy bits?",
-    ),
-    "chess": (
-        "Magnus Carlsen sacrificed his queen on move 23 to force checkmate.",
-        "which chess champion gave up the queen to win?",
-    ),
-    "bees": (
-        "Honeybee colonies collapse when varroa mites spread viruses.",
-        "what parasite kills hives of bees?",
-    ),
-}
 
 
 def rotate(label: str) -> str:

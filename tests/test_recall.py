@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _planted import PLANTED
 
 from kolm_compile import recall
 from kolm_compile.recall import Chunk, ChunkConfig, Document, Hit
@@ -362,25 +363,6 @@ def test_examples_index_and_neighbour_vote(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- real embeddings
-
-PLANTED = {
-    "volcano": (
-        "The Kilauea lava lake overflowed its crater rim on Tuesday night.",
-        "did the lava in the hawaiian volcano spill over?",
-    ),
-    "cheese": (
-        "Aged gouda develops crunchy tyrosine crystals after two years.",
-        "why does old dutch cheese have crunchy bits?",
-    ),
-    "chess": (
-        "Magnus Carlsen sacrificed his queen on move 23 to force checkmate.",
-        "which chess champion gave up the queen to win?",
-    ),
-    "bees": (
-        "Honeybee colonies collapse when varroa mites spread viruses.",
-        "what parasite kills hives of bees?",
-    ),
-}
 
 
 def _filler() -> list[Document]:
