@@ -4,9 +4,14 @@
 2. the ledger service on loopback (SQLite at ``DIR/ledger.db``);
 3. a compile of the 12-queue Banking77 ticket router (bundled subset, CC BY 4.0) with the
    simulated teacher and k-sample voting, every label receipt in the ledger;
+   (with ``kolm[recall]``: the accepted examples become a signed recall index in the
+   ``.kolm``, ``recall: {source: examples, k: 5}`` in the demo's copy of the spec);
 4. the inference service loads the signed ``.kolm`` (refusing anything that does not
-   verify) and answers held-out tickets, one signed receipt per prediction;
-5. one prediction's offline bundle is written and verified (steps 1-9);
+   verify) and answers held-out tickets, one signed receipt per prediction (bulk with
+   ``recall_k=0``), then a few with recall: each answer's receipt names the labelled
+   training examples that grounded it (ids, digests, inclusion proofs, corpus root);
+5. one prediction's offline bundle is written and verified (steps 1-10, the last being
+   "check evidence": every cited example is in the artifact's signed corpus);
 6. ``kolm audit`` over the whole ledger, and a tampered copy caught;
 7. a closing table, with the cost comparison of the seed note.
 
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.console import Console
+from rich.console import Console, Group
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -37,6 +42,10 @@ __all__ = ["register_demo", "run_full_demo"]
 EXAMPLE = (
     Path(__file__).resolve().parents[1] / "kolm_compile" / "examples" / "banking77-router.yaml"
 )
+#: the recall section the demo adds to its copy of the example spec (see _spec)
+RECALL = {"source": "examples", "k": 5}
+#: tickets answered with recall and shown with their evidence
+EVIDENCE_TICKETS = 3
 #: the seed note's illustrative figures (override with flags)
 FRONTIER_COST_PER_CALL = 0.01
 MONTHLY_CALLS = 100_000
@@ -84,10 +93,29 @@ def _fresh_dir(arg: str | None) -> Path:
     return d.resolve()
 
 
-def _spec(small: bool) -> Any:
+def _recall_unavailable() -> str | None:
+    """Why a recall index cannot be built here (``None``: it can)."""
+    try:
+        from kolm_compile.recall import sqlite_backend
+
+        sqlite_backend()
+    except Exception as e:  # ImportError, RecallUnavailable: the [recall] extra is missing
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _spec(small: bool, recall: bool = False) -> Any:
+    """The example spec, reduced with ``small``; ``recall`` adds :data:`RECALL`.
+
+    Recall is turned on here rather than in the shipped example spec: that spec is what
+    the compile tests and benchmarks load, and an index there would add an embedding
+    pass of every accepted example to each of them and make it need ``kolm[recall]``.
+    """
     from kolm_compile.spec import TaskSpec
 
     raw = yaml.safe_load(EXAMPLE.read_text())
+    if recall:
+        raw["recall"] = dict(RECALL)
     if small:
         raw["labels"] = raw["labels"][:4]
         raw["data"]["limit_per_label"] = 16
@@ -142,11 +170,17 @@ async def _demo(a: argparse.Namespace) -> int:
     infer = None
     try:
         # 3. compile
-        spec = _spec(a.small)
+        no_recall = _recall_unavailable()
+        spec = _spec(a.small, recall=no_recall is None)
         console.print(
             f"[bold]3.[/] compiling [bold]{spec.name}[/]: {len(spec.labels or ())} "
             "queues, simulated teacher (85% per sample), k="
             f"{spec.teacher.k} votes, LoRA student on all-MiniLM-L6-v2"
+            + (
+                f", recall index of the accepted examples (k={RECALL['k']})"
+                if no_recall is None
+                else f" [yellow](no recall index: {no_recall}; pip install 'kolm[recall]')[/]"
+            )
         )
         from kolm_compile._train import embed_texts
 
@@ -173,6 +207,7 @@ async def _demo(a: argparse.Namespace) -> int:
             spool=d / "spool.sqlite",
         )
         itarget = f"127.0.0.1:{infer.port}"
+        recall_on = bool(result.recall)
         console.print(
             f"[bold]4.[/] inference service on {itarget} loaded "
             f"{result.artifact_path.name} (signature, file digests and ledger "
@@ -195,19 +230,30 @@ async def _demo(a: argparse.Namespace) -> int:
                 task = prog.add_task("   predict + receipt", total=len(tickets))
 
                 async def ask(text: str) -> Any:
+                    # the bulk skips retrieval (recall_k=0); the few below cite evidence
+                    req = pb.PredictRequest(artifact=spec.name, input=text)
+                    if recall_on:
+                        req.recall_k = 0
                     async with sem:
-                        r = await stub.Predict(
-                            pb.PredictRequest(artifact=spec.name, input=text), timeout=60
-                        )
+                        r = await stub.Predict(req, timeout=60)
                         prog.advance(task)
                         return r
 
                 answers = list(await asyncio.gather(*(ask(t) for t, _ in tickets)))
+            # a few tickets with recall (recall_k unset: the artifact's default k); the
+            # first one waits for inclusion and becomes the offline bundle of step 5
             one_text, one_gold = tickets[0]
             one = await stub.Predict(
                 pb.PredictRequest(artifact=spec.name, input=one_text, wait_for_inclusion=True),
                 timeout=60,
             )
+            shown: list[tuple[str, str, Any]] = [(one_text, one_gold, one)]
+            if recall_on:
+                for text, gold in tickets[1:EVIDENCE_TICKETS]:
+                    r = await stub.Predict(
+                        pb.PredictRequest(artifact=spec.name, input=text), timeout=60
+                    )
+                    shown.append((text, gold, r))
         right = sum(r.output == y for r, (_, y) in zip(answers, tickets, strict=True))
         by_backend: dict[str, int] = {}
         for r in answers:
@@ -215,7 +261,10 @@ async def _demo(a: argparse.Namespace) -> int:
         console.print(
             f"   {len(answers)} tickets answered, {right} match the gold queue; "
             f"receipts acknowledged by the ledger: {sum(r.HasField('promise') for r in answers)}"
+            + (" (recall_k=0: no retrieval for the bulk)" if recall_on else "")
         )
+        if recall_on:
+            console.print(_evidence_table(shown))
 
         # 5. one offline bundle, verified like a downstream system would
         from kolm_ledger.bundle import Bundle
@@ -230,14 +279,30 @@ async def _demo(a: argparse.Namespace) -> int:
             artifact_bundle=art_bundle,
             input_value=one_text,
             salt=one.salt,
+            artifact_file=result.artifact_path if recall_on else None,
         )
+        steps = _verify_steps(v)
+        passed = [n for n, _, ok, _ in steps if ok]
+        st = Table.grid(padding=(0, 1))
+        st.add_column()
+        st.add_column(justify="right")
+        st.add_column(no_wrap=True)
+        st.add_column()
+        for n, name, ok, what in steps:
+            st.add_row("[green]ok[/]" if ok else "[dim]--[/]", f"({n})", name, what)
         console.print(
             Panel(
-                f"ticket: {one_text!r}\nanswer: {one.output} (gold {one_gold}), backend "
-                f"{one.backend}, confidence {one.confidence:.2f}\n"
-                f"receipt index {v.receipt.index}, checkpoint size {v.receipt.checkpoint.size}; "
-                f"artifact K-score {v.k_score:.2f}; input commitment opened with the salt\n"
-                f"→ {bundle_path.name}: verified offline, steps 1-9",
+                Group(
+                    f"ticket: {one_text!r}\nanswer: {one.output} (gold {one_gold}), backend "
+                    f"{one.backend}, confidence {one.confidence:.2f}",
+                    st,
+                    f"→ {bundle_path.name}: verified offline, steps "
+                    + (
+                        f"1-{len(steps)} passed"
+                        if len(passed) == len(steps)
+                        else ", ".join(map(str, passed)) + " passed"
+                    ),
+                ),
                 title="5. one prediction, verified offline",
             )
         )
@@ -294,6 +359,13 @@ async def _demo(a: argparse.Namespace) -> int:
         "prediction receipts (student / teacher)",
         f"{by_backend.get('student', 0)} / {by_backend.get('teacher', 0)}",
     )
+    if recall_on:
+        cited = [r for _, _, r in shown if len(r.evidence)]
+        t.add_row(
+            f"receipts that name their evidence (recall k={result.recall.get('k', 5)}, "
+            f"{result.recall['chunks']} examples)",
+            f"{len(cited)}; step 10 {'ok' if v.evidence_checked else 'NOT RUN'}",
+        )
     t.add_row(
         "hash chain + Merkle root + checkpoints", "intact" if rep.ok and local.ok else "BROKEN"
     )
@@ -330,13 +402,80 @@ async def _demo(a: argparse.Namespace) -> int:
                 "artifact_digest": result.artifact_digest,
                 "predictions": len(answers),
                 "payback_days": payback_days,
+                "verify_steps": {name: ok for _, name, ok, _ in steps},
+                "recall": {
+                    "corpus_root": result.recall["corpus_root"],
+                    "chunks": result.recall["chunks"],
+                    "k": result.recall.get("k"),
+                    "shown": len(shown),
+                    "evidence_ids": [str(e["id"]) for e in v.evidence],
+                    "evidence_checked": v.evidence_checked,
+                    "corpus_source": v.corpus_source,
+                }
+                if recall_on
+                else None,
             },
             indent=2,
         )
         + "\n"
     )
     ok = rep.ok and local.ok and victim in bad.failing_indices()
+    if recall_on:
+        ok = ok and v.evidence_checked
     return 0 if ok else 1
+
+
+def _verify_steps(v: Any) -> list[tuple[int, str, bool, str]]:
+    """``(n, step name, ran and passed, what it established)`` for steps 1-10."""
+    from kolm_ledger.verify import STEPS
+
+    r = v.receipt
+    what = {
+        1: "bundle, DSSE envelope, tlog-proof",
+        2: f"in-toto statement of a {r.kind} receipt",
+        3: f"signed by trusted key {r.keyid[:16]}",
+        4: f"role {getattr(r.role, 'value', r.role)} may sign it, key valid then",
+        5: "SHA-256 leaf of the envelope",
+        6: f"signed checkpoint, size {r.checkpoint.size}",
+        7: f"leaf {r.index} is under its Merkle root",
+        8: f"names this artifact; K-score {v.k_score:.2f}"
+        if v.artifact is not None
+        else "not run (no artifact receipt given)",
+        9: "ticket + salt open the commitment" if v.input_checked else "not run (no input given)",
+        10: f"{len(v.evidence)} cited examples are in the signed corpus "
+        f"{(v.corpus_root or '')[:12]}… ({v.corpus_source})"
+        if v.evidence_checked
+        else "not run (no evidence cited)",
+    }
+    ran = {8: v.artifact is not None, 9: v.input_checked, 10: v.evidence_checked}
+    return [(n, name, ran.get(n, True), what[n]) for n, name in enumerate(STEPS, 1)]
+
+
+def _evidence_table(shown: list[tuple[str, str, Any]], top: int = 3) -> Table:
+    """The answers given with recall: ticket, answer, confidence and cited neighbours."""
+    k = max((len(r.evidence) for _, _, r in shown), default=0)
+    t = Table(
+        title="   answered with recall: receipts name the examples that grounded them",
+        title_justify="left",
+        show_lines=True,
+        expand=True,
+    )
+    t.add_column("ticket", ratio=2, min_width=14)
+    t.add_column("answer / confidence", ratio=2, min_width=16, overflow="fold")
+    t.add_column(
+        f"cited neighbours: cosine, label, example digest (top {min(top, k)} of {k})",
+        ratio=6,
+        overflow="fold",
+    )
+    for text, gold, r in shown:
+        mark = "[green]✓[/]" if r.output == gold else f"[red]✗ gold {gold}[/]"
+        near = "\n".join(
+            f"{e.score:.2f} {'[green]' if e.label == r.output else '[yellow]'}{e.label}[/] "
+            f"[dim]{e.id[:8]}…[/]"
+            for e in r.evidence[:top]
+        )
+        t.add_row(text, f"{r.output} {mark}\n{r.confidence:.2f} [dim]{r.reason}[/]", near or "—")
+    return t
 
 
 def _held_out(spec: Any, n: int) -> list[tuple[str, str]]:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -54,6 +55,70 @@ def test_demo_runs_the_whole_story(tmp_path: Path) -> None:
         check=False,
     )
     assert v.returncode == 0, v.stdout + v.stderr
+    _assert_recall_shown_and_verified(d, p.stdout)
+
+
+def _assert_recall_shown_and_verified(d: Path, stdout: str) -> None:
+    """Recall end to end: evidence shown, step 10 ok, cited ids are indexed example digests."""
+    import base64
+    import re
+
+    from kolm_ledger.keys import TrustRoot
+    from kolm_ledger.recall_proof import chunk_digest, read_artifact_corpus
+    from kolm_ledger.receipts import example_digest
+
+    s = json.loads((d / "summary.json").read_text())
+    r = s["recall"]
+    assert r is not None, "the demo built no recall index (is kolm[recall] installed?)"
+    assert r["k"] == 5 and r["evidence_checked"] and s["verify_steps"]["check evidence"]
+    assert all(s["verify_steps"].values()), s["verify_steps"]
+    assert "artifact file" in r["corpus_source"]
+    out = stdout.replace("\n", " ")
+    assert "answered with recall" in out
+    assert re.search(r"ok\s+\(10\)\s+check evidence\s+5 cited examples", stdout), stdout
+    assert "steps 1-10 passed" in out and "name their evidence" in out
+    # the receipt's evidence, read from the bundle itself
+    bundle = json.loads((d / "prediction.kolm-receipt.json").read_text())
+    stmt = json.loads(base64.b64decode(bundle["envelope"]["payload"]))
+    pred = stmt["predicate"]
+    ev = pred["evidence"]
+    assert [e["id"] for e in ev] == r["evidence_ids"] and len(ev) == 5
+    for e in ev[:3]:  # the evidence table shows the top 3 neighbours with digest prefixes
+        assert f"{e['id'][:8]}…" in stdout, e["id"]
+    assert pred["corpus_root"] == r["corpus_root"]
+    # each cited id is the digest of a labelled example in the artifact's signed index
+    trust = TrustRoot.load(d / "keys" / "trust.json")
+    corpus = read_artifact_corpus(
+        d / "artifacts" / "banking77-router.kolm",
+        trust,
+        artifact_digest=pred["artifact_digest"],
+        at=datetime.fromisoformat(pred["time"].replace("Z", "+00:00")),
+        positions=[e["position"] for e in ev],
+    )
+    assert corpus.corpus_root == r["corpus_root"] and corpus.size == r["chunks"]
+    for e in ev:
+        row = corpus.chunks[e["position"]]
+        assert row.id == e["id"] and row.label == e["label"] and row.label
+        assert row.id == example_digest(row.text, row.label)
+        assert e["digest"] == chunk_digest(row.id, row.text, row.label)
+    # an auditor's `kolm verify --artifact` runs step 10 too
+    v = subprocess.run(
+        [
+            *KOLM,
+            "verify",
+            str(d / "prediction.kolm-receipt.json"),
+            "--trust",
+            str(d / "keys" / "trust.json"),
+            "--artifact",
+            str(d / "artifacts" / "banking77-router.kolm"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert "(10)  5 evidence chunk(s) are in the signed corpus" in v.stdout, v.stdout
 
 
 def test_up_serves_three_healthy_services_and_stops_on_ctrl_c(tmp_path: Path) -> None:
