@@ -110,7 +110,13 @@ def ceiling_threads(keydir: Path, envs: list[bytes], threads: int) -> float:
 
 
 def inproc_append(
-    url: str, trust, keydir: Path, envs: list[bytes], batch: int, threads: int = 1
+    url: str,
+    trust,
+    keydir: Path,
+    envs: list[bytes],
+    batch: int,
+    threads: int = 1,
+    pipeline: bool = True,
 ) -> tuple[float, float]:
     """(append receipts/s, paired one-core verify ceiling/s).
 
@@ -123,6 +129,7 @@ def inproc_append(
 
     extra = {"verify_threads": threads} if threads > 1 else {}  # (runs on older trees too)
     ledger = Ledger(Store(url), trust, PrivateKey.load(keydir / "log.key"), **extra)
+    ledger.pipeline = pipeline  # False: validate the whole batch, then sequence it
     pub = PrivateKey.load(keydir / "infer.key").public_key()
     parsed = [Envelope.from_bytes(e) for e in envs]
     group = max(batch, 100)
@@ -345,19 +352,23 @@ def main() -> int:
     for eng, url in engines:
         runs = [(1, 200 if q else 500, 1), (100, n, 1), (1000, n, 1)]
         if nthr > 1:
+            runs.append((1000, n, -nthr))  # threads, validation not pipelined (before)
             runs.append((1000, n, nthr))
         for batch, count, threads in runs:
-            db = url(f"{eng}_b{batch}_t{threads}")
+            pipe, threads = threads > 0, abs(threads)
+            db = url(f"{eng}_b{batch}_t{threads}{'' if pipe else 'np'}")
             if eng == "postgresql":
                 pg_settle()
-            r, c = inproc_append(db, trust, keydir, envs[:count], batch, threads)
+            r, c = inproc_append(db, trust, keydir, envs[:count], batch, threads, pipe)
             if threads == 1:
                 best[eng] = max(best.get(eng, 0), r)
                 what = f"in-process durable append, {eng}, batch {batch}"
+            elif not pipe:
+                what = f"  same, verify on {threads} threads, then sequence (no pipeline)"
             else:
-                what = f"  same, batch {batch}, verify on {threads} threads"
+                what = f"  same, verify on {threads} threads pipelined with sequencing"
             row(what, f"{r:,.0f}/s", f"{r / c:.2f}")
-            if threads > 1:
+            if threads > 1 and pipe:
                 c0 = ceiling(keydir, ceil_sample)
                 ct = ceiling_threads(keydir, ceil_sample, threads)
                 row(

@@ -315,6 +315,7 @@ def cmd_ledger_serve(a: argparse.Namespace) -> int:
             max_batch=a.max_batch,
             max_wait_ms=a.max_wait_ms,
             max_queue=a.max_queue,
+            verify_threads=a.verify_threads,
             ready_file=a.ready_file,
         )
     )
@@ -594,6 +595,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     )
     ls.add_argument(
         "--max-queue", type=int, default=50_000, help="queued entries before RESOURCE_EXHAUSTED"
+    )
+    ls.add_argument(
+        "--verify-threads",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="threads validating multi-envelope requests (signatures verify with the GIL"
+        " released; default: min(2, CPUs))",
     )
     ls.add_argument("--ready-file", help="write the bound port here once serving")
     ls.add_argument("--log-level", default="INFO")

@@ -39,8 +39,8 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -134,10 +134,15 @@ class Ledger:
 
     Requires ``log_key`` to be an Ed25519 key listed in ``trust`` as a ``log`` key;
     the checkpoint origin is that key's origin. ``verify_threads`` > 1 lets
-    :meth:`append` validate a batch on that many threads (signature verification runs
-    with the GIL released, so on that many cores); the default validates on the caller's
-    thread.
+    :meth:`append` validate a large batch on that many threads, pipelined with its
+    sequencing (signature verification runs with the GIL released, so on that many
+    cores), and :meth:`submit_validation` validate off the caller's thread; the default
+    validates on the caller's thread.
     """
+
+    #: False: a threaded :meth:`append` validates the whole batch before sequencing it
+    #: (no overlap; kept for the benchmark's side-by-side comparison)
+    pipeline = True
 
     def __init__(
         self,
@@ -157,6 +162,7 @@ class Ledger:
         # cryptography verifies with the GIL released, so threads verify in parallel
         self.verify_threads = verify_threads
         self._verify_pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         if witness_policy not in ("required", "best-effort"):
             raise InvalidInput(
                 f"witness_policy {witness_policy!r}, want 'required' or 'best-effort'"
@@ -279,33 +285,47 @@ class Ledger:
 
         If any envelope is invalid nothing is written and its error is raised. Appending
         an envelope already in the log returns its existing index (``duplicate=True``).
+
+        With ``verify_threads`` > 1 and a large batch, validation is pipelined with
+        sequencing: chunks are validated on the verify threads while this thread
+        sequences the chunks already validated into the batch's one transaction (rows
+        streamed to the database as they are made); an invalid envelope aborts that
+        transaction, so the batch stays atomic and the first invalid one in order is
+        still the error raised.
         """
         now = self._clock()
         trust = self.trust
         passed: dict[tuple[str, str], TrustedKey] = {}
         if self.verify_threads > 1 and len(envelopes) >= 2 * _MIN_CHUNK:
-            items = self._validate_threaded(envelopes, now, trust, passed)
-        else:
-            items = [self._validate(e, now, trust, passed) for e in envelopes]
+            return self._append_pipelined(envelopes, now, trust, passed)
+        items = [self._validate(e, now, trust, passed) for e in envelopes]
         results, _ = self.append_validated(items)
         return [r for r in results if isinstance(r, Appended)]
 
-    def _validate_threaded(
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._verify_pool is None:
+                self._verify_pool = ThreadPoolExecutor(
+                    self.verify_threads, thread_name_prefix="kolm-verify"
+                )
+            return self._verify_pool
+
+    def _append_pipelined(
         self,
         envelopes: Sequence[Envelope | bytes | Mapping[str, object]],
         now: datetime,
         trust: TrustState,
         passed: dict[tuple[str, str], TrustedKey],
-    ) -> list[Validated]:
-        """:meth:`_validate` every envelope, in ``verify_threads`` contiguous chunks at once.
+    ) -> list[Appended]:
+        """:meth:`append` with validation on the verify threads, overlapping sequencing.
 
-        Raises the error of the first invalid envelope in order, as the sequential loop
-        does: each chunk stops at its first error, and every chunk before the first
-        failing one validated completely.
+        Chunks go to the pool in order; the caller's thread takes their results in
+        order and feeds them to one sequencing transaction. A chunk stops at its first
+        invalid envelope, whose error aborts the transaction when its turn comes, so
+        every envelope before it in order validated and nothing is written.
         """
-        n = min(self.verify_threads, len(envelopes) // _MIN_CHUNK)
-        step = -(-len(envelopes) // n)
-        chunks = [envelopes[i : i + step] for i in range(0, len(envelopes), step)]
+        # small enough chunks that little is left to sequence after the last one
+        step = max(_MIN_CHUNK // 2, -(-len(envelopes) // (4 * self.verify_threads)))
 
         def run(
             chunk: Sequence[Envelope | bytes | Mapping[str, object]],
@@ -314,22 +334,70 @@ class Ledger:
             try:
                 for e in chunk:
                     out.append(self._validate(e, now, trust, passed))
-            except Exception as err:  # re-raised below, in envelope order
+            except Exception as err:  # re-raised by the sequencing thread, in order
                 return out, err
             return out, None
 
-        if self._verify_pool is None:
-            self._verify_pool = ThreadPoolExecutor(
-                self.verify_threads - 1, thread_name_prefix="kolm-verify"
-            )
-        futures = [self._verify_pool.submit(run, c) for c in chunks[1:]]
-        done = [run(chunks[0]), *(f.result() for f in futures)]
-        items: list[Validated] = []
-        for out, err in done:
-            if err is not None:
-                raise err
-            items.extend(out)
-        return items
+        pool = self._pool()
+        futures = [
+            pool.submit(run, envelopes[i : i + step]) for i in range(0, len(envelopes), step)
+        ]
+        got: list[Validated] = []
+
+        def stream() -> Iterator[Validated]:
+            for f in futures:
+                out, err = f.result()
+                got.extend(out)
+                if err is not None:
+                    raise err
+                yield from out
+
+        items = stream()
+
+        def every() -> list[Validated]:
+            for _ in items:  # validate what the aborted transaction did not reach
+                pass
+            return got
+
+        try:
+            if self._look_up or not self.pipeline:
+                # duplicates lately: the look-up needs every leaf hash first
+                results, _ = self._append_items(every(), every, False)
+            else:
+                results, _ = self._append_items(items, every, False)
+        finally:
+            for f in futures:
+                f.cancel()
+        return [r for r in results if isinstance(r, Appended)]
+
+    def submit_validation(
+        self, envelopes: Sequence[Envelope | bytes | Mapping[str, object]]
+    ) -> list[Future[list[Validated | KolmError]]]:
+        """:meth:`validate` each envelope on the verify threads, in contiguous chunks.
+
+        Returns one future per chunk, in order; each gives, per envelope, its
+        :class:`Validated` or the :class:`KolmError` it was refused with (other
+        exceptions propagate). Used by the service to validate off its event loop.
+        """
+        now = self._clock()
+        trust = self.trust
+        passed: dict[tuple[str, str], TrustedKey] = {}
+        n = max(1, min(self.verify_threads, len(envelopes) // (_MIN_CHUNK // 2)))
+        step = max(1, -(-len(envelopes) // n))
+
+        def run(
+            chunk: Sequence[Envelope | bytes | Mapping[str, object]],
+        ) -> list[Validated | KolmError]:
+            out: list[Validated | KolmError] = []
+            for e in chunk:
+                try:
+                    out.append(self._validate(e, now, trust, passed))
+                except KolmError as err:
+                    out.append(err)
+            return out
+
+        pool = self._pool()
+        return [pool.submit(run, envelopes[i : i + step]) for i in range(0, len(envelopes), step)]
 
     def append_validated(
         self, items: Sequence[Validated], *, skip_refused: bool = False
@@ -349,12 +417,21 @@ class Ledger:
         """
         if not items:
             return [], None
+        return self._append_items(items, lambda: items, skip_refused)
+
+    def _append_items(
+        self,
+        items: Iterable[Validated],
+        every: Callable[[], Sequence[Validated]],
+        skip_refused: bool,
+    ) -> tuple[list[Appended | KolmError], SignedCheckpoint | None]:
+        """:meth:`append_validated` of ``items`` (``every()``: all of them, as a sequence)."""
         try:
             results, signed, key_receipts = self._sequence(items, skip_refused, self._look_up)
         except LeafHashExists:
             # an item is already in the log: nothing was written; sequence the batch again,
             # looking its leaf hashes up first (and keep doing so while duplicates come)
-            results, signed, key_receipts = self._sequence(items, skip_refused, True)
+            results, signed, key_receipts = self._sequence(every(), skip_refused, True)
         if signed is not None:
             self._verified_note = signed.to_bytes()  # ours, just committed: no need to re-verify
         if key_receipts:
@@ -364,7 +441,7 @@ class Ledger:
         return results, signed
 
     def _sequence(
-        self, items: Sequence[Validated], skip_refused: bool, look_up: bool
+        self, items: Iterable[Validated], skip_refused: bool, look_up: bool
     ) -> tuple[list[Appended | KolmError], SignedCheckpoint | None, list[Statement]]:
         """One sequencing transaction (step 6) for :meth:`append_validated`.
 
@@ -389,7 +466,10 @@ class Ledger:
             head = tx.head()
             self._check_last_checkpoint(tx.latest_checkpoint(), head)
             # leaf hash -> index, of the log (when looked up) and of this batch so far
-            seen = tx.existing([v.leaf_hash for v in items]) if look_up else {}
+            seen: dict[bytes, int] = {}
+            if look_up:
+                items = list(items)
+                seen = tx.existing([v.leaf_hash for v in items])
             self._look_up = bool(seen)
             peaks = head.peaks
             chain = head.chain_head

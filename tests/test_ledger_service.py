@@ -1050,3 +1050,35 @@ def test_serve_process_health_reflection_and_metrics(
     # structured logs: one JSON object per line on stderr
     lines = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
     assert any(rec["msg"] == "ledger serving" and rec["port"] == port for rec in lines)
+
+
+def test_verify_threads_give_the_same_results_and_errors_in_order(
+    serve: ServerFactory, keys: Keys, tmp_path: Path
+) -> None:
+    threaded = serve(verify_threads=3)
+    reference = ThreadedServer(f"sqlite:///{tmp_path / 'ref.db'}", keys.trust, keys.log)
+    try:
+        envs: list[Envelope | bytes] = [label_env(keys.compile, i) for i in range(150)]
+        envs[3] = b'{"payload": 1}'
+        envs[70] = label_env(keys.infer, 1000)  # role may not sign 'label'
+        envs[71] = envs[20]  # duplicate within the request
+        envs[149] = b"not json at all"
+        outs = []
+        for srv in (threaded, reference):
+            with srv.client() as c:
+                first = c.append_many(envs, batch=150)
+                again = c.append_many(envs[:80], batch=40)  # duplicates of the log
+                with pytest.raises(KolmError) as e:
+                    c.append(label_env(keys.infer, 1001))  # unary: the error itself
+            outs.append(
+                [
+                    (r.index, r.duplicate) if isinstance(r, AppendResult) else (r.grpc_code, str(r))
+                    for r in first + again
+                ]
+                + [(e.value.grpc_code, str(e.value))]
+            )
+        assert outs[0] == outs[1]
+        assert outs[0][3][0] == "INVALID_ARGUMENT" and outs[0][70][0] == "PERMISSION_DENIED"
+        assert outs[0][71] == (outs[0][20][0], True)
+    finally:
+        reference.stop()

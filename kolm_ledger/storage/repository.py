@@ -205,10 +205,24 @@ class SequencingTx:
         self._store = store
         self.conn = conn
 
+    def _raw(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Rows of one query on the driver's cursor (``?`` placeholders; per-batch reads:
+        SQLAlchemy's statement handling costs more than these queries do)."""
+        if self._store.dialect != "sqlite":
+            sql = sql.replace("?", "%s")
+        with self._driver_errors():
+            cur = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cur.execute(sql, params)
+                return list(cur.fetchall())
+            finally:
+                cur.close()
+
     def head(self) -> Head:
         """Current size, compact range and chain head, read under the lock."""
         cached = self._store._head_cache
-        size = _size(self.conn)
+        ((top,),) = self._raw("SELECT max(idx) FROM entries")
+        size = 0 if top is None else int(top) + 1
         if cached is not None and cached.size == size:
             return Head(cached.size, cached.peaks.copy(), cached.chain_head)
         if size == 0:
@@ -237,20 +251,26 @@ class SequencingTx:
 
     def entries_of_kind(self, kind: str, after_index: int = -1) -> list[Entry]:
         """Entries of ``kind`` after ``after_index``, in index order, read under the lock."""
-        ph = "?" if self._store.dialect == "sqlite" else "%s"
-        rows = self.conn.exec_driver_sql(
+        rows = self._raw(
             "SELECT idx, leaf_hash, chain_hash, kind, key_id, integrated_at, envelope "
-            f"FROM entries WHERE kind = {ph} AND idx > {ph} ORDER BY idx",
+            "FROM entries WHERE kind = ? AND idx > ? ORDER BY idx",
             (kind, after_index),
         )
-        return [_entry(r) for r in rows]
+        return [
+            Entry(i, bytes(lh), bytes(ch), k, kid, from_micros(at), bytes(env))
+            for i, lh, ch, k, kid, at, env in rows
+        ]
 
     def latest_checkpoint(self) -> StoredCheckpoint | None:
         """Newest checkpoint, read under the lock."""
-        r = self.conn.execute(
-            select(CheckpointRow).order_by(CheckpointRow.size.desc()).limit(1)
-        ).first()
-        return _checkpoint(r) if r else None
+        rows = self._raw(
+            "SELECT size, root, chain_head, note, created_at FROM checkpoints "
+            "ORDER BY size DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        size, root, chain, note, at = rows[0]
+        return StoredCheckpoint(size, bytes(root), bytes(chain), bytes(note), from_micros(at))
 
     def insert_entries(
         self, rows: Sequence[EntryTuple], subjects: Sequence[tuple[str, int]] = ()
