@@ -127,8 +127,7 @@ def inproc_append(
     """
     from kolm_ledger.dsse import Envelope
 
-    extra = {"verify_threads": threads} if threads > 1 else {}  # (runs on older trees too)
-    ledger = Ledger(Store(url), trust, PrivateKey.load(keydir / "log.key"), **extra)
+    ledger = Ledger(Store(url), trust, PrivateKey.load(keydir / "log.key"), verify_threads=threads)
     ledger.pipeline = pipeline  # False: validate the whole batch, then sequence it
     pub = PrivateKey.load(keydir / "infer.key").public_key()
     parsed = [Envelope.from_bytes(e) for e in envs]

@@ -599,7 +599,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     ls.add_argument(
         "--verify-threads",
         type=int,
-        default=min(2, os.cpu_count() or 1),
+        default=None,
         help="threads validating multi-envelope requests (signatures verify with the GIL"
         " released; default: min(2, CPUs))",
     )

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,6 +79,8 @@ __all__ = ["Appended", "Ledger", "Validated", "chain_next"]
 Clock = Callable[[], datetime]
 
 _MIN_CHUNK = 64  # fewer envelopes per thread than this are not worth a hand-off
+#: ``verify_threads`` when not given: two cores verify while one sequences (see BENCHMARKS.md)
+DEFAULT_VERIFY_THREADS = min(2, os.cpu_count() or 1)
 
 
 def chain_next(prev: bytes, leaf_hash: bytes) -> bytes:
@@ -136,8 +139,8 @@ class Ledger:
     the checkpoint origin is that key's origin. ``verify_threads`` > 1 lets
     :meth:`append` validate a large batch on that many threads, pipelined with its
     sequencing (signature verification runs with the GIL released, so on that many
-    cores), and :meth:`submit_validation` validate off the caller's thread; the default
-    validates on the caller's thread.
+    cores), and :meth:`submit_validation` validate off the caller's thread; the default is
+    :data:`DEFAULT_VERIFY_THREADS` (min(2, CPUs)); 1 validates on the caller's thread.
     """
 
     #: False: a threaded :meth:`append` validates the whole batch before sequencing it
@@ -155,7 +158,7 @@ class Ledger:
         witnesses: Sequence[str] = (),
         witness_policy: str = "best-effort",
         witness_timeout: float = 5.0,
-        verify_threads: int = 1,
+        verify_threads: int = DEFAULT_VERIFY_THREADS,
     ) -> None:
         if verify_threads < 1:
             raise InvalidInput(f"verify_threads {verify_threads}, want at least 1")

@@ -25,7 +25,7 @@ from .authz import AuthzInterceptor, authorize_append
 from .checkpoint import SignedCheckpoint
 from .errors import InvalidInput, KolmError, NotFoundError, UnavailableError, UnknownKeyError
 from .keys import TrustRoot
-from .ledger import Appended, Ledger, Validated
+from .ledger import DEFAULT_VERIFY_THREADS, Appended, Ledger, Validated
 from .provenance import provenance
 from .sequencer import Promise, Sequencer
 from .storage import Entry, Store, StoredCheckpoint, micros
@@ -453,7 +453,7 @@ async def start(
     extra_log_keys: Sequence[PrivateKey] = (),
     witnesses: Sequence[str] = (),
     witness_policy: str = "best-effort",
-    verify_threads: int = 1,
+    verify_threads: int | None = None,
 ) -> LedgerServer:
     """Start a ledger service; ``listen`` port 0 picks a free port (see ``.port``).
 
@@ -462,7 +462,7 @@ async def start(
     ``extra_log_keys`` also sign every checkpoint (log key rotation); ``witnesses`` are
     witness URLs whose cosignatures each checkpoint collects under ``witness_policy``.
     ``verify_threads`` > 1 validates each multi-envelope request on that many threads
-    (see :meth:`LedgerServicer._validate_each`).
+    (see :meth:`LedgerServicer._validate_each`); default ``DEFAULT_VERIFY_THREADS``.
     """
     if authorize is None:
         authorize = credentials is not None
@@ -474,7 +474,7 @@ async def start(
         extra_log_keys=extra_log_keys,
         witnesses=witnesses,
         witness_policy=witness_policy,
-        verify_threads=verify_threads,
+        verify_threads=DEFAULT_VERIFY_THREADS if verify_threads is None else verify_threads,
     )
     seq = Sequencer(
         ledger, log_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
