@@ -206,8 +206,9 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     ) -> AsyncIterator[pb.AppendStreamResponse]:
         """Each request is validated per envelope; valid ones are sequenced together.
 
-        Messages are handled concurrently (up to 64 in flight per stream) and answered in
-        the order they came. A stream may stay open indefinitely (one per client, no
+        Messages are handled concurrently (up to 64 in flight per stream; their validation
+        overlaps on the verify threads), sequenced in the order they came and answered in
+        that order. A stream may stay open indefinitely (one per client, no
         per-batch call setup); on shutdown it is ended with ``UNAVAILABLE`` once every
         message read so far is answered (:meth:`end_streams`).
         """
@@ -217,10 +218,24 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         slots = asyncio.Semaphore(64)
         role = self._role(context)
 
-        async def one(req: pb.AppendStreamRequest) -> pb.AppendStreamResponse:
+        async def one(
+            req: pb.AppendStreamRequest, prev: asyncio.Event | None, queued: asyncio.Event
+        ) -> pb.AppendStreamResponse:
+            try:
+                return await _one(req, prev, queued)
+            finally:
+                queued.set()
+
+        async def _one(
+            req: pb.AppendStreamRequest, prev: asyncio.Event | None, queued: asyncio.Event
+        ) -> pb.AppendStreamResponse:
+            # validation of messages overlaps (verify threads); sequencing keeps their order
             out: list[pb.AppendResult | None] = [None] * len(req.envelopes)
             ok_pos, valid = [], []
-            for i, r in enumerate(await self._validate_each(req.envelopes, role)):
+            validated = await self._validate_each(req.envelopes, role)
+            if prev is not None:
+                await prev.wait()
+            for i, r in enumerate(validated):
                 if isinstance(r, KolmError):
                     code, msg = rpc.status_of(r)
                     out[i] = pb.AppendResult(error=pb.Status(code=code.value[0], message=msg))
@@ -229,6 +244,9 @@ class LedgerServicer(pb_grpc.LedgerServicer):
                     ok_pos.append(i)
             if valid:
                 try:
+                    # the next message's waiter runs only once this task yields, which
+                    # submit_each does after queueing these items
+                    queued.set()
                     outcomes = await self.seq.submit_each(valid)
                 except KolmError as e:  # backpressure or shutdown: none was queued
                     code, msg = rpc.status_of(e)
@@ -258,9 +276,12 @@ class LedgerServicer(pb_grpc.LedgerServicer):
         async def reader() -> None:
             # cancelled (by end_streams or when the call ends) only while waiting for the
             # next message or a slot: a message read is always queued, hence answered
+            prev: asyncio.Event | None = None
             try:
                 async for req in request_iterator:
-                    pending.put_nowait(asyncio.ensure_future(one(req)))
+                    queued = asyncio.Event()
+                    pending.put_nowait(asyncio.ensure_future(one(req, prev, queued)))
+                    prev = queued
                     await slots.acquire()
             finally:
                 pending.put_nowait(None)

@@ -1056,7 +1056,9 @@ def test_verify_threads_give_the_same_results_and_errors_in_order(
     serve: ServerFactory, keys: Keys, tmp_path: Path
 ) -> None:
     threaded = serve(verify_threads=3)
-    reference = ThreadedServer(f"sqlite:///{tmp_path / 'ref.db'}", keys.trust, keys.log)
+    reference = ThreadedServer(
+        f"sqlite:///{tmp_path / 'ref.db'}", keys.trust, keys.log, verify_threads=1
+    )
     try:
         envs: list[Envelope | bytes] = [label_env(keys.compile, i) for i in range(150)]
         envs[3] = b'{"payload": 1}'
@@ -1082,3 +1084,17 @@ def test_verify_threads_give_the_same_results_and_errors_in_order(
         assert outs[0][71] == (outs[0][20][0], True)
     finally:
         reference.stop()
+
+
+def test_stream_messages_are_sequenced_in_order_while_validated_on_threads(
+    serve: ServerFactory, keys: Keys
+) -> None:
+    """Validation of a stream's messages overlaps on the verify threads; order does not."""
+    srv = serve(verify_threads=3)
+    envs = [label_env(keys.compile, i) for i in range(240)]
+    with srv.client() as c:
+        for n, batch in enumerate((2, 3, 5, 7)):  # many small messages in flight at once
+            chunk = envs[60 * n : 60 * (n + 1)]
+            results = c.append_many(chunk, batch=batch)
+            got = [r.index if isinstance(r, AppendResult) else r for r in results]
+            assert got == list(range(60 * n, 60 * (n + 1))), (batch, got)
