@@ -37,8 +37,6 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
         to_ledger = client_credentials(a.tls_dir, "infer")
     else:
         to_ledger = channel_credentials_from_args(a, a.ledger)  # plain text only to loopback
-    if a.receipt_ack == "spool" and not a.spool:
-        raise InvalidInput("--receipt-ack spool needs --spool FILE (the receipts' local home)")
     d = Path(a.artifacts)
     if not d.is_dir():
         raise InvalidInput(f"--artifacts {d}: not a directory")

@@ -58,6 +58,7 @@ __all__ = [
     "Ack",
     "ReceiptWriter",
     "Spool",
+    "check_ack",
     "sign_prediction",
 ]
 
@@ -68,6 +69,15 @@ OUTPUT_POLICIES = ("full", "digest")
 #: When an answer may go out: ``ledger`` (the ledger acknowledged its receipt: fail
 #: closed) or ``spool`` (its receipt is committed to the local spool; opt-in).
 ACK_MODES = ("ledger", "spool")
+
+
+def check_ack(ack: str, has_spool: bool) -> None:
+    """Raise :class:`InvalidInput` unless ``ack`` is a known mode that this set-up can give."""
+    if ack not in ACK_MODES:
+        raise InvalidInput(f"receipt ack {ack!r}, want one of {ACK_MODES}")
+    if ack == "spool" and not has_spool:
+        raise InvalidInput("receipt ack 'spool' needs a spool (--spool FILE)")
+
 
 RECEIPTS = Counter("kolm_infer_receipts_total", "Prediction receipts by outcome", ["outcome"])
 SPOOL_DEPTH = Gauge("kolm_infer_spool_depth", "Receipts waiting in the local spool")
@@ -267,10 +277,7 @@ class ReceiptWriter:
     ) -> None:
         if max_batch < 1 or max_inflight < 1:
             raise InvalidInput("max_batch and max_inflight must be >= 1")
-        if ack not in ACK_MODES:
-            raise InvalidInput(f"receipt ack {ack!r}, want one of {ACK_MODES}")
-        if ack == "spool" and spool is None:
-            raise InvalidInput("receipt ack 'spool' needs a spool (--spool FILE)")
+        check_ack(ack, spool is not None)
         self.client = client
         self.spool = spool
         self.ack = ack

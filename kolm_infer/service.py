@@ -41,7 +41,7 @@ from kolm_ledger.keys import TrustRoot
 from ._pb import infer_pb2 as pb
 from ._pb import infer_pb2_grpc as pb_grpc
 from .engine import Engine, LoadedArtifact, Prediction
-from .receipts import OUTPUT_POLICIES, Ack, ReceiptWriter, Spool, sign_prediction
+from .receipts import OUTPUT_POLICIES, Ack, ReceiptWriter, Spool, check_ack, sign_prediction
 
 __all__ = ["InferenceServer", "InferenceServicer", "serve", "start"]
 
@@ -314,6 +314,7 @@ async def start(
     """
     if output_policy not in OUTPUT_POLICIES:
         raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
+    check_ack(receipt_ack, bool(spool))  # before the (slow) artifact loads
     engine = Engine(
         trust,
         LedgerClient(ledger, timeout=10.0, credentials=ledger_credentials),

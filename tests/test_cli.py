@@ -386,4 +386,4 @@ def test_infer_serve_spool_first_needs_a_spool(tmp_path: Path) -> None:
              "--key", tmp_path / "keys" / "infer.key", "--trust", tmp_path / "keys" / "trust.json",
              "--insecure", "--receipt-ack", "spool")  # fmt: skip
     assert p.returncode != 0
-    assert "--receipt-ack spool needs --spool" in p.stderr, p.stderr
+    assert "receipt ack 'spool' needs a spool (--spool FILE)" in p.stderr, p.stderr
