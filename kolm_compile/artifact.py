@@ -51,16 +51,21 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, Signature, verify_signature
+from kolm_ledger.dsse import IN_TOTO_PAYLOAD_TYPE
 from kolm_ledger.errors import ArtifactError, KolmError
 from kolm_ledger.keys import TrustedKey
+from kolm_ledger.model_signing import (
+    MODEL_SIGNING_PREDICATE,
+    SIGNATURE_FILE,
+    artifact_digest,
+    parse_model_signature,
+)
 from kolm_ledger.trust import TrustState
 
 __all__ = [
@@ -75,8 +80,6 @@ __all__ = [
 ]
 
 FORMAT = "kolm/v1"
-SIGNATURE_FILE = "model.sig"
-MODEL_SIGNING_PREDICATE = "https://model_signing/signature/v1.0"
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 MAX_UNPACKED = 4 * 1024**3
@@ -89,14 +92,6 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
-
-
-def artifact_digest(resources: Iterable[tuple[str, str]]) -> str:
-    """SHA-256 over the raw file digests in the order given (model-signing's subject digest)."""
-    h = hashlib.sha256()
-    for _, digest in resources:
-        h.update(bytes.fromhex(digest))
     return h.hexdigest()
 
 
@@ -248,24 +243,8 @@ def verify_artifact(
     sig_path = root / SIGNATURE_FILE
     if not sig_path.is_file():
         raise ArtifactError(f"{path.name}: no {SIGNATURE_FILE} signature")
-    try:
-        bundle = json.loads(sig_path.read_bytes())
-        env_obj = bundle["dsseEnvelope"]
-        payload = base64.b64decode(env_obj["payload"], validate=True)
-        sigs = tuple(
-            Signature("", base64.b64decode(s["sig"], validate=True)) for s in env_obj["signatures"]
-        )
-        if env_obj["payloadType"] != IN_TOTO_PAYLOAD_TYPE or not sigs:
-            raise ValueError("not an in-toto DSSE envelope with a signature")
-        st = json.loads(payload)
-        if st.get("predicateType") != MODEL_SIGNING_PREDICATE:
-            raise ValueError(f"predicateType {st.get('predicateType')!r}")
-        resources = tuple((str(r["name"]), str(r["digest"])) for r in st["predicate"]["resources"])
-        if any(r.get("algorithm") != "sha256" for r in st["predicate"]["resources"]):
-            raise ValueError("only sha256 resources are accepted")
-        claimed = str(st["subject"][0]["digest"]["sha256"])
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
-        raise ArtifactError(f"{path.name}: malformed {SIGNATURE_FILE}: {e}") from e
+    ms = parse_model_signature(sig_path.read_bytes(), path.name)
+    resources, claimed = ms.resources, ms.claimed
     # (2) every file listed, nothing extra
     on_disk = {f for f in _files(root) if f != SIGNATURE_FILE}
     listed = {n for n, _ in resources}
@@ -295,12 +274,7 @@ def verify_artifact(
         if k.role != "compile":
             continue
         try:
-            verify_signature(
-                Envelope(
-                    payload, IN_TOTO_PAYLOAD_TYPE, tuple(Signature(k.keyid, s.sig) for s in sigs)
-                ),
-                k.public_key,
-            )
+            ms.verify_by(k)
         except KolmError:
             continue
         try:

@@ -33,8 +33,6 @@ Example::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -49,9 +47,10 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from .canonical import digest_hex
-from .dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, Signature, verify_signature
 from .errors import ArtifactError, InclusionProofError, InvalidInput, KolmError
 from .merkle import MemoryTree, hash_leaf, root_from_leaves, verify_inclusion
+from .model_signing import SIGNATURE_FILE, parse_model_signature
+from .model_signing import artifact_digest as subject_digest
 
 if TYPE_CHECKING:
     from .keys import TrustRoot
@@ -200,9 +199,6 @@ def verify_evidence(
 
 # --------------------------------------------------------------------------- the artifact file
 
-_SIGNATURE_FILE = "model.sig"
-_MODEL_SIGNING_PREDICATE = "https://model_signing/signature/v1.0"
-
 
 @dataclass(frozen=True)
 class ArtifactChunk:
@@ -280,35 +276,12 @@ def read_artifact_corpus(
             return m
 
         # (1) the signature over the model-signing statement
-        try:
-            sig_obj = json.loads(z.read(member(_SIGNATURE_FILE)))
-            env_obj = sig_obj["dsseEnvelope"]
-            payload = base64.b64decode(env_obj["payload"], validate=True)
-            sigs = [base64.b64decode(s["sig"], validate=True) for s in env_obj["signatures"]]
-            if env_obj["payloadType"] != IN_TOTO_PAYLOAD_TYPE or not sigs:
-                raise ValueError("not an in-toto DSSE envelope with a signature")
-            st = json.loads(payload)
-            if st.get("predicateType") != _MODEL_SIGNING_PREDICATE:
-                raise ValueError(f"predicateType {str(st.get('predicateType'))[:80]!r}")
-            res = st["predicate"]["resources"]
-            if any(r.get("algorithm") != "sha256" for r in res):
-                raise ValueError("only sha256 resources are accepted")
-            resources = [(str(r["name"]), str(r["digest"])) for r in res]
-            claimed = str(st["subject"][0]["digest"]["sha256"])
-            listed = dict(resources)
-        except ArtifactError:
-            raise
-        except (ValueError, KeyError, TypeError, IndexError, binascii.Error, RecursionError) as e:
-            raise ArtifactError(f"{name}: malformed {_SIGNATURE_FILE}: {e}") from e
+        ms = parse_model_signature(z.read(member(SIGNATURE_FILE)), name)
+        listed = dict(ms.resources)
         signer = None
         for k in trust.by_role("compile"):
             try:
-                verify_signature(
-                    Envelope(
-                        payload, IN_TOTO_PAYLOAD_TYPE, tuple(Signature(k.keyid, s) for s in sigs)
-                    ),
-                    k.public_key,
-                )
+                ms.verify_by(k)
                 k.check_valid_at(at)
             except KolmError:
                 continue
@@ -316,17 +289,16 @@ def read_artifact_corpus(
             break
         if signer is None:
             raise ArtifactError(
-                f"{name}: {_SIGNATURE_FILE} is not signed by a compile key of the trust root "
+                f"{name}: {SIGNATURE_FILE} is not signed by a compile key of the trust root "
                 f"valid at {at.isoformat()}"
             )
         # (2) the subject digest is the artifact the prediction names
-        h = hashlib.sha256()
+        claimed = ms.claimed
         try:
-            for _, d in resources:
-                h.update(bytes.fromhex(d))
+            digest = subject_digest(ms.resources)
         except ValueError as e:
-            raise ArtifactError(f"{name}: malformed file digest in {_SIGNATURE_FILE}") from e
-        if h.hexdigest() != claimed:
+            raise ArtifactError(f"{name}: malformed file digest in {SIGNATURE_FILE}") from e
+        if digest != claimed:
             raise ArtifactError(f"{name}: subject digest does not match the listed files")
         if claimed != artifact_digest:
             raise ArtifactError(
@@ -336,7 +308,7 @@ def read_artifact_corpus(
         # (3) the files read here match their signed digests
         def extract(rel: str) -> Path:
             if rel not in listed:
-                raise ArtifactError(f"{name}: {rel} is not listed in {_SIGNATURE_FILE}")
+                raise ArtifactError(f"{name}: {rel} is not listed in {SIGNATURE_FILE}")
             out = Path(tmp) / hashlib.sha256(rel.encode()).hexdigest()
             try:
                 with z.open(member(rel)) as src, open(out, "wb") as dst:
