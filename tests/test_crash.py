@@ -30,16 +30,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from _servers import label_envelope
 
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
 from kolm_ledger.audit import audit
 from kolm_ledger.checkpoint import SignedCheckpoint
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.keys import TrustRoot, init_keys
 from kolm_ledger.note import NoteSigner
-from kolm_ledger.receipts import label_statement, sign_statement
 from kolm_ledger.storage import Store
 from kolm_ledger.witness import Cosigner, Witness, start_witness, verify_cosignatures
 
@@ -66,22 +65,6 @@ def pg_database(prefix: str = "kolm_soak") -> Iterator[str]:
                 c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
-
-
-def _label(key: PrivateKey, who: str, i: int) -> Envelope:
-    st = label_statement(
-        input_value=f"{who} ticket {i}",
-        output_value="card_arrival",
-        task={"name": "router"},
-        teacher={"backend": "simulated"},
-        k=1,
-        votes={"card_arrival": 1},
-        sample_digests=[],
-        verifier={"name": "label_set"},
-        agreement=1.0,
-        job_id=f"job-{who}",
-    )
-    return sign_statement(st, key)
 
 
 class Server:
@@ -144,7 +127,7 @@ def _stream(target: str, key: PrivateKey, who: str, acks: Acks, stop: threading.
     def reqs() -> Iterator[pb.AppendStreamRequest]:
         nonlocal i
         while not stop.is_set():
-            envs = [_label(key, who, i + j).to_bytes() for j in range(20)]
+            envs = [label_envelope(key, who, i + j).to_bytes() for j in range(20)]
             i += 20
             yield pb.AppendStreamRequest(batch_id=i, envelopes=envs, wait_for_checkpoint=False)
             time.sleep(0.005)
@@ -299,7 +282,7 @@ def overload_campaign(
     db = f"sqlite:///{workdir / 'overload.db'}"
     envs = [
         [
-            [_label(key, f"s{s}m{m}", j).to_bytes() for j in range(per_message)]
+            [label_envelope(key, f"s{s}m{m}", j).to_bytes() for j in range(per_message)]
             for m in range(messages)
         ]
         for s in range(senders)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from _servers import label_envelope
 
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
@@ -28,7 +29,6 @@ from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
 from kolm_ledger.client import LedgerClient
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.receipts import label_statement, sign_statement
 from kolm_ledger.verify import verify_bundle
 
 pytestmark = pytest.mark.slow
@@ -36,22 +36,6 @@ pytestmark = pytest.mark.slow
 KOLM = Path(sys.executable).with_name("kolm")
 CLEAN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 ACKS_BEFORE_SIGTERM = 150
-
-
-def _label(key: PrivateKey, who: str, i: int) -> Envelope:
-    st = label_statement(
-        input_value=f"{who} ticket {i}",
-        output_value="card_arrival",
-        task={"name": "router"},
-        teacher={"backend": "simulated"},
-        k=1,
-        votes={"card_arrival": 1},
-        sample_digests=[],
-        verifier={"name": "label_set"},
-        agreement=1.0,
-        job_id=f"job-{who}",
-    )
-    return sign_statement(st, key)
 
 
 class Serve:
@@ -145,7 +129,7 @@ def _streamer(target: str, key: PrivateKey, who: str, log: Log, stop: threading.
                     return
             if done.is_set() or stop.is_set():
                 return
-            envs = [_label(key, who, n + j) for j in range(5)]
+            envs = [label_envelope(key, who, n + j) for j in range(5)]
             n += 5
             sent[batch_id] = envs
             yield pb.AppendStreamRequest(batch_id=batch_id, envelopes=[e.to_bytes() for e in envs])
@@ -174,7 +158,7 @@ def _unary(target: str, key: PrivateKey, who: str, log: Log, stop: threading.Eve
         for i in range(100_000):
             if stop.is_set():
                 return
-            env = _label(key, who, i)
+            env = label_envelope(key, who, i)
             try:
                 r = stub.Append(pb.AppendRequest(envelope=env.to_bytes()), timeout=60)
             except grpc.RpcError as e:
@@ -236,7 +220,7 @@ def test_sigterm_during_streaming_appends_loses_nothing_acknowledged(
         last = max(indices)
         assert verify_bundle(c.bundle(index=last), trust).leaf_hash == stored[last]
         # (4) and the log goes on from where it stopped
-        r = c.append(_label(key, "after-restart", 0), wait=True)
+        r = c.append(label_envelope(key, "after-restart", 0), wait=True)
         assert r.index == size
         assert r.bundle is not None and verify_bundle(r.bundle, trust).index == size
 
