@@ -90,7 +90,6 @@ __all__ = [
     "JobCancelled",
     "StageEvent",
     "base_weights_digest",
-    "read_table",
     "sign_deterministic",
 ]
 
