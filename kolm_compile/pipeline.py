@@ -61,7 +61,6 @@ from typing import Any
 
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.canonical import canonical_json
-from kolm_ledger.dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, Signature, pae
 from kolm_ledger.errors import ConflictError, KolmError, SpecError
 from kolm_ledger.merkle import root_from_leaves
 from kolm_ledger.provenance import training_set_root
@@ -70,6 +69,7 @@ from kolm_ledger.receipts import (
     eval_statement,
     example_digest,
     label_statement,
+    sign_statement,
 )
 
 from . import artifact as kolm_artifact
@@ -90,7 +90,6 @@ __all__ = [
     "JobCancelled",
     "StageEvent",
     "base_weights_digest",
-    "sign_deterministic",
 ]
 
 STAGES = ("ingest", "sample", "vote", "sign", "train", "evaluate", "package")
@@ -240,18 +239,6 @@ def _select(rows: Sequence[Any], keep: set[str] | None, limit: int | None) -> li
             counts[label] += 1
         out.append((text, label))
     return out
-
-
-def sign_deterministic(statement: Any, key: PrivateKey) -> Envelope:
-    """A DSSE envelope with an RFC 6979 signature: the same statement gives the same bytes.
-
-    With the statement's time fixed per job, a receipt re-signed after a crash is
-    byte-identical, and the ledger answers it as a duplicate (same index) instead of
-    logging the label twice.
-    """
-    payload = statement.to_bytes()
-    sig = key.sign(pae(IN_TOTO_PAYLOAD_TYPE, payload), deterministic=True)
-    return Envelope(payload, IN_TOTO_PAYLOAD_TYPE, (Signature(key.keyid(), sig),))
 
 
 def _stage_time(path: Path) -> datetime:
@@ -600,7 +587,9 @@ class CompileJob:
             todo = [i for i, known in enumerate(results) if known is None]
             reused += len(chunk) - len(todo)
             if todo:
-                res = self.sink.append([sign_deterministic(chunk[i][2], self.key) for i in todo])
+                res = self.sink.append(
+                    [sign_statement(chunk[i][2], self.key, deterministic=True) for i in todo]
+                )
                 if len(res) != len(todo):
                     raise KolmError(f"ledger answered {len(res)} results for {len(todo)} receipts")
                 for i, answer in zip(todo, res, strict=True):
@@ -842,7 +831,7 @@ class CompileJob:
                 ),
             },
         )
-        (ev_res,) = self.sink.append([sign_deterministic(est, self.key)])
+        (ev_res,) = self.sink.append([sign_statement(est, self.key, deterministic=True)])
         if not isinstance(ev_res, Acked):
             raise ev_res
         cost = self.cost_report(smp, ev)
@@ -894,7 +883,7 @@ class CompileJob:
                 ),
             },
         )
-        (art_res,) = self.sink.append([sign_deterministic(ast, self.key)])
+        (art_res,) = self.sink.append([sign_statement(ast, self.key, deterministic=True)])
         if not isinstance(art_res, Acked):
             raise art_res
         return {

@@ -260,11 +260,15 @@ def parse_envelope(data: bytes) -> tuple[Envelope, bytes]:
         raise EnvelopeFormatError(f"envelope: {e}") from e
 
 
-def sign(payload: bytes, payload_type: str, key: PrivateKey) -> Envelope:
-    """Sign ``payload`` as a one-signature DSSE envelope keyed by the DSSE key id."""
-    return Envelope(
-        payload, payload_type, (Signature(key.keyid(), key.sign(pae(payload_type, payload))),)
-    )
+def sign(
+    payload: bytes, payload_type: str, key: PrivateKey, *, deterministic: bool = False
+) -> Envelope:
+    """Sign ``payload`` as a one-signature DSSE envelope keyed by the DSSE key id.
+
+    ``deterministic``: an RFC 6979 ECDSA signature, so the same payload gives the same bytes.
+    """
+    sig = key.sign(pae(payload_type, payload), deterministic=deterministic)
+    return Envelope(payload, payload_type, (Signature(key.keyid(), sig),))
 
 
 def verify_signature(envelope: Envelope, key: PublicKey) -> None:

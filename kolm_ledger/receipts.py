@@ -247,9 +247,15 @@ class Statement:
         return [s.sha256 for s in self.subjects]
 
 
-def sign_statement(statement: Statement, key: PrivateKey) -> Envelope:
-    """Sign a statement as a DSSE envelope (payload = canonical statement JSON)."""
-    return sign(statement.to_bytes(), IN_TOTO_PAYLOAD_TYPE, key)
+def sign_statement(
+    statement: Statement, key: PrivateKey, *, deterministic: bool = False
+) -> Envelope:
+    """Sign a statement as a DSSE envelope (payload = canonical statement JSON).
+
+    ``deterministic`` (RFC 6979): the same statement gives the same envelope bytes, so a
+    receipt re-signed after a crash is a duplicate the ledger answers with its index.
+    """
+    return sign(statement.to_bytes(), IN_TOTO_PAYLOAD_TYPE, key, deterministic=deterministic)
 
 
 def _now(t: datetime | None) -> str:
