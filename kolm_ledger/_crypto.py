@@ -194,6 +194,10 @@ class PrivateKey:
 
     def keyid(self) -> str:
         """DSSE key id of the public key."""
+        return self._keyid
+
+    @functools.cached_property
+    def _keyid(self) -> str:
         return self.public_key().keyid()
 
     def sign(self, data: bytes, *, deterministic: bool = False) -> bytes:
