@@ -316,6 +316,7 @@ def cmd_ledger_serve(a: argparse.Namespace) -> int:
             max_wait_ms=a.max_wait_ms,
             max_queue=a.max_queue,
             verify_threads=a.verify_threads,
+            verify_processes=a.verify_processes,
             ready_file=a.ready_file,
         )
     )
@@ -602,6 +603,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         default=None,
         help="threads validating multi-envelope requests (signatures verify with the GIL"
         " released; default: min(2, CPUs))",
+    )
+    ls.add_argument(
+        "--verify-processes",
+        type=int,
+        default=0,
+        help="parse and verify multi-envelope requests in this many worker processes"
+        " instead of threads (no shared GIL; default 0: threads)",
     )
     ls.add_argument("--ready-file", help="write the bound port here once serving")
     ls.add_argument("--log-level", default="INFO")

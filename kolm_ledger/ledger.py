@@ -44,20 +44,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, cast
 
 from ._crypto import PrivateKey
 from .bundle import Bundle
 from .checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint, verify_checkpoint
-from .dsse import MAX_ENVELOPE_BYTES, Envelope, parse_envelope, verify_signature
+from .dsse import Envelope, verify_signature
 from .errors import (
     ConflictError,
-    EntryTooLargeError,
-    EnvelopeFormatError,
     InvalidInput,
     KeyFormatError,
     KolmError,
     NotFoundError,
-    StatementFormatError,
     StorageError,
     UnavailableError,
     UnknownKeyError,
@@ -70,6 +68,7 @@ from .storage import Entry, Store, StoredCheckpoint, micros
 from .storage.repository import Head, LeafHashExists, SequencingTx
 from .tlogproof import TlogProof
 from .trust import TrustState
+from .verify_pool import Checked, ProcessVerifier, parse_receipt
 from .witness import WitnessConflict, add_checkpoint
 
 log = logging.getLogger("kolm.ledger")
@@ -90,14 +89,19 @@ def chain_next(prev: bytes, leaf_hash: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Validated:
-    """An envelope that passed every check and is ready to sequence."""
+    """An envelope that passed every check and is ready to sequence.
 
-    envelope: Envelope
+    ``envelope`` and ``statement`` are None when a worker process validated it
+    (``Ledger(verify_processes=N)``); a ``key`` receipt always has its statement.
+    """
+
+    envelope: Envelope | None
     canonical: bytes
     leaf_hash: bytes
-    statement: Statement
+    statement: Statement | None
     kind: str
     key_id: str
+    subjects: tuple[str, ...]  # subject SHA-256 digests, in statement order
 
 
 @dataclass(frozen=True)
@@ -110,28 +114,6 @@ class Appended:
     duplicate: bool
 
 
-def _parse(envelope: Envelope | bytes | Mapping[str, object]) -> tuple[Envelope, bytes]:
-    if isinstance(envelope, bytes | bytearray):
-        if len(envelope) > 2 * MAX_ENVELOPE_BYTES:
-            raise EntryTooLargeError(
-                f"entry is {len(envelope)} bytes; the ledger accepts at most {MAX_ENVELOPE_BYTES}"
-            )
-        # canonical input (the usual case) is its own leaf data: one pass, no JSON parse
-        envelope, canonical = parse_envelope(bytes(envelope))
-    else:
-        if isinstance(envelope, Mapping):
-            envelope = Envelope.from_json(dict(envelope))
-        if not isinstance(envelope, Envelope):
-            raise EnvelopeFormatError(f"want a DSSE envelope, got {type(envelope).__name__}")
-        canonical = envelope.canonical()
-    if len(canonical) > MAX_ENVELOPE_BYTES:
-        raise EntryTooLargeError(
-            f"entry is {len(canonical)} bytes (canonical JSON); the ledger accepts at most "
-            f"{MAX_ENVELOPE_BYTES}"
-        )
-    return envelope, canonical
-
-
 class Ledger:
     """Validates and sequences receipts into one store; signs checkpoints with the log key.
 
@@ -141,6 +123,10 @@ class Ledger:
     sequencing (signature verification runs with the GIL released, so on that many
     cores), and :meth:`submit_validation` validate off the caller's thread; the default is
     :data:`DEFAULT_VERIFY_THREADS` (min(2, CPUs)); 1 validates on the caller's thread.
+    ``verify_processes`` > 0 (opt-in) has :meth:`append` of a large batch of envelope
+    bytes parse and verify in that many worker processes instead
+    (:mod:`kolm_ledger.verify_pool`), pipelined the same way; the trust policy checks
+    and the sequencing stay on the caller's thread. :meth:`close` stops the workers.
     """
 
     #: False: a threaded :meth:`append` validates the whole batch before sequencing it
@@ -159,9 +145,15 @@ class Ledger:
         witness_policy: str = "best-effort",
         witness_timeout: float = 5.0,
         verify_threads: int = DEFAULT_VERIFY_THREADS,
+        verify_processes: int = 0,
     ) -> None:
         if verify_threads < 1:
             raise InvalidInput(f"verify_threads {verify_threads}, want at least 1")
+        if verify_processes < 0:
+            raise InvalidInput(f"verify_processes {verify_processes}, want 0 or more")
+        self.verify_processes = verify_processes
+        self._processes = ProcessVerifier(verify_processes) if verify_processes else None
+        self._pems: tuple[TrustState, dict[str, str]] | None = None
         # cryptography verifies with the GIL released, so threads verify in parallel
         self.verify_threads = verify_threads
         self._verify_pool: ThreadPoolExecutor | None = None
@@ -245,20 +237,8 @@ class Ledger:
         passed checks (3) and (5) for a (key id, kind); those checks depend on nothing
         else, so the next receipt of that pair skips straight to its own signature (4).
         """
-        # (1)+(2) size, then parse
-        try:
-            env, canonical = _parse(envelope)
-        except RecursionError as e:  # json.loads on deeply nested input
-            raise EnvelopeFormatError("envelope is nested too deeply to parse") from e
-        try:
-            st = Statement.from_envelope(env)
-        except RecursionError as e:
-            raise StatementFormatError("envelope payload is nested too deeply to parse") from e
+        env, canonical, st = parse_receipt(envelope)  # (1)+(2) size, then parse
         kind = st.kind
-        if len(env.signatures) != 1:
-            raise EnvelopeFormatError(
-                f"receipt envelope has {len(env.signatures)} signatures, want exactly 1"
-            )
         keyid = env.signatures[0].keyid
         key = passed.get((keyid, kind)) if passed is not None else None
         if key is not None:
@@ -279,7 +259,9 @@ class Ledger:
             elif passed is not None:
                 passed[(keyid, kind)] = key
         leaf = hashlib.sha256(b"\x00" + canonical).digest()
-        return Validated(env, canonical, leaf, st, kind, keyid)
+        return Validated(
+            env, canonical, leaf, st, kind, keyid, tuple(s.sha256 for s in st.subjects)
+        )
 
     def append(
         self, envelopes: Sequence[Envelope | bytes | Mapping[str, object]]
@@ -299,7 +281,10 @@ class Ledger:
         now = self._clock()
         trust = self.trust
         passed: dict[tuple[str, str], TrustedKey] = {}
-        if self.verify_threads > 1 and len(envelopes) >= 2 * _MIN_CHUNK:
+        big = len(envelopes) >= 2 * _MIN_CHUNK
+        if big and self._processes is not None and all(type(e) is bytes for e in envelopes):
+            return self._append_pipelined(envelopes, now, trust, passed, processes=True)
+        if big and self.verify_threads > 1:
             return self._append_pipelined(envelopes, now, trust, passed)
         items = [self._validate(e, now, trust, passed) for e in envelopes]
         results, _ = self.append_validated(items)
@@ -319,6 +304,8 @@ class Ledger:
         now: datetime,
         trust: TrustState,
         passed: dict[tuple[str, str], TrustedKey],
+        *,
+        processes: bool = False,
     ) -> list[Appended]:
         """:meth:`append` with validation on the verify threads, overlapping sequencing.
 
@@ -326,9 +313,13 @@ class Ledger:
         order and feeds them to one sequencing transaction. A chunk stops at its first
         invalid envelope, whose error aborts the transaction when its turn comes, so
         every envelope before it in order validated and nothing is written.
+        ``processes``: the chunks are parsed and verified in the worker processes
+        (``envelopes`` are all bytes), and :meth:`_from_workers` finishes each on this
+        thread.
         """
         # small enough chunks that little is left to sequence after the last one
-        step = max(_MIN_CHUNK // 2, -(-len(envelopes) // (4 * self.verify_threads)))
+        workers = self.verify_processes if processes else self.verify_threads
+        step = max(_MIN_CHUNK // 2, -(-len(envelopes) // (4 * workers)))
 
         def run(
             chunk: Sequence[Envelope | bytes | Mapping[str, object]],
@@ -341,15 +332,25 @@ class Ledger:
                 return out, err
             return out, None
 
-        pool = self._pool()
-        futures = [
-            pool.submit(run, envelopes[i : i + step]) for i in range(0, len(envelopes), step)
-        ]
+        chunks = [envelopes[i : i + step] for i in range(0, len(envelopes), step)]
+        futures: list[Future[Any]]
+        if processes:
+            assert self._processes is not None
+            pems = self._public_pems(trust)
+            futures = [self._processes.submit(pems, cast(Sequence[bytes], c)) for c in chunks]
+        else:
+            pool = self._pool()
+            futures = [pool.submit(run, c) for c in chunks]
         got: list[Validated] = []
 
         def stream() -> Iterator[Validated]:
-            for f in futures:
-                out, err = f.result()
+            for c, f in zip(chunks, futures, strict=True):
+                if processes:
+                    out, err = self._from_workers(
+                        cast(Sequence[bytes], c), ProcessVerifier.result(f), now, trust, passed
+                    )
+                else:
+                    out, err = f.result()
                 got.extend(out)
                 if err is not None:
                     raise err
@@ -373,6 +374,72 @@ class Ledger:
                 f.cancel()
         return [r for r in results if isinstance(r, Appended)]
 
+    def _public_pems(self, trust: TrustState) -> dict[str, str]:
+        """Key id → public key PEM of every key of ``trust`` (what :meth:`TrustState.get` finds)."""
+        cached = self._pems
+        if cached is None or cached[0] is not trust:
+            pems: dict[str, str] = {str(k.keyid): k.public_key.pem() for k in trust.root.keys}
+            pems.update((str(k.keyid), k.public_key.pem()) for k in trust.extra)
+            cached = self._pems = (trust, pems)
+        return cached[1]
+
+    def _from_workers(
+        self,
+        chunk: Sequence[bytes],
+        checked: Sequence[Checked],
+        now: datetime,
+        trust: TrustState,
+        passed: dict[tuple[str, str], TrustedKey],
+    ) -> tuple[list[Validated], BaseException | None]:
+        """Finish a chunk the workers checked: checks (3) and (5) here, as :meth:`_validate` does.
+
+        Stops at the first refused envelope (its error second). An envelope whose key
+        the workers did not have, and a key receipt, are validated here in full, so
+        their errors (and a key receipt's trust check) are exactly :meth:`_validate`'s.
+        """
+        out: list[Validated] = []
+        try:
+            for data, c in zip(chunk, checked, strict=True):
+                out.append(self._finish(data, c, now, trust, passed))
+        except KolmError as e:
+            return out, e
+        return out, None
+
+    def _finish(
+        self,
+        data: bytes,
+        c: Checked,
+        now: datetime,
+        trust: TrustState,
+        passed: dict[tuple[str, str], TrustedKey],
+    ) -> Validated:
+        """One envelope the workers checked, finished as :meth:`_validate` would; raises."""
+        if isinstance(c, KolmError):
+            raise c
+        if isinstance(c, str):  # "unknown" key or a "key" receipt: validate it here
+            return self._validate(data, now, trust, passed)
+        leaf, kind, keyid, subjects = c
+        if (keyid, kind) not in passed:
+            key = trust.get(keyid)  # (3)
+            key.check_may_sign(kind)  # (5)
+            key.check_valid_at(now)
+            passed[(keyid, kind)] = key
+        return Validated(None, data, leaf, None, kind, keyid, subjects)
+
+    def start_workers(self) -> None:
+        """Start the ``verify_processes`` workers now rather than on first use (no-op without)."""
+        if self._processes is not None:
+            self._processes.start()
+
+    def close(self) -> None:
+        """Stop the verify threads and worker processes (the store stays open)."""
+        with self._pool_lock:
+            pool, self._verify_pool = self._verify_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.close()
+
     def submit_validation(
         self, envelopes: Sequence[Envelope | bytes | Mapping[str, object]]
     ) -> list[Future[list[Validated | KolmError]]]:
@@ -381,10 +448,14 @@ class Ledger:
         Returns one future per chunk, in order; each gives, per envelope, its
         :class:`Validated` or the :class:`KolmError` it was refused with (other
         exceptions propagate). Used by the service to validate off its event loop.
+        With ``verify_processes`` and envelope bytes, the chunks are parsed and verified
+        in the worker processes instead, and finished (checks 3 and 5) as they come back.
         """
         now = self._clock()
         trust = self.trust
         passed: dict[tuple[str, str], TrustedKey] = {}
+        if self._processes is not None and all(type(e) is bytes for e in envelopes):
+            return self._submit_to_workers(cast(Sequence[bytes], envelopes), now, trust, passed)
         n = max(1, min(self.verify_threads, len(envelopes) // (_MIN_CHUNK // 2)))
         step = max(1, -(-len(envelopes) // n))
 
@@ -401,6 +472,45 @@ class Ledger:
 
         pool = self._pool()
         return [pool.submit(run, envelopes[i : i + step]) for i in range(0, len(envelopes), step)]
+
+    def _submit_to_workers(
+        self,
+        envelopes: Sequence[bytes],
+        now: datetime,
+        trust: TrustState,
+        passed: dict[tuple[str, str], TrustedKey],
+    ) -> list[Future[list[Validated | KolmError]]]:
+        """:meth:`submit_validation` on the worker processes."""
+        assert self._processes is not None
+        pems = self._public_pems(trust)
+        n = max(1, min(self.verify_processes, len(envelopes) // (_MIN_CHUNK // 2)))
+        step = max(1, -(-len(envelopes) // n))
+        lock = threading.Lock()  # ``passed`` is shared by the chunks' callbacks
+        out: list[Future[list[Validated | KolmError]]] = []
+        for i in range(0, len(envelopes), step):
+            chunk = envelopes[i : i + step]
+            done: Future[list[Validated | KolmError]] = Future()
+
+            def finish(
+                f: Future[Any],
+                chunk: Sequence[bytes] = chunk,
+                done: Future[list[Validated | KolmError]] = done,
+            ) -> None:
+                try:
+                    res: list[Validated | KolmError] = []
+                    with lock:
+                        for data, c in zip(chunk, ProcessVerifier.result(f), strict=True):
+                            try:
+                                res.append(self._finish(data, c, now, trust, passed))
+                            except KolmError as err:
+                                res.append(err)
+                    done.set_result(res)
+                except BaseException as e:  # the pool broke, or was shut down
+                    done.set_exception(e)
+
+            self._processes.submit(pems, chunk).add_done_callback(finish)
+            out.append(done)
+        return out
 
     def append_validated(
         self, items: Sequence[Validated], *, skip_refused: bool = False
@@ -498,6 +608,7 @@ class Ledger:
                             key.check_may_sign(kind)
                             key.check_valid_at(now)
                             if kind == "key":
+                                assert v.statement is not None  # key receipts keep theirs
                                 state = state.apply(v.statement, now)
                                 passed.clear()  # a new trust state: check every pair again
                             else:
@@ -510,14 +621,15 @@ class Ledger:
                     chain = sha256(b"\x02" + chain + leaf).digest()  # chain_next, inlined
                     nodes += peaks.append(leaf)
                     put((size, leaf, chain, kind, v.key_id, now_us, v.canonical))
-                    subs = v.statement.subjects
+                    subs = v.subjects
                     if len(subs) == 1:
-                        subjects.append((subs[0].sha256, size))
+                        subjects.append((subs[0], size))
                     else:
-                        subjects.extend((d, size) for d in sorted({s.sha256 for s in subs}))
+                        subjects.extend((d, size) for d in sorted(set(subs)))
                     seen[leaf] = size
                     results.append(Appended(size, leaf, now, False))
                     if kind == "key":
+                        assert v.statement is not None
                         key_receipts.append(v.statement)
                     size += 1
             stored: StoredCheckpoint | None = None

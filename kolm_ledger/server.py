@@ -114,13 +114,15 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     ) -> list[Validated | KolmError]:
         """:meth:`_validate` each envelope: its :class:`Validated` or why it was refused.
 
-        With ``verify_threads`` > 1 a request of several envelopes is validated on the
-        ledger's verify threads, off the event loop (which meanwhile serves other calls
+        With ``verify_threads`` > 1 (or ``verify_processes``) a request of several
+        envelopes is validated on the ledger's verify threads (or worker processes), off
+        the event loop (which meanwhile serves other calls
         while the sequencer commits): the same checks, results and errors, in order. A
         lone envelope is validated here (a thread hand-off would only add latency).
         """
         out: list[Validated | KolmError]
-        if self.ledger.verify_threads > 1 and len(envelopes) >= _THREADED_MIN:
+        off_loop = self.ledger.verify_threads > 1 or self.ledger.verify_processes > 0
+        if off_loop and len(envelopes) >= _THREADED_MIN:
             out = []
             for f in self.ledger.submit_validation(envelopes):
                 part: list[Validated | KolmError] = await asyncio.wrap_future(f)
@@ -456,6 +458,7 @@ class LedgerServer:
             self.servicer.end_streams()
         await self.sequencer.close()
         await self.server.stop(grace)
+        self.ledger.close()
         self.ledger.store.close()
 
 
@@ -475,6 +478,7 @@ async def start(
     witnesses: Sequence[str] = (),
     witness_policy: str = "best-effort",
     verify_threads: int | None = None,
+    verify_processes: int = 0,
 ) -> LedgerServer:
     """Start a ledger service; ``listen`` port 0 picks a free port (see ``.port``).
 
@@ -484,6 +488,7 @@ async def start(
     witness URLs whose cosignatures each checkpoint collects under ``witness_policy``.
     ``verify_threads`` > 1 validates each multi-envelope request on that many threads
     (see :meth:`LedgerServicer._validate_each`); default ``DEFAULT_VERIFY_THREADS``.
+    ``verify_processes`` > 0 validates them in that many worker processes instead.
     """
     if authorize is None:
         authorize = credentials is not None
@@ -496,7 +501,9 @@ async def start(
         witnesses=witnesses,
         witness_policy=witness_policy,
         verify_threads=DEFAULT_VERIFY_THREADS if verify_threads is None else verify_threads,
+        verify_processes=verify_processes,
     )
+    await asyncio.to_thread(ledger.start_workers)
     seq = Sequencer(
         ledger, log_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
     )

@@ -44,9 +44,7 @@ _floats = st.one_of(
     st.sampled_from([0.0, -0.0, 1e-4, 9.999e-5, 1e-7, 1e16, 1e16 - 2, 1e21, 1e22, 7.0, 0.5,
                      2.0**53, 2.0**53 + 2, 123456789012345.6, 5e-324, 1.7976931348623157e308]),
 )  # fmt: skip
-_ints = st.one_of(
-    st.integers(), st.sampled_from([2**53 - 1, 2**53, -(2**53) + 1, -(2**53), 0, -1])
-)
+_ints = st.one_of(st.integers(), st.sampled_from([2**53 - 1, 2**53, -(2**53) + 1, -(2**53), 0, -1]))
 _scalars = st.one_of(st.none(), st.booleans(), _ints, _floats, _text)
 _json = st.recursive(
     _scalars,
@@ -72,7 +70,7 @@ def test_fast_path_writes_what_rfc8785_writes(obj: object) -> None:
         {"\ue000": 1, "\U00010000": 2},  # code-point order differs from UTF-16 order
         {"é": 1, "e": 2, "z": 3},
         {"x": 7.0, "y": -0.0, "z": 0.93, "w": 1e-5, "v": 1e21, "u": 2.0**60},
-        {"s": "\x00\x1f\x7f\"\\\b\f\n\r\t\u2028"},
+        {"s": '\x00\x1f\x7f"\\\b\f\n\r\t\u2028'},
         [2**53 - 1, -(2**53) + 1],
         ("tuple", 1),
         {1: "int key"},

@@ -55,6 +55,7 @@ from kolm_ledger.errors import (
     SignatureError,
     StatementFormatError,
     TrustRootFormatError,
+    UnavailableError,
     UnknownKeyError,
 )
 from kolm_ledger.keys import TrustedKey, TrustRoot, init_keys
@@ -1104,3 +1105,102 @@ def test_pipelined_append_stays_atomic_and_raises_the_first_error_in_order(db_ur
             ledger.append(batch)
         assert ledger.size == 10 and ledger.checkpoint().to_bytes() == before
     assert [a.index for a in ledger.append(envs)] == list(range(10, 410))
+
+
+# ---- verify_processes: parsing and signatures in worker processes -------------------------
+
+
+def _processes(url: str) -> Ledger:
+    return Ledger(
+        open_store(url), TRUST, KEYS["log"], clock=Clock(), verify_threads=1, verify_processes=2
+    )
+
+
+def test_process_validated_append_matches_the_one_thread_append(
+    db_url: str, tmp_path: Path
+) -> None:
+    envs = [e.to_bytes() for e in mixed(400)]  # every kind, key receipts included
+    one = ledger_on(f"sqlite:///{tmp_path / 'one.db'}")
+    procs = _processes(db_url)
+    try:
+        for batch in (envs[:250], envs[250:], envs[150:300]):  # the last: duplicates only
+            assert [(a.index, a.leaf_hash, a.duplicate) for a in procs.append(batch)] == [
+                (a.index, a.leaf_hash, a.duplicate) for a in one.append(batch)
+            ]
+        assert procs.checkpoint().checkpoint.root == one.checkpoint().checkpoint.root
+        # the workers' subject digests feed the same subject index
+        assert list(procs.store.subject_index()) == list(one.store.subject_index())
+        assert procs.size == 400 and audit(procs.store, TRUST).ok
+        procs.close()  # workers stop; the next large append starts them again
+        more = [e.to_bytes() for e in mixed(200, 400)]
+        assert [a.index for a in procs.append(more)] == [a.index for a in one.append(more)]
+        assert procs.checkpoint().checkpoint.root == one.checkpoint().checkpoint.root
+    finally:
+        procs.close()
+
+
+def test_process_validated_append_refuses_what_the_one_thread_append_refuses(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Each bad envelope, in any chunk: the same error (type and message); nothing written."""
+    procs = _processes(db_url)
+    one = ledger_on(f"sqlite:///{tmp_path / 'one.db'}")
+    try:
+        procs.append([e.to_bytes() for e in mixed(10)])
+        one.append([e.to_bytes() for e in mixed(10)])
+        before = procs.checkpoint().to_bytes()
+        envs = [e.to_bytes() for e in mixed(300, 10)]
+        good = receipt("prediction", 7)
+        unsigned_statement = dsse.sign(
+            b'{"not": "a statement"}', receipts.IN_TOTO_PAYLOAD_TYPE, KEYS["infer"]
+        )
+        bad = {
+            "wrong role": receipt("label", 999, signer="infer").to_bytes(),
+            "bad signature": replace(good, payload=good.payload + b" ").to_bytes(),
+            "unknown key": receipt("label", 998, signer="rogue").to_bytes(),
+            "expired key": receipt("label", 997, signer="expired").to_bytes(),
+            "not JSON": b"{not json",
+            "too large": b"{" * (200 * 1024),
+            "not a statement": unsigned_statement.to_bytes(),
+            "two signatures": replace(
+                good, signatures=good.signatures + good.signatures
+            ).to_bytes(),
+        }
+        for what, env in bad.items():
+            for pos in (0, 140, 299):  # first chunk, a middle one, the last
+                batch = [*envs[:pos], env, *envs[pos:]]
+                with pytest.raises(KolmError) as want:
+                    one.append(batch)
+                with pytest.raises(KolmError) as got:
+                    procs.append(batch)
+                assert (type(got.value), str(got.value)) == (
+                    type(want.value),
+                    str(want.value),
+                ), what
+                assert procs.size == 10 and procs.checkpoint().to_bytes() == before
+        assert [a.index for a in procs.append(envs)] == list(range(10, 310))
+    finally:
+        procs.close()
+
+
+def test_a_dead_verify_worker_fails_the_batch_unavailable_and_the_next_one_works(
+    sqlite_url: str,
+) -> None:
+    import os
+    import signal
+
+    procs = _processes(sqlite_url)
+    try:
+        envs = [e.to_bytes() for e in mixed(600)]
+        procs.append(envs[:200])
+        pool = procs._processes._pool  # type: ignore[union-attr]
+        assert pool is not None
+        for pid in list(pool._processes):  # an operator's kill -9, the OOM killer
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(UnavailableError, match="verify worker process died"):
+            procs.append(envs[200:400])
+        assert procs.size == 200  # nothing of the failed batch was written
+        assert [a.index for a in procs.append(envs[200:400])] == list(range(200, 400))
+        assert audit(procs.store, TRUST).ok
+    finally:
+        procs.close()

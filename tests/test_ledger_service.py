@@ -1052,10 +1052,14 @@ def test_serve_process_health_reflection_and_metrics(
     assert any(rec["msg"] == "ledger serving" and rec["port"] == port for rec in lines)
 
 
+@pytest.mark.parametrize(
+    "off_loop", [{"verify_threads": 3}, {"verify_threads": 1, "verify_processes": 2}]
+)
 def test_verify_threads_give_the_same_results_and_errors_in_order(
-    serve: ServerFactory, keys: Keys, tmp_path: Path
+    serve: ServerFactory, keys: Keys, tmp_path: Path, off_loop: dict[str, int]
 ) -> None:
-    threaded = serve(verify_threads=3)
+    """Multi-envelope requests validated on threads or in worker processes: as on one thread."""
+    threaded = serve(**off_loop)
     reference = ThreadedServer(
         f"sqlite:///{tmp_path / 'ref.db'}", keys.trust, keys.log, verify_threads=1
     )
