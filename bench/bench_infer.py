@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import json
 import os
 import shutil
 import statistics
@@ -47,8 +48,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import rfc8785  # noqa: E402
 from _bench_artifact import log_artifact, package  # noqa: E402
 
+from kolm_ledger.canonical import canonical_json  # noqa: E402
 from kolm_ledger.client import LedgerClient  # noqa: E402
 from kolm_ledger.keys import PrivateKey, init_keys  # noqa: E402
 
@@ -206,6 +209,15 @@ async def bench(
     t0 = time.perf_counter()
     envs = [envelope(i) for i in range(2 * args.n)]
     sign_ms = (time.perf_counter() - t0) * 1000 / len(envs)
+    # RFC 8785 of those statements: canonical_json's C-encoder path vs the rfc8785 package
+    stmts = [json.loads(e.payload) for e in envs]
+    jcs_us: dict[str, float] = {}
+    for name, enc in (("fast", canonical_json), ("rfc8785", rfc8785.dumps)) * 2:
+        t0 = time.perf_counter()
+        outs = [enc(x) for x in stmts]
+        us = (time.perf_counter() - t0) * 1e6 / len(stmts)
+        jcs_us[name] = min(us, jcs_us.get(name, us))
+        assert outs == [e.payload for e in envs]
     alone: dict[str, list[float]] = {"short": [], "pipe": [], "ledger": [], "spool": []}
     for i, e in enumerate(envs):  # interleaved, one envelope per path in turn
         name = list(alone)[i % 4]
@@ -227,13 +239,17 @@ async def bench(
     # a mode is compared with the no-receipt run of the same round: the ratios are the
     # median over rounds of per-round ratios (robust to the background load drifting)
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    fc_sizes: dict[int, list[int]] = {}  # fail-closed receipt batch sizes, per load
     lag_ms = 0.0
     names = list(calls)
     for clients in (1, args.clients):
         for rnd in range(args.rounds):
             for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
                 c0, l0 = cpu_s(me), sum(map(cpu_s, leds))
+                b0 = len(fc.batches)
                 r = await run_mode(calls[name], texts, clients, args.n)
+                if name == "ledger":
+                    fc_sizes.setdefault(clients, []).extend(fc.batches[b0:])
                 r["cpu_me"], r["cpu_ledger"] = cpu_s(me) - c0, sum(map(cpu_s, leds)) - l0
                 if name == "spool":  # how far the ledger trails the answers
                     t0 = time.perf_counter()
@@ -285,12 +301,17 @@ async def bench(
           f"over a short AppendStream call {med['short']:.2f} ms, over the persistent stream "
           f"{med['pipe']:.2f} ms; writer submit -> ledger ack {med['ledger']:.2f} ms, "
           f"-> spool commit {med['spool']:.2f} ms")  # fmt: skip
+    print(f"RFC 8785 of a prediction statement: canonical_json {jcs_us['fast']:.1f} us, the "
+          f"rfc8785 package {jcs_us['rfc8785']:.1f} us "
+          f"({jcs_us['rfc8785'] / jcs_us['fast']:.1f}x; same bytes)")  # fmt: skip
     print(f"spool-first: the ledger held every receipt at most {lag_ms:.0f} ms after the "
           f"last answer of a run; left in the spool at close: {left}")  # fmt: skip
-    sizes = fc.batches
-    print(f"fail-closed receipt batches: {len(sizes)}, mean size {statistics.mean(sizes):.1f}, "
-          f"max {max(sizes)}; append streams opened: {client.append_streams_opened}; "
-          f"spool commits: {len(sf.spool_writes)}, mean size "
+    by_load = "; ".join(
+        f"{c} client(s): {len(z)}, mean size {statistics.mean(z):.1f}, max {max(z)}"
+        for c, z in sorted(fc_sizes.items())
+    )
+    print(f"fail-closed receipt batches in the timed runs: {by_load}; append streams "
+          f"opened: {client.append_streams_opened}; spool commits: {len(sf.spool_writes)}, mean size "
           f"{statistics.mean(sf.spool_writes or [0]):.1f}; student batch sizes: "
           f"{dict(sorted(engine.batch_sizes.items()))}")  # fmt: skip
 

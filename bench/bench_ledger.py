@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/bench_ledger.py [--quick] [--append-only] [--proof-size N] [--skip-grpc]
 
-1. ceiling: one core verifying ECDSA P-256 DSSE signatures of real receipts;
+1. ceiling: one core verifying ECDSA P-256 DSSE signatures of real receipts; then the
+   issue's reference loop (parse, verify, hash, one durable insert; batch 1000, SQLite),
+   paired with the ceiling the same way as the append rows;
 2. in-process durable append (validate + sequence + fsync'd commit + checkpoint) at batch
    1, 100, 1000 on SQLite and PostgreSQL, as receipts/s and as a ratio to the ceiling.
    Each append row's ratio is to a ceiling measured paired with it, group by group of
    appends (the box is shared; load drifts within seconds). Rows run on one thread unless they say
    "verify on N threads" (``Ledger(verify_threads=N)``: cryptography verifies with the
-   GIL released); those also print the N-thread verify ceiling for comparison.
+   GIL released); those also print the N-thread verify ceiling for comparison. The
+   "worker processes" row is ``Ledger(verify_processes=N)`` (parse + verify in N spawned
+   processes, no shared GIL; trust checks and sequencing stay on the caller's thread).
    ``--append-only`` stops after these rows;
 3. inclusion-proof generation at N entries from storage (SQLite, PostgreSQL) vs the
    PyPI package pymerkle (SqliteTree) on the same N;
@@ -117,6 +121,7 @@ def inproc_append(
     batch: int,
     threads: int = 1,
     pipeline: bool = True,
+    processes: int = 0,
 ) -> tuple[float, float]:
     """(append receipts/s, paired one-core verify ceiling/s).
 
@@ -127,8 +132,15 @@ def inproc_append(
     """
     from kolm_ledger.dsse import Envelope
 
-    ledger = Ledger(Store(url), trust, PrivateKey.load(keydir / "log.key"), verify_threads=threads)
+    ledger = Ledger(
+        Store(url),
+        trust,
+        PrivateKey.load(keydir / "log.key"),
+        verify_threads=threads,
+        verify_processes=processes,
+    )
     ledger.pipeline = pipeline  # False: validate the whole batch, then sequence it
+    ledger.start_workers()  # spawn them before the clock runs
     pub = PrivateKey.load(keydir / "infer.key").public_key()
     parsed = [Envelope.from_bytes(e) for e in envs]
     group = max(batch, 100)
@@ -142,7 +154,49 @@ def inproc_append(
         for i in range(g, min(g + group, len(envs)), batch):
             ledger.append(envs[i : i + batch])
         t_app += time.perf_counter() - t
+    ledger.close()
     ledger.store.close()
+    return len(envs) / t_app, len(envs) / t_ver
+
+
+def bare_loop(
+    path: Path, keydir: Path, envs: list[bytes], batch: int = 1000
+) -> tuple[float, float]:
+    """(receipts/s, paired one-core verify ceiling/s) of the issue's reference loop.
+
+    Parse the envelope, verify its signature, hash it, insert one row (index, leaf hash,
+    envelope) into a WAL SQLite table, one ``synchronous=FULL`` commit per ``batch``:
+    no statement parse, no trust checks, no chain, tree, subjects, extra indexes or
+    checkpoint. It shows how much of the gap to the ceiling is the ledger's own work.
+    """
+    import hashlib
+    import sqlite3
+
+    from kolm_ledger.dsse import Envelope
+
+    pub = PrivateKey.load(keydir / "infer.key").public_key()
+    parsed = [Envelope.from_bytes(e) for e in envs]
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("PRAGMA synchronous=FULL")
+    c.execute("CREATE TABLE e (idx INTEGER PRIMARY KEY, leaf BLOB UNIQUE, env BLOB)")
+    t_app = t_ver = 0.0
+    for g in range(0, len(envs), batch):
+        t = time.perf_counter()
+        for e in parsed[g : g + batch]:
+            pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
+        t_ver += time.perf_counter() - t
+        t = time.perf_counter()
+        rows = []
+        for i in range(g, min(g + batch, len(envs))):
+            e = Envelope.from_bytes(envs[i])
+            pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
+            rows.append((i, hashlib.sha256(b"\x00" + envs[i]).digest(), envs[i]))
+        c.execute("BEGIN")
+        c.executemany("INSERT INTO e VALUES (?, ?, ?)", rows)
+        c.execute("COMMIT")
+        t_app += time.perf_counter() - t
+    c.close()
     return len(envs) / t_app, len(envs) / t_ver
 
 
@@ -326,6 +380,12 @@ def main() -> int:
         default=2,
         help="extra batch-1000 rows with Ledger(verify_threads=N) (1: none)",
     )
+    ap.add_argument(
+        "--verify-processes",
+        type=int,
+        default=2,
+        help="an extra batch-1000 row with Ledger(verify_processes=N) (0: none)",
+    )
     a = ap.parse_args()
     q = a.quick
     n_proof = a.proof_size or (20_000 if q else 1_000_000)
@@ -342,24 +402,36 @@ def main() -> int:
 
     ceil = ceiling(keydir, envs)
     row("ceiling: ECDSA P-256 DSSE verify, one core", f"{ceil:,.0f}/s", "1.00")
+    r, c = bare_loop(work / "bare.db", keydir, envs)
+    row(
+        "reference: bare parse + verify + hash + insert loop, SQLite", f"{r:,.0f}/s", f"{r / c:.2f}"
+    )
     engines = [("sqlite", lambda tag: f"sqlite:///{work / f'{tag}.db'}")]
     if not a.skip_postgres:
         engines.append(("postgresql", lambda tag: pg_db(f"kolm_bench_{tag}")))
     best: dict[str, float] = {}
     nthr = a.verify_threads
+    nproc = a.verify_processes
     ceil_sample = envs[:2000]
     for eng, url in engines:
         runs = [(1, 200 if q else 500, 1), (100, n, 1), (1000, n, 1)]
         if nthr > 1:
             runs.append((1000, n, -nthr))  # threads, validation not pipelined (before)
             runs.append((1000, n, nthr))
+        if nproc > 0:
+            runs.append((1000, n, 0))  # worker processes (verify_threads=1)
         for batch, count, threads in runs:
-            pipe, threads = threads > 0, abs(threads)
-            db = url(f"{eng}_b{batch}_t{threads}{'' if pipe else 'np'}")
+            pipe, threads = threads >= 0, abs(threads)
+            procs = nproc if threads == 0 else 0
+            db = url(f"{eng}_b{batch}_t{threads}p{procs}{'' if pipe else 'np'}")
             if eng == "postgresql":
                 pg_settle()
-            r, c = inproc_append(db, trust, keydir, envs[:count], batch, threads, pipe)
-            if threads == 1:
+            r, c = inproc_append(
+                db, trust, keydir, envs[:count], batch, max(threads, 1), pipe, procs
+            )
+            if procs:
+                what = f"  same, parse + verify in {procs} worker processes, pipelined"
+            elif threads == 1:
                 best[eng] = max(best.get(eng, 0), r)
                 what = f"in-process durable append, {eng}, batch {batch}"
             elif not pipe:
@@ -428,6 +500,20 @@ def main() -> int:
             finally:
                 proc.terminate()
                 proc.wait(30)
+            if nproc > 0:  # the same stream load on a server validating in worker processes
+                proc, target = start_server(
+                    url(f"{eng}_grpc_procs"), keydir, work, "--verify-processes", str(nproc)
+                )
+                try:
+                    r_p = grpc_rate(target, "stream", genvs[(1000 if q else 3000) :], 2, 500)
+                    row(
+                        f"  same, server --verify-processes {nproc}",
+                        f"{r_p:,.0f}/s",
+                        f"{r_p / best[eng]:.2f}",
+                    )
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
         sq.close()
         proc, target = start_server(f"sqlite:///{work / 'proofs.db'}", keydir, work)
         try:
