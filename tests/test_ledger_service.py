@@ -981,6 +981,37 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, timeout: float = 30)
     raise AssertionError("kolm ledger serve did not become ready")
 
 
+def test_serve_with_verify_processes_validates_in_workers(keys: Keys, tmp_path: Path) -> None:
+    """``kolm ledger serve --verify-processes 2``: two worker processes, the same answers."""
+    import psutil
+
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [str(KOLM), "ledger", "serve", "--insecure", "--db", f"sqlite:///{tmp_path / 'l.db'}",
+         "--trust", str(keys.dir / "trust.json"), "--log-key", str(keys.dir / "log.key"),
+         "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--verify-processes", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        port = _wait_ready(proc, ready)
+        # started with the server, not on the first request
+        workers = [c for c in psutil.Process(proc.pid).children() if c.is_running()]
+        assert len(workers) >= 2, workers
+        with LedgerClient(f"127.0.0.1:{port}") as c:
+            envs: list[Envelope | bytes] = [label_env(keys.compile, i) for i in range(40)]
+            envs[7] = label_env(keys.infer, 1000)  # role may not sign 'label'
+            results = c.append_many(envs, batch=40)
+            assert [r.index for r in results if isinstance(r, AppendResult)] == list(range(39))
+            assert isinstance(results[7], KolmError) and results[7].grpc_code == "PERMISSION_DENIED"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    _, alive = psutil.wait_procs(workers, timeout=10)  # stopped with the server
+    assert not alive, alive
+
+
 def test_serve_process_health_reflection_and_metrics(
     db_url: str, keys: Keys, tmp_path: Path
 ) -> None:
