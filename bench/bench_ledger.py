@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,33 @@ def ceiling_threads(keydir: Path, envs: list[bytes], threads: int) -> float:
         return len(parsed) / (time.perf_counter() - t)
 
 
+def paired(
+    keydir: Path, envs: list[bytes], group: int, work: Callable[[int, int], object]
+) -> tuple[float, float]:
+    """(receipts/s of ``work``, paired one-core verify ceiling/s).
+
+    The box is shared and its load drifts within seconds, so the ceiling is measured
+    paired with the work: before each group of ``group`` receipts one thread verifies
+    their signatures (pre-parsed, as in :func:`ceiling`), then ``work(lo, hi)`` handles
+    ``envs[lo:hi]``; each side's time is summed over the groups.
+    """
+    from kolm_ledger.dsse import Envelope
+
+    pub = PrivateKey.load(keydir / "infer.key").public_key()
+    parsed = [Envelope.from_bytes(e) for e in envs]
+    t_work = t_ver = 0.0
+    for lo in range(0, len(envs), group):
+        hi = min(lo + group, len(envs))
+        t = time.perf_counter()
+        for e in parsed[lo:hi]:
+            pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
+        t_ver += time.perf_counter() - t
+        t = time.perf_counter()
+        work(lo, hi)
+        t_work += time.perf_counter() - t
+    return len(envs) / t_work, len(envs) / t_ver
+
+
 def inproc_append(
     url: str,
     trust,
@@ -123,15 +151,8 @@ def inproc_append(
     pipeline: bool = True,
     processes: int = 0,
 ) -> tuple[float, float]:
-    """(append receipts/s, paired one-core verify ceiling/s).
-
-    The box is shared and its load drifts within seconds, so the ceiling is measured
-    paired with the appends: before each group of appends (one batch, or 100 appends of
-    batch 1) one thread verifies the same receipts' signatures (pre-parsed, as in
-    :func:`ceiling`); each side's time is summed over the groups.
-    """
-    from kolm_ledger.dsse import Envelope
-
+    """(append receipts/s, paired one-core verify ceiling/s), groups of one batch or 100
+    appends of batch 1 (:func:`paired`)."""
     ledger = Ledger(
         Store(url),
         trust,
@@ -141,22 +162,16 @@ def inproc_append(
     )
     ledger.pipeline = pipeline  # False: validate the whole batch, then sequence it
     ledger.start_workers()  # spawn them before the clock runs
-    pub = PrivateKey.load(keydir / "infer.key").public_key()
-    parsed = [Envelope.from_bytes(e) for e in envs]
-    group = max(batch, 100)
-    t_app = t_ver = 0.0
-    for g in range(0, len(envs), group):
-        t = time.perf_counter()
-        for e in parsed[g : g + group]:
-            pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
-        t_ver += time.perf_counter() - t
-        t = time.perf_counter()
-        for i in range(g, min(g + group, len(envs)), batch):
-            ledger.append(envs[i : i + batch])
-        t_app += time.perf_counter() - t
-    ledger.close()
-    ledger.store.close()
-    return len(envs) / t_app, len(envs) / t_ver
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi, batch):
+            ledger.append(envs[i : min(i + batch, hi)])
+
+    try:
+        return paired(keydir, envs, max(batch, 100), work)
+    finally:
+        ledger.close()
+        ledger.store.close()
 
 
 def bare_loop(
@@ -175,29 +190,25 @@ def bare_loop(
     from kolm_ledger.dsse import Envelope
 
     pub = PrivateKey.load(keydir / "infer.key").public_key()
-    parsed = [Envelope.from_bytes(e) for e in envs]
     c = sqlite3.connect(path, isolation_level=None)
     c.execute("PRAGMA journal_mode=WAL")
     c.execute("PRAGMA synchronous=FULL")
     c.execute("CREATE TABLE e (idx INTEGER PRIMARY KEY, leaf BLOB UNIQUE, env BLOB)")
-    t_app = t_ver = 0.0
-    for g in range(0, len(envs), batch):
-        t = time.perf_counter()
-        for e in parsed[g : g + batch]:
-            pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
-        t_ver += time.perf_counter() - t
-        t = time.perf_counter()
+
+    def work(lo: int, hi: int) -> None:
         rows = []
-        for i in range(g, min(g + batch, len(envs))):
+        for i in range(lo, hi):
             e = Envelope.from_bytes(envs[i])
             pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
             rows.append((i, hashlib.sha256(b"\x00" + envs[i]).digest(), envs[i]))
         c.execute("BEGIN")
         c.executemany("INSERT INTO e VALUES (?, ?, ?)", rows)
         c.execute("COMMIT")
-        t_app += time.perf_counter() - t
-    c.close()
-    return len(envs) / t_app, len(envs) / t_ver
+
+    try:
+        return paired(keydir, envs, batch, work)
+    finally:
+        c.close()
 
 
 def build_synthetic(url: str, n: int) -> Store:
