@@ -287,7 +287,10 @@ def test_load_round_trip(trained: TrainResult, subset: Subset) -> None:
     explicit = Student.load(
         trained.adapter_dir, base_model_path=resolve_base_model(DEFAULT_BASE_MODEL)
     )
-    assert explicit.predict(texts[:4]) == in_memory[:4]
+    # the same inputs in the same batches give the same floats; a different batch (here
+    # 4 texts, not the first 32) pads differently and may move the 7th decimal
+    assert explicit.predict(texts[:4]) == loaded.predict(texts[:4])
+    assert [p for p, _ in explicit.predict(texts[:4])] == [p for p, _ in in_memory[:4]]
     assert loaded.predict([]) == []
     # batch size changes the padding, not the answer
     again = loaded.predict(texts, batch_size=5)
