@@ -19,7 +19,6 @@ serves the tiny real artifact of tests/test_infer_engine.py (its session ``world
 from __future__ import annotations
 
 import copy
-import os
 import sqlite3
 import string
 from collections.abc import Iterator
@@ -30,8 +29,9 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from _mutations import FUZZ
 from _servers import ServiceThread
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kolm_compile._pb import compile_pb2 as cpb
@@ -48,11 +48,6 @@ SPECIFIC = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-FUZZ = settings(
-    max_examples=int(os.environ.get("KOLM_FUZZ_EXAMPLES", "60")),  # make soak: thousands
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 EXAMPLES = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
 SAFE_TEXT = st.text(alphabet=string.ascii_letters + string.digits + "-_./ ", max_size=40)
 

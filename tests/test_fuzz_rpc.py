@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from _mutations import FUZZ
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from test_ledger_service import ThreadedServer, label_env
 
@@ -50,11 +50,6 @@ SPECIFIC = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.OUT_OF_RANGE,
 }
-FUZZ = settings(
-    max_examples=int(os.environ.get("KOLM_FUZZ_EXAMPLES", "60")),  # make soak: thousands
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 
 
 @dataclass

@@ -18,15 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _servers import label_envelope
 
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.audit import audit
 from kolm_ledger.checkpoint import check_consistent, verify_checkpoint
 from kolm_ledger.client import LedgerClient
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import KolmError
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.receipts import key_statement, label_statement, sign_statement
+from kolm_ledger.receipts import key_statement, sign_statement
 from kolm_ledger.storage import Store
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -76,22 +76,6 @@ for c in clients:
     c.close()
 print(json.dumps(acks))
 """
-
-
-def _label(key: PrivateKey, i: int) -> Envelope:
-    st = label_statement(
-        input_value=f"ticket {i}",
-        output_value="card_arrival",
-        task={"name": "router"},
-        teacher={"backend": "simulated"},
-        k=1,
-        votes={"card_arrival": 1},
-        sample_digests=[],
-        verifier={"name": "label_set"},
-        agreement=1.0,
-        job_id="job-keys",
-    )
-    return sign_statement(st, key)
 
 
 def _wait_ready(
@@ -201,7 +185,12 @@ def test_replicas_on_one_postgres_build_one_chain(
     )
     c0, c1, c2 = (LedgerClient(t) for t in replicas)
     try:
-        steps = [(c0, reg), (c1, _label(k, 1)), (c2, _label(k, 2)), (c0, rev)]
+        steps = [
+            (c0, reg),
+            (c1, label_envelope(k, "keys", 1)),
+            (c2, label_envelope(k, "keys", 2)),
+            (c0, rev),
+        ]
         for c, env in steps:
             r = c.append(env)
             acks.append((r.index, r.leaf_hash.hex(), env.leaf_hash().hex(), "unary"))
@@ -209,7 +198,7 @@ def test_replicas_on_one_postgres_build_one_chain(
             with pytest.raises(
                 KolmError, match=f"key {k.keyid()[:16]} \\(compile\\) was revoked at"
             ) as e:
-                c.append(_label(k, 3))
+                c.append(label_envelope(k, "keys", 3))
             assert e.value.grpc_code == "FAILED_PRECONDITION"
     finally:
         for c in (c0, c1, c2):
