@@ -112,23 +112,21 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     async def _validate_each(
         self, envelopes: Sequence[bytes], role: str | None = None
     ) -> list[Validated | KolmError]:
-        """:meth:`_validate` each envelope: its :class:`Validated` or why it was refused.
+        """:meth:`Ledger.validate` each envelope: its :class:`Validated` or why it was refused.
 
         With ``verify_threads`` > 1 (or ``verify_processes``) a request of several
         envelopes is validated on the ledger's verify threads (or worker processes), off
-        the event loop (which meanwhile serves other calls
-        while the sequencer commits): the same checks, results and errors, in order. A
-        lone envelope is validated here (a thread hand-off would only add latency).
+        the event loop, which meanwhile serves other calls while the sequencer commits:
+        the same checks, results and errors, in order. A lone envelope is validated here
+        (a hand-off would only add latency).
         """
-        out: list[Validated | KolmError]
+        out: list[Validated | KolmError] = []
         off_loop = self.ledger.verify_threads > 1 or self.ledger.verify_processes > 0
         if off_loop and len(envelopes) >= _THREADED_MIN:
-            out = []
             for f in self.ledger.submit_validation(envelopes):
                 part: list[Validated | KolmError] = await asyncio.wrap_future(f)
                 out.extend(part)
         else:
-            out = []
             for e in envelopes:
                 try:
                     out.append(self.ledger.validate(e))
