@@ -22,6 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from kolm_ledger import merkle, receipts
 from kolm_ledger._crypto import PrivateKey
+from kolm_ledger.audit import audit
 from kolm_ledger._samples import sample_statement
 from kolm_ledger.dsse import MAX_ENVELOPE_BYTES, Envelope
 from kolm_ledger.errors import (
@@ -285,6 +286,41 @@ def test_a_failing_batch_writes_nothing(db_url: str, store: Store, keys: Keys) -
     assert [r.index for r in res] == [2]
     cps = list(store.checkpoints())
     assert [c.size for c in cps] == [2, 3]
+
+
+def test_the_sequencer_keeps_one_connection_and_replaces_a_dead_one(
+    db_url: str, store: Store, keys: Keys
+) -> None:
+    keys.ledger.append([keys.receipt("label", 0)])
+    first = store._write_conn
+    assert first is not None
+    keys.ledger.append([keys.receipt("label", 1)])
+    assert store._write_conn is first  # no pool checkout (nor pre-ping) per batch
+    if store.dialect == "postgresql":
+        # the server ends that session (a restart, an admin, a failover): the next batch
+        # finds the connection dead at BEGIN, opens a new one, and is written
+        pid = first.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+        eng = raw_engine(db_url)
+        try:
+            with eng.connect() as c:
+                assert c.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        finally:
+            eng.dispose()
+    else:
+        first.connection.dbapi_connection.close()  # type: ignore[union-attr]
+    res = keys.ledger.append([keys.receipt("label", 2)])
+    assert [r.index for r in res] == [2]
+    assert store._write_conn is not None and store._write_conn is not first
+    # a database error inside the batch discards the connection; the next batch works
+    held = store._write_conn
+    with pytest.raises(StorageError, match="ledger write failed"), store.sequencing() as tx:
+        tx.conn.exec_driver_sql("SELECT * FROM no_such_table")
+    assert store._write_conn is None
+    assert [r.index for r in keys.ledger.append([keys.receipt("label", 3)])] == [3]
+    assert store._write_conn is not held
+    assert audit(store, keys.trust).ok
+    store.close()
+    assert store._write_conn is None
 
 
 def test_duplicate_envelopes_return_the_existing_index(

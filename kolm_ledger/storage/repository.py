@@ -19,7 +19,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
+from sqlalchemy import Connection, Engine, RootTransaction, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import QueuePool, StaticPool
@@ -537,6 +537,7 @@ class Store:
         self._head_cache: Head | None = None
         self._nodes: dict[int, bytes] = {}
         self._lock = threading.Lock()
+        self._write_conn: Connection | None = None
         if migrate:
             self.migrate()
 
@@ -556,26 +557,83 @@ class Store:
             raise StorageError(f"cannot open ledger database {self.url!r}: {e.orig}") from e
 
     def close(self) -> None:
-        """Dispose of the connection pool."""
+        """Close the sequencer's connection and dispose of the connection pool."""
+        with self._lock:
+            self._drop_writer(invalidate=False)
         self.engine.dispose()
+
+    def _writer(self) -> Connection:
+        """The sequencer's own connection, kept open across batches (under ``_lock``).
+
+        A pool checkout per batch (and PostgreSQL's pre-ping round trip) cost more than
+        a small batch's inserts; a connection found dead is replaced in
+        :meth:`_begin_sequencing`, which is what the pre-ping did.
+        """
+        c = self._write_conn
+        if c is None or c.closed or c.invalidated:
+            c = self._write_conn = self.engine.connect().execution_options(kolm_write=True)
+        return c
+
+    def _drop_writer(self, *, invalidate: bool = True) -> None:
+        """Forget the sequencer's connection; ``invalidate``: its state is unknown, so the
+        pool must not hand its DBAPI connection out again."""
+        c, self._write_conn = self._write_conn, None
+        if c is None:
+            return
+        try:
+            if invalidate:
+                c.invalidate()
+            c.close()
+        except Exception:  # best effort: it is gone either way
+            pass
+
+    def _begin_sequencing(self) -> tuple[Connection, RootTransaction]:
+        """BEGIN (IMMEDIATE on SQLite; plus the advisory lock on PostgreSQL) on the
+        sequencer's connection; one that turns out dead (the server restarted, the backend
+        was terminated) is replaced once: nothing was written on it."""
+        for attempt in (0, 1):
+            conn = self._writer()
+            try:
+                trans = conn.begin()
+                if self.dialect == "postgresql":
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY}
+                    )
+                return conn, trans
+            except DBAPIError as e:
+                self._drop_writer()
+                if attempt or not e.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
 
     @contextmanager
     def sequencing(self) -> Iterator[SequencingTx]:
         """A write transaction holding the sequencer lock; commits on success.
 
-        Within one process, sequencing is also serialized by a thread lock.
+        Within one process, sequencing is also serialized by a thread lock. The
+        transaction runs on a connection kept for the sequencer (see :meth:`_writer`);
+        after a database error it is discarded and the next batch opens a new one.
         """
         with self._lock:
             try:
-                with self.engine.connect().execution_options(kolm_write=True) as conn, conn.begin():
-                    if self.dialect == "postgresql":
-                        conn.execute(
-                            text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY}
-                        )
-                    tx = SequencingTx(self, conn)
+                conn, trans = self._begin_sequencing()
+                tx = SequencingTx(self, conn)
+                try:
                     yield tx
+                except BaseException:
+                    try:
+                        trans.rollback()
+                    except BaseException:
+                        self._drop_writer()
+                    raise
+                try:
+                    trans.commit()
+                except BaseException:
+                    self._drop_writer()  # what that connection holds now is unknown
+                    raise
             except DBAPIError as e:
                 self._head_cache = None
+                self._drop_writer()
                 raise StorageError(f"ledger write failed: {e.orig}") from e
             except BaseException:
                 self._head_cache = None
