@@ -106,7 +106,15 @@ class Envelope:
         (always so for base64 and hex, and for ordinary payload types), JCS reduces to
         this fixed layout (keys already in sorted order, no escaping, no whitespace);
         otherwise the general RFC 8785 encoder runs. A property test holds both equal.
+        Computed once per envelope (it is immutable): the leaf hash, the bytes sent to
+        the ledger and the bytes handed back to a caller are the same encoding.
         """
+        cached: bytes | None = self.__dict__.get("_canonical")
+        if cached is None:
+            cached = self.__dict__["_canonical"] = self._encode()
+        return cached
+
+    def _encode(self) -> bytes:
         payload = base64.b64encode(self.payload).decode()
         parts = [s.keyid for s in self.signatures]
         if _PLAIN.fullmatch(self.payload_type) and all(_PLAIN.fullmatch(k) for k in parts):

@@ -175,8 +175,13 @@ class Statement:
         }
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON bytes (the DSSE payload)."""
-        return canonical_json(self.to_json())
+        """Canonical JSON bytes (the DSSE payload).
+
+        A statement made by this module's builders keeps the bytes its parser round trip
+        produced (see ``_statement``), so signing it does not encode it again.
+        """
+        cached: bytes | None = self.__dict__.get("_bytes")
+        return cached if cached is not None else canonical_json(self.to_json())
 
     @classmethod
     def from_json(cls, obj: object) -> Statement:
@@ -263,9 +268,14 @@ def _now(t: datetime | None) -> str:
 
 
 def _statement(kind: str, subjects: Sequence[Subject], predicate: dict[str, Any]) -> Statement:
-    st = Statement(tuple(subjects), predicate_type(kind), predicate)
+    data = Statement(tuple(subjects), predicate_type(kind), predicate).to_bytes()
     # round-trip through the parser so a builder can never emit what a verifier refuses
-    return Statement.from_json(json.loads(st.to_bytes()))
+    st = Statement.from_json(json.loads(data))
+    # its predicate is the parser's own fresh dict, which no caller holds a reference to
+    # beyond ``st.predicate`` (statements are values: never change one once built), and
+    # canonical JSON re-encodes parsed canonical JSON to the same bytes
+    st.__dict__["_bytes"] = data
+    return st
 
 
 def label_statement(

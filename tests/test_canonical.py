@@ -105,3 +105,40 @@ def test_subclasses_take_the_general_path() -> None:
     with pytest.raises(canonical._General):
         canonical._plain(D(a=1))
     check(D(a=1, b=[1.5]))
+
+
+_KEY = None
+
+
+def _infer_key() -> object:
+    global _KEY
+    if _KEY is None:
+        from kolm_ledger._crypto import PrivateKey
+
+        _KEY = PrivateKey.generate("ecdsa-p256-sha256")
+    return _KEY
+
+
+@settings(max_examples=300, deadline=None)
+@given(output=_json, request_id=_text, confidence=st.floats(0, 1), backend=_text)
+def test_signed_receipt_bytes_are_the_canonical_encoding(
+    output: object, request_id: str, confidence: float, backend: str
+) -> None:
+    """The bytes a builder keeps from its parser round trip, and an envelope's cached
+    encoding, are exactly what RFC 8785 writes for the values they hold."""
+    import json
+
+    from kolm_ledger import receipts
+
+    try:
+        stmt = receipts.prediction_statement(
+            output_digest="b" * 64, artifact_digest="a" * 64, input_commitment="c" * 64,
+            output=output, verifier_verdict={"ok": True}, backend=backend,
+            confidence=confidence, latency_ms=1.25, request_id=request_id,
+        )  # fmt: skip
+    except FormatError:
+        return  # not representable as RFC 8785 JSON (the test above covers refusals)
+    env = receipts.sign_statement(stmt, _infer_key())  # type: ignore[arg-type]
+    assert env.payload == rfc8785.dumps(stmt.to_json()) == rfc8785.dumps(json.loads(env.payload))
+    assert env.canonical() == rfc8785.dumps(env.to_json())
+    assert env.canonical() is env.canonical() is env.to_bytes()  # encoded once
