@@ -407,9 +407,10 @@ class ReceiptWriter:
             except KolmError as e:
                 results = [e] * len(batch)
             to_spool: list[_Item] = []
+            acked = 0
             for it, r in zip(batch, results, strict=False):
                 if isinstance(r, AppendResult):
-                    RECEIPTS.labels("acked").inc()
+                    acked += 1
                     it.future.set_result(Ack(it.leaf_hash, r.promise, r.bundle))
                 elif isinstance(r, UnavailableError) and self.spool is not None and not wait:
                     to_spool.append(it)
@@ -419,6 +420,8 @@ class ReceiptWriter:
                     if isinstance(r, UnavailableError):
                         err = UnavailableError(f"the ledger is unreachable; fail closed: {r}")
                     it.future.set_exception(err)
+            if acked:
+                RECEIPTS.labels("acked").inc(acked)
             for it in batch[len(results) :]:
                 it.future.set_exception(UnavailableError("the ledger sent no result"))
             if to_spool:

@@ -232,16 +232,20 @@ class Sequencer:
             COMMIT_SECONDS.observe(self._last_batch_s)
             BATCH_SIZE.observe(len(batch))
             done = time.perf_counter()
+            counts = {"ok": 0, "duplicate": 0, "refused": 0}
             for it, r in zip(batch, results, strict=True):
                 if isinstance(r, KolmError):
-                    APPENDS.labels("refused").inc()
+                    counts["refused"] += 1
                     if not it.future.done():
                         it.future.set_exception(r)
                     continue
-                APPENDS.labels("duplicate" if r[0].duplicate else "ok").inc()
+                counts["duplicate" if r[0].duplicate else "ok"] += 1
                 APPEND_SECONDS.observe(done - it.t0)
                 if not it.future.done():
                     it.future.set_result(r)
+            for result, n in counts.items():  # once per batch, not per entry
+                if n:
+                    APPENDS.labels(result).inc(n)
 
     def _write(
         self, batch: list[_Item]
