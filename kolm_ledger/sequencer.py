@@ -96,10 +96,32 @@ def verify_promise(p: Promise, log_key: PublicKey) -> None:
         raise SignatureError(f"signed promise for index {p.index} does not verify") from e
 
 
-@dataclass
+_Outcome = tuple[Appended, Promise, SignedCheckpoint | None] | BaseException
+
+
+class _Ticket:
+    """One :meth:`Sequencer.submit_each` call: its outcomes by position, handed back through
+    one future once the last is in (not a future and a callback per entry)."""
+
+    __slots__ = ("future", "left", "outcomes")
+
+    def __init__(self, n: int, future: asyncio.Future[list[_Outcome]]) -> None:
+        self.outcomes: list[_Outcome | None] = [None] * n
+        self.left = n
+        self.future = future
+
+    def settle(self, pos: int, outcome: _Outcome) -> None:
+        self.outcomes[pos] = outcome
+        self.left -= 1
+        if self.left == 0 and not self.future.done():  # done: the submitter was cancelled
+            self.future.set_result(self.outcomes)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
 class _Item:
     validated: Validated
-    future: asyncio.Future[tuple[Appended, Promise, SignedCheckpoint | None]]
+    ticket: _Ticket
+    pos: int
     t0: float
 
 
@@ -170,18 +192,15 @@ class Sequencer:
                 f"retry after {retry} ms",
                 retry,
             )
-        loop = asyncio.get_running_loop()
+        if not items:
+            return []
         now = time.perf_counter()
-        futs = []
-        for v in items:
-            f: asyncio.Future[tuple[Appended, Promise, SignedCheckpoint | None]] = (
-                loop.create_future()
-            )
-            self._queue.append(_Item(v, f, now))
-            futs.append(f)
+        fut: asyncio.Future[list[_Outcome]] = asyncio.get_running_loop().create_future()
+        ticket = _Ticket(len(items), fut)
+        self._queue.extend(_Item(v, ticket, i, now) for i, v in enumerate(items))
         QUEUE_DEPTH.set(len(self._queue))
         self._wake.set()
-        return list(await asyncio.gather(*futs, return_exceptions=True))
+        return await fut
 
     async def close(self) -> None:
         """Refuse new work, finish everything already queued, then stop."""
@@ -225,8 +244,7 @@ class Sequencer:
                 log.error("batch of %d failed: %s", len(batch), e)
                 APPENDS.labels("error").inc(len(batch))
                 for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(e)
+                    it.ticket.settle(it.pos, e)
                 continue
             self._last_batch_s = time.perf_counter() - t0
             COMMIT_SECONDS.observe(self._last_batch_s)
@@ -236,13 +254,10 @@ class Sequencer:
             for it, r in zip(batch, results, strict=True):
                 if isinstance(r, KolmError):
                     counts["refused"] += 1
-                    if not it.future.done():
-                        it.future.set_exception(r)
-                    continue
-                counts["duplicate" if r[0].duplicate else "ok"] += 1
-                APPEND_SECONDS.observe(done - it.t0)
-                if not it.future.done():
-                    it.future.set_result(r)
+                else:
+                    counts["duplicate" if r[0].duplicate else "ok"] += 1
+                    APPEND_SECONDS.observe(done - it.t0)
+                it.ticket.settle(it.pos, r)
             for result, n in counts.items():  # once per batch, not per entry
                 if n:
                     APPENDS.labels(result).inc(n)
