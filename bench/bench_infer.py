@@ -22,7 +22,8 @@ Each at batch 1 (one client, sequential requests) and under concurrent load
 (``--clients`` concurrent clients, each sequential). Prints predictions/s, p50/p99
 latency and the ratios (goal for fail closed: receipts add <= 0.3 ms p50, keep >=
 0.95x throughput), the CPU each mode costs the ledger process and this process, and
-the receipt path alone with the model idle. The model, this process's event loop and
+the receipt path alone with the model idle, next to its floor (one loopback gRPC round
+trip to the ledger process). The model, this process's event loop and
 the ledger process all share this machine's cores: the ratios include that contention.
 """
 
@@ -218,11 +219,20 @@ async def bench(
         us = (time.perf_counter() - t0) * 1e6 / len(stmts)
         jcs_us[name] = min(us, jcs_us.get(name, us))
         assert outs == [e.payload for e in envs]
-    alone: dict[str, list[float]] = {"short": [], "pipe": [], "ledger": [], "spool": []}
+    # the floor under any fail-closed path here: one loopback gRPC round trip to the
+    # ledger process (a health check: no work in the handler), on the same channel
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(client._channel)  # type: ignore[no-untyped-call]
+    alone: dict[str, list[float]] = {
+        "short": [], "pipe": [], "ledger": [], "spool": [], "rtt": []
+    }  # fmt: skip
     for i, e in enumerate(envs):  # interleaved, one envelope per path in turn
-        name = list(alone)[i % 4]
+        name = list(alone)[i % len(alone)]
         t0 = time.perf_counter()
-        if name == "short":  # a short AppendStream call per batch (the old transport)
+        if name == "rtt":
+            await health.Check(health_pb2.HealthCheckRequest())
+        elif name == "short":  # a short AppendStream call per batch (the old transport)
             await client.append_batch([e])
         elif name == "pipe":  # the persistent stream, no receipt writer
             await client.append_pipelined([e])
@@ -231,6 +241,18 @@ async def bench(
         alone[name].append((time.perf_counter() - t0) * 1000)
     while spool.depth() > 0:
         await asyncio.sleep(0.01)
+    # k receipts submitted together (k concurrent answers leaving one model batch), model
+    # idle: how long until the last is acknowledged, and the ledger's CPU per receipt
+    together: dict[int, tuple[float, float]] = {}
+    for k in (1, 16, 64):
+        batch_envs = [envelope(10**6 * k + i) for i in range(40 * k)]
+        lat_k: list[float] = []
+        l0 = cpu_s(led)
+        for j in range(40):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(fc.submit(e) for e in batch_envs[j * k : (j + 1) * k]))
+            lat_k.append((time.perf_counter() - t0) * 1000)
+        together[k] = (statistics.median(lat_k), (cpu_s(led) - l0) * 1000 / (40 * k))
 
     # warm up every path
     for call in calls.values():
@@ -297,10 +319,16 @@ async def bench(
                   f"(rounds {min(dp50):+.1f}..{max(dp50):+.1f}) -> goal "
                   f"{'met' if met else 'NOT met'}")  # fmt: skip
     med = {k: statistics.median(v) for k, v in alone.items()}
+    print(f"floor: one loopback gRPC round trip to the ledger process (health check) p50 "
+          f"{med['rtt']:.2f} ms, p10 {pct(alone['rtt'], 0.1):.2f} ms: a fail-closed answer "
+          f"waits for at least one (the p50 goal allows 0.3 ms in all)")  # fmt: skip
     print(f"receipt path alone (model idle, sequential, p50): sign {sign_ms:.3f} ms; append "
           f"over a short AppendStream call {med['short']:.2f} ms, over the persistent stream "
           f"{med['pipe']:.2f} ms; writer submit -> ledger ack {med['ledger']:.2f} ms, "
           f"-> spool commit {med['spool']:.2f} ms")  # fmt: skip
+    print("k receipts submitted together, model idle: " + "; ".join(
+        f"{k}: all acked in {ms:.2f} ms (p50), ledger CPU {cpu:.3f} ms per receipt"
+        for k, (ms, cpu) in together.items()))  # fmt: skip
     print(f"RFC 8785 of a prediction statement: canonical_json {jcs_us['fast']:.1f} us, the "
           f"rfc8785 package {jcs_us['rfc8785']:.1f} us "
           f"({jcs_us['rfc8785'] / jcs_us['fast']:.1f}x; same bytes)")  # fmt: skip
