@@ -22,8 +22,8 @@ from sqlalchemy.pool import NullPool
 
 from kolm_ledger import merkle, receipts
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.audit import audit
 from kolm_ledger._samples import sample_statement
+from kolm_ledger.audit import audit
 from kolm_ledger.dsse import MAX_ENVELOPE_BYTES, Envelope
 from kolm_ledger.errors import (
     EntryTooLargeError,
