@@ -170,6 +170,7 @@ class Ledger:
         # the checkpoint size whose cosignature by each witness this process stored
         self._cosigned: dict[str, int] = {}
         self._witness_lock = threading.Lock()  # one offer round at a time, in size order
+        self._witness_pool: ThreadPoolExecutor | None = None  # asks the witnesses at once
         self.store = store
         self._clock = clock or (lambda: datetime.now(UTC))
         try:
@@ -434,11 +435,14 @@ class Ledger:
             self._processes.start()
 
     def close(self) -> None:
-        """Stop the verify threads and worker processes (the store stays open)."""
+        """Stop the verify and witness threads and the worker processes (the store stays
+        open)."""
         with self._pool_lock:
-            pool, self._verify_pool = self._verify_pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pools = (self._verify_pool, self._witness_pool)
+            self._verify_pool = self._witness_pool = None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         if self._processes is not None:
             self._processes.close()
 
@@ -685,16 +689,15 @@ class Ledger:
                 size, ahead = latest.size, False
                 failed.clear()
                 got: dict[str, list[NoteSignature]] = {}
-                for url in self.witnesses:
-                    if self._cosigned.get(url) == size:
-                        continue
-                    try:
-                        got[url] = self._witness_one(url, signed)
-                    except WitnessConflict as e:
-                        ahead = ahead or e.size > size
-                        failed[url] = e
-                    except KolmError as e:
-                        failed[url] = e
+                todo = [u for u in self.witnesses if self._cosigned.get(u) != size]
+                for url, answer in zip(todo, self._ask_witnesses(todo, signed), strict=True):
+                    if isinstance(answer, WitnessConflict):
+                        ahead = ahead or answer.size > size
+                        failed[url] = answer
+                    elif isinstance(answer, KolmError):
+                        failed[url] = answer
+                    else:
+                        got[url] = answer
                 if got:  # one short write for all of them, then serve what is stored
                     sigs = [(g.name, g.key_id, g.sig) for gs in got.values() for g in gs]
                     self.store.add_cosignatures(size, sigs, self._clock())
@@ -712,6 +715,32 @@ class Ledger:
                     "are committed; retrying the append waits for the cosignatures again)"
                 )
             return SignedCheckpoint.from_bytes(latest.note)
+
+    def _ask_witnesses(
+        self, urls: Sequence[str], signed: SignedCheckpoint
+    ) -> list[list[NoteSignature] | KolmError]:
+        """Each witness's cosignatures on ``signed`` or why not, in ``urls`` order.
+
+        Several witnesses are asked at once, one thread each: an offer round takes as
+        long as the slowest witness (at most ``witness_timeout`` for one that does not
+        answer), not the sum of them.
+        """
+
+        def one(url: str) -> list[NoteSignature] | KolmError:
+            try:
+                return self._witness_one(url, signed)
+            except KolmError as e:
+                return e
+
+        if len(urls) < 2:
+            return [one(u) for u in urls]
+        with self._pool_lock:
+            if self._witness_pool is None:
+                self._witness_pool = ThreadPoolExecutor(
+                    len(self.witnesses), thread_name_prefix="kolm-witness"
+                )
+            pool = self._witness_pool
+        return list(pool.map(one, urls))
 
     def _witness_one(self, url: str, signed: SignedCheckpoint) -> list[NoteSignature]:
         """One witness's cosignatures on ``signed`` (committed: its nodes are in the store).

@@ -254,6 +254,47 @@ def led_bundle(path: Path):  # type: ignore[no-untyped-def]
     return Bundle.from_bytes(path.read_bytes())
 
 
+def test_witnesses_are_asked_at_once(tmp_path: Path, keys: Keys) -> None:  # noqa: F811
+    """Each of these witnesses answers only once the other one has been asked too: asked
+    one at a time, the first would hold the round until the ledger's witness timeout and
+    the required append would fail. Asked at once, every append is cosigned by both."""
+    import threading
+
+    rendezvous = threading.Barrier(2, timeout=30)
+
+    class Rendezvous(Witness):
+        def add_checkpoint(self, body: bytes) -> tuple[int, str, bytes]:
+            rendezvous.wait()
+            return super().add_checkpoint(body)
+
+    log_v = NoteSigner(ORIGIN, keys.log).verifier()
+    cosigners = [Cosigner(f"witness.test/r{i}", PrivateKey.generate("ed25519")) for i in (0, 1)]
+    servers = [
+        start_witness(Rendezvous(c, tmp_path / f"r{i}.json", [log_v]))
+        for i, c in enumerate(cosigners)
+    ]
+    urls = [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+    led = Ledger(
+        Store(f"sqlite:///{tmp_path / 'ledger.db'}"), keys.trust, keys.log,
+        witnesses=urls, witness_policy="required", witness_timeout=5,
+    )  # fmt: skip
+    try:
+        for b in range(3):
+            led.append([label_env(keys.compile, 10 * b + i) for i in range(b + 1)])
+            assert len(led.checkpoint().note.signatures) == 3  # the log's and both witnesses'
+        vs = [c.verifier() for c in cosigners]
+        assert verify_bundle(led.bundle(5), keys.trust, witnesses=vs, min_witnesses=2).index == 5
+        assert led._witness_pool is not None
+        led.close()
+        assert led._witness_pool is None
+    finally:
+        rendezvous.abort()  # a witness still waiting (only if the test failed) gives up
+        led.store.close()
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
 def test_witness_serve_process(tmp_path: Path, keys: Keys) -> None:  # noqa: F811
     out = subprocess.run(
         [str(KOLM), "witness", "keygen", "--key", str(tmp_path / "w.key"), "--name", "w.test/p"],
