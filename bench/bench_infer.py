@@ -23,7 +23,7 @@ Each at batch 1 (one client, sequential requests) and under concurrent load
 latency and the ratios (goal for fail closed: receipts add <= 0.3 ms p50, keep >=
 0.95x throughput), the CPU each mode costs the ledger process and this process, and
 the receipt path alone with the model idle, next to its floor (one loopback gRPC round
-trip to the ledger process). The model, this process's event loop and
+trip to the ledger process, one durable SQLite commit on this disk). The model, this process's event loop and
 the ledger process all share this machine's cores: the ratios include that contention.
 """
 
@@ -125,6 +125,27 @@ async def run_mode(call: Any, texts: list[str], clients: int, n: int) -> dict[st
     return {"rps": len(lat) / wall, "p50": statistics.median(lat), "n": len(lat), "lat": lat}
 
 
+def durable_commit_ms(path: Path, n: int = 200) -> float:
+    """p50 of a one-row commit in SQLite WAL mode with ``synchronous=FULL`` (the fsync)."""
+    import sqlite3
+
+    c = sqlite3.connect(path, isolation_level=None)
+    try:
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=FULL")
+        c.execute("CREATE TABLE t (x BLOB)")
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("INSERT INTO t VALUES (?)", (os.urandom(600),))
+            c.execute("COMMIT")
+            lat.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(lat)
+    finally:
+        c.close()
+
+
 def cpu_s(proc: Any) -> float:
     t = proc.cpu_times()
     return float(t.user + t.system)
@@ -220,8 +241,12 @@ async def bench(
         jcs_us[name] = min(us, jcs_us.get(name, us))
         assert outs == [e.payload for e in envs]
     # the floor under any fail-closed path here: one loopback gRPC round trip to the
-    # ledger process (a health check: no work in the handler), on the same channel
+    # ledger process (a health check: no work in the handler), on the same channel, and
+    # one durable commit on this disk (a one-row SQLite WAL commit, synchronous=FULL, as
+    # the ledger's; the ledger's own commits also write nodes and a checkpoint)
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    fsync_ms = durable_commit_ms(d / "fsync-floor.db")
 
     health = health_pb2_grpc.HealthStub(client._channel)  # type: ignore[no-untyped-call]
     alone: dict[str, list[float]] = {
@@ -320,8 +345,9 @@ async def bench(
                   f"{'met' if met else 'NOT met'}")  # fmt: skip
     med = {k: statistics.median(v) for k, v in alone.items()}
     print(f"floor: one loopback gRPC round trip to the ledger process (health check) p50 "
-          f"{med['rtt']:.2f} ms, p10 {pct(alone['rtt'], 0.1):.2f} ms: a fail-closed answer "
-          f"waits for at least one (the p50 goal allows 0.3 ms in all)")  # fmt: skip
+          f"{med['rtt']:.2f} ms, p10 {pct(alone['rtt'], 0.1):.2f} ms; one durable one-row "
+          f"SQLite commit on this disk p50 {fsync_ms:.2f} ms: a fail-closed answer waits for "
+          f"at least both (the p50 goal allows 0.3 ms in all)")  # fmt: skip
     print(f"receipt path alone (model idle, sequential, p50): sign {sign_ms:.3f} ms; append "
           f"over a short AppendStream call {med['short']:.2f} ms, over the persistent stream "
           f"{med['pipe']:.2f} ms; writer submit -> ledger ack {med['ledger']:.2f} ms, "
