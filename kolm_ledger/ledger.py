@@ -260,9 +260,7 @@ class Ledger:
             elif passed is not None:
                 passed[(keyid, kind)] = key
         leaf = hashlib.sha256(b"\x00" + canonical).digest()
-        return Validated(
-            env, canonical, leaf, st, kind, keyid, tuple(s.sha256 for s in st.subjects)
-        )
+        return Validated(env, canonical, leaf, st, kind, keyid, tuple(st.subject_digests()))
 
     def append(
         self, envelopes: Sequence[Envelope | bytes | Mapping[str, object]]

@@ -121,7 +121,7 @@ def check_chunk(keys: Mapping[str, str], chunk: Sequence[bytes]) -> list[Checked
                     hashlib.sha256(b"\x00" + canonical).digest(),
                     kind,
                     keyid,
-                    tuple(s.sha256 for s in st.subjects),
+                    tuple(st.subject_digests()),
                 )
             )
         except KolmError as e:
