@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from ._crypto import PrivateKey
 from .bundle import Bundle
@@ -78,6 +78,7 @@ __all__ = ["Appended", "Ledger", "Validated", "chain_next"]
 Clock = Callable[[], datetime]
 
 _MIN_CHUNK = 64  # fewer envelopes per thread than this are not worth a hand-off
+_T = TypeVar("_T")
 #: ``verify_threads`` when not given: two cores verify while one sequences (see BENCHMARKS.md)
 DEFAULT_VERIFY_THREADS = min(2, os.cpu_count() or 1)
 
@@ -112,6 +113,14 @@ class Appended:
     leaf_hash: bytes
     integrated_at: datetime
     duplicate: bool
+
+
+def _split(items: Sequence[_T], workers: int) -> list[Sequence[_T]]:
+    """``items`` in contiguous chunks for :meth:`Ledger.submit_validation`: one per worker,
+    but none under ``_MIN_CHUNK // 2`` items unless there are fewer than that in all."""
+    n = max(1, min(workers, len(items) // (_MIN_CHUNK // 2)))
+    step = max(1, -(-len(items) // n))
+    return [items[i : i + step] for i in range(0, len(items), step)]
 
 
 class Ledger:
@@ -460,8 +469,6 @@ class Ledger:
         passed: dict[tuple[str, str], TrustedKey] = {}
         if self._processes is not None and all(type(e) is bytes for e in envelopes):
             return self._submit_to_workers(cast(Sequence[bytes], envelopes), now, trust, passed)
-        n = max(1, min(self.verify_threads, len(envelopes) // (_MIN_CHUNK // 2)))
-        step = max(1, -(-len(envelopes) // n))
 
         def run(
             chunk: Sequence[Envelope | bytes | Mapping[str, object]],
@@ -475,7 +482,7 @@ class Ledger:
             return out
 
         pool = self._pool()
-        return [pool.submit(run, envelopes[i : i + step]) for i in range(0, len(envelopes), step)]
+        return [pool.submit(run, c) for c in _split(envelopes, self.verify_threads)]
 
     def _submit_to_workers(
         self,
@@ -487,12 +494,9 @@ class Ledger:
         """:meth:`submit_validation` on the worker processes."""
         assert self._processes is not None
         pems = self._public_pems(trust)
-        n = max(1, min(self.verify_processes, len(envelopes) // (_MIN_CHUNK // 2)))
-        step = max(1, -(-len(envelopes) // n))
         lock = threading.Lock()  # ``passed`` is shared by the chunks' callbacks
         out: list[Future[list[Validated | KolmError]]] = []
-        for i in range(0, len(envelopes), step):
-            chunk = envelopes[i : i + step]
+        for chunk in _split(envelopes, self.verify_processes):
             done: Future[list[Validated | KolmError]] = Future()
 
             def finish(
