@@ -73,7 +73,6 @@ from prometheus_client import Counter, Histogram
 
 from kolm_ledger.bundle import Bundle
 from kolm_ledger.client import LedgerClient
-from kolm_ledger.dsse import Envelope, verify_signature
 from kolm_ledger.errors import (
     ArtifactError,
     InvalidInput,
@@ -84,6 +83,7 @@ from kolm_ledger.errors import (
 from kolm_ledger.keys import TrustRoot
 from kolm_ledger.receipts import Statement
 from kolm_ledger.trust import TrustState
+from kolm_ledger.trust import ledger_trust_state as _ledger_trust_state
 from kolm_ledger.verify import verify_bundle
 
 if TYPE_CHECKING:
@@ -201,25 +201,11 @@ class LoadedArtifact:
 
 
 def ledger_trust_state(client: LedgerClient, trust: TrustRoot) -> TrustState:
-    """The trust root plus the ledger's ``key`` receipts (registrations and revocations).
-
-    Each key receipt must be signed by an ``admin`` key of the trust root.
-    """
-    state = TrustState(trust)
-    admins = trust.by_role("admin")
-    for e in client.find(kind="key"):
-        env = Envelope.from_bytes(e.envelope)
-        for k in admins:
-            try:
-                verify_signature(env, k.public_key)
-                break
-            except KolmError:
-                continue
-        else:
-            log.warning("ignoring key receipt %d: not signed by a trusted admin key", e.index)
-            continue
-        state = state.apply(Statement.from_envelope(env), e.integrated_at)
-    return state
+    """The trust root plus *every* ``key`` receipt of the ledger (registrations, rotations,
+    revocations), paged through ``FindEntries`` and folded by
+    :func:`kolm_ledger.trust.fold_key_receipts` (each must be signed by an ``admin`` key
+    of the state so far, valid at its integration time; others are left out)."""
+    return _ledger_trust_state(client, trust)
 
 
 def check_ledger_inclusion(

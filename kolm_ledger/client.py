@@ -261,11 +261,13 @@ class LedgerClient:
         key_id: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        after_index: int = -1,
         limit: int = 1000,
     ) -> list[Entry]:
-        """Every matching entry (follows pages)."""
+        """Matching entries after ``after_index``, in index order, up to ``limit`` (follows
+        the service's pages)."""
         out: list[Entry] = []
-        after = -1
+        after = after_index
         while True:
             r = self._call(
                 "FindEntries",

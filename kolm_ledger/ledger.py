@@ -67,7 +67,7 @@ from .receipts import Statement
 from .storage import Entry, Store, StoredCheckpoint, micros
 from .storage.repository import Head, LeafHashExists, SequencingTx
 from .tlogproof import TlogProof
-from .trust import TrustState
+from .trust import TrustState, fold_key_receipts, key_receipt_entries
 from .verify_pool import Checked, ProcessVerifier, parse_receipt
 from .witness import WitnessConflict, add_checkpoint
 
@@ -216,11 +216,12 @@ class Ledger:
             if tx is not None:
                 found: Sequence[Entry] = tx.entries_of_kind("key", self._trust_seen)
             else:
-                found = self.store.find(kind="key", after_index=self._trust_seen, limit=1_000_000)
-            for e in found:
-                st = Statement.from_envelope(Envelope.from_bytes(e.envelope))
-                self.trust = self.trust.apply(st, e.integrated_at)
-                self._trust_seen = e.index
+                found = list(key_receipt_entries(self.store, after_index=self._trust_seen))
+            # the one fold (trust.fold_key_receipts): a receipt that does not apply is left
+            # out (and logged), never raised, so it cannot wedge every later append
+            self.trust = fold_key_receipts(self.trust, found)
+            if found:
+                self._trust_seen = found[-1].index
 
     def key(self, keyid: str) -> TrustedKey:
         """The trusted key ``keyid`` as the ledger currently sees it."""

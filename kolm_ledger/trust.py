@@ -6,6 +6,19 @@ receipt cannot back-date a revocation to before the log saw it, so receipts
 signed (and integrated) before a revocation stay valid, and ones after it are
 refused at append and flagged by the audit.
 
+A revoked key id never becomes valid again: a ``register`` or ``rotate`` receipt
+naming a key id that is revoked (even from a time still to come) is refused by
+:meth:`TrustState.apply` with :class:`~kolm_ledger.errors.KeyValidityError`
+(``FAILED_PRECONDITION``), so the ledger refuses it at append, the audit flags it,
+and :func:`fold_key_receipts` leaves it out.
+
+One fold serves every reader of the trust state — the ledger's refresh, the
+inference loader and its key follower, ``kolm verify --ledger``, ``kolm provenance``
+and ``kolm report``: :func:`fold_key_receipts` checks each key receipt against the
+state so far (signer known, signature, an ``admin`` key valid at the integration
+time) and applies it; :func:`key_receipt_entries` pages through *every* key receipt
+of a ledger database or service (``FindEntries`` pages of 1000, to the end).
+
 Example::
 
     >>> from kolm_ledger.keys import TrustRoot
@@ -16,16 +29,40 @@ Example::
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ._crypto import PublicKey
-from .errors import KeyFormatError, StatementFormatError, TrustRootFormatError, UnknownKeyError
-from .keys import ROLES, KeyID, Role, TrustedKey, TrustRoot, parse_time
+from .dsse import Envelope, verify_signature
+from .errors import (
+    KeyFormatError,
+    KeyValidityError,
+    KolmError,
+    StatementFormatError,
+    TrustRootFormatError,
+    UnknownKeyError,
+)
+from .keys import ROLES, KeyID, Role, TrustedKey, TrustRoot, format_time, parse_time
 from .receipts import Statement
 
-__all__ = ["TrustState"]
+if TYPE_CHECKING:
+    from .storage import Entry
+
+__all__ = [
+    "KEY_PAGE",
+    "TrustState",
+    "fold_key_receipts",
+    "key_receipt_entries",
+    "ledger_trust_state",
+]
+
+log = logging.getLogger("kolm.trust")
+
+#: Key receipts asked for per ``find`` call while paging (the service's page size).
+KEY_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -38,6 +75,11 @@ class TrustState:
     def keys(self) -> list[TrustedKey]:
         """Every key known (from the root and from key receipts)."""
         return [*self.root.keys, *self.extra]
+
+    def as_root(self) -> TrustRoot:
+        """This state as a :class:`TrustRoot` (revocations kept in ``revoked_at``), for the
+        offline verifier's functions, which take a root."""
+        return TrustRoot(tuple(self.keys()))
 
     @functools.cached_property
     def _extra_by_id(self) -> dict[str, TrustedKey]:
@@ -55,13 +97,45 @@ class TrustState:
                 f"key {keyid[:16]} is not in the trust root or registered by a key receipt"
             ) from None
 
+    def _find(self, keyid: str) -> TrustedKey | None:
+        try:
+            return self.get(keyid)
+        except UnknownKeyError:
+            return None
+
     def _with(self, key: TrustedKey) -> TrustState:
         if any(k.keyid == key.keyid for k in self.root.keys):
             return TrustState(self.root.with_key(key), self.extra)
         return TrustState(self.root, (*(k for k in self.extra if k.keyid != key.keyid), key))
 
+    def admit(self, envelope: Envelope | bytes, integrated_at: datetime) -> TrustState:
+        """The state after the key receipt ``envelope``, integrated at that time, once it
+        is checked against this state: one signature, by a known key whose role may sign
+        ``key`` receipts and that is valid at ``integrated_at``; then :meth:`apply`.
+
+        Raises the specific :class:`~kolm_ledger.errors.KolmError` (the state is unchanged).
+        """
+        env = envelope if isinstance(envelope, Envelope) else Envelope.from_bytes(envelope)
+        st = Statement.from_envelope(env)
+        if st.kind != "key":
+            raise StatementFormatError(f"a {st.kind!r} receipt is not a key receipt")
+        if len(env.signatures) != 1:
+            raise StatementFormatError(
+                f"key receipt has {len(env.signatures)} signatures, want 1"
+            )
+        signer = self.get(env.signatures[0].keyid)
+        verify_signature(env, signer.public_key)
+        signer.check_may_sign("key")
+        signer.check_valid_at(integrated_at)
+        return self.apply(st, integrated_at)
+
     def apply(self, statement: Statement, integrated_at: datetime) -> TrustState:
-        """The state after ``statement`` (a validated ``key`` receipt) integrated at that time."""
+        """The state after ``statement`` (a validated ``key`` receipt) integrated at that time.
+
+        Raises :class:`StatementFormatError` for a malformed predicate, and
+        :class:`KeyValidityError` (``FAILED_PRECONDITION``) for a ``register`` or
+        ``rotate`` that names a revoked key id: a revoked key never becomes valid again.
+        """
         if statement.kind != "key":
             return self
         p = statement.predicate
@@ -85,6 +159,12 @@ class TrustState:
             return self._with(replace(k, revoked_at=effective))
         if role not in ROLES or role == "log":
             raise StatementFormatError(f"key receipt role {role[:20]!r} cannot be registered")
+        have = self._find(keyid)
+        if have is not None and have.revoked_at is not None:
+            raise KeyValidityError(
+                f"key {keyid[:16]} ({have.role}) was revoked at {format_time(have.revoked_at)}; "
+                f"a revoked key id cannot be registered again (key receipt action {action!r})"
+            )
         pem = p["public_key_pem"]
         if not isinstance(pem, str):
             raise StatementFormatError("key receipt public_key_pem: want a PEM string")
@@ -109,7 +189,8 @@ class TrustState:
         state = self._with(key)
         if action == "rotate" and replaces:
             old = state.get(replaces)
-            state = state._with(replace(old, revoked_at=effective))
+            if old.revoked_at is None or old.revoked_at > effective:
+                state = state._with(replace(old, revoked_at=effective))
         return state
 
 
@@ -119,3 +200,61 @@ def _time(value: object, field: str) -> datetime:
         return parse_time(value, f"key receipt {field}")
     except (TrustRootFormatError, OverflowError) as e:
         raise StatementFormatError(f"key receipt {field}: {e}") from e
+
+
+# --------------------------------------------------------------------------- the fold
+
+
+class KeySource(Protocol):
+    """What :func:`key_receipt_entries` reads: a :class:`~kolm_ledger.storage.Store` or a
+    :class:`~kolm_ledger.client.LedgerClient` (both page with ``after_index``)."""
+
+    def find(self, *, kind: str | None = ..., after_index: int = ..., limit: int = ...) -> (
+        Sequence[Entry]
+    ): ...
+
+
+def key_receipt_entries(
+    source: KeySource, *, after_index: int = -1, page: int = KEY_PAGE
+) -> Iterator[Entry]:
+    """Every ``key`` entry of ``source`` after ``after_index``, in index order, page by page
+    (``find`` returns at most ``page`` a call; a short page is the last)."""
+    after = after_index
+    while True:
+        got = source.find(kind="key", after_index=after, limit=page)
+        yield from got
+        if len(got) < page:
+            return
+        after = got[-1].index
+
+
+def _log_refused(e: Entry, err: KolmError) -> None:
+    log.warning("ignoring key receipt %d: %s", e.index, err)
+
+
+def fold_key_receipts(
+    trust: TrustRoot | TrustState,
+    entries: Iterable[Entry],
+    *,
+    refused: Callable[[Entry, KolmError], None] = _log_refused,
+) -> TrustState:
+    """``trust`` (a root, or a state to continue from) after the key receipts ``entries``,
+    in order: each is checked against the state so far and applied
+    (:meth:`TrustState.admit`, at the entry's integration time).
+
+    A receipt that does not pass — not signed by a valid ``admin`` key of the state, bad
+    signature, malformed, or registering a revoked key id — changes nothing; ``refused``
+    hears of it (default: a warning in the log).
+    """
+    state = trust if isinstance(trust, TrustState) else TrustState(trust)
+    for e in entries:
+        try:
+            state = state.admit(e.envelope, e.integrated_at)
+        except KolmError as err:
+            refused(e, err)
+    return state
+
+
+def ledger_trust_state(source: KeySource, trust: TrustRoot) -> TrustState:
+    """The trust root plus *every* key receipt of the ledger database or service."""
+    return fold_key_receipts(trust, key_receipt_entries(source))
