@@ -34,9 +34,14 @@ subject digest: SHA-256 over the file digests in name order. Signing uses RFC 69
 deterministic ECDSA, so the same inputs give a byte-identical ``.kolm``.
 
 :func:`verify_artifact` re-implements the check with kolm's own code (no model_signing
-needed at load time): (1) safe unzip (2) every file listed, nothing extra (3) each file
-digest (4) the subject digest (5) the DSSE signature by a trusted, valid ``compile`` key
-(6) with ``manifest["recall"]``: the index is a signed file and
+needed at load time), through :mod:`kolm_ledger.artifact_check` — the one check that
+``kolm verify --artifact`` and the auditor run too — and checks before it unpacks:
+(1) the zip directory (one top folder, safe names, no symlinks, no duplicates, entry
+count) (2) ``model.sig`` (size-capped), its subject digest and the DSSE signature by a
+trusted ``compile`` key valid now (or ``at``) and not revoked (3) every file listed,
+nothing extra, no pickle-format file, declared sizes within the caps (4) each file's
+digest, streamed with nothing written (5) only then unpacking, atomically (6) with
+``manifest["recall"]``: the index is a signed file and
 :func:`kolm_compile.recall.verify_index` recomputes every chunk digest and the corpus
 root, which must equal the manifest's (so the text a prediction cites is the signed text).
 """
@@ -57,14 +62,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kolm_ledger._crypto import PrivateKey
+from kolm_ledger.artifact_check import (
+    DEFAULT_LIMITS,
+    PICKLE_SUFFIXES,
+    ArtifactLimits,
+    OpenedArtifact,
+    open_artifact,
+)
 from kolm_ledger.dsse import IN_TOTO_PAYLOAD_TYPE
-from kolm_ledger.errors import ArtifactError, KolmError
-from kolm_ledger.keys import TrustedKey
+from kolm_ledger.errors import ArtifactError
+from kolm_ledger.keys import TrustedKey, TrustRoot
 from kolm_ledger.model_signing import (
     MODEL_SIGNING_PREDICATE,
     SIGNATURE_FILE,
     artifact_digest,
-    parse_model_signature,
 )
 from kolm_ledger.trust import TrustState
 
@@ -74,16 +85,16 @@ __all__ = [
     "SIGNATURE_FILE",
     "VerifiedArtifact",
     "artifact_digest",
+    "open_verified",
     "pack",
     "sha256_file",
+    "unpack_verified",
     "verify_artifact",
 ]
 
 FORMAT = "kolm/v1"
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-MAX_UNPACKED = 4 * 1024**3
-MAX_FILES = 10_000
 
 
 def sha256_file(path: Path) -> str:
@@ -125,6 +136,12 @@ def _statement(name: str, resources: list[tuple[str, str]]) -> dict[str, Any]:
 def sign_directory(model_dir: Path, key: PrivateKey) -> str:
     """Write ``model_dir/model.sig`` over every other file; returns the artifact digest."""
     files = [f for f in _files(model_dir) if f != SIGNATURE_FILE]
+    for f in files:
+        if PurePosixPath(f).suffix.lower() in PICKLE_SUFFIXES:
+            raise ArtifactError(
+                f"{model_dir.name}/{f} is a pickle-format file; artifacts hold no pickles "
+                "(loaders refuse them: save weights as safetensors)"
+            )
     resources = sorted((f, sha256_file(model_dir / f)) for f in files)
     st = _statement(model_dir.name, resources)
     payload = json.dumps(st, indent=2, sort_keys=False).encode()
@@ -181,125 +198,76 @@ class VerifiedArtifact:
     resources: tuple[tuple[str, str], ...]
 
 
-def _safe_extract(zpath: Path, dest: Path) -> str:
+def _signers(trust: TrustState | TrustRoot) -> list[TrustedKey]:
+    keys = trust.keys
+    return list(keys() if callable(keys) else keys)
+
+
+def open_verified(
+    path: Path,
+    trust: TrustState | TrustRoot,
+    *,
+    at: datetime | None = None,
+    limits: ArtifactLimits = DEFAULT_LIMITS,
+) -> OpenedArtifact:
+    """Steps (1)-(3) of :func:`verify_artifact` with nothing unpacked: the zip directory,
+    ``model.sig``, its signer and the signed file list (:func:`kolm_ledger.artifact_check.
+    open_artifact`). The caller closes it; :func:`unpack_verified` finishes the check."""
+    return open_artifact(path, _signers(trust), at=at or datetime.now(UTC), limits=limits)
+
+
+def unpack_verified(opened: OpenedArtifact, into: Path) -> VerifiedArtifact:
+    """Steps (4)-(6) of :func:`verify_artifact` on an opened artifact: every entry hashed,
+    then unpacked atomically into ``into`` (missing or empty), the manifest and recall
+    index checked. A refusal leaves ``into`` absent."""
+    into = Path(into)
+    root = opened.extract(into)
     try:
-        z = zipfile.ZipFile(zpath)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ArtifactError(f"{zpath.name}: not a readable zip archive: {e}") from e
-    with z:
-        infos = z.infolist()
-        if len(infos) > MAX_FILES:
-            raise ArtifactError(f"{zpath.name}: {len(infos)} entries, limit {MAX_FILES}")
-        if sum(i.file_size for i in infos) > MAX_UNPACKED:
-            raise ArtifactError(f"{zpath.name}: unpacks to more than {MAX_UNPACKED} bytes")
-        names = [i.filename for i in infos]
-        if len(set(names)) != len(names):
-            raise ArtifactError(f"{zpath.name}: duplicate entry names")
-        tops = set()
-        for i in infos:
-            p = PurePosixPath(i.filename)
-            if p.is_absolute() or ".." in p.parts or "\\" in i.filename or len(p.parts) < 2:
-                raise ArtifactError(f"{zpath.name}: unsafe entry name {i.filename[:80]!r}")
-            if stat.S_ISLNK(i.external_attr >> 16):
-                raise ArtifactError(f"{zpath.name}: entry {i.filename[:80]!r} is a symlink")
-            tops.add(p.parts[0])
-        if len(tops) != 1:
-            raise ArtifactError(f"{zpath.name}: want one top-level folder, found {sorted(tops)}")
         try:
-            for i in infos:
-                if i.is_dir():
-                    continue
-                target = dest / i.filename
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(i) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as e:
-            raise ArtifactError(f"{zpath.name}: corrupt entry: {e}") from e
-    return tops.pop()
-
-
-def zlib_error() -> type[Exception]:
-    """zlib's error class (corrupt deflate streams)."""
-    import zlib
-
-    return zlib.error
+            manifest = json.loads((root / "manifest.json").read_bytes())
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+                fmt = manifest.get("format") if isinstance(manifest, dict) else None
+                raise ValueError(f"format {fmt!r}, want {FORMAT!r}")
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{opened.name}: bad manifest.json: {e}") from e
+        # (6) the recall index, if any, against the corpus root the signed manifest gives
+        listed = {n for n, _ in opened.resources}
+        if manifest.get("recall") is not None:
+            _verify_recall(opened.name, root, manifest["recall"], listed)
+        file_digest = sha256_file(opened.path)
+    except BaseException:
+        shutil.rmtree(into, ignore_errors=True)
+        raise
+    return VerifiedArtifact(
+        opened.path,
+        root,
+        opened.top,
+        opened.digest,
+        file_digest,
+        opened.signer,
+        manifest,
+        opened.resources,
+    )
 
 
 def verify_artifact(
-    path: Path, trust: TrustState, *, at: datetime | None = None, into: Path | None = None
+    path: Path,
+    trust: TrustState | TrustRoot,
+    *,
+    at: datetime | None = None,
+    into: Path | None = None,
+    limits: ArtifactLimits = DEFAULT_LIMITS,
 ) -> VerifiedArtifact:
     """Verify a ``.kolm`` against the trust state; raises :class:`ArtifactError` naming why.
 
-    Unpacks into ``into`` (default: a fresh temporary directory, kept for loading).
+    The checks are :mod:`kolm_ledger.artifact_check`'s, the same ``kolm verify --artifact``
+    and the auditor run, then the manifest and recall index. Unpacks into ``into`` (missing
+    or empty; default: a fresh temporary directory, kept for loading) only once every
+    entry matched its signed digest; a refused artifact leaves nothing unpacked.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no such artifact file")
-    file_digest = sha256_file(path)
-    dest = Path(into) if into else Path(tempfile.mkdtemp(prefix="kolm-artifact-"))
-    # (1) safe unzip
-    name = _safe_extract(path, dest)
-    root = dest / name
-    sig_path = root / SIGNATURE_FILE
-    if not sig_path.is_file():
-        raise ArtifactError(f"{path.name}: no {SIGNATURE_FILE} signature")
-    ms = parse_model_signature(sig_path.read_bytes(), path.name)
-    resources, claimed = ms.resources, ms.claimed
-    # (2) every file listed, nothing extra
-    on_disk = {f for f in _files(root) if f != SIGNATURE_FILE}
-    listed = {n for n, _ in resources}
-    if on_disk != listed:
-        extra, missing = sorted(on_disk - listed), sorted(listed - on_disk)
-        raise ArtifactError(
-            f"{path.name}: files differ from the signed manifest "
-            f"(unlisted: {extra[:5]}, missing: {missing[:5]})"
-        )
-    # (3) each file digest
-    for n, d in resources:
-        actual = sha256_file(root / n)
-        if actual != d:
-            raise ArtifactError(
-                f"{path.name}: {n} has digest {actual[:16]}…, the signed manifest says {d[:16]}…"
-            )
-    # (4) subject digest
-    digest = artifact_digest(resources)
-    if digest != claimed:
-        raise ArtifactError(
-            f"{path.name}: subject digest {claimed[:16]}… does not match the files ({digest[:16]}…)"
-        )
-    # (5) signature by a trusted compile key, valid now (or ``at``) and not revoked
-    signer: TrustedKey | None = None
-    reasons = []
-    for k in trust.keys():  # noqa: SIM118 - TrustState.keys() is a method, not a dict
-        if k.role != "compile":
-            continue
-        try:
-            ms.verify_by(k)
-        except KolmError:
-            continue
-        try:
-            k.check_valid_at(at or datetime.now(UTC))
-        except KolmError as e:
-            reasons.append(str(e))
-            continue
-        signer = k
-        break
-    if signer is None:
-        why = f" ({'; '.join(reasons)})" if reasons else ""
-        raise ArtifactError(
-            f"{path.name}: {SIGNATURE_FILE} is not signed by a trusted, valid compile key{why}"
-        )
-    try:
-        manifest = json.loads((root / "manifest.json").read_bytes())
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            fmt = manifest.get("format") if isinstance(manifest, dict) else None
-            raise ValueError(f"format {fmt!r}, want {FORMAT!r}")
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path.name}: bad manifest.json: {e}") from e
-    # (6) the recall index, if any, against the corpus root the signed manifest gives
-    if manifest.get("recall") is not None:
-        _verify_recall(path.name, root, manifest["recall"], listed)
-    return VerifiedArtifact(path, root, name, digest, file_digest, signer, manifest, resources)
+    with open_verified(Path(path), trust, at=at, limits=limits) as opened:
+        dest = Path(into) if into else Path(tempfile.mkdtemp(prefix="kolm-artifact-"))
+        return unpack_verified(opened, dest)
 
 
 def _verify_recall(name: str, root: Path, field: Any, listed: set[str]) -> None:

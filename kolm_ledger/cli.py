@@ -191,7 +191,12 @@ def cmd_verify(a: argparse.Namespace) -> int:
     tail = f"; output {out}, backend {p.backend}{f' ({p.reason})' if p.reason else ''}" + (
         f", artifact K-score {p.k_score:.1f}" if p.k_score is not None else ""
     )
-    if p.artifact is None and not p.input_checked and not p.evidence_checked:
+    if (
+        p.artifact is None
+        and not p.input_checked
+        and not p.evidence_checked
+        and not p.artifact_file_checked
+    ):
         if p.evidence:
             tail += f"; {len(p.evidence)} evidence chunk(s) not checked (give --artifact FILE)"
         print(head + tail)  # steps 1-7 only: one line, like every other kind
@@ -225,6 +230,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
             else "give --ledger HOST:PORT or --artifact FILE.kolm"
         )
         print(f"(10)  {len(p.evidence)} evidence chunk(s) not checked ({why}): {ids}")
+    elif p.artifact_file_checked:
+        print(f"(10)  no evidence cited; the artifact file {Path(a.artifact).name} passes the "
+              f"artifact check and is artifact {p.artifact_digest[:16]}…")  # fmt: skip
     else:
         print("(10)  no evidence cited (no recall)")
     print(head + tail)

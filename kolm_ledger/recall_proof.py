@@ -33,24 +33,22 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import sqlite3
 import tempfile
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from .artifact_check import open_artifact
 from .canonical import digest_hex
-from .errors import ArtifactError, InclusionProofError, InvalidInput, KolmError
+from .errors import ArtifactError, InclusionProofError, InvalidInput
 from .merkle import MemoryTree, hash_leaf, root_from_leaves, verify_inclusion
-from .model_signing import SIGNATURE_FILE, parse_model_signature
-from .model_signing import artifact_digest as subject_digest
+from .model_signing import SIGNATURE_FILE
 
 if TYPE_CHECKING:
     from .keys import TrustRoot
@@ -223,15 +221,6 @@ class ArtifactCorpus:
     chunks: Mapping[int, ArtifactChunk]  # the requested positions only
 
 
-def _sha256_stream(src: Any, dst: Any) -> str:
-    h = hashlib.sha256()
-    for block in iter(lambda: src.read(1 << 20), b""):
-        h.update(block)
-        if dst is not None:
-            dst.write(block)
-    return h.hexdigest()
-
-
 def read_artifact_corpus(
     path: str | os.PathLike[str],
     trust: TrustRoot,
@@ -242,88 +231,38 @@ def read_artifact_corpus(
 ) -> ArtifactCorpus:
     """Verify a ``.kolm`` file's signature and recall index; return its signed corpus.
 
-    Torch-, sqlite-vec- and ``kolm_compile``-free (an auditor's check; the inference
-    service uses ``kolm_compile.artifact.verify_artifact``). Raises
-    :class:`~kolm_ledger.errors.ArtifactError` naming what failed. Steps:
+    Torch-, sqlite-vec- and ``kolm_compile``-free (an auditor's check). The artifact check
+    is :func:`kolm_ledger.artifact_check.open_artifact`'s, the one the inference loader
+    runs. Raises :class:`~kolm_ledger.errors.ArtifactError` naming what failed. Steps:
 
       1. ``model.sig`` (the OpenSSF model-signing DSSE envelope) is signed by a
          ``compile`` key of ``trust`` valid at ``at`` (the prediction's time);
       2. its subject digest is the SHA-256 over the listed file digests and equals
          ``artifact_digest`` (the artifact the prediction names);
-      3. ``manifest.json`` and the recall index file it names hash to their listed
-         digests (only the files read here are hashed: the signature covers the list);
+      3. the zip holds exactly the listed files (no unsigned extra, none missing, no
+         symlink, unsafe name or pickle), each hashing to its listed digest within the
+         size caps; ``manifest.json`` is read and the recall index it names unpacked;
       4. the index's chunk digests, in position order, give the manifest's
          ``recall.corpus_root`` over ``recall.chunks`` chunks (this builds the corpus tree);
       5. the rows at ``positions`` are returned (the caller compares them with the evidence).
     """
     p = Path(path)
     name = p.name
-    try:
-        z = zipfile.ZipFile(p)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ArtifactError(f"{name}: not a readable zip archive: {e}") from e
-    with z, tempfile.TemporaryDirectory(prefix="kolm-verify-") as tmp:
-        names = z.namelist()
-        tops = {PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts}
-        if len(tops) != 1:
-            raise ArtifactError(f"{name}: want one top-level folder, found {sorted(tops)[:5]}")
-        top = tops.pop()
-
-        def member(rel: str) -> str:
-            m = f"{top}/{rel}"
-            if m not in names:
-                raise ArtifactError(f"{name}: no {rel}")
-            return m
-
-        # (1) the signature over the model-signing statement
-        ms = parse_model_signature(z.read(member(SIGNATURE_FILE)), name)
-        listed = dict(ms.resources)
-        signer = None
-        for k in trust.by_role("compile"):
-            try:
-                ms.verify_by(k)
-                k.check_valid_at(at)
-            except KolmError:
-                continue
-            signer = k
-            break
-        if signer is None:
+    with (
+        open_artifact(p, trust.by_role("compile"), at=at) as art,
+        tempfile.TemporaryDirectory(prefix="kolm-verify-") as tmp,
+    ):
+        # (1)-(2) the signature, the listed files and their digests (the loader's check)
+        if art.digest != artifact_digest:
             raise ArtifactError(
-                f"{name}: {SIGNATURE_FILE} is not signed by a compile key of the trust root "
-                f"valid at {at.isoformat()}"
+                f"{name} is artifact {art.digest[:16]}…, the prediction names {artifact_digest[:16]}…"
             )
-        # (2) the subject digest is the artifact the prediction names
-        claimed = ms.claimed
+        signer = art.signer
+        claimed = art.digest
+        art.check()
+        # (3) the manifest and the index it names, unpacked (both already hashed)
         try:
-            digest = subject_digest(ms.resources)
-        except ValueError as e:
-            raise ArtifactError(f"{name}: malformed file digest in {SIGNATURE_FILE}") from e
-        if digest != claimed:
-            raise ArtifactError(f"{name}: subject digest does not match the listed files")
-        if claimed != artifact_digest:
-            raise ArtifactError(
-                f"{name} is artifact {claimed[:16]}…, the prediction names {artifact_digest[:16]}…"
-            )
-
-        # (3) the files read here match their signed digests
-        def extract(rel: str) -> Path:
-            if rel not in listed:
-                raise ArtifactError(f"{name}: {rel} is not listed in {SIGNATURE_FILE}")
-            out = Path(tmp) / hashlib.sha256(rel.encode()).hexdigest()
-            try:
-                with z.open(member(rel)) as src, open(out, "wb") as dst:
-                    got = _sha256_stream(src, dst)
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
-                raise ArtifactError(f"{name}: corrupt entry {rel}: {e}") from e
-            if got != listed[rel]:
-                raise ArtifactError(
-                    f"{name}: {rel} has digest {got[:16]}…, the signed manifest says "
-                    f"{listed[rel][:16]}…"
-                )
-            return out
-
-        try:
-            manifest = json.loads(extract("manifest.json").read_bytes())
+            manifest = json.loads(art.read("manifest.json"))
             rc = manifest["recall"]
             root, size, rel = str(rc["corpus_root"]), int(rc["chunks"]), str(rc["index"])
         except ArtifactError:
@@ -332,7 +271,9 @@ def read_artifact_corpus(
             raise ArtifactError(f"{name}: manifest.json has no valid recall field ({e})") from e
         if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
             raise ArtifactError(f"{name}: recall index path {rel[:80]!r} is unsafe")
-        db = extract(rel)
+        if rel not in dict(art.resources):
+            raise ArtifactError(f"{name}: {rel[:80]} is not listed in {SIGNATURE_FILE}")
+        db = art.extract(Path(tmp) / "a", only=[rel]) / rel
         # (4) the chunk digests give the signed corpus root
         want = sorted({int(x) for x in positions})
         try:

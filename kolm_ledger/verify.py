@@ -64,6 +64,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import dsse
+from .artifact_check import check_artifact
 from .bundle import Bundle
 from .canonical import canonical_json, digest_hex
 from .checkpoint import Checkpoint, verify_checkpoint
@@ -314,6 +315,8 @@ class VerifiedPrediction:
     ``corpus_root`` the root it names; ``evidence_checked`` says step 10 proved them in
     the signed corpus, whose root and size came from ``corpus_source``
     (``"artifact receipt"``, ``"artifact file"``, or both joined by ``" and "``).
+    ``artifact_file_checked`` says the given ``.kolm`` passed the artifact check (the
+    inference loader's) and is the artifact the prediction names.
     """
 
     receipt: VerifiedReceipt
@@ -328,6 +331,7 @@ class VerifiedPrediction:
     corpus_root: str | None = None
     evidence_checked: bool = False
     corpus_source: str | None = None
+    artifact_file_checked: bool = False
 
 
 def _hex64(pred: Mapping[str, Any], field: str) -> str:
@@ -488,6 +492,10 @@ def verify_prediction(
         a trusted corpus the step does not run (``evidence_checked`` is false): a root taken
         from the prediction receipt alone proves nothing. Without the file, ids and labels
         are bound to the digests only through the chunk text, so only the file checks them.
+        ``artifact_file`` is checked whether or not the receipt cites evidence: the whole
+        artifact check of the inference loader (:mod:`kolm_ledger.artifact_check`; an
+        unsigned extra file, a missing one, a pickle, a symlink or unsafe name fails), by a
+        compile key valid at the receipt's time, and it must be the artifact named.
 
     Raises a :class:`~kolm_ledger.errors.KolmError` subclass with ``step`` set.
     """
@@ -542,6 +550,11 @@ def verify_prediction(
     if isinstance(evidence, list):
         with _step(10):
             source = _check_evidence(pred, evidence, trust, artifact, artifact_file, receipt.time)
+    elif artifact_file is not None:  # no evidence: the file still gets the loader's check
+        with _step(10):
+            check_artifact(
+                artifact_file, trust.by_role("compile"), at=receipt.time, expect_digest=digest
+            )
     reason = pred.get("reason")
     root = pred.get("corpus_root")
     return VerifiedPrediction(
@@ -559,4 +572,5 @@ def verify_prediction(
         corpus_root=root if isinstance(root, str) else None,
         evidence_checked=source is not None,
         corpus_source=source,
+        artifact_file_checked=artifact_file is not None,
     )

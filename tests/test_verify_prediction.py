@@ -384,9 +384,12 @@ def test_evidence_verifies_against_the_artifact_receipt_and_file(rec: Rec) -> No
     assert not v.evidence_checked and v.corpus_source is None and len(v.evidence) == 3
     v = verify_prediction(b, rec.env.trust, artifact_bundle=rec.bare_artifact)
     assert not v.evidence_checked and v.k_score == 80.0
-    # a receipt without evidence: nothing to check, whatever is given
-    v = verify_prediction(rec.env.prediction, rec.env.trust, artifact_file=rec.path)
-    assert not v.evidence_checked and v.evidence == ()
+    # a receipt without evidence: the file still gets the artifact check, and must be the
+    # artifact the prediction names
+    e = fails_at(
+        10, lambda: verify_prediction(rec.env.prediction, rec.env.trust, artifact_file=rec.path)
+    )
+    assert f"docs.kolm is artifact {rec.digest[:16]}" in str(e)
 
 
 def test_receipts_without_proofs_need_the_artifact_file(rec: Rec) -> None:
@@ -474,7 +477,7 @@ def test_the_corpus_root_must_come_from_the_artifact(rec: Rec, tmp_path: Path) -
     assert "the prediction names" in str(e)
     no_compile = TrustRoot(tuple(k for k in rec.env.trust.keys if k.role != "compile"))
     e = fails_at(10, lambda: verify_prediction(good, no_compile, artifact_file=rec.path))
-    assert "not signed by a compile key of the trust root" in str(e)
+    assert "not signed by a trusted, valid compile key" in str(e)
     tampered = _rezip(rec.path, tmp_path / "t.kolm", "recall/index.db")
     e = fails_at(10, lambda: verify_prediction(good, rec.env.trust, artifact_file=tampered))
     assert "recall/index.db has digest" in str(e)
