@@ -18,6 +18,10 @@ from cryptography import x509
 from cryptography.exceptions import InternalError, InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 from .errors import KeyFormatError, SignatureError
 
@@ -26,6 +30,9 @@ ALGORITHMS: tuple[Algorithm, ...] = ("ecdsa-p256-sha256", "ed25519")
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _ECDSA_SHA256_RFC6979 = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
+#: the order n of the P-256 group; a signature (r, s) is in low-S form when s <= n // 2
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_P256_HALF = P256_ORDER // 2
 _PublicRaw = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 _PrivateRaw = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -106,11 +113,20 @@ class PublicKey:
         return hashlib.sha256(self.der()).hexdigest()
 
     def verify(self, signature: bytes, data: bytes) -> None:
-        """Verify ``signature`` over ``data``; raises :class:`SignatureError`."""
+        """Verify ``signature`` over ``data``; raises :class:`SignatureError`.
+
+        One signature per key and message: ECDSA signatures must be strict DER in low-S
+        form (``s <= n/2``; ``(r, n - s)`` verifies mathematically too, and is refused
+        here, so nobody can make a second valid signature from a first), and Ed25519
+        signatures must have ``S < L`` (OpenSSL's check). Every verifier in kolm -- the
+        ledger's append, its worker processes, the audit, ``kolm verify``, the artifact
+        load check -- verifies through this method.
+        """
         try:
             if isinstance(self._key, ed25519.Ed25519PublicKey):
                 self._key.verify(signature, data)
             else:
+                _check_low_s(signature)
                 self._key.verify(signature, data, _ECDSA_SHA256)
         except InvalidSignature as e:
             raise SignatureError(
@@ -128,6 +144,29 @@ class PublicKey:
 
     def __hash__(self) -> int:
         return hash(self.der())
+
+
+def _check_low_s(signature: bytes) -> None:
+    """Refuse an ECDSA signature that is not strict DER ``(r, s)`` with ``s <= n/2``."""
+    try:
+        r, s = decode_dss_signature(signature)
+    except ValueError as e:
+        raise SignatureError(f"ecdsa-p256-sha256 signature is not DER (r, s): {e}") from e
+    if encode_dss_signature(r, s) != signature:
+        raise SignatureError("ecdsa-p256-sha256 signature is not in strict DER form")
+    if s > _P256_HALF:
+        raise SignatureError(
+            "ecdsa-p256-sha256 signature is not in low-S form (s > n/2); kolm accepts only "
+            "(r, s) with s <= n/2, so each signature has one encoding"
+        )
+
+
+def _low_s(signature: bytes) -> bytes:
+    """``signature`` with ``s`` replaced by ``n - s`` when ``s > n/2`` (same validity)."""
+    r, s = decode_dss_signature(signature)
+    if s > _P256_HALF:
+        return encode_dss_signature(r, P256_ORDER - s)
+    return signature
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,11 +243,16 @@ class PrivateKey:
         """Sign ``data`` (ECDSA: DER-encoded signature over SHA-256).
 
         ``deterministic`` uses RFC 6979 nonces for ECDSA, so the same key and data give
-        the same bytes (reproducible artifacts); Ed25519 is always deterministic.
+        the same bytes (reproducible artifacts); Ed25519 is always deterministic. ECDSA
+        signatures come out in low-S form (``s > n/2`` is replaced by ``n - s``, a pure
+        function of the signature, so determinism holds), the only form
+        :meth:`PublicKey.verify` accepts.
         """
         if isinstance(self._key, ed25519.Ed25519PrivateKey):
             return self._key.sign(data)
-        return self._key.sign(data, _ECDSA_SHA256_RFC6979 if deterministic else _ECDSA_SHA256)
+        return _low_s(
+            self._key.sign(data, _ECDSA_SHA256_RFC6979 if deterministic else _ECDSA_SHA256)
+        )
 
     def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
         """Sign an X.509 certificate (ECDSA with SHA-256, or Ed25519) as its issuer."""

@@ -58,7 +58,7 @@ def cmd_ledger_append(a: argparse.Namespace) -> int:
         data = Path(a.statement).read_bytes()
     except OSError as e:
         raise KolmError(f"cannot read statement {a.statement}: {e.strerror}") from e
-    st = Statement.from_bytes(data)
+    st = Statement.from_document(data)  # a person's file; signed as canonical JSON
     env = sign_statement(st, PrivateKey.load(a.key))
     ledger = _open_ledger(a.db, trust, log_key)
     (res,) = ledger.append([env])

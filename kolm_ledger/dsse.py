@@ -64,13 +64,29 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 
 def b64decode(s: object, what: str) -> bytes:
-    """Strict standard base64 (RFC 4648 §4, padded); raises :class:`EnvelopeFormatError`."""
+    """Strict standard base64; raises :class:`EnvelopeFormatError` naming ``what``.
+
+    Exactly one text per value: the RFC 4648 §4 alphabet, ``=`` padding to a multiple of
+    4, nothing else (no whitespace, no URL-safe digits), and the unused low bits of the
+    last digit zero -- the rule is ``base64.b64encode(decoded) == given``, Go's
+    ``base64.StdEncoding.Strict()``. So the envelope hashed is the envelope given: a
+    ``sig`` ending ``h==`` where the encoding is ``g==`` is refused, not re-encoded.
+    """
     if not isinstance(s, str):
         raise EnvelopeFormatError(f"{what}: want a base64 string, got {type(s).__name__}")
     try:
-        return base64.b64decode(s.encode("ascii"), validate=True)
+        raw = s.encode("ascii")
+        out = base64.b64decode(raw, validate=True)
     except (binascii.Error, UnicodeEncodeError) as e:
         raise EnvelopeFormatError(f"{what}: not valid base64: {e}") from e
+    if base64.b64encode(out) != raw:
+        tail = s[-4:] if len(s) > 4 else s
+        raise EnvelopeFormatError(
+            f"{what}: not canonical base64 (ends {tail!r}: padding bits set, or padding "
+            f"missing); the canonical encoding of these bytes ends "
+            f"{base64.b64encode(out)[-4:].decode()!r}"
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -245,6 +261,15 @@ def _parse_canonical(data: bytes) -> Envelope | None:
     return Envelope(payload, ptype.decode("ascii"), (Signature(keyid.decode("ascii"), sig),))
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise EnvelopeFormatError(f"envelope: duplicate JSON key {k[:40]!r}")
+        obj[k] = v
+    return obj
+
+
 def parse_envelope(data: bytes) -> tuple[Envelope, bytes]:
     """Parse DSSE JSON bytes into the envelope and its canonical JSON (the Merkle leaf data).
 
@@ -258,7 +283,7 @@ def parse_envelope(data: bytes) -> tuple[Envelope, bytes]:
     if env is not None:
         return env, data
     try:
-        obj = json.loads(data)
+        obj = json.loads(data, object_pairs_hook=_no_duplicate_keys)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise EnvelopeFormatError(f"envelope is not JSON: {e}") from e
     env = Envelope.from_json(obj)

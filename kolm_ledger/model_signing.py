@@ -10,14 +10,13 @@ raw listed digests in order (:func:`artifact_digest`).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, Signature, verify_signature
-from .errors import ArtifactError
+from .dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, Signature, b64decode, verify_signature
+from .errors import ArtifactError, FormatError
 from .keys import TrustedKey
 
 __all__ = [
@@ -66,8 +65,11 @@ def parse_model_signature(data: bytes, name: str) -> ModelSignature:
     """Parse ``model.sig`` bytes; raises :class:`ArtifactError` ("``name``: malformed ...")."""
     try:
         env_obj = json.loads(data)["dsseEnvelope"]
-        payload = base64.b64decode(env_obj["payload"], validate=True)
-        sigs = tuple(base64.b64decode(s["sig"], validate=True) for s in env_obj["signatures"])
+        # strict base64 (one text per value), as for every DSSE envelope kolm reads
+        payload = b64decode(env_obj["payload"], "dsseEnvelope.payload")
+        sigs = tuple(
+            b64decode(s["sig"], "dsseEnvelope.signatures[].sig") for s in env_obj["signatures"]
+        )
         if env_obj["payloadType"] != IN_TOTO_PAYLOAD_TYPE or not sigs:
             raise ValueError("not an in-toto DSSE envelope with a signature")
         st = json.loads(payload)
@@ -78,6 +80,14 @@ def parse_model_signature(data: bytes, name: str) -> ModelSignature:
             raise ValueError("only sha256 resources are accepted")
         resources = tuple((str(r["name"]), str(r["digest"])) for r in res)
         claimed = str(st["subject"][0]["digest"]["sha256"])
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        RecursionError,
+        FormatError,
+    ) as e:
         raise ArtifactError(f"{name}: malformed {SIGNATURE_FILE}: {e}") from e
     return ModelSignature(payload, sigs, resources, claimed)

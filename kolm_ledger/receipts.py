@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ._crypto import PrivateKey, PublicKey
-from .canonical import canonical_json, digest_hex, sha256_hex
+from .canonical import canonical_json, digest_hex, parse_json, sha256_hex, strict_loads
 from .dsse import IN_TOTO_PAYLOAD_TYPE, Envelope, sign
 from .errors import StatementFormatError
 from .keys import format_time
@@ -227,16 +227,23 @@ class Statement:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Statement:
-        """Parse statement JSON bytes."""
-        try:
-            if data[:1] == b"{" and data[1:2] != b"\x00":
-                # what json.loads(bytes) detects as UTF-8, without its detection pass
-                obj = json.loads(data.decode("utf-8", "surrogatepass"))
-            else:
-                obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise StatementFormatError(f"statement is not JSON: {e}") from e
-        return cls.from_json(obj)
+        """Parse a signed statement: ``data`` must be exactly its RFC 8785 form.
+
+        The ledger (at append), ``kolm verify`` and the audit all read payloads here, so
+        one rule (:func:`~kolm_ledger.canonical.strict_loads`: UTF-8, no duplicate keys,
+        no NaN/Infinity, doubles only, canonical bytes) holds everywhere; a refusal is a
+        :class:`StatementFormatError` naming the fault.
+        """
+        return cls.from_json(strict_loads(data, "statement", StatementFormatError))
+
+    @classmethod
+    def from_document(cls, data: bytes) -> Statement:
+        """Parse a statement a person wrote (any JSON layout), to be signed as canonical JSON.
+
+        The value rules of :func:`~kolm_ledger.canonical.parse_json` still hold (no
+        duplicate keys, NaN, lone surrogates); :meth:`to_bytes` gives the canonical form.
+        """
+        return cls.from_json(parse_json(data, "statement", StatementFormatError))
 
     @classmethod
     def from_envelope(cls, env: Envelope) -> Statement:
