@@ -106,7 +106,12 @@ def cmd_verify(a: argparse.Namespace) -> int:
     client = None
     try:
         if a.ledger:
+            from .trust import ledger_trust_state
+
             client = _client(a)
+            # judge keys by the ledger's trust state: trust.json plus every key receipt
+            # (registrations, rotations, revocations) the ledger holds, each checked
+            trust = ledger_trust_state(client, trust).as_root()
         witnesses = _witness_policy(a)
         if a.bundle:
             # (1) parse the bundle
@@ -334,9 +339,12 @@ def cmd_ledger_serve(a: argparse.Namespace) -> int:
 def cmd_provenance(a: argparse.Namespace) -> int:
     from .keys import TrustRoot
     from .provenance_check import check_provenance
+    from .trust import ledger_trust_state
 
-    trust = TrustRoot.load(a.trust) if a.trust else None
+    root = TrustRoot.load(a.trust) if a.trust else None
     with _client(a) as c:
+        # keys judged by the ledger's trust state (trust.json plus every key receipt)
+        trust = ledger_trust_state(c, root) if root is not None else None
         report = check_provenance(c.provenance(a.artifact_digest, include_labels=True), trust)
     print(report.render())
     return 0 if report.ok else 1
@@ -376,16 +384,23 @@ def _key_target(p: argparse.ArgumentParser) -> None:
 
 def _append_key_receipt(a: argparse.Namespace, env: Any) -> int:
     """Append an admin-signed key receipt through --ledger or --db; returns its index."""
+    return _append_key_receipt_at(a, env)[0]
+
+
+def _append_key_receipt_at(a: argparse.Namespace, env: Any) -> tuple[int, Any]:
+    """:func:`_append_key_receipt`, with the receipt's integration time (a UTC datetime)."""
     if a.ledger:
         from .client import LedgerClient
+        from .storage.repository import from_micros
         from .tls import channel_credentials_from_args
 
         ns = argparse.Namespace(tls_dir=a.tls_dir, role="admin")
         with LedgerClient(a.ledger, credentials=channel_credentials_from_args(ns, a.ledger)) as c:
-            return int(c.append(env, wait=True).index)
+            r = c.append(env, wait=True)
+            return int(r.index), from_micros(r.promise.integrated_time_us)
     keys = Path(a.keys)
     (res,) = _open_ledger(a.db, keys / "trust.json", keys / "log.key").append([env])
-    return int(res.index)
+    return int(res.index), res.integrated_at
 
 
 def cmd_keys_rotate(a: argparse.Namespace) -> int:
@@ -435,9 +450,10 @@ def cmd_keys_rotate(a: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(a: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
 
-    from .keys import PrivateKey, TrustRoot
+    from .keys import PrivateKey, TrustRoot, format_time
     from .receipts import key_statement, sign_statement
 
     keys = Path(a.keys)
@@ -460,8 +476,17 @@ def cmd_keys_revoke(a: argparse.Namespace) -> int:
         effective_at=now,
         time=now,
     )
-    index = _append_key_receipt(a, sign_statement(st, admin))
+    index, integrated = _append_key_receipt_at(a, sign_statement(st, admin))
+    # offline verifiers read trust.json: the key's validity ends where the revocation
+    # takes effect (when the ledger integrated it; not_after is the last valid instant)
+    last = max(now, integrated) - timedelta(microseconds=1)
+    root = TrustRoot.load(keys / "trust.json")
+    k = root.get(k.keyid)
+    if k.not_after is None or k.not_after > last:
+        k = replace(k, not_after=last)
+        root.with_key(k).save(keys / "trust.json")
     print(f"revoked {k.role} key {k.keyid[:16]} (key receipt {index})")
+    print(f"{keys / 'trust.json'}: key {k.keyid[:16]} not_after {format_time(k.not_after or last)}")
     return 0
 
 

@@ -3,8 +3,10 @@
 Given what the ledger returned for an artifact, recompute — trusting nothing the
 server computed:
 
-1. each returned entry's leaf hash from its envelope, and (with a trust root) its
-   signature and that a ``compile`` key signed it;
+1. each returned entry's leaf hash from its envelope, and (with a trust root or the
+   ledger's trust state: :func:`kolm_ledger.trust.ledger_trust_state`) its signature,
+   that a ``compile`` key signed it, and that the key was valid (not revoked) at the
+   entry's integration time;
 2. the artifact receipt names the eval receipt's leaf hash, and that eval receipt's
    subject is the artifact;
 3. the K-score: ``100 * correct / n`` in the eval receipt equals the K-score in both
@@ -79,14 +81,18 @@ def _check_entry(e: Entry, what: str, state: TrustState | None, fails: list[str]
         key = state.get(env.signatures[0].keyid)
         verify_signature(env, key.public_key)
         key.check_may_sign(e.kind)
+        key.check_valid_at(e.integrated_at)
     except KolmError as err:
         fails.append(f"{what} (index {e.index}): {err}")
 
 
-def check_provenance(p: Provenance, trust: TrustRoot | None = None) -> ProvenanceReport:
-    """Run checks (1)-(4) of the module docstring on ``p``."""
+def check_provenance(
+    p: Provenance, trust: TrustRoot | TrustState | None = None
+) -> ProvenanceReport:
+    """Run checks (1)-(4) of the module docstring on ``p`` (keys judged by ``trust``: a
+    root alone, or the ledger's trust state)."""
     fails: list[str] = []
-    state = TrustState(trust) if trust is not None else None
+    state = TrustState(trust) if isinstance(trust, TrustRoot) else trust
     ap = predicate_of(p.artifact)
     art_digest = ""
     env = Envelope.from_bytes(p.artifact.envelope)

@@ -47,6 +47,7 @@ from .provenance import Provenance, predicate_of
 from .provenance_check import ProvenanceReport, check_provenance
 from .receipts import REQUIRED
 from .storage import Entry, Store
+from .trust import TrustState, ledger_trust_state
 
 if TYPE_CHECKING:
     from .client import LedgerClient
@@ -320,7 +321,7 @@ def _signer(e: Entry) -> str:
 
 def _gather(
     p: Provenance,
-    trust: TrustRoot,
+    trust: TrustState,
     rep: AuditReport,
     entries: Iterable[Entry],
     source: str,
@@ -356,7 +357,8 @@ def collect_from_store(
 
     p = provenance(store, artifact_digest, include_labels=True)
     rep = audit(store, trust)
-    return _gather(p, trust, rep, store.entries(), source or "ledger database", now)
+    state = ledger_trust_state(store, trust)
+    return _gather(p, state, rep, store.entries(), source or "ledger database", now)
 
 
 def collect_from_client(
@@ -367,7 +369,8 @@ def collect_from_client(
 
     p = client.provenance(artifact_digest, include_labels=True)
     rep = audit_remote(client, trust)
-    return _gather(p, trust, rep, client.entries(), f"ledger service {client.target}", now)
+    state = ledger_trust_state(client, trust)
+    return _gather(p, state, rep, client.entries(), f"ledger service {client.target}", now)
 
 
 # ---- sections -----------------------------------------------------------------------------

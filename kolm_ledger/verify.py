@@ -22,8 +22,9 @@ procedure, with the step numbers that errors carry::
 For a ``prediction`` receipt, :func:`verify_prediction` goes on::
 
     (8) check artifact receipt  the artifact's own receipt bundle passes steps 2-7, is an
-                                ``artifact`` receipt (so signed by a ``compile`` key) and
-                                its subject is the artifact digest the prediction names
+                                ``artifact`` receipt (so signed by a ``compile`` key),
+                                its subject is the artifact digest the prediction names,
+                                and that compile key is valid at the prediction's time
     (9) check input commitment  ``SHA-256(salt || JCS(input))`` equals the receipt's
                                 ``input_commitment`` (the caller alone holds the salt)
     (10) check evidence         every chunk the receipt cites (recall ``evidence``) is in
@@ -73,6 +74,7 @@ from .errors import (
     CheckpointError,
     EntryTooLargeError,
     InvalidInput,
+    KeyValidityError,
     KolmError,
     StatementFormatError,
     UnknownKeyError,
@@ -480,7 +482,8 @@ def verify_prediction(
 
     (8) with ``artifact_bundle`` (the artifact receipt's bundle, e.g. from the ledger's
         ``FindEntries`` + ``GetReceiptBundle``): it passes steps 2-7, is an ``artifact``
-        receipt and names the artifact digest the prediction names;
+        receipt and names the artifact digest the prediction names, and its compile key
+        is still valid (not revoked, not expired) at the prediction's time;
     (9) with ``salt`` (and ``input_value``; ``None`` is not an input): the commitment
         recomputes. Giving one of ``input_value`` / ``salt`` without the other is an error.
     (10) when the receipt cites recall ``evidence`` and a trusted corpus is at hand — the
@@ -526,6 +529,15 @@ def verify_prediction(
                     f"the artifact receipt is for {named[0][:16]}…, the prediction names "
                     f"artifact {digest[:16]}…"
                 )
+            # the artifact's compile key must still be valid when the prediction was made:
+            # after its revocation (or expiry) the artifact is not to be served any more
+            signer = next(k for k in trust.keys if k.keyid == artifact.keyid)
+            try:
+                signer.check_valid_at(receipt.time)
+            except KeyValidityError as e:
+                raise KeyValidityError(
+                    f"the artifact's compile key is not valid at the prediction's time: {e}"
+                ) from e
             ks = artifact.statement.predicate.get("k_score")
             if isinstance(ks, bool) or not isinstance(ks, int | float):
                 raise StatementFormatError("artifact receipt k_score: want a number")
