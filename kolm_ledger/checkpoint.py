@@ -1,17 +1,20 @@
 """C2SP transparency-log checkpoints (https://c2sp.org/tlog-checkpoint) with kolm's chain line.
 
-A checkpoint is a signed note (:mod:`kolm_ledger.note`) whose text is exactly::
+A checkpoint is a signed note (:mod:`kolm_ledger.note`) whose text is::
 
     <origin>
     <tree size, decimal, no leading zeros>
     <base64 RFC 6962 root hash, 32 bytes>
     chain <base64 hash-chain head, 32 bytes>
+    <further extension lines, optional, each non-empty>
 
-The fourth line is kolm's one extension line: the head of the ledger's hash chain
-at that size, so an auditor can check the chain and the tree against one signature.
-Any other extension line is refused. The log signs with its origin as the note key
-name; other signatures (witness cosignatures, rotated keys) are ignored unless
-their key is trusted.
+The fourth line is kolm's extension line: the head of the ledger's hash chain at that
+size, so an auditor can check the chain and the tree against one signature. kolm
+requires it as the first extension line (stricter than C2SP, where every extension line
+is optional). Further extension lines, which C2SP allows, are accepted, kept (they are
+signed text) and otherwise ignored; an empty one or a second ``chain`` line is refused.
+kolm's own log writes none. The log signs with its origin as the note key name; other
+signatures (witness cosignatures, rotated keys) are ignored unless their key is trusted.
 
 Example::
 
@@ -90,14 +93,32 @@ def _check_hash(h: object, what: str) -> bytes:
     return h
 
 
+def _check_extension(line: object, n: int) -> None:
+    """An extension line after ``chain``: a non-empty line, not another ``chain`` line."""
+    if not isinstance(line, str) or not line:
+        raise CheckpointFormatError(f"checkpoint extension line {n} is empty (C2SP: non-empty)")
+    if "\n" in line:
+        raise CheckpointFormatError(f"checkpoint extension line {n} contains a newline")
+    if line.partition(" ")[0] == CHAIN_EXTENSION:
+        raise CheckpointFormatError(
+            f"checkpoint line {n} {_short(line)} is a second '{CHAIN_EXTENSION}' line; "
+            "a checkpoint has one chain head"
+        )
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    """The body of a checkpoint: origin, tree size, root hash and hash-chain head."""
+    """The body of a checkpoint: origin, tree size, root hash and hash-chain head.
+
+    ``extensions``: extension lines after the ``chain`` line (without their newlines),
+    as another writer may add them; kolm's log writes none and no check reads them.
+    """
 
     origin: str
     size: int
     root: bytes
     chain_head: bytes
+    extensions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.origin, str) or not self.origin:
@@ -119,20 +140,25 @@ class Checkpoint:
             )
         _check_hash(self.root, "checkpoint root")
         _check_hash(self.chain_head, "checkpoint chain head")
+        if not isinstance(self.extensions, tuple):
+            raise CheckpointFormatError("checkpoint extensions must be a tuple of lines")
+        for n, line in enumerate(self.extensions, start=5):
+            _check_extension(line, n)
 
     def to_text(self) -> str:
-        """The note text: four lines, each ending in a newline."""
+        """The note text: four lines and any further extension lines, each ending in a newline."""
         return (
             f"{self.origin}\n{self.size}\n{_b64(self.root)}\n"
             f"{CHAIN_EXTENSION} {_b64(self.chain_head)}\n"
-        )
+        ) + "".join(f"{line}\n" for line in self.extensions)
 
     @classmethod
     def from_text(cls, text: str) -> Checkpoint:
         """Parse a checkpoint body strictly; raises :class:`CheckpointFormatError`.
 
-        Exactly four lines: origin, size (decimal, no leading zeros), 32-byte base64
-        root, and ``chain <32-byte base64>``; anything else is refused.
+        Origin, size (decimal, no leading zeros), 32-byte base64 root, and
+        ``chain <32-byte base64>``; then any further non-empty extension lines (kept in
+        :attr:`extensions`, otherwise ignored), none of them another ``chain`` line.
         """
         if not isinstance(text, str):
             raise CheckpointFormatError(f"checkpoint must be text, got {type(text).__name__}")
@@ -163,12 +189,7 @@ class Checkpoint:
             )
         chain_head = strict_b64decode(value, "checkpoint chain head")
         _check_hash(chain_head, "checkpoint chain head")
-        if len(extensions) > 1:
-            raise CheckpointFormatError(
-                f"checkpoint has unknown extension line 5 {_short(extensions[1])}; "
-                f"only '{CHAIN_EXTENSION}' is allowed"
-            )
-        return cls(origin, size, root, chain_head)
+        return cls(origin, size, root, chain_head, tuple(extensions[1:]))
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,10 @@ CH = f"chain {ROOT}"
         (f"o\n5\n{ROOT}\nchain\n", "chain"),
         (f"o\n5\n{ROOT}\nchain  {ROOT}\n", "base64"),
         (f"o\n5\n{ROOT}\nwitness foo\n", "line 4"),
-        (f"o\n5\n{ROOT}\n{CH}\nfoo bar\n", "unknown extension line 5 'foo bar'"),
-        (f"o\n5\n{ROOT}\n{CH}\n{CH}\n", "unknown extension"),
+        # further extension lines are accepted (C2SP), but not empty or a second chain line
+        (f"o\n5\n{ROOT}\n{CH}\n\nfoo bar\n", "extension line 5 is empty"),
+        (f"o\n5\n{ROOT}\n{CH}\nfoo bar\n{CH}\n", "line 6 .* second 'chain' line"),
+        (f"o\n5\n{ROOT}\n{CH}\n{CH}\n", "second 'chain' line"),
         (f"o\r\n5\n{ROOT}\n{CH}\n", "control character"),
         (f"o\ud800\n5\n{ROOT}\n{CH}\n", "UTF-8"),
     ],
