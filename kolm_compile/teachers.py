@@ -25,7 +25,10 @@ Backends:
   choices), retries with exponential backoff and jitter on 429/5xx/timeouts/
   connection errors, a concurrency limit, token usage and cost accounting, and
   ``max_teacher_calls`` from the budget. The API key is read from the
-  environment variable the spec names and appears in no message, log or receipt.
+  environment variable the spec names (at the compile service: the operator's teacher
+  profile, kolm_compile.intake) and appears in no message, log or receipt. Errors name
+  the endpoint, the input (prompt id and SHA-256) and the HTTP status, never text the
+  endpoint sent (a rejected request's body goes to the service log only).
 - ``transformers``: a local causal or seq2seq LM (imported lazily).
 - ``replay``: responses recorded in a JSONL file, looked up by input SHA-256.
 - ``simulated``: answers from gold labels with a set per-sample accuracy, wrong
@@ -446,6 +449,7 @@ class OpenAITeacher(BaseTeacher):
             "model": self._spec.model,
             "params": self._params,
             "prompt_version": PROMPT_VERSION,
+            **({"profile": self._spec.profile} if self._spec.profile else {}),
         }
 
     def __repr__(self) -> str:
@@ -467,13 +471,14 @@ class OpenAITeacher(BaseTeacher):
         """
         _check_k(k, first_index)
         messages = build_messages(task, input_text)
+        where = f"input {prompt_id} (sha256 {input_sha256(input_text)})"
         out: list[TeacherSample] = []
         while len(out) < k:
             n = k - len(out) if self._spec.batch_samples is not False else 1
             body = {**self._params, "messages": messages, "model": self._spec.model}
             if n > 1:
                 body["n"] = n
-            texts, usage = self._parse(self._post(body, prompt_id), n)
+            texts, usage = self._parse(self._post(body, where), n, where)
             out.extend(_samples(texts, usage[0], usage[1], task))
         return out
 
@@ -535,7 +540,10 @@ class OpenAITeacher(BaseTeacher):
             with e:
                 return e.code, dict(e.headers.items()) if e.headers else {}, e.read()
 
-    def _post(self, body: dict[str, Any], prompt_id: str) -> Any:
+    def _post(self, body: dict[str, Any], where: str) -> Any:
+        """POST with retries. Errors name the endpoint, the input (``where``) and the HTTP
+        status or the local error class, never text the endpoint sent: its body may carry
+        anything, and job errors reach clients (the body goes to the service log only)."""
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         attempts = self._retries + 1
         last = ""
@@ -546,51 +554,50 @@ class OpenAITeacher(BaseTeacher):
                 with self._slots:
                     status, headers, payload = self._send(data)
             except (OSError, http.client.HTTPException) as e:
-                reason = getattr(e, "reason", None) or e
-                last = self._scrub(f"{type(e).__name__}: {reason}")
+                last = _local_reason(e)
             else:
                 if status == 200:
                     try:
                         return json.loads(payload)
                     except ValueError as e:
                         raise UnavailableError(
-                            f"teacher endpoint {self.endpoint} answered HTTP 200 with invalid JSON"
+                            f"teacher endpoint {self.endpoint} answered HTTP 200 with invalid "
+                            f"JSON for {where}"
                         ) from e
                 if status not in _RETRY_STATUS and status < 500:
-                    raise self._client_error(status, payload)
+                    raise self._client_error(status, payload, where)
                 last = f"HTTP {status}"
                 retry_after = _retry_after(headers)
             if attempt + 1 < attempts:
                 delay = self._delay(attempt, retry_after)
                 log.warning(
-                    "teacher %s request %s failed (%s); retry %d/%d in %.2fs",
-                    self.endpoint, prompt_id, last, attempt + 1, self._retries, delay,
+                    "teacher %s request for %s failed (%s); retry %d/%d in %.2fs",
+                    self.endpoint, where, last, attempt + 1, self._retries, delay,
                 )  # fmt: skip
                 self._sleep(delay)
         raise UnavailableError(
-            f"teacher endpoint {self.endpoint} unreachable after {attempts} attempts (last: {last})"
+            f"teacher endpoint {self.endpoint} unreachable after {attempts} attempts "
+            f"(last: {last}) for {where}"
         )
 
-    def _client_error(self, status: int, payload: bytes) -> Exception:
+    def _client_error(self, status: int, payload: bytes, where: str) -> Exception:
         if status in (401, 403):
-            # The body of an auth error may quote (part of) the key: never show it.
+            # The body of an auth error may quote (part of) the key: never show or log it.
             return UnavailableError(
-                f"teacher endpoint {self.endpoint} refused the credentials (HTTP {status})"
+                f"teacher endpoint {self.endpoint} refused the credentials (HTTP {status}) "
+                f"for {where}"
             )
-        message = ""
-        try:
-            message = str(json.loads(payload)["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            message = payload[:200].decode("utf-8", "replace")
-        message = self._scrub(message)[:300]
+        body = self._scrub(payload[:300].decode("utf-8", "replace"))
+        log.warning("teacher %s rejected %s (HTTP %d): %r", self.endpoint, where, status, body)
         return InvalidInput(
-            f"teacher endpoint {self.endpoint} rejected the request (HTTP {status}): {message}"
+            f"teacher endpoint {self.endpoint} rejected the request (HTTP {status}) for "
+            f"{where}; its response body is in the service log, not shown here"
         )
 
-    def _parse(self, response: Any, n: int) -> tuple[list[str], tuple[int, int]]:
+    def _parse(self, response: Any, n: int, where: str) -> tuple[list[str], tuple[int, int]]:
         def bad(why: str) -> UnavailableError:
             return UnavailableError(
-                f"teacher endpoint {self.endpoint} sent a malformed response: {why}"
+                f"teacher endpoint {self.endpoint} sent a malformed response for {where}: {why}"
             )
 
         if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
@@ -602,7 +609,7 @@ class OpenAITeacher(BaseTeacher):
             choices = sorted(choices, key=lambda c: c.get("index", 0))
             texts = [(c["message"].get("content") or "") for c in choices[:n]]
         except (AttributeError, KeyError, TypeError) as e:
-            raise bad(f"choice without message ({e})") from e
+            raise bad("a choice without a message") from e
         if not all(isinstance(t, str) for t in texts):
             raise bad("message content is not a string")
         usage = response.get("usage") or {}
@@ -611,8 +618,21 @@ class OpenAITeacher(BaseTeacher):
         if not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in (prompt, completion)
         ):
-            raise bad(f"usage token counts are not integers: {usage!r}")
+            raise bad("usage token counts are not integers >= 0")
         return texts, (prompt, completion)
+
+
+def _local_reason(e: BaseException) -> str:
+    """What went wrong with a request, in this machine's words only: the error class and,
+    for an OS error, its errno text (an ``http.client`` error can quote the peer's bytes)."""
+    reason = getattr(e, "reason", None)
+    err = reason if isinstance(reason, BaseException) else e
+    if isinstance(err, TimeoutError):
+        return f"{type(err).__name__}: timed out"
+    strerror = getattr(err, "strerror", None)
+    if isinstance(err, OSError) and isinstance(strerror, str):
+        return f"{type(err).__name__}: {strerror}"
+    return type(err).__name__
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

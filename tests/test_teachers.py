@@ -357,9 +357,9 @@ def test_gives_up_after_max_retries(
     ):
         teacher.sample("ex-9", "x", 1, spec)
     assert server.count == 3
-    assert (
-        str(e.value)
-        == f"teacher endpoint {server.url} unreachable after 3 attempts (last: HTTP 500)"
+    assert str(e.value) == (
+        f"teacher endpoint {server.url} unreachable after 3 attempts (last: HTTP 500) "
+        f"for input ex-9 (sha256 {input_sha256('x')})"
     )
     assert len(caplog.records) == 2 and "ex-9" in caplog.records[0].getMessage()
 
@@ -367,11 +367,15 @@ def test_gives_up_after_max_retries(
 def test_client_errors_are_not_retried(tmp_path: Path, server: FakeOpenAI) -> None:
     server.script = [("status", 400, {}, {"error": {"message": "model 'gpt-test' does not exist"}})]
     spec = openai_spec(tmp_path, server)
-    with pytest.raises(
-        InvalidInput, match=r"rejected the request \(HTTP 400\): model 'gpt-test' does not exist"
-    ):
+    with pytest.raises(InvalidInput) as e:
         fast(spec).sample("p", "x", 1, spec)
     assert server.count == 1
+    # which input and which status; the endpoint's own words are not repeated (issue 14)
+    assert str(e.value) == (
+        f"teacher endpoint {server.url} rejected the request (HTTP 400) for input p "
+        f"(sha256 {input_sha256('x')}); its response body is in the service log, not shown here"
+    )
+    assert "gpt-test" not in str(e.value)
 
 
 def test_timeouts_are_retried_then_unavailable(tmp_path: Path, server: FakeOpenAI) -> None:
@@ -410,7 +414,10 @@ def test_malformed_responses(tmp_path: Path, server: FakeOpenAI) -> None:
     with pytest.raises(UnavailableError, match="invalid JSON"):
         fast(spec).sample("p", "x", 1, spec)
     server.script = [("status", 200, {}, {"choices": []})]
-    with pytest.raises(UnavailableError, match="malformed response: empty choices"):
+    with pytest.raises(
+        UnavailableError,
+        match=r"malformed response for input p \(sha256 [0-9a-f]{64}\): empty choices",
+    ):
         fast(spec).sample("p", "x", 1, spec)
     server.script = [
         (
@@ -481,7 +488,8 @@ def test_api_key_is_sent_but_never_shown(
         teacher.sample("p", "x", 1, spec)
     shown += [str(e401.value), repr(e401.value), str(e400.value), str(e500.value), caplog.text]
     assert "refused the credentials (HTTP 401)" in str(e401.value)
-    assert "[redacted]" in str(e400.value)
+    assert "bad request from" not in str(e400.value)  # the body is never echoed
+    assert "[redacted]" in caplog.text  # the service log has it, the key scrubbed
     for text in shown:
         assert SECRET not in text
         assert SECRET[:12] not in text
