@@ -32,6 +32,9 @@ def register(sub: Any) -> None:
     )
     r.add_argument("--bundle-base", action="store_true", help="ship the base weights inside")
     r.add_argument("--threads", type=int, help="torch threads (part of reproducibility)")
+    r.add_argument(
+        "--teachers", help="teacher profiles (YAML) for a spec that names teacher.profile"
+    )
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(func=_cmd_run)
 
@@ -42,7 +45,23 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--keys", required=True, help="key folder holding compile.key (or that file itself)"
     )
-    s.add_argument("--work", required=True, help="jobs database, job folders, artifacts/")
+    s.add_argument("--work", required=True, help="jobs database, job folders, uploads/, artifacts/")
+    s.add_argument(
+        "--data-root",
+        help="folder whose files submitted specs may name (relative paths; default: none, "
+        "specs read only datasets their client uploaded)",
+    )
+    s.add_argument(
+        "--teachers",
+        help="teacher profiles (YAML: backend, endpoint, api_key_env, models, prices) that "
+        "submitted specs name as teacher.profile; default: none (only simulated and replay)",
+    )
+    s.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=256 << 20,
+        help="largest dataset UploadDataset accepts (default: 268435456, 256 MiB)",
+    )
     s.add_argument("--listen", default=DEFAULT_LISTEN)
     add_server_tls_arguments(s)
     s.add_argument("--threads", type=int, help="torch threads per job")
@@ -51,7 +70,11 @@ def register(sub: Any) -> None:
     s.set_defaults(func=_cmd_serve)
 
     u = csub.add_parser("submit", help="submit a task spec to a compile service")
-    u.add_argument("spec", help="task spec (YAML or JSON); its data paths are the server's")
+    u.add_argument(
+        "spec",
+        help="task spec (YAML or JSON); the local files it names are uploaded first (a path "
+        "that is not here is left for the service's --data-root)",
+    )
     u.add_argument("--to", required=True, help="compile service HOST:PORT")
     u.add_argument("--bundle-base", action="store_true", help="ship the base weights inside")
     u.add_argument("--watch", action="store_true", help="print stage events until the job ends")
@@ -158,7 +181,17 @@ def _cmd_run(a: argparse.Namespace) -> int:
     from .spec import TaskSpec
 
     console = Console()
-    spec = TaskSpec.load(a.spec)
+    policy = None
+    if a.teachers:
+        from .intake import ServicePolicy, TeacherProfiles
+
+        policy = ServicePolicy(
+            None,
+            profiles=TeacherProfiles.load(a.teachers),
+            service=False,
+            base_dir=Path(a.spec).parent,
+        )
+    spec = TaskSpec.load(a.spec, policy=policy)
     keys = Path(a.keys)
     key = PrivateKey.load(keys / "compile.key")
     if a.db:
@@ -198,10 +231,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from kolm_ledger.tls import client_credentials, server_credentials_from_args
 
     from ._train import embed_texts
+    from .intake import TeacherProfiles
     from .service import JobRunner, serve
     from .sinks import ServiceSink
 
     configure_logging(a.log_level)
+    teachers = TeacherProfiles.load(a.teachers) if a.teachers else None
     creds = server_credentials_from_args(a, "compile", a.listen)
     to_ledger = client_credentials(a.tls_dir, "compile") if a.tls_dir else None
     if to_ledger is None:
@@ -215,6 +250,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         sink_factory=lambda: ServiceSink(
             LedgerClient(a.ledger, timeout=600, credentials=to_ledger)
         ),
+        data_root=Path(a.data_root) if a.data_root else None,
+        teachers=teachers,
+        max_upload_bytes=a.max_upload_bytes,
         threads=a.threads,
         embed=embed_texts,
     )
@@ -222,10 +260,39 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_chunks(filename: str, what: Path | bytes) -> Any:
+    """``DatasetChunk`` messages of a file (or bytes): 1 MiB each, the first naming the
+    file, the last carrying its SHA-256."""
+    import hashlib
+
+    from ._pb import compile_pb2 as pb
+
+    h = hashlib.sha256()
+    if isinstance(what, bytes):
+        h.update(what)
+        parts: Any = (what[i : i + (1 << 20)] for i in range(0, len(what), 1 << 20))
+    else:
+        with what.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+
+        def read() -> Any:
+            with what.open("rb") as f:
+                yield from iter(lambda: f.read(1 << 20), b"")
+
+        parts = read()
+    first = True
+    for block in parts:
+        yield pb.DatasetChunk(filename=filename if first else "", data=block)
+        first = False
+    yield pb.DatasetChunk(filename=filename if first else "", sha256=h.hexdigest())
+
+
 def _cmd_submit(a: argparse.Namespace) -> int:
     import hashlib
 
     import grpc
+    import yaml
 
     from kolm_ledger.client import channel_options
     from kolm_ledger.errors import SpecError
@@ -234,11 +301,18 @@ def _cmd_submit(a: argparse.Namespace) -> int:
 
     from ._pb import compile_pb2 as pb
     from ._pb import compile_pb2_grpc as pb_grpc
+    from .intake import prepare_submission
+    from .spec import MAX_SPEC_BYTES, load_spec_text
 
+    spec_path = Path(a.spec)
     try:
-        text = Path(a.spec).read_text(encoding="utf-8")
+        with spec_path.open("rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecError(f"spec: cannot read {a.spec}: {e.strerror or e}") from e
+    raw = load_spec_text(data, json_only=spec_path.suffix.lower() == ".json", name=spec_path.name)
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec: must be a mapping, got {type(raw).__name__}")
     creds = channel_credentials_from_args(a, a.to)
     ch = (
         grpc.secure_channel(a.to, creds, channel_options())
@@ -247,7 +321,16 @@ def _cmd_submit(a: argparse.Namespace) -> int:
     )
     with ch:
         stub = pb_grpc.CompileStub(ch)
+
+        def upload(filename: str, what: Path | bytes) -> str:
+            got = stub.UploadDataset(_dataset_chunks(filename, what), timeout=600)
+            return str(got.ref)
+
         try:
+            raw, uploaded = prepare_submission(raw, spec_path.parent, upload)
+            for dotted, local, ref in uploaded:
+                print(f"uploaded spec.{dotted}: {local} as {ref}", file=sys.stderr, flush=True)
+            text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
             job = stub.SubmitJob(
                 pb.SubmitJobRequest(spec_yaml=text, bundle_base=a.bundle_base), timeout=60
             )
@@ -262,7 +345,7 @@ def _cmd_submit(a: argparse.Namespace) -> int:
                 )
             job = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=60)
             if job.state != "succeeded":
-                print(f"job {job.id} {job.state}: {job.error}", file=sys.stderr)
+                print(f"job {job.id} {job.state}: {job.error or job.error_code}", file=sys.stderr)
                 return 1
             r = json.loads(job.result_json)
             k = r["k_score"]

@@ -37,30 +37,45 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
 from kolm_ledger import rpc
 from kolm_ledger.authz import AuthzInterceptor
-from kolm_ledger.errors import ConflictError, InvalidInput, KolmError, NotFoundError, SpecError
+from kolm_ledger.errors import (
+    ConflictError,
+    InvalidInput,
+    KolmError,
+    NotFoundError,
+    RoleError,
+    SpecError,
+)
 
 from ._pb import compile_pb2 as pb
 from ._pb import compile_pb2_grpc as pb_grpc
+from .intake import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    LOCAL_OWNER,
+    ServicePolicy,
+    TeacherProfiles,
+    UploadStore,
+)
 from .pipeline import CompileJob, CompileOptions, JobCancelled, StageEvent
 from .sinks import ReceiptSink
-from .spec import TaskSpec, _StrictLoader
+from .spec import TaskSpec, load_spec_text
 
 __all__ = [
     "FINAL_STATES",
     "Artifact",
+    "Caller",
     "CompileServer",
     "CompileServicer",
     "JobInfo",
     "JobRunner",
+    "caller_of",
     "parse_spec",
     "serve",
     "start",
@@ -87,7 +102,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL DEFAULT '',
     result_json TEXT NOT NULL DEFAULT '',
     artifact_digest TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    owner TEXT NOT NULL DEFAULT 'local',
+    error_code TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
@@ -98,16 +115,16 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
-def parse_spec(text: str, base_dir: Path) -> TaskSpec:
-    """A task spec from YAML or JSON text; relative paths start at ``base_dir``.
+def parse_spec(text: str, policy: ServicePolicy) -> TaskSpec:
+    """A submitted task spec from YAML or JSON text, read through ``policy``: its files
+    are uploads or under the data root, its teacher an operator profile or offline
+    (kolm_compile.intake). The text is parsed with the caps of
+    :func:`~kolm_compile.spec.load_spec_text` (1 MiB, 100 aliases).
 
     Raises :class:`SpecError` naming the field that is wrong (or the file that is missing).
     """
-    try:
-        raw = yaml.load(text, _StrictLoader)
-    except yaml.YAMLError as e:
-        raise SpecError(f"spec: does not parse: {e}") from e
-    spec = TaskSpec.from_dict(raw, base_dir)
+    raw = load_spec_text(text)
+    spec = TaskSpec.from_dict(raw, policy.data_root or Path("."), policy=policy)
     if spec.task != "classify":
         raise SpecError(
             f"spec.task: {spec.task!r} is not supported by the trainer yet (classify only)"
@@ -116,8 +133,47 @@ def parse_spec(text: str, base_dir: Path) -> TaskSpec:
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who calls: ``role`` from the mTLS client certificate (None on a plain-text loopback
+    server, where authorization is off) and ``identity``, whom jobs and uploads belong to.
+
+    With TLS the identity is ``<role>|<certificate subject, RFC 4514>``: certificates the
+    CA issued with the same subject and role are one client. Without TLS there is no
+    client identity: every caller is the operator, :data:`~kolm_compile.intake.LOCAL_OWNER`.
+    """
+
+    role: str | None
+    identity: str = LOCAL_OWNER
+
+    def manages(self, owner: str) -> bool:
+        """May cancel the job of ``owner`` and read its error text: its owner, an
+        ``admin``, or anyone on a server without client identities."""
+        return self.role is None or self.role == "admin" or self.identity == owner
+
+
+#: the caller of in-process use (tests, ``kolm up``): the operator
+OPERATOR = Caller(None, LOCAL_OWNER)
+
+
+def caller_of(context: Any) -> Caller:
+    """The :class:`Caller` of a gRPC call (from its verified client certificate)."""
+    from cryptography import x509
+
+    from kolm_ledger.tls import role_of
+
+    role = role_of(context)
+    if role is None:
+        return OPERATOR
+    pem = (context.auth_context() or {})["x509_pem_cert"][0]
+    subject = x509.load_pem_x509_certificate(pem).subject.rfc4514_string()
+    return Caller(role, f"{role}|{subject}")
+
+
+@dataclass(frozen=True)
 class JobInfo:
-    """A job's row."""
+    """A job's row. ``error`` is the full text (see :meth:`for_caller`), ``error_code``
+    the gRPC status name of the error (``INVALID_ARGUMENT``, ``UNAVAILABLE``, …,
+    ``CANCELLED``), which every reader sees."""
 
     id: str
     state: str
@@ -126,6 +182,16 @@ class JobInfo:
     error: str = ""
     result_json: str = ""
     artifact_digest: str = ""
+    owner: str = LOCAL_OWNER
+    error_code: str = ""
+
+    def for_caller(self, caller: Caller) -> JobInfo:
+        """The row as ``caller`` may see it: the error text only for those who
+        :meth:`~Caller.manages` the job (it can quote an input or a file name), the code
+        for everyone."""
+        if caller.manages(self.owner):
+            return self
+        return replace(self, error="")
 
 
 @dataclass(frozen=True)
@@ -174,6 +240,12 @@ class JobRunner:
     job ends if it has ``close()``). Call
     :meth:`start` to begin (and resume) work and :meth:`close` to stop: a job running
     then stops at its next stage or training step and stays ``running``, to be resumed.
+
+    What a submitted spec may read and which teachers it may use
+    (kolm_compile.intake): datasets its client uploaded (:meth:`upload`, kept in
+    ``WORK/uploads/``, at most ``max_upload_bytes`` each), files under ``data_root``
+    (None: uploads only), and the operator's teacher ``profiles`` (or an offline
+    backend). Jobs belong to the :class:`Caller` that submitted them.
     """
 
     def __init__(
@@ -182,7 +254,9 @@ class JobRunner:
         *,
         keys_dir: Path,
         sink_factory: Callable[[], ReceiptSink],
-        spec_base: Path | None = None,
+        data_root: Path | None = None,
+        teachers: TeacherProfiles | None = None,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         threads: int | None = None,
         embed: Callable[[list[str]], Any] | None = None,
     ) -> None:
@@ -195,7 +269,11 @@ class JobRunner:
 
         self.key = PrivateKey.load(self.keys_dir / "compile.key")
         self.sink_factory = sink_factory
-        self.spec_base = Path(spec_base) if spec_base else self.work
+        if data_root is not None and not Path(data_root).is_dir():
+            raise InvalidInput(f"--data-root {data_root}: not a folder")
+        self.data_root = Path(data_root) if data_root is not None else None
+        self.teachers = teachers or TeacherProfiles()
+        self.uploads = UploadStore(self.work / "uploads", max_upload_bytes)
         self.threads = threads
         self.embed = embed
         self._db = sqlite3.connect(
@@ -203,6 +281,13 @@ class JobRunner:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for column in (
+            "owner TEXT NOT NULL DEFAULT 'local'",
+            "error_code TEXT NOT NULL DEFAULT ''",
+        ):
+            if column.split()[0] not in have:  # a work folder of an earlier version
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._watchers: list[_Watcher] = []
@@ -231,14 +316,22 @@ class JobRunner:
 
     # ---- jobs ---------------------------------------------------------------------------
 
-    def submit(self, spec_text: str, *, bundle_base: bool = False) -> JobInfo:
-        """Queue a job. Raises :class:`SpecError` naming the field if the spec is wrong."""
-        parse_spec(spec_text, self.spec_base)
+    def policy(self, owner: str) -> ServicePolicy:
+        """What a spec submitted by ``owner`` may read and use."""
+        return ServicePolicy(self.uploads, owner, self.data_root, self.teachers)
+
+    def submit(
+        self, spec_text: str, *, bundle_base: bool = False, caller: Caller = OPERATOR
+    ) -> JobInfo:
+        """Queue a job owned by ``caller``. Raises :class:`SpecError` naming the field if
+        the spec is wrong or names something it may not (kolm_compile.intake)."""
+        parse_spec(spec_text, self.policy(caller.identity))
         job_id = f"job-{uuid.uuid4().hex[:12]}"
         with self._wake:
             self._db.execute(
-                "INSERT INTO jobs (id, spec, bundle_base, state, created) VALUES (?, ?, ?, ?, ?)",
-                (job_id, spec_text, int(bundle_base), "queued", time.time()),
+                "INSERT INTO jobs (id, spec, bundle_base, state, created, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, spec_text, int(bundle_base), "queued", time.time(), caller.identity),
             )
             self._append_event(job_id, {"stage": JOB_STAGE, "state": "queued"})
             self._wake.notify_all()
@@ -250,26 +343,33 @@ class JobRunner:
         with self._lock:
             row = self._db.execute(
                 "SELECT id, state, stage, last_finished_stage, error, result_json, "
-                "artifact_digest FROM jobs WHERE id = ?",
+                "artifact_digest, owner, error_code FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
         if row is None:
             raise NotFoundError(f"no compile job {job_id!r}")
         return JobInfo(*row)
 
-    def cancel(self, job_id: str) -> JobInfo:
+    def cancel(self, job_id: str, *, caller: Caller = OPERATOR) -> JobInfo:
         """Cancel a queued job now, or ask a running one to stop at its next stage or step.
 
-        Raises :class:`ConflictError` (``FAILED_PRECONDITION``) if the job already finished.
+        Raises :class:`RoleError` (``PERMISSION_DENIED``) unless ``caller`` owns the job
+        or is ``admin``; :class:`ConflictError` (``FAILED_PRECONDITION``) if the job
+        already finished.
         """
         with self._wake:
             job = self.get(job_id)
+            if not caller.manages(job.owner):
+                raise RoleError(
+                    f"job {job_id} belongs to another client; only its owner or an admin "
+                    "may cancel it"
+                )
             if job.state in FINAL_STATES:
                 raise ConflictError(f"job {job_id} already {job.state}; nothing to cancel")
             if self._running is not None and self._running.job_id == job_id:
                 self._running.cancel.set()
             else:
-                self._finish(job_id, "cancelled", error="cancelled before it ran")
+                self._finish(job_id, "cancelled", error="cancelled before it ran", code="CANCELLED")
         return self.get(job_id)
 
     def artifacts(self) -> list[Artifact]:
@@ -362,25 +462,29 @@ class JobRunner:
                 if w.job_id == job_id:
                     w.loop.call_soon_threadsafe(w.queue.put_nowait, e)
 
-    def _finish(self, job_id: str, state: str, *, error: str = "", result: str = "") -> None:
+    def _finish(
+        self, job_id: str, state: str, *, error: str = "", code: str = "", result: str = ""
+    ) -> None:
         digest = json.loads(result)["artifact_digest"] if result else ""
         with self._lock:
             self._db.execute(
-                "UPDATE jobs SET state = ?, error = ?, result_json = ?, artifact_digest = ? "
-                "WHERE id = ?",
-                (state, error, result, digest, job_id),
+                "UPDATE jobs SET state = ?, error = ?, error_code = ?, result_json = ?, "
+                "artifact_digest = ? WHERE id = ?",
+                (state, error, code, result, digest, job_id),
             )
-            self._append_event(job_id, {"stage": JOB_STAGE, "state": state, "message": error})
+            self._append_event(
+                job_id, {"stage": JOB_STAGE, "state": state, "message": error, "error_code": code}
+            )
         log.info("job %s", state, extra={"kolm_job": job_id, "kolm_error": error})
 
-    def _next(self) -> tuple[str, str, bool, str] | None:
+    def _next(self) -> tuple[str, str, bool, str, str] | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT id, spec, bundle_base, state FROM jobs "
+                "SELECT id, spec, bundle_base, state, owner FROM jobs "
                 "WHERE state IN ('running', 'queued') "
                 "ORDER BY state = 'queued', seq LIMIT 1"
             ).fetchone()
-        return None if row is None else (row[0], row[1], bool(row[2]), row[3])
+        return None if row is None else (row[0], row[1], bool(row[2]), row[3], row[4])
 
     def _work(self) -> None:
         while not self._closing.is_set():
@@ -389,7 +493,7 @@ class JobRunner:
                 if nxt is None:
                     self._wake.wait(1.0)
                     continue
-                job_id, spec_text, bundle_base, state = nxt
+                job_id, spec_text, bundle_base, state, owner = nxt
                 self._running = _Running(job_id)
                 self._db.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (job_id,))
                 self._append_event(
@@ -401,17 +505,17 @@ class JobRunner:
                     },
                 )
             try:
-                self._run_one(job_id, spec_text, bundle_base)
+                self._run_one(job_id, spec_text, bundle_base, owner)
             finally:
                 with self._lock:
                     self._running = None
 
-    def _run_one(self, job_id: str, spec_text: str, bundle_base: bool) -> None:
+    def _run_one(self, job_id: str, spec_text: str, bundle_base: bool, owner: str) -> None:
         running = self._running
         assert running is not None
         sink: Any = None
         try:
-            spec = parse_spec(spec_text, self.spec_base)
+            spec = parse_spec(spec_text, self.policy(owner))
             sink = self.sink_factory()
             job = CompileJob(
                 spec,
@@ -427,16 +531,19 @@ class JobRunner:
             result = job.run()
         except (JobCancelled, InterruptedError) as e:
             if running.cancel.is_set():
-                self._finish(job_id, "cancelled", error=str(e))
+                self._finish(job_id, "cancelled", error=str(e), code="CANCELLED")
             else:  # the service is stopping: leave it running, to be resumed
                 log.info("job interrupted; resumes on restart", extra={"kolm_job": job_id})
             return
         except KolmError as e:
-            self._finish(job_id, "failed", error=f"{type(e).__name__}: {e}")
+            code = rpc.status_of(e)[0].name
+            self._finish(job_id, "failed", error=f"{type(e).__name__}: {e}", code=code)
             return
         except Exception as e:  # a bug or a foreign error: record it, keep serving
             log.exception("job %s failed", job_id)
-            self._finish(job_id, "failed", error=f"internal error: {type(e).__name__}: {e}")
+            self._finish(
+                job_id, "failed", error=f"internal error: {type(e).__name__}: {e}", code="INTERNAL"
+            )
             return
         finally:
             close = getattr(sink, "close", None)
@@ -457,7 +564,7 @@ class JobRunner:
 
 
 def job_pb(j: JobInfo) -> pb.Job:
-    """JobInfo → protobuf."""
+    """JobInfo → protobuf (pass it through :meth:`JobInfo.for_caller` first)."""
     return pb.Job(
         id=j.id,
         state=j.state,
@@ -466,6 +573,7 @@ def job_pb(j: JobInfo) -> pb.Job:
         error=j.error,
         result_json=j.result_json,
         artifact_digest=j.artifact_digest,
+        error_code=j.error_code,
     )
 
 
@@ -476,20 +584,50 @@ class CompileServicer(pb_grpc.CompileServicer):
         self.runner = runner
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any) -> pb.Job:
+        caller = caller_of(context)
         job = await asyncio.to_thread(
-            self.runner.submit, request.spec_yaml, bundle_base=request.bundle_base
+            self.runner.submit, request.spec_yaml, bundle_base=request.bundle_base, caller=caller
         )
-        return job_pb(job)
+        return job_pb(job.for_caller(caller))
+
+    async def UploadDataset(self, request_iterator: Any, context: Any) -> pb.Dataset:
+        caller = caller_of(context)
+        w: Any = None
+        expect = ""
+        try:
+            async for chunk in request_iterator:
+                if w is None:
+                    w = self.runner.uploads.writer(caller.identity, chunk.filename)
+                    name = chunk.filename
+                elif chunk.filename and chunk.filename != name:
+                    raise InvalidInput("upload: every chunk is of one file (filename changed)")
+                expect = chunk.sha256 or expect
+                if chunk.data:
+                    await asyncio.to_thread(w.write, chunk.data)
+            if w is None:
+                raise InvalidInput("upload: no chunks")
+            ref, size, existed = await asyncio.to_thread(w.commit, expect)
+        finally:
+            if w is not None:
+                w.abort()
+        log.info("dataset uploaded", extra={"kolm_ref": ref, "kolm_size": size})
+        return pb.Dataset(ref=ref, size=size, existed=existed)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any) -> AsyncIterator[Any]:
+        caller = caller_of(context)
+        shown = caller.manages(self.runner.get(request.job_id).owner)
         async for e in self.runner.watch(request.job_id):
+            if not shown and e["stage"] == JOB_STAGE and e["state"] in FINAL_STATES:
+                e = {**e, "message": ""}
             yield pb.JobEvent(**e)
 
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        return job_pb(self.runner.get(request.job_id))
+        return job_pb(self.runner.get(request.job_id).for_caller(caller_of(context)))
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any) -> pb.Job:
-        return job_pb(self.runner.cancel(request.job_id))
+        caller = caller_of(context)
+        job = await asyncio.to_thread(self.runner.cancel, request.job_id, caller=caller)
+        return job_pb(job.for_caller(caller))
 
     async def ListArtifacts(
         self, request: pb.ListArtifactsRequest, context: Any

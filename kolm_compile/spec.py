@@ -95,7 +95,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import rfc8785
 import yaml
@@ -105,16 +105,23 @@ from kolm_compile.verifiers import Verifier, get_verifier
 from kolm_ledger.errors import FormatError, InvalidInput, SpecError
 
 __all__ = [
+    "FILE_FIELDS",
+    "MAX_SPEC_ALIASES",
+    "MAX_SPEC_BYTES",
+    "MAX_SPEC_DEPTH",
+    "MAX_SPEC_NODES",
     "RECALL_K_MAX",
     "TASK_TYPES",
     "BudgetSpec",
     "DataSpec",
     "RecallSpec",
+    "SpecPolicy",
     "StudentSpec",
     "TaskSpec",
     "TeacherSpec",
     "VerifierSpec",
     "kolm_version",
+    "load_spec_text",
     "read_rows",
     "read_table",
 ]
@@ -308,6 +315,10 @@ def _table_path(path: str, v: Any) -> Path:
 # --------------------------------------------------------------------------- sections
 
 
+#: TaskSpec fields a spec file may not set (they say where it came from)
+_INTERNAL = frozenset({"base_dir", "file_refs"})
+
+
 class _Section:
     """Shared by the spec sections: the dotted path of the section and its fields."""
 
@@ -317,7 +328,7 @@ class _Section:
     def _from_mapping(cls, raw: Any, path: str, **extra: Any) -> Any:
         if not isinstance(raw, Mapping):
             raise _fail(path, "a mapping", type(raw).__name__)
-        known = {f.name: f for f in fields(cls) if f.init and f.name != "base_dir"}  # type: ignore[arg-type]
+        known = {f.name: f for f in fields(cls) if f.init and f.name not in _INTERNAL}  # type: ignore[arg-type]
         for key in raw:
             if key not in known:
                 raise SpecError(f"{path}.{key}: unknown field (known: {', '.join(sorted(known))})")
@@ -438,6 +449,10 @@ class TeacherSpec(_Section):
 
     backend: str = field(metadata=_help("registered teacher backend"))
     model: str | None = field(default=None, metadata=_help("model name, or a local path"))
+    profile: str | None = field(
+        default=None,
+        metadata=_help("the operator's teacher profile (kolm compile serve --teachers FILE)"),
+    )
     params: Mapping[str, Any] = field(
         default_factory=dict, metadata=_help("sampling parameters sent with every request")
     )
@@ -500,6 +515,8 @@ class TeacherSpec(_Section):
 
         if self.model is not None:
             put("model", _text(f"{p}.model", self.model))
+        if self.profile is not None:
+            put("profile", _text(f"{p}.profile", self.profile))
         put("params", _check_sampling_params(f"{p}.params", self.params))
         put("k", _int(f"{p}.k", self.k, 1, 100))
         if self.min_agreement is None:
@@ -790,8 +807,11 @@ class RecallSpec(_Section):
 # --------------------------------------------------------------------------- the task spec
 
 
-# Files a spec points at: dotted field → (section attribute, field name).
-_FILE_FIELDS = (
+#: Every file a spec section points at: (dotted field, section attribute, field name).
+#: :meth:`TaskSpec.from_dict` sends each through one resolver (and ``json_schema``, which
+#: may name a file too); tests/test_compile_intake.py checks that every ``Path`` field of
+#: every section is listed here.
+FILE_FIELDS = (
     ("data.holdout", "data", "holdout"),
     ("data.seed_pairs", "data", "seed_pairs"),
     ("data.unlabeled", "data", "unlabeled"),
@@ -833,6 +853,11 @@ class TaskSpec(_Section):
     seed: int = field(default=0, metadata=_help("seed for every random choice of the job"))
     base_dir: Path = field(
         default=Path("."), compare=False, metadata=_help("directory relative paths start from")
+    )
+    file_refs: Mapping[str, str] = field(
+        default_factory=dict,
+        compare=False,
+        metadata=_help("dotted file field → the reference to_dict() records (e.g. sha256:<hex>)"),
     )
 
     def __post_init__(self) -> None:
@@ -929,49 +954,84 @@ class TaskSpec(_Section):
     # ----------------------------------------------------------------------- loading
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, check_files: bool = True) -> TaskSpec:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        check_files: bool = True,
+        policy: SpecPolicy | None = None,
+    ) -> TaskSpec:
         """Read a YAML or JSON spec file; relative paths start at its directory.
 
         With ``check_files`` every referenced file must exist (``SpecError``
-        naming the field otherwise).
+        naming the field otherwise). The file is parsed by :func:`load_spec_text`
+        (size, alias and nesting caps); ``policy`` as in :meth:`from_dict`.
         """
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            with path.open("rb") as f:
+                data = f.read(MAX_SPEC_BYTES + 1)
         except OSError as e:
             raise SpecError(f"spec: cannot read {path}: {e.strerror or e}") from e
-        except UnicodeDecodeError as e:
-            raise SpecError(f"spec: {path} is not UTF-8 text") from e
-        try:
-            raw = (
-                json.loads(text)
-                if path.suffix.lower() == ".json"
-                else yaml.load(text, _StrictLoader)
-            )
-        except (ValueError, yaml.YAMLError) as e:
-            raise SpecError(f"spec: {path.name} does not parse: {e}") from e
-        return cls.from_dict(raw, path.parent, check_files=check_files)
+        raw = load_spec_text(data, json_only=path.suffix.lower() == ".json", name=path.name)
+        return cls.from_dict(raw, path.parent, check_files=check_files, policy=policy)
 
     @classmethod
     def from_dict(
-        cls, d: Any, base_dir: str | os.PathLike[str], *, check_files: bool = True
+        cls,
+        d: Any,
+        base_dir: str | os.PathLike[str],
+        *,
+        check_files: bool = True,
+        policy: SpecPolicy | None = None,
     ) -> TaskSpec:
         """Validate a parsed spec (the inverse of :meth:`to_dict`).
 
         ``kolm_version`` in ``d`` is accepted and ignored; ``json_schema`` may be
         a path to a JSON file. With ``check_files`` every referenced file must
         exist.
+
+        Every file a spec names (:data:`FILE_FIELDS` and a ``json_schema`` path) goes
+        through one resolver: ``policy.resolve_file`` when a ``policy`` is given (the
+        compile service's: uploads and its data root only, see kolm_compile.intake),
+        else paths relative to ``base_dir``. ``policy.teacher`` fills the teacher (and
+        budget) sections in from an operator's teacher profile; without a policy a
+        spec naming ``teacher.profile`` is refused.
         """
         if not isinstance(d, Mapping):
             raise _fail("spec", "a mapping", type(d).__name__)
         raw = {k: v for k, v in d.items() if k != "kolm_version"}
         base = Path(base_dir)
-        if isinstance(raw.get("json_schema"), str):
-            raw["json_schema"] = _load_json_schema(base / raw["json_schema"])
+        resolve = policy.resolve_file if policy is not None else _local_resolver(base)
+        refs: dict[str, str] = {}
+        if raw.get("json_schema") is not None and not isinstance(raw["json_schema"], Mapping):
+            where, _ = resolve("spec.json_schema", raw["json_schema"])
+            if isinstance(where, Path):
+                raw["json_schema"] = _load_json_schema(where)
+        for dotted, attr, name in FILE_FIELDS:
+            section = raw.get(attr)
+            if isinstance(section, Mapping) and section.get(name) is not None:
+                where, ref = resolve(f"spec.{dotted}", section[name])
+                raw[attr] = {**section, name: where}
+                if ref is not None:
+                    refs[dotted] = ref
+        teacher = raw.get("teacher")
+        if policy is not None and isinstance(teacher, Mapping):
+            budget = raw.get("budget")
+            raw["teacher"], new_budget = policy.teacher(
+                teacher, budget if isinstance(budget, Mapping) else None
+            )
+            if new_budget is not None:
+                raw["budget"] = new_budget
+        elif isinstance(teacher, Mapping) and teacher.get("profile") is not None:
+            raise SpecError(
+                "spec.teacher.profile: teacher profiles are the operator's (kolm compile serve "
+                "--teachers FILE); for a local run give kolm compile run --teachers FILE"
+            )
         for name, section in _SECTIONS.items():
             if raw.get(name) is not None:
                 raw[name] = section._from_mapping(raw[name], f"spec.{name}")
-        spec: TaskSpec = cls._from_mapping(raw, "spec", base_dir=base)
+        spec: TaskSpec = cls._from_mapping(raw, "spec", base_dir=base, file_refs=refs)
         if check_files:
             spec.check_files()
         return spec
@@ -979,7 +1039,7 @@ class TaskSpec(_Section):
     def files(self) -> dict[str, Path]:
         """Dotted field → absolute path, for every file the spec points at."""
         out = {}
-        for dotted, attr, name in _FILE_FIELDS:
+        for dotted, attr, name in FILE_FIELDS:
             value = getattr(getattr(self, attr), name, None)
             if value is not None:
                 out[dotted] = value
@@ -1015,7 +1075,7 @@ class TaskSpec(_Section):
         """
         out: dict[str, Any] = {"kolm_version": kolm_version()}
         for f in fields(self):
-            if f.name == "base_dir":
+            if f.name in _INTERNAL:
                 continue
             value = getattr(self, f.name)
             if value is None:
@@ -1024,7 +1084,9 @@ class TaskSpec(_Section):
                 value = self.verifier.to_dict()  # type: ignore[union-attr]
             elif isinstance(value, _Section):
                 value = {
-                    g.name: self._relative(getattr(value, g.name))
+                    g.name: self.file_refs.get(
+                        f"{f.name}.{g.name}", self._relative(getattr(value, g.name))
+                    )
                     for g in fields(value)  # type: ignore[arg-type]
                     if getattr(value, g.name) is not None
                 }
@@ -1082,8 +1144,120 @@ def _load_json_schema(path: Path) -> Any:
         raise SpecError(f"spec.json_schema: {path.name} is not JSON: {e}") from e
 
 
+# --------------------------------------------------------------------------- where files come from
+
+
+class SpecPolicy(Protocol):
+    """What a spec may name, when it is not the operator's own (kolm_compile.intake).
+
+    ``resolve_file(field, value)`` turns the value a spec gives a file field (dotted
+    ``spec.…`` name) into ``(path to read, reference to record or None)``, or raises
+    :class:`SpecError` naming the field; ``teacher(raw_teacher, raw_budget)`` returns
+    the teacher section (and the budget section, or None to leave it) after applying
+    the operator's teacher profile, or raises :class:`SpecError` naming the field.
+    """
+
+    def resolve_file(self, field: str, value: Any) -> tuple[Any, str | None]: ...
+
+    def teacher(
+        self, raw: Mapping[str, Any], budget: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]: ...
+
+
+def _local_resolver(base: Path) -> Any:
+    """The resolver of a spec the operator runs (``kolm compile run``): any path, relative
+    ones starting at ``base``. A value that is not a path is left for the field's check."""
+
+    def resolve(field: str, value: Any) -> tuple[Any, str | None]:
+        if isinstance(value, str) and value.strip():
+            value = Path(value)
+        if isinstance(value, Path) and not value.is_absolute():
+            value = Path(os.path.normpath(Path(os.path.abspath(base)) / value))
+        return value, None
+
+    return resolve
+
+
+# --------------------------------------------------------------------------- parsing the text
+
+#: the largest spec text, in bytes, that is parsed at all
+MAX_SPEC_BYTES = 1 << 20
+#: the most YAML aliases (``*name``) a spec may use
+MAX_SPEC_ALIASES = 100
+#: the most YAML nodes a spec may hold with every alias expanded
+MAX_SPEC_NODES = 100_000
+#: the deepest nesting of mappings and lists a spec may have
+MAX_SPEC_DEPTH = 64
+
+
+def load_spec_text(text: str | bytes, *, json_only: bool = False, name: str = "spec") -> Any:
+    """Parse a spec's text (YAML, or JSON with ``json_only``) into plain Python values.
+
+    The one spec parser of the local and the service paths. It refuses, with a
+    :class:`SpecError` starting ``spec:``, before any expansion: text over
+    :data:`MAX_SPEC_BYTES`, more than :data:`MAX_SPEC_ALIASES` aliases, more than
+    :data:`MAX_SPEC_NODES` nodes once aliases are expanded (an alias "bomb": a few
+    hundred bytes that expand to millions of values), a recursive alias, nesting deeper
+    than :data:`MAX_SPEC_DEPTH`, duplicate keys, and text that is not UTF-8.
+    """
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"spec: {name} is larger than {MAX_SPEC_BYTES} bytes (1 MiB), the most a spec may be"
+        )
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"spec: {name} is not UTF-8 text") from e
+    try:
+        if json_only:
+            return json.loads(decoded)
+        return yaml.load(decoded, _StrictLoader)
+    except RecursionError as e:
+        raise SpecError(f"spec: {name} is nested too deeply") from e
+    except (ValueError, yaml.YAMLError) as e:
+        raise SpecError(f"spec: {name} does not parse: {e}") from e
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of keeping the last one."""
+    """SafeLoader that rejects duplicate keys instead of keeping the last one, and counts
+    aliases, expanded nodes and depth while it composes (caps in :func:`load_spec_text`)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        st = self.__dict__.setdefault("_kolm", {"aliases": 0, "nodes": 0, "depth": 0, "size": {}})
+        mark = self.peek_event().start_mark
+        where = f"line {mark.line + 1}"
+        if self.check_event(yaml.AliasEvent):
+            st["aliases"] += 1
+            if st["aliases"] > MAX_SPEC_ALIASES:
+                raise SpecError(
+                    f"spec: more than {MAX_SPEC_ALIASES} YAML aliases ({where}); "
+                    "a spec may use at most that many"
+                )
+            node = super().compose_node(parent, index)
+            size = st["size"].get(id(node))
+            if size is None:
+                raise SpecError(f"spec: recursive YAML alias ({where})")
+            self._kolm_count(st, size, where)
+            return node
+        st["depth"] += 1
+        if st["depth"] > MAX_SPEC_DEPTH:
+            raise SpecError(f"spec: nested deeper than {MAX_SPEC_DEPTH} levels ({where})")
+        before = st["nodes"]
+        node = super().compose_node(parent, index)
+        st["depth"] -= 1
+        self._kolm_count(st, 1, where)
+        st["size"][id(node)] = st["nodes"] - before
+        return node
+
+    @staticmethod
+    def _kolm_count(st: dict[str, Any], n: int, where: str) -> None:
+        st["nodes"] += n
+        if st["nodes"] > MAX_SPEC_NODES:
+            raise SpecError(
+                f"spec: more than {MAX_SPEC_NODES} values with its aliases expanded ({where}); "
+                "a spec may hold at most that many"
+            )
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:

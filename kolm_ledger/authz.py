@@ -65,6 +65,7 @@ POLICY: Mapping[str, Mapping[str, frozenset[str]]] = {
     },
     "kolm.compile.v1.Compile": {
         "SubmitJob": frozenset({"admin", "compile"}),
+        "UploadDataset": frozenset({"admin", "compile"}),
         "CancelJob": frozenset({"admin", "compile"}),
         "WatchJob": _ALL,
         "GetJob": _ALL,

@@ -63,7 +63,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
     ledger = LedgerThread(f"sqlite:///{d / 'ledger.db'}", trust, PrivateKey.load(d / "keys" / "log.key"))  # fmt: skip
     runner = IdleRunner(
-        d / "work", keys_dir=d / "keys", sink_factory=no_sink, spec_base=EXAMPLES, threads=1
+        d / "work",
+        keys_dir=d / "keys",
+        sink_factory=no_sink,
+        data_root=EXAMPLES.parent / "data",
+        threads=1,
     )
     comp = ServiceThread(
         lambda: start_compile(runner, credentials=server_credentials(d / "certs", "compile"))

@@ -29,10 +29,23 @@ from kolm_ledger.trust import TrustState
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
+#: the service's --data-root here: the shipped Banking77 subset
+DATA = EXAMPLES.parent / "data"
+
+
+def example_spec() -> dict[str, Any]:
+    """The example spec with its files named relative to :data:`DATA` (a submitted spec
+    may not name ``..``)."""
+    raw = yaml.safe_load((EXAMPLES / "banking77-router.yaml").read_text())
+    raw["teacher"]["dataset"] = raw["teacher"]["dataset"].removeprefix("../data/")
+    for k in ("unlabeled", "holdout"):
+        raw["data"][k] = raw["data"][k].removeprefix("../data/")
+    assert isinstance(raw, dict)
+    return raw
 
 
 def spec_text(labels: int = 3, per_label: int = 12, epochs: int = 2, **student: Any) -> str:
-    raw = yaml.safe_load((EXAMPLES / "banking77-router.yaml").read_text())
+    raw = example_spec()
     raw["labels"] = raw["labels"][:labels]
     raw["data"]["limit_per_label"] = per_label
     raw["student"].update(epochs=epochs, max_length=32, batch_size=16, **student)
@@ -60,7 +73,7 @@ class CompileThread:
         from kolm_compile.service import start
 
         runner = JobRunner(
-            self.work, keys_dir=self.keys, sink_factory=self._sink, spec_base=EXAMPLES, threads=1
+            self.work, keys_dir=self.keys, sink_factory=self._sink, data_root=DATA, threads=1
         )
         self.srv = asyncio.run_coroutine_threadsafe(start(runner), self.loop).result(60)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.srv.port}")

@@ -71,8 +71,12 @@ COMPILE_STREAM = ["WatchJob", "FetchArtifact"]
 
 
 def valid_spec() -> dict[str, Any]:
+    """The example spec, its files named relative to the service's data root."""
     raw = yaml.safe_load((EXAMPLES / "banking77-router.yaml").read_text())
     assert isinstance(raw, dict)
+    raw["teacher"]["dataset"] = raw["teacher"]["dataset"].removeprefix("../data/")
+    for k in ("unlabeled", "holdout"):
+        raw["data"][k] = raw["data"][k].removeprefix("../data/")
     return raw
 
 
@@ -125,7 +129,11 @@ def compile_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompileW
         raise UnavailableError("fuzzing: no ledger")
 
     runner = IdleRunner(
-        d / "work", keys_dir=d / "keys", sink_factory=no_sink, spec_base=EXAMPLES, threads=1
+        d / "work",
+        keys_dir=d / "keys",
+        sink_factory=no_sink,
+        data_root=EXAMPLES.parent / "data",
+        threads=1,
     )
     svc = ServiceThread(lambda: start(runner))
     w = CompileWorld(svc, d / "work" / "jobs.sqlite")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkolm/compile/v1/compile.proto\x12\x0fkolm.compile.v1\":\n\x10SubmitJobRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_base\x18\x02 \x01(\x08\"\x89\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x1b\n\x13last_finished_stage\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0bresult_json\x18\x06 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x07 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xd2\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x04\x12\r\n\x05total\x18\x05 \x01(\x04\x12\x39\n\x08\x63ounters\x18\x06 \x03(\x0b\x32\'.kolm.compile.v1.JobEvent.CountersEntry\x12\x0f\n\x07message\x18\x07 \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x16\n\x14ListArtifactsRequest\"l\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x13\n\x0b\x66ile_digest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\x0f\n\x07k_score\x18\x06 \x01(\x01\"E\n\x15ListArtifactsResponse\x12,\n\tartifacts\x18\x01 \x03(\x0b\x32\x19.kolm.compile.v1.Artifact\"&\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"5\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t2\xd2\x03\n\x07\x43ompile\x12\x44\n\tSubmitJob\x12!.kolm.compile.v1.SubmitJobRequest\x1a\x14.kolm.compile.v1.Job\x12I\n\x08WatchJob\x12 .kolm.compile.v1.WatchJobRequest\x1a\x19.kolm.compile.v1.JobEvent0\x01\x12>\n\x06GetJob\x12\x1e.kolm.compile.v1.GetJobRequest\x1a\x14.kolm.compile.v1.Job\x12\x44\n\tCancelJob\x12!.kolm.compile.v1.CancelJobRequest\x1a\x14.kolm.compile.v1.Job\x12^\n\rListArtifacts\x12%.kolm.compile.v1.ListArtifactsRequest\x1a&.kolm.compile.v1.ListArtifactsResponse\x12P\n\rFetchArtifact\x12%.kolm.compile.v1.FetchArtifactRequest\x1a\x16.kolm.compile.v1.Chunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkolm/compile/v1/compile.proto\x12\x0fkolm.compile.v1\":\n\x10SubmitJobRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_base\x18\x02 \x01(\x08\">\n\x0c\x44\x61tasetChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"5\n\x07\x44\x61taset\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0f\n\x07\x65xisted\x18\x03 \x01(\x08\"\x9d\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x1b\n\x13last_finished_stage\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0bresult_json\x18\x06 \x01(\t\x12\x17\n\x0f\x61rtifact_digest\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe6\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x04\x12\r\n\x05total\x18\x05 \x01(\x04\x12\x39\n\x08\x63ounters\x18\x06 \x03(\x0b\x32\'.kolm.compile.v1.JobEvent.CountersEntry\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\t\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x16\n\x14ListArtifactsRequest\"l\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x13\n\x0b\x66ile_digest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\x0f\n\x07k_score\x18\x06 \x01(\x01\"E\n\x15ListArtifactsResponse\x12,\n\tartifacts\x18\x01 \x03(\x0b\x32\x19.kolm.compile.v1.Artifact\"&\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"5\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t2\x9e\x04\n\x07\x43ompile\x12\x44\n\tSubmitJob\x12!.kolm.compile.v1.SubmitJobRequest\x1a\x14.kolm.compile.v1.Job\x12J\n\rUploadDataset\x12\x1d.kolm.compile.v1.DatasetChunk\x1a\x18.kolm.compile.v1.Dataset(\x01\x12I\n\x08WatchJob\x12 .kolm.compile.v1.WatchJobRequest\x1a\x19.kolm.compile.v1.JobEvent0\x01\x12>\n\x06GetJob\x12\x1e.kolm.compile.v1.GetJobRequest\x1a\x14.kolm.compile.v1.Job\x12\x44\n\tCancelJob\x12!.kolm.compile.v1.CancelJobRequest\x1a\x14.kolm.compile.v1.Job\x12^\n\rListArtifacts\x12%.kolm.compile.v1.ListArtifactsRequest\x1a&.kolm.compile.v1.ListArtifactsResponse\x12P\n\rFetchArtifact\x12%.kolm.compile.v1.FetchArtifactRequest\x1a\x16.kolm.compile.v1.Chunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBEVENT_COUNTERSENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITJOBREQUEST']._serialized_start=50
   _globals['_SUBMITJOBREQUEST']._serialized_end=108
-  _globals['_JOB']._serialized_start=111
-  _globals['_JOB']._serialized_end=248
-  _globals['_WATCHJOBREQUEST']._serialized_start=250
-  _globals['_WATCHJOBREQUEST']._serialized_end=283
-  _globals['_JOBEVENT']._serialized_start=286
-  _globals['_JOBEVENT']._serialized_end=496
-  _globals['_JOBEVENT_COUNTERSENTRY']._serialized_start=449
-  _globals['_JOBEVENT_COUNTERSENTRY']._serialized_end=496
-  _globals['_GETJOBREQUEST']._serialized_start=498
-  _globals['_GETJOBREQUEST']._serialized_end=529
-  _globals['_CANCELJOBREQUEST']._serialized_start=531
-  _globals['_CANCELJOBREQUEST']._serialized_end=565
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=567
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=589
-  _globals['_ARTIFACT']._serialized_start=591
-  _globals['_ARTIFACT']._serialized_end=699
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=701
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=770
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=772
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=810
-  _globals['_CHUNK']._serialized_start=812
-  _globals['_CHUNK']._serialized_end=865
-  _globals['_COMPILE']._serialized_start=868
-  _globals['_COMPILE']._serialized_end=1334
+  _globals['_DATASETCHUNK']._serialized_start=110
+  _globals['_DATASETCHUNK']._serialized_end=172
+  _globals['_DATASET']._serialized_start=174
+  _globals['_DATASET']._serialized_end=227
+  _globals['_JOB']._serialized_start=230
+  _globals['_JOB']._serialized_end=387
+  _globals['_WATCHJOBREQUEST']._serialized_start=389
+  _globals['_WATCHJOBREQUEST']._serialized_end=422
+  _globals['_JOBEVENT']._serialized_start=425
+  _globals['_JOBEVENT']._serialized_end=655
+  _globals['_JOBEVENT_COUNTERSENTRY']._serialized_start=608
+  _globals['_JOBEVENT_COUNTERSENTRY']._serialized_end=655
+  _globals['_GETJOBREQUEST']._serialized_start=657
+  _globals['_GETJOBREQUEST']._serialized_end=688
+  _globals['_CANCELJOBREQUEST']._serialized_start=690
+  _globals['_CANCELJOBREQUEST']._serialized_end=724
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=726
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=748
+  _globals['_ARTIFACT']._serialized_start=750
+  _globals['_ARTIFACT']._serialized_end=858
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=860
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=929
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=931
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=969
+  _globals['_CHUNK']._serialized_start=971
+  _globals['_CHUNK']._serialized_end=1024
+  _globals['_COMPILE']._serialized_start=1027
+  _globals['_COMPILE']._serialized_end=1569
 # @@protoc_insertion_point(module_scope)

@@ -14,8 +14,28 @@ class SubmitJobRequest(_message.Message):
     bundle_base: bool
     def __init__(self, spec_yaml: _Optional[str] = ..., bundle_base: _Optional[bool] = ...) -> None: ...
 
+class DatasetChunk(_message.Message):
+    __slots__ = ("filename", "data", "sha256")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    data: bytes
+    sha256: str
+    def __init__(self, filename: _Optional[str] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class Dataset(_message.Message):
+    __slots__ = ("ref", "size", "existed")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    size: int
+    existed: bool
+    def __init__(self, ref: _Optional[str] = ..., size: _Optional[int] = ..., existed: _Optional[bool] = ...) -> None: ...
+
 class Job(_message.Message):
-    __slots__ = ("id", "state", "stage", "last_finished_stage", "error", "result_json", "artifact_digest")
+    __slots__ = ("id", "state", "stage", "last_finished_stage", "error", "result_json", "artifact_digest", "error_code")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +43,7 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: str
     stage: str
@@ -30,7 +51,8 @@ class Job(_message.Message):
     error: str
     result_json: str
     artifact_digest: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., stage: _Optional[str] = ..., last_finished_stage: _Optional[str] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., artifact_digest: _Optional[str] = ...) -> None: ...
+    error_code: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., stage: _Optional[str] = ..., last_finished_stage: _Optional[str] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., artifact_digest: _Optional[str] = ..., error_code: _Optional[str] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -39,7 +61,7 @@ class WatchJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "stage", "state", "done", "total", "counters", "message")
+    __slots__ = ("job_id", "stage", "state", "done", "total", "counters", "message", "error_code")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +76,7 @@ class JobEvent(_message.Message):
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     stage: str
     state: str
@@ -61,7 +84,8 @@ class JobEvent(_message.Message):
     total: int
     counters: _containers.ScalarMap[str, float]
     message: str
-    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[str] = ..., state: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., counters: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ...) -> None: ...
+    error_code: str
+    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[str] = ..., state: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., counters: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., error_code: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

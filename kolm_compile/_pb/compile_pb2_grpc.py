@@ -29,6 +29,14 @@ class CompileStub:
     """Compile runs one job at a time, in submission order. Jobs persist: a restarted
     service resumes queued and running jobs (the job's teacher cache means a resumed
     job never pays the teacher twice for the same input).
+
+    A submitted spec reads only datasets its client uploaded (UploadDataset; the spec names
+    one as "sha256:<hex>") and files under the operator's --data-root (relative paths; no
+    "..", no absolute path, no symlink out). Its teacher is an operator profile
+    (teacher.profile, kolm compile serve --teachers FILE) or an offline backend (simulated,
+    replay); a spec that sets teacher.endpoint or teacher.api_key_env is refused.
+    Jobs belong to the client identity that submitted them (with mTLS: role and certificate
+    subject): only it and an admin may cancel a job or read its error text.
     """
 
     def __init__(self, channel):
@@ -41,6 +49,11 @@ class CompileStub:
                 '/kolm.compile.v1.Compile/SubmitJob',
                 request_serializer=kolm_dot_compile_dot_v1_dot_compile__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=kolm_dot_compile_dot_v1_dot_compile__pb2.Job.FromString,
+                _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/kolm.compile.v1.Compile/UploadDataset',
+                request_serializer=kolm_dot_compile_dot_v1_dot_compile__pb2.DatasetChunk.SerializeToString,
+                response_deserializer=kolm_dot_compile_dot_v1_dot_compile__pb2.Dataset.FromString,
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/kolm.compile.v1.Compile/WatchJob',
@@ -73,10 +86,28 @@ class CompileServicer:
     """Compile runs one job at a time, in submission order. Jobs persist: a restarted
     service resumes queued and running jobs (the job's teacher cache means a resumed
     job never pays the teacher twice for the same input).
+
+    A submitted spec reads only datasets its client uploaded (UploadDataset; the spec names
+    one as "sha256:<hex>") and files under the operator's --data-root (relative paths; no
+    "..", no absolute path, no symlink out). Its teacher is an operator profile
+    (teacher.profile, kolm compile serve --teachers FILE) or an offline backend (simulated,
+    replay); a spec that sets teacher.endpoint or teacher.api_key_env is refused.
+    Jobs belong to the client identity that submitted them (with mTLS: role and certificate
+    subject): only it and an admin may cancel a job or read its error text.
     """
 
     def SubmitJob(self, request, context):
-        """Queue a compile of a task spec. INVALID_ARGUMENT names the spec field that is wrong.
+        """Queue a compile of a task spec. INVALID_ARGUMENT names the spec field that is wrong
+        or names a file or teacher the spec may not use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadDataset(self, request_iterator, context):
+        """Store a dataset (a CSV/JSONL table, or a JSONL recall corpus) for this client's specs,
+        content-addressed by SHA-256. The first chunk names the file (its suffix gives the
+        format). Over the service's --max-upload-bytes: RESOURCE_EXHAUSTED, nothing stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,7 +129,8 @@ class CompileServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Cancel a queued or running job. FAILED_PRECONDITION if it already finished.
+        """Cancel a queued or running job. FAILED_PRECONDITION if it already finished;
+        PERMISSION_DENIED unless the caller submitted it or is an admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +157,11 @@ def add_CompileServicer_to_server(servicer, server):
                     servicer.SubmitJob,
                     request_deserializer=kolm_dot_compile_dot_v1_dot_compile__pb2.SubmitJobRequest.FromString,
                     response_serializer=kolm_dot_compile_dot_v1_dot_compile__pb2.Job.SerializeToString,
+            ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=kolm_dot_compile_dot_v1_dot_compile__pb2.DatasetChunk.FromString,
+                    response_serializer=kolm_dot_compile_dot_v1_dot_compile__pb2.Dataset.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -163,6 +200,14 @@ class Compile:
     """Compile runs one job at a time, in submission order. Jobs persist: a restarted
     service resumes queued and running jobs (the job's teacher cache means a resumed
     job never pays the teacher twice for the same input).
+
+    A submitted spec reads only datasets its client uploaded (UploadDataset; the spec names
+    one as "sha256:<hex>") and files under the operator's --data-root (relative paths; no
+    "..", no absolute path, no symlink out). Its teacher is an operator profile
+    (teacher.profile, kolm compile serve --teachers FILE) or an offline backend (simulated,
+    replay); a spec that sets teacher.endpoint or teacher.api_key_env is refused.
+    Jobs belong to the client identity that submitted them (with mTLS: role and certificate
+    subject): only it and an admin may cancel a job or read its error text.
     """
 
     @staticmethod
@@ -182,6 +227,33 @@ class Compile:
             '/kolm.compile.v1.Compile/SubmitJob',
             kolm_dot_compile_dot_v1_dot_compile__pb2.SubmitJobRequest.SerializeToString,
             kolm_dot_compile_dot_v1_dot_compile__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kolm.compile.v1.Compile/UploadDataset',
+            kolm_dot_compile_dot_v1_dot_compile__pb2.DatasetChunk.SerializeToString,
+            kolm_dot_compile_dot_v1_dot_compile__pb2.Dataset.FromString,
             options,
             channel_credentials,
             insecure,
