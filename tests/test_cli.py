@@ -21,6 +21,7 @@ import pytest
 
 from kolm_ledger import receipts
 from kolm_ledger._samples import sample_statement
+from kolm_ledger.canonical import canonical_json
 from kolm_ledger.bundle import Bundle
 from kolm_ledger.checkpoint import verify_checkpoint
 from kolm_ledger.keys import TrustRoot
@@ -188,8 +189,11 @@ def _tampered_bundles(ledger_db: str) -> dict[str, tuple[int, bytes]]:
     b = json.loads(json.dumps(good))
     payload = json.loads(base64.b64decode(b["envelope"]["payload"]))
     payload["predicate"]["n"] += 1
-    b["envelope"]["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    b["envelope"]["payload"] = base64.b64encode(canonical_json(payload)).decode()
     add("payload changed", 3, b)
+    b = json.loads(json.dumps(good))
+    b["envelope"]["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    add("payload not in RFC 8785 form", 2, b)
     b = json.loads(json.dumps(good))
     b["envelope"]["signatures"][0]["sig"] = _flip_b64(b["envelope"]["signatures"][0]["sig"], 20)
     add("signature flipped", 3, b)
