@@ -371,7 +371,7 @@ def _resign(
     logged: what a dishonest inference service could produce (a forger fails at step 3)."""
     st = json.loads(Envelope.from_bytes(r.envelope).payload)
     edit(st["predicate"])
-    env = sign_statement(Statement.from_bytes(json.dumps(st).encode()), world.key("infer"))
+    env = sign_statement(Statement.from_json(st), world.key("infer"))
     with LedgerClient(world.ledger.target) as c:
         return c.append(env, wait=True).bundle  # type: ignore[return-value]
 

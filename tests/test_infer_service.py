@@ -39,6 +39,7 @@ from test_infer_engine import (  # the shared world (a session fixture built onc
 from kolm_infer._pb import infer_pb2 as pb
 from kolm_infer._pb import infer_pb2_grpc as pb_grpc
 from kolm_ledger.bundle import Bundle
+from kolm_ledger.canonical import canonical_json
 from kolm_ledger.client import LedgerClient
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import ArtifactError
@@ -230,7 +231,7 @@ def test_wait_for_inclusion_returns_a_bundle_that_kolm_verify_accepts(
     obj = json.loads(r.bundle)
     payload = json.loads(base64.b64decode(obj["envelope"]["payload"]))
     payload["predicate"]["output"] = "exchange_rate" if r.output != "exchange_rate" else "x"
-    obj["envelope"]["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    obj["envelope"]["payload"] = base64.b64encode(canonical_json(payload)).decode()
     b.write_text(json.dumps(obj))
     out = kolm(*base)
     assert out.returncode == 1 and out.stdout.startswith("FAILED at step 3"), out.stdout

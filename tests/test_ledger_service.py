@@ -39,6 +39,7 @@ from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
 from kolm_ledger._samples import sample_statement
 from kolm_ledger.audit import audit
+from kolm_ledger.canonical import canonical_json
 from kolm_ledger.checkpoint import check_consistent, verify_checkpoint
 from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.client import AppendResult, LedgerClient
@@ -523,7 +524,9 @@ def test_malformed_envelopes_are_invalid_argument(client: LedgerClient, keys: Ke
     bad_sig = dict(
         obj, signatures=[{"keyid": keys.compile.keyid(), "sig": obj["signatures"][0]["sig"]}]
     )
-    bad_sig["payload"] = base64.b64encode(good.payload + b" ").decode()
+    changed = json.loads(good.payload)
+    changed["predicate"]["k"] += 1  # still canonical JSON, so the signature check runs
+    bad_sig["payload"] = base64.b64encode(canonical_json(changed)).decode()
     cases: list[tuple[bytes, str]] = [
         (b"not json at all", "envelope is not JSON"),
         (b"[1, 2]", "envelope: want a JSON object, got list"),
@@ -538,7 +541,7 @@ def test_malformed_envelopes_are_invalid_argument(client: LedgerClient, keys: Ke
         ),
         (json.dumps(dict(obj, payloadType="text/plain")).encode(), "payloadType is 'text/plain'"),
         (
-            json.dumps(dict(obj, payload=base64.b64encode(b'{"_type": "x"}').decode())).encode(),
+            json.dumps(dict(obj, payload=base64.b64encode(b'{"_type":"x"}').decode())).encode(),
             "statement._type",
         ),
         (json.dumps(bad_sig).encode(), "does not verify"),

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from kolm_ledger import dsse, merkle, receipts
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.bundle import Bundle
+from kolm_ledger.canonical import canonical_json
 from kolm_ledger.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
 from kolm_ledger.dsse import Envelope, Signature
 from kolm_ledger.errors import (
@@ -260,7 +261,7 @@ def test_step2_wrong_payload_type() -> None:
 def test_step2_foreign_predicate_type() -> None:
     obj = json.loads(ENV.payload)
     obj["predicateType"] = "https://slsa.dev/provenance/v1"
-    env = dsse.sign(json.dumps(obj).encode(), dsse.IN_TOTO_PAYLOAD_TYPE, KEYS["compile"])
+    env = dsse.sign(canonical_json(obj), dsse.IN_TOTO_PAYLOAD_TYPE, KEYS["compile"])
     expect_step(2, StatementFormatError, lambda: verify(build(env)))
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from kolm_infer.receipts import sign_prediction
 from kolm_ledger.bundle import Bundle
-from kolm_ledger.canonical import digest_hex
+from kolm_ledger.canonical import canonical_json, digest_hex
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import InvalidInput, KolmError
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
@@ -175,7 +175,7 @@ def test_a_prediction_verifies_through_step_9(env: Env) -> None:
 def _with_payload(b: Bundle, edit: Callable[[dict[str, Any]], None]) -> Bundle:
     st = json.loads(b.envelope.payload)
     edit(st)
-    env = dataclasses.replace(b.envelope, payload=json.dumps(st).encode())
+    env = dataclasses.replace(b.envelope, payload=canonical_json(st))
     return dataclasses.replace(b, envelope=env)
 
 
@@ -361,7 +361,7 @@ def rec(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Rec:
     def artifact(extra: dict[str, Any]) -> Bundle:
         st = json.loads(_artifact(digest, ck, 80.0).payload)
         st["predicate"].update(extra)
-        return env.log(sign_statement(Statement.from_bytes(json.dumps(st).encode()), ck))
+        return env.log(sign_statement(Statement.from_json(st), ck))
 
     bare = artifact({})
     full = artifact({"corpus_root": info.corpus_root, "corpus_chunks": info.chunks})
@@ -461,7 +461,7 @@ def test_the_corpus_root_must_come_from_the_artifact(rec: Rec, tmp_path: Path) -
     ck = rec.env.key("compile")
     st = json.loads(_artifact(rec.digest, ck, 80.0).payload)
     st["predicate"].update(corpus_root=tree.root_hex, corpus_chunks=3)
-    other = rec.env.log(sign_statement(Statement.from_bytes(json.dumps(st).encode()), ck))
+    other = rec.env.log(sign_statement(Statement.from_json(st), ck))
     good = rec.predict(rec.evidence([1]))
     e = fails_at(
         10,
