@@ -25,6 +25,8 @@ Schema (``*`` = required; unknown fields are rejected by name)::
                               json_schema gets `schema` filled in from the task
     teacher:
       backend*: openai | transformers | replay | simulated   (or any registered teacher)
+      profile: str            an operator's teacher profile (kolm compile serve --teachers,
+                              kolm_compile.intake): fills in backend, endpoint, api_key_env, ...
       model: str              required for openai and transformers
       params: {temperature: 0.7, max_tokens, top_p, stop, seed,
                presence_penalty, frequency_penalty}
@@ -72,9 +74,14 @@ Schema (``*`` = required; unknown fields are rejected by name)::
       k: int = 5              chunks a prediction retrieves by default (manifest recall.k), 1..10
     seed: int = 0             in [0, 2**53)
 
-Paths are relative to the spec file's directory (``base_dir``). ``to_dict()`` is
-deterministic (sorted keys, paths relative to ``base_dir``, kolm version
-stamped); ``digest()`` is the SHA-256 of its RFC 8785 canonical JSON with every
+Paths are relative to the spec file's directory (``base_dir``). A spec submitted to
+the compile service names a file as ``sha256:<hex>`` (an upload) or a path under the
+operator's data root, and its teacher as a profile: :meth:`TaskSpec.from_dict` sends
+every file field (:data:`FILE_FIELDS`) through one resolver, the ``policy``'s
+(kolm_compile.intake). Spec text is parsed by :func:`load_spec_text` (1 MiB, 100 YAML
+aliases, 100,000 expanded values, 64 levels at most). ``to_dict()`` is
+deterministic (sorted keys, paths relative to ``base_dir`` or the reference a
+resolver gave, kolm version stamped); ``digest()`` is the SHA-256 of its RFC 8785 canonical JSON with every
 referenced file's SHA-256 added (a corpus folder: a digest over its files), so it
 changes when the data changes.
 

@@ -557,3 +557,40 @@ def test_the_alias_bomb_is_refused_locally_and_at_the_service(
     # a spec with a few aliases, as people write them, still loads
     fine = yaml.safe_dump(base_spec()) + "budget: &b {max_teacher_calls: 50}\n"
     assert load_spec_text(fine)["budget"] == {"max_teacher_calls": 50}
+
+
+# ---- teacher profiles without a service ------------------------------------------------------
+
+
+def test_profiles_locally_and_bad_profile_files(tmp_path: Path) -> None:
+    from kolm_compile.intake import ServicePolicy
+    from kolm_ledger.errors import InvalidInput
+
+    for name in ("gold.csv", "train.csv", "test.csv"):
+        (tmp_path / name).write_bytes(table(ROWS))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(base_spec(profile="p", k=1)))
+    with pytest.raises(SpecError, match=r"^spec\.teacher\.profile: teacher profiles are the"):
+        TaskSpec.load(tmp_path / "spec.yaml")
+    (tmp_path / "teachers.yaml").write_text(
+        "profiles:\n  p:\n    backend: openai\n    endpoint: http://127.0.0.1:9\n"
+        "    api_key_env: KOLM_X\n    models: [small, big]\n"
+    )
+    profiles = TeacherProfiles.load(tmp_path / "teachers.yaml")
+    policy = ServicePolicy(None, profiles=profiles, service=False, base_dir=tmp_path)
+    spec = TaskSpec.load(tmp_path / "spec.yaml", policy=policy)
+    t = spec.teacher
+    assert (t.backend, t.endpoint, t.api_key_env, t.model, t.profile) == (
+        "openai", "http://127.0.0.1:9", "KOLM_X", "small", "p"
+    )  # fmt: skip
+    assert spec.data.unlabeled == tmp_path / "train.csv"  # the operator reads local paths
+    for body, where in [
+        ("profiles:\n  p: {backend: openai, models: [m], endpoint: 'http://u:pw@h'}", "endpoint"),
+        ("profiles:\n  p: {backend: openai}", "models"),
+        ("profiles:\n  p: {backend: nope}", "backend"),
+        ("profiles:\n  p: {backend: openai, models: [m], secret: x}", "secret"),
+        ("profiles:\n  p: {backend: simulated, endpoint: 'http://h'}", "endpoint"),
+        ("profiles:\n  p: {backend: openai, models: [m], api_key_env: 'A-B'}", "api_key_env"),
+    ]:
+        (tmp_path / "bad.yaml").write_text(body)
+        with pytest.raises(InvalidInput, match=rf"^--teachers bad\.yaml: profiles\.p\.?.*{where}"):
+            TeacherProfiles.load(tmp_path / "bad.yaml")
