@@ -1,7 +1,8 @@
 """The inference engine: micro-batching, escape hatch, registry (no gRPC).
 
 Also home of the shared test world (imported by test_infer_service.py): one tiny
-real student trained once per session on 4 Banking77 labels x 16 examples, packed
+real student trained once per session on 4 Banking77 labels x 16 examples (the
+sample the repository ships in tests/data/banking77), packed
 into real signed ``.kolm`` artifacts whose ``eval`` and ``artifact`` receipts are
 appended to a real ledger service running in a thread (SQLite).
 """
@@ -9,7 +10,6 @@ appended to a real ledger service running in a thread (SQLite).
 from __future__ import annotations
 
 import asyncio
-import csv
 import http.server
 import json
 import shutil
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _data import banking77
 from _servers import LedgerThread
 
 from kolm_ledger.canonical import digest_hex
@@ -30,7 +31,6 @@ from kolm_ledger.receipts import artifact_statement, eval_statement, sign_statem
 
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"  # ../shared
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
 PER_LABEL = 16
 JOB = "job-infer-test"
@@ -40,13 +40,12 @@ def rows(split: str, per_label: int, skip: int = 0) -> list[tuple[str, str]]:
     """``per_label`` (text, label) rows of each of LABELS, after skipping ``skip`` of each."""
     seen: dict[str, int] = {}
     out = []
-    with (DATA / f"{split}.csv").open(newline="") as f:
-        for r in csv.DictReader(f):
-            y = r["category"]
-            if y in LABELS:
-                seen[y] = seen.get(y, 0) + 1
-                if skip < seen[y] <= skip + per_label:
-                    out.append((r["text"], y))
+    for text, y in banking77(split):
+        if y in LABELS:
+            seen[y] = seen.get(y, 0) + 1
+            if skip < seen[y] <= skip + per_label:
+                out.append((text, y))
+    assert all(seen.get(y, 0) >= skip + per_label for y in LABELS), (split, seen)
     return out
 
 

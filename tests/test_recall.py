@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _data import banking77
 from _planted import PLANTED
 
 from kolm_compile import recall
@@ -366,14 +367,9 @@ def test_examples_index_and_neighbour_vote(tmp_path: Path) -> None:
 
 
 def _filler() -> list[Document]:
-    import csv
-
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77" / "train.csv"
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [r["text"] for r, _ in zip(csv.DictReader(f), range(60), strict=False)]
-    else:
-        rows = [f"I have a question about my bank account number {i}" for i in range(60)]
+    """60 real bank questions (tests/data/banking77) the planted sentences hide among."""
+    rows = [t for t, _ in banking77("train")[:60]]
+    assert len(rows) == 60
     return [Document(f"bank{i}", t) for i, t in enumerate(rows)]
 
 

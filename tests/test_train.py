@@ -1,12 +1,12 @@
 """Student training: config validation, learning, reproducibility, load round trip.
 
 The ML tests train MiniLM with LoRA on 4 Banking77 labels x 16 examples (16
-steps, a few seconds on 2 CPU cores) and share one trained adapter.
+steps, a few seconds on 2 CPU cores; the sample in tests/data/banking77) and share one
+trained adapter.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _data import banking77
 
 from kolm_compile._train import (
     DEFAULT_BASE_MODEL,
@@ -29,11 +30,6 @@ from kolm_compile._train import (
 )
 from kolm_ledger.errors import InvalidInput, SpecError
 
-DATA = Path(
-    os.environ.get(
-        "KOLM_BANKING77", Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
-    )
-)
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
 PER_LABEL = 16
 # threads=1: with 2 OpenMP threads, a busy neighbour process on a 2-core runner makes
@@ -150,19 +146,13 @@ class Subset:
     test_labels: list[str]
 
 
-def _read(name: str) -> list[tuple[str, str]]:
-    with (DATA / name).open(newline="", encoding="utf-8") as f:
-        return [(r["text"], r["category"]) for r in csv.DictReader(f)]
-
-
 @pytest.fixture(scope="module")
 def subset() -> Subset:
-    if not (DATA / "train.csv").is_file():
-        pytest.skip(f"Banking77 not found under {DATA}")
     train: list[tuple[str, str]] = []
     for label in LABELS:
-        train += [row for row in _read("train.csv") if row[1] == label][:PER_LABEL]
-    test = [row for row in _read("test.csv") if row[1] in LABELS]
+        train += [row for row in banking77("train") if row[1] == label][:PER_LABEL]
+    test = [row for row in banking77("test") if row[1] in LABELS]
+    assert len(train) == PER_LABEL * len(LABELS) and len(test) == 40 * len(LABELS)
     return Subset(
         [x for x, _ in train], [y for _, y in train], [x for x, _ in test], [y for _, y in test]
     )
