@@ -5,10 +5,17 @@ No gRPC here (the servicer in :mod:`kolm_infer.service` is a thin layer over thi
 Loading (:meth:`Engine.load`) refuses, with :class:`~kolm_ledger.errors.ArtifactError`
 (``FAILED_PRECONDITION``) naming the reason, any ``.kolm`` that fails:
 
-1. :func:`kolm_compile.artifact.verify_artifact`: safe unzip, every file listed, each
-   file digest, the subject digest, the signature by a trusted compile key that is
+1. the artifact check (:mod:`kolm_ledger.artifact_check`, through
+   :func:`kolm_compile.artifact.open_verified` and :func:`~kolm_compile.artifact.
+   unpack_verified`), in this order: the zip directory (safe names, no symlinks or
+   duplicates, entry count), ``model.sig`` and its signature by a trusted compile key
    valid now and not revoked (revocations come from the trust root and from ``key``
-   receipts in the ledger);
+   receipts in the ledger), the subject digest, the signed file list (nothing extra,
+   nothing missing, no pickle) and the size caps (:class:`~kolm_ledger.artifact_check.
+   ArtifactLimits`) — all before any content is read; then, after check 2, every file
+   hashed against its signed digest with nothing written, and only then the unpacking
+   into ``<workdir>/<digest>`` (a temporary folder renamed into place). Loads of one
+   digest run one at a time and share that copy; a refused load leaves nothing;
 2. ledger inclusion: the ledger holds an ``artifact`` receipt whose subject is the
    artifact digest (``FindEntries``), and its offline bundle (``GetReceiptBundle``)
    verifies against the trust root with :func:`kolm_ledger.verify.verify_bundle`:
@@ -63,14 +70,16 @@ import tempfile
 import threading
 import time
 from collections import Counter as _Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Histogram
 
+from kolm_ledger.artifact_check import DEFAULT_LIMITS, ArtifactLimits
 from kolm_ledger.bundle import Bundle
 from kolm_ledger.client import LedgerClient
 from kolm_ledger.errors import (
@@ -344,6 +353,7 @@ class Engine:
         max_wait_ms: float = 1.0,
         model_threads: int | None = None,
         workdir: Path | None = None,
+        limits: ArtifactLimits = DEFAULT_LIMITS,
     ) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidInput(f"max_batch is {max_batch!r}, want an integer >= 1")
@@ -358,7 +368,10 @@ class Engine:
         self.model_threads = model_threads
         self._workdir = Path(workdir or tempfile.mkdtemp(prefix="kolm-infer-"))
         self._own_workdir = workdir is None
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        self.limits = limits
         self._lock = threading.Lock()
+        self._unpack_locks: dict[str, threading.Lock] = {}  # one per artifact digest
         self._by_digest: dict[str, LoadedArtifact] = {}
         self._by_name: dict[str, str] = {}
         # one model thread: torch parallelises inside a forward pass already
@@ -369,12 +382,21 @@ class Engine:
     # ---------------------------------------------------------------- registry
 
     def verify(self, path: Path) -> tuple[Any, Bundle, Statement, int]:
-        """Run every load check on ``path`` without loading the model (see module docstring)."""
-        va, bundle, statement, index, _ = self._verify(path)
+        """Run every load check on ``path`` without loading the model (see module docstring).
+
+        The artifact is unpacked into the work folder for the checks and removed again."""
+        with self._open(path) as opened:
+            bundle, statement, index = self._included(opened.digest)
+            tmp = Path(tempfile.mkdtemp(prefix=".verify-", dir=self._workdir))
+            try:
+                va = self._unpack(opened, tmp / "a", statement)[0]
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return va, bundle, statement, index
 
-    def _verify(self, path: Path) -> tuple[Any, Bundle, Statement, int, IndexInfo | None]:
-        from kolm_compile.artifact import verify_artifact
+    def _open(self, path: Path) -> Any:
+        """Load check 1, up to the signed file list: nothing is read past it or written."""
+        from kolm_compile.artifact import open_verified
 
         if self.ledger is None:
             raise ArtifactError("no ledger is configured: cannot check the artifact receipt")
@@ -382,25 +404,70 @@ class Engine:
             state = ledger_trust_state(self.ledger, self.trust)
         except UnavailableError as e:
             raise UnavailableError(f"cannot read key receipts from the ledger: {e}") from e
-        into = Path(tempfile.mkdtemp(prefix="a-", dir=self._workdir))
+        return open_verified(Path(path), state, limits=self.limits)
+
+    def _included(self, digest: str) -> tuple[Bundle, Statement, int]:
+        assert self.ledger is not None
+        return check_ledger_inclusion(self.ledger, self.trust, digest)
+
+    def _unpack(self, opened: Any, dest: Path, statement: Statement) -> tuple[Any, Any]:
+        """The rest of load checks 1 and 3: hash, unpack atomically into ``dest``, recall."""
+        from kolm_compile.artifact import unpack_verified
+
+        va = unpack_verified(opened, dest)
         try:
-            va = verify_artifact(Path(path), state, into=into)
-            bundle, statement, index = check_ledger_inclusion(self.ledger, self.trust, va.digest)
-            info = _verify_recall(Path(path).name, va, statement)
+            info = _verify_recall(opened.name, va, statement)
         except BaseException:
-            shutil.rmtree(into, ignore_errors=True)
+            shutil.rmtree(dest, ignore_errors=True)
             raise
-        return va, bundle, statement, index, info
+        return va, info
+
+    @contextmanager
+    def _unpack_lock(self, digest: str) -> Iterator[None]:
+        """Serialises the loads (and the removal) of one artifact digest."""
+        with self._lock:
+            lock = self._unpack_locks.setdefault(digest, threading.Lock())
+        with lock:
+            yield
 
     def load(self, path: Path, name: str | None = None) -> LoadedArtifact:
         """Verify and load one ``.kolm``; returns it (already loaded: the same object).
 
-        Call from a worker thread when an event loop is running (it loads torch).
+        Nothing is unpacked before the signature and the signed file list pass, and
+        nothing at all unless every file matches its signed digest. Loads of one artifact
+        digest run one at a time and share one unpacked copy (``<workdir>/<digest>``);
+        a refused load leaves nothing there. Call from a worker thread when an event
+        loop is running (it loads torch).
         """
+        with self._open(path) as opened, self._unpack_lock(opened.digest):
+            with self._lock:
+                have = self._by_digest.get(opened.digest)
+            if have is not None:
+                opened.check()  # the file given is checked all the same; nothing written
+                return have
+            dest = self._workdir / opened.digest
+            shutil.rmtree(dest, ignore_errors=True)  # a leftover of an earlier process
+            bundle, statement, index = self._included(opened.digest)
+            va, info = self._unpack(opened, dest, statement)
+            try:
+                return self._load_unpacked(path, name, va, bundle, statement, index, info)
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
+
+    def _load_unpacked(
+        self,
+        path: Path,
+        name: str | None,
+        va: Any,
+        bundle: Bundle,
+        statement: Statement,
+        index: int,
+        info: IndexInfo | None,
+    ) -> LoadedArtifact:
         from kolm_compile._train import Student
         from kolm_compile.verifiers import get_verifier
 
-        va, bundle, statement, index, info = self._verify(path)
         m = va.manifest
         name = name or str(m.get("name") or va.name)
         try:
@@ -415,20 +482,12 @@ class Engine:
         if task_type != "classify":
             raise ArtifactError(f"{Path(path).name}: task_type {task_type!r} is not served yet")
         with self._lock:
-            have = self._by_digest.get(va.digest)
-            if have is not None:
-                shutil.rmtree(va.directory.parent, ignore_errors=True)
-                return have
             if name in self._by_name:
                 raise ArtifactError(
                     f"the name {name!r} is already used by artifact {self._by_name[name][:16]}…"
                 )
-        try:
-            student = Student.load(adapter, threads=self.model_threads)
-            rec = _open_recall(Path(path).name, va, info) if info is not None else None
-        except BaseException:
-            shutil.rmtree(va.directory.parent, ignore_errors=True)
-            raise
+        student = Student.load(adapter, threads=self.model_threads)
+        rec = _open_recall(Path(path).name, va, info) if info is not None else None
         ks = statement.predicate.get("k_score")
         art = LoadedArtifact(
             name=name,
@@ -481,8 +540,16 @@ class Engine:
             await art.batcher.close()
         if art.recall is not None:
             art.recall.index.close()
-        shutil.rmtree(art.directory.parent, ignore_errors=True)
+        await asyncio.to_thread(self._discard, art.digest)
         return art
+
+    def _discard(self, digest: str) -> None:
+        """Remove the unpacked copy of ``digest`` unless it was loaded again meanwhile."""
+        with self._unpack_lock(digest):
+            with self._lock:
+                if digest in self._by_digest:
+                    return
+            shutil.rmtree(self._workdir / digest, ignore_errors=True)
 
     # ---------------------------------------------------------------- prediction
 

@@ -10,6 +10,7 @@ appended to a real ledger service running in a thread (SQLite).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import shutil
@@ -446,5 +447,61 @@ def test_engine_refuses_a_tampered_artifact(world: World, tmp_path: Path) -> Non
         with pytest.raises(ArtifactError, match=r"adapter_model\.safetensors has digest"):
             eng.load(bad)
         assert eng.list() == []
+    finally:
+        run(eng.close())
+
+
+def test_parallel_loads_of_one_artifact_share_one_unpacked_copy(
+    world: World, tmp_path: Path
+) -> None:
+    """Six loads of one artifact at once: one object, one copy in the work folder (the
+    issue's six parallel LoadArtifact calls each unpacked their own); unload removes it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = tmp_path / "work"
+    eng = engine_for(world, workdir=work)
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:  # the most bytes unpacked at any moment
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                peak[0] = max(peak[0], sum(f.stat().st_size for f in work.rglob("*")))
+            done.wait(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            arts = list(pool.map(lambda _: eng.load(world.artifacts["router"]), range(6)))
+        done.set()
+        watcher.join()
+        assert all(a is arts[0] for a in arts)
+        assert [p.name for p in work.iterdir()] == [arts[0].digest]
+        one_copy = sum(f.stat().st_size for f in work.rglob("*"))
+        assert peak[0] <= one_copy, (peak[0], one_copy)  # never a second copy
+        assert arts[0].directory == work / arts[0].digest / "router"
+        run(eng.unload("router"))
+        assert list(work.iterdir()) == []
+    finally:
+        run(eng.close())
+
+
+def test_a_refused_load_leaves_nothing_on_disk(world: World, tmp_path: Path) -> None:
+    from kolm_ledger.errors import ArtifactError
+
+    work = tmp_path / "work"
+    eng = engine_for(world, workdir=work)
+    unlogged, _ = world.build("unlogged-disk", threshold=0.3, log_to=None, out_dir=tmp_path)
+    tampered = rezip(
+        world.artifacts["router"],
+        tmp_path / "bad.kolm",
+        lambda top: flip_byte(top / "adapter" / "adapter_model.safetensors"),
+    )
+    try:
+        for bad, why in ((unlogged, "no artifact receipt"), (tampered, "has digest")):
+            with pytest.raises(ArtifactError, match=why):
+                eng.load(bad)
+            assert list(work.iterdir()) == []
     finally:
         run(eng.close())
