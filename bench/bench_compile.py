@@ -2,7 +2,8 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_compile.py [--quick]
 
-Full run: Banking77 (all 77 intents; ../shared/data/banking77 relative to the repo).
+Full run: Banking77 (all 77 intents) from ../shared/data/banking77 beside the repository
+(not shipped; without it the bench stops, saying so: bench/_shared.py).
 200 gold **seed pairs** are drawn from train; the other train rows are the teacher's
 **unlabeled** inputs; test is the **holdout**. The ``simulated`` teacher (85% per-sample
 accuracy, similar-intent mistakes, k=5, min agreement 3) labels them; the pipeline
@@ -38,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _shared import BANKING77, require  # noqa: E402
+
 from kolm_compile import _train  # noqa: E402
 from kolm_compile import kscore as ks  # noqa: E402
 from kolm_compile.pipeline import STAGES, CompileJob, CompileOptions  # noqa: E402
@@ -45,7 +48,7 @@ from kolm_compile.sinks import LocalLedgerSink  # noqa: E402
 from kolm_compile.spec import TaskSpec, read_table  # noqa: E402
 from kolm_ledger.keys import PrivateKey, init_keys  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "banking77"
+DATA = BANKING77  # ../shared/data/banking77
 DEMO_SPEC = ROOT / "kolm_compile" / "examples" / "banking77-router.yaml"
 
 
@@ -144,9 +147,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="reduced size (smoke run)")
     ap.add_argument("--skip-demo", action="store_true", help="skip the 12-intent demo compile")
     a = ap.parse_args()
-    if not (DATA / "train.csv").exists():
-        print(f"Banking77 not found at {DATA}", file=sys.stderr)
-        return 2
+    require("bench_compile.py", DATA)
     with tempfile.TemporaryDirectory(prefix="kolm-bench-compile-") as tmp:
         work = Path(tmp)
         raw, train, seeds = prepare(work, a.quick)

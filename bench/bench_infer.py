@@ -3,7 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_infer.py [--n 300] [--rounds 6] [--clients 16] [--quick]
 
 Same artifact (a tiny real student: MiniLM + LoRA on 4 Banking77 labels, trained
-here), same inputs, same engine settings, three modes:
+here; Banking77 from ../shared/data/banking77 beside the repository, not shipped: without
+it the bench stops, saying so), same inputs, same engine settings, three modes:
 
 - **no receipts**: the engine alone (micro-batched student + verifier);
 - **receipts, fail closed** (the default): exactly the servicer's path minus the gRPC
@@ -51,12 +52,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import rfc8785  # noqa: E402
 from _bench_artifact import log_artifact, package  # noqa: E402
+from _shared import BANKING77, require  # noqa: E402
 
 from kolm_ledger.canonical import canonical_json  # noqa: E402
 from kolm_ledger.client import LedgerClient  # noqa: E402
 from kolm_ledger.keys import PrivateKey, init_keys  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"  # ../shared
+DATA = BANKING77  # ../shared/data/banking77
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
 
 
@@ -393,6 +395,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.n, args.rounds = 150, 2
+    require("bench_infer.py", DATA)
     d = Path(tempfile.mkdtemp(prefix="kolm-bench-infer-"))
     procs = []
     try:
