@@ -5,9 +5,10 @@ signature covers the pre-authentication encoding::
 
     PAE(type, body) = "DSSEv1" SP LEN(type) SP type SP LEN(body) SP body
 
-The Merkle leaf of a receipt is the RFC 8785 canonical JSON of the envelope
-object (:meth:`Envelope.canonical`), so anyone holding the envelope recomputes
-``leaf_hash = SHA-256(0x00 || JCS(envelope))`` without our code.
+A log entry's Merkle leaf binds the RFC 8785 canonical JSON of the envelope object
+(:meth:`Envelope.canonical`) and the entry's integration time
+(:func:`kolm_ledger.leaf.entry_leaf_hash`), so a leaf hash is not a function of the
+envelope alone: take it from the ledger.
 
 Example::
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -116,7 +116,7 @@ class Envelope:
         }
 
     def canonical(self) -> bytes:
-        """RFC 8785 canonical JSON of :meth:`to_json` — the Merkle leaf data.
+        """RFC 8785 canonical JSON of :meth:`to_json` — the envelope in the Merkle leaf data.
 
         Fast path: when every string is plain printable ASCII without ``"`` or ``\\``
         (always so for base64 and hex, and for ordinary payload types), JCS reduces to
@@ -143,10 +143,6 @@ class Envelope:
                 f'"signatures":[{sigs}]}}'
             ).encode()
         return canonical_json(self.to_json())
-
-    def leaf_hash(self) -> bytes:
-        """RFC 6962 leaf hash of :meth:`canonical`."""
-        return hashlib.sha256(b"\x00" + self.canonical()).digest()
 
     def to_bytes(self) -> bytes:
         """Canonical JSON bytes (same as :meth:`canonical`)."""
@@ -324,4 +320,6 @@ def verify_signature(envelope: Envelope, key: PublicKey) -> None:
         except SignatureError as e:
             last = e
     assert last is not None
-    raise SignatureError(f"envelope signature by key {keyid[:16]} does not verify") from last
+    # name the form fault (high-S, not DER) when that is why; a wrong signature says only that
+    why = "" if "does not verify" in str(last) else f": {last}"
+    raise SignatureError(f"envelope signature by key {keyid[:16]} does not verify{why}") from last
