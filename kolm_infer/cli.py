@@ -56,6 +56,7 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
             metrics_port=a.metrics_port,
             ready_file=a.ready_file,
             artifacts=sorted(d.glob("*.kolm")),
+            artifacts_dir=d,
             teacher=teacher,
             teacher_task=task,
             spool=a.spool,
@@ -141,7 +142,12 @@ def register(sub: Any) -> None:
     inf = sub.add_parser("infer", help="serve verified artifacts with signed receipts")
     isub = inf.add_subparsers(dest="infer_command", required=True)
     s = isub.add_parser("serve", help="run the inference gRPC service")
-    s.add_argument("--artifacts", required=True, help="directory: every *.kolm in it is loaded")
+    s.add_argument(
+        "--artifacts",
+        required=True,
+        help="directory: every *.kolm in it is loaded at start; LoadArtifact(path=...) may "
+        "name only files in it",
+    )
     s.add_argument("--ledger", required=True, help="ledger service HOST:PORT")
     s.add_argument("--key", required=True, help="infer private key (PEM)")
     s.add_argument("--trust", required=True, help="trust root (trust.json)")

@@ -109,6 +109,7 @@ __all__ = [
     "NoRecallIndex",
     "Prediction",
     "RecallResult",
+    "artifact_path",
     "check_ledger_inclusion",
     "ledger_trust_state",
 ]
@@ -215,6 +216,31 @@ def ledger_trust_state(client: LedgerClient, trust: TrustRoot) -> TrustState:
     :func:`kolm_ledger.trust.fold_key_receipts` (each must be signed by an ``admin`` key
     of the state so far, valid at its integration time; others are left out)."""
     return _ledger_trust_state(client, trust)
+
+
+def artifact_path(artifacts_dir: Path | None, requested: str) -> Path:
+    """The file a client's ``LoadArtifact(path=...)`` names, if it lies in ``artifacts_dir``.
+
+    Relative paths are taken from ``artifacts_dir``; the result, symlinks resolved, must be
+    inside it. Any other path — an existing host file or a missing one alike — gets the
+    same :class:`InvalidInput`, so the answer reveals nothing about files outside.
+    """
+    if artifacts_dir is None:
+        raise InvalidInput(
+            "path: this service has no artifacts folder (kolm infer serve --artifacts DIR); "
+            "send the artifact's bytes as data"
+        )
+    root = Path(artifacts_dir).resolve()
+    try:
+        target = (root / requested).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        target = None
+    if target is None or not target.is_relative_to(root):
+        raise InvalidInput(
+            f"path {requested[:200]!r} is not a file in the service's artifacts folder; "
+            "put the .kolm there or send its bytes as data"
+        )
+    return target
 
 
 def check_ledger_inclusion(
@@ -339,7 +365,8 @@ class Engine:
     ``ledger`` is a synchronous :class:`LedgerClient` used at load time (inclusion
     check and key receipts). ``teacher`` is a :mod:`kolm_compile.teachers` teacher and
     ``teacher_task`` the task spec it prompts with; without one, low-confidence or
-    unverifiable answers are returned marked unverified.
+    unverifiable answers are returned marked unverified. ``artifacts_dir`` is the only
+    folder the service's ``LoadArtifact(path=...)`` may name (:func:`artifact_path`).
     """
 
     def __init__(
@@ -354,6 +381,7 @@ class Engine:
         model_threads: int | None = None,
         workdir: Path | None = None,
         limits: ArtifactLimits = DEFAULT_LIMITS,
+        artifacts_dir: Path | None = None,
     ) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidInput(f"max_batch is {max_batch!r}, want an integer >= 1")
@@ -370,6 +398,7 @@ class Engine:
         self._own_workdir = workdir is None
         self._workdir.mkdir(parents=True, exist_ok=True)
         self.limits = limits
+        self.artifacts_dir = artifacts_dir  # where LoadArtifact(path=...) may read; None: nowhere
         self._lock = threading.Lock()
         self._unpack_locks: dict[str, threading.Lock] = {}  # one per artifact digest
         self._by_digest: dict[str, LoadedArtifact] = {}

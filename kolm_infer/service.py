@@ -40,7 +40,7 @@ from kolm_ledger.keys import TrustRoot
 
 from ._pb import infer_pb2 as pb
 from ._pb import infer_pb2_grpc as pb_grpc
-from .engine import Engine, LoadedArtifact, Prediction
+from .engine import Engine, LoadedArtifact, Prediction, artifact_path
 from .receipts import OUTPUT_POLICIES, Ack, ReceiptWriter, Spool, check_ack, sign_prediction
 
 __all__ = ["InferenceServer", "InferenceServicer", "serve", "start"]
@@ -124,9 +124,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.ArtifactInfo:
         which = request.WhichOneof("source")
         if which == "path":
-            art = await asyncio.to_thread(
-                self.engine.load, Path(request.path), request.name or None
-            )
+            path = artifact_path(self.engine.artifacts_dir, request.path)  # or INVALID_ARGUMENT
+            art = await asyncio.to_thread(self.engine.load, path, request.name or None)
         elif which == "data":
             fd, tmp = tempfile.mkstemp(suffix=".kolm")
             try:
@@ -294,6 +293,7 @@ async def start(
     infer_key: PrivateKey,
     *,
     artifacts: Sequence[Path] = (),
+    artifacts_dir: Path | None = None,
     listen: str = "127.0.0.1:0",
     teacher: Any = None,
     teacher_task: Any = None,
@@ -308,7 +308,9 @@ async def start(
 ) -> InferenceServer:
     """Start the service; loads ``artifacts`` first (any refusal raises). Port 0 picks one.
 
-    ``credentials``: mutual TLS for this service; ``ledger_credentials``: toward the ledger.
+    ``artifacts_dir``: the only folder ``LoadArtifact(path=...)`` may read from (``None``:
+    loading by path is refused; ``data`` always works). ``credentials``: mutual TLS for
+    this service; ``ledger_credentials``: toward the ledger.
     ``receipt_ack="spool"`` (needs ``spool``): answer once the receipt is in the local
     spool, not the ledger (see :class:`~kolm_infer.receipts.ReceiptWriter`).
     """
@@ -322,6 +324,7 @@ async def start(
         teacher_task=teacher_task,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
+        artifacts_dir=artifacts_dir,
     )
     for path in artifacts:
         await asyncio.to_thread(engine.load, Path(path))

@@ -290,12 +290,21 @@ class InferWorld:
 
 
 @pytest.fixture(scope="module")
-def infer_world(world: Any) -> Iterator[InferWorld]:  # noqa: F811
+def infer_world(
+    world: Any,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[InferWorld]:
     from kolm_infer.service import start
 
     art = world.artifacts["router"]
     svc = ServiceThread(
-        lambda: start(world.ledger.target, world.trust, world.key("infer"), artifacts=[art])
+        lambda: start(
+            world.ledger.target,
+            world.trust,
+            world.key("infer"),
+            artifacts=[art],
+            artifacts_dir=tmp_path_factory.getbasetemp(),  # LoadArtifact(path=) reads here
+        )
     )
     info = ipb.ListArtifactsResponse.FromString(
         svc.channel.unary_unary(I + "ListArtifacts")(b"", timeout=30)

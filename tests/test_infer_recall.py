@@ -151,7 +151,13 @@ def rec(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reca
     train = rows("train", PER_LABEL)
     ex = examples_artifact(world, "examples", train, d)
     rot = examples_artifact(world, "rotated", [(t, rotate(y)) for t, y in train], d)
-    srv = InferThread(world, world.ledger, artifacts=[world.artifacts["router"]], max_batch=16)
+    srv = InferThread(
+        world,
+        world.ledger,
+        artifacts=[world.artifacts["router"]],
+        artifacts_dir=tmp_path_factory.getbasetemp(),  # LoadArtifact(path=...) reads here
+        max_batch=16,
+    )
     try:
         srv.stub.LoadArtifact(pb.LoadArtifactRequest(path=str(up.path), name="docs"))
         srv.stub.LoadArtifact(pb.LoadArtifactRequest(path=str(ex)))

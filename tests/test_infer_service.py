@@ -78,8 +78,17 @@ class InferThread:
 
 
 @pytest.fixture(scope="module")
-def infer(world: World) -> Iterator[InferThread]:  # noqa: F811
-    srv = InferThread(world, world.ledger, artifacts=[world.artifacts["router"]], max_batch=16)
+def infer(
+    world: World,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[InferThread]:
+    srv = InferThread(
+        world,
+        world.ledger,
+        artifacts=[world.artifacts["router"]],
+        artifacts_dir=tmp_path_factory.getbasetemp(),  # LoadArtifact(path=...) reads here
+        max_batch=16,
+    )
     try:
         yield srv
     finally:
@@ -150,6 +159,80 @@ def test_load_refuses_with_failed_precondition(
     assert reason in ei.value.details()
     names = [a.name for a in infer.stub.ListArtifacts(pb.ListArtifactsRequest()).artifacts]
     assert names == ["router"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["extra unsigned file", "signed pickle", "missing signed file", "symlink entry",
+     "dot-dot entry", "duplicate entry"],
+)  # fmt: skip
+def test_load_refuses_what_kolm_verify_artifact_refuses(
+    world: World,  # noqa: F811
+    infer: InferThread,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    """The loader and ``kolm verify --artifact`` run one check (kolm_ledger.artifact_check):
+    the cases of test_artifact_check are refused here with the same words."""
+    from test_artifact_check import REFUSED, Art, make_bad
+
+    a = Art(world.root, world.keys, world.trust, world.artifacts["router"], "", world.adapter)
+    bad = make_bad(a, case, tmp_path / "bad.kolm", monkeypatch)
+    with pytest.raises(grpc.RpcError) as ei:
+        infer.stub.LoadArtifact(pb.LoadArtifactRequest(path=str(bad), name=f"bad-{case}"))
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION, ei.value.details()
+    assert REFUSED[case][1] in str(ei.value.details())
+    names = [a.name for a in infer.stub.ListArtifacts(pb.ListArtifactsRequest()).artifacts]
+    assert names == ["router"]
+
+
+def test_load_by_path_reads_only_the_artifacts_folder(
+    world: World,  # noqa: F811
+    infer: InferThread,
+    tmp_path: Path,
+) -> None:
+    """An existing host file and a missing one outside the folder get the same answer
+    (before, "no such artifact file" vs "not a readable zip archive" told them apart)."""
+    inside = infer.srv.engine.artifacts_dir
+    assert inside is not None and tmp_path.is_relative_to(inside)
+    link = tmp_path / "link.kolm"
+    link.symlink_to("/etc/hostname")
+    answers = []
+    for path in ("/etc/hostname", "/etc/no-such-file.kolm", f"{inside}/../etc/hostname", link):
+        with pytest.raises(grpc.RpcError) as ei:
+            infer.stub.LoadArtifact(pb.LoadArtifactRequest(path=str(path)))
+        answers.append((ei.value.code(), str(ei.value.details()).replace(repr(str(path)), "P")))
+    assert answers[0][0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a file in the service's artifacts folder" in answers[0][1]
+    assert all(a == answers[0] for a in answers), answers
+    # inside the folder a missing file is the loader's ordinary refusal
+    with pytest.raises(grpc.RpcError) as ei:
+        infer.stub.LoadArtifact(pb.LoadArtifactRequest(path=str(tmp_path / "none.kolm")))
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # a relative path is taken from the folder; a good artifact there loads
+    good = world.build("in-folder", threshold=0.35, out_dir=tmp_path)[0]
+    info = infer.stub.LoadArtifact(
+        pb.LoadArtifactRequest(path=str(good.relative_to(inside)), name="in-folder")
+    )
+    assert info.name == "in-folder"
+    infer.stub.UnloadArtifact(pb.UnloadArtifactRequest(artifact="in-folder"))
+
+
+def test_without_an_artifacts_folder_load_by_path_is_refused(world: World) -> None:  # noqa: F811
+    srv = InferThread(world, world.ledger)
+    try:
+        for path in (str(world.artifacts["router"]), "/etc/hostname"):
+            with pytest.raises(grpc.RpcError) as ei:
+                srv.stub.LoadArtifact(pb.LoadArtifactRequest(path=path))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "this service has no artifacts folder" in str(ei.value.details())
+        info = srv.stub.LoadArtifact(
+            pb.LoadArtifactRequest(data=world.artifacts["router"].read_bytes())
+        )
+        assert info.name == "router"
+    finally:
+        srv.close()
 
 
 def test_a_revoked_compile_key_is_refused(world: World) -> None:  # noqa: F811
