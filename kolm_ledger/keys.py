@@ -319,8 +319,16 @@ def init_keys(
     """Create ``<role>.key``/``<role>.pub`` for each role and ``trust.json`` in ``directory``.
 
     Producer keys are ECDSA P-256; the log key is Ed25519 (signed-note). Refuses to
-    overwrite an existing key file.
+    overwrite an existing key file. ``origin`` is the log's checkpoint origin and its
+    signed-note key name, so it must be a valid note key name (non-empty; no whitespace,
+    ``+`` or control character: :func:`kolm_ledger.note.check_key_name`); checked before
+    anything is written.
     """
+    from .note import check_key_name
+
+    roles = tuple(roles)
+    if "log" in roles:
+        check_key_name(origin, "origin (the log's signed-note key name)", KeyFormatError)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     t = (now or datetime.now(UTC)).replace(microsecond=0)

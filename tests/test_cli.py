@@ -131,6 +131,48 @@ def test_keys_init_with_an_origin(tmp_path: Path) -> None:
     assert [k.origin for k in root.log_keys()] == ["example.org/log"]
 
 
+@pytest.mark.parametrize(
+    ("origin", "why"),
+    [
+        ("a b", "contains whitespace"),
+        ("a\tb", "contains whitespace"),
+        ("log+1", "contains '+'"),
+        ("", "must be a non-empty string"),
+    ],
+)
+def test_keys_init_refuses_an_origin_that_is_no_note_key_name(
+    tmp_path: Path, origin: str, why: str
+) -> None:
+    """Before, ``keys init --origin "a b"`` succeeded and ``kolm ledger vkey`` then failed."""
+    p = kolm("keys", "init", tmp_path / "k", "--origin", origin)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "origin (the log's signed-note key name): key name" in p.stderr and why in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "k").exists()  # refused before anything was written
+    ok("keys", "init", tmp_path / "good", "--origin", "example.org/log")
+    assert ok("ledger", "vkey", "--trust", tmp_path / "good" / "trust.json").startswith(
+        "example.org/log+"
+    )
+
+
+def test_serve_without_a_tls_flag_is_refused_even_on_loopback(tmp_path: Path) -> None:
+    """SECURITY.md: plain text needs an explicit --insecure, on loopback too (all services)."""
+    ok("keys", "init", tmp_path / "keys")
+    k = tmp_path / "keys"
+    (tmp_path / "arts").mkdir()
+    for cmd in (
+        ["ledger", "serve", "--db", f"sqlite:///{tmp_path / 'l.db'}", "--trust",
+         k / "trust.json", "--log-key", k / "log.key", "--listen", "127.0.0.1:0"],
+        ["infer", "serve", "--artifacts", tmp_path / "arts", "--ledger", "127.0.0.1:1",
+         "--key", k / "infer.key", "--trust", k / "trust.json", "--listen", "127.0.0.1:0"],
+        ["compile", "serve", "--ledger", "127.0.0.1:1", "--keys", k, "--work",
+         tmp_path / "work", "--listen", "127.0.0.1:0"],
+    ):  # fmt: skip
+        p = kolm(*cmd)
+        assert p.returncode == 2, (cmd, p.stdout, p.stderr)
+        assert "plain-text gRPC needs an explicit --insecure" in p.stderr, p.stderr
+
+
 def test_append_checkpoint_bundle_verify(keys: Path, ledger_db: str, tmp_path: Path) -> None:
     trust = TrustRoot.load(keys / "trust.json")
     note = ok("ledger", "checkpoint", "--db", ledger_db)
