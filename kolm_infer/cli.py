@@ -66,6 +66,7 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
             output_policy=a.output_policy,
             credentials=creds,
             ledger_credentials=to_ledger,
+            key_poll_s=a.key_poll_seconds,
         )
     )
     return 0
@@ -169,6 +170,13 @@ def register(sub: Any) -> None:
         choices=("full", "digest"),
         default="full",
         help="receipts carry the output (full) or only its digest",
+    )
+    s.add_argument(
+        "--key-poll-seconds",
+        type=float,
+        default=5.0,
+        help="read the ledger's key receipts this often: an artifact whose compile key is "
+        "revoked stops being served within about that long (default 5)",
     )
     s.add_argument("--metrics-port", type=int, help="Prometheus metrics on this HTTP port")
     s.add_argument("--ready-file", help="write the bound port here once serving")

@@ -15,6 +15,15 @@
   in the order they were made. With ``ack="spool"`` (opt-in) every receipt goes to the
   spool first and the answer waits only for that local commit; a replayer ships the
   spool to the ledger right after each write (durable locally, not yet in the ledger).
+  A spooled receipt the ledger refuses is never deleted: it moves to the spool's
+  ``quarantine`` table with the ledger's status and message
+  (``kolm_infer_receipts_total{outcome="quarantined"}``, gauge
+  ``kolm_infer_spool_quarantine``).
+- Fail closed on the service's own key: once the ledger refuses a receipt *for its key*
+  (``PERMISSION_DENIED`` or ``FAILED_PRECONDITION`` naming the ``infer`` key id: revoked,
+  expired, unknown), or the key follower sees that key revoked, the writer refuses every
+  later submission with :class:`KeyRefused` (``FAILED_PRECONDITION``): no answer goes
+  out whose receipt the ledger would refuse.
 
 Example::
 
@@ -34,7 +43,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -54,11 +63,15 @@ from kolm_ledger.verify import SALT_BYTES, input_commitment
 
 __all__ = [
     "ACK_MODES",
+    "MAX_REQUEST_ID_CHARS",
     "OUTPUT_POLICIES",
     "Ack",
+    "KeyRefused",
+    "Quarantined",
     "ReceiptWriter",
     "Spool",
     "check_ack",
+    "check_request_id",
     "sign_prediction",
 ]
 
@@ -69,6 +82,23 @@ OUTPUT_POLICIES = ("full", "digest")
 #: When an answer may go out: ``ledger`` (the ledger acknowledged its receipt: fail
 #: closed) or ``spool`` (its receipt is committed to the local spool; opt-in).
 ACK_MODES = ("ledger", "spool")
+#: Longest ``request_id`` a prediction receipt may carry (the ledger caps an entry at 64 KiB).
+MAX_REQUEST_ID_CHARS = 256
+
+
+class KeyRefused(KolmError):
+    """The ledger refuses this service's ``infer`` key: the service fails closed."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+def check_request_id(request_id: str) -> None:
+    """Raise :class:`InvalidInput` naming ``request_id`` unless it is at most
+    :data:`MAX_REQUEST_ID_CHARS` characters."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(
+            f"request_id has {len(request_id)} characters, limit {MAX_REQUEST_ID_CHARS}"
+        )
 
 
 def check_ack(ack: str, has_spool: bool) -> None:
@@ -81,6 +111,9 @@ def check_ack(ack: str, has_spool: bool) -> None:
 
 RECEIPTS = Counter("kolm_infer_receipts_total", "Prediction receipts by outcome", ["outcome"])
 SPOOL_DEPTH = Gauge("kolm_infer_spool_depth", "Receipts waiting in the local spool")
+QUARANTINE = Gauge(
+    "kolm_infer_spool_quarantine", "Spooled receipts the ledger refused, kept in quarantine"
+)
 
 
 def sign_prediction(
@@ -109,6 +142,7 @@ def sign_prediction(
     """
     if output_policy not in OUTPUT_POLICIES:
         raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
+    check_request_id(request_id)
     salt = os.urandom(SALT_BYTES) if salt is None else salt
     commitment = input_commitment(input_value, salt)
     st = prediction_statement(
@@ -142,13 +176,28 @@ class Ack:
 # --------------------------------------------------------------------------- spool
 
 
+@dataclass(frozen=True)
+class Quarantined:
+    """A spooled receipt the ledger refused, kept with the ledger's reason."""
+
+    seq: int
+    leaf_hash: bytes
+    envelope: bytes
+    spooled_at: float
+    quarantined_at: float
+    code: str  # the ledger's gRPC status, e.g. FAILED_PRECONDITION
+    reason: str
+
+
 class Spool:
     """A durable FIFO of envelopes (SQLite, WAL, ``synchronous=FULL``); thread-safe.
 
     ``put`` returns only after its commit is on disk. ``remove_through`` (entries the
     ledger has acknowledged) commits without waiting for the disk: if a crash loses
     that deletion, the entries are replayed once more, which the ledger answers as
-    idempotent duplicates.
+    idempotent duplicates. Entries the ledger refused move, in the same transaction, to
+    the ``quarantine`` table with the ledger's status and message; nothing there is
+    ever deleted by kolm (``SELECT * FROM quarantine`` to inspect them).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -166,11 +215,23 @@ class Spool:
                 " envelope BLOB NOT NULL,"
                 " spooled_at REAL NOT NULL)"
             )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS quarantine ("
+                " seq INTEGER PRIMARY KEY,"
+                " leaf_hash BLOB NOT NULL,"
+                " envelope BLOB NOT NULL,"
+                " spooled_at REAL NOT NULL,"
+                " quarantined_at REAL NOT NULL,"
+                " code TEXT NOT NULL,"
+                " reason TEXT NOT NULL)"
+            )
             self._depth = int(self._db.execute("SELECT count(*) FROM spool").fetchone()[0])
+            self._held = int(self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0])
         except sqlite3.Error as e:
             raise StorageError(f"cannot open spool {self.path}: {e}") from e
         self._lock = threading.Lock()
         SPOOL_DEPTH.set(self._depth)
+        QUARANTINE.set(self._held)
 
     def put(self, envelopes: Sequence[bytes], leaf_hashes: Sequence[bytes]) -> None:
         """Append envelopes in order, durably (returns after the commit is on disk)."""
@@ -196,20 +257,53 @@ class Spool:
                 self._db.execute("SELECT seq, envelope FROM spool ORDER BY seq LIMIT ?", (n,))
             )
 
-    def remove_through(self, seq: int) -> None:
-        """Forget every entry up to and including ``seq`` (they are in the ledger)."""
+    def remove_through(self, seq: int, refused: Sequence[tuple[int, str, str]] = ()) -> None:
+        """Forget every entry up to and including ``seq``: they are in the ledger, except
+        ``refused`` ``(seq, code, reason)``, which move to the quarantine table instead
+        (one transaction)."""
+        now = time.time()
         with self._lock:
             try:
-                # no fsync for a deletion: losing it in a crash only means a replay that
-                # the ledger answers as duplicates; the next put's fsync covers it anyway
+                # no fsync: losing this in a crash only means a replay that the ledger
+                # answers as duplicates (or refuses again); the next put's fsync covers it
                 self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("BEGIN IMMEDIATE")
+                held = 0
+                for q, code, reason in refused:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO quarantine (seq, leaf_hash, envelope, spooled_at,"
+                        " quarantined_at, code, reason) SELECT seq, leaf_hash, envelope,"
+                        " spooled_at, ?, ?, ? FROM spool WHERE seq = ?",
+                        (now, code, reason, q),
+                    )
+                    held += max(cur.rowcount, 0)
                 cur = self._db.execute("DELETE FROM spool WHERE seq <= ?", (seq,))
+                self._db.execute("COMMIT")
                 self._depth = max(0, self._depth - max(cur.rowcount, 0))
+                self._held += held
             except sqlite3.Error as e:
+                self._db.execute("ROLLBACK") if self._db.in_transaction else None
                 raise StorageError(f"spool {self.path}: delete failed: {e}") from e
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
             SPOOL_DEPTH.set(self._depth)
+            QUARANTINE.set(self._held)
+
+    def quarantined(self) -> list[Quarantined]:
+        """The receipts the ledger refused, oldest first."""
+        with self._lock:
+            rows = list(
+                self._db.execute(
+                    "SELECT seq, leaf_hash, envelope, spooled_at, quarantined_at, code, reason"
+                    " FROM quarantine ORDER BY seq"
+                )
+            )
+        return [Quarantined(*r) for r in rows]
+
+    def quarantine_depth(self) -> int:
+        """Receipts held in quarantine."""
+        with self._lock:
+            return self._held
 
     def depth(self) -> int:
         """Entries waiting."""
@@ -261,6 +355,11 @@ class ReceiptWriter:
     ``wait`` batches (the bundle takes longer to build) use a short call of their own so
     they never hold up the acknowledgements queued behind them on the stream
     (``persistent_stream=False``: every batch does, as before; for comparison).
+
+    ``key_id``: the service's ``infer`` key. Once the ledger refuses a receipt for that
+    key (or :meth:`refuse_key` is called), every later :meth:`submit` raises
+    :class:`KeyRefused` and ``on_key_refused`` is called once (fail closed). Spooled
+    receipts the ledger refuses, for any reason, go to the spool's quarantine.
     """
 
     def __init__(
@@ -274,6 +373,8 @@ class ReceiptWriter:
         replay_interval_s: float = 0.5,
         replay_linger_ms: float = 100.0,
         persistent_stream: bool = True,
+        key_id: str | None = None,
+        on_key_refused: Callable[[KeyRefused], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_inflight < 1:
             raise InvalidInput("max_batch and max_inflight must be >= 1")
@@ -286,6 +387,10 @@ class ReceiptWriter:
         self.replay_interval_s = replay_interval_s
         self.replay_linger_s = replay_linger_ms / 1000
         self.persistent_stream = persistent_stream
+        self.key_id = key_id
+        self.on_key_refused = on_key_refused
+        #: set once the ledger refused this service's key: every submission fails closed
+        self.key_refused: KeyRefused | None = None
         self._queue: list[_Item] = []
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_inflight)
@@ -310,10 +415,40 @@ class ReceiptWriter:
             self._spool_pending = await asyncio.to_thread(self.spool.depth) > 0
             self._replayer = loop.create_task(self._replay_loop(), name="kolm-spool-replay")
 
+    def refuse_key(self, why: str) -> KeyRefused:
+        """Fail closed from now on: the ledger refuses (or will refuse) this service's key.
+
+        Returns the error every later :meth:`submit` raises. Idempotent: the first reason
+        is kept."""
+        if self.key_refused is None:
+            kid = (self.key_id or "?")[:16]
+            self.key_refused = KeyRefused(
+                f"the ledger refuses this service's infer key {kid} ({why[:300]}); failing "
+                "closed: no more answers until the key is replaced and the service restarted"
+            )
+            log.error("%s", self.key_refused)
+            if self.on_key_refused is not None:
+                self.on_key_refused(self.key_refused)
+        return self.key_refused
+
+    def check_serving(self) -> None:
+        """Raise :class:`KeyRefused` when the writer fails closed (see :meth:`refuse_key`)."""
+        if self.key_refused is not None:
+            raise KeyRefused(str(self.key_refused))
+
+    def _own_key_refusal(self, err: KolmError) -> bool:
+        """Whether the ledger refused a receipt because of this service's key."""
+        return (
+            self.key_id is not None
+            and getattr(err, "grpc_code", "") in ("PERMISSION_DENIED", "FAILED_PRECONDITION")
+            and f"key {self.key_id[:16]}" in str(err)
+        )
+
     async def submit(self, envelope: Envelope, *, wait: bool = False) -> Ack:
         """Queue one envelope; returns once it is durable (see ``ack``)."""
         if self._closing:
             raise UnavailableError("the inference service is shutting down")
+        self.check_serving()
         data = envelope.to_bytes()
         leaf = envelope.leaf_hash()
         if not wait and (self.ack == "spool" or self._spool_pending):
@@ -419,6 +554,8 @@ class ReceiptWriter:
                     err = r if isinstance(r, KolmError) else KolmError(str(r))
                     if isinstance(r, UnavailableError):
                         err = UnavailableError(f"the ledger is unreachable; fail closed: {r}")
+                    elif self._own_key_refusal(err):
+                        self.refuse_key(str(err))
                     it.future.set_exception(err)
             if acked:
                 RECEIPTS.labels("acked").inc(acked)
@@ -458,8 +595,9 @@ class ReceiptWriter:
         """Send the spool to the ledger in order until it is empty or the ledger fails.
 
         Returns how many entries were confirmed. An entry the ledger refuses (not for
-        unavailability) is logged and dropped from the spool, so one bad receipt cannot
-        block the rest.
+        unavailability) moves to the spool's quarantine table with the ledger's status
+        and message, so one bad receipt cannot block the rest and none is lost; a refusal
+        of this service's key also makes the writer fail closed (:meth:`refuse_key`).
         """
         assert self.spool is not None
         done = 0
@@ -476,18 +614,25 @@ class ReceiptWriter:
                 self._ledger_down = True
                 return done
             last = None
+            refused: list[tuple[int, str, str]] = []
             for (seq, _), r in zip(rows, results, strict=False):
                 if isinstance(r, UnavailableError):
                     break
                 if isinstance(r, KolmError):
-                    log.error("ledger refused spooled receipt %d: %s", seq, r)
+                    code = str(getattr(r, "grpc_code", "UNKNOWN"))
+                    log.error("ledger refused spooled receipt %d (quarantined): %s", seq, r)
+                    refused.append((seq, code, str(r)[:2000]))
+                    if self._own_key_refusal(r):
+                        self.refuse_key(str(r))
                 last = seq
             if last is None:
                 self._ledger_down = True
                 return done
             self._ledger_down = False
-            await asyncio.to_thread(self.spool.remove_through, last)
-            n = sum(1 for seq, _ in rows if seq <= last)
+            await asyncio.to_thread(self.spool.remove_through, last, refused)
+            if refused:
+                RECEIPTS.labels("quarantined").inc(len(refused))
+            n = sum(1 for seq, _ in rows if seq <= last) - len(refused)
             RECEIPTS.labels("replayed").inc(n)
             done += n
             if self.spool.depth() == 0 and self._spool_inflight == 0:

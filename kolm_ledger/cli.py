@@ -723,6 +723,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     rp_src = rp.add_mutually_exclusive_group(required=True)
     rp_src.add_argument("--ledger", help="ledger service HOST:PORT")
     rp_src.add_argument("--db", help="SQLAlchemy URL of the ledger database")
+    _tls().add_client_tls_arguments(rp)  # --tls-dir/--role toward a mutual-TLS --ledger
     rp.add_argument("--trust", required=True, help="trust root (trust.json)")
     rp.add_argument("--out", help="write the HTML here (default: report-<digest>.html)")
     rp.set_defaults(func=cmd_report)

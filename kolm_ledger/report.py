@@ -712,8 +712,11 @@ def cmd_report(a: argparse.Namespace) -> int:
     trust = TrustRoot.load(a.trust)
     if a.ledger:
         from .client import LedgerClient
+        from .tls import channel_credentials_from_args
 
-        with LedgerClient(a.ledger) as c:
+        # mutual TLS with --tls-dir/--role (default role auditor); plain text only to loopback
+        creds = channel_credentials_from_args(a, a.ledger)
+        with LedgerClient(a.ledger, credentials=creds) as c:
             data = collect_from_client(c, a.artifact_digest, trust)
     elif a.db:
         store = Store(a.db, migrate=False)

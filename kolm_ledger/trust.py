@@ -97,17 +97,6 @@ class TrustState:
                 f"key {keyid[:16]} is not in the trust root or registered by a key receipt"
             ) from None
 
-    def _find(self, keyid: str) -> TrustedKey | None:
-        try:
-            return self.get(keyid)
-        except UnknownKeyError:
-            return None
-
-    def _with(self, key: TrustedKey) -> TrustState:
-        if any(k.keyid == key.keyid for k in self.root.keys):
-            return TrustState(self.root.with_key(key), self.extra)
-        return TrustState(self.root, (*(k for k in self.extra if k.keyid != key.keyid), key))
-
     def admit(self, envelope: Envelope | bytes, integrated_at: datetime) -> TrustState:
         """The state after the key receipt ``envelope``, integrated at that time, once it
         is checked against this state: one signature, by a known key whose role may sign
@@ -115,19 +104,9 @@ class TrustState:
 
         Raises the specific :class:`~kolm_ledger.errors.KolmError` (the state is unchanged).
         """
-        env = envelope if isinstance(envelope, Envelope) else Envelope.from_bytes(envelope)
-        st = Statement.from_envelope(env)
-        if st.kind != "key":
-            raise StatementFormatError(f"a {st.kind!r} receipt is not a key receipt")
-        if len(env.signatures) != 1:
-            raise StatementFormatError(
-                f"key receipt has {len(env.signatures)} signatures, want 1"
-            )
-        signer = self.get(env.signatures[0].keyid)
-        verify_signature(env, signer.public_key)
-        signer.check_may_sign("key")
-        signer.check_valid_at(integrated_at)
-        return self.apply(st, integrated_at)
+        b = _Builder(self)
+        b.admit(envelope, integrated_at)
+        return b.build()
 
     def apply(self, statement: Statement, integrated_at: datetime) -> TrustState:
         """The state after ``statement`` (a validated ``key`` receipt) integrated at that time.
@@ -138,6 +117,56 @@ class TrustState:
         """
         if statement.kind != "key":
             return self
+        b = _Builder(self)
+        b.apply(statement, integrated_at)
+        return b.build()
+
+
+class _Builder:
+    """A trust state being folded (mutable; linear in the receipts folded). Every check of
+    a receipt runs before its first change, so a refused receipt changes nothing."""
+
+    def __init__(self, state: TrustState) -> None:
+        self._root = state.root
+        self._root_keys: dict[str, TrustedKey] = {k.keyid: k for k in state.root.keys}
+        self._extra: dict[str, TrustedKey] = dict(state._extra_by_id)
+        self._root_changed = False
+
+    def get(self, keyid: str) -> TrustedKey:
+        k = self._extra.get(keyid) or self._root_keys.get(keyid)
+        if k is None:
+            raise UnknownKeyError(
+                f"key {keyid[:16]} is not in the trust root or registered by a key receipt"
+            )
+        return k
+
+    def _put(self, key: TrustedKey) -> None:
+        if key.keyid in self._root_keys:
+            self._root_keys[key.keyid] = key
+            self._root_changed = True
+        else:
+            self._extra[key.keyid] = key
+
+    def build(self) -> TrustState:
+        root = TrustRoot(tuple(self._root_keys.values())) if self._root_changed else self._root
+        return TrustState(root, tuple(self._extra.values()))
+
+    def admit(self, envelope: Envelope | bytes, integrated_at: datetime) -> None:
+        """:meth:`TrustState.admit`, in place."""
+        env = envelope if isinstance(envelope, Envelope) else Envelope.from_bytes(envelope)
+        st = Statement.from_envelope(env)
+        if st.kind != "key":
+            raise StatementFormatError(f"a {st.kind!r} receipt is not a key receipt")
+        if len(env.signatures) != 1:
+            raise StatementFormatError(f"key receipt has {len(env.signatures)} signatures, want 1")
+        signer = self.get(env.signatures[0].keyid)
+        verify_signature(env, signer.public_key)
+        signer.check_may_sign("key")
+        signer.check_valid_at(integrated_at)
+        self.apply(st, integrated_at)
+
+    def apply(self, statement: Statement, integrated_at: datetime) -> None:
+        """:meth:`TrustState.apply`, in place."""
         p = statement.predicate
         # the predicate is arbitrary (signed) JSON: check types before use, so a bad key
         # receipt raises StatementFormatError and never a foreign error
@@ -154,12 +183,12 @@ class TrustState:
         effective = max(_time(p["effective_at"], "effective_at"), integrated_at)
         if action == "revoke":
             k = self.get(keyid)
-            if k.revoked_at is not None and k.revoked_at <= effective:
-                return self
-            return self._with(replace(k, revoked_at=effective))
+            if k.revoked_at is None or k.revoked_at > effective:
+                self._put(replace(k, revoked_at=effective))
+            return
         if role not in ROLES or role == "log":
             raise StatementFormatError(f"key receipt role {role[:20]!r} cannot be registered")
-        have = self._find(keyid)
+        have = self._extra.get(keyid) or self._root_keys.get(keyid)
         if have is not None and have.revoked_at is not None:
             raise KeyValidityError(
                 f"key {keyid[:16]} ({have.role}) was revoked at {format_time(have.revoked_at)}; "
@@ -186,12 +215,12 @@ class TrustState:
             effective,
             None if not_after is None else _time(not_after, "not_after"),
         )
-        state = self._with(key)
-        if action == "rotate" and replaces:
-            old = state.get(replaces)
+        old = self.get(replaces) if action == "rotate" and replaces else None
+        self._put(key)
+        if old is not None:
+            old = self.get(old.keyid)  # the new key itself, when it replaces itself
             if old.revoked_at is None or old.revoked_at > effective:
-                state = state._with(replace(old, revoked_at=effective))
-        return state
+                self._put(replace(old, revoked_at=effective))
 
 
 def _time(value: object, field: str) -> datetime:
@@ -209,9 +238,9 @@ class KeySource(Protocol):
     """What :func:`key_receipt_entries` reads: a :class:`~kolm_ledger.storage.Store` or a
     :class:`~kolm_ledger.client.LedgerClient` (both page with ``after_index``)."""
 
-    def find(self, *, kind: str | None = ..., after_index: int = ..., limit: int = ...) -> (
-        Sequence[Entry]
-    ): ...
+    def find(
+        self, *, kind: str | None = ..., after_index: int = ..., limit: int = ...
+    ) -> Sequence[Entry]: ...
 
 
 def key_receipt_entries(
@@ -246,13 +275,13 @@ def fold_key_receipts(
     signature, malformed, or registering a revoked key id — changes nothing; ``refused``
     hears of it (default: a warning in the log).
     """
-    state = trust if isinstance(trust, TrustState) else TrustState(trust)
+    b = _Builder(trust if isinstance(trust, TrustState) else TrustState(trust))
     for e in entries:
         try:
-            state = state.admit(e.envelope, e.integrated_at)
+            b.admit(e.envelope, e.integrated_at)
         except KolmError as err:
             refused(e, err)
-    return state
+    return b.build()
 
 
 def ledger_trust_state(source: KeySource, trust: TrustRoot) -> TrustState:

@@ -276,6 +276,44 @@ def test_unknown_artifact_is_an_error(built: Built) -> None:
     assert r.returncode == 2 and "no artifact receipt" in r.stderr
 
 
+def test_report_reaches_a_mutual_tls_ledger(built: Built, tmp_path: Path) -> None:
+    """``kolm report --ledger`` with ``--tls-dir``/``--role``, like audit, verify and
+    provenance (before, report had no TLS options and could not reach such a ledger)."""
+    from test_ledger_service import ThreadedServer
+
+    from kolm_ledger.tls import init_certs, server_credentials
+
+    certs = tmp_path / "certs"
+    init_certs(certs)
+    db = tmp_path / "ledger.db"
+    shutil.copy(built.db.removeprefix("sqlite:///"), db)
+    log_key = PrivateKey.load(built.trust_path.parent / "log.key")
+    srv = ThreadedServer(
+        f"sqlite:///{db}", built.trust, log_key, credentials=server_credentials(certs, "ledger")
+    )
+    try:
+        base = [sys.executable, "-m", "kolm_ledger.cli", "report", built.digest, "--ledger",
+                f"localhost:{srv.port}", "--trust", str(built.trust_path)]  # fmt: skip
+
+        def report(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*base, *extra], capture_output=True, text=True, timeout=120, check=False
+            )
+
+        out = tmp_path / "r.html"
+        r = report("--tls-dir", str(certs), "--role", "auditor", "--out", str(out))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.startswith("OK: wrote") and "audit ok" in r.stdout
+        text = out.read_text(encoding="utf-8")
+        assert "Verdict: provenance and ledger audit pass" in text
+        assert f"ledger service localhost:{srv.port}" in text
+        # without a certificate the TLS ledger cannot be read: a clean error, exit 2
+        r = report("--out", str(tmp_path / "plain.html"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    finally:
+        srv.stop()
+
+
 def test_volume_buckets_and_heatmap_escape() -> None:
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
     name, b = volume_buckets([(t0 + timedelta(days=d), "label") for d in range(10)])
