@@ -7,6 +7,15 @@ ledger (the signed promise comes back with the answer; ``wait_for_inclusion`` re
 the offline bundle instead) or, with a spool configured, committed to the spool. The
 ledger unreachable without a spool → ``UNAVAILABLE``. Errors become statuses through
 :class:`kolm_ledger.rpc.ErrorInterceptor` (a refused artifact → ``FAILED_PRECONDITION``).
+``request_id`` longer than :data:`~kolm_infer.receipts.MAX_REQUEST_ID_CHARS` →
+``INVALID_ARGUMENT``.
+
+Revocation: a :class:`~kolm_infer.revocation.KeyFollower` polls the ledger's key
+receipts every ``key_poll_s`` seconds; an artifact whose compile key is revoked stops
+being served (``Predict`` → ``FAILED_PRECONDITION`` naming it and the key). Once the
+ledger refuses this service's own ``infer`` key (or the follower sees it revoked), every
+``Predict`` answers ``FAILED_PRECONDITION`` and health goes ``NOT_SERVING``: fail closed,
+in spool-first mode too (refused spooled receipts are kept in the spool's quarantine).
 
 Recall: ``PredictRequest.recall_k`` (unset: the artifact's default; 0: none; over
 :data:`~kolm_infer.engine.MAX_RECALL_K` → ``INVALID_ARGUMENT``; above 0 on an artifact
@@ -41,7 +50,17 @@ from kolm_ledger.keys import TrustRoot
 from ._pb import infer_pb2 as pb
 from ._pb import infer_pb2_grpc as pb_grpc
 from .engine import Engine, LoadedArtifact, Prediction, artifact_path
-from .receipts import OUTPUT_POLICIES, Ack, ReceiptWriter, Spool, check_ack, sign_prediction
+from .receipts import (
+    OUTPUT_POLICIES,
+    Ack,
+    KeyRefused,
+    ReceiptWriter,
+    Spool,
+    check_ack,
+    check_request_id,
+    sign_prediction,
+)
+from .revocation import DEFAULT_KEY_POLL_S, KeyFollower
 
 __all__ = ["InferenceServer", "InferenceServicer", "serve", "start"]
 
@@ -111,6 +130,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         infer_key: PrivateKey,
         *,
         output_policy: str = "full",
+        keys: KeyFollower | None = None,
     ) -> None:
         if output_policy not in OUTPUT_POLICIES:
             raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
@@ -118,6 +138,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.writer = writer
         self.key = infer_key
         self.output_policy = output_policy
+        self.keys = keys
 
     async def LoadArtifact(
         self, request: pb.LoadArtifactRequest, context: grpc.aio.ServicerContext
@@ -136,6 +157,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 os.unlink(tmp)
         else:
             raise InvalidInput("give the artifact as path or data")
+        if self.keys is not None:
+            self.keys.forget(art)
         return artifact_pb(art)
 
     async def ListArtifacts(
@@ -154,9 +177,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidInput(
                 f"input has {len(request.input)} characters, limit {MAX_INPUT_CHARS}"
             )
+        check_request_id(request.request_id)
+        self.writer.check_serving()  # fail closed once the ledger refuses our key
+        if self.keys is not None:
+            self.keys.check(request.artifact)  # stopped by a revocation
         rid = request.request_id or uuid.uuid4().hex
         k = request.recall_k if request.HasField("recall_k") else None
         art, p = await self.engine.predict(request.artifact, request.input, recall_k=k)
+        if self.keys is not None:
+            self.keys.check(art.digest)  # revoked while this request was being answered
         extra: dict[str, Any] = {}
         if p.teacher is not None:
             extra["teacher"] = p.teacher
@@ -273,10 +302,13 @@ class InferenceServer:
     port: int
     health: Any
     spool: Spool | None = None
+    keys: KeyFollower | None = None
 
     async def stop(self, grace: float = 10.0) -> None:
         """Graceful stop: NOT_SERVING, finish in-flight RPCs and receipts, close everything."""
         await rpc.set_serving(self.health, [SERVICE_NAME], False)
+        if self.keys is not None:
+            await self.keys.close()
         await self.server.stop(grace)
         await self.writer.close()
         await self.engine.close()
@@ -305,6 +337,7 @@ async def start(
     credentials: grpc.ServerCredentials | None = None,
     ledger_credentials: grpc.ChannelCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    key_poll_s: float = DEFAULT_KEY_POLL_S,
 ) -> InferenceServer:
     """Start the service; loads ``artifacts`` first (any refusal raises). Port 0 picks one.
 
@@ -313,10 +346,14 @@ async def start(
     this service; ``ledger_credentials``: toward the ledger.
     ``receipt_ack="spool"`` (needs ``spool``): answer once the receipt is in the local
     spool, not the ledger (see :class:`~kolm_infer.receipts.ReceiptWriter`).
+    ``key_poll_s``: seconds between two reads of the ledger's key receipts (a revoked
+    compile key stops its artifacts within about that long).
     """
     if output_policy not in OUTPUT_POLICIES:
         raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
     check_ack(receipt_ack, bool(spool))  # before the (slow) artifact loads
+    if not key_poll_s > 0:
+        raise InvalidInput(f"key poll interval {key_poll_s!r} s, want a number above 0")
     engine = Engine(
         trust,
         LedgerClient(ledger, timeout=10.0, credentials=ledger_credentials),
@@ -330,15 +367,38 @@ async def start(
         await asyncio.to_thread(engine.load, Path(path))
     client = AsyncLedgerClient(ledger, timeout=10.0, credentials=ledger_credentials)
     sp = Spool(spool) if spool else None
-    writer = ReceiptWriter(client, spool=sp, ack=receipt_ack)
+    loop = asyncio.get_running_loop()
+    health: list[Any] = []  # set once bound
+
+    def not_serving(err: KeyRefused) -> None:  # called on the loop (writer) or a thread
+        if health:
+            asyncio.run_coroutine_threadsafe(
+                rpc.set_serving(health[0], [SERVICE_NAME], False), loop
+            )
+
+    writer = ReceiptWriter(
+        client, spool=sp, ack=receipt_ack, key_id=infer_key.keyid(), on_key_refused=not_serving
+    )
     await writer.start()
+    assert engine.ledger is not None
+    keys = KeyFollower(
+        engine,
+        engine.ledger,
+        trust,
+        writer=writer,
+        infer_key_id=infer_key.keyid(),
+        interval_s=key_poll_s,
+    )
     server = rpc.new_server([*([AuthzInterceptor()] if credentials else []), *interceptors])
     pb_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(engine, writer, infer_key, output_policy=output_policy), server
+        InferenceServicer(engine, writer, infer_key, output_policy=output_policy, keys=keys),
+        server,
     )
     port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])
+    health.append(hs)
+    keys.start()
     log.info("inference serving", extra={"kolm_port": port})
-    return InferenceServer(server, engine, writer, client, port, hs, sp)
+    return InferenceServer(server, engine, writer, client, port, hs, sp, keys)
 
 
 async def serve(
