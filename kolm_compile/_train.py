@@ -636,6 +636,11 @@ class Student:
         model.eval()
         return cls(model, tokenizer, labels, max_length)
 
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype, e.g. ``"float32"`` (recorded with an evaluation)."""
+        return str(next(self._model.parameters()).dtype).removeprefix("torch.")
+
     def _logits_and_hidden(self, texts: Sequence[str], batch_size: int, want: str) -> Any:
         import torch
 

@@ -12,8 +12,12 @@ folder when it finishes, so a restarted job resumes after the last finished stag
                     labels go on
     (5) train       LoRA student on the acknowledged labels, in ledger index order
     (6) evaluate    K-score of the student on the holdout (n, Wilson interval), the
-                    teacher's K-score per single sample and per k-vote, per-label P/R
-    (7) package     manifest.json, task.json, verifier.json, adapter/ (base/ with
+                    teacher's K-score per single sample and per k-vote, per-label P/R;
+                    each example's outcome, at recorded settings (threads, batch size,
+                    a probe-batch digest: :func:`kolm_ledger.reexec.determinism_record`)
+    (7) package     manifest.json, task.json, verifier.json, adapter/,
+                    evaluation/outcomes.jsonl (the signed outcomes; their root is the
+                    eval receipt's ``outcome_root``), (base/ with
                     ``bundle_base``, recall/index.db with a ``recall`` spec section)
                     → deterministic signed ``.kolm``; then the ``eval`` receipt
                     (subject = artifact digest) and the ``artifact`` receipt
@@ -59,10 +63,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kolm_ledger import reexec
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.canonical import canonical_json
 from kolm_ledger.errors import ConflictError, KolmError, SpecError
-from kolm_ledger.merkle import root_from_leaves
 from kolm_ledger.provenance import training_set_root
 from kolm_ledger.receipts import (
     artifact_statement,
@@ -684,9 +688,19 @@ class CompileJob:
         )
         texts = [t for t, _ in ing["holdout"]]
         refs = [y for _, y in ing["holdout"]]
-        preds = [p for p, _ in student.predict(texts)]
+        bs = reexec.EVAL_BATCH_SIZE
+
+        def predict(xs: Sequence[str]) -> list[tuple[str, float]]:
+            return list(student.predict(list(xs), batch_size=bs))
+
+        # at the recorded settings (threads, batch size), so an auditor can re-execute it
+        with _train._torch_state(cfg.threads, False):
+            preds = [p for p, _ in predict(texts)]
+            determinism = reexec.determinism_record(
+                predict, threads=cfg.threads, batch_size=bs, dtype=student.dtype
+            )
         v = self.verifier
-        outcomes = [v.check(p, reference=r).ok and p == r for p, r in zip(preds, refs, strict=True)]
+        outcomes = [reexec.example_outcome(v, p, r) for p, r in zip(preds, refs, strict=True)]
         score = ks.kscore(outcomes)
 
         def teacher_ok(answer: str | None, ref: str) -> bool:
@@ -715,17 +729,14 @@ class CompileJob:
         for x in probe:
             student.predict([x], batch_size=1)
         latency = (time.perf_counter() - t0) / max(1, len(probe))
-        holdout_root = root_from_leaves(
-            [bytes.fromhex(example_digest(x, y)) for x, y in zip(texts, refs, strict=True)]
-        ).hex()
-        outcome_root = root_from_leaves(
-            [
-                hashlib.sha256(
-                    canonical_json({"example": example_digest(x, y), "output": p, "correct": o})
-                ).digest()
-                for x, y, p, o in zip(texts, refs, preds, outcomes, strict=True)
-            ]
-        ).hex()
+        examples = [example_digest(x, y) for x, y in zip(texts, refs, strict=True)]
+        holdout_root = reexec.holdout_root(examples)
+        # the per-example outcomes, published (signed) in the artifact: their root is the
+        # eval receipt's outcome_root
+        lines = [
+            reexec.outcome_line(e, p, o) for e, p, o in zip(examples, preds, outcomes, strict=True)
+        ]
+        outcome_root = reexec.outcomes_root(lines)
         return {
             "k_score": score.to_dict(),
             "teacher_single": single.to_dict(),
@@ -734,6 +745,8 @@ class CompileJob:
             "confusion": ks.confusion_matrix(refs, preds, list(self.spec.labels or ())),
             "holdout_root": holdout_root,
             "outcome_root": outcome_root,
+            "outcomes": [x.decode() for x in lines],
+            "determinism": determinism,
             "latency_s": latency,
             "threads": cfg.threads,
             "_total": len(texts),
@@ -764,6 +777,7 @@ class CompileJob:
             "verifier.json",
             "base",
             "recall",
+            "evaluation",
             kolm_artifact.SIGNATURE_FILE,
         ):
             p = mdir / extra
@@ -790,6 +804,20 @@ class CompileJob:
             "spec_digest": spec.digest(),
             "kolm_version": kolm_version(),
         }
+        # the evaluation an auditor re-executes (kolm kscore verify): the signed outcomes
+        # and what it ran on
+        outcomes = mdir / reexec.OUTCOMES_FILE
+        outcomes.parent.mkdir(parents=True)
+        outcomes.write_text("".join(x + "\n" for x in ev["outcomes"]), encoding="utf-8")
+        manifest["evaluation"] = {
+            "outcomes": reexec.OUTCOMES_FILE,
+            "n": len(ev["outcomes"]),
+            "holdout_digest": ev["holdout_root"],
+            "outcome_root": ev["outcome_root"],
+            "text_column": spec.data.text_column,
+            "label_column": spec.data.label_column,
+        }
+        manifest["determinism"] = dict(ev["determinism"])
         if self.opts.bundle_base:
             src = _train.resolve_base_model(cfg.base_model)
             shutil.copytree(src, mdir / "base", ignore=shutil.ignore_patterns(".*"))
@@ -823,6 +851,7 @@ class CompileJob:
                 "teacher_k_score_single": t_single.score,
                 "teacher_k_score_vote": t_vote.score,
                 "per_label": ev["per_label"],
+                "determinism": dict(ev["determinism"]),
                 # the matrix grows as labels²: left out past 80 labels (64 KiB entry cap)
                 **(
                     {"confusion": {"labels": list(spec.labels or ()), "matrix": ev["confusion"]}}

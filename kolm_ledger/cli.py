@@ -180,8 +180,17 @@ def cmd_verify(a: argparse.Namespace) -> int:
             salt=salt,
             artifact_file=a.artifact,
         )
+        replay = None
+        if a.replay:  # re-execute the student on the input (kolm_ledger.reexec)
+            from .reexec import replay_prediction
+
+            if a.artifact is None or a.input is None:
+                raise KolmError("--replay needs --artifact FILE.kolm, --input FILE and --salt HEX")
+            replay = replay_prediction(p, a.artifact, input_value, trust)
     except KolmError as e:
-        step = getattr(e, "step", None)
+        from .reexec import ReplayMismatch
+
+        step = "replay" if isinstance(e, ReplayMismatch) else getattr(e, "step", None)
         print(f"FAILED{f' at step {step}' if step is not None else ''}: {e}")
         return 1
     finally:
@@ -240,6 +249,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
               f"artifact check and is artifact {p.artifact_digest[:16]}…")  # fmt: skip
     else:
         print("(10)  no evidence cited (no recall)")
+    if replay is not None:
+        print(replay.render())
     print(head + tail)
     return 0
 
@@ -684,6 +695,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="prediction: the .kolm it names; checks cited recall chunks against its index",
     )
     v.add_argument(
+        "--replay",
+        action="store_true",
+        help="prediction: re-run the artifact's student on --input; its output must be the "
+        "receipt's and its confidence within 1e-4 (needs --artifact, --input, --salt)",
+    )
+    v.add_argument(
         "--witnesses", help="file of witness vkeys (one per line) to demand cosignatures"
     )
     v.add_argument(
@@ -704,6 +721,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     )
     _tls().add_client_tls_arguments(au)
     au.set_defaults(func=cmd_audit)
+
+    from .reexec import add_kscore_parser  # torch-free; the predictor loads when it runs
+
+    add_kscore_parser(sub, _tls())
 
     pv = sub.add_parser("provenance", help="artifact → eval → training labels, recomputed")
     pv.add_argument("artifact_digest")
@@ -726,6 +747,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     _tls().add_client_tls_arguments(rp)  # --tls-dir/--role toward a mutual-TLS --ledger
     rp.add_argument("--trust", required=True, help="trust root (trust.json)")
     rp.add_argument("--out", help="write the HTML here (default: report-<digest>.html)")
+    rp.add_argument(
+        "--holdout", help="re-execute the K-score on this holdout file (needs --artifact)"
+    )
+    rp.add_argument("--artifact", help="the artifact's .kolm file (with --holdout)")
     rp.set_defaults(func=cmd_report)
 
     for ep in sorted(entry_points(group="kolm.commands"), key=lambda e: e.name):

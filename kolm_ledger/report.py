@@ -51,6 +51,7 @@ from .trust import TrustState, ledger_trust_state
 
 if TYPE_CHECKING:
     from .client import LedgerClient
+    from .reexec import KScoreCheck
 
 __all__ = [
     "FIGURE_IDS",
@@ -310,6 +311,8 @@ class ReportData:
     label_predicates: list[dict[str, Any]]
     audit: AuditReport
     volume: list[tuple[datetime, str]] = field(default_factory=list)
+    #: the K-score re-executed on a holdout (:func:`kolm_ledger.reexec.verify_kscore`)
+    reexec: KScoreCheck | None = None
 
 
 def _signer(e: Entry) -> str:
@@ -632,6 +635,19 @@ def _section_audit(d: ReportData) -> str:
     return f'<section id="audit"><h2>Ledger audit</h2>{verdict}{_kv(rows)}</section>'
 
 
+def _section_reexec(d: ReportData) -> str:
+    r = d.reexec
+    if r is None:
+        return (
+            '<section id="reexec"><h2>K-score re-executed</h2><p class="missing">not '
+            "re-executed (give --holdout FILE --artifact FILE.kolm)</p></section>"
+        )
+    cls = "ok" if r.ok else "bad"
+    text = f'<p class="verdict {cls}">K-score {_e(r.verdict)}</p>'
+    items = "".join(f"<li>{_e(x)}" for x in [*r.lines, *r.failures])
+    return f'<section id="reexec"><h2>K-score re-executed</h2>{text}<ul>{items}</ul></section>'
+
+
 def _section_claims(d: ReportData) -> str:
     ap, ep = d.artifact_predicate, d.eval_predicate
     std_a = set(REQUIRED["artifact"]) | {"time"}
@@ -668,7 +684,7 @@ def render_html(d: ReportData) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
     )
-    overall = d.chain.ok and d.audit.ok
+    overall = d.chain.ok and d.audit.ok and (d.reexec is None or d.reexec.ok)
     banner = (
         '<p class="verdict ok">Verdict: provenance and ledger audit pass</p>'
         if overall
@@ -685,6 +701,7 @@ def render_html(d: ReportData) -> str:
         banner,
         _section_chain(d),
         _section_kscore(d),
+        _section_reexec(d),
         _section_labels(d),
         _section_eval_detail(d),
         _section_volume(d),
@@ -728,14 +745,21 @@ def cmd_report(a: argparse.Namespace) -> int:
             store.close()
     else:
         raise KolmError("give --db URL or --ledger HOST:PORT")
+    if getattr(a, "holdout", None):
+        if not getattr(a, "artifact", None):
+            raise KolmError("--holdout needs --artifact FILE.kolm (the artifact to re-execute)")
+        from .reexec import kscore_from_args
+
+        data.reexec = kscore_from_args(a, a.artifact, a.holdout)
     out = Path(a.out or f"report-{data.artifact_digest[:16]}.html")
     try:
         out.write_text(render_html(data), encoding="utf-8")
     except OSError as e:
         raise KolmError(f"cannot write {out}: {e.strerror}") from e
-    ok = data.chain.ok and data.audit.ok
+    ok = data.chain.ok and data.audit.ok and (data.reexec is None or data.reexec.ok)
+    reexec = "" if data.reexec is None else f", K-score {data.reexec.verdict}"
     print(
         f"{'OK' if ok else 'FAILED'}: wrote {out} (provenance {'ok' if data.chain.ok else 'FAILED'}, "
-        f"audit {'ok' if data.audit.ok else 'FAILED'})"
+        f"audit {'ok' if data.audit.ok else 'FAILED'}{reexec})"
     )
     return 0 if ok else 1
