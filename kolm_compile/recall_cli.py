@@ -181,7 +181,7 @@ def cmd_recall_update(a: argparse.Namespace) -> int:
     """Run ``kolm recall update``."""
     from kolm_compile.recall import ChunkConfig
     from kolm_ledger.keys import PrivateKey, TrustRoot
-    from kolm_ledger.trust import TrustState
+    from kolm_ledger.trust import ledger_trust_state
 
     keys = Path(a.keys)
     trust_path = Path(a.trust) if a.trust else keys / "trust.json"
@@ -213,7 +213,7 @@ def cmd_recall_update(a: argparse.Namespace) -> int:
                 a.out,
                 key=key,
                 ledger=client,
-                trust=TrustState(root),
+                trust=ledger_trust_state(client, root),  # the root plus every key receipt
                 chunking=chunking,
             )
     print(f"wrote {r.path} ({r.chunks} chunks, corpus root {r.corpus_root})")
