@@ -288,9 +288,3 @@ def _verify_recall(name: str, root: Path, field: Any, listed: set[str]) -> None:
         verify_index(root / info.index, info.corpus_root, expected_chunks=info.chunks)
     except ArtifactError as e:
         raise ArtifactError(f"{name}: {e}") from e
-
-
-def read_bytes_of(zpath: Path, member: str) -> bytes:
-    """One member's bytes (for tests and tools)."""
-    with zipfile.ZipFile(zpath) as z:
-        return z.read(member)
