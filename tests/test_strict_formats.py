@@ -22,6 +22,7 @@ import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,19 @@ from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.client import LedgerClient
 from kolm_ledger.dsse import Envelope, Signature
 from kolm_ledger.errors import (
+    ArtifactError,
     EnvelopeFormatError,
     FormatError,
     KolmError,
     SignatureError,
     StatementFormatError,
 )
-from kolm_ledger.keys import TrustRoot
+from kolm_ledger.keys import TrustedKey, TrustRoot
+from kolm_ledger.model_signing import (
+    MODEL_SIGNING_PREDICATE,
+    artifact_digest,
+    parse_model_signature,
+)
 from kolm_ledger.note import NoteSigner
 from kolm_ledger.receipts import Statement, label_statement, sign_statement
 from kolm_ledger.storage import Store
@@ -505,3 +512,45 @@ def test_checkpoint_extension_lines_are_accepted_and_kept(world: World) -> None:
     swapped = dataclasses.replace(bundle.tlog_proof, checkpoint=signed_cp.to_bytes())
     v = verify_bundle(dataclasses.replace(bundle, tlog_proof=swapped), world.trust)
     assert v.checkpoint == extended
+
+
+# ---- model.sig (OpenSSF model-signing): verified by the same code --------------------------
+
+
+def test_model_sig_is_held_to_the_same_rules() -> None:
+    key = PrivateKey.generate()
+    pub = key.public_key()
+    trusted = TrustedKey(
+        pub.keyid(), "compile", "ecdsa-p256-sha256", pub, datetime(2020, 1, 1, tzinfo=UTC)
+    )
+    res = [("manifest.json", "ab" * 32)]
+    payload = canonical_json(
+        {
+            "subject": [{"name": "a", "digest": {"sha256": artifact_digest(res)}}],
+            "predicateType": MODEL_SIGNING_PREDICATE,
+            "predicate": {
+                "resources": [{"name": "manifest.json", "algorithm": "sha256", "digest": "ab" * 32}]
+            },
+        }
+    )
+    env = signed(payload, key)
+
+    def model_sig(e: Envelope, sig_b64: str | None = None) -> bytes:
+        sig = sig_b64 or base64.b64encode(e.signatures[0].sig).decode()
+        obj = {
+            "payload": base64.b64encode(e.payload).decode(),
+            "payloadType": e.payload_type,
+            "signatures": [{"sig": sig}],
+        }
+        return json.dumps({"dsseEnvelope": obj}).encode()
+
+    parse_model_signature(model_sig(env), "a.kolm").verify_by(trusted)
+    with pytest.raises(SignatureError, match="low-S"):
+        parse_model_signature(model_sig(high_s(env)), "a.kolm").verify_by(trusted)
+    for i in range(100):
+        e = signed(payload + b" " * i, key)  # other signatures until one is padded
+        b64 = base64.b64encode(e.signatures[0].sig).decode()
+        if b64.endswith("="):
+            break
+    with pytest.raises(ArtifactError, match="not canonical base64"):
+        parse_model_signature(model_sig(e, padding_bits_set(b64)), "a.kolm")
