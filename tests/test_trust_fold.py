@@ -216,7 +216,7 @@ def test_apply_refuses_and_fold_skips_a_revoked_key_id() -> None:
 
 
 def _entry(i: int, env: Envelope, t: datetime) -> Entry:
-    return Entry(i, env.leaf_hash(), b"\0" * 32, "key", env.signatures[0].keyid, t, env.to_bytes())
+    return Entry(i, b"\0" * 32, b"\0" * 32, "key", env.signatures[0].keyid, t, env.to_bytes())
 
 
 def test_fold_checks_each_key_receipt_against_the_state_so_far() -> None:
