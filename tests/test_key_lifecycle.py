@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,11 @@ def test_revoke_through_the_service_before_stays_valid_after_is_refused(
             args = ["keys", "revoke", "--keys", str(keys.dir), "--keyid", keys.compile.keyid()[:12]]
             assert kolm_main([*args, "--reason", "leaked", "--ledger", srv.target]) == 0
             assert "revoked compile key" in capsys.readouterr().out
+            # trust.json (what offline verifiers read) now ends the key's validity too
+            on_disk = TrustRoot.load(keys.dir / "trust.json").get(keys.compile.keyid())
+            assert on_disk.not_after is not None
+            assert on_disk.not_after < datetime.now(UTC)
+            assert verify_bundle(before.bundle, TrustRoot.load(keys.dir / "trust.json"))  # type: ignore[arg-type]
             with pytest.raises(KolmError) as e:
                 c.append(label_env(keys.compile, 1))
             assert e.value.grpc_code == "FAILED_PRECONDITION"
