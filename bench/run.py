@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark in turn (each prints its own side-by-side ratios).
 
-.venv/bin/python bench/run.py [--quick] [--only ledger,compile,infer,recall]
+.venv/bin/python bench/run.py [--quick] [--only ledger,compile,infer,recall,kscore]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ BENCHES = {
     "infer": "bench_infer.py",
     "recall": "bench_recall.py",
     "compile": "bench_compile.py",
+    "kscore": "bench_kscore.py",
 }
 
 

@@ -238,6 +238,7 @@ class ReexecStudent:
     threads: int
     batch_size: int
     _tmp: Path | None = None
+    _environment: dict[str, Any] | None = None
 
     @property
     def recorded(self) -> dict[str, Any] | None:
@@ -252,13 +253,16 @@ class ReexecStudent:
             return list(self.student.predict(list(texts), batch_size=self.batch_size))
 
     def environment(self) -> dict[str, Any]:
-        """This machine's determinism record at the settings used here."""
-        return determinism_record(
-            self.predict,
-            threads=self.threads,
-            batch_size=self.batch_size,
-            dtype=str(getattr(self.student, "dtype", "float32")),
-        )
+        """This machine's determinism record at the settings used here (the probe runs
+        once per loaded student)."""
+        if self._environment is None:
+            self._environment = determinism_record(
+                self.predict,
+                threads=self.threads,
+                batch_size=self.batch_size,
+                dtype=str(getattr(self.student, "dtype", "float32")),
+            )
+        return dict(self._environment)
 
     def read(self, rel: str) -> bytes:
         """A signed file of the artifact (already checked against its digest)."""
