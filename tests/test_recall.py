@@ -416,7 +416,7 @@ def _world(tmp_path: Path) -> tuple[Path, Any, Any, Path, str]:
     ck = PrivateKey.load(keys / "compile.key")
     d = tmp_path / "build" / "tiny"
     (d / "adapter").mkdir(parents=True)
-    (d / "adapter" / "fake_adapter.bin").write_bytes(b"\x00" * 64)
+    (d / "adapter" / "fake_adapter.dat").write_bytes(b"\x00" * 64)
     manifest = {
         "format": "kolm/v1",
         "name": "tiny",
@@ -518,7 +518,7 @@ def test_recall_update_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rc["chunking"] == {"overlap": 5, "size": 50, "source": "documents", "unit": "words"}
     assert rc["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     recall.verify_index(new.directory / rc["index"], rc["corpus_root"], expected_chunks=4)
-    assert (new.directory / "adapter" / "fake_adapter.bin").read_bytes() == b"\x00" * 64
+    assert (new.directory / "adapter" / "fake_adapter.dat").read_bytes() == b"\x00" * 64
 
     ledger.refresh_trust()
     old_pred, new_pred = _receipt(ledger, old), _receipt(ledger, new.digest)
@@ -554,7 +554,7 @@ def test_recall_update_refuses_an_unlogged_or_untrusted_artifact(tmp_path: Path)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": "a", "text": "hello"}\n')
     d = tmp_path / "build" / "tiny"
-    (d / "adapter" / "fake_adapter.bin").write_bytes(b"\x01" * 64)
+    (d / "adapter" / "fake_adapter.dat").write_bytes(b"\x01" * 64)
     unlogged = tmp_path / "unlogged.kolm"
     pack(d, unlogged, ck)
 
