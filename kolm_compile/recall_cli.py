@@ -80,7 +80,7 @@ def _append(ledger: Any, env: Any) -> tuple[int, str]:
         (r,) = ledger.append([env])
         return r.index, r.leaf_hash.hex()
     r = ledger.append(env, wait=True)  # LedgerClient
-    return int(r.index), env.leaf_hash().hex()
+    return int(r.index), r.leaf_hash.hex()
 
 
 def update_artifact(

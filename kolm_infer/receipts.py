@@ -57,6 +57,7 @@ from kolm_ledger.canonical import digest_hex
 from kolm_ledger.client import AppendResult, AsyncLedgerClient
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import InvalidInput, KolmError, StorageError, UnavailableError
+from kolm_ledger.leaf import statement_digest
 from kolm_ledger.receipts import prediction_statement, sign_statement
 from kolm_ledger.sequencer import Promise
 from kolm_ledger.verify import SALT_BYTES, input_commitment
@@ -167,7 +168,7 @@ def sign_prediction(
 class Ack:
     """How a receipt was made durable: a ledger promise (and bundle), or the local spool."""
 
-    leaf_hash: bytes
+    leaf_hash: bytes  # the ledger's leaf hash; for a receipt only spooled, its statement digest
     promise: Promise | None = None
     bundle: Bundle | None = None
     spooled: bool = False
@@ -450,7 +451,9 @@ class ReceiptWriter:
             raise UnavailableError("the inference service is shutting down")
         self.check_serving()
         data = envelope.to_bytes()
-        leaf = envelope.leaf_hash()
+        # the spool keys a receipt by its statement digest (kolm_ledger.leaf): its leaf hash
+        # binds the integration time, so only the ledger's answer carries it
+        leaf = statement_digest(envelope)
         if not wait and (self.ack == "spool" or self._spool_pending):
             # spool-first, or keep ledger order = creation order: go behind the spool
             return await self._to_spool([data], [leaf])[0]
@@ -546,7 +549,7 @@ class ReceiptWriter:
             for it, r in zip(batch, results, strict=False):
                 if isinstance(r, AppendResult):
                     acked += 1
-                    it.future.set_result(Ack(it.leaf_hash, r.promise, r.bundle))
+                    it.future.set_result(Ack(r.leaf_hash, r.promise, r.bundle))
                 elif isinstance(r, UnavailableError) and self.spool is not None and not wait:
                     to_spool.append(it)
                 else:

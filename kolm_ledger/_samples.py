@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
+from datetime import datetime
 
 from ._crypto import PrivateKey
 from .canonical import digest_hex
@@ -33,8 +34,11 @@ def _h(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
-def sample_statement(kind: str, i: int, rng: random.Random) -> Statement:
-    """One plausible statement of ``kind`` (deterministic given ``i`` and ``rng``)."""
+def sample_statement(
+    kind: str, i: int, rng: random.Random, time: datetime | None = None
+) -> Statement:
+    """One plausible statement of ``kind`` (deterministic given ``i``, ``rng`` and ``time``;
+    ``time``: the receipt's own time, default now)."""
     if kind == "label":
         label = rng.choice(_INTENTS)
         votes = {label: 4, rng.choice(_INTENTS): 1}
@@ -54,6 +58,7 @@ def sample_statement(kind: str, i: int, rng: random.Random) -> Statement:
             verifier={"name": "label_set", "version": "1", "spec_digest": _h("verifier")},
             agreement=0.8,
             job_id=f"job-{i // 100}",
+            time=time,
         )
     if kind == "eval":
         n = 200
@@ -67,6 +72,7 @@ def sample_statement(kind: str, i: int, rng: random.Random) -> Statement:
             interval=(70.0, 95.0),
             outcome_root=_h("outcomes", i),
             teacher_k_score=88.0,
+            time=time,
         )
     if kind == "artifact":
         return artifact_statement(
@@ -86,6 +92,7 @@ def sample_statement(kind: str, i: int, rng: random.Random) -> Statement:
             compile_config_digest=_h("config"),
             kolm_version="0.1.0",
             checkpoint={"origin": "kolm.dev/ledger", "size": i},
+            time=time,
         )
     if kind == "prediction":
         out = rng.choice(_INTENTS)
@@ -99,18 +106,22 @@ def sample_statement(kind: str, i: int, rng: random.Random) -> Statement:
             confidence=round(rng.random(), 4),
             latency_ms=round(rng.uniform(1, 9), 3),
             request_id=f"req-{i}",
+            time=time,
         )
     if kind == "key":
         return key_statement(
             action="register",
             public_key=PrivateKey.generate().public_key(),
             role=rng.choice(["compile", "infer"]),
+            time=time,
         )
     raise ValueError(kind)
 
 
-def sample_statements(kind: str, n: int, seed: int = 0) -> Iterator[Statement]:
-    """``n`` statements of ``kind``."""
+def sample_statements(
+    kind: str, n: int, seed: int = 0, time: datetime | None = None
+) -> Iterator[Statement]:
+    """``n`` statements of ``kind`` (dated ``time``, default now)."""
     rng = random.Random(f"{kind}:{seed}")
     for i in range(n):
-        yield sample_statement(kind, i, rng)
+        yield sample_statement(kind, i, rng, time)

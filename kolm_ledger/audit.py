@@ -2,12 +2,20 @@
 
 For every entry, in index order:
 
-1. the index follows the previous one (no gap, nothing deleted);
-2. the stored envelope parses and is in canonical (RFC 8785) form, and the stored kind
-   and key id columns are the statement's kind and the signature's key id;
-3. the stored leaf hash equals SHA-256(0x00 || envelope);
+1. the index follows the previous one (no gap, nothing deleted), and its integration
+   time is not earlier than the previous entry's (the first entry that goes back is
+   named);
+2. the stored envelope parses and is in canonical (RFC 8785) form, the stored kind
+   and key id columns are the statement's kind and the signature's key id, and no
+   earlier entry holds the same statement (payload and key id: one statement, one
+   entry; locally, the stored statement digest column is recomputed too);
+3. the stored leaf hash equals SHA-256(0x00 || JCS({"envelope", "integrated_time"}))
+   recomputed with the stored integration time (:mod:`kolm_ledger.leaf`), so a moved
+   time breaks the leaf, the chain and every root after it;
 4. the signing key is trusted (root + key receipts so far), its DSSE signature verifies,
    its role may sign the receipt kind, and it was valid at the entry's integration time;
+   the receipt's own ``time`` is RFC 3339, not before the key's ``not_before`` and not
+   later than the integration time plus the skew (:mod:`kolm_ledger.timefmt`);
 5. the stored chain hash equals SHA-256(0x02 || previous chain || leaf hash).
 
 Then, for the whole log:
@@ -33,25 +41,26 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint, check_consistent, verify_checkpoint
 from .dsse import Envelope, verify_signature
 from .errors import KolmError, NotFoundError
-from .keys import TrustRoot
+from .keys import TrustRoot, format_time
+from .leaf import entry_leaf_hash, statement_digest
 from .ledger import chain_next
 from .merkle import CompactRange
 from .receipts import Statement
-from .storage import Entry, Store
+from .storage import Entry, Store, micros
 from .storage.models import node_id
+from .timefmt import MAX_TIME_SKEW, check_receipt_time, receipt_time
 from .trust import TrustState
 
 if TYPE_CHECKING:
@@ -108,9 +117,17 @@ class _Walker:
     """
 
     def __init__(
-        self, trust: TrustRoot, cps: dict[int, Checkpoint], rep: AuditReport, local: bool
+        self,
+        trust: TrustRoot,
+        cps: dict[int, Checkpoint],
+        rep: AuditReport,
+        local: bool,
+        skew: timedelta = MAX_TIME_SKEW,
     ) -> None:
         self.state = TrustState(trust)
+        self.skew = skew
+        # statement digest -> the index of the entry that holds it (one statement, one entry)
+        self.statements: dict[bytes, int] = {}
         self.cps = cps
         self.rep = rep
         self.tree = CompactRange.empty()
@@ -131,7 +148,21 @@ class _Walker:
             self.expected = e.index  # keep walking; roots will not match past the gap
         self.expected += 1
         rep.entries += 1
-        leaf = hashlib.sha256(b"\x00" + e.envelope).digest()
+        # (1) integration times never go back (the sequencer clamps; a moved time shows)
+        if self.last_time is not None and e.integrated_at < self.last_time:
+            fail(
+                Failure(
+                    e.index,
+                    f"integration time {format_time(e.integrated_at)} goes back before the "
+                    f"previous entry's {format_time(self.last_time)}",
+                )
+            )
+        # (3) the leaf binds the envelope and its integration time
+        try:
+            leaf = entry_leaf_hash(e.envelope, micros(e.integrated_at))
+        except KolmError as err:
+            fail(Failure(e.index, f"integration time cannot be in a leaf: {err}"))
+            leaf = e.leaf_hash
         if self.local:
             self.subjects[e.index] = None
         # (3) leaf hash
@@ -161,10 +192,29 @@ class _Walker:
                     f"stored key id {e.key_id[:16]} but the envelope is signed by "
                     f"{env.signatures[0].keyid[:16]}"
                 )
+            # (2) one statement, one entry
+            digest = statement_digest(env)
+            first = self.statements.setdefault(digest, e.index)
+            if first != e.index:
+                raise KolmError(
+                    f"repeats the statement (payload and key id) of entry {first}: one "
+                    "statement, one entry"
+                )
+            if self.local and e.statement_digest != digest:
+                raise KolmError(
+                    "stored statement digest column differs from the one recomputed "
+                    "from the envelope"
+                )
             key = self.state.get(env.signatures[0].keyid)
             verify_signature(env, key.public_key)
             key.check_may_sign(st.kind)
             key.check_valid_at(e.integrated_at)
+            check_receipt_time(
+                receipt_time(st.predicate),
+                not_before=key.not_before,
+                integrated_at=e.integrated_at,
+                skew=self.skew,
+            )
             if st.kind == "key":
                 self.state = self.state.apply(st, e.integrated_at)
         except KolmError as err:
@@ -247,8 +297,12 @@ def audit(
     origin: str | None = None,
     progress: Progress | None = None,
     state_path: str | os.PathLike[str] | None = None,
+    max_time_skew: timedelta = MAX_TIME_SKEW,
 ) -> AuditReport:
     """Audit ``store`` against ``trust``; see the module docstring for the numbered checks.
+
+    ``max_time_skew``: how far a receipt's own ``time`` may lie after its integration time
+    (the ledger's ``--max-time-skew``).
 
     With ``state_path``, as in :func:`audit_remote`: the newest checkpoint must extend the
     one remembered there (same root recomputed at its size), so a database truncated or
@@ -291,7 +345,7 @@ def audit(
             )
         cps.setdefault(old.size, old)
 
-    w = _Walker(trust, cps, rep, local=True)
+    w = _Walker(trust, cps, rep, local=True, skew=max_time_skew)
     for e in store.entries():
         w.feed(e)
         if progress is not None and rep.entries % 1000 == 0:
@@ -422,6 +476,7 @@ def audit_remote(
     state_path: str | os.PathLike[str] | None = None,
     origin: str | None = None,
     progress: Progress | None = None,
+    max_time_skew: timedelta = MAX_TIME_SKEW,
 ) -> AuditReport:
     """Audit a ledger over gRPC, verifying everything client-side.
 
@@ -472,7 +527,7 @@ def audit_remote(
                 )
             )
         cps.setdefault(old.size, old)
-    w = _Walker(trust, cps, rep, local=False)
+    w = _Walker(trust, cps, rep, local=False, skew=max_time_skew)
     for e in client.entries(0, cp.size):
         w.feed(e)
         if progress is not None and rep.entries % 1000 == 0:

@@ -1,14 +1,18 @@
 """Offline receipt bundles: what a downstream system keeps to verify a receipt later.
 
-A bundle is a JSON object with exactly two fields::
+A bundle is a JSON object with exactly three fields::
 
     {
       "envelope": <the DSSE envelope JSON object>,
+      "integrated_time": <integer: µs since the epoch, UTC, when the log integrated it>,
       "tlog_proof": "<C2SP tlog-proof text: index, inclusion hashes, signed checkpoint>"
     }
 
 stored with the file extension ``.kolm-receipt.json``. It verifies with no network
-and no kolm server (:func:`kolm_ledger.verify.verify_bundle`).
+and no kolm server (:func:`kolm_ledger.verify.verify_bundle`). The entry's leaf hash is
+recomputed from ``envelope`` and ``integrated_time`` together
+(:func:`kolm_ledger.leaf.entry_leaf_hash`), so the inclusion proof under the signed
+checkpoint proves the integration time too.
 
 Example::
 
@@ -19,7 +23,7 @@ Example::
     ...     Bundle.from_bytes(b'{"envelope": {}}')
     ... except BundleFormatError as e:
     ...     print(e)
-    bundle: missing field(s) tlog_proof
+    bundle: missing field(s) integrated_time, tlog_proof
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .dsse import Envelope
 from .errors import BundleFormatError, FormatError
+from .leaf import MAX_INTEGRATED_TIME_US
 from .tlogproof import TlogProof
+
+if TYPE_CHECKING:
+    from .storage import Store
 
 __all__ = ["FILE_EXTENSION", "MAX_BUNDLE_BYTES", "Bundle"]
 
@@ -41,7 +49,7 @@ FILE_EXTENSION = ".kolm-receipt.json"
 #: Bundles larger than this are refused before parsing.
 MAX_BUNDLE_BYTES = 4 << 20
 
-_FIELDS = frozenset({"envelope", "tlog_proof"})
+_FIELDS = frozenset({"envelope", "integrated_time", "tlog_proof"})
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -55,14 +63,20 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A DSSE receipt envelope and the tlog-proof of its inclusion in the ledger."""
+    """A DSSE receipt envelope, its integration time (µs since the epoch) and the
+    tlog-proof of the entry's inclusion in the ledger."""
 
     envelope: Envelope
     tlog_proof: TlogProof
+    integrated_time: int
 
     def to_json(self) -> dict[str, Any]:
         """The bundle JSON object."""
-        return {"envelope": self.envelope.to_json(), "tlog_proof": self.tlog_proof.to_text()}
+        return {
+            "envelope": self.envelope.to_json(),
+            "integrated_time": self.integrated_time,
+            "tlog_proof": self.tlog_proof.to_text(),
+        }
 
     @classmethod
     def from_json(cls, obj: object) -> Bundle:
@@ -81,6 +95,12 @@ class Bundle:
             envelope.canonical()
         except FormatError as e:
             raise BundleFormatError(f"bundle.envelope: {e}") from e
+        t = obj["integrated_time"]
+        if type(t) is not int or not 0 <= t <= MAX_INTEGRATED_TIME_US:
+            raise BundleFormatError(
+                f"bundle.integrated_time: {str(t)[:40]!r}, want an integer number of "
+                f"microseconds since the epoch in [0, {MAX_INTEGRATED_TIME_US}]"
+            )
         text = obj["tlog_proof"]
         if not isinstance(text, str):
             raise BundleFormatError(
@@ -90,7 +110,27 @@ class Bundle:
             proof = TlogProof.from_text(text)
         except FormatError as e:
             raise BundleFormatError(f"bundle.tlog_proof: {e}") from e
-        return cls(envelope, proof)
+        return cls(envelope, proof, t)
+
+    @classmethod
+    def from_store(cls, store: Store, index: int, size: int | None = None) -> Bundle:
+        """The bundle of entry ``index`` of a ledger database, against its checkpoint of
+        ``size`` (default: the newest); raises :class:`NotFoundError` when none covers it."""
+        from .errors import InvalidInput, NotFoundError
+        from .timefmt import micros
+
+        if index < 0:
+            raise InvalidInput(f"index {index} is negative")
+        entry = store.get_entry(index)
+        cp = store.latest_checkpoint() if size is None else store.checkpoint_at(size)
+        if cp is None or cp.size <= index:
+            raise NotFoundError(f"no checkpoint covers index {index} yet")
+        proof = store.inclusion_proof(index, cp.size, check_size=False)
+        return cls(
+            Envelope.from_bytes(entry.envelope),
+            TlogProof(index, tuple(proof), cp.note),
+            micros(entry.integrated_at),
+        )
 
     def to_bytes(self) -> bytes:
         """Pretty JSON with sorted keys and a trailing newline (deterministic)."""

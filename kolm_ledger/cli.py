@@ -79,18 +79,9 @@ def cmd_ledger_checkpoint(a: argparse.Namespace) -> int:
 
 def cmd_ledger_bundle(a: argparse.Namespace) -> int:
     from .bundle import Bundle
-    from .dsse import Envelope
-    from .errors import NotFoundError
     from .storage import Store
-    from .tlogproof import TlogProof
 
-    store = Store(a.db)
-    entry = store.get_entry(a.index)
-    cp = store.latest_checkpoint()
-    if cp is None or cp.size <= a.index:
-        raise NotFoundError(f"no checkpoint covers index {a.index} yet")
-    proof = store.inclusion_proof(a.index, cp.size, check_size=False)
-    b = Bundle(Envelope.from_bytes(entry.envelope), TlogProof(a.index, tuple(proof), cp.note))
+    b = Bundle.from_store(Store(a.db), a.index)
     sys.stdout.write(b.to_bytes().decode())
     return 0
 
@@ -121,7 +112,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
                 raise BundleFormatError(f"cannot read bundle {a.bundle}: {e.strerror}") from e
             if (a.index is not None) or a.leaf_hash:
                 raise KolmError("give a BUNDLE file or --index/--leaf-hash, not both")
-            v = verify_bundle_bytes(data, trust, **witnesses)  # parsing is step 1
+            v = verify_bundle_bytes(data, trust, **witnesses, max_time_skew=_skew(a))
             bundle = Bundle.from_bytes(data)
         elif client is not None:
             if (a.index is None) == (a.leaf_hash is None):
@@ -129,7 +120,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
             bundle = client.bundle(
                 index=a.index, leaf_hash=bytes.fromhex(a.leaf_hash) if a.leaf_hash else None
             )
-            v = verify_bundle(bundle, trust, **witnesses)
+            v = verify_bundle(bundle, trust, **witnesses, max_time_skew=_skew(a))
         else:
             raise KolmError("give a BUNDLE file or --ledger HOST:PORT with --index/--leaf-hash")
         if (a.input is None) != (a.salt is None):
@@ -179,6 +170,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
             input_value=input_value,
             salt=salt,
             artifact_file=a.artifact,
+            max_time_skew=_skew(a),
         )
         replay = None
         if a.replay:  # re-execute the student on the input (kolm_ledger.reexec)
@@ -263,6 +255,28 @@ def _client(a: argparse.Namespace) -> Any:
     return LedgerClient(a.ledger, credentials=channel_credentials_from_args(a, a.ledger))
 
 
+def _skew(a: argparse.Namespace) -> Any:
+    """``--max-time-skew`` as a timedelta (how far a receipt's own time may lie after its
+    integration time)."""
+    from datetime import timedelta
+
+    s = float(getattr(a, "max_time_skew", 300.0))
+    if not 0 <= s <= 86_400:
+        raise KolmError(f"--max-time-skew {s}: want seconds in [0, 86400]")
+    return timedelta(seconds=s)
+
+
+def _add_skew_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-time-skew",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how far a receipt's own time may lie after its integration time (default 300;"
+        " the ledger, the audit and kolm verify apply one rule: docs/FORMATS.md)",
+    )
+
+
 def _witness_policy(a: argparse.Namespace) -> dict[str, Any]:
     from .witness import load_witness_verifiers
 
@@ -294,9 +308,10 @@ def cmd_audit(a: argparse.Namespace) -> int:
                 trust,
                 state_path=a.state,
                 progress=lambda n, t: prog.update(task, completed=n, total=t),
+                max_time_skew=_skew(a),
             )
     elif a.db:
-        rep = audit(Store(a.db), trust, state_path=a.state)
+        rep = audit(Store(a.db), trust, state_path=a.state, max_time_skew=_skew(a))
     else:
         raise KolmError("give --db URL or --ledger HOST:PORT")
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(rep.by_kind.items()))
@@ -341,6 +356,7 @@ def cmd_ledger_serve(a: argparse.Namespace) -> int:
             max_queue=a.max_queue,
             verify_threads=a.verify_threads,
             verify_processes=a.verify_processes,
+            max_time_skew=_skew(a),
             ready_file=a.ready_file,
         )
     )
@@ -655,6 +671,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="parse and verify multi-envelope requests in this many worker processes"
         " instead of threads (no shared GIL; default 0: threads)",
     )
+    _add_skew_argument(ls)
     ls.add_argument("--ready-file", help="write the bound port here once serving")
     ls.add_argument("--log-level", default="INFO")
     ls.add_argument(
@@ -708,6 +725,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         type=int,
         help="cosignatures needed from --witnesses (default: all of them)",
     )
+    _add_skew_argument(v)
     _tls().add_client_tls_arguments(v)
     v.set_defaults(func=cmd_verify)
 
@@ -719,6 +737,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         "--state",
         help="remember the verified checkpoint here; demand consistency with it next time",
     )
+    _add_skew_argument(au)
     _tls().add_client_tls_arguments(au)
     au.set_defaults(func=cmd_audit)
 

@@ -52,11 +52,12 @@ class AppendResult:
     """The ledger's answer to one append."""
 
     index: int
-    leaf_hash: bytes
+    leaf_hash: bytes  # binds the envelope and integrated_time_us: keep this one
     duplicate: bool
     promise: Promise
     checkpoint_size: int
     bundle: Bundle | None = None
+    integrated_time_us: int = 0
 
 
 def _result(r: pb.AppendResponse) -> AppendResult:
@@ -68,6 +69,7 @@ def _result(r: pb.AppendResponse) -> AppendResult:
         Promise(p.origin, p.index, p.leaf_hash, p.integrated_time_us, p.key_id, p.signature),
         r.checkpoint_size,
         Bundle.from_bytes(r.bundle) if r.bundle else None,
+        r.integrated_time_us or p.integrated_time_us,
     )
 
 
@@ -147,10 +149,21 @@ def _find_request(
     )
 
 
-def _leaf(index: int | None, leaf_hash: bytes | None) -> dict[str, Any]:
-    if (index is None) == (leaf_hash is None):
-        raise KolmError("give exactly one of index or leaf_hash")
-    return {"index": index} if index is not None else {"leaf_hash": leaf_hash}
+def _leaf(
+    index: int | None, leaf_hash: bytes | None, statement_digest: bytes | None = None
+) -> dict[str, Any]:
+    given = {
+        k: v
+        for k, v in (
+            ("index", index),
+            ("leaf_hash", leaf_hash),
+            ("statement_digest", statement_digest),
+        )
+        if v is not None
+    }
+    if len(given) != 1:
+        raise KolmError("give exactly one of index, leaf_hash or statement_digest")
+    return given
 
 
 class LedgerClient:
@@ -279,12 +292,20 @@ class LedgerClient:
             after = r.next_after_index
 
     def bundle(
-        self, *, index: int | None = None, leaf_hash: bytes | None = None, tree_size: int = 0
+        self,
+        *,
+        index: int | None = None,
+        leaf_hash: bytes | None = None,
+        statement_digest: bytes | None = None,
+        tree_size: int = 0,
     ) -> Bundle:
-        """The offline receipt bundle of one entry."""
+        """The offline receipt bundle of one entry: by index, by the leaf hash the ledger
+        gave, or by :func:`kolm_ledger.leaf.statement_digest` of its envelope."""
         r = self._call(
             "GetReceiptBundle",
-            pb.GetReceiptBundleRequest(tree_size=tree_size, **_leaf(index, leaf_hash)),
+            pb.GetReceiptBundleRequest(
+                tree_size=tree_size, **_leaf(index, leaf_hash, statement_digest)
+            ),
         )
         return Bundle.from_bytes(r.bundle)
 
@@ -388,12 +409,19 @@ class AsyncLedgerClient:
         return SignedCheckpoint.from_bytes(r.note)
 
     async def bundle(
-        self, *, index: int | None = None, leaf_hash: bytes | None = None, tree_size: int = 0
+        self,
+        *,
+        index: int | None = None,
+        leaf_hash: bytes | None = None,
+        statement_digest: bytes | None = None,
+        tree_size: int = 0,
     ) -> Bundle:
-        """The offline receipt bundle of one entry."""
+        """The offline receipt bundle of one entry (as :meth:`LedgerClient.bundle`)."""
         r = await self._call(
             "GetReceiptBundle",
-            pb.GetReceiptBundleRequest(tree_size=tree_size, **_leaf(index, leaf_hash)),
+            pb.GetReceiptBundleRequest(
+                tree_size=tree_size, **_leaf(index, leaf_hash, statement_digest)
+            ),
         )
         return Bundle.from_bytes(r.bundle)
 

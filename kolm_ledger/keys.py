@@ -38,6 +38,7 @@ from .errors import (
     TrustRootFormatError,
     UnknownKeyError,
 )
+from .timefmt import parse_rfc3339
 
 __all__ = [
     "ROLES",
@@ -79,19 +80,10 @@ def format_time(t: datetime) -> str:
 
 
 def parse_time(s: object, what: str) -> datetime:
-    """Parse an RFC 3339 timestamp with an explicit offset; raises naming ``what``."""
-    if not isinstance(s, str):
-        raise TrustRootFormatError(f"{what}: want an RFC 3339 string, got {type(s).__name__}")
-    try:
-        t = datetime.fromisoformat(s.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError as e:
-        raise TrustRootFormatError(f"{what}: {s[:40]!r} is not RFC 3339") from e
-    if t.tzinfo is None:
-        raise TrustRootFormatError(f"{what}: {s[:40]!r} has no UTC offset")
-    try:
-        return t.astimezone(UTC)
-    except OverflowError as e:
-        raise TrustRootFormatError(f"{what}: {s[:40]!r} is out of range") from e
+    """Parse an RFC 3339 timestamp with an explicit offset (the one strict parser,
+    :func:`kolm_ledger.timefmt.parse_rfc3339`); raises :class:`TrustRootFormatError`
+    naming ``what``."""
+    return parse_rfc3339(s, what, TrustRootFormatError)
 
 
 @dataclass(frozen=True)

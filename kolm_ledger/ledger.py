@@ -3,12 +3,21 @@
 Appending an envelope:
 
 1. checks its size (canonical JSON <= 64 KiB) before any hashing;
-2. parses it (DSSE, in-toto statement, kolm predicate type);
+2. parses it (DSSE, in-toto statement, kolm predicate type, the receipt's RFC 3339
+   ``time``: :mod:`kolm_ledger.timefmt`);
 3. finds its signing key in the trust state (trust root + key receipts in the log);
 4. verifies the DSSE signature;
-5. checks the key's role may sign that kind and the key is valid now;
-6. sequences it under the storage lock: extends the hash chain and the Merkle tree,
-   and signs one checkpoint per batch (never one inconsistent with the last);
+5. checks the key's role may sign that kind, the key is valid now, and the receipt's
+   ``time`` is not before the key's ``not_before`` nor later than now plus
+   ``max_time_skew`` (5 minutes by default);
+6. sequences it under the storage lock: an envelope whose statement (payload and key id,
+   :func:`kolm_ledger.leaf.statement_digest`) is already in the log answers with that
+   entry (``duplicate``), whatever its signature bytes; otherwise it is integrated at
+   ``max(clock, previous entry's time + 1 µs)`` — integration times never go back, even
+   when the clock does — its key and time are checked again at that integration time,
+   its leaf ``SHA-256(0x00 || JCS({"envelope", "integrated_time"}))``
+   (:mod:`kolm_ledger.leaf`) extends the hash chain and the Merkle tree, and one
+   checkpoint is signed per batch (never one inconsistent with the last);
 7. with ``witnesses`` configured, once the batch (entries and log-signed checkpoint)
    has committed, offers the newest committed checkpoint to each witness
    (:mod:`kolm_ledger.witness`) and appends the cosignatures that come back to
@@ -43,7 +52,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from ._crypto import PrivateKey
@@ -61,12 +70,13 @@ from .errors import (
     UnknownKeyError,
 )
 from .keys import TrustedKey, TrustRoot
+from .leaf import statement_digest
 from .merkle import consistency_proof
 from .note import NoteSignature, NoteSigner
 from .receipts import Statement
 from .storage import Entry, Store, StoredCheckpoint, micros
-from .storage.repository import Head, LeafHashExists, SequencingTx
-from .tlogproof import TlogProof
+from .storage.repository import Head, LeafHashExists, SequencingTx, from_micros
+from .timefmt import MAX_TIME_SKEW, check_receipt_time, receipt_time
 from .trust import TrustState, fold_key_receipts, key_receipt_entries
 from .verify_pool import Checked, ProcessVerifier, parse_receipt
 from .witness import WitnessConflict, add_checkpoint
@@ -93,21 +103,25 @@ class Validated:
     """An envelope that passed every check and is ready to sequence.
 
     ``envelope`` and ``statement`` are None when a worker process validated it
-    (``Ledger(verify_processes=N)``); a ``key`` receipt always has its statement.
+    (``Ledger(verify_processes=N)``); a ``key`` receipt always has its statement. Its
+    leaf hash is made when it is sequenced: it binds the integration time.
     """
 
     envelope: Envelope | None
     canonical: bytes
-    leaf_hash: bytes
     statement: Statement | None
     kind: str
     key_id: str
     subjects: tuple[str, ...]  # subject SHA-256 digests, in statement order
+    digest: bytes  # kolm_ledger.leaf.statement_digest: one statement, one entry
+    time_us: int  # the receipt's own ``time`` (µs since the epoch)
 
 
 @dataclass(frozen=True)
 class Appended:
-    """Where an envelope landed."""
+    """Where an envelope landed: its entry's index, leaf hash and integration time (the
+    stored entry's, for a ``duplicate``). The leaf hash binds the integration time, so
+    callers keep this one; it cannot be recomputed from the envelope alone."""
 
     index: int
     leaf_hash: bytes
@@ -155,7 +169,13 @@ class Ledger:
         witness_timeout: float = 5.0,
         verify_threads: int = DEFAULT_VERIFY_THREADS,
         verify_processes: int = 0,
+        max_time_skew: timedelta = MAX_TIME_SKEW,
     ) -> None:
+        if max_time_skew < timedelta(0):
+            raise InvalidInput(f"max_time_skew {max_time_skew}, want 0 or more")
+        #: how far a receipt's own ``time`` may lie after its integration time
+        self.max_time_skew = max_time_skew
+        self._skew_us = max_time_skew // timedelta(microseconds=1)
         if verify_threads < 1:
             raise InvalidInput(f"verify_threads {verify_threads}, want at least 1")
         if verify_processes < 0:
@@ -250,8 +270,10 @@ class Ledger:
         """
         env, canonical, st = parse_receipt(envelope)  # (1)+(2) size, then parse
         kind = st.kind
+        t = receipt_time(st.predicate)  # (2) the receipt's own time: present, RFC 3339
         keyid = env.signatures[0].keyid
         key = passed.get((keyid, kind)) if passed is not None else None
+        now = now or self._clock()
         if key is not None:
             verify_signature(env, key.public_key)  # (4); (3) and (5) passed for this pair
         else:
@@ -261,7 +283,6 @@ class Ledger:
             verify_signature(env, key.public_key)
             # (5) role and validity
             key.check_may_sign(kind)
-            now = now or self._clock()
             key.check_valid_at(now)
             if kind == "key":
                 # a key receipt that does not apply to the trust state must be refused here:
@@ -269,8 +290,18 @@ class Ledger:
                 trust.apply(st, now)
             elif passed is not None:
                 passed[(keyid, kind)] = key
-        leaf = hashlib.sha256(b"\x00" + canonical).digest()
-        return Validated(env, canonical, leaf, st, kind, keyid, tuple(st.subject_digests()))
+        # (5) the receipt time rule, against now (again at the integration time)
+        check_receipt_time(t, not_before=key.not_before, integrated_at=now, skew=self.max_time_skew)
+        return Validated(
+            env,
+            canonical,
+            st,
+            kind,
+            keyid,
+            tuple(st.subject_digests()),
+            statement_digest(env),
+            micros(t),
+        )
 
     def append(
         self, envelopes: Sequence[Envelope | bytes | Mapping[str, object]]
@@ -429,13 +460,20 @@ class Ledger:
             raise c
         if isinstance(c, str):  # "unknown" key or a "key" receipt: validate it here
             return self._validate(data, now, trust, passed)
-        leaf, kind, keyid, subjects = c
-        if (keyid, kind) not in passed:
+        digest, kind, keyid, subjects, time_us = c
+        key = passed.get((keyid, kind))
+        if key is None:
             key = trust.get(keyid)  # (3)
             key.check_may_sign(kind)  # (5)
             key.check_valid_at(now)
             passed[(keyid, kind)] = key
-        return Validated(None, data, leaf, None, kind, keyid, subjects)
+        check_receipt_time(
+            from_micros(time_us),
+            not_before=key.not_before,
+            integrated_at=now,
+            skew=self.max_time_skew,
+        )
+        return Validated(None, data, None, kind, keyid, subjects, digest, time_us)
 
     def start_workers(self) -> None:
         """Start the ``verify_processes`` workers now rather than on first use (no-op without)."""
@@ -532,10 +570,10 @@ class Ledger:
         it. A refused item raises (nothing is written), or with ``skip_refused`` takes
         its error in the result list while the others are written.
 
-        Entries are inserted without looking their leaf hashes up first; if one is
+        Entries are inserted without looking their statement digests up first; if one is
         already in the log the unique constraint refuses the insert, the transaction rolls
         back, and the batch is sequenced again with the look-up (so a duplicate still
-        returns its existing index, at the price of a second transaction).
+        returns its existing entry, at the price of a second transaction).
         """
         if not items:
             return [], None
@@ -552,7 +590,7 @@ class Ledger:
             results, signed, key_receipts = self._sequence(items, skip_refused, self._look_up)
         except LeafHashExists:
             # an item is already in the log: nothing was written; sequence the batch again,
-            # looking its leaf hashes up first (and keep doing so while duplicates come)
+            # looking its statement digests up first (and keep doing so while duplicates come)
             results, signed, key_receipts = self._sequence(every(), skip_refused, True)
         if signed is not None:
             self._verified_note = signed.to_bytes()  # ours, just committed: no need to re-verify
@@ -567,13 +605,16 @@ class Ledger:
     ) -> tuple[list[Appended | KolmError], SignedCheckpoint | None, list[Statement]]:
         """One sequencing transaction (step 6) for :meth:`append_validated`.
 
-        ``look_up`` reads which leaf hashes are already in the log before sequencing;
-        without it the entries are inserted first and the unique leaf-hash constraint
+        ``look_up`` reads which statement digests are already in the log before
+        sequencing; without it the entries are inserted first and the unique constraint
         raises :class:`LeafHashExists` (rolling everything back) if one already is — the
         common all-new batch saves a query per 500 entries.
+
+        The batch's integration time is ``max(clock, previous entry's + 1 µs)``, read
+        under the lock: stored times never go back (a clock set back cannot integrate an
+        entry before one already logged, e.g. before a revocation), and every batch has
+        its own time (the audit tells batches apart by it).
         """
-        now = self._clock()
-        now_us = micros(now)
         results: list[Appended | KolmError] = []
         key_receipts: list[Statement] = []
         signed: SignedCheckpoint | None = None
@@ -587,55 +628,74 @@ class Ledger:
             state = self.trust
             head = tx.head()
             self._check_last_checkpoint(tx.latest_checkpoint(), head)
-            # leaf hash -> index, of the log (when looked up) and of this batch so far
-            seen: dict[bytes, int] = {}
+            # the integration time: never before the previous entry's (see the docstring)
+            now_us = max(micros(self._clock()), head.last_time_us + 1)
+            now = from_micros(now_us)
+            latest_us = now_us + self._skew_us  # the latest receipt time accepted
+            # leaf_data = b'{"envelope":' + canonical + tail (kolm_ledger.leaf, inlined)
+            tail = b',"integrated_time":%d}' % now_us
+            # statement digest -> (index, leaf hash, time µs), of the log (when looked up)
+            # and of this batch so far: one statement, one entry
+            seen: dict[bytes, tuple[int, bytes, int]] = {}
             if look_up:
                 items = list(items)
-                seen = tx.existing([v.leaf_hash for v in items])
+                seen = tx.existing([v.digest for v in items])
             self._look_up = bool(seen)
             peaks = head.peaks
             chain = head.chain_head
             size = head.size
             subjects: list[tuple[str, int]] = []
             nodes: list[tuple[int, int, bytes]] = []
-            # (key id, kind) pairs whose key checks passed against ``state`` at ``now``
-            passed: set[tuple[str, str]] = set()
+            # (key id, kind) -> the key's not_before (µs), for the pairs whose key checks
+            # passed against ``state`` at ``now``
+            passed: dict[tuple[str, str], int] = {}
             sha256 = hashlib.sha256
             # rows stream to the database as they are made (PostgreSQL inserts meanwhile);
             # LeafHashExists at the end of the block if one is already stored
             with tx.entry_writer() as put:
                 for v in items:
-                    leaf = v.leaf_hash
-                    known = seen.get(leaf)
+                    digest = v.digest
+                    known = seen.get(digest)
                     if known is not None:
-                        results.append(Appended(known, leaf, now, True))
+                        idx, old_leaf, at = known
+                        results.append(Appended(idx, old_leaf, from_micros(at), True))
                         continue
                     kind = v.kind
-                    if kind == "key" or (v.key_id, kind) not in passed:
-                        try:
+                    not_before = passed.get((v.key_id, kind))
+                    try:
+                        if kind == "key" or not_before is None:
                             key = state.get(v.key_id)
                             key.check_may_sign(kind)
                             key.check_valid_at(now)
+                            not_before = micros(key.not_before)
                             if kind == "key":
                                 assert v.statement is not None  # key receipts keep theirs
                                 state = state.apply(v.statement, now)
                                 passed.clear()  # a new trust state: check every pair again
                             else:
-                                passed.add((v.key_id, kind))
-                        except KolmError as e:
-                            if not skip_refused:
-                                raise
-                            results.append(e)
-                            continue
+                                passed[(v.key_id, kind)] = not_before
+                        if not not_before <= v.time_us <= latest_us:
+                            check_receipt_time(  # raises, naming the bound
+                                from_micros(v.time_us),
+                                not_before=from_micros(not_before),
+                                integrated_at=now,
+                                skew=self.max_time_skew,
+                            )
+                    except KolmError as e:
+                        if not skip_refused:
+                            raise
+                        results.append(e)
+                        continue
+                    leaf = sha256(b'\x00{"envelope":' + v.canonical + tail).digest()
                     chain = sha256(b"\x02" + chain + leaf).digest()  # chain_next, inlined
                     nodes += peaks.append(leaf)
-                    put((size, leaf, chain, kind, v.key_id, now_us, v.canonical))
+                    put((size, leaf, chain, kind, v.key_id, now_us, v.canonical, digest))
                     subs = v.subjects
                     if len(subs) == 1:
                         subjects.append((subs[0], size))
                     else:
                         subjects.extend((d, size) for d in sorted(set(subs)))
-                    seen[leaf] = size
+                    seen[digest] = (size, leaf, now_us)
                     results.append(Appended(size, leaf, now, False))
                     if kind == "key":
                         assert v.statement is not None
@@ -646,7 +706,8 @@ class Ledger:
                 cp = Checkpoint(self.origin, size, peaks.root(), chain)
                 signed = sign_checkpoint(cp, self._signers)
                 stored = StoredCheckpoint(size, cp.root, chain, signed.to_bytes(), now)
-            tx.finish(nodes, stored, Head(size, peaks, chain), subjects)
+            last_us = now_us if size > head.size else head.last_time_us
+            tx.finish(nodes, stored, Head(size, peaks, chain, last_us), subjects)
         return results, signed, key_receipts
 
     def offer_latest_checkpoint(self) -> SignedCheckpoint | None:
@@ -827,18 +888,18 @@ class Ledger:
 
     def bundle(self, index: int, size: int | None = None) -> Bundle:
         """The offline bundle for entry ``index`` against the checkpoint of ``size`` (newest)."""
-        if index < 0:
-            raise InvalidInput(f"index {index} is negative")
-        entry = self.store.get_entry(index)
-        cp = self.store.latest_checkpoint() if size is None else self.store.checkpoint_at(size)
-        if cp is None or cp.size <= index:
-            raise NotFoundError(f"no checkpoint covers index {index} yet")
-        proof = self.store.inclusion_proof(index, cp.size, check_size=False)
-        return Bundle(Envelope.from_bytes(entry.envelope), TlogProof(index, tuple(proof), cp.note))
+        return Bundle.from_store(self.store, index, size)
 
     def bundle_for_leaf(self, leaf_hash: bytes, size: int | None = None) -> Bundle:
-        """The offline bundle for the entry with ``leaf_hash``."""
+        """The offline bundle for the entry with ``leaf_hash`` (as the ledger gave it)."""
         return self.bundle(self.store.get_by_leaf_hash(leaf_hash).index, size)
+
+    def bundle_for_envelope(self, envelope: Envelope, size: int | None = None) -> Bundle:
+        """The offline bundle for the entry of ``envelope``'s statement (its payload and
+        key id: :func:`kolm_ledger.leaf.statement_digest`), whatever its signature bytes."""
+        return self.bundle(
+            self.store.get_by_statement_digest(statement_digest(envelope)).index, size
+        )
 
 
 def envelope_json(entry: Entry) -> dict[str, object]:

@@ -3,8 +3,9 @@
 Given what the ledger returned for an artifact, recompute — trusting nothing the
 server computed:
 
-1. each returned entry's leaf hash from its envelope, and (with a trust root or the
-   ledger's trust state: :func:`kolm_ledger.trust.ledger_trust_state`) its signature,
+1. each returned entry's leaf hash from its envelope and integration time, and (with a
+   trust root or the ledger's trust state: :func:`kolm_ledger.trust.ledger_trust_state`)
+   its signature,
    that a ``compile`` key signed it, and that the key was valid (not revoked) at the
    entry's integration time;
 2. the artifact receipt names the eval receipt's leaf hash, and that eval receipt's
@@ -17,16 +18,16 @@ server computed:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 
 from .dsse import Envelope, verify_signature
 from .errors import KolmError
 from .keys import TrustRoot
+from .leaf import entry_leaf_hash
 from .merkle import root_from_leaves
 from .provenance import Provenance, predicate_of
-from .storage import Entry
+from .storage import Entry, micros
 from .trust import TrustState
 
 __all__ = ["ProvenanceReport", "check_provenance"]
@@ -70,10 +71,19 @@ class ProvenanceReport:
         return "\n".join(lines)
 
 
+def _leaf(e: Entry) -> bytes:
+    """The entry's leaf recomputed from its envelope and integration time (format v2)."""
+    try:
+        return entry_leaf_hash(e.envelope, micros(e.integrated_at))
+    except KolmError:
+        return b""
+
+
 def _check_entry(e: Entry, what: str, state: TrustState | None, fails: list[str]) -> None:
-    leaf = hashlib.sha256(b"\x00" + e.envelope).digest()
-    if leaf != e.leaf_hash:
-        fails.append(f"{what} (index {e.index}): leaf hash does not match its envelope")
+    if _leaf(e) != e.leaf_hash:
+        fails.append(
+            f"{what} (index {e.index}): leaf hash does not match its envelope and integration time"
+        )
     if state is None:
         return
     try:
@@ -130,12 +140,7 @@ def check_provenance(
     # (4)
     for e in p.labels:
         _check_entry(e, "label receipt", state, fails)
-    root = root_from_leaves(
-        [
-            hashlib.sha256(b"\x00" + e.envelope).digest()
-            for e in sorted(p.labels, key=lambda e: e.index)
-        ]
-    ).hex()
+    root = root_from_leaves([_leaf(e) for e in sorted(p.labels, key=lambda e: e.index)]).hex()
     claimed_root = str(ap.get("training_set_root", ""))
     if root != claimed_root:
         fails.append(

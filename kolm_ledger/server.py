@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
@@ -30,6 +30,7 @@ from .provenance import provenance
 from .sequencer import Promise, Sequencer
 from .storage import Entry, Store, StoredCheckpoint, micros
 from .storage.repository import from_micros
+from .timefmt import MAX_TIME_SKEW
 from .tls import role_of
 
 __all__ = ["LedgerServer", "LedgerServicer", "serve"]
@@ -169,6 +170,7 @@ class LedgerServicer(pb_grpc.LedgerServicer):
             index=a.index,
             leaf_hash=a.leaf_hash,
             duplicate=a.duplicate,
+            integrated_time_us=p.integrated_time_us,
             promise=promise_pb(p),
             checkpoint_size=cp_size,
         )
@@ -306,14 +308,21 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     ) -> pb.Checkpoint:
         return checkpoint_pb(await self._checkpoint(request.size))
 
-    async def _resolve(self, which: str | None, index: int, leaf_hash: bytes) -> int:
-        if which == "leaf_hash":
-            if len(leaf_hash) != 32:
-                raise InvalidInput(f"leaf_hash has {len(leaf_hash)} bytes, want 32")
-            return (await asyncio.to_thread(self.ledger.store.get_by_leaf_hash, leaf_hash)).index
+    async def _resolve(
+        self,
+        request: pb.GetInclusionProofRequest | pb.GetReceiptBundleRequest,
+    ) -> int:
+        which = request.WhichOneof("leaf")
+        if which in ("leaf_hash", "statement_digest"):
+            h = request.leaf_hash if which == "leaf_hash" else request.statement_digest
+            if len(h) != 32:
+                raise InvalidInput(f"{which} has {len(h)} bytes, want 32")
+            store = self.ledger.store
+            find = store.get_by_leaf_hash if which == "leaf_hash" else store.get_by_statement_digest
+            return (await asyncio.to_thread(find, h)).index
         if which == "index":
-            return _int64(index, "index")
-        raise InvalidInput("give either index or leaf_hash")
+            return _int64(request.index, "index")
+        raise InvalidInput("give one of index, leaf_hash or statement_digest")
 
     async def _checkpoint(self, size: int) -> StoredCheckpoint:
         store = self.ledger.store
@@ -327,7 +336,7 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     async def GetInclusionProof(
         self, request: pb.GetInclusionProofRequest, context: grpc.aio.ServicerContext
     ) -> pb.InclusionProof:
-        idx = await self._resolve(request.WhichOneof("leaf"), request.index, request.leaf_hash)
+        idx = await self._resolve(request)
         cp = await self._checkpoint(request.tree_size)
         if idx >= cp.size:
             raise NotFoundError(f"index {idx} is not covered by the checkpoint of size {cp.size}")
@@ -405,7 +414,7 @@ class LedgerServicer(pb_grpc.LedgerServicer):
     async def GetReceiptBundle(
         self, request: pb.GetReceiptBundleRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReceiptBundle:
-        idx = await self._resolve(request.WhichOneof("leaf"), request.index, request.leaf_hash)
+        idx = await self._resolve(request)
         size = _int64(request.tree_size, "tree size") or None
         b = await asyncio.to_thread(self.ledger.bundle, idx, size)
         return pb.ReceiptBundle(bundle=b.to_bytes(), index=idx)
@@ -477,6 +486,7 @@ async def start(
     witness_policy: str = "best-effort",
     verify_threads: int | None = None,
     verify_processes: int = 0,
+    max_time_skew: timedelta = MAX_TIME_SKEW,
 ) -> LedgerServer:
     """Start a ledger service; ``listen`` port 0 picks a free port (see ``.port``).
 
@@ -487,6 +497,7 @@ async def start(
     ``verify_threads`` > 1 validates each multi-envelope request on that many threads
     (see :meth:`LedgerServicer._validate_each`); default ``DEFAULT_VERIFY_THREADS``.
     ``verify_processes`` > 0 validates them in that many worker processes instead.
+    ``max_time_skew``: how far a receipt's own time may lie after its integration time.
     """
     if authorize is None:
         authorize = credentials is not None
@@ -500,6 +511,7 @@ async def start(
         witness_policy=witness_policy,
         verify_threads=DEFAULT_VERIFY_THREADS if verify_threads is None else verify_threads,
         verify_processes=verify_processes,
+        max_time_skew=max_time_skew,
     )
     await asyncio.to_thread(ledger.start_workers)
     seq = Sequencer(

@@ -3,16 +3,21 @@
 No network, no kolm server, no torch: only the bundle and a trust root. The
 procedure, with the step numbers that errors carry::
 
-    (1) parse bundle        the bundle JSON, its DSSE envelope and its tlog-proof parse
+    (1) parse bundle        the bundle JSON, its DSSE envelope, its ``integrated_time``
+                            and its tlog-proof parse
     (2) parse statement     the payload is an in-toto Statement v1 with a kolm predicate
-                            type and an RFC 3339 ``time``
+                            type and an RFC 3339 ``time`` (:mod:`kolm_ledger.timefmt`)
     (3) check signature     a signature is by a key in the trust root and verifies
                             (every signature by a trusted key must verify)
-    (4) check key policy    that key's role may sign this kind of receipt, and the key
-                            was valid (not before, not expired, not revoked) at the
-                            receipt's own ``time``
-    (5) compute leaf hash   ``SHA-256(0x00 || JCS(envelope))``, within the ledger's
-                            entry size limit
+    (4) check key policy    that key's role may sign this kind of receipt; the key was
+                            valid (not before, not expired, not revoked) at the entry's
+                            integration time (the bundle's ``integrated_time``, proven
+                            by steps 5-7); the receipt's own ``time`` is not before the
+                            key's ``not_before`` nor later than the integration time
+                            plus the skew (5 minutes)
+    (5) compute leaf hash   ``SHA-256(0x00 || JCS({"envelope", "integrated_time"}))``
+                            (:mod:`kolm_ledger.leaf`), within the ledger's entry size
+                            limit
     (6) check checkpoint    the tlog-proof's checkpoint is signed by a trusted log key
                             for ``origin``, valid at ``now``; with a witness policy, at
                             least ``min_witnesses`` of ``witnesses`` cosigned it
@@ -24,7 +29,8 @@ For a ``prediction`` receipt, :func:`verify_prediction` goes on::
     (8) check artifact receipt  the artifact's own receipt bundle passes steps 2-7, is an
                                 ``artifact`` receipt (so signed by a ``compile`` key),
                                 its subject is the artifact digest the prediction names,
-                                and that compile key is valid at the prediction's time
+                                and that compile key is valid at the prediction's
+                                integration time
     (9) check input commitment  ``SHA-256(salt || JCS(input))`` equals the receipt's
                                 ``input_commitment`` (the caller alone holds the salt)
     (10) check evidence         every chunk the receipt cites (recall ``evidence``) is in
@@ -61,7 +67,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import dsse
@@ -81,8 +87,10 @@ from .errors import (
     VerificationError,
 )
 from .keys import Role, TrustedKey, TrustRoot
+from .leaf import entry_leaf_hash
 from .recall_proof import read_artifact_corpus, verify_evidence
 from .receipts import Statement
+from .timefmt import MAX_TIME_SKEW, check_receipt_time, from_micros, receipt_time
 from .witness import CosignatureVerifier, verify_cosignatures
 
 __all__ = [
@@ -129,7 +137,8 @@ class VerifiedReceipt:
     index: int
     leaf_hash: bytes
     checkpoint: Checkpoint
-    time: datetime
+    time: datetime  # the receipt's own ``time`` (claimed by its signer)
+    integrated_at: datetime  # when the log integrated it (proven by the inclusion)
 
 
 def step_of(error: BaseException) -> int | None:
@@ -153,29 +162,6 @@ def _step(step: int) -> Iterator[None]:
         if step_of(e) is not None:
             raise
         raise _at_step(step, e) from e
-
-
-def _receipt_time(statement: Statement) -> datetime:
-    """The predicate's ``time``: RFC 3339 with an explicit offset, as UTC."""
-    value = statement.predicate.get("time")
-    if not isinstance(value, str):
-        raise StatementFormatError(
-            f"statement.predicate.time: want an RFC 3339 string, got {type(value).__name__}"
-        )
-    try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError as e:
-        raise StatementFormatError(
-            f"statement.predicate.time: {value[:40]!r} is not RFC 3339"
-        ) from e
-    if t.tzinfo is None:
-        raise StatementFormatError(f"statement.predicate.time: {value[:40]!r} has no UTC offset")
-    try:
-        return t.astimezone(UTC)
-    except OverflowError as e:
-        raise StatementFormatError(
-            f"statement.predicate.time: {value[:40]!r} is out of range"
-        ) from e
 
 
 def _trusted_signer(envelope: Envelope, trust: TrustRoot) -> TrustedKey:
@@ -204,11 +190,13 @@ def verify_bundle(
     now: datetime | None = None,
     witnesses: Sequence[CosignatureVerifier] = (),
     min_witnesses: int = 0,
+    max_time_skew: timedelta = MAX_TIME_SKEW,
 ) -> VerifiedReceipt:
     """Verify a parsed receipt bundle offline (steps 2 to 7 of the module docstring).
 
     ``origin``: the ledger the caller expects (default: any log in the trust root).
     ``now``: the time log keys must be valid at (default: the current time).
+    ``max_time_skew``: how far the receipt's ``time`` may lie after its integration time.
     ``witnesses``/``min_witnesses``: the cosignature policy of step 6 (requires
     ``min_witnesses <= len(witnesses)``; 0 checks none).
     Raises a :class:`~kolm_ledger.errors.KolmError` subclass whose ``step`` attribute
@@ -216,8 +204,9 @@ def verify_bundle(
 
     (2) parse the statement inside the envelope;
     (3) the signing key is trusted and its DSSE signature verifies;
-    (4) the key's role may sign this kind, and it was valid at the receipt's time;
-    (5) recompute the leaf hash from the envelope;
+    (4) the key's role may sign this kind, it was valid at the integration time, and the
+        receipt's time lies in [not_before, integration time + skew];
+    (5) recompute the leaf hash from the envelope and the integration time;
     (6) the checkpoint is signed by a trusted log key;
     (7) the inclusion proof links the leaf to the checkpoint root.
     """
@@ -228,14 +217,19 @@ def verify_bundle(
     with _step(2):
         statement = Statement.from_envelope(env)
         kind = statement.kind
-        t = _receipt_time(statement)
+        t = receipt_time(statement.predicate)
+    integrated_at = from_micros(bundle.integrated_time)
     # (3) the signing key is in the trust root and its DSSE signature verifies
     with _step(3):
         key = _trusted_signer(env, trust)
-    # (4) the key's role may sign this kind and it was valid at the receipt's time
+    # (4) the key's role may sign this kind, it was valid when the log integrated the
+    # receipt (a time steps 5-7 prove), and the receipt's own time obeys the time rule
     with _step(4):
         key.check_may_sign(kind)
-        key.check_valid_at(t)
+        key.check_valid_at(integrated_at)
+        check_receipt_time(
+            t, not_before=key.not_before, integrated_at=integrated_at, skew=max_time_skew
+        )
     # (5) recompute the leaf hash
     with _step(5):
         canonical = env.canonical()
@@ -244,7 +238,7 @@ def verify_bundle(
                 f"envelope is {len(canonical)} bytes, over the ledger's "
                 f"{MAX_ENVELOPE_BYTES}-byte entry limit"
             )
-        leaf_hash = env.leaf_hash()
+        leaf_hash = entry_leaf_hash(canonical, bundle.integrated_time)
     # (6) check the checkpoint signature
     with _step(6):
         signed = verify_checkpoint(proof.checkpoint, trust, origin=origin, at=now)
@@ -274,6 +268,7 @@ def verify_bundle(
         leaf_hash=leaf_hash,
         checkpoint=signed.checkpoint,
         time=t,
+        integrated_at=integrated_at,
     )
 
 
@@ -285,13 +280,20 @@ def verify_bundle_bytes(
     now: datetime | None = None,
     witnesses: Sequence[CosignatureVerifier] = (),
     min_witnesses: int = 0,
+    max_time_skew: timedelta = MAX_TIME_SKEW,
 ) -> VerifiedReceipt:
     """Parse (step 1) and verify (steps 2 to 7) a bundle file's bytes."""
     # (1) parse the bundle
     with _step(1):
         bundle = Bundle.from_bytes(data)
     return verify_bundle(
-        bundle, trust, origin=origin, now=now, witnesses=witnesses, min_witnesses=min_witnesses
+        bundle,
+        trust,
+        origin=origin,
+        now=now,
+        witnesses=witnesses,
+        min_witnesses=min_witnesses,
+        max_time_skew=max_time_skew,
     )
 
 
@@ -473,17 +475,18 @@ def verify_prediction(
     now: datetime | None = None,
     witnesses: Sequence[CosignatureVerifier] = (),
     min_witnesses: int = 0,
+    max_time_skew: timedelta = MAX_TIME_SKEW,
 ) -> VerifiedPrediction:
     """Verify a ``prediction`` receipt bundle offline: steps 2-7, then 8, 9 and 10.
 
     Steps 2-7 are :func:`verify_bundle`'s (the key must be an ``infer`` key valid at the
-    receipt's time); then the statement must be a well-formed prediction whose
+    receipt's integration time); then the statement must be a well-formed prediction whose
     ``output`` (when present) hashes to the subject digest (reported as step 2).
 
     (8) with ``artifact_bundle`` (the artifact receipt's bundle, e.g. from the ledger's
         ``FindEntries`` + ``GetReceiptBundle``): it passes steps 2-7, is an ``artifact``
         receipt and names the artifact digest the prediction names, and its compile key
-        is still valid (not revoked, not expired) at the prediction's time;
+        is still valid (not revoked, not expired) at the prediction's integration time;
     (9) with ``salt`` (and ``input_value``; ``None`` is not an input): the commitment
         recomputes. Giving one of ``input_value`` / ``salt`` without the other is an error.
     (10) when the receipt cites recall ``evidence`` and a trusted corpus is at hand — the
@@ -498,12 +501,19 @@ def verify_prediction(
         ``artifact_file`` is checked whether or not the receipt cites evidence: the whole
         artifact check of the inference loader (:mod:`kolm_ledger.artifact_check`; an
         unsigned extra file, a missing one, a pickle, a symlink or unsafe name fails), by a
-        compile key valid at the receipt's time, and it must be the artifact named.
+        compile key valid at the receipt's integration time, and it must be the artifact
+        named.
 
     Raises a :class:`~kolm_ledger.errors.KolmError` subclass with ``step`` set.
     """
     receipt = verify_bundle(
-        bundle, trust, origin=origin, now=now, witnesses=witnesses, min_witnesses=min_witnesses
+        bundle,
+        trust,
+        origin=origin,
+        now=now,
+        witnesses=witnesses,
+        min_witnesses=min_witnesses,
+        max_time_skew=max_time_skew,
     )
     statement = receipt.statement
     with _step(2):
@@ -515,7 +525,9 @@ def verify_prediction(
     # (8) check the artifact receipt
     if artifact_bundle is not None:
         try:
-            artifact = verify_bundle(artifact_bundle, trust, origin=origin, now=now)
+            artifact = verify_bundle(
+                artifact_bundle, trust, origin=origin, now=now, max_time_skew=max_time_skew
+            )
         except KolmError as e:
             raise _at_step(8, type(e)(f"artifact receipt: {e}")) from e
         with _step(8):
@@ -529,14 +541,15 @@ def verify_prediction(
                     f"the artifact receipt is for {named[0][:16]}…, the prediction names "
                     f"artifact {digest[:16]}…"
                 )
-            # the artifact's compile key must still be valid when the prediction was made:
-            # after its revocation (or expiry) the artifact is not to be served any more
+            # the artifact's compile key must still be valid when the prediction was logged
+            # (its authenticated integration time): after its revocation (or expiry) the
+            # artifact is not to be served any more
             signer = next(k for k in trust.keys if k.keyid == artifact.keyid)
             try:
-                signer.check_valid_at(receipt.time)
+                signer.check_valid_at(receipt.integrated_at)
             except KeyValidityError as e:
                 raise KeyValidityError(
-                    f"the artifact's compile key is not valid at the prediction's time: {e}"
+                    f"the artifact's compile key is not valid at the prediction's integration time: {e}"
                 ) from e
             ks = artifact.statement.predicate.get("k_score")
             if isinstance(ks, bool) or not isinstance(ks, int | float):
@@ -561,11 +574,16 @@ def verify_prediction(
     source = None
     if isinstance(evidence, list):
         with _step(10):
-            source = _check_evidence(pred, evidence, trust, artifact, artifact_file, receipt.time)
+            source = _check_evidence(
+                pred, evidence, trust, artifact, artifact_file, receipt.integrated_at
+            )
     elif artifact_file is not None:  # no evidence: the file still gets the loader's check
         with _step(10):
             check_artifact(
-                artifact_file, trust.by_role("compile"), at=receipt.time, expect_digest=digest
+                artifact_file,
+                trust.by_role("compile"),
+                at=receipt.integrated_at,
+                expect_digest=digest,
             )
     reason = pred.get("reason")
     root = pred.get("corpus_root")

@@ -17,7 +17,6 @@ beyond a cache of parsed keys.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import threading
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,9 @@ from .errors import (
     StatementFormatError,
     UnavailableError,
 )
+from .leaf import statement_digest
 from .receipts import Statement
+from .timefmt import micros, receipt_time
 
 __all__ = ["Checked", "ProcessVerifier", "parse_receipt"]
 
@@ -85,28 +86,30 @@ def parse_receipt(
 
 
 #: A worker's answer for one envelope that parsed and verified:
-#: (leaf hash, kind, key id, subject digests); or the string "unknown" (its key id is not
+#: (statement digest, kind, key id, subject digests, receipt time µs); or the string "unknown" (its key id is not
 #: among the keys handed over, so the caller raises the trust state's own error), "key"
 #: (a key receipt: the caller validates those itself, they change the trust state), or
 #: the :class:`KolmError` it was refused with.
-Checked = tuple[bytes, str, str, tuple[str, ...]] | str | KolmError
+Checked = tuple[bytes, str, str, tuple[str, ...], int] | str | KolmError
 
 _KEYS: dict[tuple[str, str], PublicKey] = {}  # worker side: parsed keys by (id, PEM)
 
 
 def check_chunk(keys: Mapping[str, str], chunk: Sequence[bytes]) -> list[Checked]:
-    """Worker entry point: :func:`parse_receipt`, check (4) and the leaf hash of each envelope.
+    """Worker entry point: :func:`parse_receipt`, the receipt's time, check (4) and the
+    statement digest of each envelope.
 
     ``keys`` maps key id → public key PEM (every key of the caller's trust state).
     """
     out: list[Checked] = []
     for data in chunk:
         try:
-            env, canonical, st = parse_receipt(data)
+            env, _, st = parse_receipt(data)
             kind = st.kind
             if kind == "key":
                 out.append("key")
                 continue
+            t = receipt_time(st.predicate)
             keyid = env.signatures[0].keyid
             pem = keys.get(keyid)
             if pem is None:
@@ -118,10 +121,11 @@ def check_chunk(keys: Mapping[str, str], chunk: Sequence[bytes]) -> list[Checked
             verify_signature(env, key)
             out.append(
                 (
-                    hashlib.sha256(b"\x00" + canonical).digest(),
+                    statement_digest(env),
                     kind,
                     keyid,
                     tuple(st.subject_digests()),
+                    micros(t),
                 )
             )
         except KolmError as e:

@@ -16,6 +16,7 @@ from kolm_ledger.bundle import FILE_EXTENSION, MAX_BUNDLE_BYTES, Bundle
 from kolm_ledger.checkpoint import Checkpoint, sign_checkpoint
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import BundleFormatError
+from kolm_ledger.leaf import MAX_INTEGRATED_TIME_US, entry_leaf_hash
 from kolm_ledger.note import NoteSigner
 from kolm_ledger.tlogproof import TlogProof
 
@@ -23,6 +24,7 @@ ORIGIN = "example.com/kolm"
 LOG_KEY = PrivateKey.generate("ed25519")
 COMPILE_KEY = PrivateKey.generate()
 T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
+T0_US = 1_767_268_800_000_000  # T0 in µs since the epoch
 
 
 def artifact_envelope(key: PrivateKey = COMPILE_KEY) -> Envelope:
@@ -44,13 +46,13 @@ def artifact_envelope(key: PrivateKey = COMPILE_KEY) -> Envelope:
     return receipts.sign_statement(st, key)
 
 
-def make_bundle(env: Envelope, index: int = 3, size: int = 10) -> Bundle:
+def make_bundle(env: Envelope, index: int = 3, size: int = 10, at: int = T0_US) -> Bundle:
     tree = merkle.MemoryTree()
     for i in range(size):
-        tree.append(env.leaf_hash() if i == index else merkle.hash_leaf(b"%d" % i))
+        tree.append(entry_leaf_hash(env, at) if i == index else merkle.hash_leaf(b"%d" % i))
     cp = Checkpoint(ORIGIN, size, tree.root(), bytes(32))
     note = sign_checkpoint(cp, [NoteSigner(ORIGIN, LOG_KEY)]).to_bytes()
-    return Bundle(env, TlogProof(index, tuple(tree.inclusion_proof(index, size)), note))
+    return Bundle(env, TlogProof(index, tuple(tree.inclusion_proof(index, size)), note), at)
 
 
 BUNDLE = make_bundle(artifact_envelope())
@@ -72,8 +74,9 @@ def test_bytes_are_pretty_sorted_and_end_in_newline() -> None:
     assert data.endswith(b"}\n")
     assert data == (json.dumps(json.loads(data), indent=2, sort_keys=True) + "\n").encode()
     obj = json.loads(data)
-    assert list(obj) == ["envelope", "tlog_proof"]
+    assert list(obj) == ["envelope", "integrated_time", "tlog_proof"]
     assert obj["envelope"] == BUNDLE.envelope.to_json()
+    assert obj["integrated_time"] == T0_US and type(obj["integrated_time"]) is int
     assert obj["tlog_proof"].startswith("c2sp.org/tlog-proof@v1\nindex 3\n")
     assert BUNDLE.to_bytes() == data  # deterministic
 
@@ -112,6 +115,15 @@ def _with(**changes: Any) -> dict[str, Any]:
         ([], "want a JSON object, got list"),
         (_with(envelope=...), "missing field.*envelope"),
         (_with(tlog_proof=...), "missing field.*tlog_proof"),
+        (_with(integrated_time=...), "missing field.*integrated_time"),
+        (_with(integrated_time="1767268800000000"), "bundle.integrated_time: .*want an integer"),
+        (_with(integrated_time=1.7e15), "bundle.integrated_time: .*want an integer"),
+        (_with(integrated_time=True), "bundle.integrated_time: .*want an integer"),
+        (_with(integrated_time=-1), "bundle.integrated_time: .*want an integer"),
+        (
+            _with(integrated_time=MAX_INTEGRATED_TIME_US + 1),
+            "bundle.integrated_time: .*want an integer",
+        ),
         (_with(extra=1), "unknown field.*extra"),
         (_with(envelope=[]), "bundle.envelope: envelope: want a JSON object"),
         (_with(envelope={**GOOD["envelope"], "payload": "!"}), "bundle.envelope.*payload"),

@@ -61,7 +61,7 @@ from kolm_ledger.errors import (
 from kolm_ledger.keys import TrustedKey, TrustRoot, init_keys
 from kolm_ledger.ledger import Ledger, chain_next
 from kolm_ledger.note import NoteSigner
-from kolm_ledger.storage import Store
+from kolm_ledger.storage import Store, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES, node_id
 from kolm_ledger.verify import verify_bundle
 
@@ -134,7 +134,9 @@ def ledger_on(url: str, clock: Clock | None = None, trust: TrustRoot = TRUST) ->
 
 
 def receipt(kind: str, i: int = 0, signer: str | None = None) -> Envelope:
-    st = sample_statement(kind, i, random.Random(f"{kind}{i}"))
+    # dated T0 (the injected clock's start): a receipt's time may not lie after its
+    # integration time plus the skew, nor before its key's not_before
+    st = sample_statement(kind, i, random.Random(f"{kind}{i}"), T0)
     return receipts.sign_statement(st, KEYS[signer or SIGNER[kind]])
 
 
@@ -199,7 +201,10 @@ def test_validate_accepts_every_kind_signed_by_its_role(ledger: Ledger) -> None:
         v = ledger.validate(env)
         assert (v.kind, v.key_id) == (kind, KEYS[SIGNER[kind]].keyid())
         assert v.canonical == env.canonical()
-        assert v.leaf_hash == hashlib.sha256(b"\x00" + env.canonical()).digest()
+        # one statement, one entry: the digest of what was signed and by whom, not of sig
+        pae = dsse.pae(env.payload_type, env.payload)
+        assert v.digest == hashlib.sha256(pae + env.signatures[0].keyid.encode()).digest()
+        assert v.time_us == micros(T0)
         # bytes and the JSON object validate to the same thing
         assert ledger.validate(env.to_bytes()) == v
         assert ledger.validate(env.to_json()) == v
@@ -335,8 +340,12 @@ def test_validate_checks_key_validity_at_the_injected_clock(sqlite_url: str) -> 
     with pytest.raises(KeyValidityError, match="not valid before"):
         led.validate(receipt("label", signer="future"))
     # the same keys at other times, passed explicitly or through the clock
-    led.validate(receipt("label", signer="expired"), now=T0 - timedelta(days=2))
-    led.validate(receipt("label", signer="future"), now=T0 + timedelta(days=2))
+    # (receipts dated when the key was valid: a receipt's time may not lie after the
+    # validation time plus the skew, nor before its key's not_before)
+    st = sample_statement("label", 0, random.Random(0), T0 - timedelta(days=3))
+    led.validate(receipts.sign_statement(st, KEYS["expired"]), now=T0 - timedelta(days=2))
+    st = sample_statement("label", 0, random.Random(0), T0 + timedelta(days=2))
+    led.validate(receipts.sign_statement(st, KEYS["future"]), now=T0 + timedelta(days=2))
     win = receipt("prediction", signer="window")
     clock.t = T0 - timedelta(seconds=1)
     with pytest.raises(KeyValidityError, match="not valid before"):
@@ -399,7 +408,9 @@ def test_future_revocation_registration_and_rotation(sqlite_url: str) -> None:
     clock = Clock(T0)
     led = ledger_on(sqlite_url, clock)
     new_infer = PrivateKey.generate()
-    pred = receipts.sign_statement(sample_statement("prediction", 1, random.Random(1)), new_infer)
+    pred = receipts.sign_statement(
+        sample_statement("prediction", 1, random.Random(1), T0), new_infer
+    )
     with pytest.raises(UnknownKeyError):
         led.validate(pred)
     reg = receipts.key_statement(
@@ -426,14 +437,18 @@ def test_future_revocation_registration_and_rotation(sqlite_url: str) -> None:
         led.append([receipt("prediction", 2)])
     # the registered key's own not_after holds too
     led.append(
-        [receipts.sign_statement(sample_statement("prediction", 3, random.Random(3)), new_infer)]
+        [
+            receipts.sign_statement(
+                sample_statement("prediction", 3, random.Random(3), T0), new_infer
+            )
+        ]
     )
     clock.tick(hours=1, seconds=1)
     with pytest.raises(KeyValidityError, match="expired"):
         led.append(
             [
                 receipts.sign_statement(
-                    sample_statement("prediction", 4, random.Random(4)), new_infer
+                    sample_statement("prediction", 4, random.Random(4), T0), new_infer
                 )
             ]
         )
@@ -449,7 +464,11 @@ def test_future_revocation_registration_and_rotation(sqlite_url: str) -> None:
     led.append([receipts.sign_statement(rot, KEYS["admin"])])
     clock.tick(seconds=1)
     led.append(
-        [receipts.sign_statement(sample_statement("label", 1, random.Random(1)), new_compile)]
+        [
+            receipts.sign_statement(
+                sample_statement("label", 1, random.Random(1), clock.t), new_compile
+            )
+        ]
     )
     with pytest.raises(KeyValidityError, match="revoked"):
         led.append([receipt("label", 2)])
@@ -688,7 +707,11 @@ def test_chain_leaves_root_and_note_recomputed_independently(db_url: str) -> Non
         assert e.index == i
         # the stored envelope is the RFC 8785 form of the DSSE JSON the producer signed
         assert e.envelope == rfc8785.dumps(envs[i].to_json())
-        leaf = hashlib.sha256(b"\x00" + e.envelope).digest()
+        # log format v2: the leaf binds the envelope and its integration time (µs)
+        data = rfc8785.dumps(
+            {"envelope": envs[i].to_json(), "integrated_time": micros(e.integrated_at)}
+        )
+        leaf = hashlib.sha256(b"\x00" + data).digest()
         assert e.leaf_hash == leaf
         chain = hashlib.sha256(b"\x02" + chain + leaf).digest()
         assert e.chain_hash == chain

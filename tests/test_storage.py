@@ -12,6 +12,7 @@ import hashlib
 import math
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from kolm_ledger.errors import (
     StorageError,
 )
 from kolm_ledger.keys import TrustRoot
+from kolm_ledger.leaf import entry_leaf_hash, statement_digest
 from kolm_ledger.ledger import Ledger
 from kolm_ledger.storage import Head, NewEntry, Store, StoredCheckpoint, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES
@@ -146,6 +148,7 @@ def test_migrations_create_the_schema(db_url: str, store: Store) -> None:
             "key_id",
             "integrated_at",
             "envelope",
+            "statement_digest",
         },
         "entry_subjects": {"digest", "idx"},
         "nodes": {"node_id", "hash"},
@@ -159,11 +162,11 @@ def test_migrations_create_the_schema(db_url: str, store: Store) -> None:
     indexed = {tuple(ix["column_names"]) for ix in insp.get_indexes("entries")}
     assert {("kind",), ("key_id",), ("integrated_at",)} <= indexed
     uniques = {tuple(u["column_names"]) for u in insp.get_unique_constraints("entries")}
-    assert ("leaf_hash",) in uniques or ("leaf_hash",) in {
-        tuple(ix["column_names"]) for ix in insp.get_indexes("entries") if ix["unique"]
-    }
+    unique_ix = {tuple(ix["column_names"]) for ix in insp.get_indexes("entries") if ix["unique"]}
+    assert ("leaf_hash",) in uniques or ("leaf_hash",) in unique_ix
+    assert ("statement_digest",) in unique_ix  # one statement, one entry
     with store.engine.connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
         if store.dialect == "sqlite":
             names = {
                 r[0]
@@ -256,7 +259,8 @@ def test_a_failing_batch_writes_nothing(db_url: str, store: Store, keys: Keys) -
     before = count_rows(db_url)
     # the ledger refuses a batch with one bad envelope before writing anything
     bad = keys.receipt("prediction", 2)
-    bad = Envelope(bad.payload + b" ", bad.payload_type, bad.signatures)
+    sig = bad.signatures[0]
+    bad = Envelope(bad.payload, bad.payload_type, (replace(sig, sig=sig.sig[:-1] + b"\x01"),))
     with pytest.raises(SignatureError):
         keys.ledger.append([keys.receipt("label", 3), keys.receipt("artifact", 4), bad])
     assert count_rows(db_url) == before
@@ -336,7 +340,7 @@ def test_duplicate_envelopes_return_the_existing_index(
         (2, False),
         (1, True),
     ]
-    assert res[0].leaf_hash == res[2].leaf_hash == a.leaf_hash()
+    assert res[0].leaf_hash == res[2].leaf_hash == store.get_entry(0).leaf_hash
     assert store.size() == 3
     # across batches: nothing new is written, not even a checkpoint
     before = count_rows(db_url)
@@ -359,7 +363,9 @@ def test_get_by_index_and_by_leaf_hash(store: Store, keys: Keys) -> None:
         e = store.get_entry(i)
         assert e.index == i
         assert e.envelope == env.canonical()
-        assert e.leaf_hash == env.leaf_hash() == hashlib.sha256(b"\x00" + e.envelope).digest()
+        assert e.leaf_hash == entry_leaf_hash(env, micros(e.integrated_at))
+        assert e.statement_digest == statement_digest(env)
+        assert store.get_by_statement_digest(e.statement_digest) == e
         assert e.kind == receipts.KINDS[i]
         assert e.key_id == env.signatures[0].keyid
         assert store.get_by_leaf_hash(e.leaf_hash) == e
@@ -526,7 +532,8 @@ def _padded(keys: Keys, pad: int) -> Envelope:
         confidence=0.5,
         latency_ms=1.0,
         request_id="big",
-        time=T0,
+        # whole seconds (a fixed length), not before the keys' not_before (init_keys: now)
+        time=datetime.now(UTC).replace(microsecond=0),
     )
     return receipts.sign_statement(st, keys.by_role["infer"])
 

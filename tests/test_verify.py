@@ -12,7 +12,7 @@ import functools
 import json
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -39,7 +39,9 @@ from kolm_ledger.errors import (
     UnknownKeyError,
 )
 from kolm_ledger.keys import Role, TrustedKey, TrustRoot
+from kolm_ledger.leaf import entry_leaf_hash
 from kolm_ledger.note import Note, NoteSigner
+from kolm_ledger.storage import micros
 from kolm_ledger.tlogproof import TlogProof
 from kolm_ledger.verify import STEPS, VerifiedReceipt, step_of, verify_bundle, verify_bundle_bytes
 
@@ -52,6 +54,7 @@ FUZZ = settings(
 
 ORIGIN = "example.com/kolm"
 T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)  # the receipts' own time
+AT = T0 + timedelta(minutes=1)  # when the log integrated them (the bundle's integrated_time)
 NOW = datetime(2026, 2, 1, tzinfo=UTC)  # when the downstream system verifies
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -134,11 +137,13 @@ def build(
     origin: str = ORIGIN,
     root: bytes | None = None,
     cp_size: int | None = None,
+    at: datetime = AT,
 ) -> Bundle:
-    """A bundle for ``env`` as leaf ``index`` of a tree of ``size`` leaves."""
+    """A bundle for ``env`` as leaf ``index`` of a tree of ``size`` leaves, integrated ``at``."""
     tree = merkle.MemoryTree()
+    us = micros(at)
     for i in range(size):
-        tree.append(env.leaf_hash() if i == index else merkle.hash_leaf(b"filler %d" % i))
+        tree.append(entry_leaf_hash(env, us) if i == index else merkle.hash_leaf(b"filler %d" % i))
     cp = Checkpoint(
         origin,
         size if cp_size is None else cp_size,
@@ -146,11 +151,12 @@ def build(
         b"\x07" * 32,
     )
     note = sign_checkpoint(cp, [NoteSigner(origin, KEYS[log])]).to_bytes()
-    return Bundle(env, TlogProof(index, tuple(tree.inclusion_proof(index, size)), note))
+    return Bundle(env, TlogProof(index, tuple(tree.inclusion_proof(index, size)), note), us)
 
 
 ENV = sign(artifact_statement())
 BUNDLE = build(ENV)
+BUNDLE_LEAF = entry_leaf_hash(ENV, micros(AT))
 
 
 def verify(b: Bundle, **kw: Any) -> VerifiedReceipt:
@@ -211,11 +217,15 @@ def test_verifies() -> None:
     assert v.keyid == KEYS["compile"].keyid()
     assert v.role == "compile"
     assert v.index == INDEX
-    assert v.leaf_hash == ENV.leaf_hash() == merkle.hash_leaf(ENV.canonical())
+    assert v.leaf_hash == entry_leaf_hash(ENV, micros(AT))
+    assert v.leaf_hash == merkle.hash_leaf(
+        canonical_json({"envelope": ENV.to_json(), "integrated_time": micros(AT)})
+    )
     assert v.checkpoint.size == SIZE and v.checkpoint.origin == ORIGIN
     assert v.statement == receipts.Statement.from_envelope(ENV)
     assert v.envelope == ENV
     assert v.time == T0
+    assert v.integrated_at == AT
     assert verify_bundle(BUNDLE, TRUST, origin=ORIGIN, now=NOW) == v
     assert verify_bundle_bytes(BUNDLE.to_bytes(), TRUST, now=NOW) == v
 
@@ -337,8 +347,9 @@ def test_step4_expired_not_yet_valid_revoked() -> None:
         assert match in str(e)
 
 
-def test_step4_validity_is_judged_at_the_receipts_own_time() -> None:
-    # the same "expired" key verifies for a receipt made while it was valid
+def test_step4_validity_is_judged_at_the_integration_time() -> None:
+    # the same "expired" key verifies for a receipt the log integrated while it was valid
+    made = datetime(2025, 3, 1, tzinfo=UTC)
     st_ = receipts.eval_statement(
         artifact_digest="a" * 64,
         holdout_digest="b" * 64,
@@ -348,9 +359,14 @@ def test_step4_validity_is_judged_at_the_receipts_own_time() -> None:
         interval=(0.6, 0.98),
         outcome_root="c" * 64,
         teacher_k_score=95.0,
-        time=datetime(2025, 3, 1, tzinfo=UTC),
+        time=made,
     )
-    assert verify(build(sign(st_, "expired"))).role == "compile"
+    env = sign(st_, "expired")
+    assert verify(build(env, at=made + timedelta(minutes=1))).role == "compile"
+    # ... but not one integrated after it expired, whatever time the receipt claims: the
+    # integration time is the one the log key authenticated (it is in the leaf)
+    e = expect_step(4, KeyValidityError, lambda: verify(build(env)))
+    assert "expired at 2025-06-01" in str(e) and "2026-01-01T12:01:00Z" in str(e)
 
 
 def test_step5_envelope_over_the_ledger_size_limit() -> None:
@@ -481,7 +497,7 @@ def test_any_bit_flip_in_the_root_fails(bit: int) -> None:
 @FUZZ
 @given(bit=st.integers(0, 255))
 def test_any_bit_flip_in_the_leaf_fails(bit: int) -> None:
-    leaf = flip(ENV.leaf_hash(), bit)
+    leaf = flip(BUNDLE_LEAF, bit)
     sc = SignedCheckpoint.from_bytes(BUNDLE.tlog_proof.checkpoint)
     with pytest.raises(InclusionProofError):
         BUNDLE.tlog_proof.verify_inclusion(leaf, sc.checkpoint)

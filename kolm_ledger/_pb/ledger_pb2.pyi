@@ -31,20 +31,22 @@ class SignedPromise(_message.Message):
     def __init__(self, origin: _Optional[str] = ..., index: _Optional[int] = ..., leaf_hash: _Optional[bytes] = ..., integrated_time_us: _Optional[int] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
-    __slots__ = ("index", "leaf_hash", "duplicate", "promise", "bundle", "checkpoint_size")
+    __slots__ = ("index", "leaf_hash", "duplicate", "integrated_time_us", "promise", "bundle", "checkpoint_size")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LEAF_HASH_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    INTEGRATED_TIME_US_FIELD_NUMBER: _ClassVar[int]
     PROMISE_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_SIZE_FIELD_NUMBER: _ClassVar[int]
     index: int
     leaf_hash: bytes
     duplicate: bool
+    integrated_time_us: int
     promise: SignedPromise
     bundle: bytes
     checkpoint_size: int
-    def __init__(self, index: _Optional[int] = ..., leaf_hash: _Optional[bytes] = ..., duplicate: _Optional[bool] = ..., promise: _Optional[_Union[SignedPromise, _Mapping]] = ..., bundle: _Optional[bytes] = ..., checkpoint_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., leaf_hash: _Optional[bytes] = ..., duplicate: _Optional[bool] = ..., integrated_time_us: _Optional[int] = ..., promise: _Optional[_Union[SignedPromise, _Mapping]] = ..., bundle: _Optional[bytes] = ..., checkpoint_size: _Optional[int] = ...) -> None: ...
 
 class AppendStreamRequest(_message.Message):
     __slots__ = ("batch_id", "envelopes", "wait_for_checkpoint")
@@ -101,14 +103,16 @@ class Checkpoint(_message.Message):
     def __init__(self, note: _Optional[bytes] = ..., size: _Optional[int] = ..., root: _Optional[bytes] = ..., chain_head: _Optional[bytes] = ...) -> None: ...
 
 class GetInclusionProofRequest(_message.Message):
-    __slots__ = ("index", "leaf_hash", "tree_size")
+    __slots__ = ("index", "leaf_hash", "statement_digest", "tree_size")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LEAF_HASH_FIELD_NUMBER: _ClassVar[int]
+    STATEMENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
     index: int
     leaf_hash: bytes
+    statement_digest: bytes
     tree_size: int
-    def __init__(self, index: _Optional[int] = ..., leaf_hash: _Optional[bytes] = ..., tree_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., leaf_hash: _Optional[bytes] = ..., statement_digest: _Optional[bytes] = ..., tree_size: _Optional[int] = ...) -> None: ...
 
 class InclusionProof(_message.Message):
     __slots__ = ("index", "tree_size", "leaf_hash", "hashes", "checkpoint")
@@ -197,14 +201,16 @@ class FindEntriesResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., next_after_index: _Optional[int] = ...) -> None: ...
 
 class GetReceiptBundleRequest(_message.Message):
-    __slots__ = ("index", "leaf_hash", "tree_size")
+    __slots__ = ("index", "leaf_hash", "statement_digest", "tree_size")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LEAF_HASH_FIELD_NUMBER: _ClassVar[int]
+    STATEMENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
     index: int
     leaf_hash: bytes
+    statement_digest: bytes
     tree_size: int
-    def __init__(self, index: _Optional[int] = ..., leaf_hash: _Optional[bytes] = ..., tree_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., leaf_hash: _Optional[bytes] = ..., statement_digest: _Optional[bytes] = ..., tree_size: _Optional[int] = ...) -> None: ...
 
 class ReceiptBundle(_message.Message):
     __slots__ = ("bundle", "index")

@@ -1,7 +1,8 @@
 """SQLAlchemy 2 table models of the ledger.
 
 ``entries``        one row per receipt: index, leaf hash, chain hash, kind, signing key id,
-                   integration time (µs since the epoch, UTC) and the canonical envelope.
+                   integration time (µs since the epoch, UTC), the canonical envelope and
+                   its statement digest (unique: one statement, one entry; revision 0003).
 ``entry_subjects`` subject digest → entry index, for provenance look-ups.
 ``nodes``          every completed interior Merkle node (level >= 1), keyed by
                    ``node_id = level * 2**48 + index``, so proofs cost O(log n) reads.
@@ -67,6 +68,8 @@ class EntryRow(Base):
     key_id: Mapped[str] = mapped_column(String(64), index=True)
     integrated_at: Mapped[int] = mapped_column(BigInteger, index=True)
     envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    #: kolm_ledger.leaf.statement_digest of the envelope (revision 0003)
+    statement_digest: Mapped[bytes | None] = mapped_column(LargeBinary(32), unique=True)
 
 
 class SubjectRow(Base):

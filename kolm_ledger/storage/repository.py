@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from ..errors import InvalidInput, KolmError, NotFoundError, StorageError
 from ..merkle import CompactRange, NodeID, consistency_proof, inclusion_proof, peak_ids
+from ..timefmt import from_micros as from_micros
+from ..timefmt import micros as micros
 from .models import (
     NODE_LEVEL_SHIFT,
     CheckpointRow,
@@ -49,18 +51,6 @@ __all__ = [
 
 _ADVISORY_LOCK_KEY = 0x6B6F6C6D  # "kolm"
 _MIGRATIONS = Path(__file__).parent / "migrations"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def micros(t: datetime) -> int:
-    """Microseconds since the epoch (UTC)."""
-    d = t.astimezone(UTC) - _EPOCH
-    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
-
-
-def from_micros(us: int) -> datetime:
-    """Inverse of :func:`micros`."""
-    return datetime.fromtimestamp(us / 1_000_000, tz=UTC).replace(microsecond=us % 1_000_000)
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,9 @@ class Entry:
     kind: str
     key_id: str
     integrated_at: datetime
-    envelope: bytes  # canonical JSON of the DSSE envelope (the Merkle leaf data)
+    envelope: bytes  # canonical JSON of the DSSE envelope (with the time: the leaf data)
+    #: :func:`kolm_ledger.leaf.statement_digest` of the envelope, as stored (b"" when not read)
+    statement_digest: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -88,6 +80,7 @@ class NewEntry:
     integrated_at_us: int
     envelope: bytes
     subjects: tuple[str, ...]
+    statement_digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +101,8 @@ class Head:
     size: int
     peaks: CompactRange
     chain_head: bytes
+    #: the last entry's integration time (µs; 0 for an empty log): the next is not earlier
+    last_time_us: int = 0
 
 
 def _entry(r: Any) -> Entry:
@@ -119,6 +114,7 @@ def _entry(r: Any) -> Entry:
         r.key_id,
         from_micros(r.integrated_at),
         bytes(r.envelope),
+        bytes(r.statement_digest or b""),
     )
 
 
@@ -164,17 +160,27 @@ def _with_cosignatures(conn: Connection, cps: list[StoredCheckpoint]) -> list[St
     return out
 
 
-EntryTuple = tuple[int, bytes, bytes, str, str, int, bytes]
+EntryTuple = tuple[int, bytes, bytes, str, str, int, bytes, bytes | None]
 """An entry row as :meth:`SequencingTx.insert_entries` takes it: ``(index, leaf_hash,
-chain_hash, kind, key_id, integrated_at_us, envelope)``."""
+chain_hash, kind, key_id, integrated_at_us, envelope, statement_digest)``."""
 
-_ENTRY_COLUMNS = ("idx", "leaf_hash", "chain_hash", "kind", "key_id", "integrated_at", "envelope")
-_ENTRY_TYPES = ("int8", "bytea", "bytea", "varchar", "varchar", "int8", "bytea")
-_LEAF_CONSTRAINT = "uq_entries_leaf_hash"
+_ENTRY_COLUMNS = (
+    "idx",
+    "leaf_hash",
+    "chain_hash",
+    "kind",
+    "key_id",
+    "integrated_at",
+    "envelope",
+    "statement_digest",
+)
+_ENTRY_TYPES = ("int8", "bytea", "bytea", "varchar", "varchar", "int8", "bytea", "bytea")
+_UNIQUE_CONSTRAINTS = ("uq_entries_leaf_hash", "uq_entries_statement_digest")
 
 
 class LeafHashExists(StorageError):
-    """An insert met an entry whose leaf hash is already in the log (the unique constraint).
+    """An insert met an entry already in the log: its statement digest (one statement, one
+    entry) or its leaf hash is stored (the unique constraints).
 
     :meth:`~kolm_ledger.ledger.Ledger.append_validated` inserts optimistically (no
     look-up first) and, on this, sequences the batch again with the duplicates resolved.
@@ -187,14 +193,16 @@ def _is_driver_error(e: BaseException) -> bool:
 
 
 def _is_leaf_conflict(e: BaseException) -> bool:
-    """Whether ``e`` is the unique violation of ``entries.leaf_hash``."""
+    """Whether ``e`` is the unique violation of ``entries.statement_digest`` or
+    ``entries.leaf_hash``."""
     if isinstance(e, DBAPIError):
         e = e.orig if isinstance(e.orig, BaseException) else e
     if type(e).__name__ == "UniqueViolation":  # psycopg
         diag = getattr(e, "diag", None)
-        return getattr(diag, "constraint_name", None) == _LEAF_CONSTRAINT
+        return getattr(diag, "constraint_name", None) in _UNIQUE_CONSTRAINTS
     if type(e).__name__ == "IntegrityError" and _is_driver_error(e):  # sqlite3
-        return "entries.leaf_hash" in str(e)
+        msg = str(e)
+        return "entries.leaf_hash" in msg or "entries.statement_digest" in msg
     return False
 
 
@@ -224,41 +232,45 @@ class SequencingTx:
         ((top,),) = self._raw("SELECT max(idx) FROM entries")
         size = 0 if top is None else int(top) + 1
         if cached is not None and cached.size == size:
-            return Head(cached.size, cached.peaks.copy(), cached.chain_head)
+            return Head(cached.size, cached.peaks.copy(), cached.chain_head, cached.last_time_us)
         if size == 0:
             return Head(0, CompactRange.empty(), bytes(32))
         ids = peak_ids(size)
         peaks = _get_nodes(self.conn, ids)
-        chain = self.conn.execute(
-            select(EntryRow.chain_hash).where(EntryRow.idx == size - 1)
-        ).scalar_one_or_none()
-        if chain is None:
+        last = self.conn.execute(
+            select(EntryRow.chain_hash, EntryRow.integrated_at).where(EntryRow.idx == size - 1)
+        ).first()
+        if last is None:
             raise StorageError(f"entry {size - 1} is missing though the log has {size} rows")
-        return Head(size, CompactRange.from_peaks(size, peaks), bytes(chain))
+        return Head(size, CompactRange.from_peaks(size, peaks), bytes(last[0]), int(last[1]))
 
-    def existing(self, leaf_hashes: Sequence[bytes]) -> dict[bytes, int]:
-        """Map of those ``leaf_hashes`` already in the log to their index."""
-        out: dict[bytes, int] = {}
-        hs = list(leaf_hashes)
+    def existing(self, digests: Sequence[bytes]) -> dict[bytes, tuple[int, bytes, int]]:
+        """Map of those statement ``digests`` already in the log to their entry's
+        ``(index, leaf hash, integrated_at µs)``."""
+        out: dict[bytes, tuple[int, bytes, int]] = {}
+        hs = list(digests)
         for i in range(0, len(hs), 500):
             rows = self.conn.execute(
-                select(EntryRow.leaf_hash, EntryRow.idx).where(
-                    EntryRow.leaf_hash.in_(hs[i : i + 500])
-                )
+                select(
+                    EntryRow.statement_digest,
+                    EntryRow.idx,
+                    EntryRow.leaf_hash,
+                    EntryRow.integrated_at,
+                ).where(EntryRow.statement_digest.in_(hs[i : i + 500]))
             )
-            out.update((bytes(h), idx) for h, idx in rows)
+            out.update((bytes(d or b""), (idx, bytes(h), int(at))) for d, idx, h, at in rows)
         return out
 
     def entries_of_kind(self, kind: str, after_index: int = -1) -> list[Entry]:
         """Entries of ``kind`` after ``after_index``, in index order, read under the lock."""
         rows = self._raw(
-            "SELECT idx, leaf_hash, chain_hash, kind, key_id, integrated_at, envelope "
-            "FROM entries WHERE kind = ? AND idx > ? ORDER BY idx",
+            "SELECT idx, leaf_hash, chain_hash, kind, key_id, integrated_at, envelope, "
+            "statement_digest FROM entries WHERE kind = ? AND idx > ? ORDER BY idx",
             (kind, after_index),
         )
         return [
-            Entry(i, bytes(lh), bytes(ch), k, kid, from_micros(at), bytes(env))
-            for i, lh, ch, k, kid, at, env in rows
+            Entry(i, bytes(lh), bytes(ch), k, kid, from_micros(at), bytes(env), bytes(sd or b""))
+            for i, lh, ch, k, kid, at, env, sd in rows
         ]
 
     def latest_checkpoint(self) -> StoredCheckpoint | None:
@@ -402,6 +414,7 @@ class SequencingTx:
                         e.key_id,
                         e.integrated_at_us,
                         e.envelope,
+                        e.statement_digest,
                     )
                     for e in entries
                 ],
@@ -669,6 +682,15 @@ class Store:
             r = c.execute(select(EntryRow).where(EntryRow.leaf_hash == leaf_hash)).first()
         if r is None:
             raise NotFoundError(f"no entry with leaf hash {leaf_hash.hex()}")
+        return _entry(r)
+
+    def get_by_statement_digest(self, digest: bytes) -> Entry:
+        """The entry of the statement ``digest`` (:func:`kolm_ledger.leaf.statement_digest`:
+        one statement, one entry); raises :class:`NotFoundError`."""
+        with self._read() as c:
+            r = c.execute(select(EntryRow).where(EntryRow.statement_digest == digest)).first()
+        if r is None:
+            raise NotFoundError(f"no entry with statement digest {digest.hex()}")
         return _entry(r)
 
     def entries(self, start: int = 0, end: int | None = None, batch: int = 2000) -> Iterator[Entry]:
