@@ -147,6 +147,9 @@ class World:
             ),
             ck,
         )
+        # the eval's leaf hash binds its integration time (log format v2): log it first
+        with LedgerClient(ledger.target) as c:
+            ev_leaf = c.append(ev, wait=True).leaf_hash
         art = sign_statement(
             artifact_statement(
                 artifact_digest=digest,
@@ -155,7 +158,7 @@ class World:
                 base_model={"id": "sentence-transformers/all-MiniLM-L6-v2", "revision": "test"},
                 training_set_root="3" * 64,
                 label_count=PER_LABEL * len(LABELS),
-                eval_receipt=ev.leaf_hash().hex(),
+                eval_receipt=ev_leaf.hex(),
                 k_score=self.k_score,
                 verifier=verifier,
                 compile_config_digest="4" * 64,
@@ -166,7 +169,6 @@ class World:
             ck,
         )
         with LedgerClient(ledger.target) as c:
-            c.append(ev, wait=True)
             c.append(art, wait=True)
 
 
