@@ -644,6 +644,11 @@ class ReplayResult:
             if self.environment_differences
             else "; environment: the evaluation's (probe digest matches)"
         )
+        if delta is None:
+            return (
+                f"(replay) the student answers {out} again, confidence {self.confidence:.6f}; "
+                f"the receipt records no confidence to compare{env}"
+            )
         if self.status == "matches":
             return (
                 f"(replay) the student answers {out} again, confidence {self.confidence:.6f} "
@@ -720,7 +725,7 @@ def replay_prediction(
         rc = _num(prediction.receipt.statement.predicate.get("confidence"))
         recorded = art.recorded
         env = environment_differences(recorded, art.environment())
-        close = rc is not None and abs(conf - rc) <= tolerance
+        close = rc is None or abs(conf - rc) <= tolerance
         return ReplayResult(
             "matches" if close else "environment",
             output,
@@ -780,22 +785,27 @@ def kscore_from_args(a: argparse.Namespace, artifact: str, holdout: str) -> KSco
         except OSError as e:
             raise BundleFormatError(f"cannot read --eval-bundle {a.eval_bundle}: {e}") from e
     else:
-        # the artifact's digest names its receipts; judged by keys valid now only to read it
-        with open_artifact(artifact, trust.by_role("compile"), at=datetime.now(UTC)) as art:
-            digest = art.digest
+
+        def lookup(source: Any, **where: Any) -> tuple[TrustRoot, Bundle]:
+            # keys by the ledger's trust state (trust.json plus every key receipt); the
+            # artifact's digest names its receipts (read here with the keys valid now;
+            # verify_kscore judges the signer at the evaluation's time)
+            state = ledger_trust_state(source, trust).as_root()
+            with open_artifact(artifact, state.by_role("compile"), at=datetime.now(UTC)) as art:
+                digest = art.digest
+            return state, eval_receipt_from(digest, **where)[0]
+
         if a.ledger:
             from .cli import _client
 
             with _client(a) as c:
-                trust = ledger_trust_state(c, trust).as_root()
-                bundle, _ = eval_receipt_from(digest, client=c)
+                trust, bundle = lookup(c, client=c)
         else:
             from .storage import Store
 
             store = Store(a.db, migrate=False)
             try:
-                trust = ledger_trust_state(store, trust).as_root()
-                bundle, _ = eval_receipt_from(digest, store=store)
+                trust, bundle = lookup(store, store=store)
             finally:
                 store.close()
     receipt = verify_bundle(bundle, trust)
