@@ -6,6 +6,8 @@ Layout (every entry sorted, timestamps fixed at 1980-01-01, mode 0644)::
     <name>/task.json            the task spec (canonical)
     <name>/verifier.json        verifier name, version, params
     <name>/adapter/...          LoRA adapter (safetensors + config), head, labels, tokenizer
+    <name>/evaluation/outcomes.jsonl   per-example outcomes of the evaluation (one RFC 8785
+                                line each; their root is the eval receipt's outcome_root)
     <name>/base/...             optional: base weights (--bundle-base)
     <name>/recall/...           optional: recall index
     <name>/model.sig            sigstore bundle: DSSE envelope over an in-toto statement
@@ -27,6 +29,10 @@ Layout (every entry sorted, timestamps fixed at 1980-01-01, mode 0644)::
     kolm_version
     recall            optional: {"index": "recall/index.db", "corpus_root", "chunks", "dim",
                       "embedding_model", "chunking", "k"} (docs/RECALL.md)
+    evaluation        {"outcomes", "n", "holdout_digest", "outcome_root", "text_column",
+                      "label_column"} (compiled artifacts; docs/FORMATS.md)
+    determinism       {"torch", "threads", "dtype", "batch_size", "cpu", "probe",
+                      "probe_digest"}: what the evaluation ran on (kolm_ledger.reexec)
 
 Unzipped, ``<name>/`` verifies with ``model_signing verify key <name> --signature
 <name>/model.sig --public_key compile.pub``. The **artifact digest** is that statement's
