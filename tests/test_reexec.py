@@ -147,6 +147,28 @@ def test_kscore_verify_re_executes_to_the_signed_kscore(
     assert rc == 0, out
 
 
+def test_another_environment_is_reported_and_labels_still_decide(
+    world: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out = run(
+        capsys, "kscore", "verify", world["kolm"], "--holdout", str(world["holdout"]),
+        "--db", world["db"], "--trust", world["trust"], "--threads", "2",
+    )  # fmt: skip
+    assert rc == 0, out
+    assert "(5) environment differs from the evaluation's" in out
+    assert "threads: 2 here, 1 at evaluation" in out
+    rec = {"torch": "2.0.0", "threads": 1, "dtype": "float32", "batch_size": 64, "cpu": "x",
+           "probe": reexec.PROBE_ID, "probe_digest": "0" * 64}  # fmt: skip
+    here = {**rec, "torch": "2.13.0", "probe_digest": "1" * 64}
+    assert reexec.environment_differences(rec, here) == [
+        "torch: '2.13.0' here, '2.0.0' at evaluation",
+        "the probe batch's answers differ from the evaluation's (other arithmetic)",
+    ]
+    assert reexec.environment_differences(None, here) == [
+        "the artifact records no determinism settings (made by an older kolm)"
+    ]
+
+
 def test_an_inflated_eval_receipt_resigned_with_the_compile_key_is_caught(
     world: dict[str, Any], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
