@@ -77,8 +77,10 @@ class Clock:
         return self.t
 
 
-def signed(kind: str, i: int, key: PrivateKey | None = None) -> Any:
-    st = sample_statement(kind, i, random.Random(f"{kind}-{i}"))
+def signed(kind: str, i: int, key: PrivateKey | None = None, at: datetime = T0) -> Any:
+    # dated ``at`` (the clock starts at T0): a receipt's time lies in [its key's
+    # not_before, its integration time + 5 minutes]
+    st = sample_statement(kind, i, random.Random(f"{kind}-{i}"), at)
     return receipts.sign_statement(st, key or KEYS[SIGNER[kind]])
 
 
@@ -163,7 +165,9 @@ def build_base(url: str) -> Base:
                 action="register", public_key=EXTRA_INFER.public_key(), role="infer", time=T0
             )
             envs.append(receipts.sign_statement(st, KEYS["admin"]))
-    envs += [signed("prediction", 1000 + i, EXTRA_INFER) for i in range(11)]
+    # dated after the key's registration took effect (its not_before)
+    late = T0 + timedelta(minutes=2)
+    envs += [signed("prediction", 1000 + i, EXTRA_INFER, late) for i in range(11)]
     pos = 0
     while pos < len(envs):
         k = rng.randint(1, 12)

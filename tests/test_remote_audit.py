@@ -29,6 +29,7 @@ from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.client import AppendResult, LedgerClient
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.keys import TrustRoot
+from kolm_ledger.leaf import entry_leaf_hash, statement_digest
 from kolm_ledger.ledger import chain_next
 from kolm_ledger.merkle import CompactRange
 from kolm_ledger.note import NoteSigner
@@ -192,7 +193,7 @@ def rewrite_history(db_url: str, keys: Keys, index: int, new_env: Envelope) -> N
     cps: list[dict[str, Any]] = []
     for e in entries:
         env = new_env.canonical() if e.index == index else e.envelope
-        leaf = hashlib.sha256(b"\x00" + env).digest()
+        leaf = entry_leaf_hash(env, micros(e.integrated_at))
         chain = chain_next(chain, leaf)
         nodes += [{"node_id": node_id(lv, i), "hash": h} for lv, i, h in tree.append(leaf)]
         st = Statement.from_envelope(Envelope.from_bytes(env))
@@ -205,6 +206,7 @@ def rewrite_history(db_url: str, keys: Keys, index: int, new_env: Envelope) -> N
                 "key_id": Envelope.from_bytes(env).signatures[0].keyid,
                 "integrated_at": micros(e.integrated_at),
                 "envelope": env,
+                "statement_digest": statement_digest(Envelope.from_bytes(env)),
             }
         )
         subjects += [{"digest": d, "idx": e.index} for d in sorted(set(st.subject_digests()))]

@@ -26,6 +26,7 @@ from kolm_ledger.checkpoint import check_consistent, verify_checkpoint
 from kolm_ledger.client import LedgerClient
 from kolm_ledger.errors import KolmError
 from kolm_ledger.keys import TrustRoot
+from kolm_ledger.leaf import entry_leaf_hash
 from kolm_ledger.receipts import key_statement, sign_statement
 from kolm_ledger.storage import Store
 
@@ -39,12 +40,17 @@ STREAM_N = 8
 UNARY_N = 2
 
 # A writer process: appends to every replica in turn and prints its acknowledgements as
-# JSON [index, leaf hash hex, the envelope's own leaf hash hex, how it was appended].
+# JSON [index, leaf hash hex, the envelope's own leaf hash hex (recomputed from it and the
+# answer's integration time: log format v2), how it was appended].
 WRITER = r"""
 import json, sys
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.client import AppendResult, LedgerClient
+from kolm_ledger.leaf import entry_leaf_hash
 from kolm_ledger.receipts import label_statement, sign_statement
+
+def own(e, res):
+    return entry_leaf_hash(e, res.integrated_time_us).hex()
 
 keydir, wid, targets = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 rounds, stream_n, unary_n = map(int, sys.argv[4:7])
@@ -66,12 +72,12 @@ for r in range(rounds):
         n += stream_n
         for e, res in zip(batch, c.append_many(batch, batch=3), strict=True):
             assert isinstance(res, AppendResult), res
-            acks.append([res.index, res.leaf_hash.hex(), e.leaf_hash().hex(), "stream"])
+            acks.append([res.index, res.leaf_hash.hex(), own(e, res), "stream"])
         for _ in range(unary_n):
             e = env(n)
             n += 1
             res = c.append(e)
-            acks.append([res.index, res.leaf_hash.hex(), e.leaf_hash().hex(), "unary"])
+            acks.append([res.index, res.leaf_hash.hex(), own(e, res), "unary"])
 for c in clients:
     c.close()
 print(json.dumps(acks))
@@ -185,15 +191,19 @@ def test_replicas_on_one_postgres_build_one_chain(
     )
     c0, c1, c2 = (LedgerClient(t) for t in replicas)
     try:
+        # (each receipt made when its turn comes: a label dated before the registration
+        # took effect, its key's not_before, would be refused)
         steps = [
-            (c0, reg),
-            (c1, label_envelope(k, "keys", 1)),
-            (c2, label_envelope(k, "keys", 2)),
-            (c0, rev),
+            (c0, lambda: reg),
+            (c1, lambda: label_envelope(k, "keys", 1)),
+            (c2, lambda: label_envelope(k, "keys", 2)),
+            (c0, lambda: rev),
         ]
-        for c, env in steps:
+        for c, make in steps:
+            env = make()
             r = c.append(env)
-            acks.append((r.index, r.leaf_hash.hex(), env.leaf_hash().hex(), "unary"))
+            own = entry_leaf_hash(env, r.integrated_time_us).hex()
+            acks.append((r.index, r.leaf_hash.hex(), own, "unary"))
         for c in (c2, c1):
             with pytest.raises(
                 KolmError, match=f"key {k.keyid()[:16]} \\(compile\\) was revoked at"
