@@ -44,6 +44,7 @@ from kolm_ledger.client import LedgerClient
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import ArtifactError
 from kolm_ledger.keys import PrivateKey
+from kolm_ledger.leaf import entry_leaf_hash, statement_digest
 from kolm_ledger.receipts import Statement
 from kolm_ledger.sequencer import Promise, verify_promise
 from kolm_ledger.verify import input_commitment, verify_prediction
@@ -265,7 +266,8 @@ def test_predict_returns_the_answer_with_an_acknowledged_receipt(
     p = r.promise
     promise = Promise(p.origin, p.index, p.leaf_hash, p.integrated_time_us, p.key_id, p.signature)
     verify_promise(promise, world.key("log").public_key())
-    assert promise.leaf_hash == env.leaf_hash()
+    # log format v2: the leaf binds the envelope and its integration time
+    assert promise.leaf_hash == entry_leaf_hash(env, p.integrated_time_us)
     st = statement_of(r)
     pred = st.predicate
     assert st.kind == "prediction"
@@ -490,9 +492,16 @@ def _answers(stub: Any) -> bool:
         return False
 
 
-def ledger_leaves(target: str) -> set[bytes]:
+def sd(envelope: bytes) -> bytes:
+    """The statement digest of an envelope: what the spool keys a receipt by (its leaf
+    hash binds the integration time, known only once the ledger integrated it)."""
+    return statement_digest(Envelope.from_bytes(envelope))
+
+
+def ledger_statements(target: str) -> list[bytes]:
+    """The statement digests of the ledger's entries, in index order."""
     with LedgerClient(target) as c:
-        return {e.leaf_hash for e in c.entries()}
+        return [sd(e.envelope) for e in c.entries()]
 
 
 def wait_for(cond: Any, timeout: float = 30) -> None:
@@ -515,12 +524,11 @@ def test_spool_answers_while_the_ledger_is_down_then_replays_in_order(
         led.stop()
         rs = [predict(srv.stub, t) for t, _ in world.holdout[:6]]
         assert all(r.WhichOneof("receipt") == "spooled" and r.spooled for r in rs)
-        leaves = [Envelope.from_bytes(r.envelope).leaf_hash() for r in rs]
+        leaves = [sd(r.envelope) for r in rs]
         assert srv.srv.spool.leaf_hashes() == leaves
         led.start()
         wait_for(lambda: srv.srv.spool.depth() == 0)
-        with LedgerClient(led.target) as c:
-            got = [e.leaf_hash for e in c.entries()]
+        got = ledger_statements(led.target)
         # every spooled receipt is in the ledger, in the order the answers were made
         assert [h for h in got if h in set(leaves)] == leaves
         assert predict(srv.stub).WhichOneof("receipt") == "promise"
@@ -567,7 +575,7 @@ def test_spool_survives_kill_9_of_kolm_infer_serve(
         led.stop()
         rs = [predict(stub, t) for t, _ in world.holdout[:5]]
         assert all(r.spooled for r in rs)
-        leaves = [Envelope.from_bytes(r.envelope).leaf_hash() for r in rs]
+        leaves = [sd(r.envelope) for r in rs]
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -577,9 +585,8 @@ def test_spool_survives_kill_9_of_kolm_infer_serve(
     led.start()
     proc, stub, ch = serve()
     try:
-        wait_for(lambda: set(leaves) <= ledger_leaves(led.target))
-        with LedgerClient(led.target) as c:
-            got = [e.leaf_hash for e in c.entries()]
+        wait_for(lambda: set(leaves) <= set(ledger_statements(led.target)))
+        got = ledger_statements(led.target)
         assert [h for h in got if h in set(leaves)] == leaves
         assert predict(stub).WhichOneof("receipt") == "promise"
     finally:
@@ -644,7 +651,13 @@ def test_ledger_shutdown_ends_an_open_append_stream_and_the_client_reopens_one(
             assert all(isinstance(r, AppendResult) for r in first)
             # several batches in flight at once on the one stream, answered in order
             rs = await asyncio.gather(*(c.append_pipelined([e]) for e in envs[2:4]))
-            assert [r[0].leaf_hash for r in rs] == [e.leaf_hash() for e in envs[2:4]]  # type: ignore[union-attr]
+            assert (
+                [r[0].leaf_hash for r in rs]
+                == [  # type: ignore[union-attr]
+                    entry_leaf_hash(e, r[0].integrated_time_us)  # type: ignore[union-attr]
+                    for e, r in zip(envs[2:4], rs, strict=True)
+                ]
+            )
             assert c.append_streams_opened == 1
             # a graceful stop is not held up by the open stream (grace 10 s)
             t0 = time.monotonic()
@@ -709,10 +722,9 @@ def test_spool_first_answers_from_the_spool_and_ships_to_the_ledger_in_order(
         rs = [predict(srv.stub, t) for t in texts[:6]]
         # the answer came once the receipt was in the local spool: no promise
         assert all(r.WhichOneof("receipt") == "spooled" and r.spooled for r in rs)
-        leaves = [Envelope.from_bytes(r.envelope).leaf_hash() for r in rs]
+        leaves = [sd(r.envelope) for r in rs]
         wait_for(lambda: srv.srv.spool.depth() == 0)
-        with LedgerClient(led.target) as c:
-            got = [e.leaf_hash for e in c.entries()]
+        got = ledger_statements(led.target)
         assert [h for h in got if h in set(leaves)] == leaves  # shipped, in order
         # wait_for_inclusion still goes to the ledger and returns the bundle
         assert predict(srv.stub, wait_for_inclusion=True).WhichOneof("receipt") == "bundle"
@@ -723,12 +735,11 @@ def test_spool_first_answers_from_the_spool_and_ships_to_the_ledger_in_order(
         with pytest.raises(grpc.RpcError) as ei:  # the bundle needs the ledger
             predict(srv.stub, wait_for_inclusion=True)
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
-        later = [Envelope.from_bytes(r.envelope).leaf_hash() for r in more]
+        later = [sd(r.envelope) for r in more]
         assert srv.srv.spool.leaf_hashes() == later
         led.start()
         wait_for(lambda: srv.srv.spool.depth() == 0)
-        with LedgerClient(led.target) as c:
-            got = [e.leaf_hash for e in c.entries()]
+        got = ledger_statements(led.target)
         assert [h for h in got if h in set(leaves + later)] == leaves + later
     finally:
         srv.close()
@@ -739,6 +750,7 @@ import asyncio, sys
 from kolm_infer.receipts import ReceiptWriter, Spool, sign_prediction
 from kolm_ledger.client import AsyncLedgerClient
 from kolm_ledger.keys import PrivateKey
+from kolm_ledger.leaf import statement_digest
 
 async def main() -> None:
     key = PrivateKey.load(sys.argv[2])
@@ -752,7 +764,7 @@ async def main() -> None:
                               request_id=f"kill-{i}")[0]
         ack = await w.submit(env)
         assert ack.spooled
-        print(env.leaf_hash().hex(), flush=True)  # the answer would go out now
+        print(statement_digest(env).hex(), flush=True)  # the answer would go out now
     await asyncio.sleep(3600)
 
 asyncio.run(main())
@@ -802,10 +814,8 @@ def test_spool_first_acks_survive_kill_9(
                 await c.close()
 
         asyncio.run(replay())
-        got = ledger_leaves(led.target)
-        assert set(acked) <= got
-        with LedgerClient(led.target) as c:
-            order = [e.leaf_hash for e in c.entries()]
+        order = ledger_statements(led.target)
+        assert set(acked) <= set(order)
         assert [h for h in order if h in set(acked)] == acked
     finally:
         led.close()

@@ -446,6 +446,7 @@ def _world(tmp_path: Path) -> tuple[Path, Any, Any, Path, str]:
         ),
         ck,
     )
+    (evr,) = ledger.append([ev])
     ar = sign_statement(
         artifact_statement(
             artifact_digest=digest,
@@ -454,7 +455,7 @@ def _world(tmp_path: Path) -> tuple[Path, Any, Any, Path, str]:
             base_model=manifest["base_model"],
             training_set_root="3" * 64,
             label_count=20,
-            eval_receipt=ev.leaf_hash().hex(),
+            eval_receipt=evr.leaf_hash.hex(),  # the leaf hash the ledger answered with
             k_score=90.0,
             verifier={"name": "label_set"},
             compile_config_digest="4" * 64,
@@ -464,7 +465,7 @@ def _world(tmp_path: Path) -> tuple[Path, Any, Any, Path, str]:
         ),
         ck,
     )
-    ledger.append([ev, ar])
+    ledger.append([ar])
     return keys, ledger, ck, art, digest
 
 

@@ -29,6 +29,7 @@ from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
 from kolm_ledger.client import LedgerClient
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.keys import TrustRoot
+from kolm_ledger.leaf import entry_leaf_hash
 from kolm_ledger.verify import verify_bundle
 
 pytestmark = pytest.mark.slow
@@ -139,7 +140,8 @@ def _streamer(target: str, key: PrivateKey, who: str, log: Log, stop: threading.
             for resp in pb_grpc.LedgerStub(ch).AppendStream(requests(), timeout=120):
                 for env, r in zip(sent.pop(resp.batch_id), resp.results, strict=True):
                     if r.WhichOneof("result") == "ok":
-                        log.ack(r.ok.index, r.ok.leaf_hash, env.leaf_hash())
+                        own = entry_leaf_hash(env, r.ok.integrated_time_us)
+                        log.ack(r.ok.index, r.ok.leaf_hash, own)
                     else:
                         code = next(c for c in grpc.StatusCode if c.value[0] == r.error.code)
                         log.error(who, code, r.error.message)
@@ -164,7 +166,7 @@ def _unary(target: str, key: PrivateKey, who: str, log: Log, stop: threading.Eve
             except grpc.RpcError as e:
                 log.error(who, e.code(), e.details() or "")
                 return
-            log.ack(r.index, r.leaf_hash, env.leaf_hash())
+            log.ack(r.index, r.leaf_hash, entry_leaf_hash(env, r.integrated_time_us))
 
 
 def test_sigterm_during_streaming_appends_loses_nothing_acknowledged(

@@ -97,7 +97,9 @@ def key_env(action: str, key: PrivateKey, role: str, t: datetime, **kw: Any) -> 
 
 
 def label(key: PrivateKey, i: int) -> Envelope:
-    return receipts.sign_statement(sample_statement("label", i, random.Random(i)), key)
+    # dated T0, where the clock starts (a receipt's time may not lie after its integration
+    # time plus the skew, nor before its key's not_before)
+    return receipts.sign_statement(sample_statement("label", i, random.Random(i), T0), key)
 
 
 def malleate(env: Envelope) -> Envelope:
