@@ -18,7 +18,6 @@ truncation, rewritten or deleted Merkle nodes, subject-index rows and checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import time
@@ -32,19 +31,27 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from sqlalchemy.pool import NullPool
 
-from kolm_ledger import receipts
-from kolm_ledger._crypto import PrivateKey
+from kolm_ledger import dsse, receipts
+from kolm_ledger._crypto import P256_ORDER, PrivateKey
 from kolm_ledger._samples import sample_statement
 from kolm_ledger.audit import AuditReport, Failure, audit
 from kolm_ledger.checkpoint import Checkpoint, check_consistent, sign_checkpoint
+from kolm_ledger.dsse import Envelope, Signature
 from kolm_ledger.errors import CheckpointError
 from kolm_ledger.keys import TrustedKey, TrustRoot
+from kolm_ledger.leaf import entry_leaf_hash, statement_digest
 from kolm_ledger.ledger import Ledger, chain_next
+from kolm_ledger.merkle import CompactRange
 from kolm_ledger.note import NoteSigner
 from kolm_ledger.storage import Store, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES, node_id
+from kolm_ledger.timefmt import MAX_TIME_SKEW, from_micros
 
 ORIGIN = "audit.kolm.dev/ledger"
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
@@ -54,6 +61,9 @@ KEYS = {
     for name in ("admin", "compile", "infer", "rogue", "log", "log_rogue")
 }
 EXTRA_INFER = PrivateKey.generate()  # registered by a key receipt in the base ledger
+REVOKED = PrivateKey.generate()  # a compile key registered, used, then revoked in the base
+#: every private key that signed something in the base ledger, by key id (re-signing)
+BY_KEYID = {k.keyid(): k for k in (*KEYS.values(), EXTRA_INFER, REVOKED)}
 TRUST = TrustRoot(
     tuple(
         TrustedKey.for_key(
@@ -139,6 +149,7 @@ class Base:
     checkpoints: dict[int, dict[str, bytes]]  # size -> stored note, root, chain_head
     nodes: dict[tuple[int, int], bytes]
     subjects: dict[int, list[str]] = field(default_factory=dict)
+    revocation: int = -1  # the index of the key receipt that revokes REVOKED
 
     @property
     def sizes(self) -> list[int]:
@@ -150,23 +161,33 @@ class Base:
 
 
 def build_base(url: str) -> Base:
-    """~200 receipts of all five kinds in batches of 1-12, one clock tick per batch."""
+    """~200 receipts of all five kinds in batches of 1-12, one clock tick per batch; a key
+    registered along the way, and another registered, used and revoked."""
     clock = Clock()
     store = Store(url)
     led = Ledger(store, TRUST, KEYS["log"], clock=clock)
     rng = random.Random(2026)
     envs = []
-    kinds = [receipts.KINDS[i % 5] for i in range(BASE_SIZE - 12)]
+    kinds = [receipts.KINDS[i % 5] for i in range(BASE_SIZE - 14)]
     rng.shuffle(kinds)
-    for i, kind in enumerate(kinds):
-        envs.append(signed(kind, i))
-        if i == 60:  # register another infer key; later predictions use it
-            st = receipts.key_statement(
-                action="register", public_key=EXTRA_INFER.public_key(), role="infer", time=T0
-            )
-            envs.append(receipts.sign_statement(st, KEYS["admin"]))
-    # dated after the key's registration took effect (its not_before)
+    # dated after the keys' registrations took effect (their not_before)
     late = T0 + timedelta(minutes=2)
+
+    def key_receipt(action: str, key: PrivateKey, role: str) -> Any:
+        st = receipts.key_statement(action=action, public_key=key.public_key(), role=role, time=T0)
+        return receipts.sign_statement(st, KEYS["admin"])
+
+    for i, kind in enumerate(kinds):
+        # labels 105-124 are signed by REVOKED (batches hold at most 12, so it is
+        # registered (at 100) in an earlier batch, and revoked (at 140) in a later one)
+        by_revoked = kind == "label" and 105 <= i < 125
+        envs.append(signed(kind, i, REVOKED, late) if by_revoked else signed(kind, i))
+        if i == 60:  # register another infer key; later predictions use it
+            envs.append(key_receipt("register", EXTRA_INFER, "infer"))
+        if i == 100:
+            envs.append(key_receipt("register", REVOKED, "compile"))
+        if i == 140:
+            envs.append(key_receipt("revoke", REVOKED, "compile"))
     envs += [signed("prediction", 1000 + i, EXTRA_INFER, late) for i in range(11)]
     pos = 0
     while pos < len(envs):
@@ -199,6 +220,12 @@ def build_base(url: str) -> Base:
     )
     for idx, digest in store.subject_index():
         base.subjects.setdefault(idx, []).append(digest)
+    (base.revocation,) = [
+        r.index
+        for r in rows
+        if r.kind == "key" and b'"action":"revoke"' in Envelope.from_bytes(r.envelope).payload
+    ]
+    assert sum(r.key_id == REVOKED.keyid() for r in rows) >= 2
     store.close()
     assert base.n == BASE_SIZE
     assert len(base.checkpoints) > 20
@@ -302,22 +329,29 @@ def swap(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
     ], Expect({i, j}, i)
 
 
-def insert_forged(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
-    """A row inserted at ``p`` (later rows shifted up) with a correctly linked chain hash."""
-    p = rng.randrange(base.n + 1)
-    rogue = rng.random() < 0.5
-    kind = rng.choice(receipts.KINDS[:4])
-    env = signed(kind, 5000 + rng.randrange(10**6), KEYS["rogue"] if rogue else None)
+def _slot_time(base: Base, p: int) -> int:
+    """The integration time (µs) a row inserted at ``p`` gets: its predecessor's, so times
+    stay non-decreasing and the batch goes on."""
+    return base.rows[p - 1].integrated_at if p else base.rows[0].integrated_at
+
+
+def insert_row(
+    base: Base, p: int, env: Envelope, kind: str, digest: bytes | None, at: int | None = None
+) -> SQL:
+    """``env`` inserted at ``p`` (later rows shifted up) as the log would have written it:
+    the v2 leaf (envelope and integration time), a chain hash linked to ``p - 1``, the
+    stored statement digest ``digest`` (None: left empty, as a writer dodging the unique
+    constraint of one statement, one entry would)."""
+    at = _slot_time(base, p) if at is None else at
     data = env.canonical()
-    leaf = hashlib.sha256(b"\x00" + data).digest()
+    leaf = entry_leaf_hash(data, at)
     prev = base.rows[p - 1].chain_hash if p else bytes(32)
-    at = base.rows[p - 1].integrated_at if p else base.rows[0].integrated_at
-    sql: SQL = [
+    return [
         ("UPDATE entries SET idx = idx + 1000000 WHERE idx >= :p", {"p": p}),
         ("UPDATE entries SET idx = idx - 999999 WHERE idx >= 1000000", {}),
         (
             "INSERT INTO entries (idx, leaf_hash, chain_hash, kind, key_id, integrated_at, "
-            "envelope) VALUES (:p, :l, :c, :k, :kid, :t, :e)",
+            "envelope, statement_digest) VALUES (:p, :l, :c, :k, :kid, :t, :e, :d)",
             {
                 "p": p,
                 "l": leaf,
@@ -326,9 +360,19 @@ def insert_forged(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
                 "kid": env.signatures[0].keyid,
                 "t": at,
                 "e": data,
+                "d": digest,
             },
         ),
     ]
+
+
+def insert_forged(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """A row inserted at ``p`` (later rows shifted up) with a correctly linked chain hash."""
+    p = rng.randrange(base.n + 1)
+    rogue = rng.random() < 0.5
+    kind = rng.choice(receipts.KINDS[:4])
+    env = signed(kind, 5000 + rng.randrange(10**6), KEYS["rogue"] if rogue else None)
+    sql = insert_row(base, p, env, kind, statement_digest(env))
     if rogue:  # the untrusted signature is named at p itself
         return sql, Expect({p}, p)
     # a validly signed receipt the log never accepted: p itself checks out, so the first
@@ -422,6 +466,194 @@ def move_subject(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
     return [(sql, {"i": i, "j": j, "d": d})], Expect({i, j}, min(i, j))
 
 
+# ---- issue 14: integration times, one statement one entry, strict receipts ---------------
+
+Y2100 = micros(datetime(2100, 1, 1, tzinfo=UTC))
+T0_US = micros(T0)
+MAX_MOVE_US = 10**9  # ~17 minutes
+
+
+def move_time_forward(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """One entry's ``integrated_at`` moved later: to 2100 (the issue's reproduction on a
+    revocation un-revoked the key), or by 1 µs to ~17 minutes."""
+    row = rng.choice(base.rows)
+    t = Y2100 if rng.random() < 0.4 else row.integrated_at + rng.randint(1, MAX_MOVE_US)
+    sql = "UPDATE entries SET integrated_at = :t WHERE idx = :i"
+    return [(sql, {"t": t, "i": row.index})], Expect({row.index}, row.index)
+
+
+def move_time_backward(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """One entry's ``integrated_at`` moved earlier: by 1 µs to ~17 minutes, to before the
+    trust root's keys were valid, or to the epoch."""
+    row = rng.choice(base.rows)
+    t = rng.choice(
+        [row.integrated_at - rng.randint(1, MAX_MOVE_US), micros(EPOCH) - 1, 0, T0_US - 1]
+    )
+    sql = "UPDATE entries SET integrated_at = :t WHERE idx = :i"
+    return [(sql, {"t": t, "i": row.index})], Expect({row.index}, row.index)
+
+
+def _two_times(base: Base, rng: random.Random) -> tuple[int, int]:
+    while True:  # entries of one batch share their time: pick two that differ
+        i, j = sorted(rng.sample(range(base.n), 2))
+        if base.rows[i].integrated_at != base.rows[j].integrated_at:
+            return i, j
+
+
+def swap_times(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """Two entries' integration times exchanged (the rows stay where they are)."""
+    i, j = _two_times(base, rng)
+    sql = "UPDATE entries SET integrated_at = :t WHERE idx = :i"
+    return [
+        (sql, {"t": base.rows[j].integrated_at, "i": i}),
+        (sql, {"t": base.rows[i].integrated_at, "i": j}),
+    ], Expect({i, j}, i)
+
+
+def revocation_to_2100(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """The issue's reproduction: the revocation of a key moved to 2100, which un-revoked it
+    (the ledger and the audit judged its later receipts valid) before the leaf bound the time."""
+    r = base.revocation
+    t = Y2100 + rng.randint(0, 10**12)
+    sql = "UPDATE entries SET integrated_at = :t WHERE idx = :i"
+    return [(sql, {"t": t, "i": r})], Expect({r}, r)
+
+
+def retime_and_rehash(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """The thorough writer: moves (or swaps) integration times, then recomputes every leaf
+    hash, chain hash and Merkle node from there on, so that every stored hash agrees with
+    the rows again. What it cannot redo is the log key's signature on the checkpoints: the
+    first one after the change no longer matches the recomputed root."""
+    times = [r.integrated_at for r in base.rows]
+    what = rng.random()
+    if what < 0.2:
+        i = base.revocation
+        times[i] = Y2100
+    elif what < 0.5:
+        i = rng.randrange(base.n)
+        times[i] = Y2100 if rng.random() < 0.5 else times[i] + rng.randint(1, MAX_MOVE_US)
+    elif what < 0.75:
+        i = rng.randrange(base.n)
+        times[i] -= rng.randint(1, MAX_MOVE_US)
+    else:
+        i, j = _two_times(base, rng)
+        times[i], times[j] = times[j], times[i]
+    sql: SQL = []
+    tree, chain = CompactRange.empty(), bytes(32)
+    nodes: dict[tuple[int, int], bytes] = {}
+    for row, t in zip(base.rows, times, strict=True):
+        leaf = row.leaf_hash if t == row.integrated_at else entry_leaf_hash(row.envelope, t)
+        chain = chain_next(chain, leaf)
+        if (leaf, chain, t) != (row.leaf_hash, row.chain_hash, row.integrated_at):
+            sql.append(
+                (
+                    "UPDATE entries SET integrated_at = :t, leaf_hash = :l, chain_hash = :c "
+                    "WHERE idx = :i",
+                    {"t": t, "l": leaf, "c": chain, "i": row.index},
+                )
+            )
+        for lv, ix, h in tree.append(leaf):
+            nodes[lv, ix] = h
+    for (lv, ix), h in nodes.items():
+        if (lv, ix) in base.nodes and base.nodes[lv, ix] != h:
+            sql.append(
+                ("UPDATE nodes SET hash = :h WHERE node_id = :n", {"h": h, "n": node_id(lv, ix)})
+            )
+    first_cp = min(s for s in base.sizes if s > i)
+    return sql, Expect(
+        first=i, checkpoint=first_cp, text=f"Merkle root recomputed at size {first_cp}"
+    )
+
+
+def duplicate_statement(resign: bool) -> Mutation:
+    """A second entry for an already logged (payload, key id): its signature malleated to
+    ``(r, n - s)`` (high-S: anyone can, no key needed), or signed afresh by its key (a
+    producer colluding with the writer); the stored statement digest left empty to dodge
+    the unique constraint. The ledger answers either with the existing entry; the audit
+    names the copy."""
+
+    def m(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+        o = rng.randrange(base.n)
+        orig = Envelope.from_bytes(base.rows[o].envelope)
+        if resign:
+            env = dsse.sign(orig.payload, orig.payload_type, BY_KEYID[orig.signatures[0].keyid])
+            assert env.signatures[0].sig != orig.signatures[0].sig
+        else:
+            env = high_s(orig)
+        p = rng.randint(o + 1, base.n)
+        return insert_row(base, p, env, base.rows[o].kind, None), Expect(
+            {p}, p, text=f"repeats the statement (payload and key id) of entry {o}"
+        )
+
+    return m
+
+
+def high_s(env: Envelope) -> Envelope:
+    """``env`` with its ECDSA signature ``(r, s)`` replaced by ``(r, n - s)``: the same
+    statement, a second valid signature before low-S was required."""
+    (sig,) = env.signatures
+    r, s_ = decode_dss_signature(sig.sig)
+    new = encode_dss_signature(r, P256_ORDER - s_)
+    return Envelope(env.payload, env.payload_type, (Signature(sig.keyid, new),))
+
+
+def _planted(base: Base, rng: random.Random, payload: bytes, kind: str) -> tuple[int, SQL]:
+    p = rng.randrange(base.n + 1)
+    env = dsse.sign(payload, dsse.IN_TOTO_PAYLOAD_TYPE, KEYS[SIGNER[kind]])
+    return p, insert_row(base, p, env, kind, statement_digest(env))
+
+
+#: (fault, phrase the audit names): each turns an RFC 8785 statement into bytes that a
+#: lenient JSON reader accepts (or reads differently) and the strict parser refuses
+PAYLOAD_FAULTS: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    (
+        "duplicate predicateType",
+        lambda c: c.replace(
+            b'"predicateType":',
+            b'"predicateType":"urn:kolm:receipt:prediction:v1","predicateType":',
+            1,
+        ),
+        "duplicate key 'predicateType'",
+    ),
+    ("NaN", lambda c: b'{"a":NaN,' + c[1:], "NaN is not a JSON number"),
+    ("Infinity", lambda c: b'{"a":-Infinity,' + c[1:], "Infinity is not a JSON number"),
+    ("1e400", lambda c: b'{"a":1e400,' + c[1:], "outside the IEEE-754 double range"),
+    ("lone surrogate", lambda c: b'{"a":"\\ud800",' + c[1:], "lone surrogate"),
+    ("CESU-8", lambda c: b'{"a":"\xed\xa0\xbd\xed\xb8\x80",' + c[1:], "not valid UTF-8"),
+    ("whitespace", lambda c: b"{ " + c[1:], "not in RFC 8785 canonical form"),
+    ("member order", lambda c: b'{"zz":0,' + c[1:], "not in RFC 8785 canonical form"),
+    ("number form", lambda c: c[:-1] + b',"zz":1.0}', "not in RFC 8785 canonical form"),
+]
+
+
+def plant_non_canonical(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """A receipt the ledger refuses at append (a payload that is not the RFC 8785 form of a
+    strictly parsed statement), correctly signed by a trusted key, written into the
+    database as the log would have: leaf, chain and statement digest all consistent."""
+    kind = rng.choice(receipts.KINDS[:4])
+    c = sample_statement(kind, 7000 + rng.randrange(10**6), rng, T0).to_bytes()
+    _, fault, phrase = rng.choice(PAYLOAD_FAULTS)
+    p, sql = _planted(base, rng, fault(c), kind)
+    return sql, Expect({p}, p, text=phrase)
+
+
+def plant_misdated(base: Base, rng: random.Random) -> tuple[SQL, Expect]:
+    """A correctly signed receipt whose own ``time`` is later than its integration time plus
+    the allowed skew (a future-dated receipt), or earlier than its key's ``not_before``
+    (1970, or just before), written in as the log would have."""
+    kind = rng.choice(receipts.KINDS[:4])
+    p = rng.randrange(base.n + 1)
+    at = from_micros(_slot_time(base, p))
+    if rng.random() < 0.7:
+        t = at + MAX_TIME_SKEW + timedelta(microseconds=rng.randint(1, 10**14))
+        text = "later than its integration time"
+    else:
+        t = rng.choice([datetime(1970, 1, 1, tzinfo=UTC), EPOCH - timedelta(microseconds=1)])
+        text = "before its key's not_before"
+    env = signed(kind, 8000 + rng.randrange(10**6), None, t)
+    return insert_row(base, p, env, kind, statement_digest(env)), Expect({p}, p, text=text)
+
+
 #: mutation name -> (weight, mutation)
 MUTATIONS: dict[str, tuple[int, Mutation]] = {
     "flip-envelope": (22, flip_column("envelope")),
@@ -445,6 +677,29 @@ MUTATIONS: dict[str, tuple[int, Mutation]] = {
     "delete-subject": (2, delete_subjects),
     "insert-subject": (2, insert_subject),
     "move-subject": (2, move_subject),
+    # issue 14 (a writer without keys; weights sum to about a third of the campaign)
+    "move-time-forward": (6, move_time_forward),
+    "move-time-backward": (5, move_time_backward),
+    "swap-times": (5, swap_times),
+    "revocation-to-2100": (3, revocation_to_2100),
+    "retime-and-rehash": (6, retime_and_rehash),
+    "duplicate-high-s": (5, duplicate_statement(resign=False)),
+    "duplicate-resigned": (3, duplicate_statement(resign=True)),
+    "plant-non-canonical-payload": (8, plant_non_canonical),
+    "plant-misdated-receipt": (6, plant_misdated),
+}
+
+#: the issue-14 mutations by class (counted apart in ``make soak``'s results)
+ISSUE14_CLASSES: dict[str, str] = {
+    "move-time-forward": "integration time",
+    "move-time-backward": "integration time",
+    "swap-times": "integration time",
+    "revocation-to-2100": "integration time",
+    "retime-and-rehash": "integration time",
+    "duplicate-high-s": "one statement one entry",
+    "duplicate-resigned": "one statement one entry",
+    "plant-non-canonical-payload": "strict payload",
+    "plant-misdated-receipt": "receipt time",
 }
 
 
@@ -608,7 +863,13 @@ def test_tampering_is_detected_postgresql(pg_engine: PostgresEngine, name: str, 
 
 def test_the_campaign_is_big_enough() -> None:
     assert SQLITE_CASES >= 1000 and PG_CASES >= 1000
-    assert len(MUTATIONS) >= 20
+    assert len(MUTATIONS) == 30
+    assert set(ISSUE14_CLASSES) <= set(MUTATIONS)
+    # every mutation is drawn in CI, the issue-14 ones about a third of the time
+    for n, seed in ((SQLITE_CASES, 1), (PG_CASES, 2)):
+        names = [name for name, _ in case_list(n, seed)]
+        assert set(names) == set(MUTATIONS)
+        assert sum(name in ISSUE14_CLASSES for name in names) > n // 5
 
 
 def tamper_campaign(engine: str, n: int, seed: int, workdir: Path) -> dict[str, object]:
@@ -620,6 +881,7 @@ def tamper_campaign(engine: str, n: int, seed: int, workdir: Path) -> dict[str, 
     t0 = time.monotonic()
     eng: Engine = SQLiteEngine(workdir) if engine == "sqlite" else PostgresEngine()
     by_mutation: dict[str, int] = {}
+    by_class: dict[str, int] = {}  # issue-14 cases detected and named, per class
     detected = named = 0
     misses: list[str] = []
     try:
@@ -631,6 +893,9 @@ def tamper_campaign(engine: str, n: int, seed: int, workdir: Path) -> dict[str, 
             try:
                 check_report(rep, expect, f"{name} (seed {case_seed})")
                 named += 1
+                if name in ISSUE14_CLASSES:
+                    cls = ISSUE14_CLASSES[name]
+                    by_class[cls] = by_class.get(cls, 0) + 1
             except AssertionError as e:
                 misses.append(str(e).splitlines()[0])
         eng.check_untouched()
@@ -644,6 +909,7 @@ def tamper_campaign(engine: str, n: int, seed: int, workdir: Path) -> dict[str, 
         "detection_rate": round(detected / n, 6),
         "naming_rate": round(named / n, 6),
         "mutations": len(by_mutation),
+        "by_class": by_class,
         "misses": misses[:10],
         "seconds": round(time.monotonic() - t0, 1),
     }
