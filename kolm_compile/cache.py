@@ -19,12 +19,18 @@ Each row holds the sample as canonical JSON and ``SHA-256(canonical {"key",
 digest mismatch") when it differs, so an edited, corrupted or moved entry is
 never used silently. (The digest is not keyed: it catches accidents and naive
 edits, not someone who recomputes it; the label receipts are what is signed.)
+
+Because entries are keyed by content, one cache may serve many jobs: ``kolm compile
+run`` uses a per-user cache (:func:`default_teacher_cache`, or ``--teacher-cache PATH``),
+so a new job (another spec, a fixed CSV row) asks the teacher only for the samples no
+earlier job bought.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -33,13 +39,31 @@ from typing import TYPE_CHECKING, Any
 
 import rfc8785
 
-from kolm_compile.teachers import SampleRequest, Teacher, TeacherSample, build_messages
+from kolm_compile.teachers import (
+    InputRejected,
+    SampleRequest,
+    Teacher,
+    TeacherSample,
+    TeacherSpend,
+    build_messages,
+)
 from kolm_ledger.errors import FormatError, StorageError, VerificationError
 
 if TYPE_CHECKING:
     from kolm_compile.spec import TaskSpec
 
-__all__ = ["CachedTeacher", "TeacherCache", "cache_key"]
+__all__ = ["CachedTeacher", "TeacherCache", "cache_key", "default_teacher_cache"]
+
+
+def default_teacher_cache() -> Path:
+    """The per-user teacher cache of ``kolm compile run``: ``$KOLM_TEACHER_CACHE``, else
+    ``$XDG_CACHE_HOME/kolm/teacher-cache.sqlite`` (``~/.cache`` when unset)."""
+    explicit = os.environ.get("KOLM_TEACHER_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kolm" / "teacher-cache.sqlite"
+
 
 _SCHEMA_VERSION = 1
 
@@ -64,12 +88,14 @@ class TeacherCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, _SCHEMA_VERSION):
                 raise StorageError(
                     f"teacher cache {self.path} has schema version {version}, want {_SCHEMA_VERSION}"
                 )
+            self._db.execute("PRAGMA busy_timeout = 30000")  # jobs may share one cache
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS teacher_cache ("
@@ -77,7 +103,7 @@ class TeacherCache:
                 ") WITHOUT ROWID"
             )
             self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise StorageError(f"teacher cache {self.path}: {e}") from e
         self._lock = threading.Lock()
 
@@ -143,11 +169,17 @@ class CachedTeacher:
     sample numbers are requested (one request per contiguous run), and each
     completed request is written to the cache at once, so a job that fails
     halfway keeps what it bought. ``hits`` and ``misses`` count samples.
+
+    ``spend`` (the job's :class:`~kolm_compile.teachers.TeacherSpend`) gets every sample
+    bought, unless the wrapped teacher records its own (``records_spend``).
     """
 
-    def __init__(self, teacher: Teacher, cache: TeacherCache) -> None:
+    def __init__(
+        self, teacher: Teacher, cache: TeacherCache, *, spend: TeacherSpend | None = None
+    ) -> None:
         self.teacher = teacher
         self.cache = cache
+        self.spend = None if getattr(teacher, "records_spend", False) else spend
         self.backend = teacher.backend
         self._description = teacher.describe()
         self.hits = 0
@@ -170,8 +202,10 @@ class CachedTeacher:
         task: TaskSpec,
         *,
         on_result: Callable[[int, list[TeacherSample]], None] | None = None,
+        on_error: Callable[[int, InputRejected], None] | None = None,
     ) -> list[list[TeacherSample]]:
-        """Like the wrapped teacher's ``sample_many``, through the cache."""
+        """Like the wrapped teacher's ``sample_many``, through the cache (an input the
+        teacher rejected goes to ``on_error`` once, with the samples the cache had)."""
         results: list[list[TeacherSample | None]] = []
         keys: list[list[str]] = []
         missing: list[tuple[int, SampleRequest]] = []  # (request number, sub-request)
@@ -231,14 +265,31 @@ class CachedTeacher:
                 complete = pending[n] <= 0
             with self._count_lock:
                 self.misses += len(samples)
+            if self.spend is not None and samples:
+                self.spend.add_samples(samples[: sub.k])
             if complete:
                 finish(n)
+
+        reported: set[int] = set()
+
+        def error(m: int, e: InputRejected) -> None:
+            n = missing[m][0]
+            with done_lock:
+                if n in reported:
+                    return
+                reported.add(n)
+            assert on_error is not None
+            on_error(n, e)
 
         for n, count in enumerate(pending):
             if count == 0:
                 finish(n)
         if missing:
-            fetched = self.teacher.sample_many([sub for _, sub in missing], task, on_result=store)
+            subs = [sub for _, sub in missing]
+            if on_error is None:
+                fetched = self.teacher.sample_many(subs, task, on_result=store)
+            else:
+                fetched = self.teacher.sample_many(subs, task, on_result=store, on_error=error)
             for m, samples in enumerate(fetched):  # for a teacher that skipped on_result
                 store(m, samples)
         return [[s for s in row if s is not None] for row in results]

@@ -35,8 +35,30 @@ def register(sub: Any) -> None:
     r.add_argument(
         "--teachers", help="teacher profiles (YAML) for a spec that names teacher.profile"
     )
-    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.add_argument(
+        "--teacher-cache",
+        help="teacher answers by content, shared by jobs (default: $KOLM_TEACHER_CACHE or "
+        "~/.cache/kolm/teacher-cache.sqlite): a new job pays only for samples none bought",
+    )
+    r.add_argument(
+        "--json",
+        action="store_true",
+        help="print only the result, as JSON, on stdout (progress goes to stderr)",
+    )
     r.set_defaults(func=_cmd_run)
+
+    c = csub.add_parser(
+        "check",
+        help="validate a spec and its data, and estimate requests, samples, tokens and cost "
+        "(calls no teacher)",
+    )
+    c.add_argument("spec", help="task spec (YAML or JSON)")
+    c.add_argument("--teachers", help="teacher profiles (YAML), as for run")
+    c.add_argument(
+        "--teacher-cache", help="count samples this cache already holds as free (as for run)"
+    )
+    c.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    c.set_defaults(func=_cmd_check)
 
     from kolm_ledger.tls import add_server_tls_arguments
 
@@ -87,7 +109,11 @@ def register(sub: Any) -> None:
 
 
 def run_with_progress(job: Any, console: Any) -> Any:
-    """Run a :class:`~kolm_compile.pipeline.CompileJob` with one rich progress bar per stage."""
+    """Run a :class:`~kolm_compile.pipeline.CompileJob` with one rich progress bar per stage
+    on a terminal, else (a pipe, a CI log) with plain lines (:func:`plain_progress`)."""
+    if not console.is_terminal:
+        job.emit = plain_progress(console.file)
+        return job.run()
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -120,6 +146,8 @@ def run_with_progress(job: Any, console: Any) -> Any:
             elif e.state == "resumed":  # done by an earlier run of this job folder
                 prog.start_task(t)
                 prog.update(t, completed=1, total=1, info="resumed")
+            elif e.state == "note":
+                prog.console.print(e.message)
             else:
                 info = " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -129,6 +157,42 @@ def run_with_progress(job: Any, console: Any) -> Any:
 
         job.emit = on_event
         return job.run()
+
+
+def _fmt_counters(counters: Any) -> str:
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in counters.items()
+    )
+
+
+def plain_progress(out: Any, *, every_s: float = 5.0) -> Any:
+    """An ``on_event`` that writes one plain line per stage step to ``out``: each start,
+    finish, resume and note, and progress (done/total, counters such as rate and retries)
+    at most every ``every_s`` seconds per stage (the first step and the last always)."""
+    import time
+
+    from .pipeline import STAGE_TITLES
+
+    last: dict[str, float] = {}
+
+    def on_event(e: Any) -> None:
+        now = time.monotonic()
+        if e.state == "progress":
+            first = e.stage not in last
+            if not first and e.done != e.total and now - last[e.stage] < every_s:
+                return
+            last[e.stage] = now
+        title = STAGE_TITLES.get(e.stage, e.stage)
+        if e.state == "note":
+            line = f"{title}: {e.message}"
+        else:
+            prog = f" {e.done}/{e.total}" if e.total and e.state == "progress" else ""
+            line = f"{title}: {e.state}{prog} {_fmt_counters(e.counters)}".rstrip()
+            if e.state == "started":
+                last.pop(e.stage, None)
+        print(line, file=out, flush=True)
+
+    return on_event
 
 
 def summary_table(result: Any) -> Any:
@@ -143,6 +207,15 @@ def summary_table(result: Any) -> Any:
         "labels sampled / accepted / rejected",
         f"{result.labels_sampled} / {result.labels_accepted} / {result.labels_rejected}",
     )
+    reasons = result.labels.get("rejected_reasons") or {}
+    if reasons:
+        t.add_row("rejected, by reason", ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    hold = result.labels.get("holdout") or {}
+    if hold.get("leaked") or hold.get("mapped") or hold.get("dropped"):
+        t.add_row(
+            "holdout rows: mapped / dropped / also in training",
+            f"{hold.get('mapped', 0)} / {hold.get('dropped', 0)} / {hold.get('leaked', 0)}",
+        )
     t.add_row("label receipts acknowledged", str(result.labels_logged))
     t.add_row("student K-score (95% CI)", f"{k.score:.2f} ({k.low:.1f}–{k.high:.1f}), n={k.n}")
     if result.teacher_single and result.teacher_vote:
@@ -154,6 +227,13 @@ def summary_table(result: Any) -> Any:
     t.add_row(
         "teacher samples, estimated cost", f"{c['teacher_calls']}, ${c['estimated_cost']:.4f}"
     )
+    if "teacher_requests_billed_by_this_job" in c:
+        t.add_row(
+            "bought by this job (all runs)",
+            f"{c['teacher_samples_bought_by_this_job']} samples in "
+            f"{c['teacher_requests_billed_by_this_job']} requests, ${c['cost_paid_by_this_job']:.4f}"
+            f" ({c['teacher_requests_failed_not_billed']} failed requests, not billed)",
+        )
     if c.get("teacher_cost_per_call"):
         t.add_row(
             "per call: teacher vs student",
@@ -164,9 +244,12 @@ def summary_table(result: Any) -> Any:
         t.add_row(
             "recall index",
             f"{r['chunks']} chunks ({r['chunking'].get('source')}), k={r.get('k')}, "
-            f"corpus root {r['corpus_root'][:16]}…",
+            f"corpus root {r['corpus_root']}",
         )
-    t.add_row("artifact digest", result.artifact_digest[:32] + "…")
+    # whole digests: kolm report / provenance take them as they are
+    t.add_row("artifact digest", result.artifact_digest)
+    t.add_row("training-set root", result.training_set_root)
+    t.add_row("eval receipt leaf", result.eval_leaf)
     t.add_row("seconds per stage", ", ".join(f"{s} {v:.1f}" for s, v in result.seconds.items()))
     return t
 
@@ -174,34 +257,24 @@ def summary_table(result: Any) -> Any:
 def _cmd_run(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from kolm_ledger._crypto import PrivateKey
-
+    from .cache import default_teacher_cache
     from .pipeline import CompileJob, CompileOptions
     from .sinks import LocalLedgerSink, ServiceSink
-    from .spec import TaskSpec
 
-    console = Console()
-    policy = None
-    if a.teachers:
-        from .intake import ServicePolicy, TeacherProfiles
-
-        policy = ServicePolicy(
-            None,
-            profiles=TeacherProfiles.load(a.teachers),
-            service=False,
-            base_dir=Path(a.spec).parent,
-        )
-    spec = TaskSpec.load(a.spec, policy=policy)
+    # with --json stdout carries the result only: progress and notes go to stderr
+    console = Console(stderr=a.json)
+    spec = _load_spec(a)
     keys = Path(a.keys)
-    key = PrivateKey.load(keys / "compile.key")
+    key, trust = _load_keys(keys)
     if a.db:
         sink: Any = LocalLedgerSink.open(a.db, keys)
     else:
         from kolm_ledger.client import LedgerClient
 
-        sink = ServiceSink(LedgerClient(a.ledger, timeout=600))
+        sink = ServiceSink(LedgerClient(a.ledger, timeout=600), trust=trust)
     from ._train import embed_texts
 
+    cache = Path(a.teacher_cache) if a.teacher_cache else default_teacher_cache()
     try:
         job = CompileJob(
             spec,
@@ -209,7 +282,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
             sink=sink,
             job_dir=Path(a.work or "kolm-work"),
             out_dir=Path(a.out) if a.out else None,
-            options=CompileOptions(bundle_base=a.bundle_base, threads=a.threads),
+            options=CompileOptions(
+                bundle_base=a.bundle_base, threads=a.threads, teacher_cache=cache
+            ),
             embed=embed_texts,
         )
         result = run_with_progress(job, console)
@@ -220,6 +295,75 @@ def _cmd_run(a: argparse.Namespace) -> int:
     else:
         console.print(summary_table(result))
         console.print(f"wrote {result.artifact_path}")
+    return 0
+
+
+def _load_spec(a: argparse.Namespace) -> Any:
+    from .spec import TaskSpec
+
+    policy = None
+    if a.teachers:
+        from .intake import ServicePolicy, TeacherProfiles
+
+        policy = ServicePolicy(
+            None,
+            profiles=TeacherProfiles.load(a.teachers),
+            service=False,
+            base_dir=Path(a.spec).parent,
+        )
+    return TaskSpec.load(a.spec, policy=policy)
+
+
+def _load_keys(keys: Path) -> tuple[Any, Any]:
+    """compile.key and trust.json of a key folder, refused in plain words when the folder
+    is not one (checked before any teacher call)."""
+    from kolm_ledger._crypto import PrivateKey
+    from kolm_ledger.errors import KolmError, SpecError
+    from kolm_ledger.keys import TrustRoot
+
+    hint = "a key folder from `kolm init` holds compile.key, trust.json and log.key"
+    if not keys.is_dir():
+        raise SpecError(f"--keys {keys}: no such folder ({hint})")
+    missing = [n for n in ("compile.key", "trust.json") if not (keys / n).is_file()]
+    if missing:
+        raise SpecError(f"--keys {keys}: no {' or '.join(missing)} there ({hint})")
+    try:
+        key = PrivateKey.load(keys / "compile.key")
+        trust = TrustRoot.load(keys / "trust.json")
+    except (KolmError, OSError, ValueError) as e:
+        raise SpecError(f"--keys {keys}: cannot read its keys ({e})") from e
+    try:
+        k = trust.get(key.keyid())
+    except KolmError:
+        raise SpecError(
+            f"--keys {keys}: its compile.key (key id {key.keyid()}) is not listed in its own "
+            "trust.json; the folder is mixed up from two setups"
+        ) from None
+    if k.role != "compile":
+        raise SpecError(f"--keys {keys}: compile.key has role {k.role} in trust.json, not compile")
+    return key, trust
+
+
+def _cmd_check(a: argparse.Namespace) -> int:
+    """``kolm compile check SPEC``: validate and estimate; no teacher is called."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .estimate import estimate
+
+    spec = _load_spec(a)
+    est = estimate(spec, teacher_cache=Path(a.teacher_cache) if a.teacher_cache else None)
+    if a.json:
+        print(json.dumps(est, indent=2, sort_keys=True))
+        return 0
+    t = Table(title=f"kolm compile check {Path(a.spec).name}: the spec and its data are valid")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    for label, value in est["table"]:
+        t.add_row(label, value)
+    Console().print(t)
+    for note in est["notes"]:
+        print(note)
     return 0
 
 

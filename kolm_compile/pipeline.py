@@ -33,6 +33,18 @@ A resumed job (the same job folder, or the same ``job_id`` on a sink with
 ``job_labels``) reuses the label receipts the ledger already holds for it, so the
 ledger has exactly one receipt per trained label of a job.
 
+A job folder holds one job: :meth:`TaskSpec.identity` (task, data and its files,
+teacher, recall). The budget and the teacher's operational settings (timeouts,
+retries, concurrency, batching) may change between runs; a changed student section
+re-runs train, evaluate and package only. What the job bought from its teacher,
+over all its runs, is ``JOB/spend.json`` (:class:`~kolm_compile.teachers.TeacherSpend`):
+the budget is checked against it and the artifact receipt's cost signs it.
+
+One input the teacher cannot answer (:class:`~kolm_compile.teachers.InputRejected`:
+an HTTP 400 content filter, a malformed answer after two retries) is rejected like a
+failed vote (code ``teacher_error``, its status and reason in ``stages/vote.json``
+and the summary); the job goes on.
+
 Only ``classify`` tasks can be trained today; ``extract``/``generate`` are refused
 with a :class:`~kolm_ledger.errors.SpecError` ("not supported by the trainer yet").
 
@@ -77,12 +89,13 @@ from kolm_ledger.receipts import (
 )
 
 from . import artifact as kolm_artifact
+from . import gate as _gate
 from . import kscore as ks
 from .cache import CachedTeacher, TeacherCache
 from .sinks import LABEL_BATCH, Acked, ReceiptSink
 from .spec import TaskSpec, kolm_version, read_table
-from .teachers import SampleRequest, build_teacher
-from .voting import summarize, vote
+from .teachers import InputRejected, SampleRequest, TeacherSpend, build_teacher
+from .voting import VoteResult, summarize, vote
 
 __all__ = [
     "DEFAULT_DOLLARS_PER_CPU_HOUR",
@@ -110,6 +123,12 @@ STAGE_TITLES = {
 DEFAULT_DOLLARS_PER_CPU_HOUR = 0.05
 _SEED_TEACHER = "seed-pairs"
 _CONFUSION_MAX_LABELS = 80  # the eval receipt carries the confusion matrix up to this many
+#: rejection code of an input the teacher could not answer (voting has the others)
+REJECT_TEACHER_ERROR = "teacher_error"
+#: this many inputs rejected by the teacher before it answered any: a setting, not an input
+_REJECTED_BEFORE_ANY = 5
+#: stages a changed student section re-runs
+_TRAINING_STAGES = ("train", "evaluate", "package")
 
 
 class JobCancelled(KolmError):
@@ -120,7 +139,8 @@ class JobCancelled(KolmError):
 
 @dataclass(frozen=True)
 class StageEvent:
-    """Progress of one stage: ``state`` is started | progress | finished | resumed."""
+    """Progress of one stage: ``state`` is started | progress | finished | resumed | note
+    (``message`` says something about the job, e.g. that training runs again)."""
 
     stage: str
     state: str
@@ -234,15 +254,39 @@ class CompileResult:
 def _select(rows: Sequence[Any], keep: set[str] | None, limit: int | None) -> list[Any]:
     counts: Counter[str | None] = Counter()
     out = []
-    for text, label in rows:
+    for row in rows:
+        label = row[1]
         if keep is not None and label is not None and label not in keep:
             continue
         if limit is not None:
             if counts[label] >= limit:
                 continue
             counts[label] += 1
-        out.append((text, label))
+        out.append(tuple(row))
     return out
+
+
+def _nothing_accepted(summary: Mapping[str, Any]) -> str:
+    """``0 of 30 inputs accepted: 30 failed the verifier (examples …)``."""
+    words = {
+        "too_few_valid": "failed the verifier",
+        "no_agreement": "had no agreement",
+        "tie": "were ties",
+        REJECT_TEACHER_ERROR: "were rejected by the teacher",
+    }
+    reasons = summary.get("reasons") or {}
+    parts = [f"{n} {words.get(code, code)}" for code, n in sorted(reasons.items())]
+    text = f"0 of {summary['n']} inputs accepted: {', '.join(parts) or 'none sampled'}"
+    examples = (summary.get("verifier_examples") or []) + (summary.get("teacher_examples") or [])
+    if examples:
+        text += f" (examples: {'; '.join(examples)})"
+    return text + "; nothing to sign or train on (stages/vote.json lists every input)"
+
+
+def _rows_raw(path: Path) -> Any:
+    from .spec import read_rows
+
+    return read_rows(path)
 
 
 def _stage_time(path: Path) -> datetime:
@@ -323,8 +367,11 @@ class CompileJob:
         self.stage_dir = self.dir / "stages"
         self.stage_dir.mkdir(exist_ok=True)
         self.job_id = job_id or self._stored_job_id() or f"job-{uuid.uuid4().hex[:16]}"
-        (self.dir / "job_id").write_text(self.job_id)
+        self.notes: list[str] = []  # what opening the folder decided (retrain, ...)
         self._check_same_spec()
+        (self.dir / "job_id").write_text(self.job_id)
+        #: what this job bought from its teacher over all its runs (JOB/spend.json)
+        self.spend = TeacherSpend(self.dir / "spend.json")
         self.out_dir = Path(out_dir) if out_dir else self.dir
         self.opts = options or CompileOptions()
         self.emit = on_event or (lambda e: None)
@@ -342,18 +389,43 @@ class CompileJob:
         return p.read_text().strip() if p.exists() else None
 
     def _check_same_spec(self) -> None:
-        """A job folder resumes only the spec it was started with (``JOB/spec_digest``)."""
-        p = self.dir / "spec_digest"
-        digest = self.spec.digest()
-        if p.exists():
-            stored = p.read_text().strip()
-            if stored != digest:
+        """A job folder resumes only the job it was started with (``JOB/identity.json``:
+        :meth:`TaskSpec.identity`). The budget and operational teacher settings may change;
+        a changed student section (``JOB/training_digest``) re-runs train, evaluate and
+        package. ``JOB/spec_digest`` is the whole spec of the latest run."""
+        spec = self.spec
+        ident, legacy = self.dir / "identity.json", self.dir / "spec_digest"
+        mine = spec.identity()
+        if ident.exists():
+            stored = json.loads(ident.read_text())
+            differ = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+            if differ:
                 raise ConflictError(
-                    f"job folder {self.dir} holds job {self.job_id} of another spec "
-                    f"(digest {stored[:16]}…, this spec {digest[:16]}…); use a fresh job folder"
+                    f"job folder {self.dir} holds job {self.job_id} of another spec: its "
+                    f"{', '.join(differ)} {'parts differ' if len(differ) > 1 else 'part differs'} "
+                    "(a budget, timeout, retry, concurrency or student change would not); use "
+                    "a fresh --work folder: answers the teacher cache holds are not paid again"
                 )
-        else:
-            p.write_text(digest)
+        elif legacy.exists() and legacy.read_text().strip() != spec.digest():
+            raise ConflictError(
+                f"job folder {self.dir} holds job {self.job_id} of another spec (started by an "
+                "older kolm, which kept no identity); use a fresh --work folder: answers the "
+                "teacher cache holds are not paid again"
+            )
+        train = self.dir / "training_digest"
+        now = spec.training_digest()
+        if train.exists() and train.read_text().strip() != now:
+            gone = [s for s in _TRAINING_STAGES if (self.stage_dir / f"{s}.json").exists()]
+            for stage in _TRAINING_STAGES:
+                for name in (f"{stage}.json", f"{stage}.time"):
+                    (self.stage_dir / name).unlink(missing_ok=True)
+            if gone:
+                self.notes.append(
+                    f"spec.student changed: {', '.join(gone)} will run again (labels kept)"
+                )
+        _dump(ident, mine)
+        train.write_text(now)
+        legacy.write_text(spec.digest())
 
     # ---- stage bookkeeping --------------------------------------------------------
 
@@ -398,9 +470,11 @@ class CompileJob:
             opts: dict[str, Any] = {}
             if self.spec.teacher.backend == "simulated" and self.embed is not None:
                 opts["embed"] = self.embed
+            if self.spec.teacher.backend == "openai":
+                opts["spend"] = self.spend
             self._cache = TeacherCache(self.opts.teacher_cache or self.dir / "teacher-cache.sqlite")
             self._teacher = CachedTeacher(
-                build_teacher(self.spec.teacher, self.spec, **opts), self._cache
+                build_teacher(self.spec.teacher, self.spec, **opts), self._cache, spend=self.spend
             )
         return self._teacher
 
@@ -431,45 +505,144 @@ class CompileJob:
             # a label column, when the file has one, selects rows (limit_per_label, other
             # intents out) and measures label precision; it never reaches training
             rows = read_table(d.unlabeled, d.text_column, d.label_column, "spec.data.unlabeled")
-            rows = _select(rows, keep, d.limit_per_label)
+            numbered = _select(
+                [(t, y, n) for n, (t, y) in enumerate(rows, 1)], keep, d.limit_per_label
+            )
             # unique, in file order; the gold column (if any) is kept only for diagnostics
-            seen: dict[str, str | None] = {}
-            for t, y in rows:
+            seen: dict[str, tuple[str | None, int]] = {}
+            for t, y, n in numbered:
                 if t and t not in seed_texts and t not in seen:
-                    seen[t] = y
-            inputs = list(seen.items())
+                    seen[t] = (y, n)
+            inputs = [(t, y, n) for t, (y, n) in seen.items()]
         assert d.holdout is not None  # checked in __init__
-        hold_rows = read_table(d.holdout, d.text_column, d.label_column, "spec.data.holdout")
-        holdout = [(t, y) for t, y in hold_rows if y in label_set]
+        holdout, hold_report = self._holdout(label_set)
         if not inputs and not seeds:
             raise SpecError("spec.data.unlabeled: no inputs left after filtering")
-        if not holdout:
-            raise SpecError("spec.data.holdout: no rows with a label from spec.labels")
+        # holdout texts the student may be trained on: the K-score would flatter it
+        training = {t for t, *_ in inputs} | seed_texts
+        leaked = sum(1 for t, _ in holdout if t in training)
+        hold_report["leaked"] = leaked
         return {
-            "inputs": [t for t, _ in inputs],
-            "input_gold": [y for _, y in inputs],
+            "inputs": [t for t, _, _ in inputs],
+            "input_gold": [y for _, y, _ in inputs],
+            "input_rows": [n for _, _, n in inputs],
             "seeds": [[t, y] for t, y in seeds],
             "holdout": [[t, y] for t, y in holdout],
-            "_counters": {"inputs": len(inputs), "seeds": len(seeds), "holdout": len(holdout)},
+            "holdout_report": hold_report,
+            "_counters": {
+                "inputs": len(inputs),
+                "seeds": len(seeds),
+                "holdout": len(holdout),
+                **{f"holdout_{k}": v for k, v in hold_report.items() if k != "rows" and v},
+            },
         }
 
+    def _holdout(self, label_set: set[str]) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+        """The holdout's ``(text, label)`` rows and what was done to them.
+
+        A label that differs from one of ``spec.labels`` only by case, surrounding
+        quotes/spaces or ``_``/``-``/space is mapped to it (counted as ``mapped``); a row
+        whose label is not in the set (``dropped``) or empty (``unlabeled``) is left out
+        and counted. A file without the label column, an empty file and a file with no
+        usable row are refused, naming ``spec.data.holdout``.
+        """
+        d = self.spec.data
+        assert d.holdout is not None
+        field_name = "spec.data.holdout"
+        rows = read_table(d.holdout, d.text_column, d.label_column, field_name)
+        if not rows:
+            raise SpecError(f"{field_name}: {d.holdout.name} is empty (no data rows)")
+        first = next(iter(_rows_raw(d.holdout)), {})
+        if d.label_column not in first:
+            raise SpecError(
+                f"{field_name}: {d.holdout.name} has no column {d.label_column!r} "
+                "(spec.data.label_column): a holdout needs labels"
+            )
+
+        def key(label: str) -> str:
+            return " ".join(
+                label.strip(" \t\"'`.").replace("_", " ").replace("-", " ").split()
+            ).casefold()
+
+        canon = {key(x): x for x in label_set}
+        out: list[tuple[str, str]] = []
+        mapped = dropped = unlabeled = 0
+        for t, y in rows:
+            if y is None:
+                unlabeled += 1
+            elif y in label_set:
+                out.append((t, y))
+            elif key(y) in canon:
+                mapped += 1
+                out.append((t, canon[key(y)]))
+            else:
+                dropped += 1
+        if not out:
+            raise SpecError(
+                f"{field_name}: none of its {len(rows)} rows has a label from spec.labels "
+                f"({dropped} other labels, {unlabeled} empty)"
+            )
+        return out, {"rows": len(rows), "mapped": mapped, "dropped": dropped,
+                     "unlabeled": unlabeled}  # fmt: skip
+
     # ---- (2) sample --------------------------------------------------------------------
+
+    def _prompt_ids(self, ing: Mapping[str, Any]) -> list[str]:
+        """How errors name each input: its file field and data row (1 = first after a
+        CSV header), with the input's SHA-256 beside it (the teacher adds that)."""
+        n_in = len(ing["inputs"])
+        rows = ing.get("input_rows") or [None] * n_in
+        ids = [
+            f"spec.data.unlabeled row {r}" if r is not None else f"x{i}" for i, r in enumerate(rows)
+        ]
+        return ids + [f"spec.data.holdout #{j + 1}" for j in range(len(ing["holdout"]))]
 
     def _sample(self, ing: Mapping[str, Any]) -> dict[str, Any]:
         k = self.spec.teacher.k
         teacher = self.teacher()
         texts = list(ing["inputs"]) + [t for t, _ in ing["holdout"]]
         total = len(texts)
-        done = [0]
+        done = [0, 0]  # finished, answered
+        errors: dict[int, dict[str, Any]] = {}
         h0, m0 = teacher.hits, teacher.misses
+        t0 = time.monotonic()
+        last = [0.0]
 
         def on_result(i: int, samples: Any) -> None:
             done[0] += 1
-            if done[0] % 25 == 0 or done[0] == total:
-                self._progress("sample", done[0], total, cache_misses=teacher.misses - m0)
+            if samples:
+                done[1] += 1
+            now = time.monotonic()
+            # every input moves the bar; a flood of cache hits is thinned to ~10 events/s
+            if now - last[0] >= 0.1 or done[0] == total or done[0] < 10:
+                last[0] = now
+                counters: dict[str, float] = {
+                    "cache_misses": teacher.misses - m0,
+                    "per_s": round(done[0] / max(now - t0, 1e-6), 2),
+                }
+                retries = getattr(teacher.teacher, "retries", None)
+                if retries is not None:
+                    counters["retries"] = retries
+                if errors:
+                    counters["rejected_by_teacher"] = len(errors)
+                self._progress("sample", done[0], total, **counters)
 
-        reqs = [SampleRequest(f"x{i}", t, k) for i, t in enumerate(texts)]
-        samples = teacher.sample_many(reqs, self.spec, on_result=on_result)
+        def on_error(i: int, e: InputRejected) -> None:
+            errors[i] = {**e.to_dict(), "prompt_id": reqs[i].prompt_id}
+            if len(errors) >= _REJECTED_BEFORE_ANY and done[1] == 0:
+                first = errors[min(errors)]
+                raise InputRejected(
+                    f"the teacher rejected the first {len(errors)} inputs and answered none "
+                    f"(first: {first['message']}): a teacher setting (model, endpoint, params) "
+                    "is wrong, not the inputs",
+                    input_sha256=first["input_sha256"],
+                    status=first["status"],
+                    reason=first["reason"],
+                ) from e
+
+        ids = self._prompt_ids(ing)
+        reqs = [SampleRequest(ids[i], t, k) for i, t in enumerate(texts)]
+        samples = teacher.sample_many(reqs, self.spec, on_result=on_result, on_error=on_error)
         hits, misses = teacher.hits - h0, teacher.misses - m0
         self.teacher_misses += misses
         flat = [s for ss in samples for s in ss]
@@ -477,6 +650,8 @@ class CompileJob:
         return {
             "samples": [[s.text for s in ss] for ss in samples[:n_in]],
             "holdout_samples": [[s.text for s in ss] for ss in samples[n_in:]],
+            # inputs the teacher could not answer: index (inputs, then holdout) → why
+            "teacher_errors": {str(i): errors[i] for i in sorted(errors)},
             "teacher": teacher.describe(),
             "usage": {
                 "samples": len(flat),
@@ -489,7 +664,12 @@ class CompileJob:
                 "cost_paid_now": round(sum(s.cost for s in flat if not s.cached), 8),
             },
             "_total": total,
-            "_counters": {"samples": len(flat), "cache_hits": hits, "cache_misses": misses},
+            "_counters": {
+                "samples": len(flat),
+                "cache_hits": hits,
+                "cache_misses": misses,
+                **({"rejected_by_teacher": len(errors)} if errors else {}),
+            },
         }
 
     # ---- (3) vote -----------------------------------------------------------------------
@@ -497,8 +677,45 @@ class CompileJob:
     def _vote(self, ing: Mapping[str, Any], smp: Mapping[str, Any]) -> dict[str, Any]:
         t = self.spec.teacher
         need = t.min_agreement or t.k // 2 + 1
-        votes = [vote(ss, self.verifier, t.k, need) for ss in smp["samples"]]
+        errors = smp.get("teacher_errors") or {}
+        votes = []
+        for i, ss in enumerate(smp["samples"]):
+            err = errors.get(str(i))
+            if err is None:
+                votes.append(vote(ss, self.verifier, t.k, need))
+                continue
+            votes.append(
+                VoteResult(
+                    accepted=False,
+                    answer=None,
+                    votes={},
+                    agreement=0.0,
+                    k=t.k,
+                    min_agreement=need,
+                    sample_digests=(),
+                    rejected_code=REJECT_TEACHER_ERROR,
+                    rejected_reason=f"teacher: {err['reason']} (HTTP {err['status']})",
+                )
+            )
         summary = summarize(votes)
+        # every rejected input with its reason; a few answers the verifier refused
+        rejected = [
+            {
+                "input": i,
+                "prompt_id": (errors.get(str(i)) or {}).get("prompt_id"),
+                "input_sha256": hashlib.sha256(ing["inputs"][i].encode("utf-8")).hexdigest(),
+                "code": v.rejected_code,
+                "reason": v.rejected_reason,
+                **({"teacher_error": errors[str(i)]} if str(i) in errors else {}),
+            }
+            for i, v in enumerate(votes)
+            if not v.accepted
+        ]
+        refused: list[str] = []
+        for v in votes:
+            for f in v.failures:
+                if f.reason not in refused and len(refused) < 3:
+                    refused.append(f.reason)
         accepted: list[list[Any]] = [
             [i, v.answer, dict(v.votes), list(v.sample_digests), v.agreement]
             for i, v in enumerate(votes)
@@ -515,9 +732,16 @@ class CompileJob:
             voted = [gold[i] == a for i, a, *_ in accepted]
             counters["gold_precision_single"] = round(sum(single) / max(1, len(single)), 4)
             counters["gold_precision_vote"] = round(sum(voted) / max(1, len(voted)), 4)
+        for code, count in summary.reasons.items():
+            counters[f"rejected_{code}"] = count
         return {
             "accepted": accepted,
-            "summary": summary.to_dict(),
+            "summary": {
+                **summary.to_dict(),
+                "verifier_examples": refused,
+                "teacher_examples": [e["message"] for _, e in sorted(errors.items())][:1],
+            },
+            "rejected": rejected,
             "_total": len(votes),
             "_counters": counters,
         }
@@ -528,7 +752,14 @@ class CompileJob:
         self, ing: Mapping[str, Any], smp: Mapping[str, Any], vt: Mapping[str, Any]
     ) -> dict[str, Any]:
         spec = self.spec
-        task = {"name": spec.name, "type": spec.task, "spec_digest": spec.digest()}
+        if not vt["accepted"] and not ing["seeds"]:
+            raise KolmError(_nothing_accepted(vt["summary"]))
+        # the spec as the labels were first signed: a budget raised mid-way does not make
+        # the job's label receipts name two specs
+        frozen = self.stage_dir / "sign.spec_digest"
+        if not frozen.exists():
+            frozen.write_text(spec.digest())
+        task = {"name": spec.name, "type": spec.task, "spec_digest": frozen.read_text().strip()}
         vdesc = {
             "name": self.verifier.name,
             "version": self.verifier.version,
@@ -607,7 +838,11 @@ class CompileJob:
             self._progress("sign", min(b + batch, len(items)), len(items), logged=len(logged))
         logged.sort(key=lambda r: r[0])
         if not logged:
-            raise KolmError("no label receipt was acknowledged by the ledger; nothing to train on")
+            why = f" (first refusal: {failed[0][2]})" if failed else ""
+            raise KolmError(
+                f"no label receipt was acknowledged by the ledger (0 of {len(items)}){why}; "
+                "nothing to train on"
+            )
         root = training_set_root([bytes.fromhex(r[1]) for r in logged])
         return {
             "logged": logged,
@@ -646,6 +881,28 @@ class CompileJob:
         mdir.mkdir(parents=True)
         texts = [r[2] for r in sgn["logged"]]
         ys = [r[3] for r in sgn["logged"]]
+        # selective prediction (kolm_compile.gate): with a target, a seeded calibration
+        # split of the acknowledged labels is held out from training
+        st = self.spec.student
+        digests = [example_digest(x, y) for x, y in zip(texts, ys, strict=True)]
+        cal = (
+            _gate.calibration_split(digests, _gate.CALIBRATION_FRACTION, self.spec.seed)
+            if st.target_cover_k_score is not None
+            else []
+        )
+        cal_set = set(cal)
+        cal_texts, cal_ys = [texts[i] for i in cal], [ys[i] for i in cal]
+        calibration = {
+            "fraction": _gate.CALIBRATION_FRACTION,
+            "seed": self.spec.seed,
+            "examples_digest": hashlib.sha256(
+                "".join(digests[i] for i in cal).encode()
+            ).hexdigest(),
+        }
+        keep = [i for i in range(len(texts)) if i not in cal_set]
+        texts, ys, digests = [texts[i] for i in keep], [ys[i] for i in keep], [
+            digests[i] for i in keep
+        ]
         _dump(self.dir / "train_set.json", {"texts": texts, "labels": ys})
 
         def progress(step: int, total: int, loss: float) -> None:
@@ -664,7 +921,22 @@ class CompileJob:
         except InterruptedError as e:
             raise JobCancelled(f"job {self.job_id} cancelled during training") from e
         self._student = tr.student
+        student = tr.student or _train.Student.load(mdir / "adapter", threads=cfg.threads)
+        with _train._torch_state(cfg.threads, False):
+            gate_meta = _gate.build(
+                student,
+                texts,
+                digests,
+                cal_texts,
+                cal_ys,
+                target=st.target_cover_k_score,
+                k=st.gate_k,
+                confidence_threshold=st.confidence_threshold,
+                calibration=calibration,
+                directory=mdir,
+            )
         return {
+            "gate": gate_meta,
             "examples": len(texts),
             "steps": tr.steps,
             "first_loss": tr.losses[0],
@@ -737,7 +1009,14 @@ class CompileJob:
             reexec.outcome_line(e, p, o) for e, p, o in zip(examples, preds, outcomes, strict=True)
         ]
         outcome_root = reexec.outcomes_root(lines)
+        # the gate on the holdout: the cover's coverage and K-score, the risk-coverage curve
+        gate_ev = None
+        if (gate_meta := self._load("train").get("gate")) is not None:
+            gate = _gate.Gate.load(self.model_dir(), gate_meta, self.spec.name)
+            with _train._torch_state(cfg.threads, False):
+                gate_ev = _gate.evaluate(gate, student, texts, [bool(o) for o in outcomes])
         return {
+            **({"gate": gate_ev} if gate_ev is not None else {}),
             "k_score": score.to_dict(),
             "teacher_single": single.to_dict(),
             "teacher_vote": voted.to_dict(),
@@ -818,6 +1097,10 @@ class CompileJob:
             "label_column": spec.data.label_column,
         }
         manifest["determinism"] = dict(ev["determinism"])
+        gate_meta = self._load("train").get("gate")
+        if gate_meta is not None:  # the selective-prediction gate (kolm_compile.gate)
+            manifest["gate"] = {**gate_meta, **({"holdout": ev["gate"]} if "gate" in ev else {})}
+        cover = _cover_summary(manifest.get("gate"))
         if self.opts.bundle_base:
             src = _train.resolve_base_model(cfg.base_model)
             shutil.copytree(src, mdir / "base", ignore=shutil.ignore_patterns(".*"))
@@ -848,6 +1131,9 @@ class CompileJob:
             teacher_k_score=t_vote.score,
             extra={
                 "job_id": self.job_id,
+                # holdout rows mapped/dropped and those also among the training inputs
+                **({"holdout": hr} if (hr := self._load("ingest").get("holdout_report")) else {}),
+                **({"gate": cover} if cover is not None else {}),
                 "teacher_k_score_single": t_single.score,
                 "teacher_k_score_vote": t_vote.score,
                 "per_label": ev["per_label"],
@@ -870,6 +1156,9 @@ class CompileJob:
             "accepted": summary["accepted"],
             "rejected": summary["n"] - summary["accepted"],
             "acceptance_rate": summary["acceptance_rate"],
+            "rejected_reasons": dict(summary.get("reasons") or {}),
+            # holdout rows mapped/dropped, and those also among the training inputs
+            "holdout": self._load("ingest").get("holdout_report") or {},
             "seed_pairs": len(self._load("ingest")["seeds"]),
             "logged": len(sgn["logged"]),
             "append_failed": len(sgn["failed"]),
@@ -901,6 +1190,7 @@ class CompileJob:
                 "teacher": smp["teacher"],
                 "labels": labels,
                 "cost": cost,
+                **({"cover": _cover_brief(cover)} if cover is not None else {}),
                 # what `kolm recall update` records too: the signed corpus of this artifact
                 **(
                     {
@@ -974,9 +1264,23 @@ class CompileJob:
         per_sample = u["cost"] / u["samples"] if u["samples"] else 0.0
         cpu_s = ev["latency_s"] * ev["threads"]
         student = cpu_s / 3600.0 * self.opts.dollars_per_cpu_hour
+        spent = self.spend.to_dict()
+        # a folder from before JOB/spend.json: this run's cache misses are all it knows
+        bought = (
+            spent["samples"]
+            if self.spend.path and os.path.exists(self.spend.path)
+            else (u["cache_misses"])
+        )
         return {
-            "teacher_calls": u["samples"],  # one call = one sample
-            "teacher_calls_paid_by_this_job": u["cache_misses"],
+            # units: a SAMPLE is one answer; a REQUEST is one HTTP call (asks for up to k
+            # samples). The budget's max_teacher_calls counts billed requests.
+            "teacher_samples": u["samples"],
+            "teacher_calls": u["samples"],  # older name of teacher_samples (one call = one sample)
+            "teacher_samples_bought_by_this_job": bought,
+            "teacher_calls_paid_by_this_job": bought,  # older name, same value (samples)
+            "teacher_requests_billed_by_this_job": spent["requests"],
+            "teacher_requests_failed_not_billed": spent["failed_requests"],
+            "cost_paid_by_this_job": round(spent["cost"], 8),
             "input_tokens": u["input_tokens"],
             "output_tokens": u["output_tokens"],
             "estimated_cost": u["cost"],
@@ -994,7 +1298,14 @@ class CompileJob:
     def run(self) -> CompileResult:
         """Run (or resume) every stage; returns the result. Raises on failure or cancel."""
         try:
+            for note in self.notes:
+                self.emit(StageEvent("ingest", "note", message=note))
             ing = self._run_stage("ingest", self._ingest)
+            if not (self.stage_dir / "sign.json").exists():
+                # a key the ledger will refuse is found before the teacher is paid
+                check = getattr(self.sink, "check_signer", None)
+                if check is not None:
+                    check(self.key)
             smp = self._run_stage("sample", lambda: self._sample(ing))
             vt = self._run_stage("vote", lambda: self._vote(ing, smp))
             sgn = self._run_stage("sign", lambda: self._sign(ing, smp, vt))
@@ -1021,6 +1332,34 @@ class CompileJob:
             eval_index=int(pk.get("eval_index", -1)),
             recall=pk.get("recall"),
         )
+
+
+def _cover_summary(gate: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The eval receipt's ``gate``: rule, thresholds, calibration and holdout figures of the
+    cover, and the holdout risk-coverage curve (20 points per score)."""
+    if gate is None:
+        return None
+    keys = ("rule", "temperature", "t_prob", "t_sim", "k", "target_cover_k_score")
+    out: dict[str, Any] = {k: gate[k] for k in keys if k in gate}
+    if "calibration" in gate:
+        out["calibration"] = dict(gate["calibration"])
+    if "holdout" in gate:
+        out["holdout"] = dict(gate["holdout"])
+    return out
+
+
+def _cover_brief(cover: Mapping[str, Any]) -> dict[str, Any]:
+    """The artifact receipt's ``cover``: what ``kolm verify`` shows at step 8."""
+    out: dict[str, Any] = {
+        k: cover[k] for k in ("rule", "t_prob", "t_sim", "temperature", "k") if k in cover
+    }
+    if "target_cover_k_score" in cover:
+        out["target_cover_k_score"] = cover["target_cover_k_score"]
+    h = cover.get("holdout")
+    if h is not None:
+        for k in ("coverage", "cover_k_score", "cover_interval", "k_score", "n", "n_cover"):
+            out[k] = h[k]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

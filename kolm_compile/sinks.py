@@ -53,6 +53,7 @@ class ReceiptSink(Protocol):
         ...
 
     # optional: def job_labels(self, job_id: str) -> dict[str, Acked]
+    # optional: def check_signer(self, key: PrivateKey) -> None  (before any teacher call)
     #   the label receipts already logged for ``job_id``, by example digest (a resumed
     #   job reuses them); a sink without it makes the job rely on deterministic re-signing
 
@@ -81,12 +82,65 @@ def labels_by_example(entries: Iterable[Any]) -> dict[str, Acked]:
     return out
 
 
-class ServiceSink:
-    """The ledger service through :meth:`kolm_ledger.client.LedgerClient.append_many`."""
+def _check_trusted_signer(trust: Any, key: Any, where: str) -> None:
+    """Raise :class:`ConflictError` in plain words unless ``key`` is a usable compile key
+    in ``trust`` (a :class:`~kolm_ledger.trust.TrustState`)."""
+    from datetime import UTC, datetime
 
-    def __init__(self, client: Any, batch: int = LABEL_BATCH) -> None:
+    from kolm_ledger.errors import ConflictError, UnknownKeyError
+
+    keyid = key.keyid()
+    try:
+        k = trust.get(keyid)
+    except UnknownKeyError:
+        raise ConflictError(
+            f"the compile key in --keys (key id {keyid}) is not trusted by {where}: this key "
+            "folder belongs to another kolm setup; give the --keys folder the ledger was set "
+            "up with (nothing was sent to the teacher)"
+        ) from None
+    now = datetime.now(UTC)
+    if k.role != "compile":
+        raise ConflictError(
+            f"the key in --keys (key id {keyid}) has role {k.role} at {where}, not compile "
+            "(nothing was sent to the teacher)"
+        )
+    if k.revoked_at is not None or (k.not_after is not None and k.not_after <= now):
+        raise ConflictError(
+            f"the compile key in --keys (key id {keyid}) is revoked or expired at {where} "
+            "(nothing was sent to the teacher)"
+        )
+
+
+class ServiceSink:
+    """The ledger service through :meth:`kolm_ledger.client.LedgerClient.append_many`.
+
+    With ``trust`` (the key folder's trust root) :meth:`check_signer` checks, before a
+    job spends anything, that the service's checkpoint is signed by that root's log key
+    and that the compile key is trusted there.
+    """
+
+    def __init__(self, client: Any, batch: int = LABEL_BATCH, *, trust: Any = None) -> None:
         self.client = client
         self.batch = batch
+        self.trust = trust
+
+    def check_signer(self, key: Any) -> None:
+        """Refuse a compile key this ledger service will not accept (needs ``trust``)."""
+        if self.trust is None:
+            return
+        from kolm_ledger.checkpoint import verify_checkpoint
+        from kolm_ledger.errors import CheckpointError, ConflictError
+        from kolm_ledger.trust import ledger_trust_state
+
+        try:
+            verify_checkpoint(self.client.checkpoint().to_bytes(), self.trust)
+        except CheckpointError as e:
+            raise ConflictError(
+                "the ledger service's checkpoint is not signed by the log key of the --keys "
+                f"folder's trust.json ({e}): this key folder belongs to another ledger "
+                "(nothing was sent to the teacher)"
+            ) from e
+        _check_trusted_signer(ledger_trust_state(self.client, self.trust), key, "the ledger")
 
     def append(self, envelopes: Sequence[Envelope]) -> list[Acked | KolmError]:
         """AppendStream in messages of ``batch``; a transport failure fails the whole call."""
@@ -159,6 +213,10 @@ class LocalLedgerSink:
     def checkpoint(self) -> dict[str, Any]:
         """The ledger's newest checkpoint."""
         return _checkpoint_dict(self.ledger.checkpoint())
+
+    def check_signer(self, key: Any) -> None:
+        """Refuse a compile key this ledger will not accept, before any teacher call."""
+        _check_trusted_signer(self.ledger.trust, key, "the ledger database")
 
     def job_labels(self, job_id: str) -> dict[str, Acked]:
         """The job's label receipts in the store, by example digest."""

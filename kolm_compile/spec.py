@@ -52,6 +52,9 @@ Schema (``*`` = required; unknown fields are rejected by name)::
     student:                  defaults: kolm_compile._train.TrainConfig
       base_model, lora_r, epochs, learning_rate, max_length, batch_size
       confidence_threshold: float = 0.5   below it, inference escalates to the teacher
+      target_cover_k_score: float   K-score promised on the cover; the compile picks the gate
+                              thresholds for it (docs/INFERENCE.md, selective prediction)
+      gate_k: int = 5         neighbour rank of the kNN distance gate
     data:                     at least one of seed_pairs, unlabeled
       seed_pairs: path        CSV/JSONL of labelled pairs (text,label or input,output)
       unlabeled: path         CSV/JSONL of inputs for the teacher to label
@@ -60,8 +63,12 @@ Schema (``*`` = required; unknown fields are rejected by name)::
       label_column: str = label
       limit_per_label: int    keep at most this many rows per label
       labels: [str, ...]      keep only rows with these labels (subset of `labels`)
-    budget:
-      max_teacher_calls: int  requests a teacher may send (unset: no limit)
+    budget:                   per JOB, summed over every run of it (resumes included);
+                              operational: changing it keeps the job (docs/COMPILE.md)
+      max_teacher_calls: int  billed requests (HTTP 200 answers) the job may make (unset: no
+                              limit); 429s, 5xx, timeouts and resets are counted apart, not billed
+      max_teacher_samples: int  samples the job may buy (one request asks for up to k)
+      max_cost: float         dollars the job may spend at the prices below
       price_per_1k_input_tokens: float = 0
       price_per_1k_output_tokens: float = 0
     recall:                   optional: ship a recall index (recall/index.db) in the .kolm
@@ -117,6 +124,7 @@ __all__ = [
     "MAX_SPEC_BYTES",
     "MAX_SPEC_DEPTH",
     "MAX_SPEC_NODES",
+    "OPERATIONAL_TEACHER_FIELDS",
     "RECALL_K_MAX",
     "TASK_TYPES",
     "BudgetSpec",
@@ -127,8 +135,10 @@ __all__ = [
     "TaskSpec",
     "TeacherSpec",
     "VerifierSpec",
+    "check_key_env_name",
     "kolm_version",
     "load_spec_text",
+    "looks_like_key",
     "read_rows",
     "read_table",
 ]
@@ -166,10 +176,11 @@ def read_rows(path: Path) -> Iterator[Mapping[str, Any]]:
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+        with path.open(newline="", encoding="utf-8-sig") as f:
             yield from csv.DictReader(f)
         return
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -209,6 +220,37 @@ def read_table(
 
 
 # --------------------------------------------------------------------------- value checks
+
+
+_KEY_PREFIXES = ("sk-", "sk_", "pk_", "rk_", "hf_", "gsk_", "ghp_", "gho_", "xox", "AIza", "AKIA")
+
+
+def looks_like_key(value: str) -> bool:
+    """A credential rather than an environment variable's name: a well-known key prefix,
+    or a long value of mixed-case letters and digits (variable names are UPPER_CASE)."""
+    if value.startswith(_KEY_PREFIXES):
+        return True
+    has_lower = any(c.islower() for c in value)
+    has_digit = any(c.isdigit() for c in value)
+    return len(value) >= 20 and has_lower and has_digit
+
+
+def check_key_env_name(path: str, value: Any) -> str:
+    """``value`` as the name of the environment variable holding an API key; never echoes
+    it (a key pasted into the field would otherwise reach a log or an error)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"{path}: must be the name of an environment variable")
+    if looks_like_key(value):
+        raise SpecError(
+            f"{path}: the value looks like a key, not a variable name (not shown); put the "
+            "key in an environment variable and give its name here, e.g. OPENAI_API_KEY"
+        )
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise SpecError(
+            f"{path}: must be an environment variable name (letters, digits and _, not "
+            "starting with a digit); the value is not shown"
+        )
+    return value
 
 
 def _fail(path: str, want: str, got: Any) -> SpecError:
@@ -533,10 +575,9 @@ class TeacherSpec(_Section):
             endpoint = _text(f"{p}.endpoint", self.endpoint)
             if not re.match(r"https?://[^/\s]+", endpoint):
                 raise _fail(f"{p}.endpoint", "an http(s) URL", endpoint)
-        if self.api_key_env is not None and not re.fullmatch(
-            r"[A-Za-z_][A-Za-z0-9_]*", str(self.api_key_env)
-        ):
-            raise _fail(f"{p}.api_key_env", "an environment variable name", self.api_key_env)
+        if self.api_key_env is not None:
+            # the value is never echoed: a key pasted here must not reach a log or a client
+            check_key_env_name(f"{p}.api_key_env", self.api_key_env)
         if self.concurrency is not None:
             put("concurrency", _int(f"{p}.concurrency", self.concurrency, 1, 1024))
         if self.timeout_s is not None:
@@ -598,6 +639,17 @@ class StudentSpec(_Section):
     confidence_threshold: float = field(
         default=0.5, metadata=_help("inference escalates to the teacher below this confidence")
     )
+    target_cover_k_score: float | None = field(
+        default=None,
+        metadata=_help(
+            "K-score promised on the inputs the student keeps (the cover): the compile holds "
+            "out a calibration split and picks the gate thresholds (calibrated probability, "
+            "kNN similarity) with the largest coverage meeting it; unset: confidence_threshold"
+        ),
+    )
+    gate_k: int | None = field(
+        default=None, metadata=_help("neighbour rank of the kNN distance gate (default 5)")
+    )
 
     def __post_init__(self) -> None:
         p = self.PATH
@@ -606,6 +658,15 @@ class StudentSpec(_Section):
             "confidence_threshold",
             _num(f"{p}.confidence_threshold", self.confidence_threshold, 0.0, 1.0),
         )
+        if self.target_cover_k_score is not None:
+            object.__setattr__(
+                self,
+                "target_cover_k_score",
+                _num(f"{p}.target_cover_k_score", self.target_cover_k_score, 0.0, 100.0),
+            )
+        k = self.gate_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100):
+            raise SpecError(f"{p}.gate_k: want an integer in [1, 100], got {k!r}")
         self.train_config(0)  # the trainer's own checks, with our field path
 
     def train_config(self, seed: int) -> _train.TrainConfig:
@@ -663,7 +724,19 @@ class BudgetSpec(_Section):
     PATH: ClassVar[str] = "spec.budget"
 
     max_teacher_calls: int | None = field(
-        default=None, metadata=_help("requests a teacher may send; unset: no limit")
+        default=None,
+        metadata=_help(
+            "billed requests (HTTP 200) a job may make over all its runs; unset: no limit"
+        ),
+    )
+    max_teacher_samples: int | None = field(
+        default=None, metadata=_help("samples a job may buy over all its runs; unset: no limit")
+    )
+    max_cost: float | None = field(
+        default=None,
+        metadata=_help(
+            "dollars a job may spend at these prices over all its runs; unset: no limit"
+        ),
     )
     price_per_1k_input_tokens: float = field(
         default=0.0, metadata=_help("price of 1000 prompt tokens")
@@ -676,6 +749,12 @@ class BudgetSpec(_Section):
         p = self.PATH
         if self.max_teacher_calls is not None:
             _int(f"{p}.max_teacher_calls", self.max_teacher_calls, 1)
+        if self.max_teacher_samples is not None:
+            _int(f"{p}.max_teacher_samples", self.max_teacher_samples, 1)
+        if self.max_cost is not None:
+            object.__setattr__(
+                self, "max_cost", _num(f"{p}.max_cost", self.max_cost, 0.0, 1e9, lo_open=True)
+            )
         for name in ("price_per_1k_input_tokens", "price_per_1k_output_tokens"):
             object.__setattr__(self, name, _num(f"{p}.{name}", getattr(self, name), 0.0, 1e9))
 
@@ -1111,6 +1190,47 @@ class TaskSpec(_Section):
     def digest(self) -> str:
         """Hex SHA-256 of RFC 8785 canonical ``to_dict(with_file_digests=True)``."""
         return hashlib.sha256(rfc8785.dumps(self.to_dict(with_file_digests=True))).hexdigest()
+
+    def identity(self) -> dict[str, str]:
+        """What makes a compile job this job: part name → SHA-256 (RFC 8785 canonical).
+
+        Parts: ``task`` (name, type, labels, schema, instructions, verifier, seed),
+        ``data`` (the data section and its files' digests), ``teacher`` (the teacher
+        section without :data:`OPERATIONAL_TEACHER_FIELDS`, plus a replay or simulated
+        teacher's file digest) and ``recall``. Left out: the budget and the teacher's
+        operational settings (timeouts, retries, concurrency, batching), which a job may
+        change between runs, and the student section, whose change re-runs training only
+        (:meth:`training_digest`). ``kolm_version`` is left out too.
+        """
+        d = self.to_dict(with_file_digests=True)
+        files = d.pop("files", {})
+        d.pop("kolm_version", None)
+        d.pop("budget", None)
+        d.pop("student", None)
+        teacher = {k: v for k, v in d.pop("teacher").items() if k not in OPERATIONAL_TEACHER_FIELDS}
+        parts: dict[str, Any] = {
+            "data": {**(d.pop("data", None) or {}), "files": {
+                k: v for k, v in files.items() if k.startswith("data.")}},
+            "teacher": {**teacher, "files": {
+                k: v for k, v in files.items() if k.startswith("teacher.")}},
+            "recall": {**(d.pop("recall", None) or {}), "files": {
+                k: v for k, v in files.items() if k.startswith("recall.")}},
+        }  # fmt: skip
+        parts["task"] = d
+        return {k: hashlib.sha256(rfc8785.dumps(v)).hexdigest() for k, v in sorted(parts.items())}
+
+    def identity_digest(self) -> str:
+        """Hex SHA-256 of canonical :meth:`identity`: a job folder holds one such job."""
+        return hashlib.sha256(rfc8785.dumps(self.identity())).hexdigest()
+
+    def training_digest(self) -> str:
+        """Hex SHA-256 of the canonical student section: when it changes, a job re-runs
+        training, evaluation and packaging only."""
+        return hashlib.sha256(rfc8785.dumps(self.to_dict().get("student", {}))).hexdigest()
+
+
+#: teacher fields a job may change between runs without becoming another job
+OPERATIONAL_TEACHER_FIELDS = frozenset({"timeout_s", "max_retries", "concurrency", "batch_samples"})
 
 
 def _file_sha256(dotted: str, path: Path) -> str:

@@ -79,12 +79,14 @@ if TYPE_CHECKING:
 __all__ = [
     "PROMPT_VERSION",
     "BaseTeacher",
+    "InputRejected",
     "OpenAITeacher",
     "ReplayTeacher",
     "SampleRequest",
     "SimulatedTeacher",
     "Teacher",
     "TeacherSample",
+    "TeacherSpend",
     "TransformersTeacher",
     "build_messages",
     "build_teacher",
@@ -156,6 +158,90 @@ def input_sha256(input_text: str) -> str:
     return hashlib.sha256(input_text.encode("utf-8")).hexdigest()
 
 
+class InputRejected(InvalidInput):
+    """The teacher cannot answer this one input (it refused it with HTTP 400/413/422, e.g.
+    a content filter, or kept sending a malformed answer for it). A compile job rejects
+    that input like a failed vote, records why, and goes on (``on_error`` of
+    ``sample_many``); called alone, ``sample`` raises it.
+
+    ``input_sha256``, ``status`` (the HTTP status, 200 for a malformed answer) and
+    ``reason`` (``refused`` | ``malformed_response``) say what happened.
+    """
+
+    def __init__(self, message: str, *, input_sha256: str, status: int, reason: str) -> None:
+        super().__init__(message)
+        self.input_sha256 = input_sha256
+        self.status = status
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (what ``stages/vote.json`` records)."""
+        return {
+            "input_sha256": self.input_sha256,
+            "status": self.status,
+            "reason": self.reason,
+            "message": str(self),
+        }
+
+
+class TeacherSpend:
+    """What one job spent on its teacher, summed over all its runs (resumes included).
+
+    ``requests``: HTTP requests the endpoint answered with 200 (what a provider bills);
+    ``failed_requests``: attempts that got 429, 5xx, a timeout or a reset (not billed by
+    OpenAI-style providers; counted, never charged); ``samples``, ``input_tokens``,
+    ``output_tokens``, ``cost``: what the billed requests returned, at the spec's prices.
+    With a ``path`` every change is written there at once (atomically), so a job killed
+    mid-way still knows what it bought. Thread-safe.
+    """
+
+    FIELDS = ("requests", "failed_requests", "samples", "input_tokens", "output_tokens", "cost")
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.lock = threading.RLock()
+        self.requests = self.failed_requests = self.samples = 0
+        self.input_tokens = self.output_tokens = 0
+        self.cost = 0.0
+        if self.path is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                d = json.load(f)
+            for name in self.FIELDS:
+                setattr(self, name, type(getattr(self, name))(d.get(name, 0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready totals."""
+        with self.lock:
+            return {name: getattr(self, name) for name in self.FIELDS}
+
+    def save(self) -> None:
+        """Write the totals to ``path`` (no-op without one)."""
+        if self.path is None:
+            return
+        with self.lock:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, sort_keys=True)
+            os.replace(tmp, self.path)
+
+    def add(self, **amounts: float) -> None:
+        """Add ``amounts`` (field → amount) and save."""
+        with self.lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+            self.cost = round(self.cost, 10)
+            self.save()
+
+    def add_samples(self, samples: Sequence[TeacherSample]) -> None:
+        """Record samples bought (count, tokens, cost)."""
+        self.add(
+            samples=len(samples),
+            input_tokens=sum(s.input_tokens for s in samples),
+            output_tokens=sum(s.output_tokens for s in samples),
+            cost=sum(s.cost for s in samples),
+        )
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """What every teacher offers."""
@@ -178,9 +264,12 @@ class Teacher(Protocol):
         task: TaskSpec,
         *,
         on_result: Callable[[int, list[TeacherSample]], None] | None = None,
+        on_error: Callable[[int, InputRejected], None] | None = None,
     ) -> list[list[TeacherSample]]:
         """Samples for each request, in request order; ``on_result(i, samples)``
-        is called as each request completes (from any thread)."""
+        is called as each request completes (from any thread). With ``on_error`` an
+        input the teacher cannot answer (:class:`InputRejected`) is reported there and
+        gets no samples; without it the error is raised."""
         ...
 
 
@@ -292,11 +381,20 @@ class BaseTeacher:
         task: TaskSpec,
         *,
         on_result: Callable[[int, list[TeacherSample]], None] | None = None,
+        on_error: Callable[[int, InputRejected], None] | None = None,
     ) -> list[list[TeacherSample]]:
         """Samples for each request, in order (sequentially here)."""
-        out = []
+        out: list[list[TeacherSample]] = []
         for i, r in enumerate(requests):
-            samples = self.sample(r.prompt_id, r.input_text, r.k, task, first_index=r.first_index)
+            try:
+                samples = self.sample(
+                    r.prompt_id, r.input_text, r.k, task, first_index=r.first_index
+                )
+            except InputRejected as e:
+                if on_error is None:
+                    raise
+                on_error(i, e)
+                samples = []
             if on_result is not None:
                 on_result(i, samples)
             out.append(samples)
@@ -362,6 +460,14 @@ def build_teacher(spec: TeacherSpec, task: TaskSpec, **options: Any) -> Teacher:
 
 
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+#: statuses that are about one request's content: that input is rejected, the job goes on
+_INPUT_STATUS = frozenset({400, 413, 422})
+#: a malformed answer (invalid JSON, no or empty choices) is asked again this many times
+_MALFORMED_RETRIES = 2
+
+
+class _Malformed(UnavailableError):
+    """An HTTP 200 answer that is not a usable chat completion."""
 
 
 def _display_url(url: str) -> str:
@@ -404,6 +510,7 @@ class OpenAITeacher(BaseTeacher):
         rng: random.Random | None = None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        spend: TeacherSpend | None = None,
     ) -> None:
         assert spec.endpoint is not None and spec.model is not None
         self._spec = spec
@@ -427,9 +534,14 @@ class OpenAITeacher(BaseTeacher):
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
         self._backoff = (float(backoff_base_s), float(backoff_max_s))
-        self._max_calls = task.budget.max_teacher_calls
-        self._calls = 0
-        self._calls_lock = threading.Lock()
+        self._budget = task.budget
+        # the job's spend over all its runs (the pipeline passes the job folder's); the
+        # budget is checked against it, so a resumed job does not get a fresh budget
+        self.spend = spend if spend is not None else TeacherSpend()
+        self.records_spend = True  # CachedTeacher: this teacher records what it bought
+        self._calls = 0  # requests sent by this object (retries included)
+        self._retries_done = 0
+        self._inflight = [0, 0]  # requests, samples reserved by requests in flight
         handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
         host = urllib.parse.urlsplit(self._url).hostname or ""
         if host in ("127.0.0.1", "localhost", "::1"):
@@ -438,8 +550,13 @@ class OpenAITeacher(BaseTeacher):
 
     @property
     def calls(self) -> int:
-        """HTTP requests sent so far (retries included)."""
+        """HTTP requests sent so far by this object (retries included)."""
         return self._calls
+
+    @property
+    def retries(self) -> int:
+        """Retries so far (after a 429, 5xx, timeout, reset or malformed answer)."""
+        return self._retries_done
 
     def describe(self) -> dict[str, Any]:
         """Backend, model, endpoint (no credentials), sampling params, prompt version."""
@@ -471,15 +588,35 @@ class OpenAITeacher(BaseTeacher):
         """
         _check_k(k, first_index)
         messages = build_messages(task, input_text)
-        where = f"input {prompt_id} (sha256 {input_sha256(input_text)})"
+        digest = input_sha256(input_text)
+        where = f"input {prompt_id} (sha256 {digest})"
         out: list[TeacherSample] = []
+        malformed = 0
         while len(out) < k:
             n = k - len(out) if self._spec.batch_samples is not False else 1
             body = {**self._params, "messages": messages, "model": self._spec.model}
             if n > 1:
                 body["n"] = n
-            texts, usage = self._parse(self._post(body, where), n, where)
-            out.extend(_samples(texts, usage[0], usage[1], task))
+            try:
+                texts, usage = self._parse(self._post(body, where, n), n, where)
+            except _Malformed as e:
+                # a malformed answer (invalid JSON, no or empty choices) is asked again
+                # twice; then this input is rejected, not the job
+                malformed += 1
+                if malformed > _MALFORMED_RETRIES:
+                    raise InputRejected(
+                        f"{e} ({malformed} answers in a row; input rejected)",
+                        input_sha256=digest,
+                        status=200,
+                        reason="malformed_response",
+                    ) from e
+                with self.spend.lock:
+                    self._retries_done += 1
+                log.warning("%s; asking again (%d/%d)", e, malformed, _MALFORMED_RETRIES)
+                continue
+            got = _samples(texts, usage[0], usage[1], task)
+            self.spend.add_samples(got)
+            out.extend(got)
         return out
 
     def sample_many(
@@ -488,17 +625,27 @@ class OpenAITeacher(BaseTeacher):
         task: TaskSpec,
         *,
         on_result: Callable[[int, list[TeacherSample]], None] | None = None,
+        on_error: Callable[[int, InputRejected], None] | None = None,
     ) -> list[list[TeacherSample]]:
         """All requests, ``concurrency`` in flight at once; results in request order.
 
-        The first failure cancels the requests not yet started and is raised.
+        The first failure cancels the requests not yet started and is raised (an
+        :class:`InputRejected` goes to ``on_error`` instead, when given).
         """
         if not requests:
             return []
 
         def run(i: int) -> list[TeacherSample]:
             r = requests[i]
-            samples = self.sample(r.prompt_id, r.input_text, r.k, task, first_index=r.first_index)
+            try:
+                samples = self.sample(
+                    r.prompt_id, r.input_text, r.k, task, first_index=r.first_index
+                )
+            except InputRejected as e:
+                if on_error is None:
+                    raise
+                on_error(i, e)
+                return []
             if on_result is not None:
                 on_result(i, samples)
             return samples
@@ -510,14 +657,44 @@ class OpenAITeacher(BaseTeacher):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _take_call(self) -> None:
-        with self._calls_lock:
-            if self._max_calls is not None and self._calls >= self._max_calls:
+    def _take_call(self, n: int) -> None:
+        """Reserve one request for ``n`` samples within the job's budget (all its runs)."""
+        b, sp = self._budget, self.spend
+        with sp.lock:
+            where = "this job (over all its runs) has"
+            if b.max_teacher_calls is not None and (
+                sp.requests + self._inflight[0] >= b.max_teacher_calls
+            ):
                 raise ResourceExhaustedError(
-                    f"teacher call budget exhausted: {self._calls} requests sent, "
-                    f"budget.max_teacher_calls is {self._max_calls}"
+                    f"teacher call budget exhausted: {where} made {sp.requests} billed "
+                    f"requests ({sp.samples} samples, ${sp.cost:.4f}); budget.max_teacher_calls "
+                    f"is {b.max_teacher_calls}. Raise it in the spec and run the same command "
+                    "again: the job resumes and pays only for what it still needs"
                 )
+            if b.max_teacher_samples is not None and (
+                sp.samples + self._inflight[1] + n > b.max_teacher_samples
+            ):
+                raise ResourceExhaustedError(
+                    f"teacher sample budget exhausted: {where} bought {sp.samples} samples, "
+                    f"{n} more would pass budget.max_teacher_samples {b.max_teacher_samples}. "
+                    "Raise it in the spec and run the same command again"
+                )
+            if b.max_cost is not None and sp.cost >= b.max_cost:
+                raise ResourceExhaustedError(
+                    f"teacher cost budget exhausted: {where} spent ${sp.cost:.4f} at the spec's "
+                    f"prices; budget.max_cost is ${b.max_cost:.4f}. Raise it in the spec and "
+                    "run the same command again"
+                )
+            self._inflight[0] += 1
+            self._inflight[1] += n
             self._calls += 1
+
+    def _settle(self, n: int, *, billed: bool) -> None:
+        """Release a reservation; a billed request (HTTP 200) counts against the budget."""
+        with self.spend.lock:
+            self._inflight[0] -= 1
+            self._inflight[1] -= n
+            self.spend.add(**({"requests": 1} if billed else {"failed_requests": 1}))
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         base, cap = self._backoff
@@ -540,7 +717,7 @@ class OpenAITeacher(BaseTeacher):
             with e:
                 return e.code, dict(e.headers.items()) if e.headers else {}, e.read()
 
-    def _post(self, body: dict[str, Any], where: str) -> Any:
+    def _post(self, body: dict[str, Any], where: str, n: int = 1) -> Any:
         """POST with retries. Errors name the endpoint, the input (``where``) and the HTTP
         status or the local error class, never text the endpoint sent: its body may carry
         anything, and job errors reach clients (the body goes to the service log only)."""
@@ -548,19 +725,21 @@ class OpenAITeacher(BaseTeacher):
         attempts = self._retries + 1
         last = ""
         for attempt in range(attempts):
-            self._take_call()
+            self._take_call(n)
             retry_after: float | None = None
             try:
                 with self._slots:
                     status, headers, payload = self._send(data)
             except (OSError, http.client.HTTPException) as e:
+                self._settle(n, billed=False)
                 last = _local_reason(e)
             else:
+                self._settle(n, billed=status == 200)
                 if status == 200:
                     try:
                         return json.loads(payload)
                     except ValueError as e:
-                        raise UnavailableError(
+                        raise _Malformed(
                             f"teacher endpoint {self.endpoint} answered HTTP 200 with invalid "
                             f"JSON for {where}"
                         ) from e
@@ -569,6 +748,8 @@ class OpenAITeacher(BaseTeacher):
                 last = f"HTTP {status}"
                 retry_after = _retry_after(headers)
             if attempt + 1 < attempts:
+                with self.spend.lock:
+                    self._retries_done += 1
                 delay = self._delay(attempt, retry_after)
                 log.warning(
                     "teacher %s request for %s failed (%s); retry %d/%d in %.2fs",
@@ -589,14 +770,18 @@ class OpenAITeacher(BaseTeacher):
             )
         body = self._scrub(payload[:300].decode("utf-8", "replace"))
         log.warning("teacher %s rejected %s (HTTP %d): %r", self.endpoint, where, status, body)
-        return InvalidInput(
+        message = (
             f"teacher endpoint {self.endpoint} rejected the request (HTTP {status}) for "
             f"{where}; its response body is in the service log, not shown here"
         )
+        if status in _INPUT_STATUS:  # about this input (a content filter, too long, ...)
+            digest = where.rsplit("sha256 ", 1)[-1].rstrip(")")
+            return InputRejected(message, input_sha256=digest, status=status, reason="refused")
+        return InvalidInput(message)
 
     def _parse(self, response: Any, n: int, where: str) -> tuple[list[str], tuple[int, int]]:
         def bad(why: str) -> UnavailableError:
-            return UnavailableError(
+            return _Malformed(
                 f"teacher endpoint {self.endpoint} sent a malformed response for {where}: {why}"
             )
 

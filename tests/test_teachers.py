@@ -26,6 +26,7 @@ from kolm_compile.spec import TaskSpec
 from kolm_compile.teachers import (
     PROMPT_VERSION,
     BaseTeacher,
+    InputRejected,
     OpenAITeacher,
     SampleRequest,
     SimulatedTeacher,
@@ -409,26 +410,26 @@ def test_connection_refused_is_unavailable(tmp_path: Path, server: FakeOpenAI) -
 
 
 def test_malformed_responses(tmp_path: Path, server: FakeOpenAI) -> None:
+    """A malformed answer is asked again twice; a third rejects that input (InputRejected,
+    status 200, the input's digest), not the job. One good answer in between is enough."""
     spec = openai_spec(tmp_path, server)
-    server.script = [("status", 200, {}, b"not json")]
-    with pytest.raises(UnavailableError, match="invalid JSON"):
-        fast(spec).sample("p", "x", 1, spec)
-    server.script = [("status", 200, {}, {"choices": []})]
-    with pytest.raises(
-        UnavailableError,
-        match=r"malformed response for input p \(sha256 [0-9a-f]{64}\): empty choices",
-    ):
-        fast(spec).sample("p", "x", 1, spec)
-    server.script = [
-        (
-            "status",
-            200,
-            {},
-            {"choices": [{"message": {"content": "a"}}], "usage": {"prompt_tokens": "3"}},
-        )
-    ]
-    with pytest.raises(UnavailableError, match="usage token counts"):
-        fast(spec).sample("p", "x", 1, spec)
+    usage_bad = {"choices": [{"message": {"content": "a"}}], "usage": {"prompt_tokens": "3"}}
+    for bad, why in [
+        (b"not json", "invalid JSON"),
+        ({"choices": []}, r"malformed response for input p \(sha256 [0-9a-f]{64}\): empty choices"),
+        (usage_bad, "usage token counts"),
+    ]:
+        server.script = [("status", 200, {}, bad)] * 3
+        before = server.count
+        with pytest.raises(InputRejected, match=why) as e:
+            fast(spec).sample("p", "x", 1, spec)
+        assert server.count - before == 3
+        assert e.value.status == 200 and e.value.reason == "malformed_response"
+        assert e.value.input_sha256 == input_sha256("x")
+    server.script = [("status", 200, {}, b"not json"), ("status", 200, {}, {"choices": []})]
+    teacher = fast(spec)
+    assert [s.text for s in teacher.sample("p", "x", 1, spec)] == ["card_arrival"]
+    assert teacher.retries == 2
 
 
 def test_concurrency_limit_and_order(tmp_path: Path, server: FakeOpenAI) -> None:
