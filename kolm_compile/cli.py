@@ -159,6 +159,15 @@ def run_with_progress(job: Any, console: Any) -> Any:
         return job.run()
 
 
+def digest_lines(result: Any) -> list[str]:
+    """The whole digests a later command needs (``kolm report``, ``kolm provenance``)."""
+    return [
+        f"artifact digest: {result.artifact_digest}",
+        f"training-set root: {result.training_set_root}",
+        f"eval receipt leaf: {result.eval_leaf}",
+    ]
+
+
 def _fmt_counters(counters: Any) -> str:
     return " ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in counters.items()
@@ -246,10 +255,6 @@ def summary_table(result: Any) -> Any:
             f"{r['chunks']} chunks ({r['chunking'].get('source')}), k={r.get('k')}, "
             f"corpus root {r['corpus_root']}",
         )
-    # whole digests: kolm report / provenance take them as they are
-    t.add_row("artifact digest", result.artifact_digest)
-    t.add_row("training-set root", result.training_set_root)
-    t.add_row("eval receipt leaf", result.eval_leaf)
     t.add_row("seconds per stage", ", ".join(f"{s} {v:.1f}" for s, v in result.seconds.items()))
     return t
 
@@ -294,7 +299,10 @@ def _cmd_run(a: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
         console.print(summary_table(result))
-        console.print(f"wrote {result.artifact_path}")
+        # whole digests, one a line and never wrapped: kolm report / provenance take them
+        for line in digest_lines(result):
+            print(line, flush=True)
+        print(f"wrote {result.artifact_path}", flush=True)
     return 0
 
 

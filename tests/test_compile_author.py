@@ -446,3 +446,59 @@ def test_compile_check_estimates_without_calling_the_teacher(world: dict[str, An
     bad = write_spec(world, **{"data.text_column": "text"})
     p = run_kolm("compile", "check", str(bad))
     assert p.returncode == 2 and "spec.data.unlabeled: inputs.csv has no column 'text'" in p.stderr
+
+
+# --------------------------------------------------------------------------- (6, 7, 9) the CLI
+
+
+@pytest.mark.ml
+@pytest.mark.slow
+def test_cli_json_is_only_json_progress_is_plain_and_digests_are_whole(
+    world: dict[str, Any],
+) -> None:
+    """In a pipe: ``--json`` prints only JSON on stdout (progress on stderr, one plain line
+    per step), a budget stop is resumed by the same command after raising the budget,
+    the signed cost is the job's total, and the table prints whole digests."""
+    from kolm_ledger.storage import Store
+
+    db = f"sqlite:///{world['tmp'] / 'cli.db'}"
+    cache = str(world["tmp"] / "cli-cache.sqlite")
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return run_kolm("compile", "run", str(world["dir"] / "spec.yaml"), "--db", db,
+                        "--keys", str(world["keys"]), "--work", str(world["tmp"] / "w"),
+                        "--out", str(world["tmp"]), "--threads", "1",
+                        "--teacher-cache", cache, *extra)  # fmt: skip
+
+    write_spec(world, **{"budget.max_teacher_calls": 10})
+    p = run("--json")
+    assert p.returncode == 2 and "max_teacher_calls is 10" in p.stderr
+    assert p.stdout == ""
+    assert world["server"].count == 10
+    write_spec(world, **{"budget.max_teacher_calls": 100})
+    p = run("--json")
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)  # the whole of stdout
+    assert world["server"].count == 20
+    cost = result["cost"]
+    assert cost["teacher_samples_bought_by_this_job"] == 60
+    assert cost["teacher_requests_billed_by_this_job"] == 20
+    # the signed artifact receipt carries that same total
+    store = Store(db)
+    try:
+        (entry,) = list(store.find(kind="artifact", limit=10))
+        from kolm_ledger.dsse import Envelope
+        from kolm_ledger.receipts import Statement
+
+        st = Statement.from_envelope(Envelope.from_bytes(entry.envelope))
+        assert st.predicate["cost"]["teacher_samples_bought_by_this_job"] == 60
+    finally:
+        store.close()
+    lines = p.stderr.splitlines()
+    assert any(line.startswith("2 teacher k-sampling: progress 1/20") for line in lines), p.stderr
+    assert any(line.startswith("5 LoRA train: finished") for line in lines), p.stderr
+    assert "\x1b[" not in p.stderr  # no terminal control codes in a log
+    # the table (a resumed, finished job) prints whole digests
+    p = run()
+    assert p.returncode == 0, p.stderr
+    assert result["artifact_digest"] in p.stdout and result["training_set_root"] in p.stdout
