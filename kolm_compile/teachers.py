@@ -839,6 +839,53 @@ def _seed_int(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
 
 
+_GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")
+
+
+def _transformers_preflight(name: str, task: TaskSpec) -> tuple[str, Any]:
+    """Where ``spec.teacher.model`` is and its config, or one :class:`SpecError` line naming
+    the field: a folder that is not there or holds no saved model, a hub id that is not in
+    the local Hugging Face cache (kolm runs offline), a model without a generation head."""
+    import transformers
+
+    local = task.base_dir / os.path.expanduser(name)
+    pathlike = name.startswith((".", "/", "~")) or name.endswith("/") or local.exists()
+    if pathlike:
+        if not local.is_dir():
+            raise SpecError(
+                f"spec.teacher.model: folder {name!r} not found (relative to the spec's folder "
+                f"{task.base_dir})"
+            )
+        if not (local / "config.json").is_file():
+            raise SpecError(
+                f"spec.teacher.model: folder {name!r} holds no saved model (no config.json)"
+            )
+        source = str(local)
+    else:
+        source = name
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        if pathlike:
+            raise SpecError(
+                f"spec.teacher.model: folder {name!r} has an unreadable config.json "
+                f"({type(e).__name__})"
+            ) from None
+        raise SpecError(
+            f"spec.teacher.model: {name!r} is neither a folder nor a model in the local Hugging "
+            "Face cache (kolm runs offline: download it first, or give its folder)"
+        ) from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if not config.is_encoder_decoder and archs and not any(a.endswith(_GENERATIVE) for a in archs):
+        raise SpecError(
+            f"spec.teacher.model: {name!r} is a {config.model_type} model without a generation "
+            f"head ({', '.join(archs)}); the transformers teacher needs a causal or seq2seq "
+            "language model"
+        )
+    return source, config
+
+
 @register_teacher("transformers")
 class TransformersTeacher(BaseTeacher):
     """A local causal (decoder-only) or seq2seq language model as the teacher.
@@ -863,18 +910,24 @@ class TransformersTeacher(BaseTeacher):
         self._seed = spec.seed if spec.seed is not None else task.seed
         self._lock = threading.Lock()
         source = spec.model
-        if (task.base_dir / source).exists():
-            source = str(task.base_dir / source)
-        if tokenizer is None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-        if model is None:
-            config = transformers.AutoConfig.from_pretrained(source)
-            auto = (
-                transformers.AutoModelForSeq2SeqLM
-                if config.is_encoder_decoder
-                else transformers.AutoModelForCausalLM
-            )
-            model = auto.from_pretrained(source)
+        if model is None or tokenizer is None:
+            source, config = _transformers_preflight(spec.model, task)
+        try:
+            if tokenizer is None:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+            if model is None:
+                auto = (
+                    transformers.AutoModelForSeq2SeqLM
+                    if config.is_encoder_decoder
+                    else transformers.AutoModelForCausalLM
+                )
+                model = auto.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise SpecError(
+                f"spec.teacher.model: {spec.model!r} cannot be loaded as a language model "
+                f"({type(e).__name__}: {first})"
+            ) from None
         device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._model = model.to(device).eval()
         self._tokenizer = tokenizer

@@ -502,3 +502,40 @@ def test_cli_json_is_only_json_progress_is_plain_and_digests_are_whole(
     p = run()
     assert p.returncode == 0, p.stderr
     assert result["artifact_digest"] in p.stdout and result["training_set_root"] in p.stdout
+
+
+# --------------------------------------------------------------------------- (12) transformers
+
+
+@pytest.mark.ml
+def test_a_transformers_teacher_that_is_not_there_is_one_line_naming_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from kolm_compile._train import DEFAULT_BASE_MODEL, resolve_base_model
+    from kolm_compile.teachers import build_teacher
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_csv(tmp_path / "inputs.csv", [("where is my card", "card_arrival")])
+    encoder = tmp_path / "encoder"
+    shutil.copytree(resolve_base_model(DEFAULT_BASE_MODEL), encoder)
+    (tmp_path / "empty").mkdir()
+    for model, want in [
+        ("./no-such-folder", "folder './no-such-folder' not found"),
+        ("empty", "folder 'empty' holds no saved model (no config.json)"),
+        ("nobody-xyz/no-such-model", "is neither a folder nor a model in the local Hugging Face"),
+        (str(encoder), "model without a generation head (BertModel)"),
+    ]:
+        spec = TaskSpec.from_dict(
+            {"name": "t", "task": "classify", "labels": LABELS,
+             "teacher": {"backend": "transformers", "model": model, "device": "cpu"},
+             "data": {"unlabeled": "inputs.csv", "text_column": "message",
+                      "label_column": "intent"}},
+            tmp_path,
+        )  # fmt: skip
+        with pytest.raises(SpecError) as e:
+            build_teacher(spec.teacher, spec)
+        msg = str(e.value)
+        assert msg.startswith("spec.teacher.model: ") and want in msg, msg
+        assert "\n" not in msg
