@@ -369,6 +369,19 @@ def cmd_provenance(a: argparse.Namespace) -> int:
     from .trust import ledger_trust_state
 
     root = TrustRoot.load(a.trust) if a.trust else None
+    if a.db:  # the ledger database itself, like kolm audit --db and kolm report --db
+        from .provenance import provenance
+        from .storage import Store
+
+        store = Store(a.db)
+        try:
+            trust = ledger_trust_state(store, root) if root is not None else None
+            prov = provenance(store, a.artifact_digest, include_labels=True)
+            report = check_provenance(prov, trust)
+        finally:
+            store.close()
+        print(report.render())
+        return 0 if report.ok else 1
     with _client(a) as c:
         # keys judged by the ledger's trust state (trust.json plus every key receipt)
         trust = ledger_trust_state(c, root) if root is not None else None
@@ -578,6 +591,9 @@ def cmd_witness_serve(a: argparse.Namespace) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     """The root parser with every built-in and plug-in subcommand."""
     p = argparse.ArgumentParser(prog="kolm", description="kolm: distillation you can prove")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"kolm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     keys = sub.add_parser("keys", help="create and manage signing keys")
@@ -747,7 +763,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
     pv = sub.add_parser("provenance", help="artifact → eval → training labels, recomputed")
     pv.add_argument("artifact_digest")
-    pv.add_argument("--ledger", required=True)
+    pv_src = pv.add_mutually_exclusive_group(required=True)
+    pv_src.add_argument("--ledger", help="ledger service HOST:PORT")
+    pv_src.add_argument("--db", help="SQLAlchemy URL of the ledger database")
     pv.add_argument("--trust", help="also verify every receipt's signature and key role")
     _tls().add_client_tls_arguments(pv)
     pv.set_defaults(func=cmd_provenance)

@@ -502,6 +502,17 @@ def test_cli_json_is_only_json_progress_is_plain_and_digests_are_whole(
     p = run()
     assert p.returncode == 0, p.stderr
     assert result["artifact_digest"] in p.stdout and result["training_set_root"] in p.stdout
+    # (8) the whole digest goes straight into kolm provenance --db, like audit and report
+    trust = str(world["keys"] / "trust.json")
+    p = run_kolm("provenance", result["artifact_digest"], "--db", db, "--trust", trust)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_kolm_version() -> None:
+    from kolm_ledger import __version__
+
+    p = run_kolm("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"kolm {__version__}"
 
 
 # --------------------------------------------------------------------------- (12) transformers
