@@ -81,7 +81,11 @@ def cmd_ledger_bundle(a: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .storage import Store
 
-    b = Bundle.from_store(Store(a.db), a.index)
+    store = Store(a.db)
+    try:
+        b = Bundle.from_store(store, a.index)
+    finally:
+        store.close()
     sys.stdout.write(b.to_bytes().decode())
     return 0
 
@@ -311,7 +315,11 @@ def cmd_audit(a: argparse.Namespace) -> int:
                 max_time_skew=_skew(a),
             )
     elif a.db:
-        rep = audit(Store(a.db), trust, state_path=a.state, max_time_skew=_skew(a))
+        store = Store(a.db)
+        try:
+            rep = audit(store, trust, state_path=a.state, max_time_skew=_skew(a))
+        finally:
+            store.close()
     else:
         raise KolmError("give --db URL or --ledger HOST:PORT")
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(rep.by_kind.items()))

@@ -78,6 +78,7 @@ from .storage import Entry, Store, StoredCheckpoint, micros
 from .storage.repository import Head, LeafHashExists, SequencingTx, from_micros
 from .timefmt import MAX_TIME_SKEW, check_receipt_time, receipt_time
 from .trust import TrustState, fold_key_receipts, key_receipt_entries
+from .verify import prove_entry
 from .verify_pool import Checked, ProcessVerifier, parse_receipt
 from .witness import WitnessConflict, add_checkpoint
 
@@ -219,7 +220,10 @@ class Ledger:
         # look leaf hashes up before inserting (set while batches bring duplicates)
         self._look_up = False
         self._in_tx = threading.local()  # .tx: the sequencing transaction of this thread
-        self.refresh_trust()
+        try:
+            self.refresh_trust()
+        except ConflictError as e:  # reads still work; every append is refused (again)
+            log.error("%s", e)
         if self.witnesses:
             self.offer_latest_checkpoint()
 
@@ -237,11 +241,40 @@ class Ledger:
                 found: Sequence[Entry] = tx.entries_of_kind("key", self._trust_seen)
             else:
                 found = list(key_receipt_entries(self.store, after_index=self._trust_seen))
+            # each key receipt's time is the one the log key signed (format v2), or nothing
+            # is folded and the log is not extended: a time moved in the database (a
+            # revocation pushed to 2100) must not un-revoke a key
+            self._prove_key_receipts(found, tx)
             # the one fold (trust.fold_key_receipts): a receipt that does not apply is left
             # out (and logged), never raised, so it cannot wedge every later append
             self.trust = fold_key_receipts(self.trust, found)
             if found:
                 self._trust_seen = found[-1].index
+
+    def _prove_key_receipts(self, found: Sequence[Entry], tx: SequencingTx | None) -> None:
+        """Prove each key receipt (envelope and integration time) is what the newest signed
+        checkpoint holds at its index (:func:`kolm_ledger.verify.prove_entry`); raises
+        :class:`ConflictError` (``FAILED_PRECONDITION``) naming the entry otherwise."""
+        if not found:
+            return
+        last = tx.latest_checkpoint() if tx is not None else self.store.latest_checkpoint()
+        try:
+            if last is None:
+                raise ConflictError("the log holds key receipts but no signed checkpoint")
+            cp = verify_checkpoint(last.note, self.trust.root, origin=self.origin).checkpoint
+
+            def proof(i: int) -> list[bytes]:
+                if tx is not None:
+                    return tx.inclusion_proof(i, cp.size)
+                return self.store.inclusion_proof(i, cp.size, check_size=False)
+
+            for e in found:
+                prove_entry(e, cp, proof)
+        except KolmError as err:
+            raise ConflictError(
+                f"the stored log was altered: {err}; refusing to fold its key receipts and "
+                "to extend it (kolm audit names every entry affected)"
+            ) from err
 
     def key(self, keyid: str) -> TrustedKey:
         """The trusted key ``keyid`` as the ledger currently sees it."""

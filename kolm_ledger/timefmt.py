@@ -131,7 +131,7 @@ def check_receipt_time(
             f"statement.predicate.time {format_time(t)} is before its key's not_before "
             f"{format_time(not_before)}"
         )
-    if t > integrated_at + skew:
+    if t - integrated_at > skew:  # (not integrated_at + skew: that may leave year 9999)
         raise StatementFormatError(
             f"statement.predicate.time {format_time(t)} is later than its integration time "
             f"{format_time(integrated_at)} plus the allowed skew of "

@@ -273,6 +273,10 @@ class SequencingTx:
             for i, lh, ch, k, kid, at, env, sd in rows
         ]
 
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """Inclusion proof of ``index`` in the tree of ``size``, read under the lock."""
+        return inclusion_proof(index, size, lambda ids: _get_nodes(self.conn, ids))
+
     def latest_checkpoint(self) -> StoredCheckpoint | None:
         """Newest checkpoint, read under the lock."""
         rows = self._raw(
@@ -552,7 +556,11 @@ class Store:
         self._lock = threading.Lock()
         self._write_conn: Connection | None = None
         if migrate:
-            self.migrate()
+            try:
+                self.migrate()
+            except BaseException:  # e.g. a format v1 database: no pool left behind
+                self.engine.dispose()
+                raise
 
     def migrate(self) -> None:
         """Bring the schema to the newest alembic revision."""
