@@ -672,6 +672,32 @@ class Student:
             out.append((self.labels[int(idx)], float(conf)))
         return out
 
+    def analyse(
+        self, texts: Sequence[str], batch_size: int = 64
+    ) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """Logits ``(n, labels)`` and :meth:`embed`'s embeddings ``(n, hidden)`` of one
+        forward pass (float32): what the selective-prediction gate scores
+        (:mod:`kolm_compile.gate`)."""
+        import numpy as np
+        import torch
+
+        _check_batch_size(batch_size)
+        n = len(texts)
+        logits = np.zeros((n, len(self.labels)), dtype=np.float32)
+        emb = np.zeros((n, self._model.config.hidden_size), dtype=np.float32)
+        if not texts:
+            return logits, emb
+        ids = _encode(self._tokenizer, texts, self.max_length)
+        self._model.eval()
+        with torch.inference_mode():
+            for batch in _batches(ids, batch_size):
+                inputs = _collate([ids[i] for i in batch], self._tokenizer.pad_token_id)
+                out = self._model(**inputs, output_hidden_states=True)
+                pooled = _mean_pool(out.hidden_states[-1], inputs["attention_mask"])
+                logits[batch] = out.logits.to(torch.float32).numpy()
+                emb[batch] = pooled.to(torch.float32).numpy()
+        return logits, emb
+
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> numpy.ndarray:
         """L2-normalized mean-pooled last hidden states of the adapted encoder.
 

@@ -67,6 +67,7 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
             credentials=creds,
             ledger_credentials=to_ledger,
             key_poll_s=a.key_poll_seconds,
+            on_teacher_failure=a.on_teacher_failure,
         )
     )
     return 0
@@ -153,6 +154,14 @@ def register(sub: Any) -> None:
     s.add_argument("--key", required=True, help="infer private key (PEM)")
     s.add_argument("--trust", required=True, help="trust root (trust.json)")
     s.add_argument("--teacher", help="task spec YAML whose teacher answers the escape hatch")
+    s.add_argument(
+        "--on-teacher-failure",
+        choices=("refuse", "student"),
+        default="refuse",
+        help="an input outside the student's cover that no teacher answers: refuse it "
+        "(default, FAILED_PRECONDITION/UNAVAILABLE naming why) or answer with the student, "
+        "unverified, reason teacher_unavailable",
+    )
     s.add_argument("--listen", default="127.0.0.1:7071")
     add_server_tls_arguments(s)
     s.add_argument("--spool", help="durable local spool (SQLite) for when the ledger is down")

@@ -205,6 +205,9 @@ async def _demo(a: argparse.Namespace) -> int:
             PrivateKey.load(d / "keys" / "infer.key"),
             artifacts=[result.artifact_path],
             spool=d / "spool.sqlite",
+            # the demo serves no teacher: inputs outside the cover get the student's
+            # answer flagged teacher_unavailable instead of a refusal
+            on_teacher_failure="student",
         )
         itarget = f"127.0.0.1:{infer.port}"
         recall_on = bool(result.recall)

@@ -116,8 +116,20 @@ __all__ = [
 
 log = logging.getLogger("kolm.infer")
 
-#: Why a backend answered: the receipt's ``reason`` field.
-REASONS = ("confident", "recall_backed", "low_confidence", "verifier_failed")
+#: Why a backend answered: the receipt's ``reason`` field. ``out_of_distribution``: the
+#: gate's kNN similarity is below its threshold; ``teacher_unavailable``: the input left the
+#: cover, the teacher could not answer, and the engine runs with
+#: ``on_teacher_failure="student"`` (the student's answer, unverified).
+REASONS = (
+    "confident",
+    "recall_backed",
+    "low_confidence",
+    "out_of_distribution",
+    "verifier_failed",
+    "teacher_unavailable",
+)
+#: What happens when an input leaves the cover and no teacher answers.
+ON_TEACHER_FAILURE = ("refuse", "student")
 
 #: Most chunks one prediction may retrieve and cite. Each cited chunk puts its inclusion
 #: proof in the receipt (about 70 + 67·ceil(log2(chunks)) bytes; ~1.2 KB at 100k chunks)
@@ -133,6 +145,16 @@ class NoRecallIndex(KolmError):
     """Retrieval was asked of an artifact that has no recall index."""
 
     grpc_code = "FAILED_PRECONDITION"
+
+
+class NoTeacher(KolmError):
+    """The input left the cover and no teacher is configured (fail closed)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class TeacherFailed(UnavailableError):
+    """The input left the cover and the teacher failed (fail closed)."""
 
 
 PREDICTIONS = Counter(
@@ -164,6 +186,7 @@ class Prediction:
     teacher: dict[str, Any] | None = None
     recall: RecallResult | None = None
     recall_vote: dict[str, Any] | None = None  # label, share, neighbours, agrees
+    gate: dict[str, Any] | None = None  # the gate's values, thresholds and decision
 
 
 @dataclass(frozen=True)
@@ -208,6 +231,7 @@ class LoadedArtifact:
     directory: Path
     batcher: _Batcher | None = field(default=None, repr=False)
     recall: ArtifactRecall | None = field(default=None, repr=False)
+    gate: Any = field(default=None, repr=False)  # kolm_compile.gate.Gate, when the artifact has one
 
 
 def ledger_trust_state(client: LedgerClient, trust: TrustRoot) -> TrustState:
@@ -276,8 +300,9 @@ def check_ledger_inclusion(
 # --------------------------------------------------------------------------- batching
 
 
-_Raw = tuple[str, float, "RecallResult | None"]
-"""One batch result: the student's label and confidence, and what recall retrieved."""
+_Raw = tuple[str, float, "RecallResult | None", "dict[str, Any] | None"]
+"""One batch result: the student's label and confidence, what recall retrieved, and the
+gate's scores (artifacts with a gate)."""
 
 
 @dataclass
@@ -382,7 +407,13 @@ class Engine:
         workdir: Path | None = None,
         limits: ArtifactLimits = DEFAULT_LIMITS,
         artifacts_dir: Path | None = None,
+        on_teacher_failure: str = "refuse",
     ) -> None:
+        if on_teacher_failure not in ON_TEACHER_FAILURE:
+            raise InvalidInput(
+                f"on_teacher_failure is {on_teacher_failure!r}, want one of {ON_TEACHER_FAILURE}"
+            )
+        self.on_teacher_failure = on_teacher_failure
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidInput(f"max_batch is {max_batch!r}, want an integer >= 1")
         if not max_wait_ms >= 0:
@@ -515,6 +546,13 @@ class Engine:
                 raise ArtifactError(
                     f"the name {name!r} is already used by artifact {self._by_name[name][:16]}…"
                 )
+        gate = None
+        if m.get("gate") is not None:
+            from kolm_compile.gate import Gate
+
+            if not isinstance(m["gate"], dict):
+                raise ArtifactError(f"{Path(path).name}: manifest gate field is not an object")
+            gate = Gate.load(va.directory, m["gate"], Path(path).name)
         student = Student.load(adapter, threads=self.model_threads)
         rec = _open_recall(Path(path).name, va, info) if info is not None else None
         ks = statement.predicate.get("k_score")
@@ -534,6 +572,7 @@ class Engine:
             student=student,
             directory=va.directory,
             recall=rec,
+            gate=gate,
         )
         with self._lock:
             if name in self._by_name or va.digest in self._by_digest:
@@ -612,8 +651,8 @@ class Engine:
             raise InvalidInput(f"input is {type(text).__name__}, want str")
         art = self.get(ref)
         k = _recall_k(art, recall_k)
-        label, conf, rec = await self._batcher(art).submit(text, k)
-        p = await self._finish(art, text, label, conf, rec)
+        label, conf, rec, g = await self._batcher(art).submit(text, k)
+        p = await self._finish(art, text, label, conf, rec, g)
         p = replace(p, latency_ms=(time.perf_counter() - t0) * 1000)
         PREDICTIONS.labels(p.backend, p.reason).inc()
         LATENCY.observe(p.latency_ms / 1000)
@@ -637,22 +676,38 @@ class Engine:
         label: str,
         conf: float,
         rec: RecallResult | None = None,
+        g: dict[str, Any] | None = None,
     ) -> Prediction:
         verdict, vd = self._verdict(art, label)
         output = verdict.normalized if verdict.ok else label
-        if conf < art.confidence_threshold:
-            reason = "low_confidence"
+        if g is not None:  # the artifact's gate decides (kolm_compile.gate)
+            gate = art.gate.receipt(g)
+        else:  # an artifact without a gate: the softmax threshold, recorded alike
+            inside = conf >= art.confidence_threshold
+            gate = {
+                "rule": "softmax",
+                "prob": round(float(conf), 6),
+                "t_prob": round(float(art.confidence_threshold), 6),
+                "inside": inside,
+                "decided_by": "cover" if inside else "prob",
+            }
+        if not gate["inside"]:
+            far = gate["decided_by"] in ("distance", "prob+distance")
+            reason = "out_of_distribution" if far else "low_confidence"
         elif not verdict.ok:
             reason = "verifier_failed"
         else:
-            return Prediction(output, True, "student", "confident", conf, vd, 0.0, recall=rec)
+            return Prediction(
+                output, True, "student", "confident", conf, vd, 0.0, recall=rec, gate=gate
+            )
         vote = _vote(rec, label) if reason == "low_confidence" and verdict.ok else None
         if vote is not None and vote["agrees"]:
             return Prediction(
-                output, True, "student", "recall_backed", conf, vd, 0.0, None, rec, vote
+                output, True, "student", "recall_backed", conf, vd, 0.0, None, rec, vote, gate
             )
         if self.teacher is None:
-            return Prediction(output, False, "student", reason, conf, vd, 0.0, None, rec, vote)
+            why = "no teacher is configured"
+            return self._no_teacher(art, why, reason, output, conf, vd, rec, vote, gate)
         try:
             samples = await asyncio.get_running_loop().run_in_executor(
                 self._teacher_pool,
@@ -660,8 +715,9 @@ class Engine:
             )
             answer = samples[0].text
         except KolmError as e:
-            log.warning("teacher failed (%s); answering with the student, unverified", e)
-            return Prediction(output, False, "student", reason, conf, vd, 0.0, None, rec, vote)
+            log.warning("teacher failed: %s", e)
+            why = f"the teacher failed ({type(e).__name__}: {str(e)[:200]})"
+            return self._no_teacher(art, why, reason, output, conf, vd, rec, vote, gate)
         tv, tvd = self._verdict(art, answer)
         desc = self.teacher.describe()
         teacher = {"backend": desc.get("backend"), "model": desc.get("model")}
@@ -676,7 +732,49 @@ class Engine:
             teacher,
             rec,
             vote,
+            gate,
         )
+
+    def _no_teacher(
+        self,
+        art: LoadedArtifact,
+        why: str,
+        reason: str,
+        output: str,
+        conf: float,
+        vd: dict[str, Any],
+        rec: RecallResult | None,
+        vote: dict[str, Any] | None,
+        gate: dict[str, Any],
+    ) -> Prediction:
+        """The input left the cover and nobody else can answer: refuse (fail closed), or,
+        with ``on_teacher_failure="student"``, the student's answer flagged
+        ``teacher_unavailable`` (``gate.routed`` keeps why it left the cover)."""
+        if self.on_teacher_failure == "student":
+            return Prediction(
+                output,
+                False,
+                "student",
+                "teacher_unavailable",
+                conf,
+                vd,
+                0.0,
+                None,
+                rec,
+                vote,
+                {**gate, "routed": reason},
+            )
+        values = ", ".join(
+            f"{k} {gate[k]}" for k in ("prob", "t_prob", "sim", "t_sim") if k in gate
+        )
+        msg = (
+            f"artifact {art.name!r}: the input is outside the student's cover ({reason}; "
+            f"{values}) and {why}; refusing rather than answering unverified (serve with "
+            "--teacher, or --on-teacher-failure student to get the student's flagged answer)"
+        )
+        if self.teacher is None:
+            raise NoTeacher(msg)
+        raise TeacherFailed(msg)
 
     async def close(self) -> None:
         """Drain the batchers and release threads and unpacked files."""
@@ -782,7 +880,14 @@ def _run_batch(art: LoadedArtifact, items: Sequence[tuple[str, int]]) -> list[_R
     from kolm_compile.recall import evidence
 
     texts = [t for t, _ in items]
-    preds = art.student.predict(texts)
+    gates: list[dict[str, Any] | None] = [None] * len(items)
+    if art.gate is not None:  # one forward pass gives the logits and the embeddings
+        logits, emb = art.student.analyse(texts)
+        gates = list(art.gate.score(logits, emb))
+        labels = art.student.labels
+        preds = [(labels[x["index"]], float(x["raw"])) for x in gates]  # type: ignore[index]
+    else:
+        preds = art.student.predict(texts)
     recalls: list[RecallResult | None] = [None] * len(items)
     want = [i for i, (_, k) in enumerate(items) if k > 0]
     if want and art.recall is not None:
@@ -793,7 +898,7 @@ def _run_batch(art: LoadedArtifact, items: Sequence[tuple[str, int]]) -> list[_R
             recalls[i] = RecallResult(
                 items[i][1], hits, tuple(evidence(hits, rc.index)), rc.corpus_root
             )
-    return [(label, conf, r) for (label, conf), r in zip(preds, recalls, strict=True)]
+    return [(label, conf, r, g) for (label, conf), r, g in zip(preds, recalls, gates, strict=True)]
 
 
 def _vote(rec: RecallResult | None, label: str) -> dict[str, Any] | None:

@@ -191,6 +191,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             extra["teacher"] = p.teacher
         if p.recall_vote is not None:
             extra["recall_vote"] = p.recall_vote
+        if p.gate is not None:
+            extra["gate"] = p.gate
         env, salt, commitment = sign_prediction(
             self.key,
             artifact_digest=art.digest,
@@ -338,6 +340,7 @@ async def start(
     ledger_credentials: grpc.ChannelCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     key_poll_s: float = DEFAULT_KEY_POLL_S,
+    on_teacher_failure: str = "refuse",
 ) -> InferenceServer:
     """Start the service; loads ``artifacts`` first (any refusal raises). Port 0 picks one.
 
@@ -348,6 +351,9 @@ async def start(
     spool, not the ledger (see :class:`~kolm_infer.receipts.ReceiptWriter`).
     ``key_poll_s``: seconds between two reads of the ledger's key receipts (a revoked
     compile key stops its artifacts within about that long).
+    ``on_teacher_failure``: ``"refuse"`` (default: an input outside the cover that no
+    teacher answers gets ``FAILED_PRECONDITION``/``UNAVAILABLE`` naming why) or
+    ``"student"`` (the student's answer, unverified, ``reason: teacher_unavailable``).
     """
     if output_policy not in OUTPUT_POLICIES:
         raise InvalidInput(f"output policy {output_policy!r}, want one of {OUTPUT_POLICIES}")
@@ -362,6 +368,7 @@ async def start(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         artifacts_dir=artifacts_dir,
+        on_teacher_failure=on_teacher_failure,
     )
     for path in artifacts:
         await asyncio.to_thread(engine.load, Path(path))

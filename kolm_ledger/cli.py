@@ -90,6 +90,54 @@ def cmd_ledger_bundle(a: argparse.Namespace) -> int:
     return 0
 
 
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def cover_line(cover: Any, gate: Any) -> str:
+    """Step 8's selective-prediction line: the artifact receipt's ``cover`` (its cover
+    K-score and coverage on the holdout) and whether the prediction receipt's ``gate``
+    put this input inside the cover (its values re-checked against the thresholds)."""
+    if not isinstance(cover, dict):
+        head = "the artifact receipt records no cover (compiled before selective prediction)"
+    else:
+        ks, cov = _num(cover.get("cover_k_score")), _num(cover.get("coverage"))
+        iv = cover.get("cover_interval")
+        ivs = (
+            f" [{iv[0]:.1f}, {iv[1]:.1f}]"
+            if isinstance(iv, list) and len(iv) == 2 and all(_num(x) is not None for x in iv)
+            else ""
+        )
+        tgt = _num(cover.get("target_cover_k_score"))
+        head = (
+            f"cover ({str(cover.get('rule'))[:20]} gate): K-score "
+            + (f"{ks:.1f}{ivs}" if ks is not None else "?")
+            + " on "
+            + (f"{cov:.1f}%" if cov is not None else "?")
+            + " of the holdout"
+            + (f" (target {tgt:.1f})" if tgt is not None else "")
+        )
+    if not isinstance(gate, dict):
+        return head + "; the prediction receipt records no gate values"
+    inside = gate.get("inside")
+    vals = {k: _num(gate.get(k)) for k in ("prob", "t_prob", "sim", "t_sim")}
+    parts = [f"{k} {v:g}" for k, v in vals.items() if v is not None]
+    recomputed = None
+    if vals["prob"] is not None and vals["t_prob"] is not None:
+        recomputed = vals["prob"] >= vals["t_prob"] and (
+            vals["sim"] is None or vals["t_sim"] is None or vals["sim"] >= vals["t_sim"]
+        )
+    where = "inside" if inside is True else "outside" if inside is False else "?"
+    line = f"{head}; this prediction was {where} the cover ({', '.join(parts)})"
+    if recomputed is not None and recomputed is not inside:
+        line += "; WARNING: the recorded decision does not follow from the recorded values"
+    if isinstance(cover, dict):
+        for k in ("t_prob", "t_sim"):
+            if k in cover and vals[k] is not None and _num(cover[k]) != vals[k]:
+                line += f"; WARNING: its {k} is not the artifact's ({cover[k]})"
+    return line
+
+
 def cmd_verify(a: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .errors import BundleFormatError
@@ -221,6 +269,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
             f"{p.artifact.index} signed by compile key {p.artifact.keyid[:16]}; "
             f"K-score {p.k_score:.1f}"
         )
+        cover = p.artifact.statement.predicate.get("cover")
+        print(f"(8)   {cover_line(cover, r.statement.predicate.get('gate'))}")
     else:
         print("(8)   artifact receipt not checked (give --ledger HOST:PORT)")
     if p.input_checked:

@@ -81,8 +81,12 @@ class World:
         key: PrivateKey | None = None,
         log_to: LedgerThread | str | None = "default",
         out_dir: Path | None = None,
+        gate: tuple[Path, dict[str, Any]] | None = None,
     ) -> tuple[Path, str]:
-        """Pack a real artifact and (unless ``log_to=None``) log its receipts."""
+        """Pack a real artifact and (unless ``log_to=None``) log its receipts.
+
+        ``gate``: a folder holding ``gate/`` (written by ``kolm_compile.gate.build``) and the
+        manifest's ``gate`` object, packed in."""
         from kolm_compile.artifact import pack
 
         d = self.root / "build" / name
@@ -113,6 +117,9 @@ class World:
             "job_id": JOB,
             "kolm_version": "0.1.0",
         }
+        if gate is not None:
+            shutil.copytree(gate[0] / "gate", d / "gate")
+            manifest["gate"] = gate[1]
         (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (d / "task.json").write_text(json.dumps(task, sort_keys=True) + "\n")
         (d / "verifier.json").write_text(json.dumps(verifier, sort_keys=True) + "\n")
@@ -425,11 +432,12 @@ def test_without_a_teacher_the_answer_is_marked_unverified(world: World) -> None
         strict, _ = world.build("strict", threshold=1.0)
 
     async def main() -> None:
-        eng = engine_for(world)
+        eng = engine_for(world, on_teacher_failure="student")
         try:
             await asyncio.to_thread(eng.load, strict)
             _, p = await eng.predict("strict", "I am still waiting on my card?")
-            assert (p.backend, p.reason, p.verified) == ("student", "low_confidence", False)
+            assert (p.backend, p.reason, p.verified) == ("student", "teacher_unavailable", False)
+            assert p.gate is not None and p.gate["routed"] == "low_confidence"
         finally:
             await eng.close()
 

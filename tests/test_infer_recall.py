@@ -157,6 +157,7 @@ def rec(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reca
         artifacts=[world.artifacts["router"]],
         artifacts_dir=tmp_path_factory.getbasetemp(),  # LoadArtifact(path=...) reads here
         max_batch=16,
+        on_teacher_failure="student",  # no teacher: escalations come back flagged, not refused
     )
     try:
         srv.stub.LoadArtifact(pb.LoadArtifactRequest(path=str(up.path), name="docs"))
@@ -349,15 +350,20 @@ def test_the_neighbour_vote_backs_or_escalates_low_confidence_answers(rec: Recal
             }
             if agrees:
                 assert (r.backend, r.reason, r.verified) == ("student", "recall_backed", True)
-            else:  # escalates; with no teacher configured: the student's answer, unverified
-                assert (r.backend, r.reason, r.verified) == ("student", "low_confidence", False)
+            else:  # escalates; with no teacher configured: the student's answer, flagged
+                assert (r.backend, r.reason, r.verified) == (
+                    "student",
+                    "teacher_unavailable",
+                    False,
+                )
+                assert pred["gate"]["routed"] == "low_confidence"
             assert (pred["backend"], pred["reason"]) == (r.backend, r.reason)
             seen[art].append(r.reason)
     assert "recall_backed" in seen["examples"], seen
-    assert "low_confidence" in seen["rotated"], seen
+    assert "teacher_unavailable" in seen["rotated"], seen
     # without retrieval the same low-confidence answer escalates as before
     r = predict(rec, queries[0], artifact="examples", recall_k=0)
-    assert r.reason in ("low_confidence", "confident") and not r.HasField("recall_vote")
+    assert r.reason in ("teacher_unavailable", "confident") and not r.HasField("recall_vote")
     from prometheus_client import REGISTRY
 
     assert REGISTRY.get_sample_value(

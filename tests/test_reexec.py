@@ -358,7 +358,12 @@ def answered(world: dict[str, Any]) -> Iterator[dict[str, Any]]:
     texts = [t for t, _ in _holdout_rows(world)[:6]]
 
     async def go() -> list[Any]:
-        engine = Engine(trust, LedgerClient(world["ledger"].target), model_threads=1)
+        engine = Engine(
+            trust,
+            LedgerClient(world["ledger"].target),
+            model_threads=1,
+            on_teacher_failure="student",  # no teacher here: the flagged answer, not a refusal
+        )
         try:
             await asyncio.to_thread(engine.load, Path(world["kolm"]))
             got = await asyncio.gather(
