@@ -7,8 +7,10 @@ Everything shown is recomputed from the ledger's receipts on the reader's side:
    roles, the K-score from ``correct / n``, the training-set Merkle root);
 2. the K-score with its 95% interval next to the teacher's on the same holdout;
 3. label acceptance (from the artifact receipt's extra fields when it carries them, and
-   the label receipts found) and the vote distribution (each label receipt's ``votes``
-   and ``agreement``);
+   the label receipts found): the counts, the acceptance rate on its own 0–100 % scale,
+   the rejected inputs by reason, and the vote distribution (each label receipt's
+   ``votes`` and ``agreement``); the cost comparison (teacher vs student per call, and
+   after how many calls the student pays back what its labels cost) as a table;
 4. per-label precision / recall and the confusion matrix, when the eval receipt carries
    ``per_label`` and ``confusion`` (rows: reference label, columns: predicted);
 5. receipt volume over time, by kind;
@@ -69,6 +71,8 @@ __all__ = [
 FIGURE_IDS = (
     "fig-kscore",
     "fig-acceptance",
+    "fig-acceptance-rate",
+    "fig-rejections",
     "fig-votes",
     "fig-label-balance",
     "fig-per-label",
@@ -200,8 +204,12 @@ def svg_heatmap(fig_id: str, labels: Sequence[str], matrix: Sequence[Sequence[fl
     """Confusion-matrix heatmap: rows are reference labels, columns predicted labels."""
     n = len(labels)
     cell = max(14, min(40, 480 // max(n, 1)))
-    left, top = 180, 150
-    w, h = left + n * cell + 10, top + n * cell + 10
+    # room for the whole label (up to 64 characters): ~6.5 px a character at the tick size
+    longest = max((len(x[:64]) for x in labels), default=8)
+    left = max(120, round(longest * 6.5) + 16)
+    top = max(60, round(longest * 6.5 * 0.87) + 24)  # column labels are rotated -60°
+    # the last rotated column label leans right by about half its length
+    w, h = left + n * cell + round(longest * 6.5 * 0.5) + 10, top + n * cell + 10
     peak = max([v for row in matrix for v in row] + [1])
     out = [
         f'<svg id="{_e(fig_id)}" class="fig" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
@@ -213,13 +221,13 @@ def svg_heatmap(fig_id: str, labels: Sequence[str], matrix: Sequence[Sequence[fl
         x = left + j * cell + cell / 2
         out.append(
             f'<text transform="translate({x:.1f},{top - 6}) rotate(-60)" class="tick">'
-            f"{_e(lab[:24])}</text>"
+            f"{_e(lab[:64])}</text>"
         )
     for i, row in enumerate(matrix):
         y = top + i * cell
         out.append(
             f'<text x="{left - 4}" y="{y + cell * 0.65:.1f}" text-anchor="end" class="tick">'
-            f"{_e(labels[i][:24] if i < n else '?')}</text>"
+            f"{_e(labels[i][:64] if i < n else '?')}</text>"
         )
         for j, v in enumerate(row[:n]):
             t = v / peak
@@ -468,36 +476,87 @@ def _section_kscore(d: ReportData) -> str:
 
 
 _ACCEPT_KEYS = ("label_acceptance", "acceptance", "labels")
+#: rejection codes in words (kolm_compile.voting and the pipeline's teacher_error)
+_REASON_WORDS = {
+    "too_few_valid": "too few valid answers",
+    "no_agreement": "no agreement",
+    "tie": "tie",
+    "teacher_error": "teacher refused / malformed",
+}
 
 
-def _acceptance(ap: Mapping[str, Any], found: int) -> list[tuple[str, float]]:
-    """Numeric acceptance counts from the artifact receipt's extras, flattened."""
-    out: list[tuple[str, float]] = []
+@dataclass
+class _Acceptance:
+    counts: list[tuple[str, float]]
+    rate: float | None  # accepted / inputs, in [0, 1]
+    reasons: list[tuple[str, float]]
 
-    def walk(prefix: str, v: object) -> None:
+
+def _acceptance(ap: Mapping[str, Any], found: int) -> _Acceptance:
+    """Acceptance from the artifact receipt's extras: counts (one scale), the rate (its own
+    0–100 % scale) and the rejection reasons (``rejected_reasons``, or a ``rejected``
+    mapping of reason → count)."""
+    counts: list[tuple[str, float]] = []
+    reasons: dict[str, float] = {}
+    rate: float | None = None
+    d: Mapping[str, Any] = next((ap[k] for k in _ACCEPT_KEYS if isinstance(ap.get(k), dict)), {})
+    for k, v in sorted(d.items()):
         if isinstance(v, dict):
-            for k, sub in sorted(v.items()):
-                walk(f"{prefix}{k}" if not prefix else f"{prefix}.{k}", sub)
-        elif (n := _num(v)) is not None:
-            out.append((prefix, n))
-
-    for k in _ACCEPT_KEYS:
-        if isinstance(ap.get(k), dict):
-            walk("", ap[k])
-            break
+            if k in ("rejected", "rejected_reasons"):
+                for code, n in v.items():
+                    if (x := _num(n)) is not None:
+                        reasons[str(code)] = reasons.get(str(code), 0.0) + x
+            continue
+        if (n := _num(v)) is None:
+            continue
+        if "rate" in k:
+            rate = n if k == "acceptance_rate" else rate
+        else:
+            counts.append((k, n))
     for k in ("labels_accepted", "labels_rejected", "accepted", "rejected"):
         if (n := _num(ap.get(k))) is not None:
-            out.append((k, n))
-    if not any("accept" in name for name, _ in out):
-        out.insert(0, ("accepted (label receipts found)", float(found)))
-    return out
+            counts.append((k, n))
+    if not any("accept" in name for name, _ in counts):
+        counts.insert(0, ("accepted (label receipts found)", float(found)))
+    got = dict(counts)
+    if reasons and "rejected" not in got:  # rejected given only as reason → count
+        counts.append(("rejected", sum(reasons.values())))
+        got["rejected"] = sum(reasons.values())
+    if rate is None:
+        acc = got.get("accepted")
+        total = got.get("sampled") or (
+            acc + got["rejected"] if acc is not None and "rejected" in got else None
+        )
+        if acc is not None and total:
+            rate = acc / total
+    named = [(_REASON_WORDS.get(k, k), v) for k, v in sorted(reasons.items())]
+    return _Acceptance(counts, rate, named)
 
 
 def _section_labels(d: ReportData) -> str:
     labels = d.label_predicates
     parts = ['<section id="labels"><h2>Labels: acceptance and votes</h2>']
     acc = _acceptance(d.artifact_predicate, len(labels))
-    parts.append(svg_bars("fig-acceptance", acc, fmt="{:g}"))
+    parts.append("<p>Inputs and labels, counted:</p>")
+    parts.append(svg_bars("fig-acceptance", acc.counts, fmt="{:g}"))
+    if acc.rate is not None:
+        parts.append("<p>Acceptance rate (accepted inputs / inputs sent to the teacher):</p>")
+        parts.append(
+            svg_bars(
+                "fig-acceptance-rate",
+                [("accepted", 100.0 * acc.rate)],
+                max_value=100.0,
+                fmt="{:.1f}%",
+                colors=_PALETTE[1:2],
+            )
+        )
+    else:
+        parts.append(_missing("The artifact receipt carries no acceptance rate or counts."))
+    if acc.reasons:
+        parts.append("<p>Rejected inputs, by reason:</p>")
+        parts.append(svg_bars("fig-rejections", acc.reasons, fmt="{:g}", colors=_PALETTE[4:5]))
+    else:
+        parts.append(_missing("The artifact receipt records no rejection reasons."))
     if not labels:
         parts.append(_missing("No label receipts found for this artifact's compile job."))
         parts.append("</section>")
@@ -528,6 +587,58 @@ def _section_labels(d: ReportData) -> str:
     )
     parts.append("</section>")
     return "".join(parts)
+
+
+def _money(x: float | None, digits: int = 6) -> str:
+    return "n/a" if x is None else f"${x:.{digits}f}"
+
+
+def _section_cost(d: ReportData) -> str:
+    """Teacher vs student per call, and the calls after which the student has paid back
+    what its labels cost (a table: the numbers differ by orders of magnitude)."""
+    c = d.artifact_predicate.get("cost")
+    head = '<section id="cost"><h2>Cost: teacher vs student</h2>'
+    if not isinstance(c, dict):
+        return head + _missing("The artifact receipt carries no cost report.") + "</section>"
+    t_call, t_vote = (
+        _num(c.get("teacher_cost_per_call")),
+        _num(c.get("teacher_cost_per_voted_answer")),
+    )
+    s_call = _num(c.get("student_cost_per_call"))
+    paid = _num(c.get("cost_paid_by_this_job"))
+    spent = paid if paid is not None else _num(c.get("estimated_cost"))
+    lat, dph = _num(c.get("student_latency_ms")), _num(c.get("assumed_dollars_per_cpu_hour"))
+    rows = [
+        ("teacher, per sample", _money(t_call)),
+        ("teacher, per voted answer (k samples)", _money(t_vote)),
+        ("student, per call", _money(s_call, 9)
+         + (f" ({lat:g} ms CPU at ${dph:g}/CPU-hour)" if lat is not None and dph else "")),
+    ]  # fmt: skip
+    if t_vote is not None and s_call:
+        rows.append(("student cheaper per answer by", f"{t_vote / s_call:,.0f}×"))
+    samples = c.get("teacher_samples_bought_by_this_job", c.get("teacher_calls_paid_by_this_job"))
+    billed, failed = (
+        c.get("teacher_requests_billed_by_this_job"),
+        c.get("teacher_requests_failed_not_billed"),
+    )
+    if samples is not None:
+        rows.append(
+            ("bought by the compile job",
+             f"{_e(samples)} samples"
+             + (f" in {_e(billed)} billed requests ({_e(failed)} failed, not billed)"
+                if billed is not None else ""))
+        )  # fmt: skip
+    rows.append(("the labels cost (teacher)", _money(spent, 4)))
+    if spent is not None and t_vote is not None and s_call is not None and t_vote > s_call:
+        calls = math.ceil(spent / (t_vote - s_call)) if spent > 0 else 0
+        rows.append(("payback: answers served by the student", f"{calls:,}"))
+    else:
+        rows.append(("payback", "n/a (no saving per call recorded)"))
+    body = "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in rows)
+    return (
+        f'{head}<table class="grid" id="cost-table"><tr><th>measure</th><th>value</th></tr>'
+        f"{body}</table><p>{_e(c.get('note', ''))}</p></section>"
+    )
 
 
 def _section_eval_detail(d: ReportData) -> str:
@@ -703,6 +814,7 @@ def render_html(d: ReportData) -> str:
         _section_kscore(d),
         _section_reexec(d),
         _section_labels(d),
+        _section_cost(d),
         _section_eval_detail(d),
         _section_volume(d),
         _section_audit(d),

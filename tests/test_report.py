@@ -123,6 +123,17 @@ def _build(tmp: Path, n_labels: int = 60) -> Built:
                 "accepted": len(leaves),
                 "rejected": {"too_few_valid": 4, "no_agreement": 3, "tie": 1},
             },
+            "cost": {
+                "teacher_cost_per_call": 0.0004,
+                "teacher_cost_per_voted_answer": 0.002,
+                "student_cost_per_call": 2.5e-8,
+                "student_latency_ms": 1.8,
+                "assumed_dollars_per_cpu_hour": 0.05,
+                "teacher_samples_bought_by_this_job": 340,
+                "teacher_requests_billed_by_this_job": 68,
+                "teacher_requests_failed_not_billed": 3,
+                "cost_paid_by_this_job": 0.136,
+            },
         },
     )
     append([art], compile_key)
@@ -234,7 +245,14 @@ def test_report_content(report_html: Path, built: Built) -> None:
     assert "K-score <b>92.31</b> on n = 52" in text
     assert "training-set root" in text and "MISMATCH" not in text
     # acceptance from the artifact extras, votes from the label receipts
-    assert "rejected.too_few_valid" in text and "60 label receipts" in text
+    assert "too few valid answers" in text and "60 label receipts" in text
+    # the rate on its own 0-100 % scale: 60 accepted of 68 inputs
+    assert "88.2%" in text
+    # the cost comparison is a table: per answer, the student's edge, payback
+    assert '<table class="grid" id="cost-table">' in text
+    assert "$0.002000" in text and "80,000×" in text
+    assert "payback: answers served by the student</td><td>69" in text
+    assert "340 samples in 68 billed requests (3 failed, not billed)" in text
     assert "4 of 5" in text and "5 of 5" in text
     assert "precision" in text and "lost_or_stolen_card" in text
     # 60 labels + 2 evals + 2 artifacts + 15+25+35 predictions
@@ -312,6 +330,44 @@ def test_report_reaches_a_mutual_tls_ledger(built: Built, tmp_path: Path) -> Non
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
     finally:
         srv.stop()
+
+
+def test_acceptance_rate_gets_its_own_scale_and_rejections_their_reasons() -> None:
+    from kolm_ledger.report import _acceptance, svg_bars
+
+    # what the compile pipeline signs in the artifact receipt (labels)
+    ap = {
+        "labels": {
+            "sampled": 1000, "accepted": 940, "rejected": 60, "acceptance_rate": 0.94,
+            "logged": 940, "seed_pairs": 0, "append_failed": 0,
+            "rejected_reasons": {"too_few_valid": 41, "no_agreement": 12, "teacher_error": 7},
+            "holdout": {"rows": 10, "mapped": 2, "dropped": 0, "unlabeled": 0, "leaked": 1},
+        }
+    }  # fmt: skip
+    acc = _acceptance(ap, 940)
+    assert all("rate" not in name for name, _ in acc.counts)  # not a sliver on the count axis
+    assert ("sampled", 1000.0) in acc.counts and acc.rate == 0.94
+    assert acc.reasons == [
+        ("no agreement", 12.0), ("teacher refused / malformed", 7.0),
+        ("too few valid answers", 41.0),
+    ]  # fmt: skip
+    # on a 0-100 scale a 94 % rate is a 94 % bar
+    svg = svg_bars("r", [("accepted", 94.0)], max_value=100.0, fmt="{:.1f}%")
+    width = float(re.search(r'<rect x="200" y="8" width="([0-9.]+)"', svg).group(1))  # type: ignore[union-attr]
+    assert width == pytest.approx(0.94 * (640 - 200 - 70), abs=0.2)
+
+
+def test_confusion_labels_are_not_cut_off() -> None:
+    long = ["balance_not_updated_after_cheque_or_cash_deposit", "card_arrival"]
+    svg = svg_heatmap("c", long, [[3, 1], [0, 4]])
+    assert svg.count(f">{long[0]}</text>") == 2  # row and column, whole
+    left = float(re.search(r'<text x="([0-9.]+)" y="[0-9.]+" text-anchor="end"', svg).group(1))  # type: ignore[union-attr]
+    assert left >= 6 * len(long[0])  # room for the whole row label left of the grid
+    top = int(re.search(r"translate\([0-9.]+,([0-9]+)\) rotate", svg).group(1))  # type: ignore[union-attr]
+    assert top >= 5 * len(long[0])  # room for the rotated column label above it
+    width = int(re.search(r'<svg id="c" class="fig" width="([0-9]+)"', svg).group(1))  # type: ignore[union-attr]
+    x_last = float(re.findall(r"translate\(([0-9.]+),", svg)[-1])
+    assert width - x_last >= 3 * len(long[1])  # and right of the last one, which leans right
 
 
 def test_volume_buckets_and_heatmap_escape() -> None:
