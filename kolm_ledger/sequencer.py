@@ -19,6 +19,14 @@ this or any other replica since the items were validated) and every item's key i
 checked again: an entry signed by a key revoked in the meantime is refused
 (``FAILED_PRECONDITION``) instead of being committed where an audit would reject it.
 
+Integration times never go back: each batch is integrated at ``max(clock, previous
+entry's time + 1 µs)`` (:meth:`Ledger.append_validated`), so an operator whose clock is
+set back cannot place an entry before one already logged — a revoked key's receipt
+before its revocation is refused, not back-dated. The time is in the leaf
+(:mod:`kolm_ledger.leaf`), so every checkpoint that covers the entry signs it. For an
+envelope whose statement was already logged, the promise is for that entry (its index,
+leaf hash and integration time).
+
 A promise is the log's Ed25519 signature over::
 
     kolm.promise/v1\\n<origin>\\n<index>\\n<base64 leaf hash>\\n<integrated time µs>\\n
