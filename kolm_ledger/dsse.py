@@ -202,9 +202,14 @@ _LOW2_ZERO = frozenset(b"AEIMQUYcgkosw048")
 def _b64_canonical(s: bytes) -> bool:
     """Whether ``s``, which strict base64 decoding accepted, is the encoding of what it decodes to.
 
-    Strict decoding already refuses bad digits, bad or missing padding and trailing data,
-    so the only slack left is the unused low bits of the last digit before the padding.
+    Strict decoding refuses bad digits, missing padding and data after padding, but
+    CPython's ``a2b_base64(strict_mode=True)`` accepts padding after a complete group
+    (``QUFB==`` decodes to ``AAA``), so the padding must be exactly what the digits need;
+    the slack left is the unused low bits of the last digit before the padding.
     """
+    digits = len(s.rstrip(b"="))
+    if len(s) - digits != -digits % 4:
+        return False
     if s.endswith(b"=="):
         return s[-3] in _LOW4_ZERO
     if s.endswith(b"="):

@@ -44,6 +44,7 @@ from typing import Any
 import grpc
 import pytest
 from _mutations import FUZZ
+from _servers import label_envelope
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
@@ -236,7 +237,9 @@ def _faulty(v: Any, fault: str, rng: random.Random) -> bytes:
         n = c.decode()
         if "e" in n:
             return n.replace("e", "E").encode()
-        forms = [f"{n}e0", f"{n}E+0"] + ([f"{n}0"] if "." in n else [f"{n}.0", f"{n}0e-1"])
+        forms = [f"{n}e0", f"{n}E+0"] + ([f"{n}0"] if "." in n else [f"{n}.0"])
+        if n.lstrip("-") != "0" and "." not in n:
+            forms.append(f"{n}0e-1")  # 50e-1 for 5 (00e-1 would not be JSON)
         return rng.choice(forms).encode()
     if fault == "escape":
         # one character written as a \u escape where RFC 8785 writes it raw or short
@@ -395,6 +398,27 @@ def test_non_canonical_base64_is_refused_at_append(
     holder[field] = variant
     what = "envelope.payload" if field == "payload" else "envelope.signatures[0].sig"
     world.refused(canonical_json(obj), INVALID, what)
+
+
+def test_padding_after_a_complete_group_is_refused(world: World) -> None:
+    """Found by this campaign at soak size: the ``sig`` text of a 69-byte signature (no
+    padding) with ``==`` appended was accepted and logged when its last digit had zero
+    low bits (``…TUA==``): CPython's strict base64 decoding accepts padding after a
+    complete group, and the ledger's one-pass envelope parse checked only those bits."""
+    key = world.keys["compile"]
+    env = label_envelope(key, "padding", 0)
+    for _ in range(50_000):  # a 69-byte signature (r < 2**247) ending so: ~1 in 1000
+        env = dsse.sign(env.payload, env.payload_type, key)
+        sig = env.to_json()["signatures"][0]["sig"]
+        if not sig.endswith("=") and sig[-1] in "AQgw":
+            break
+    else:
+        raise AssertionError("no such signature in 50,000 tries")
+    for pad in ("=", "=="):
+        obj = env.to_json()
+        obj["signatures"][0]["sig"] += pad
+        world.refused(canonical_json(obj), INVALID, "envelope.signatures[0].sig")
+    # (a payload cannot hit it: its last three bytes are always '}]}', base64 'fV19')
 
 
 # ---- signatures: high-S and non-strict DER ------------------------------------------------
