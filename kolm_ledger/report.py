@@ -689,6 +689,102 @@ def _section_eval_detail(d: ReportData) -> str:
     return "".join(parts)
 
 
+def svg_curve(
+    fig_id: str,
+    series: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    *,
+    lo: float = 0.0,
+    width: int = 640,
+    height: int = 260,
+) -> str:
+    """Line chart of ``(x %, y %)`` series: x (coverage) from 0 to 100, y from ``lo`` to 100."""
+    left, right, top, bottom = 50, 20, 10, 30
+    sw, sh = width - left - right, height - top - bottom
+    span = max(1e-9, 100.0 - lo)
+
+    def xy(x: float, y: float) -> str:
+        cy = min(100.0, max(lo, y))
+        return f"{left + x / 100 * sw:.1f},{top + (100.0 - cy) / span * sh:.1f}"
+
+    out = [
+        f'<svg id="{_e(fig_id)}" class="fig" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img">',
+        f'<line x1="{left}" y1="{top + sh}" x2="{left + sw}" y2="{top + sh}" stroke="#999"/>'
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + sh}" stroke="#999"/>'
+        f'<text x="{left}" y="{height - 4}" class="axis">coverage 0%</text>'
+        f'<text x="{left + sw}" y="{height - 4}" class="axis" text-anchor="end">100%</text>'
+        f'<text x="{left - 4}" y="{top + 10}" class="axis" text-anchor="end">100</text>'
+        f'<text x="{left - 4}" y="{top + sh}" class="axis" text-anchor="end">{lo:g}</text>',
+    ]
+    for i, (name, pts) in enumerate(series):
+        color = _PALETTE[i % len(_PALETTE)]
+        path = " ".join(xy(x, y) for x, y in pts)
+        out.append(
+            f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2">'
+            f"<title>{_e(name)}</title></polyline>"
+            f'<text x="{left + sw - 4}" y="{top + sh - 8 - 14 * i}" text-anchor="end" '
+            f'fill="{color}">{_e(name[:40])}</text>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _section_cover(d: ReportData) -> str:
+    """The selective-prediction gate (issue 17): the cover's figures and the holdout
+    risk-coverage curve, from the eval receipt's ``gate``."""
+    g = d.eval_predicate.get("gate")
+    parts = ['<section id="cover"><h2>Selective prediction: the cover</h2>']
+    if not isinstance(g, dict):
+        parts.append(_missing("The eval receipt carries no gate (compiled before issue 17)."))
+        return "".join(parts) + "</section>"
+    rows: list[tuple[str, object]] = [
+        ("rule", g.get("rule")),
+        ("target cover K-score", g.get("target_cover_k_score", "unset")),
+        ("thresholds", f"prob >= {g.get('t_prob')}, kNN similarity >= {g.get('t_sim')}"),
+        ("temperature, k", f"{g.get('temperature')}, {g.get('k')}"),
+    ]
+    for split in ("calibration", "holdout"):
+        f = g.get(split)
+        if isinstance(f, dict):
+            iv = f.get("cover_interval")
+            ivs = f" [{iv[0]}, {iv[1]}]" if isinstance(iv, list) and len(iv) == 2 else ""
+            rows.append(
+                (
+                    split,
+                    f"coverage {f.get('coverage')}% ({f.get('n_cover')} of {f.get('n')}), "
+                    f"cover K-score {f.get('cover_k_score')}{ivs}, overall {f.get('k_score')}",
+                )
+            )
+    parts.append(_kv(rows))
+    h = g.get("holdout")
+    curve = h.get("curve") if isinstance(h, dict) else None
+    series: list[tuple[str, list[tuple[float, float]]]] = []
+    if isinstance(curve, dict):
+        for name, pts in sorted(curve.items()):
+            if not isinstance(pts, list):
+                continue
+            clean = [
+                (x, y)
+                for p in pts
+                if isinstance(p, list)
+                and len(p) == 2
+                and (x := _num(p[0])) is not None
+                and (y := _num(p[1])) is not None
+            ]
+            if clean:
+                series.append((f"ranked by {name}", clean))
+    if series:
+        lo = min(y for _, pts in series for _, y in pts)
+        parts.append(
+            "<p>Risk–coverage on the holdout: keeping the inputs the gate score ranks "
+            "highest, the K-score of what is kept (risk = 100 − K-score).</p>"
+        )
+        parts.append(svg_curve("fig-risk-coverage", series, lo=max(0.0, min(90.0, lo) // 10 * 10)))
+    else:
+        parts.append(_missing("The eval receipt's gate carries no risk–coverage curve."))
+    return "".join(parts) + "</section>"
+
+
 def volume_buckets(
     volume: Sequence[tuple[datetime, str]], max_buckets: int = 40
 ) -> tuple[str, list[tuple[str, Counter[str]]]]:
@@ -812,6 +908,7 @@ def render_html(d: ReportData) -> str:
         banner,
         _section_chain(d),
         _section_kscore(d),
+        _section_cover(d),
         _section_reexec(d),
         _section_labels(d),
         _section_cost(d),

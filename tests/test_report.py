@@ -99,7 +99,11 @@ def _build(tmp: Path, n_labels: int = 60) -> Built:
                 interval=(81.6, 96.4),
                 outcome_root=_h("outcomes"),
                 teacher_k_score=94.2,
-                extra={"per_label": per_label, "confusion": {"labels": LABELS, "matrix": conf}},
+                extra={
+                    "per_label": per_label,
+                    "confusion": {"labels": LABELS, "matrix": conf},
+                    "gate": GATE,
+                },
             )
         ],
         compile_key,
@@ -230,6 +234,26 @@ EXTERNAL = re.compile(
 )
 
 
+# the eval receipt's gate (selective prediction), as the compile's package stage writes it
+GATE = {
+    "rule": "calibrated",
+    "target_cover_k_score": 99.0,
+    "t_prob": 0.81,
+    "t_sim": 0.42,
+    "temperature": 1.3,
+    "k": 5,
+    "holdout": {
+        "n": 52,
+        "n_cover": 47,
+        "coverage": 90.4,
+        "cover_k_score": 97.87,
+        "cover_interval": [88.9, 99.6],
+        "k_score": 92.31,
+        "curve": {"prob": [[25.0, 100.0], [50.0, 100.0], [75.0, 97.4], [100.0, 92.31]]},
+    },
+}
+
+
 def test_report_content(report_html: Path, built: Built) -> None:
     text = report_html.read_text(encoding="utf-8")
     for fid in FIGURE_IDS:
@@ -259,6 +283,13 @@ def test_report_content(report_html: Path, built: Built) -> None:
     assert "139 entries" in text and "prediction 75" in text
 
 
+def test_report_draws_the_risk_coverage_curve(report_html: Path) -> None:
+    text = report_html.read_text()
+    assert 'id="fig-risk-coverage"' in text and "ranked by prob" in text
+    assert "coverage 90.4% (47 of 52), cover K-score 97.87 [88.9, 99.6]" in text
+    assert "<th>target cover K-score</th><td>99</td>" in text  # RFC 8785: 99.0 is 99
+
+
 def test_report_without_eval_extras_or_labels(built: Built) -> None:
     store = Store(built.db)
     try:
@@ -267,6 +298,7 @@ def test_report_without_eval_extras_or_labels(built: Built) -> None:
         store.close()
     text = render_html(data)
     assert "no per_label metrics" in text and "no confusion matrix" in text
+    assert "carries no gate" in text and 'id="fig-risk-coverage"' not in text
     assert 'id="fig-confusion"' not in text and 'id="fig-per-label"' not in text
     assert 'id="fig-kscore"' in text and 'id="fig-volume"' in text
     assert "No label receipts found" in text
