@@ -34,9 +34,16 @@ takes up to ``max_batch`` of them (waiting at most ``max_wait_ms`` for the batch
 fill) and runs the student once for the whole batch on the model thread. While the
 model runs, new requests queue, so under load batches fill by themselves: batching,
 not threads, gives throughput. Each answer is checked with the artifact's verifier.
-Escape hatch: confidence below the manifest's ``confidence_threshold`` or a failed
-verifier sends the request to the teacher (if one is configured, k=1); otherwise
-the student's answer is returned marked unverified.
+Gate and escape hatch (docs/INFERENCE.md): an artifact with a manifest ``gate``
+(:mod:`kolm_compile.gate`) keeps an input in the student's *cover* iff its calibrated
+probability and its kNN similarity to the training examples reach the compile-time
+thresholds (older artifacts: softmax confidence >= ``confidence_threshold``). An input
+outside the cover, or one whose answer the verifier refuses, goes to the teacher (if one
+is configured, k=1). When no teacher is configured or it fails, the request is refused
+(:class:`NoTeacher`, ``FAILED_PRECONDITION``; :class:`TeacherFailed`, ``UNAVAILABLE``)
+unless the engine runs with ``on_teacher_failure="student"``: then the student's answer
+comes back unverified, ``reason="teacher_unavailable"``. Each prediction carries the gate's
+values, thresholds and decision (``Prediction.gate``, recorded in the receipt).
 
 Recall (an artifact with a recall index): each request retrieves ``recall_k`` chunks
 (default: the manifest's ``recall.k``, else :data:`DEFAULT_RECALL_K`; at most
@@ -101,14 +108,17 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_RECALL_K",
     "MAX_RECALL_K",
+    "ON_TEACHER_FAILURE",
     "REASONS",
     "RECALL_VOTE_MIN_NEIGHBOURS",
     "ArtifactRecall",
     "Engine",
     "LoadedArtifact",
     "NoRecallIndex",
+    "NoTeacher",
     "Prediction",
     "RecallResult",
+    "TeacherFailed",
     "artifact_path",
     "check_ledger_inclusion",
     "ledger_trust_state",
@@ -389,9 +399,11 @@ class Engine:
 
     ``ledger`` is a synchronous :class:`LedgerClient` used at load time (inclusion
     check and key receipts). ``teacher`` is a :mod:`kolm_compile.teachers` teacher and
-    ``teacher_task`` the task spec it prompts with; without one, low-confidence or
-    unverifiable answers are returned marked unverified. ``artifacts_dir`` is the only
-    folder the service's ``LoadArtifact(path=...)`` may name (:func:`artifact_path`).
+    ``teacher_task`` the task spec it prompts with. ``on_teacher_failure``: what an input
+    outside the cover gets when no teacher answers — ``"refuse"`` (default:
+    :class:`NoTeacher` / :class:`TeacherFailed`) or ``"student"`` (the student's answer,
+    unverified, ``reason="teacher_unavailable"``). ``artifacts_dir`` is the only folder the
+    service's ``LoadArtifact(path=...)`` may name (:func:`artifact_path`).
     """
 
     def __init__(
