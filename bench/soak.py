@@ -159,7 +159,9 @@ def _table(results: dict[str, dict[str, object]]) -> str:
             )
             by = r.get("by_class")
             if isinstance(by, dict) and by:
-                nums += "; of which " + ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
+                nums += "; issue-14 classes: " + ", ".join(
+                    f"{k} {v}" for k, v in sorted(by.items())
+                )
         elif name == "overload":
             refused = r["refused"]
             n = sum(refused.values()) if isinstance(refused, dict) else 0
