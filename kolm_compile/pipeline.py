@@ -900,9 +900,11 @@ class CompileJob:
             ).hexdigest(),
         }
         keep = [i for i in range(len(texts)) if i not in cal_set]
-        texts, ys, digests = [texts[i] for i in keep], [ys[i] for i in keep], [
-            digests[i] for i in keep
-        ]
+        texts, ys, digests = (
+            [texts[i] for i in keep],
+            [ys[i] for i in keep],
+            [digests[i] for i in keep],
+        )
         _dump(self.dir / "train_set.json", {"texts": texts, "labels": ys})
 
         def progress(step: int, total: int, loss: float) -> None:
@@ -1075,6 +1077,7 @@ class CompileJob:
             "name": spec.name,
             "task_type": spec.task,
             "labels": list(spec.labels or ()),
+            **({"none_label": spec.none_label} if spec.none_label is not None else {}),
             "base_model": base,
             "adapter": "adapter",
             "max_length": cfg.max_length,

@@ -17,6 +17,7 @@ Schema (``*`` = required; unknown fields are rejected by name)::
     name*: str                [a-z0-9][a-z0-9-_]{0,63}
     task*: classify | extract | generate
     labels: [str, ...]        classify: the closed label set (required, >= 2, distinct)
+    none_label: str           classify: the label (one of labels) meaning "none of these"
     json_schema: {..} | path  extract: JSON Schema (Draft 2020-12) the output must satisfy
     instructions: str         what the teacher is asked to do (prepended to every prompt)
     verifier:                 default: label_set (classify), json_schema (extract);
@@ -926,6 +927,13 @@ class TaskSpec(_Section):
     teacher: TeacherSpec = field(metadata=_help("the teacher section"))
     data: DataSpec = field(metadata=_help("the data section"))
     labels: tuple[str, ...] | None = field(default=None, metadata=_help("classify: label set"))
+    none_label: str | None = field(
+        default=None,
+        metadata=_help(
+            "classify: the label (one of labels) meaning 'none of the others': the teacher "
+            "prompt offers it, the student learns it, callers receive it as an answer"
+        ),
+    )
     json_schema: Mapping[str, Any] | None = field(
         default=None, metadata=_help("extract: JSON Schema of the output")
     )
@@ -973,6 +981,14 @@ class TaskSpec(_Section):
             raise SpecError(f"{p}.labels: required for task classify")
         if task != "classify" and self.labels is not None:
             raise SpecError(f"{p}.labels: only used by task classify, not {task}")
+        if self.none_label is not None:
+            if task != "classify":
+                raise SpecError(f"{p}.none_label: only used by task classify, not {task}")
+            if self.none_label not in (self.labels or ()):
+                raise SpecError(
+                    f"{p}.none_label: {str(self.none_label)[:80]!r} is not one of labels; "
+                    "list it there too (the student learns it as a class)"
+                )
         if task == "extract" and self.json_schema is None:
             raise SpecError(f"{p}.json_schema: required for task extract")
         if task != "extract" and self.json_schema is not None:

@@ -284,9 +284,14 @@ _SYSTEM = (
 
 def _classify_prompt(task: TaskSpec, input_text: str) -> str:
     labels = "\n".join(f"- {label}" for label in task.labels or ())
+    none = (
+        f"If the input fits none of the other labels, answer {task.none_label}.\n"
+        if getattr(task, "none_label", None)
+        else ""
+    )
     return (
         "Classify the input into exactly one of these labels:\n"
-        f"{labels}\n\n"
+        f"{labels}\n\n{none}"
         "Answer with exactly one label from the list, written exactly as shown, and nothing else."
         f"\n\nInput:\n{input_text}"
     )

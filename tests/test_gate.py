@@ -391,3 +391,29 @@ def test_a_compile_with_a_target_records_the_thresholds_in_manifest_and_receipts
     finally:
         client.close()
         ledger.close()
+
+
+# --------------------------------------------------------------------------- none_label
+
+
+def test_none_label_is_a_label_the_teacher_is_offered() -> None:
+    import yaml
+
+    from kolm_compile.spec import TaskSpec
+    from kolm_compile.teachers import build_messages
+    from kolm_ledger.errors import SpecError
+
+    examples = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
+    raw = yaml.safe_load((examples / "banking77-router.yaml").read_text())
+    plain = TaskSpec.from_dict(raw, examples)
+    assert "fits none" not in build_messages(plain, "hi")[1]["content"]
+    raw["labels"] = [*raw["labels"], "out_of_scope"]
+    raw["none_label"] = "out_of_scope"
+    spec = TaskSpec.from_dict(raw, examples)
+    body = build_messages(spec, "what is the capital of France?")[1]["content"]
+    assert "- out_of_scope" in body
+    assert "If the input fits none of the other labels, answer out_of_scope." in body
+    assert spec.to_dict()["none_label"] == "out_of_scope"
+    raw["none_label"] = "unknown"
+    with pytest.raises(SpecError, match=r"spec\.none_label: 'unknown' is not one of labels"):
+        TaskSpec.from_dict(raw, examples)
