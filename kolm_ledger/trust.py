@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ._crypto import PublicKey
 from .dsse import Envelope, verify_signature
@@ -285,5 +285,12 @@ def fold_key_receipts(
 
 
 def ledger_trust_state(source: KeySource, trust: TrustRoot) -> TrustState:
-    """The trust root plus *every* key receipt of the ledger database or service."""
-    return fold_key_receipts(trust, key_receipt_entries(source))
+    """The trust root plus *every* key receipt of the ledger database or service, each
+    first proven to be the log's, integration time included
+    (:func:`kolm_ledger.verify.prove_entries`; raises
+    :class:`~kolm_ledger.errors.InclusionProofError` naming an entry whose stored time or
+    envelope is not what the signed checkpoint holds)."""
+    from .verify import prove_entries
+
+    entries = prove_entries(key_receipt_entries(source), cast(Any, source), trust)
+    return fold_key_receipts(trust, entries)

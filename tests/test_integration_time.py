@@ -67,6 +67,7 @@ from kolm_ledger.ledger import Ledger
 from kolm_ledger.storage import Store, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES
 from kolm_ledger.timefmt import from_micros, parse_rfc3339
+from kolm_ledger.trust import ledger_trust_state
 from kolm_ledger.verify import prove_entries, step_of, verify_bundle
 
 ORIGIN = "time.kolm.dev/ledger"
@@ -297,6 +298,10 @@ def test_a_revocation_moved_to_2100_in_the_database_is_caught_everywhere(
     key_entries = store.find(kind="key")
     with pytest.raises(InclusionProofError, match=f"entry {rev.index} "):
         prove_entries(key_entries, store, keys.trust)
+    # ... so the one fold of the trust state (kolm verify --ledger, provenance, report,
+    # the inference loader) refuses it instead of un-revoking the key
+    with pytest.raises(InclusionProofError, match=f"entry {rev.index} "):
+        ledger_trust_state(store, keys.trust)
 
     # a restarted ledger refuses to fold it, so it never takes the revoked key, and it
     # refuses to extend the altered log at all
@@ -310,6 +315,8 @@ def test_a_revocation_moved_to_2100_in_the_database_is_caught_everywhere(
         # a reader proving key receipts over gRPC refuses the moved time too
         with pytest.raises(InclusionProofError, match=f"entry {rev.index} "):
             prove_entries(c.find(kind="key"), c, keys.trust)
+        with pytest.raises(InclusionProofError, match=f"entry {rev.index} "):
+            ledger_trust_state(c, keys.trust)
         # the remote audit names it too
         assert rev.index in audit_remote(c, keys.trust).failing_indices()
     assert store.size() == after.index + 1  # nothing was written
