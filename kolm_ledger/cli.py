@@ -185,7 +185,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
             print(
                 f"OK: {v.kind} receipt at index {v.index} signed by {v.role} key "
                 f"{v.keyid[:16]}, included in checkpoint {v.checkpoint.origin} "
-                f"size {v.checkpoint.size}"
+                f"size {v.checkpoint.size}, integrated {_fmt_time(v.integrated_at)}"
             )
             return 0
         artifact_bundle = None
@@ -243,7 +243,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     r = p.receipt
     head = (
         f"OK: prediction receipt at index {r.index} signed by {r.role} key {r.keyid[:16]}, "
-        f"included in checkpoint {r.checkpoint.origin} size {r.checkpoint.size}"
+        f"included in checkpoint {r.checkpoint.origin} size {r.checkpoint.size}, "
+        f"integrated {_fmt_time(r.integrated_at)}"
     )
     out = json.dumps(p.output)[:80] if p.output is not None else "(digest only)"
     tail = f"; output {out}, backend {p.backend}{f' ({p.reason})' if p.reason else ''}" + (
@@ -307,6 +308,12 @@ def _client(a: argparse.Namespace) -> Any:
     from .tls import channel_credentials_from_args
 
     return LedgerClient(a.ledger, credentials=channel_credentials_from_args(a, a.ledger))
+
+
+def _fmt_time(t: Any) -> str:
+    from .keys import format_time
+
+    return str(format_time(t))
 
 
 def _skew(a: argparse.Namespace) -> Any:
