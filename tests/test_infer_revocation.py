@@ -123,7 +123,7 @@ def test_a_revocation_after_1000_key_receipts_is_honoured_by_the_loader(
     assert on_disk.not_after is not None and on_disk.not_after <= datetime.now(UTC)
     # ... but the service trusts the trust root from before it: only the ledger says revoked
     assert w.trust.get(kid).not_after is None
-    srv = InferThread(w, w.ledger)
+    srv = InferThread(w, w.ledger, artifacts_dir=path.parent)  # LoadArtifact(path=) there
     try:
         e = refused(lambda: srv.stub.LoadArtifact(pb.LoadArtifactRequest(path=str(path))))
         assert e is not None, "the loader served an artifact whose compile key is revoked"
@@ -143,7 +143,7 @@ def test_revoking_the_compile_key_stops_a_loaded_artifact(
     w, path, digest = site
     old_trust = tmp_path / "trust-before.json"
     shutil.copy(w.keys / "trust.json", old_trust)
-    srv = InferThread(w, w.ledger, artifacts=[path], key_poll_s=0.2)
+    srv = InferThread(w, w.ledger, artifacts=[path], artifacts_dir=path.parent, key_poll_s=0.2)
     try:
         before = predict(srv.stub, request_id="before", wait_for_inclusion=True)
         assert before.WhichOneof("receipt") == "bundle"
