@@ -13,6 +13,15 @@ each poll:
   closed (:meth:`kolm_infer.receipts.ReceiptWriter.refuse_key`), as it does when the
   ledger refuses that key's receipts.
 
+Every key receipt is *proven* before it is folded
+(:func:`kolm_ledger.verify.prove_entries`): its envelope and its integration time must be
+what the log's signed checkpoint holds at its index. A ledger that serves a key receipt
+that is not — a revocation's time moved to 2100 in the database, a forged or swapped
+entry — would otherwise un-revoke a key. Such a proof failure fails closed: the service
+stops serving (every ``Predict`` answers ``FAILED_PRECONDITION`` naming the entry, health
+goes ``NOT_SERVING``, one ``ERROR`` log line) until the ledger is repaired and the service
+restarted. A ledger that cannot be reached is not a proof failure: the poll is retried.
+
 So a revocation integrated by the ledger reaches a running service within one poll
 interval plus one round trip, while the ledger is reachable. While it is not, the last
 known state stands (with ``--receipt-ack ledger`` nothing is answered then anyway); the
@@ -38,9 +47,17 @@ from datetime import UTC, datetime
 from prometheus_client import Counter, Gauge
 
 from kolm_ledger.client import LedgerClient
-from kolm_ledger.errors import ArtifactError, InvalidInput, KeyValidityError, KolmError
+from kolm_ledger.errors import (
+    ArtifactError,
+    FormatError,
+    InvalidInput,
+    KeyValidityError,
+    KolmError,
+    VerificationError,
+)
 from kolm_ledger.keys import TrustRoot
 from kolm_ledger.trust import TrustState, fold_key_receipts, key_receipt_entries
+from kolm_ledger.verify import prove_entries
 
 from .engine import Engine, LoadedArtifact
 from .receipts import ReceiptWriter
@@ -55,6 +72,11 @@ DEFAULT_KEY_POLL_S = 5.0
 STOPPED = Counter(
     "kolm_infer_artifacts_stopped_total",
     "Loaded artifacts no longer served because their compile key was revoked or expired",
+)
+UNPROVEN = Counter(
+    "kolm_infer_key_receipts_unproven_total",
+    "Polls whose key receipts did not prove against the ledger's signed checkpoint "
+    "(the service then fails closed)",
 )
 POLLED = Gauge(
     "kolm_infer_key_poll_time_seconds", "When the key receipts were last read from the ledger"
@@ -74,7 +96,10 @@ class KeyFollower:
         infer_key_id: str | None = None,
         interval_s: float = DEFAULT_KEY_POLL_S,
         clock: Callable[[], datetime] | None = None,
+        on_untrusted: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_untrusted(why)`` is called (once, from the polling thread) when the key
+        receipts the ledger serves do not prove: the service sets health ``NOT_SERVING``."""
         if not interval_s > 0:
             raise InvalidInput(f"key poll interval {interval_s!r} s, want a number above 0")
         self.engine = engine
@@ -83,7 +108,10 @@ class KeyFollower:
         self.infer_key_id = infer_key_id
         self.interval_s = float(interval_s)
         self._clock = clock or (lambda: datetime.now(UTC))
+        self.trust = trust
         self.state = TrustState(trust)
+        self.on_untrusted = on_untrusted
+        self.untrusted: str | None = None  # why nothing is served any more (fail closed)
         self.seen = -1  # the index of the last key receipt folded
         self.polls = 0  # successful polls (for tests and metrics)
         self._lock = threading.Lock()  # one poll at a time
@@ -97,8 +125,15 @@ class KeyFollower:
         loaded (blocking: run it on a worker thread). Returns the artifacts to stop;
         raises :class:`~kolm_ledger.errors.KolmError` if the ledger cannot be read."""
         with self._lock:
+            if self.untrusted is not None:
+                return []  # failed closed: nothing more to fold until a restart
             entries = list(key_receipt_entries(self.client, after_index=self.seen))
             if entries:
+                try:  # envelope and integration time, against the signed checkpoint
+                    prove_entries(entries, self.client, self.trust)
+                except (VerificationError, FormatError) as e:
+                    self._fail_closed(e)
+                    return []
                 self.state = fold_key_receipts(self.state, entries)
                 self.seen = entries[-1].index
             self.polls += 1
@@ -119,6 +154,17 @@ class KeyFollower:
                 except KolmError:
                     pass  # unknown here: the ledger's own answer decides (writer)
             return stop
+
+    def _fail_closed(self, err: KolmError) -> None:
+        self.untrusted = (
+            "this service stopped serving: the ledger's key receipts do not prove against "
+            f"its signed checkpoint ({str(err)[:300]}); a revocation could be hidden, so "
+            "nothing is answered until the ledger is repaired and the service restarted"
+        )
+        UNPROVEN.inc()
+        log.error("%s", self.untrusted)
+        if self.on_untrusted is not None:
+            self.on_untrusted(self.untrusted)
 
     def _why_not(self, art: LoadedArtifact, now: datetime) -> str | None:
         """Why ``art`` may not be served any more, or ``None``."""
@@ -170,7 +216,10 @@ class KeyFollower:
 
     def check(self, ref: str) -> None:
         """Raise :class:`~kolm_ledger.errors.ArtifactError` (``FAILED_PRECONDITION``) if the
-        artifact named (or with the digest) ``ref`` was stopped by a revocation."""
+        artifact named (or with the digest) ``ref`` was stopped by a revocation, or for any
+        ``ref`` once the key receipts failed to prove (fail closed)."""
+        if self.untrusted is not None:
+            raise ArtifactError(self.untrusted)
         why = self._stopped.get(ref)
         if why is not None:
             raise ArtifactError(why)

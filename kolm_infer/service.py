@@ -377,7 +377,7 @@ async def start(
     loop = asyncio.get_running_loop()
     health: list[Any] = []  # set once bound
 
-    def not_serving(err: KeyRefused) -> None:  # called on the loop (writer) or a thread
+    def not_serving(err: KeyRefused | str) -> None:  # on the loop (writer) or a thread
         if health:
             asyncio.run_coroutine_threadsafe(
                 rpc.set_serving(health[0], [SERVICE_NAME], False), loop
@@ -395,6 +395,7 @@ async def start(
         writer=writer,
         infer_key_id=infer_key.keyid(),
         interval_s=key_poll_s,
+        on_untrusted=not_serving,  # key receipts that do not prove: fail closed
     )
     server = rpc.new_server([*([AuthzInterceptor()] if credentials else []), *interceptors])
     pb_grpc.add_InferenceServicer_to_server(

@@ -190,6 +190,45 @@ def test_revoking_the_compile_key_stops_a_loaded_artifact(
     assert code == 1 and out.startswith("FAILED at step 8"), out
 
 
+def test_a_key_receipt_that_does_not_prove_stops_the_service(
+    site: tuple[World, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A database writer moves the compile key's revocation to 2100 before the service's
+    next poll: folded unproven, the key would stay valid (the artifact kept answering).
+    The follower proves every key receipt against the signed checkpoint first; this one
+    does not prove, so the service fails closed: Predict FAILED_PRECONDITION, NOT_SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from test_integration_time import drop_triggers, set_time
+
+    w, path, digest = site
+    url = f"sqlite:///{w.root / 'ledger.db'}"
+    srv = InferThread(w, w.ledger, artifacts=[path], key_poll_s=600)  # polls by hand here
+    keys = srv.srv.keys
+    try:
+        wait_for(lambda: keys.polls >= 1)  # the first poll, at start, proved and folded
+        assert predict(srv.stub, wait_for_inclusion=True).WhichOneof("receipt") == "bundle"
+        revoke(w, "compile", capsys)
+        with LedgerClient(w.ledger.target) as c:
+            idx = c.find(kind="key", limit=5000)[-1].index  # the revocation
+        drop_triggers(url)
+        set_time(url, idx, int(datetime(2100, 1, 1, tzinfo=UTC).timestamp() * 1_000_000))
+        assert srv.run(keys.poll_once()) == 0
+        assert keys.untrusted is not None and f"entry {idx}" in keys.untrusted, keys.untrusted
+        for ref in ("router", digest):
+            e = refused(lambda ref=ref: predict(srv.stub, artifact=ref))
+            assert e is not None, "served after a key receipt that does not prove"
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
+            assert "do not prove" in e.details() and "stopped serving" in e.details()
+        health_stub = health_pb2_grpc.HealthStub(srv.channel)
+        req = health_pb2.HealthCheckRequest(service="kolm.infer.v1.Inference")
+        wait_for(
+            lambda: health_stub.Check(req).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        assert srv.run(keys.poll_once()) == 0 and keys.untrusted is not None  # stays closed
+    finally:
+        srv.close()
+
+
 # --------------------------------------------------------------------------- finding 8
 
 
