@@ -66,6 +66,12 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=None, help="default: the demo spec's")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--also",
+        type=lambda v: [float(x) for x in v.split(",") if x],
+        default=[],
+        help="more targets, e.g. 99.5,99.9 (thresholds re-chosen on the same calibration)",
+    )
     a = ap.parse_args()
     data = require("bench_gate")
 
@@ -163,6 +169,24 @@ def main() -> int:
             for p, s in zip(probs, sims, strict=True)
         ]
         gated["auroc_combined"] = round(auroc(comb[:n_in], comb[n_in:]), 4)
+        # where the leak comes from: the out-of-scope intents the gate lets through most
+        leak_by: dict[str, list[int]] = {}
+        for x, (_, y) in zip(g[n_in:], oos, strict=True):
+            leak_by.setdefault(y, [0, 0])
+            leak_by[y][0] += int(x["inside"])
+            leak_by[y][1] += 1
+        gated["leak_by_intent_top"] = sorted(
+            ([y, k, n] for y, (k, n) in leak_by.items()), key=lambda r: (-r[1], r[0])
+        )[:8]
+        # other targets, same student and temperature: thresholds re-chosen on calibration
+        others: dict[str, Any] = {}
+        if a.also:
+            gc = gate.score(*student.analyse([t for t, _ in cal]))
+            cc = [labels[x["index"]] == y for x, (_, y) in zip(gc, cal, strict=True)]
+            for tgt in a.also:
+                sel = G.select_thresholds([x["prob"] for x in gc], [x["sim"] for x in gc], cc, tgt)
+                keep = [x["prob"] >= sel["t_prob"] and x["sim"] >= sel["t_sim"] for x in g]
+                others[str(tgt)] = {**sel, **figures(keep)}
 
         # CPU cost per single-input prediction: the student alone vs the gate's extra work
         probe = texts[:: max(1, len(texts) // 200)][:200]
@@ -196,6 +220,7 @@ def main() -> int:
         },
         "softmax_0.5": softmax,
         "gate_figures": gated,
+        "other_targets": others,
         "cost": {
             "student_predict_ms": round(1000 * predict_s, 3),
             "student_with_gate_ms": round(1000 * gated_s, 3),
