@@ -261,7 +261,10 @@ class Ledger:
         try:
             if last is None:
                 raise ConflictError("the log holds key receipts but no signed checkpoint")
-            cp = verify_checkpoint(last.note, self.trust.root, origin=self.origin).checkpoint
+            try:
+                cp = verify_checkpoint(last.note, self.trust.root, origin=self.origin).checkpoint
+            except KolmError as e:
+                raise ConflictError(f"its newest checkpoint (size {last.size}): {e}") from e
 
             def proof(i: int) -> list[bytes]:
                 if tx is not None:
