@@ -21,8 +21,8 @@ import pytest
 
 from kolm_ledger import receipts
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.canonical import canonical_json
 from kolm_ledger.bundle import Bundle
+from kolm_ledger.canonical import canonical_json
 from kolm_ledger.checkpoint import verify_checkpoint
 from kolm_ledger.keys import TrustRoot
 from kolm_ledger.verify import STEPS, verify_bundle
