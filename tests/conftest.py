@@ -11,6 +11,8 @@ is put in ``KOLM_TEST_PG`` for the whole session (tests and the processes they s
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The compile CLI's teacher cache defaults to a per-user file (~/.cache/kolm): tests (and
+# the processes they start) use one of their own, removed when the session ends.
+_TEACHER_CACHE_DIR = tempfile.mkdtemp(prefix="kolm-test-teacher-cache-")
+os.environ["KOLM_TEACHER_CACHE"] = os.path.join(_TEACHER_CACHE_DIR, "teacher-cache.sqlite")
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 PG_PROBE = ("127.0.0.1", 5432)
@@ -65,6 +71,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if _EMBEDDED is not None:
         _EMBEDDED.stop()
         _EMBEDDED = None
+    shutil.rmtree(_TEACHER_CACHE_DIR, ignore_errors=True)
 
 
 def _pg_create() -> tuple[str, str]:
