@@ -2,9 +2,14 @@
 
     .venv/bin/python bench/bench_ledger.py [--quick] [--append-only] [--proof-size N] [--skip-grpc]
 
-1. ceiling: one core verifying ECDSA P-256 DSSE signatures of real receipts; then the
-   issue's reference loop (parse, verify, hash, one durable insert; batch 1000, SQLite),
-   paired with the ceiling the same way as the append rows;
+1. ceiling: one core doing the per-entry crypto the ledger must do for real receipts
+   (kolm log format v2): verify the ECDSA P-256 DSSE signature (strict DER, low-S), hash
+   the v2 leaf (envelope + integration time, ``kolm_ledger.leaf.entry_leaf_hash``) and the
+   statement digest (``statement_digest``). Every ratio is printed twice: to that ceiling,
+   and (column "verify") to the verify alone, timed inside the same paired loop — the
+   ceiling of the records before 2026-12-03, so those ratios compare with them. Then the
+   issue's reference loop (parse, verify, v2 leaf hash, statement digest, one durable
+   insert; batch 1000, SQLite), paired with the ceiling the same way as the append rows;
 2. in-process durable append (validate + sequence + fsync'd commit + checkpoint) at batch
    1, 100, 1000 on SQLite and PostgreSQL, as receipts/s and as a ratio to the ceiling.
    Each append row's ratio is to a ceiling measured paired with it, group by group of
@@ -42,8 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from kolm_ledger._crypto import PrivateKey  # noqa: E402
 from kolm_ledger._samples import sample_statements  # noqa: E402
-from kolm_ledger.dsse import pae  # noqa: E402
+from kolm_ledger.dsse import Envelope, pae, parse_envelope  # noqa: E402
 from kolm_ledger.keys import init_keys  # noqa: E402
+from kolm_ledger.leaf import entry_leaf_hash, statement_digest  # noqa: E402
 from kolm_ledger.ledger import Ledger, chain_next  # noqa: E402
 from kolm_ledger.merkle import CompactRange, hash_leaf  # noqa: E402
 from kolm_ledger.receipts import sign_statement  # noqa: E402
@@ -84,29 +90,49 @@ def signed(keydir: Path, n: int, seed: int = 0) -> list[bytes]:
     return [sign_statement(s, key).to_bytes() for s in sample_statements("prediction", n, seed)]
 
 
-def ceiling(keydir: Path, envs: list[bytes]) -> float:
-    from kolm_ledger.dsse import Envelope
+def _parsed(envs: list[bytes]) -> list[tuple[Envelope, bytes]]:
+    """(envelope, canonical JSON) of each receipt, parsed before any clock runs."""
+    return [parse_envelope(e) for e in envs]
 
-    pub = PrivateKey.load(keydir / "infer.key").public_key()
-    parsed = [Envelope.from_bytes(e) for e in envs]
-    t = time.perf_counter()
-    for e in parsed:
+
+def _verify(pub, part: list[tuple[Envelope, bytes]]) -> None:
+    for e, _ in part:
         pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
+
+
+def _hashes(part: list[tuple[Envelope, bytes]], now_us: int) -> None:
+    """The rest of the per-entry crypto of log format v2: the leaf hash (the envelope and
+    its integration time) and the statement digest (one statement, one entry)."""
+    for e, canonical in part:
+        entry_leaf_hash(canonical, now_us)
+        statement_digest(e)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def ceiling(keydir: Path, envs: list[bytes]) -> float:
+    """One core: verify + v2 leaf hash + statement digest per receipt (pre-parsed), /s."""
+    pub = PrivateKey.load(keydir / "infer.key").public_key()
+    parsed = _parsed(envs)
+    t = time.perf_counter()
+    _verify(pub, parsed)
+    _hashes(parsed, _now_us())
     return len(parsed) / (time.perf_counter() - t)
 
 
 def ceiling_threads(keydir: Path, envs: list[bytes], threads: int) -> float:
-    """The ceiling with the verifies split over ``threads`` threads (GIL released)."""
+    """The ceiling's work split over ``threads`` threads (the verifies release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from kolm_ledger.dsse import Envelope
-
     pub = PrivateKey.load(keydir / "infer.key").public_key()
-    parsed = [Envelope.from_bytes(e) for e in envs]
+    parsed = _parsed(envs)
+    now_us = _now_us()
 
-    def run(part: list) -> None:
-        for e in part:
-            pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
+    def run(part: list[tuple[Envelope, bytes]]) -> None:
+        _verify(pub, part)
+        _hashes(part, now_us)
 
     with ThreadPoolExecutor(threads) as ex:
         t = time.perf_counter()
@@ -116,29 +142,32 @@ def ceiling_threads(keydir: Path, envs: list[bytes], threads: int) -> float:
 
 def paired(
     keydir: Path, envs: list[bytes], group: int, work: Callable[[int, int], object]
-) -> tuple[float, float]:
-    """(receipts/s of ``work``, paired one-core verify ceiling/s).
+) -> tuple[float, float, float]:
+    """(receipts/s of ``work``, paired one-core ceiling/s, paired one-core verify-only/s).
 
     The box is shared and its load drifts within seconds, so the ceiling is measured
-    paired with the work: before each group of ``group`` receipts one thread verifies
-    their signatures (pre-parsed, as in :func:`ceiling`), then ``work(lo, hi)`` handles
+    paired with the work: before each group of ``group`` receipts one thread does the
+    ceiling's per-entry crypto on them (pre-parsed, as in :func:`ceiling`: verify, then
+    the v2 leaf hash and statement digest, each timed), then ``work(lo, hi)`` handles
     ``envs[lo:hi]``; each side's time is summed over the groups.
     """
-    from kolm_ledger.dsse import Envelope
-
     pub = PrivateKey.load(keydir / "infer.key").public_key()
-    parsed = [Envelope.from_bytes(e) for e in envs]
-    t_work = t_ver = 0.0
+    parsed = _parsed(envs)
+    t_work = t_ver = t_hash = 0.0
     for lo in range(0, len(envs), group):
         hi = min(lo + group, len(envs))
+        part = parsed[lo:hi]
         t = time.perf_counter()
-        for e in parsed[lo:hi]:
-            pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
-        t_ver += time.perf_counter() - t
-        t = time.perf_counter()
+        _verify(pub, part)
+        t2 = time.perf_counter()
+        _hashes(part, _now_us())
+        t3 = time.perf_counter()
+        t_ver += t2 - t
+        t_hash += t3 - t2
         work(lo, hi)
-        t_work += time.perf_counter() - t
-    return len(envs) / t_work, len(envs) / t_ver
+        t_work += time.perf_counter() - t3
+    n = len(envs)
+    return n / t_work, n / (t_ver + t_hash), n / t_ver
 
 
 def inproc_append(
@@ -150,9 +179,9 @@ def inproc_append(
     threads: int = 1,
     pipeline: bool = True,
     processes: int = 0,
-) -> tuple[float, float]:
-    """(append receipts/s, paired one-core verify ceiling/s), groups of one batch or 100
-    appends of batch 1 (:func:`paired`)."""
+) -> tuple[float, float, float]:
+    """(append receipts/s, paired ceiling/s, paired verify-only/s), groups of one batch or
+    100 appends of batch 1 (:func:`paired`)."""
     ledger = Ledger(
         Store(url),
         trust,
@@ -176,33 +205,34 @@ def inproc_append(
 
 def bare_loop(
     path: Path, keydir: Path, envs: list[bytes], batch: int = 1000
-) -> tuple[float, float]:
-    """(receipts/s, paired one-core verify ceiling/s) of the issue's reference loop.
+) -> tuple[float, float, float]:
+    """(receipts/s, paired ceiling/s, paired verify-only/s) of the issue's reference loop.
 
-    Parse the envelope, verify its signature, hash it, insert one row (index, leaf hash,
-    envelope) into a WAL SQLite table, one ``synchronous=FULL`` commit per ``batch``:
-    no statement parse, no trust checks, no chain, tree, subjects, extra indexes or
-    checkpoint. It shows how much of the gap to the ceiling is the ledger's own work.
+    Parse the envelope, verify its signature, hash the v2 leaf (envelope + integration
+    time) and the statement digest, insert one row (index, leaf hash, statement digest
+    with a unique index, envelope) into a WAL SQLite table, one ``synchronous=FULL``
+    commit per ``batch``: no statement parse, no trust checks, no chain, tree, subjects,
+    other indexes or checkpoint. It shows how much of the gap to the ceiling is the
+    ledger's own work.
     """
-    import hashlib
     import sqlite3
-
-    from kolm_ledger.dsse import Envelope
 
     pub = PrivateKey.load(keydir / "infer.key").public_key()
     c = sqlite3.connect(path, isolation_level=None)
     c.execute("PRAGMA journal_mode=WAL")
     c.execute("PRAGMA synchronous=FULL")
-    c.execute("CREATE TABLE e (idx INTEGER PRIMARY KEY, leaf BLOB UNIQUE, env BLOB)")
+    c.execute("CREATE TABLE e (idx INTEGER PRIMARY KEY, leaf BLOB, digest BLOB UNIQUE, env BLOB)")
 
     def work(lo: int, hi: int) -> None:
         rows = []
+        now_us = _now_us()
         for i in range(lo, hi):
-            e = Envelope.from_bytes(envs[i])
+            e, canonical = parse_envelope(envs[i])
             pub.verify(e.signatures[0].sig, pae(e.payload_type, e.payload))
-            rows.append((i, hashlib.sha256(b"\x00" + envs[i]).digest(), envs[i]))
+            leaf = entry_leaf_hash(canonical, now_us)
+            rows.append((i, leaf, statement_digest(e), canonical))
         c.execute("BEGIN")
-        c.executemany("INSERT INTO e VALUES (?, ?, ?)", rows)
+        c.executemany("INSERT INTO e VALUES (?, ?, ?, ?)", rows)
         c.execute("COMMIT")
 
     try:
@@ -407,16 +437,21 @@ def main() -> int:
     envs = signed(keydir, n)
     rows: list[tuple[str, str, str]] = []
 
-    def row(what: str, value: str, ratio: str = "") -> None:
+    def row(what: str, value: str, ratio: str = "", verify: str = "") -> None:
         rows.append((what, value, ratio))
-        print(f"{what:62} {value:>16} {ratio:>10}", flush=True)
+        print(f"{what:62} {value:>16} {ratio:>10} {verify:>7}", flush=True)
 
+    print(f"{'':62} {'':>16} {'ratio':>10} {'verify':>7}")
     ceil = ceiling(keydir, envs)
-    row("ceiling: ECDSA P-256 DSSE verify, one core", f"{ceil:,.0f}/s", "1.00")
-    r, c = bare_loop(work / "bare.db", keydir, envs)
+    row("ceiling: verify + v2 leaf hash + statement digest, one core", f"{ceil:,.0f}/s", "1.00")
+    r, c, v = bare_loop(work / "bare.db", keydir, envs)
     row(
-        "reference: bare parse + verify + hash + insert loop, SQLite", f"{r:,.0f}/s", f"{r / c:.2f}"
+        "reference: bare parse + verify + hashes + insert loop, SQLite",
+        f"{r:,.0f}/s",
+        f"{r / c:.2f}",
+        f"{r / v:.2f}",
     )
+    row("  (paired ceiling / verify alone, same loop)", f"{c:,.0f}/s", f"{c / v:.2f}")
     engines = [("sqlite", lambda tag: f"sqlite:///{work / f'{tag}.db'}")]
     if not a.skip_postgres:
         engines.append(("postgresql", lambda tag: pg_db(f"kolm_bench_{tag}")))
@@ -437,7 +472,7 @@ def main() -> int:
             db = url(f"{eng}_b{batch}_t{threads}p{procs}{'' if pipe else 'np'}")
             if eng == "postgresql":
                 pg_settle()
-            r, c = inproc_append(
+            r, c, v = inproc_append(
                 db, trust, keydir, envs[:count], batch, max(threads, 1), pipe, procs
             )
             if procs:
@@ -449,20 +484,21 @@ def main() -> int:
                 what = f"  same, verify on {threads} threads, then sequence (no pipeline)"
             else:
                 what = f"  same, verify on {threads} threads pipelined with sequencing"
-            row(what, f"{r:,.0f}/s", f"{r / c:.2f}")
+            row(what, f"{r:,.0f}/s", f"{r / c:.2f}", f"{r / v:.2f}")
             if threads > 1 and pipe:
                 c0 = ceiling(keydir, ceil_sample)
                 ct = ceiling_threads(keydir, ceil_sample, threads)
                 row(
-                    f"  ({threads}-thread verify ceiling {ct:,.0f}/s = {ct / c0:.2f} x one core)",
+                    f"  ({threads}-thread ceiling {ct:,.0f}/s = {ct / c0:.2f} x one core)",
                     "",
                     f"{r / ct:.2f}",
                 )
     if a.append_only:
         print(
-            "\n(ratios: each append row vs a one-core verify ceiling measured paired with "
-            "it, group by group; the N-thread row's second ratio is vs the N-thread "
-            "verify ceiling)"
+            "\n(ratio: each append row vs a one-core ceiling (verify + v2 leaf hash + "
+            "statement digest) measured paired with it, group by group; verify: vs the "
+            "verify alone in the same loop, as in the records before 2026-12-03; the "
+            "N-thread row's second ratio is vs the N-thread ceiling)"
         )
         shutil.rmtree(work, ignore_errors=True)
         return 0
@@ -534,8 +570,9 @@ def main() -> int:
             proc.terminate()
             proc.wait(30)
     print(
-        "\n(ratios: append rows vs a one-core verify ceiling measured paired with each row; "
-        "gRPC rows vs the best in-process append on the same engine)"
+        "\n(ratio: append rows vs a one-core ceiling (verify + v2 leaf hash + statement "
+        "digest) measured paired with each row; verify: vs the verify alone in the same "
+        "loop; gRPC rows vs the best in-process append on the same engine)"
     )
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -4,6 +4,7 @@ Run::
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_recall.py            # everything
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_recall.py --sizes 10000 --no-real --no-predict
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_recall.py --quick     # smoke run (2k, 50 queries)
 
 Prints, per corpus: index build time and size, per-query latency p50/p99 of
 ``RecallIndex.search`` (one query per call, k=10) next to an exact numpy brute-force
@@ -271,7 +272,15 @@ def main() -> int:
     ap.add_argument(
         "--no-service", action="store_true", help="skip the end-to-end inference service run"
     )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (what `bench/run.py --quick` passes): --sizes 2000 --queries 50, "
+        "2,000 Banking77 texts for the real corpus",
+    )
     a = ap.parse_args()
+    if a.quick:
+        a.sizes, a.queries = [2000], 50
     if not (a.no_real and a.no_predict and a.no_service):
         require("bench_recall.py (or pass --no-real --no-predict --no-service)")
     rng = np.random.default_rng(0)
@@ -292,7 +301,7 @@ def main() -> int:
         if not a.no_real:
             from kolm_compile._train import embed_texts
 
-            texts = banking("train", 10_000)
+            texts = banking("train", 2000 if a.quick else 10_000)
             t0 = time.perf_counter()
             vecs = embed_texts(texts)
             emb_s = time.perf_counter() - t0
