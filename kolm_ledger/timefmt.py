@@ -124,14 +124,16 @@ def check_receipt_time(
     at the time the receipt claims) or :class:`StatementFormatError` (``INVALID_ARGUMENT``:
     a time from the future), naming the bound broken.
     """
-    from .keys import format_time  # keys imports this module
-
     if t < not_before:
+        from .keys import format_time  # keys imports this module; only to name a failure
+
         raise KeyValidityError(
             f"statement.predicate.time {format_time(t)} is before its key's not_before "
             f"{format_time(not_before)}"
         )
     if t - integrated_at > skew:  # (not integrated_at + skew: that may leave year 9999)
+        from .keys import format_time
+
         raise StatementFormatError(
             f"statement.predicate.time {format_time(t)} is later than its integration time "
             f"{format_time(integrated_at)} plus the allowed skew of "
