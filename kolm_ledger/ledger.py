@@ -263,8 +263,8 @@ class Ledger:
                 raise ConflictError("the log holds key receipts but no signed checkpoint")
             try:
                 cp = verify_checkpoint(last.note, self.trust.root, origin=self.origin).checkpoint
-            except KolmError as e:
-                raise ConflictError(f"its newest checkpoint (size {last.size}): {e}") from e
+            except KolmError as bad:
+                raise ConflictError(f"its newest checkpoint (size {last.size}): {bad}") from bad
 
             def proof(i: int) -> list[bytes]:
                 if tx is not None:
