@@ -119,6 +119,17 @@ def digest_hex(obj: Any) -> str:
     return sha256_hex(canonical_json(obj))
 
 
+def _utf8(data: bytes, what: str, error: type[FormatError]) -> str:
+    """``data`` decoded as strict UTF-8; ``error`` names the first bad byte otherwise."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(
+            f"{what} is not valid UTF-8: byte {e.start} ({data[e.start : e.start + 1]!r}): "
+            f"{e.reason}"
+        ) from e
+
+
 def strict_loads(data: bytes, what: str = "JSON", error: type[FormatError] = FormatError) -> Any:
     """Parse ``data``, which must be exactly the RFC 8785 form of the value it holds.
 
@@ -135,13 +146,7 @@ def strict_loads(data: bytes, what: str = "JSON", error: type[FormatError] = For
     diagnosis that names the fault runs only for refused input. Raises ``error`` (a
     :class:`FormatError`) whose message starts with ``what`` and names the fault.
     """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise error(
-            f"{what} is not valid UTF-8: byte {e.start} ({data[e.start : e.start + 1]!r}): "
-            f"{e.reason}"
-        ) from e
+    text = _utf8(data, what, error)
     try:
         obj = _DECODER.decode(text)
     except _Slow:
@@ -254,13 +259,7 @@ def parse_json(data: bytes, what: str = "JSON", error: type[FormatError] = Forma
     returns :func:`canonical_json` can always encode; signed JSON is read with
     :func:`strict_loads`, which also requires the canonical form.
     """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise error(
-            f"{what} is not valid UTF-8: byte {e.start} ({data[e.start : e.start + 1]!r}): "
-            f"{e.reason}"
-        ) from e
+    text = _utf8(data, what, error)
     try:
         obj = json.loads(
             text,
