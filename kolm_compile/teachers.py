@@ -389,21 +389,30 @@ class BaseTeacher:
         on_error: Callable[[int, InputRejected], None] | None = None,
     ) -> list[list[TeacherSample]]:
         """Samples for each request, in order (sequentially here)."""
-        out: list[list[TeacherSample]] = []
-        for i, r in enumerate(requests):
-            try:
-                samples = self.sample(
-                    r.prompt_id, r.input_text, r.k, task, first_index=r.first_index
-                )
-            except InputRejected as e:
-                if on_error is None:
-                    raise
-                on_error(i, e)
-                samples = []
-            if on_result is not None:
-                on_result(i, samples)
-            out.append(samples)
-        return out
+        return [
+            self._sample_request(i, r, task, on_result, on_error) for i, r in enumerate(requests)
+        ]
+
+    def _sample_request(
+        self,
+        i: int,
+        r: SampleRequest,
+        task: TaskSpec,
+        on_result: Callable[[int, list[TeacherSample]], None] | None,
+        on_error: Callable[[int, InputRejected], None] | None,
+    ) -> list[TeacherSample]:
+        """One request of :meth:`sample_many`: its samples, or ``[]`` once a rejected
+        input went to ``on_error`` (re-raised without one); ``on_result`` sees either."""
+        try:
+            samples = self.sample(r.prompt_id, r.input_text, r.k, task, first_index=r.first_index)
+        except InputRejected as e:
+            if on_error is None:
+                raise
+            on_error(i, e)
+            samples = []
+        if on_result is not None:
+            on_result(i, samples)
+        return samples
 
     def close(self) -> None:
         """Release resources (connections, models)."""
@@ -641,19 +650,7 @@ class OpenAITeacher(BaseTeacher):
             return []
 
         def run(i: int) -> list[TeacherSample]:
-            r = requests[i]
-            try:
-                samples = self.sample(
-                    r.prompt_id, r.input_text, r.k, task, first_index=r.first_index
-                )
-            except InputRejected as e:
-                if on_error is None:
-                    raise
-                on_error(i, e)
-                return []
-            if on_result is not None:
-                on_result(i, samples)
-            return samples
+            return self._sample_request(i, requests[i], task, on_result, on_error)
 
         pool = ThreadPoolExecutor(min(self._concurrency, len(requests)), "kolm-teacher")
         try:
