@@ -58,8 +58,8 @@ from kolm_ledger.client import AppendResult, AsyncLedgerClient
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import InvalidInput, KolmError, StorageError, UnavailableError
 from kolm_ledger.leaf import statement_digest
+from kolm_ledger.promise import Promise
 from kolm_ledger.receipts import prediction_statement, sign_statement
-from kolm_ledger.sequencer import Promise
 from kolm_ledger.verify import SALT_BYTES, input_commitment
 
 __all__ = [

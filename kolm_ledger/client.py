@@ -28,9 +28,9 @@ from .bundle import Bundle
 from .checkpoint import SignedCheckpoint
 from .dsse import Envelope
 from .errors import BackpressureError, KolmError, UnavailableError
+from .promise import Promise
 from .provenance import Provenance
 from .rpc import error_from_rpc
-from .sequencer import Promise
 from .storage import Entry, micros
 from .storage.repository import from_micros
 

@@ -35,7 +35,6 @@ A promise is the log's Ed25519 signature over::
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections import deque
@@ -44,11 +43,12 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from ._crypto import PrivateKey, PublicKey
+from ._crypto import PrivateKey
 from .checkpoint import SignedCheckpoint
-from .errors import BackpressureError, KolmError, SignatureError, UnavailableError
+from .errors import BackpressureError, KolmError, UnavailableError
 from .ledger import Appended, Ledger, Validated
 from .note import NoteSigner
+from .promise import Promise, promise_message, verify_promise
 from .storage import micros
 
 __all__ = ["Promise", "Sequencer", "promise_message", "verify_promise"]
@@ -72,36 +72,6 @@ APPEND_SECONDS = Histogram(
     "From submit to acknowledged (covered by a checkpoint)",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
 )
-
-
-def promise_message(origin: str, index: int, leaf_hash: bytes, integrated_us: int) -> bytes:
-    """The bytes a signed promise covers."""
-    return (
-        f"kolm.promise/v1\n{origin}\n{index}\n{base64.b64encode(leaf_hash).decode()}\n"
-        f"{integrated_us}\n"
-    ).encode()
-
-
-@dataclass(frozen=True)
-class Promise:
-    """The log's signed promise to include an entry."""
-
-    origin: str
-    index: int
-    leaf_hash: bytes
-    integrated_time_us: int
-    key_id: str
-    signature: bytes
-
-
-def verify_promise(p: Promise, log_key: PublicKey) -> None:
-    """Verify a promise against the log's public key; raises :class:`SignatureError`."""
-    try:
-        log_key.verify(
-            p.signature, promise_message(p.origin, p.index, p.leaf_hash, p.integrated_time_us)
-        )
-    except SignatureError as e:
-        raise SignatureError(f"signed promise for index {p.index} does not verify") from e
 
 
 _Outcome = tuple[Appended, Promise, SignedCheckpoint | None] | BaseException
