@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(f"salt {r.salt.hex()}  (keep it: it opens the input commitment)", file=sys.stderr)
+    if a.salt_out:
+        _write_private(a.salt_out, r.salt.hex() + "\n")
+        print(f"wrote the salt to {a.salt_out}", file=sys.stderr)
     if r.evidence:
         print(f"evidence (corpus root {r.corpus_root[:16]}…):", file=sys.stderr)
         for e in r.evidence:
@@ -121,20 +125,28 @@ def cmd_predict(a: argparse.Namespace) -> int:
         else:
             obj: dict[str, Any] = {"envelope": json.loads(r.envelope)}
             if kind == "promise":
+                from kolm_ledger.promise import Promise
+
                 p = r.promise
-                obj["promise"] = {
-                    "origin": p.origin,
-                    "index": p.index,
-                    "leaf_hash": p.leaf_hash.hex(),
-                    "integrated_time_us": p.integrated_time_us,
-                    "key_id": p.key_id,
-                    "signature": p.signature.hex(),
-                }
+                obj["promise"] = Promise(
+                    p.origin, p.index, p.leaf_hash, p.integrated_time_us, p.key_id, p.signature
+                ).to_json()
             else:
                 obj["spooled"] = True
             Path(a.out).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         print(f"wrote {a.out} ({kind})", file=sys.stderr)
     return 0
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600): the salt opens the input
+    commitment, so whoever holds it and the receipt can test guesses of the input."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise InvalidInput(f"--salt-out {path}: {e.strerror}") from e
 
 
 def register(sub: Any) -> None:
@@ -198,6 +210,11 @@ def register(sub: Any) -> None:
     p.add_argument("--artifact", required=True, help="artifact name or digest")
     p.add_argument("--out", help="write the receipt bundle (--wait) or the promise here")
     p.add_argument("--wait", action="store_true", help="wait for inclusion: get the bundle")
+    p.add_argument(
+        "--salt-out",
+        help="write the input commitment's salt (hex) here, mode 0600: with the input it "
+        "opens the commitment (kolm verify --input FILE --salt HEX)",
+    )
     p.add_argument(
         "--recall-k",
         type=int,

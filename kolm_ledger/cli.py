@@ -138,6 +138,110 @@ def cover_line(cover: Any, gate: Any) -> str:
     return line
 
 
+class _PendingReceipt:
+    """A receipt file that is not yet a bundle: what ``kolm predict --out`` writes without
+    ``--wait`` — a *promise* (the envelope and the log's signed promise to include it) or a
+    *spooled* receipt (the envelope only, the ledger was down). ``kolm verify --ledger``
+    fetches its entry (by the promise's leaf hash, or by the envelope's statement digest),
+    demands that the log holds exactly this envelope, and checks that the log kept its
+    signed promise (same origin, index, leaf hash and integration time)."""
+
+    def __init__(self, envelope: Any, promise: Any, path: str) -> None:
+        self.envelope = envelope
+        self.promise = promise
+        self.path = path
+        self.what = "promise" if promise is not None else "spooled receipt"
+
+    def fetch(self, client: Any, trust: Any, ledger: str) -> Any:
+        from .leaf import statement_digest
+        from .note import key_id
+        from .promise import verify_promise
+
+        p = self.promise
+        try:
+            if p is not None:
+                bundle = client.bundle(leaf_hash=p.leaf_hash)
+            else:
+                bundle = client.bundle(statement_digest=statement_digest(self.envelope))
+        except KolmError as e:
+            raise _at(
+                1,
+                f"the ledger at {ledger} has no entry for this {self.what} "
+                f"({'leaf hash ' + p.leaf_hash.hex()[:16] if p is not None else 'statement'}…): "
+                f"{e}",
+            ) from e
+        if bundle.envelope != self.envelope:
+            raise _at(1, f"the ledger's entry does not hold the envelope in {self.path}")
+        if p is not None:
+            logs = [
+                k
+                for k in trust.log_keys(p.origin)
+                if key_id(p.origin, k.public_key).hex() == p.key_id
+            ]
+            if not logs:
+                raise _at(
+                    3,
+                    f"promise key {p.key_id[:16]!r} for origin {p.origin[:60]!r} is not a log "
+                    "key in the trust root",
+                )
+            try:
+                verify_promise(p, logs[0].public_key)
+            except KolmError as e:
+                raise _at(3, str(e)) from e
+        return bundle
+
+    def check_kept(self, v: Any, bundle: Any) -> None:
+        p = self.promise
+        if p is None:
+            return
+        got = (v.checkpoint.origin, v.index, bundle.integrated_time)
+        want = (p.origin, p.index, p.integrated_time_us)
+        if got != want:
+            raise _at(
+                7,
+                f"the log broke its signed promise: it promised origin/index/time {want}, "
+                f"the entry is at {got}",
+            )
+
+
+def _at(step: int, msg: str) -> VerificationError:
+    err = VerificationError(msg)
+    err.step = step
+    return err
+
+
+def _pending_receipt(data: bytes, path: str) -> _PendingReceipt | None:
+    """Recognise a promise or spooled-receipt file; ``None`` for anything else (a bundle,
+    or bytes that step 1 of the bundle check will name)."""
+    from .canonical import parse_json
+    from .dsse import Envelope
+    from .errors import BundleFormatError
+    from .promise import Promise
+
+    try:
+        obj = parse_json(data)
+    except Exception:  # not JSON: the bundle parser names it at step 1
+        return None
+    if not isinstance(obj, dict) or "tlog_proof" in obj:
+        return None
+    if "promise" not in obj and obj.get("spooled") is not True:
+        return None
+    extra = set(obj) - {"envelope", "promise", "spooled"}
+    if extra:
+        raise BundleFormatError(f"{path}: unknown field(s) {', '.join(sorted(extra))}")
+    try:
+        envelope = Envelope.from_json(obj.get("envelope"))
+    except KolmError as e:
+        raise _at(1, f"{path}: envelope: {e}") from e
+    if "promise" not in obj:
+        return _PendingReceipt(envelope, None, path)
+    try:
+        promise = Promise.from_json(obj["promise"], f"{path}: promise")
+    except KolmError as e:
+        raise _at(1, str(e)) from e
+    return _PendingReceipt(envelope, promise, path)
+
+
 def cmd_verify(a: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .errors import BundleFormatError
@@ -164,8 +268,19 @@ def cmd_verify(a: argparse.Namespace) -> int:
                 raise BundleFormatError(f"cannot read bundle {a.bundle}: {e.strerror}") from e
             if (a.index is not None) or a.leaf_hash:
                 raise KolmError("give a BUNDLE file or --index/--leaf-hash, not both")
-            v = verify_bundle_bytes(data, trust, **witnesses, max_time_skew=_skew(a))
-            bundle = Bundle.from_bytes(data)
+            pending = _pending_receipt(data, a.bundle)
+            if pending is None:
+                v = verify_bundle_bytes(data, trust, **witnesses, max_time_skew=_skew(a))
+                bundle = Bundle.from_bytes(data)
+            else:
+                if client is None:
+                    raise KolmError(
+                        f"{a.bundle} is a {pending.what}, not a bundle: give --ledger HOST:PORT "
+                        "to fetch its entry and proofs from the log"
+                    )
+                bundle = pending.fetch(client, trust, a.ledger)
+                v = verify_bundle(bundle, trust, **witnesses, max_time_skew=_skew(a))
+                pending.check_kept(v, bundle)
         elif client is not None:
             if (a.index is None) == (a.leaf_hash is None):
                 raise KolmError("with --ledger give exactly one of --index or --leaf-hash")
@@ -175,8 +290,15 @@ def cmd_verify(a: argparse.Namespace) -> int:
             v = verify_bundle(bundle, trust, **witnesses, max_time_skew=_skew(a))
         else:
             raise KolmError("give a BUNDLE file or --ledger HOST:PORT with --index/--leaf-hash")
+        if a.salt_file is not None:
+            if a.salt is not None:
+                raise KolmError("give --salt or --salt-file, not both")
+            try:
+                a.salt = Path(a.salt_file).read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise KolmError(f"cannot read --salt-file {a.salt_file}: {e}") from e
         if (a.input is None) != (a.salt is None):
-            raise KolmError("give --input and --salt together")
+            raise KolmError("give --input and --salt (or --salt-file) together")
         if v.kind != "prediction":
             if a.input is not None:
                 raise KolmError(f"--input/--salt apply to prediction receipts, not {v.kind!r}")
@@ -780,14 +902,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     lv.add_argument("--trust", required=True)
     lv.set_defaults(func=cmd_ledger_vkey)
 
-    v = sub.add_parser("verify", help="verify an offline receipt bundle")
-    v.add_argument("bundle", nargs="?")
+    v = sub.add_parser(
+        "verify",
+        help="verify an offline receipt bundle (or, with --ledger, a promise or spooled receipt)",
+    )
+    v.add_argument(
+        "bundle",
+        nargs="?",
+        help="a bundle file; or a promise / spooled-receipt file written by kolm predict --out "
+        "without --wait (needs --ledger: its entry is fetched and the promise checked)",
+    )
     v.add_argument("--trust", required=True)
     v.add_argument("--ledger", help="fetch the bundle from this ledger (HOST:PORT)")
     v.add_argument("--index", type=int)
     v.add_argument("--leaf-hash", help="hex leaf hash")
     v.add_argument("--input", help="prediction: a file holding the input text, to check")
     v.add_argument("--salt", help="prediction: the hex salt returned with the answer")
+    v.add_argument("--salt-file", help="prediction: a file holding it (kolm predict --salt-out)")
     v.add_argument(
         "--artifact",
         help="prediction: the .kolm it names; checks cited recall chunks against its index",
