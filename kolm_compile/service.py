@@ -44,7 +44,7 @@ from typing import Any
 import grpc
 
 from kolm_ledger import rpc
-from kolm_ledger.authz import AuthzInterceptor
+from kolm_ledger.authz import ALL_ROLES, AuthzInterceptor, Policy
 from kolm_ledger.errors import (
     ConflictError,
     InvalidInput,
@@ -68,6 +68,7 @@ from .sinks import ReceiptSink
 from .spec import TaskSpec, load_spec_text
 
 __all__ = [
+    "COMPILE_POLICY",
     "FINAL_STATES",
     "Artifact",
     "Caller",
@@ -86,6 +87,19 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Compile"].full_name
 MAX_MESSAGE = 16 * 1024 * 1024
 CHUNK = 1024 * 1024
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+#: Which client roles may call each method of this service (kolm_ledger.authz: the
+#: mechanism; an unlisted method is refused, an admin may call every one)
+COMPILE_POLICY: Policy = {
+    SERVICE_NAME: {
+        "SubmitJob": frozenset({"admin", "compile"}),
+        "UploadDataset": frozenset({"admin", "compile"}),
+        "CancelJob": frozenset({"admin", "compile"}),
+        "WatchJob": ALL_ROLES,
+        "GetJob": ALL_ROLES,
+        "ListArtifacts": ALL_ROLES,
+        "FetchArtifact": frozenset({"admin", "compile", "infer", "auditor"}),
+    },
+}
 #: the pseudo-stage of events that report a change of the job's state
 JOB_STAGE = "job"
 
@@ -698,7 +712,7 @@ async def start(
     """
     if authorize is None:
         authorize = credentials is not None
-    server = rpc.new_server([*([AuthzInterceptor()] if authorize else []), *interceptors])
+    server = rpc.new_server([*([AuthzInterceptor(COMPILE_POLICY)] if authorize else []), *interceptors])
     pb_grpc.add_CompileServicer_to_server(CompileServicer(runner), server)
     port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])
     runner.start()

@@ -42,7 +42,7 @@ from prometheus_client import start_http_server
 
 from kolm_ledger import rpc
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.authz import AuthzInterceptor
+from kolm_ledger.authz import ALL_ROLES, AuthzInterceptor, Policy
 from kolm_ledger.client import AsyncLedgerClient, LedgerClient
 from kolm_ledger.errors import InvalidInput
 from kolm_ledger.keys import TrustRoot
@@ -62,12 +62,23 @@ from .receipts import (
 )
 from .revocation import DEFAULT_KEY_POLL_S, KeyFollower
 
-__all__ = ["InferenceServer", "InferenceServicer", "serve", "start"]
+__all__ = ["INFER_POLICY", "InferenceServer", "InferenceServicer", "serve", "start"]
 
 log = logging.getLogger("kolm.infer")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 MAX_MESSAGE = 64 * 1024 * 1024
 MAX_INPUT_CHARS = 16_384
+#: Which client roles may call each method of this service (kolm_ledger.authz: the
+#: mechanism; an unlisted method is refused, an admin may call every one)
+INFER_POLICY: Policy = {
+    SERVICE_NAME: {
+        "LoadArtifact": frozenset({"admin", "infer"}),
+        "UnloadArtifact": frozenset({"admin", "infer"}),
+        "Predict": frozenset({"admin", "infer"}),
+        "PredictStream": frozenset({"admin", "infer"}),
+        "ListArtifacts": ALL_ROLES,
+    },
+}
 
 
 def artifact_pb(a: LoadedArtifact) -> pb.ArtifactInfo:
@@ -397,7 +408,7 @@ async def start(
         interval_s=key_poll_s,
         on_untrusted=not_serving,  # key receipts that do not prove: fail closed
     )
-    server = rpc.new_server([*([AuthzInterceptor()] if credentials else []), *interceptors])
+    server = rpc.new_server([*([AuthzInterceptor(INFER_POLICY)] if credentials else []), *interceptors])
     pb_grpc.add_InferenceServicer_to_server(
         InferenceServicer(engine, writer, infer_key, output_policy=output_policy, keys=keys),
         server,

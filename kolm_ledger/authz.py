@@ -1,10 +1,14 @@
 """Authorization of gRPC calls by client role (read from the mTLS client certificate).
 
-One policy table, :data:`POLICY`, says which roles may call each method of each kolm
-service; anything not listed is refused (default deny). Health checking and reflection
-are open to every authenticated client. The ledger's appends need one more check that
-depends on the receipt, done in the servicer after validation by
-:func:`authorize_append` against :data:`APPEND_KINDS`:
+This module is the mechanism; each service declares its own table. A :data:`Policy`
+says which roles may call each method of a service; anything not listed is refused
+(default deny). The ledger's is :data:`LEDGER_POLICY` here; the compile and inference
+services declare theirs beside their servicers (``kolm_compile.service.COMPILE_POLICY``,
+``kolm_infer.service.INFER_POLICY``) and hand it to :class:`AuthzInterceptor`, so a new
+RPC of theirs never touches ``kolm_ledger``. Health checking and reflection are open to
+every authenticated client. The ledger's appends need one more check that depends on the
+receipt, done in the servicer after validation by :func:`authorize_append` against
+:data:`APPEND_KINDS`:
 
 =========  ===============================================  ==========================
 role       may call                                         may append
@@ -37,21 +41,28 @@ from .errors import RoleError
 from .tls import CLIENT_ROLES, role_of
 
 __all__ = [
+    "ALL_ROLES",
     "APPEND_KINDS",
+    "LEDGER_POLICY",
     "OPEN_SERVICES",
-    "POLICY",
     "AuthzInterceptor",
+    "Policy",
     "allowed",
     "authorize_append",
     "authorize_call",
 ]
 
-_ALL = frozenset(CLIENT_ROLES)
-_LEDGER_READ = _ALL
+#: Every client role (a method open to all of them lists this).
+ALL_ROLES: frozenset[str] = frozenset(CLIENT_ROLES)
+_LEDGER_READ = ALL_ROLES
 _LEDGER_WRITE = frozenset({"admin", "compile", "infer"})
 
-#: service full name → method → roles that may call it. Missing: refused.
-POLICY: Mapping[str, Mapping[str, frozenset[str]]] = {
+#: A service's method policy: service full name → method → roles that may call it.
+#: Missing: refused.
+Policy = Mapping[str, Mapping[str, frozenset[str]]]
+
+#: The ledger service's methods.
+LEDGER_POLICY: Policy = {
     "kolm.ledger.v1.Ledger": {
         "Append": _LEDGER_WRITE,
         "AppendStream": _LEDGER_WRITE,
@@ -62,22 +73,6 @@ POLICY: Mapping[str, Mapping[str, frozenset[str]]] = {
         "FindEntries": _LEDGER_READ,
         "GetReceiptBundle": _LEDGER_READ,
         "GetProvenance": _LEDGER_READ,
-    },
-    "kolm.compile.v1.Compile": {
-        "SubmitJob": frozenset({"admin", "compile"}),
-        "UploadDataset": frozenset({"admin", "compile"}),
-        "CancelJob": frozenset({"admin", "compile"}),
-        "WatchJob": _ALL,
-        "GetJob": _ALL,
-        "ListArtifacts": _ALL,
-        "FetchArtifact": frozenset({"admin", "compile", "infer", "auditor"}),
-    },
-    "kolm.infer.v1.Inference": {
-        "LoadArtifact": frozenset({"admin", "infer"}),
-        "UnloadArtifact": frozenset({"admin", "infer"}),
-        "Predict": frozenset({"admin", "infer"}),
-        "PredictStream": frozenset({"admin", "infer"}),
-        "ListArtifacts": _ALL,
     },
 }
 
@@ -104,21 +99,22 @@ def _split(method: str) -> tuple[str, str]:
     return service, name
 
 
-def allowed(role: str, method: str) -> bool:
-    """Whether ``role`` may call the full method name ``/package.Service/Method``."""
+def allowed(role: str, method: str, policy: Policy = LEDGER_POLICY) -> bool:
+    """Whether ``role`` may call the full method name ``/package.Service/Method`` under
+    ``policy`` (an ``admin`` may call every method of a service the policy names)."""
     service, name = _split(method)
-    if role not in _ALL:
+    if role not in ALL_ROLES:
         return False
     if service in OPEN_SERVICES:
         return True
-    if role == "admin" and service in POLICY:
+    if role == "admin" and service in policy:
         return True
-    return role in POLICY.get(service, {}).get(name, frozenset())
+    return role in policy.get(service, {}).get(name, frozenset())
 
 
-def authorize_call(role: str, method: str) -> None:
-    """Raise :class:`RoleError` unless ``role`` may call ``method``."""
-    if not allowed(role, method):
+def authorize_call(role: str, method: str, policy: Policy = LEDGER_POLICY) -> None:
+    """Raise :class:`RoleError` unless ``role`` may call ``method`` under ``policy``."""
+    if not allowed(role, method, policy):
         raise RoleError(f"role {role!r} may not call {method.lstrip('/')}")
 
 
@@ -137,12 +133,12 @@ async def _deny(context: grpc.aio.ServicerContext, e: RoleError) -> None:
     await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
 
 
-def _check(context: Any, method: str) -> RoleError | None:
+def _check(context: Any, method: str, policy: Policy) -> RoleError | None:
     try:
         role = role_of(context)
         if role is None:
             raise RoleError(f"{method.lstrip('/')} needs a client certificate with a kolm role")
-        authorize_call(role, method)
+        authorize_call(role, method, policy)
     except RoleError as e:
         return e
     return None
@@ -151,9 +147,14 @@ def _check(context: Any, method: str) -> RoleError | None:
 class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses calls whose client role may not call the method (``PERMISSION_DENIED``).
 
-    Install it only on a TLS server that requires client certificates: the role comes
-    from the verified peer certificate, and a call without one is refused.
+    ``policy`` is the serving service's own table (:data:`LEDGER_POLICY`, or the one its
+    package declares). Install it only on a TLS server that requires client
+    certificates: the role comes from the verified peer certificate, and a call without
+    one is refused.
     """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
 
     async def intercept_service(
         self,
@@ -164,10 +165,11 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method: str = handler_call_details.method
+        policy = self.policy
 
         def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                err = _check(context, method)
+                err = _check(context, method, policy)
                 if err is not None:
                     await _deny(context, err)
                 return await fn(request, context)
@@ -176,7 +178,7 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def stream(fn: Callable[..., Any]) -> Callable[..., Any]:
             async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                err = _check(context, method)
+                err = _check(context, method, policy)
                 if err is not None:
                     await _deny(context, err)
                 async for item in fn(request, context):

@@ -21,7 +21,7 @@ from . import rpc
 from ._crypto import PrivateKey
 from ._pb import ledger_pb2 as pb
 from ._pb import ledger_pb2_grpc as pb_grpc
-from .authz import AuthzInterceptor, authorize_append
+from .authz import LEDGER_POLICY, AuthzInterceptor, authorize_append
 from .checkpoint import SignedCheckpoint
 from .errors import InvalidInput, KolmError, NotFoundError, UnavailableError, UnknownKeyError
 from .keys import TrustRoot
@@ -518,7 +518,7 @@ async def start(
         ledger, log_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
     )
     seq.start()
-    server = rpc.new_server([*([AuthzInterceptor()] if authorize else []), *interceptors])
+    server = rpc.new_server([*([AuthzInterceptor(LEDGER_POLICY)] if authorize else []), *interceptors])
     servicer = LedgerServicer(ledger, seq, authorize=authorize)
     pb_grpc.add_LedgerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])

@@ -21,7 +21,13 @@ from test_ledger_service import Keys, ThreadedServer, keys, sample_env  # noqa: 
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
-from kolm_ledger.authz import APPEND_KINDS, POLICY, allowed, authorize_append, authorize_call
+from kolm_ledger.authz import (
+    APPEND_KINDS,
+    LEDGER_POLICY,
+    allowed,
+    authorize_append,
+    authorize_call,
+)
 from kolm_ledger.client import LedgerClient
 from kolm_ledger.errors import RoleError
 from kolm_ledger.receipts import key_statement, sign_statement
@@ -95,7 +101,7 @@ def _reads(stub: Any) -> dict[str, Callable[[], Any]]:
 
 def test_policy_table_covers_every_ledger_rpc() -> None:
     methods = set(pb.DESCRIPTOR.services_by_name["Ledger"].methods_by_name)
-    assert set(POLICY[LEDGER]) == methods
+    assert set(LEDGER_POLICY[LEDGER]) == methods
 
 
 def test_every_ledger_read_rpc_by_every_role(
@@ -201,10 +207,19 @@ def test_policy_helpers_name_role_and_operation() -> None:
     with pytest.raises(RoleError, match="role 'auditor' may not append 'prediction'"):
         authorize_append("auditor", "prediction")
     assert allowed("auditor", "/grpc.health.v1.Health/Check")
-    assert allowed("infer", "/kolm.infer.v1.Inference/Predict")
-    assert not allowed("compile", "/kolm.infer.v1.Inference/Predict")
-    assert allowed("compile", "/kolm.compile.v1.Compile/SubmitJob")
-    assert not allowed("auditor", "/kolm.compile.v1.Compile/SubmitJob")
+    from kolm_compile.service import COMPILE_POLICY
+    from kolm_infer.service import INFER_POLICY
+
+    assert allowed("infer", "/kolm.infer.v1.Inference/Predict", INFER_POLICY)
+    assert not allowed("compile", "/kolm.infer.v1.Inference/Predict", INFER_POLICY)
+    assert allowed("compile", "/kolm.compile.v1.Compile/SubmitJob", COMPILE_POLICY)
+    assert not allowed("auditor", "/kolm.compile.v1.Compile/SubmitJob", COMPILE_POLICY)
+    # each service's table is its own: the ledger's lists no other service's methods,
+    # and a service's table grants nothing on another service (not even to an admin)
+    assert set(LEDGER_POLICY) == {LEDGER}
+    assert not allowed("infer", "/kolm.infer.v1.Inference/Predict")
+    assert not allowed("admin", "/kolm.compile.v1.Compile/SubmitJob", INFER_POLICY)
+    assert allowed("admin", "/kolm.compile.v1.Compile/SubmitJob", COMPILE_POLICY)
     assert not allowed("nobody", "/kolm.ledger.v1.Ledger/GetCheckpoint")
     with pytest.raises(RoleError, match=r"role 'infer' may not call some.Unknown/Method"):
         authorize_call("infer", "/some.Unknown/Method")
