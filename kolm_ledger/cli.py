@@ -426,10 +426,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 def _client(a: argparse.Namespace) -> Any:
     """A LedgerClient for ``--ledger``: mutual TLS with ``--tls-dir``/``--role``, else loopback."""
-    from .client import LedgerClient
-    from .tls import channel_credentials_from_args
+    from .tls import ledger_client_from_args
 
-    return LedgerClient(a.ledger, credentials=channel_credentials_from_args(a, a.ledger))
+    return ledger_client_from_args(a)
 
 
 def _fmt_time(t: Any) -> str:

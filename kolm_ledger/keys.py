@@ -38,7 +38,7 @@ from .errors import (
     TrustRootFormatError,
     UnknownKeyError,
 )
-from .timefmt import parse_rfc3339
+from .timefmt import format_time, parse_rfc3339
 
 __all__ = [
     "ROLES",
@@ -68,15 +68,6 @@ ROLE_KINDS: dict[str, frozenset[str]] = {
 }
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def format_time(t: datetime) -> str:
-    """RFC 3339 in UTC with a ``Z`` suffix and microseconds only when present."""
-    t = t.astimezone(UTC)
-    s = t.strftime("%Y-%m-%dT%H:%M:%S")
-    if t.microsecond:
-        s += f".{t.microsecond:06d}"
-    return s + "Z"
 
 
 def parse_time(s: object, what: str) -> datetime:

@@ -800,9 +800,9 @@ def kscore_from_args(a: argparse.Namespace, artifact: str, holdout: str) -> KSco
             return state, eval_receipt_from(digest, **where)[0]
 
         if a.ledger:
-            from .cli import _client
+            from .tls import ledger_client_from_args
 
-            with _client(a) as c:
+            with ledger_client_from_args(a) as c:
                 trust, bundle = lookup(c, client=c)
         else:
             from .storage import Store

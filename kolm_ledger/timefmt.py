@@ -43,11 +43,22 @@ from .errors import FormatError, KeyValidityError, StatementFormatError
 __all__ = [
     "MAX_TIME_SKEW",
     "check_receipt_time",
+    "format_time",
     "from_micros",
     "micros",
     "parse_rfc3339",
     "receipt_time",
 ]
+
+
+def format_time(t: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z`` suffix and microseconds only when present."""
+    t = t.astimezone(UTC)
+    s = t.strftime("%Y-%m-%dT%H:%M:%S")
+    if t.microsecond:
+        s += f".{t.microsecond:06d}"
+    return s + "Z"
+
 
 #: How far a receipt's own ``time`` may lie after its integration time (clock skew).
 MAX_TIME_SKEW = timedelta(minutes=5)
@@ -125,15 +136,11 @@ def check_receipt_time(
     a time from the future), naming the bound broken.
     """
     if t < not_before:
-        from .keys import format_time  # keys imports this module; only to name a failure
-
         raise KeyValidityError(
             f"statement.predicate.time {format_time(t)} is before its key's not_before "
             f"{format_time(not_before)}"
         )
     if t - integrated_at > skew:  # (not integrated_at + skew: that may leave year 9999)
-        from .keys import format_time
-
         raise StatementFormatError(
             f"statement.predicate.time {format_time(t)} is later than its integration time "
             f"{format_time(integrated_at)} plus the allowed skew of "

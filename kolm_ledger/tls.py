@@ -333,6 +333,14 @@ def add_client_tls_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def ledger_client_from_args(a: argparse.Namespace) -> Any:
+    """A :class:`~kolm_ledger.client.LedgerClient` for ``--ledger``: mutual TLS with
+    ``--tls-dir``/``--role``, else plain text to loopback only."""
+    from .client import LedgerClient
+
+    return LedgerClient(a.ledger, credentials=channel_credentials_from_args(a, a.ledger))
+
+
 def channel_credentials_from_args(
     a: argparse.Namespace, target: str
 ) -> grpc.ChannelCredentials | None:
