@@ -35,12 +35,13 @@ import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import rfc8785
 
 from kolm_compile.teachers import (
     InputRejected,
+    PromptTask,
     SampleRequest,
     Teacher,
     TeacherSample,
@@ -48,9 +49,6 @@ from kolm_compile.teachers import (
     build_messages,
 )
 from kolm_ledger.errors import FormatError, StorageError, VerificationError
-
-if TYPE_CHECKING:
-    from kolm_compile.spec import TaskSpec
 
 __all__ = ["CachedTeacher", "TeacherCache", "cache_key", "default_teacher_cache"]
 
@@ -191,7 +189,7 @@ class CachedTeacher:
         return self.teacher.describe()
 
     def sample(
-        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+        self, prompt_id: str, input_text: str, k: int, task: PromptTask, *, first_index: int = 0
     ) -> list[TeacherSample]:
         """Like the wrapped teacher's ``sample``, through the cache."""
         return self.sample_many([SampleRequest(prompt_id, input_text, k, first_index)], task)[0]
@@ -199,7 +197,7 @@ class CachedTeacher:
     def sample_many(
         self,
         requests: Sequence[SampleRequest],
-        task: TaskSpec,
+        task: PromptTask,
         *,
         on_result: Callable[[int, list[TeacherSample]], None] | None = None,
         on_error: Callable[[int, InputRejected], None] | None = None,

@@ -39,7 +39,7 @@ def estimate(spec: TaskSpec, *, teacher_cache: Path | None = None) -> dict[str, 
     ing = job._ingest()
     inputs = list(ing["inputs"]) + [t for t, _ in ing["holdout"]]
     k = spec.teacher.k
-    per_request = k if spec.teacher.batch_samples is not False else 1
+    per_request = k if getattr(spec.teacher.options, "batch_samples", True) else 1
     notes: list[str] = []
 
     cached = 0

@@ -48,7 +48,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -316,15 +316,18 @@ def _models(at: str, raw: Any) -> dict[str, dict[str, float]]:
 
 def _check_profile_options(at: str, p: TeacherProfile) -> None:
     """The profile's teacher options pass the spec's own checks (for a model it allows)."""
-    from .spec import _BACKEND_OPTIONS, TeacherSpec
+    from .spec import TeacherSpec
+    from .teachers import teacher_options
 
+    own = {f.name for f in fields(teacher_options(p.backend))}
     for name in p.options:
-        if p.backend not in _BACKEND_OPTIONS[name]:
+        if name not in own:
             raise InvalidInput(f"{at}.{name}: not used by backend {p.backend}")
     if p.backend in OFFLINE_BACKENDS:
         return  # their required field is a file the spec names
     try:
-        TeacherSpec(backend=p.backend, model=next(iter(p.models), None), **p.options)
+        raw = {"backend": p.backend, "model": next(iter(p.models), None), **p.options}
+        TeacherSpec.from_mapping(raw)
     except SpecError as e:
         raise InvalidInput(f"{at}: {str(e).removeprefix('spec.teacher.')}") from e
 

@@ -33,7 +33,9 @@ Schema (``*`` = required; unknown fields are rejected by name)::
                presence_penalty, frequency_penalty}
       k: int = 5              samples per input
       min_agreement: int      votes the winning answer needs; default floor(k/2)+1
-      # openai only
+      # each backend's own options, written flat here: declared by its options class
+      # and registered with its teacher (kolm_compile.teachers.register_teacher)
+      # openai only (OpenAIOptions)
       endpoint: url = https://api.openai.com      POST {endpoint}/v1/chat/completions
       api_key_env: str        name of the environment variable holding the API key
       concurrency: int = 4    requests in flight at once
@@ -94,30 +96,59 @@ referenced file's SHA-256 added (a corpus folder: a digest over its files), so i
 changes when the data changes.
 
 Tables (``data.*``, ``teacher.dataset``) are read by :func:`read_table` /
-:func:`read_rows`: a CSV with a header row, or JSON Lines of objects.
+:func:`read_rows` (kolm_compile.tables): a CSV with a header row, or JSON Lines of objects.
+Every field check is kolm_compile.fields (pydantic v2): one kit for the spec's sections,
+the teacher options and the verifier params.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import math
 import os
 import re
-import types
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import field, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol, TypeVar
 
 import rfc8785
 import yaml
+from pydantic import PlainValidator
 
 from kolm_compile import _train
+from kolm_compile.fields import (
+    MAX_SEED,
+    TABLE_SUFFIXES,
+    Section,
+    at,
+    check_int,
+    check_key_env_name,
+    check_num,
+    check_str,
+    check_text,
+    file_path,
+    freeze,
+    from_mapping,
+    instance_of,
+    integer,
+    invalid,
+    json_mapping,
+    label_list,
+    looks_like_key,
+    number,
+    optional,
+    pattern,
+    section,
+    string,
+    table_path,
+    text,
+    thaw,
+)
+from kolm_compile.tables import read_rows, read_table
+from kolm_compile.teachers import TeacherOptions, teacher_backends, teacher_options
 from kolm_compile.verifiers import Verifier, get_verifier
-from kolm_ledger.errors import FormatError, InvalidInput, SpecError
+from kolm_ledger.errors import InvalidInput, SpecError
 
 __all__ = [
     "FILE_FIELDS",
@@ -146,9 +177,7 @@ __all__ = [
 
 TASK_TYPES = ("classify", "extract", "generate")
 _NAME = re.compile(r"[a-z0-9][a-z0-9\-_]{0,63}")
-_TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 _CORPUS_SUFFIXES = (".jsonl", ".ndjson")
-_MAX_SEED = 2**53  # I-JSON safe: the seed goes into canonical JSON
 #: most chunks a prediction may retrieve by default (a receipt cites ~10 at most: RECALL.md)
 RECALL_K_MAX = 10
 
@@ -160,297 +189,45 @@ def kolm_version() -> str:
     return __version__
 
 
+# --------------------------------------------------------------------------- sections
+
+
+#: (kept for code that imports them from here) the kit lives in kolm_compile.fields
+_thaw = thaw
+_freeze = freeze
+_Section = Section
+_MAX_SEED = MAX_SEED
+_TABLE_SUFFIXES = TABLE_SUFFIXES
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
-# --------------------------------------------------------------------------- tables
+#: a value the section's ``__post_init__`` checks (with other fields, or with its own words)
+_CHECKED_LATER = PlainValidator(lambda v: v)
 
 
-def read_rows(path: Path) -> Iterator[Mapping[str, Any]]:
-    """Rows of a table: a CSV file with a header row, or JSON Lines (``.jsonl``/``.ndjson``:
-    one object per line, blank lines skipped). The one table reader of kolm_compile.
-
-    CSV values are strings (``None`` for a missing trailing cell). Raises
-    :class:`~kolm_ledger.errors.FormatError` naming the file and line for a JSONL line
-    that is not a JSON object; ``OSError`` when the file cannot be read.
-    """
-    path = Path(path)
-    if path.suffix.lower() == ".csv":
-        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            yield from csv.DictReader(f)
-        return
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise FormatError(f"{path.name} line {n}: not JSON: {e}") from e
-                if not isinstance(row, dict):
-                    raise FormatError(f"{path.name} line {n}: must be a JSON object")
-                yield row
-
-
-def read_table(
-    path: Path, text_col: str, label_col: str | None, field_name: str
-) -> list[tuple[str, str | None]]:
-    """A table's rows as ``(text, label-or-None)``, both stripped; an empty label is ``None``.
-
-    Every problem raises :class:`SpecError` starting with ``field_name`` (the dotted
-    spec field the file came from): unreadable file, bad JSON line, missing column.
-    """
-    path = Path(path)
-    out: list[tuple[str, str | None]] = []
-    try:
-        for n, r in enumerate(read_rows(path), 1):
-            text = r.get(text_col)
-            if text is None:
-                raise SpecError(f"{field_name}: {path.name} has no column {text_col!r} (row {n})")
-            label = r.get(label_col) if label_col else None
-            label = None if label is None else str(label).strip() or None
-            out.append((str(text).strip(), label))
-    except FormatError as e:
-        if isinstance(e, SpecError):
-            raise
-        raise SpecError(f"{field_name}: {e}") from e
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise SpecError(f"{field_name}: cannot read {path.name}: {e}") from e
-    return out
-
-
-# --------------------------------------------------------------------------- value checks
-
-
-_KEY_PREFIXES = ("sk-", "sk_", "pk_", "rk_", "hf_", "gsk_", "ghp_", "gho_", "xox", "AIza", "AKIA")
-
-
-def looks_like_key(value: str) -> bool:
-    """A credential rather than an environment variable's name: a well-known key prefix,
-    or a long value of mixed-case letters and digits (variable names are UPPER_CASE)."""
-    if value.startswith(_KEY_PREFIXES):
-        return True
-    has_lower = any(c.islower() for c in value)
-    has_digit = any(c.isdigit() for c in value)
-    return len(value) >= 20 and has_lower and has_digit
-
-
-def check_key_env_name(path: str, value: Any) -> str:
-    """``value`` as the name of the environment variable holding an API key; never echoes
-    it (a key pasted into the field would otherwise reach a log or an error)."""
-    if not isinstance(value, str) or not value.strip():
-        raise SpecError(f"{path}: must be the name of an environment variable")
-    if looks_like_key(value):
-        raise SpecError(
-            f"{path}: the value looks like a key, not a variable name (not shown); put the "
-            "key in an environment variable and give its name here, e.g. OPENAI_API_KEY"
-        )
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-        raise SpecError(
-            f"{path}: must be an environment variable name (letters, digits and _, not "
-            "starting with a digit); the value is not shown"
-        )
-    return value
-
-
-def _fail(path: str, want: str, got: Any) -> SpecError:
-    return SpecError(f"{path}: must be {want}, got {got!r}")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int(path: str, v: Any, lo: int, hi: int | None = None) -> int:
-    if not _is_int(v):
-        raise _fail(path, "an integer", v)
-    if v < lo:
-        raise SpecError(f"{path}: must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise SpecError(f"{path}: must be <= {hi}, got {v}")
-    return int(v)
-
-
-def _num(path: str, v: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise _fail(path, "a number", v)
-    if v < lo or (lo_open and v == lo) or v > hi:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise SpecError(f"{path}: must be in {interval}, got {v!r}")
-    return float(v)
-
-
-def _str(path: str, v: Any, *, choices: Sequence[str] = ()) -> str:
-    if not isinstance(v, str):
-        raise _fail(path, "a string", v)
-    if choices and v not in choices:
-        raise SpecError(f"{path}: must be one of {', '.join(choices)}, got {v!r}")
-    return v
-
-
-def _text(path: str, v: Any) -> str:
-    text = _str(path, v)
-    if not text.strip():
-        raise SpecError(f"{path}: must not be empty")
-    return text
-
-
-def _bool(path: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _fail(path, "true or false", v)
-    return v
-
-
-def _labels(path: str, v: Any, *, min_len: int = 1) -> tuple[str, ...]:
-    if isinstance(v, str | bytes) or not isinstance(v, Sequence):
-        raise _fail(path, "a list of strings", v)
-    if len(v) < min_len:
-        raise SpecError(f"{path}: must have at least {min_len} entries, got {len(v)}")
-    for i, label in enumerate(v):
-        if not isinstance(label, str) or not label or label != label.strip() or "\n" in label:
-            raise _fail(f"{path}[{i}]", "a non-empty one-line string without outer spaces", label)
-    dup = [label for label, n in Counter(v).items() if n > 1]
-    if dup:
-        raise SpecError(f"{path}: duplicate label {dup[0]!r}")
-    return tuple(v)
-
-
-def _freeze(v: Any) -> Any:
-    """Deep read-only copy: mappings → MappingProxyType (sorted), lists → tuples."""
-    if isinstance(v, Mapping):
-        return types.MappingProxyType({k: _freeze(v[k]) for k in sorted(v)})
-    if isinstance(v, list | tuple):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
-def _thaw(v: Any) -> Any:
-    """Inverse of :func:`_freeze`: plain dicts (sorted) and lists, JSON-ready."""
-    if isinstance(v, Mapping):
-        return {k: _thaw(v[k]) for k in sorted(v)}
-    if isinstance(v, list | tuple):
-        return [_thaw(x) for x in v]
-    if isinstance(v, Path):
-        return v.as_posix()
-    return v
-
-
-def _mapping(path: str, v: Any) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise _fail(path, "a mapping", type(v).__name__)
-    for key in v:
-        if not isinstance(key, str):
-            raise SpecError(f"{path}: keys must be strings, got {key!r}")
-    try:
-        rfc8785.dumps(_thaw(v))
-    except Exception as e:
-        raise SpecError(f"{path}: not representable as canonical JSON: {e}") from e
-    frozen: Mapping[str, Any] = _freeze(v)
-    return frozen
-
-
-def _table_path(path: str, v: Any) -> Path:
-    if isinstance(v, str):
-        if not v.strip():
-            raise SpecError(f"{path}: must not be empty")
-        v = Path(v)
-    if not isinstance(v, Path):
-        raise _fail(path, "a path", v)
-    if v.suffix.lower() not in _TABLE_SUFFIXES:
-        raise SpecError(f"{path}: must be a {', '.join(_TABLE_SUFFIXES)} file, got {v.name!r}")
-    return v
-
-
-# --------------------------------------------------------------------------- sections
-
-
-#: TaskSpec fields a spec file may not set (they say where it came from)
-_INTERNAL = frozenset({"base_dir", "file_refs"})
-
-
-class _Section:
-    """Shared by the spec sections: the dotted path of the section and its fields."""
-
-    PATH: ClassVar[str] = "spec"
-
-    @classmethod
-    def _from_mapping(cls, raw: Any, path: str, **extra: Any) -> Any:
-        if not isinstance(raw, Mapping):
-            raise _fail(path, "a mapping", type(raw).__name__)
-        known = {f.name: f for f in fields(cls) if f.init and f.name not in _INTERNAL}  # type: ignore[arg-type]
-        for key in raw:
-            if key not in known:
-                raise SpecError(f"{path}.{key}: unknown field (known: {', '.join(sorted(known))})")
-        for name, f in known.items():
-            required = f.default is MISSING and f.default_factory is MISSING
-            if required and raw.get(name) is None:
-                raise SpecError(f"{path}.{name}: required")
-        return cls(**{k: v for k, v in raw.items() if v is not None}, **extra)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name → help string (for CLIs and docs)."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class VerifierSpec(_Section):
+@section
+class VerifierSpec(Section):
     """Which verifier decides whether an output is acceptable (see kolm_compile.verifiers)."""
 
     PATH: ClassVar[str] = "spec.verifier"
 
-    name: str = field(metadata=_help("registered verifier name"))
-    params: Mapping[str, Any] = field(
+    name: Annotated[str, text()] = field(metadata=_help("registered verifier name"))
+    params: Annotated[Mapping[str, Any], json_mapping()] = field(
         default_factory=dict, metadata=_help("verifier parameters (defaults filled in)")
     )
 
-    def __post_init__(self) -> None:
-        _text(f"{self.PATH}.name", self.name)
-        object.__setattr__(self, "params", _mapping(f"{self.PATH}.params", self.params))
-
     def build(self) -> Verifier:
         """The configured verifier."""
-        return get_verifier(self.name, _thaw(self.params))
+        return get_verifier(self.name, thaw(self.params))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, sorted."""
-        return {"name": self.name, "params": _thaw(self.params)}
+        return {"name": self.name, "params": thaw(self.params)}
 
 
-# Teacher options that belong to one backend, the defaults filled in for it,
-# and what it requires. A backend registered elsewhere gets no such checks.
-_BACKEND_OPTIONS: dict[str, frozenset[str]] = {
-    "endpoint": frozenset({"openai"}),
-    "api_key_env": frozenset({"openai"}),
-    "concurrency": frozenset({"openai"}),
-    "timeout_s": frozenset({"openai"}),
-    "max_retries": frozenset({"openai"}),
-    "batch_samples": frozenset({"openai"}),
-    "device": frozenset({"transformers"}),
-    "path": frozenset({"replay"}),
-    "dataset": frozenset({"simulated"}),
-    "accuracy": frozenset({"simulated"}),
-    "similarity_temperature": frozenset({"simulated"}),
-    "seed": frozenset({"simulated", "transformers"}),
-}
-_BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "openai": {
-        "endpoint": "https://api.openai.com",
-        "concurrency": 4,
-        "timeout_s": 60.0,
-        "max_retries": 5,
-        "batch_samples": True,
-    },
-    "simulated": {"accuracy": 0.85, "similarity_temperature": 0.1},
-}
-_BACKEND_REQUIRED: dict[str, tuple[str, ...]] = {
-    "openai": ("model",),
-    "transformers": ("model",),
-    "replay": ("path",),
-    "simulated": ("dataset",),
-}
-_BUILTIN = frozenset(_BACKEND_REQUIRED)
 _SAMPLING_PARAMS = (
     "frequency_penalty",
     "max_tokens",
@@ -462,185 +239,186 @@ _SAMPLING_PARAMS = (
 )
 
 
-def _check_sampling_params(path: str, raw: Any) -> Mapping[str, Any]:
+def _check_sampling_params(raw: Any) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
-        raise _fail(path, "a mapping", type(raw).__name__)
+        invalid(f"must be a mapping, got {type(raw).__name__!r}")
     out: dict[str, Any] = {"temperature": 0.7}
     for key, v in raw.items():
-        p = f"{path}.{key}"
+        sub = f".{key}"
         if key == "temperature":
-            out[key] = _num(p, v, 0.0, 2.0)
+            out[key] = check_num(v, 0.0, 2.0, at=sub)
         elif key == "top_p":
-            out[key] = _num(p, v, 0.0, 1.0, lo_open=True)
+            out[key] = check_num(v, 0.0, 1.0, lo_open=True, at=sub)
         elif key in ("presence_penalty", "frequency_penalty"):
-            out[key] = _num(p, v, -2.0, 2.0)
+            out[key] = check_num(v, -2.0, 2.0, at=sub)
         elif key == "max_tokens":
-            out[key] = _int(p, v, 1, 1_000_000)
+            out[key] = check_int(v, 1, 1_000_000, at=sub)
         elif key == "seed":
-            out[key] = _int(p, v, 0, _MAX_SEED - 1)
+            out[key] = check_int(v, 0, MAX_SEED - 1, at=sub)
         elif key == "stop":
             stops = [v] if isinstance(v, str) else v
             if not isinstance(stops, list | tuple) or not 1 <= len(stops) <= 4:
-                raise _fail(p, "a string or a list of 1 to 4 strings", v)
-            out[key] = tuple(_text(f"{p}[{i}]", s) for i, s in enumerate(stops))
+                invalid(f"must be a string or a list of 1 to 4 strings, got {v!r}", sub)
+            out[key] = tuple(check_text(s, at=f"{sub}[{i}]") for i, s in enumerate(stops))
         else:
-            raise SpecError(
-                f"{p}: unknown sampling parameter (known: {', '.join(_SAMPLING_PARAMS)})"
-            )
-    frozen: Mapping[str, Any] = _freeze(out)
+            invalid(f"unknown sampling parameter (known: {', '.join(_SAMPLING_PARAMS)})", sub)
+    frozen: Mapping[str, Any] = freeze(out)
     return frozen
 
 
-@dataclass(frozen=True)
-class TeacherSpec(_Section):
-    """The model that labels inputs: k samples each, then verify and vote."""
+def _check_backend(value: Any) -> str:
+    """A registered teacher backend's name (raises :class:`SpecError` naming the field)."""
+    backend = at("spec.teacher.backend", check_text, value)
+    known = teacher_backends()
+    if backend not in known:
+        raise SpecError(
+            f"spec.teacher.backend: unknown teacher backend {backend!r} (known: {', '.join(known)})"
+        )
+    return backend
+
+
+def _option_owners() -> dict[str, list[str]]:
+    """Option name → the backends whose options class declares it."""
+    owners: dict[str, list[str]] = {}
+    for backend in teacher_backends():
+        for f in fields(teacher_options(backend)):
+            owners.setdefault(f.name, []).append(backend)
+    return owners
+
+
+@section
+class TeacherSpec(Section):
+    """The model that labels inputs: k samples each, then verify and vote.
+
+    The fields every backend shares, and ``options``: the backend's own
+    (:class:`~kolm_compile.teachers.OpenAIOptions`, ...), registered with its teacher
+    (:func:`~kolm_compile.teachers.register_teacher`). A spec writes both flat in its
+    teacher section; :meth:`from_mapping` hands the backend its keys, and a backend's
+    option reads through the section too (``spec.teacher.endpoint``).
+    """
 
     PATH: ClassVar[str] = "spec.teacher"
 
-    backend: str = field(metadata=_help("registered teacher backend"))
-    model: str | None = field(default=None, metadata=_help("model name, or a local path"))
-    profile: str | None = field(
+    backend: Annotated[str, PlainValidator(_check_backend)] = field(
+        metadata=_help("registered teacher backend")
+    )
+    model: Annotated[str | None, optional(text())] = field(
+        default=None, metadata=_help("model name, or a local path")
+    )
+    profile: Annotated[str | None, optional(text())] = field(
         default=None,
         metadata=_help("the operator's teacher profile (kolm compile serve --teachers FILE)"),
     )
-    params: Mapping[str, Any] = field(
+    params: Annotated[Mapping[str, Any], PlainValidator(_check_sampling_params)] = field(
         default_factory=dict, metadata=_help("sampling parameters sent with every request")
     )
-    k: int = field(default=5, metadata=_help("samples per input"))
-    min_agreement: int | None = field(
+    k: Annotated[int, integer(1, 100)] = field(default=5, metadata=_help("samples per input"))
+    min_agreement: Annotated[int | None, optional(integer(1))] = field(
         default=None, metadata=_help("votes the winning answer needs; default floor(k/2)+1")
     )
-    endpoint: str | None = field(
+    options: Annotated[TeacherOptions | None, optional(instance_of(TeacherOptions))] = field(
         default=None,
-        metadata=_help("openai: base URL; requests go to {endpoint}/v1/chat/completions"),
-    )
-    api_key_env: str | None = field(
-        default=None, metadata=_help("openai: name of the environment variable with the API key")
-    )
-    concurrency: int | None = field(default=None, metadata=_help("openai: requests in flight"))
-    timeout_s: float | None = field(default=None, metadata=_help("openai: per-request timeout"))
-    max_retries: int | None = field(
-        default=None, metadata=_help("openai: retries on 429, 5xx, timeouts and connection errors")
-    )
-    batch_samples: bool | None = field(
-        default=None, metadata=_help("openai: request all k samples at once with `n`")
-    )
-    device: str | None = field(default=None, metadata=_help("transformers: torch device"))
-    path: Path | None = field(default=None, metadata=_help("replay: JSONL of recorded samples"))
-    dataset: Path | None = field(default=None, metadata=_help("simulated: gold-labelled table"))
-    accuracy: float | None = field(
-        default=None, metadata=_help("simulated: chance that one sample is the gold label")
-    )
-    similarity_temperature: float | None = field(
-        default=None, metadata=_help("simulated: softmax temperature over label similarity")
-    )
-    seed: int | None = field(
-        default=None, metadata=_help("simulated/transformers: sampling seed; default spec.seed")
+        metadata=_help("the backend's own options (default: its options class's defaults)"),
     )
 
     def __post_init__(self) -> None:
         p = self.PATH
-        backend = _text(f"{p}.backend", self.backend)
-        from kolm_compile.teachers import teacher_backends  # the registry imports this module
-
-        known = teacher_backends()
-        if backend not in known:
+        cls = teacher_options(self.backend)
+        if self.options is None:
+            object.__setattr__(self, "options", cls())
+        elif not isinstance(self.options, cls):
             raise SpecError(
-                f"{p}.backend: unknown teacher backend {backend!r} (known: {', '.join(known)})"
+                f"{p}.options: must be a {cls.__name__} (backend {self.backend}), got "
+                f"{type(self.options).__name__!r}"
             )
-        for name, backends in _BACKEND_OPTIONS.items():
-            if getattr(self, name) is not None and backend in _BUILTIN and backend not in backends:
-                raise SpecError(
-                    f"{p}.{name}: only used by backend {'/'.join(sorted(backends))}, not {backend}"
-                )
-        for name, value in _BACKEND_DEFAULTS.get(backend, {}).items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-        for name in _BACKEND_REQUIRED.get(backend, ()):
-            if getattr(self, name) is None:
-                raise SpecError(f"{p}.{name}: required for backend {backend}")
-
-        def put(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
-
-        if self.model is not None:
-            put("model", _text(f"{p}.model", self.model))
-        if self.profile is not None:
-            put("profile", _text(f"{p}.profile", self.profile))
-        put("params", _check_sampling_params(f"{p}.params", self.params))
-        put("k", _int(f"{p}.k", self.k, 1, 100))
+        if cls.NEEDS_MODEL and self.model is None:
+            raise SpecError(f"{p}.model: required for backend {self.backend}")
         if self.min_agreement is None:
-            put("min_agreement", self.k // 2 + 1)
-        put("min_agreement", _int(f"{p}.min_agreement", self.min_agreement, 1, self.k))
-        if self.endpoint is not None:
-            endpoint = _text(f"{p}.endpoint", self.endpoint)
-            if not re.match(r"https?://[^/\s]+", endpoint):
-                raise _fail(f"{p}.endpoint", "an http(s) URL", endpoint)
-        if self.api_key_env is not None:
-            # the value is never echoed: a key pasted here must not reach a log or a client
-            check_key_env_name(f"{p}.api_key_env", self.api_key_env)
-        if self.concurrency is not None:
-            put("concurrency", _int(f"{p}.concurrency", self.concurrency, 1, 1024))
-        if self.timeout_s is not None:
-            put("timeout_s", _num(f"{p}.timeout_s", self.timeout_s, 0.0, 3600.0, lo_open=True))
-        if self.max_retries is not None:
-            put("max_retries", _int(f"{p}.max_retries", self.max_retries, 0, 100))
-        if self.batch_samples is not None:
-            _bool(f"{p}.batch_samples", self.batch_samples)
-        if self.device is not None:
-            _text(f"{p}.device", self.device)
-        if self.path is not None:
-            put("path", _path(f"{p}.path", self.path, (".jsonl", ".ndjson")))
-        if self.dataset is not None:
-            put("dataset", _table_path(f"{p}.dataset", self.dataset))
-        if self.accuracy is not None:
-            put("accuracy", _num(f"{p}.accuracy", self.accuracy, 0.0, 1.0))
-        if self.similarity_temperature is not None:
-            t = _num(
-                f"{p}.similarity_temperature", self.similarity_temperature, 0.0, 100.0, lo_open=True
-            )
-            put("similarity_temperature", t)
-        if self.seed is not None:
-            put("seed", _int(f"{p}.seed", self.seed, 0, _MAX_SEED - 1))
+            object.__setattr__(self, "min_agreement", self.k // 2 + 1)
+        elif self.min_agreement > self.k:
+            raise SpecError(f"{p}.min_agreement: must be <= {self.k}, got {self.min_agreement}")
 
+    def __getattr__(self, name: str) -> Any:
+        # a backend's option reads through the section, as the spec writes it
+        opts = self.__dict__.get("options")
+        if name.startswith("_") or opts is None or name not in opts.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(opts, name)
 
-def _path(path: str, v: Any, suffixes: Sequence[str]) -> Path:
-    if isinstance(v, str) and v.strip():
-        v = Path(v)
-    if not isinstance(v, Path):
-        raise _fail(path, "a path", v)
-    if v.suffix.lower() not in suffixes:
-        raise SpecError(f"{path}: must be a {', '.join(suffixes)} file, got {v.name!r}")
-    return v
+    @classmethod
+    def from_mapping(cls, raw: Any, **extra: Any) -> TeacherSpec:
+        """The section from a spec's flat mapping: the shared fields go to this class,
+        the rest to the backend's options class (a key no backend declares is unknown; one
+        another backend declares is named as that backend's)."""
+        p = cls.PATH
+        if not isinstance(raw, Mapping):
+            raise SpecError(f"{p}: must be a mapping, got {type(raw).__name__!r}")
+        shared = {f.name for f in fields(cls) if f.name != "options"}
+        owners = _option_owners()
+        for key in raw:
+            if key not in shared and key not in owners:
+                known = ", ".join(sorted(shared | set(owners)))
+                raise SpecError(f"{p}.{key}: unknown field (known: {known})")
+        if raw.get("backend") is None:
+            raise SpecError(f"{p}.backend: required")
+        backend = _check_backend(raw["backend"])
+        options_cls = teacher_options(backend)
+        own = {f.name for f in fields(options_cls)}
+        for key, value in raw.items():
+            if key not in shared and key not in own and value is not None:
+                users = "/".join(sorted(owners[key]))
+                raise SpecError(f"{p}.{key}: only used by backend {users}, not {backend}")
+        options = from_mapping(options_cls, {k: v for k, v in raw.items() if k in own})
+        given = {k: v for k, v in raw.items() if k in shared and v is not None}
+        return cls(**given, options=options, **extra)
+
+    def flat(self) -> dict[str, Any]:
+        """The shared fields and the backend's options in one mapping, as a spec writes
+        them (``None`` for what is not set)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        assert self.options is not None
+        out.update({f.name: getattr(self.options, f.name) for f in fields(self.options)})
+        return out
 
 
 _TRAIN_DEFAULTS = _train.TrainConfig()
 
 
-@dataclass(frozen=True)
-class StudentSpec(_Section):
+def _check_gate_k(k: Any) -> int | None:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100):
+        invalid(f"want an integer in [1, 100], got {k!r}")
+    return k
+
+
+@section
+class StudentSpec(Section):
     """The small model trained on the verified labels (LoRA on an encoder)."""
 
     PATH: ClassVar[str] = "spec.student"
 
-    base_model: str = field(
+    # base_model .. batch_size: the trainer's own checks (TrainConfig), with our field path
+    base_model: Annotated[str, _CHECKED_LATER] = field(
         default=_TRAIN_DEFAULTS.base_model, metadata=_help("logical id of the base encoder")
     )
-    lora_r: int = field(default=_TRAIN_DEFAULTS.lora_r, metadata=_help("LoRA rank"))
-    epochs: int = field(default=_TRAIN_DEFAULTS.epochs, metadata=_help("passes over the labels"))
-    learning_rate: float = field(
+    lora_r: Annotated[int, _CHECKED_LATER] = field(
+        default=_TRAIN_DEFAULTS.lora_r, metadata=_help("LoRA rank")
+    )
+    epochs: Annotated[int, _CHECKED_LATER] = field(
+        default=_TRAIN_DEFAULTS.epochs, metadata=_help("passes over the labels")
+    )
+    learning_rate: Annotated[float, _CHECKED_LATER] = field(
         default=_TRAIN_DEFAULTS.learning_rate, metadata=_help("peak AdamW learning rate")
     )
-    max_length: int = field(
+    max_length: Annotated[int, _CHECKED_LATER] = field(
         default=_TRAIN_DEFAULTS.max_length, metadata=_help("token limit per input")
     )
-    batch_size: int = field(
+    batch_size: Annotated[int, _CHECKED_LATER] = field(
         default=_TRAIN_DEFAULTS.batch_size, metadata=_help("examples per optimizer step")
     )
-    confidence_threshold: float = field(
+    confidence_threshold: Annotated[float, number(0.0, 1.0)] = field(
         default=0.5, metadata=_help("inference escalates to the teacher below this confidence")
     )
-    target_cover_k_score: float | None = field(
+    target_cover_k_score: Annotated[float | None, optional(number(0.0, 100.0))] = field(
         default=None,
         metadata=_help(
             "K-score promised on the inputs the student keeps (the cover): the compile holds "
@@ -648,26 +426,11 @@ class StudentSpec(_Section):
             "kNN similarity) with the largest coverage meeting it; unset: confidence_threshold"
         ),
     )
-    gate_k: int | None = field(
+    gate_k: Annotated[int | None, PlainValidator(_check_gate_k)] = field(
         default=None, metadata=_help("neighbour rank of the kNN distance gate (default 5)")
     )
 
     def __post_init__(self) -> None:
-        p = self.PATH
-        object.__setattr__(
-            self,
-            "confidence_threshold",
-            _num(f"{p}.confidence_threshold", self.confidence_threshold, 0.0, 1.0),
-        )
-        if self.target_cover_k_score is not None:
-            object.__setattr__(
-                self,
-                "target_cover_k_score",
-                _num(f"{p}.target_cover_k_score", self.target_cover_k_score, 0.0, 100.0),
-            )
-        k = self.gate_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100):
-            raise SpecError(f"{p}.gate_k: want an integer in [1, 100], got {k!r}")
         self.train_config(0)  # the trainer's own checks, with our field path
 
     def train_config(self, seed: int) -> _train.TrainConfig:
@@ -686,78 +449,66 @@ class StudentSpec(_Section):
             raise SpecError(f"{self.PATH}.{e}") from e
 
 
-@dataclass(frozen=True)
-class DataSpec(_Section):
+@section
+class DataSpec(Section):
     """Where the inputs and labelled pairs come from."""
 
     PATH: ClassVar[str] = "spec.data"
 
-    seed_pairs: Path | None = field(default=None, metadata=_help("labelled pairs (CSV/JSONL)"))
-    unlabeled: Path | None = field(default=None, metadata=_help("inputs for the teacher"))
-    holdout: Path | None = field(default=None, metadata=_help("labelled pairs for the K-score"))
-    text_column: str = field(default="text", metadata=_help("column with the input text"))
-    label_column: str = field(default="label", metadata=_help("column with the label/output"))
-    limit_per_label: int | None = field(default=None, metadata=_help("rows kept per label"))
-    labels: tuple[str, ...] | None = field(
+    seed_pairs: Annotated[Path | None, optional(table_path())] = field(
+        default=None, metadata=_help("labelled pairs (CSV/JSONL)")
+    )
+    unlabeled: Annotated[Path | None, optional(table_path())] = field(
+        default=None, metadata=_help("inputs for the teacher")
+    )
+    holdout: Annotated[Path | None, optional(table_path())] = field(
+        default=None, metadata=_help("labelled pairs for the K-score")
+    )
+    text_column: Annotated[str, text()] = field(
+        default="text", metadata=_help("column with the input text")
+    )
+    label_column: Annotated[str, text()] = field(
+        default="label", metadata=_help("column with the label/output")
+    )
+    limit_per_label: Annotated[int | None, optional(integer(1))] = field(
+        default=None, metadata=_help("rows kept per label")
+    )
+    labels: Annotated[tuple[str, ...] | None, optional(label_list())] = field(
         default=None, metadata=_help("keep only rows with these labels")
     )
 
     def __post_init__(self) -> None:
-        p = self.PATH
-        for name in ("seed_pairs", "unlabeled", "holdout"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, _table_path(f"{p}.{name}", value))
         if self.seed_pairs is None and self.unlabeled is None:
-            raise SpecError(f"{p}: needs seed_pairs or unlabeled")
-        _text(f"{p}.text_column", self.text_column)
-        _text(f"{p}.label_column", self.label_column)
-        if self.limit_per_label is not None:
-            _int(f"{p}.limit_per_label", self.limit_per_label, 1)
-        if self.labels is not None:
-            object.__setattr__(self, "labels", _labels(f"{p}.labels", self.labels))
+            raise SpecError(f"{self.PATH}: needs seed_pairs or unlabeled")
 
 
-@dataclass(frozen=True)
-class BudgetSpec(_Section):
+@section
+class BudgetSpec(Section):
     """What teacher calls may cost."""
 
     PATH: ClassVar[str] = "spec.budget"
 
-    max_teacher_calls: int | None = field(
+    max_teacher_calls: Annotated[int | None, optional(integer(1))] = field(
         default=None,
         metadata=_help(
             "billed requests (HTTP 200) a job may make over all its runs; unset: no limit"
         ),
     )
-    max_teacher_samples: int | None = field(
+    max_teacher_samples: Annotated[int | None, optional(integer(1))] = field(
         default=None, metadata=_help("samples a job may buy over all its runs; unset: no limit")
     )
-    max_cost: float | None = field(
+    max_cost: Annotated[float | None, optional(number(0.0, 1e9, lo_open=True))] = field(
         default=None,
         metadata=_help(
             "dollars a job may spend at these prices over all its runs; unset: no limit"
         ),
     )
-    price_per_1k_input_tokens: float = field(
+    price_per_1k_input_tokens: Annotated[float, number(0.0, 1e9)] = field(
         default=0.0, metadata=_help("price of 1000 prompt tokens")
     )
-    price_per_1k_output_tokens: float = field(
+    price_per_1k_output_tokens: Annotated[float, number(0.0, 1e9)] = field(
         default=0.0, metadata=_help("price of 1000 completion tokens")
     )
-
-    def __post_init__(self) -> None:
-        p = self.PATH
-        if self.max_teacher_calls is not None:
-            _int(f"{p}.max_teacher_calls", self.max_teacher_calls, 1)
-        if self.max_teacher_samples is not None:
-            _int(f"{p}.max_teacher_samples", self.max_teacher_samples, 1)
-        if self.max_cost is not None:
-            object.__setattr__(
-                self, "max_cost", _num(f"{p}.max_cost", self.max_cost, 0.0, 1e9, lo_open=True)
-            )
-        for name in ("price_per_1k_input_tokens", "price_per_1k_output_tokens"):
-            object.__setattr__(self, name, _num(f"{p}.{name}", getattr(self, name), 0.0, 1e9))
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         """The price of that many tokens."""
@@ -767,8 +518,8 @@ class BudgetSpec(_Section):
         ) / 1000.0
 
 
-@dataclass(frozen=True)
-class RecallSpec(_Section):
+@section
+class RecallSpec(Section):
     """A recall index to ship in the ``.kolm`` (see docs/RECALL.md and kolm_compile.recall).
 
     ``source: documents`` (the default when ``corpus`` is given) chunks the corpus;
@@ -777,19 +528,26 @@ class RecallSpec(_Section):
 
     PATH: ClassVar[str] = "spec.recall"
 
-    corpus: Path | None = field(
-        default=None, metadata=_help('a JSONL of {"id", "text"} documents or a folder of files')
+    corpus: Annotated[
+        Path | None, optional(file_path((), "a path (a .jsonl file or a folder)"))
+    ] = field(
+        default=None,
+        metadata=_help('a JSONL of {"id", "text"} documents or a folder of files'),
     )
-    source: str | None = field(
+    source: Annotated[str | None, optional(string(("documents", "examples")))] = field(
         default=None,
         metadata=_help("documents (the corpus, default) | examples (the training examples)"),
     )
-    chunk_size: int | None = field(default=None, metadata=_help("units per chunk (200)"))
-    chunk_overlap: int | None = field(
+    chunk_size: Annotated[int | None, _CHECKED_LATER] = field(
+        default=None, metadata=_help("units per chunk (200)")
+    )
+    chunk_overlap: Annotated[int | None, _CHECKED_LATER] = field(
         default=None, metadata=_help("units shared by neighbouring chunks (min(40, size // 5))")
     )
-    chunk_unit: str | None = field(default=None, metadata=_help("words (default) | chars"))
-    k: int = field(
+    chunk_unit: Annotated[str | None, _CHECKED_LATER] = field(
+        default=None, metadata=_help("words (default) | chars")
+    )
+    k: Annotated[int, integer(1, RECALL_K_MAX)] = field(
         default=5, metadata=_help(f"chunks a prediction retrieves by default, 1..{RECALL_K_MAX}")
     )
 
@@ -799,23 +557,12 @@ class RecallSpec(_Section):
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        if self.corpus is not None:
-            corpus = self.corpus
-            if isinstance(corpus, str):
-                if not corpus.strip():
-                    raise SpecError(f"{p}.corpus: must not be empty")
-                corpus = Path(corpus)
-            if not isinstance(corpus, Path):
-                raise _fail(f"{p}.corpus", "a path (a .jsonl file or a folder)", corpus)
-            put("corpus", corpus)
-        source = self.source
-        if source is None and self.corpus is not None:
-            source = "documents"
-        if source is None:
+        if self.source is None and self.corpus is not None:
+            put("source", "documents")
+        if self.source is None:
             raise SpecError(
                 f"{p}: needs corpus (a JSONL of {{id, text}} or a folder) or source: examples"
             )
-        put("source", _str(f"{p}.source", source, choices=("documents", "examples")))
         chunk_fields = ("chunk_size", "chunk_overlap", "chunk_unit")
         if self.source == "examples":
             if self.corpus is not None:
@@ -829,18 +576,18 @@ class RecallSpec(_Section):
         else:
             if self.corpus is None:
                 raise SpecError(f"{p}.corpus: required for source documents")
-            size = _int(f"{p}.chunk_size", 200 if self.chunk_size is None else self.chunk_size, 1)
+            size = 200 if self.chunk_size is None else self.chunk_size
+            size = at(f"{p}.chunk_size", check_int, size, 1)
             if size > 100_000:
                 raise SpecError(f"{p}.chunk_size: must be <= 100000, got {size}")
             overlap = min(40, size // 5) if self.chunk_overlap is None else self.chunk_overlap
-            overlap = _int(f"{p}.chunk_overlap", overlap, 0)
+            overlap = at(f"{p}.chunk_overlap", check_int, overlap, 0)
             if overlap >= size:
                 raise SpecError(f"{p}.chunk_overlap: must be < chunk_size ({size}), got {overlap}")
             unit = "words" if self.chunk_unit is None else self.chunk_unit
-            put("chunk_unit", _str(f"{p}.chunk_unit", unit, choices=("words", "chars")))
+            put("chunk_unit", at(f"{p}.chunk_unit", check_str, unit, ("words", "chars")))
             put("chunk_size", size)
             put("chunk_overlap", overlap)
-        put("k", _int(f"{p}.k", self.k, 1, RECALL_K_MAX))
 
     def chunk_config(self) -> Any:
         """The corpus chunking as a :class:`kolm_compile.recall.ChunkConfig` (documents only)."""
@@ -906,7 +653,9 @@ FILE_FIELDS = (
     ("teacher.path", "teacher", "path"),
     ("recall.corpus", "recall", "corpus"),
 )
-_SECTIONS: dict[str, type[_Section]] = {
+#: TaskSpec fields a spec file may not set (they say where it came from)
+_INTERNAL = frozenset({"base_dir", "file_refs"})
+_SECTIONS: dict[str, type[Section]] = {
     "budget": BudgetSpec,
     "data": DataSpec,
     "recall": RecallSpec,
@@ -916,39 +665,67 @@ _SECTIONS: dict[str, type[_Section]] = {
 }
 
 
-@dataclass(frozen=True)
-class TaskSpec(_Section):
+def _check_base_dir(v: Any) -> Path:
+    if not isinstance(v, str | Path):
+        invalid(f"must be a path, got {v!r}")
+    return Path(os.path.abspath(v))
+
+
+_Sec = TypeVar("_Sec")
+
+
+@section
+class TaskSpec(Section):
     """A whole task spec; see the module docstring for the schema."""
 
     PATH: ClassVar[str] = "spec"
+    INTERNAL: ClassVar[frozenset[str]] = _INTERNAL
 
-    name: str = field(metadata=_help("job name: [a-z0-9][a-z0-9-_]{0,63}"))
-    task: str = field(metadata=_help("classify | extract | generate"))
-    teacher: TeacherSpec = field(metadata=_help("the teacher section"))
-    data: DataSpec = field(metadata=_help("the data section"))
-    labels: tuple[str, ...] | None = field(default=None, metadata=_help("classify: label set"))
-    none_label: str | None = field(
+    name: Annotated[str, pattern(_NAME.pattern, "a name matching [a-z0-9][a-z0-9-_]{0,63}")] = (
+        field(metadata=_help("job name: [a-z0-9][a-z0-9-_]{0,63}"))
+    )
+    task: Annotated[str, string(TASK_TYPES)] = field(
+        metadata=_help("classify | extract | generate")
+    )
+    teacher: Annotated[TeacherSpec, instance_of(TeacherSpec)] = field(
+        metadata=_help("the teacher section")
+    )
+    data: Annotated[DataSpec, instance_of(DataSpec)] = field(metadata=_help("the data section"))
+    labels: Annotated[tuple[str, ...] | None, optional(label_list(min_len=2))] = field(
+        default=None, metadata=_help("classify: label set")
+    )
+    none_label: Annotated[str | None, _CHECKED_LATER] = field(
         default=None,
         metadata=_help(
             "classify: the label (one of labels) meaning 'none of the others': the teacher "
             "prompt offers it, the student learns it, callers receive it as an answer"
         ),
     )
-    json_schema: Mapping[str, Any] | None = field(
+    json_schema: Annotated[Mapping[str, Any] | None, optional(json_mapping())] = field(
         default=None, metadata=_help("extract: JSON Schema of the output")
     )
-    instructions: str | None = field(default=None, metadata=_help("what the teacher is asked"))
-    verifier: VerifierSpec | None = field(default=None, metadata=_help("the verifier section"))
-    student: StudentSpec = field(default_factory=StudentSpec, metadata=_help("the student section"))
-    budget: BudgetSpec = field(default_factory=BudgetSpec, metadata=_help("the budget section"))
-    recall: RecallSpec | None = field(
+    instructions: Annotated[str | None, optional(text())] = field(
+        default=None, metadata=_help("what the teacher is asked")
+    )
+    verifier: Annotated[VerifierSpec | None, optional(instance_of(VerifierSpec))] = field(
+        default=None, metadata=_help("the verifier section")
+    )
+    student: Annotated[StudentSpec, instance_of(StudentSpec)] = field(
+        default_factory=StudentSpec, metadata=_help("the student section")
+    )
+    budget: Annotated[BudgetSpec, instance_of(BudgetSpec)] = field(
+        default_factory=BudgetSpec, metadata=_help("the budget section")
+    )
+    recall: Annotated[RecallSpec | None, optional(instance_of(RecallSpec))] = field(
         default=None, metadata=_help("the recall section (a recall index in the .kolm)")
     )
-    seed: int = field(default=0, metadata=_help("seed for every random choice of the job"))
-    base_dir: Path = field(
+    seed: Annotated[int, integer(0, MAX_SEED - 1)] = field(
+        default=0, metadata=_help("seed for every random choice of the job")
+    )
+    base_dir: Annotated[Path, PlainValidator(_check_base_dir)] = field(
         default=Path("."), compare=False, metadata=_help("directory relative paths start from")
     )
-    file_refs: Mapping[str, str] = field(
+    file_refs: Annotated[Mapping[str, str], _CHECKED_LATER] = field(
         default_factory=dict,
         compare=False,
         metadata=_help("dotted file field → the reference to_dict() records (e.g. sha256:<hex>)"),
@@ -956,27 +733,12 @@ class TaskSpec(_Section):
 
     def __post_init__(self) -> None:
         p = self.PATH
+        task = self.task
 
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
-            raise _fail(f"{p}.name", "a name matching [a-z0-9][a-z0-9-_]{0,63}", self.name)
-        task = _str(f"{p}.task", self.task, choices=TASK_TYPES)
-        if not isinstance(self.base_dir, str | Path):
-            raise _fail(f"{p}.base_dir", "a path", self.base_dir)
-        put("base_dir", Path(os.path.abspath(self.base_dir)))
-        put("seed", _int(f"{p}.seed", self.seed, 0, _MAX_SEED - 1))
-        for name, cls in _SECTIONS.items():
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, cls):
-                raise _fail(f"{p}.{name}", f"a {cls.__name__}", type(value).__name__)
-
         # (1) what the task type needs
-        if self.labels is not None:
-            put("labels", _labels(f"{p}.labels", self.labels, min_len=2))
-        if self.json_schema is not None:
-            put("json_schema", _mapping(f"{p}.json_schema", self.json_schema))
         if task == "classify" and self.labels is None:
             raise SpecError(f"{p}.labels: required for task classify")
         if task != "classify" and self.labels is not None:
@@ -993,17 +755,18 @@ class TaskSpec(_Section):
             raise SpecError(f"{p}.json_schema: required for task extract")
         if task != "extract" and self.json_schema is not None:
             raise SpecError(f"{p}.json_schema: only used by task extract, not {task}")
-        if self.instructions is not None:
-            _text(f"{p}.instructions", self.instructions)
 
         # (2) the verifier, filled in from the task (building it checks the params)
         put("verifier", self._complete_verifier())
 
-        # (3) file paths, relative to base_dir
+        # (3) file paths, relative to base_dir; the spec's seed for a seeded backend
         put("data", self._resolved(self.data, ("seed_pairs", "unlabeled", "holdout")))
-        put("teacher", self._resolved(self.teacher, ("path", "dataset")))
-        if self.teacher.seed is None and self.teacher.backend in _BACKEND_OPTIONS["seed"]:
-            put("teacher", replace(self.teacher, seed=self.seed))
+        assert self.teacher.options is not None  # TeacherSpec fills it in
+        options = self._resolved(self.teacher.options, ("path", "dataset"))
+        if getattr(options, "seed", 0) is None:
+            options = replace(options, **{"seed": self.seed})  # a seeded backend's
+        if options is not self.teacher.options:
+            put("teacher", replace(self.teacher, options=options))
         if self.teacher.backend == "simulated" and task != "classify":
             raise SpecError(
                 f"{p}.teacher.backend: simulated only answers task classify, not {task}"
@@ -1035,23 +798,23 @@ class TaskSpec(_Section):
             raise SpecError(
                 f"{p}.verifier.name: task {self.task} needs verifier {want}, got {v.name!r}"
             )
-        params = _thaw(v.params)
+        params = thaw(v.params)
         given = {"label_set": ("labels", "labels"), "json_schema": ("schema", "json_schema")}
         if want in given:
             param, source = given[want]
-            value = _thaw(getattr(self, source))
+            value = thaw(getattr(self, source))
             if param in params and params[param] != value:
                 raise SpecError(f"{p}.verifier.params.{param}: must equal spec.{source}")
             params[param] = value
         return VerifierSpec(v.name, get_verifier(v.name, params).params)
 
-    def _resolved(self, section: Any, names: Sequence[str]) -> Any:
+    def _resolved(self, section: _Sec, names: Sequence[str]) -> _Sec:
         changes = {}
         for name in names:
-            value = getattr(section, name)
+            value = getattr(section, name, None)
             if isinstance(value, Path) and not value.is_absolute():
                 changes[name] = Path(os.path.normpath(self.base_dir / value))
-        return replace(section, **changes) if changes else section
+        return replace(section, **changes) if changes else section  # type: ignore[type-var]
 
     # ----------------------------------------------------------------------- loading
 
@@ -1101,7 +864,7 @@ class TaskSpec(_Section):
         spec naming ``teacher.profile`` is refused.
         """
         if not isinstance(d, Mapping):
-            raise _fail("spec", "a mapping", type(d).__name__)
+            raise SpecError(f"spec: must be a mapping, got {type(d).__name__!r}")
         raw = {k: v for k, v in d.items() if k != "kolm_version"}
         base = Path(base_dir)
         resolve = policy.resolve_file if policy is not None else _local_resolver(base)
@@ -1132,8 +895,8 @@ class TaskSpec(_Section):
             )
         for name, section in _SECTIONS.items():
             if raw.get(name) is not None:
-                raw[name] = section._from_mapping(raw[name], f"spec.{name}")
-        spec: TaskSpec = cls._from_mapping(raw, "spec", base_dir=base, file_refs=refs)
+                raw[name] = section.from_mapping(raw[name])
+        spec = cls.from_mapping(raw, base_dir=base, file_refs=refs)
         if check_files:
             spec.check_files()
         return spec
@@ -1184,18 +947,21 @@ class TaskSpec(_Section):
                 continue
             if f.name == "verifier":
                 value = self.verifier.to_dict()  # type: ignore[union-attr]
-            elif isinstance(value, _Section):
+            elif isinstance(value, Section):
+                items = (
+                    value.flat()
+                    if isinstance(value, TeacherSpec)
+                    else {g.name: getattr(value, g.name) for g in fields(value)}  # type: ignore[arg-type]
+                )
                 value = {
-                    g.name: self.file_refs.get(
-                        f"{f.name}.{g.name}", self._relative(getattr(value, g.name))
-                    )
-                    for g in fields(value)  # type: ignore[arg-type]
-                    if getattr(value, g.name) is not None
+                    name: self.file_refs.get(f"{f.name}.{name}", self._relative(item))
+                    for name, item in items.items()
+                    if item is not None
                 }
             out[f.name] = value
         if with_file_digests:
             out["files"] = {dotted: _file_sha256(dotted, p) for dotted, p in self.files().items()}
-        plain: dict[str, Any] = _thaw(out)
+        plain: dict[str, Any] = thaw(out)
         return plain
 
     def _relative(self, value: Any) -> Any:
@@ -1368,7 +1134,7 @@ class _StrictLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         st = self.__dict__.setdefault("_kolm", {"aliases": 0, "nodes": 0, "depth": 0, "size": {}})
-        mark = self.peek_event().start_mark
+        mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
         where = f"line {mark.line + 1}"
         if self.check_event(yaml.AliasEvent):
             st["aliases"] += 1

@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -59,9 +60,28 @@ import urllib.request
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
+from pydantic import PlainValidator
+
+from kolm_compile.fields import (
+    MAX_SEED,
+    Section,
+    boolean,
+    check_text,
+    file_path,
+    integer,
+    invalid,
+    key_env_name,
+    number,
+    optional,
+    section,
+    table_path,
+    text,
+)
+from kolm_compile.tables import read_rows
 from kolm_ledger.errors import (
     FormatError,
     InvalidInput,
@@ -74,25 +94,31 @@ from kolm_ledger.errors import (
 if TYPE_CHECKING:
     import numpy as np
 
-    from kolm_compile.spec import TaskSpec, TeacherSpec
-
 __all__ = [
     "PROMPT_VERSION",
     "BaseTeacher",
     "InputRejected",
+    "OpenAIOptions",
     "OpenAITeacher",
+    "PromptTask",
+    "ReplayOptions",
     "ReplayTeacher",
     "SampleRequest",
+    "SimulatedOptions",
     "SimulatedTeacher",
     "Teacher",
+    "TeacherOptions",
     "TeacherSample",
+    "TeacherSection",
     "TeacherSpend",
+    "TransformersOptions",
     "TransformersTeacher",
     "build_messages",
     "build_teacher",
     "input_sha256",
     "register_teacher",
     "teacher_backends",
+    "teacher_options",
     "trigram_similarity",
 ]
 
@@ -100,6 +126,87 @@ log = logging.getLogger(__name__)
 
 PROMPT_VERSION = "1"
 """Bumped whenever :func:`build_messages` changes what it sends; recorded by ``describe()``."""
+
+
+# --------------------------------------------------------------------------- what a teacher reads
+
+
+class _Budget(Protocol):
+    @property
+    def max_teacher_calls(self) -> int | None: ...
+    @property
+    def max_teacher_samples(self) -> int | None: ...
+    @property
+    def max_cost(self) -> float | None: ...
+    def cost(self, input_tokens: int, output_tokens: int) -> float: ...
+
+
+class _Columns(Protocol):
+    @property
+    def text_column(self) -> str: ...
+    @property
+    def label_column(self) -> str: ...
+
+
+class PromptTask(Protocol):
+    """What a teacher reads of a task (kolm_compile.spec.TaskSpec is one): what to ask
+    (task type, labels, schema, instructions), the budget, the seed, where files are."""
+
+    @property
+    def task(self) -> str: ...
+    @property
+    def labels(self) -> tuple[str, ...] | None: ...
+    @property
+    def none_label(self) -> str | None: ...
+    @property
+    def json_schema(self) -> Mapping[str, Any] | None: ...
+    @property
+    def instructions(self) -> str | None: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def base_dir(self) -> Path: ...
+    @property
+    def budget(self) -> _Budget: ...
+    @property
+    def data(self) -> _Columns: ...
+
+
+class TeacherSection(Protocol):
+    """The spec's teacher section as a teacher reads it (kolm_compile.spec.TeacherSpec is
+    one): the fields every backend shares, and ``options``, the backend's own."""
+
+    @property
+    def backend(self) -> str: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def profile(self) -> str | None: ...
+    @property
+    def params(self) -> Mapping[str, Any]: ...
+    @property
+    def options(self) -> TeacherOptions | None: ...
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@section
+class TeacherOptions(Section):
+    """Base of a backend's options: the teacher-section fields only that backend reads.
+
+    A spec writes them flat in its teacher section (``teacher.endpoint``); the spec's
+    loader hands each backend the keys its options class declares (peft's pattern: a
+    method registers its config class with its model class, :func:`register_teacher`).
+    A backend registered without options takes none.
+    """
+
+    PATH: ClassVar[str] = "spec.teacher"
+    #: the backend these options belong to (set by :func:`register_teacher`)
+    BACKEND: ClassVar[str] = ""
+    #: whether the backend needs ``teacher.model``
+    NEEDS_MODEL: ClassVar[bool] = False
 
 
 # --------------------------------------------------------------------------- value types
@@ -253,7 +360,7 @@ class Teacher(Protocol):
         ...
 
     def sample(
-        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+        self, prompt_id: str, input_text: str, k: int, task: PromptTask, *, first_index: int = 0
     ) -> list[TeacherSample]:
         """Samples ``first_index .. first_index + k - 1`` for one input."""
         ...
@@ -261,7 +368,7 @@ class Teacher(Protocol):
     def sample_many(
         self,
         requests: Sequence[SampleRequest],
-        task: TaskSpec,
+        task: PromptTask,
         *,
         on_result: Callable[[int, list[TeacherSample]], None] | None = None,
         on_error: Callable[[int, InputRejected], None] | None = None,
@@ -282,7 +389,7 @@ _SYSTEM = (
 )
 
 
-def _classify_prompt(task: TaskSpec, input_text: str) -> str:
+def _classify_prompt(task: PromptTask, input_text: str) -> str:
     labels = "\n".join(f"- {label}" for label in task.labels or ())
     none = (
         f"If the input fits none of the other labels, answer {task.none_label}.\n"
@@ -297,7 +404,7 @@ def _classify_prompt(task: TaskSpec, input_text: str) -> str:
     )
 
 
-def _extract_prompt(task: TaskSpec, input_text: str) -> str:
+def _extract_prompt(task: PromptTask, input_text: str) -> str:
     schema = json.dumps(dict(_plain(task.json_schema)), indent=2, sort_keys=True)
     return (
         "Extract the requested information from the input as one JSON value that is valid "
@@ -307,11 +414,11 @@ def _extract_prompt(task: TaskSpec, input_text: str) -> str:
     )
 
 
-def _generate_prompt(task: TaskSpec, input_text: str) -> str:
+def _generate_prompt(task: PromptTask, input_text: str) -> str:
     return f"Input:\n{input_text}"
 
 
-_PROMPTS: dict[str, Callable[[TaskSpec, str], str]] = {
+_PROMPTS: dict[str, Callable[[PromptTask, str], str]] = {
     "classify": _classify_prompt,
     "extract": _extract_prompt,
     "generate": _generate_prompt,
@@ -326,7 +433,7 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def build_messages(task: TaskSpec, input_text: str) -> list[dict[str, str]]:
+def build_messages(task: PromptTask, input_text: str) -> list[dict[str, str]]:
     """The chat messages every backend sends for ``input_text`` (system, user).
 
     The user message starts with the spec's ``instructions`` (when set), then
@@ -346,7 +453,7 @@ def _split(total: int, parts: int) -> list[int]:
 
 
 def _samples(
-    texts: Sequence[str], input_tokens: int, output_tokens: int, task: TaskSpec
+    texts: Sequence[str], input_tokens: int, output_tokens: int, task: PromptTask
 ) -> list[TeacherSample]:
     ins, outs = _split(input_tokens, len(texts)), _split(output_tokens, len(texts))
     return [
@@ -375,7 +482,7 @@ class BaseTeacher:
         raise NotImplementedError
 
     def sample(
-        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+        self, prompt_id: str, input_text: str, k: int, task: PromptTask, *, first_index: int = 0
     ) -> list[TeacherSample]:
         """Samples ``first_index .. first_index + k - 1`` for one input; override."""
         raise NotImplementedError
@@ -383,7 +490,7 @@ class BaseTeacher:
     def sample_many(
         self,
         requests: Sequence[SampleRequest],
-        task: TaskSpec,
+        task: PromptTask,
         *,
         on_result: Callable[[int, list[TeacherSample]], None] | None = None,
         on_error: Callable[[int, InputRejected], None] | None = None,
@@ -397,7 +504,7 @@ class BaseTeacher:
         self,
         i: int,
         r: SampleRequest,
-        task: TaskSpec,
+        task: PromptTask,
         on_result: Callable[[int, list[TeacherSample]], None] | None,
         on_error: Callable[[int, InputRejected], None] | None,
     ) -> list[TeacherSample]:
@@ -429,23 +536,44 @@ class BaseTeacher:
 
 _T = TypeVar("_T", bound=type)
 _REGISTRY: dict[str, Callable[..., Teacher]] = {}
+_OPTIONS: dict[str, type[TeacherOptions]] = {}
 
 
-def register_teacher(name: str) -> Callable[[_T], _T]:
-    """Class decorator: register a teacher backend under ``name``.
+def register_teacher(
+    name: str, *, options: type[TeacherOptions] = TeacherOptions
+) -> Callable[[_T], _T]:
+    """Class decorator: register a teacher backend under ``name``, with its options class.
 
-    The class is called as ``cls(spec: TeacherSpec, task: TaskSpec, **options)``
-    and sets ``backend = name``. Registering a name twice raises ``ValueError``.
+    The class is called as ``cls(spec: TeacherSection, task: PromptTask, **kwargs)``,
+    ``spec.options`` being an ``options`` instance, and gets ``backend = name``.
+    Registering a name twice raises ``ValueError``.
     """
 
     def decorate(cls: _T) -> _T:
         if name in _REGISTRY:
             raise ValueError(f"teacher backend {name!r} is already registered")
         cls.backend = name  # type: ignore[attr-defined]
+        if options is not TeacherOptions:
+            options.BACKEND = name
+            options.REQUIRED = f"required for backend {name}"
         _REGISTRY[name] = cls
+        _OPTIONS[name] = options
         return cls
 
     return decorate
+
+
+_O = TypeVar("_O", bound=TeacherOptions)
+
+
+def _options(spec: TeacherSection, cls: type[_O]) -> _O:
+    """``spec.options`` as the backend's own options class."""
+    opts = spec.options
+    if not isinstance(opts, cls):
+        raise SpecError(
+            f"spec.teacher: backend {spec.backend} needs {cls.__name__}, got {type(opts).__name__}"
+        )
+    return opts
 
 
 def teacher_backends() -> list[str]:
@@ -453,10 +581,15 @@ def teacher_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_teacher(spec: TeacherSpec, task: TaskSpec, **options: Any) -> Teacher:
+def teacher_options(backend: str) -> type[TeacherOptions]:
+    """The options class registered with ``backend`` (``KeyError`` if none is)."""
+    return _OPTIONS[backend]
+
+
+def build_teacher(spec: TeacherSection, task: PromptTask, **kwargs: Any) -> Teacher:
     """Build the teacher for ``spec`` (the spec's teacher section) and ``task``.
 
-    ``options`` go to the backend: ``embed=`` for ``simulated``,
+    ``kwargs`` go to the backend: ``embed=`` for ``simulated``,
     ``model=``/``tokenizer=`` for ``transformers``, ``sleep=``/``rng=``/
     ``backoff_base_s=``/``backoff_max_s=`` for ``openai``. Unknown backend →
     :class:`SpecError` naming ``spec.teacher.backend``.
@@ -467,7 +600,7 @@ def build_teacher(spec: TeacherSpec, task: TaskSpec, **options: Any) -> Teacher:
             f"spec.teacher.backend: unknown teacher backend {spec.backend!r} "
             f"(known: {', '.join(teacher_backends())})"
         )
-    return factory(spec, task, **options)
+    return factory(spec, task, **kwargs)
 
 
 # --------------------------------------------------------------------------- openai
@@ -505,7 +638,41 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-@register_teacher("openai")
+def _http_url(v: Any) -> str:
+    url = check_text(v)
+    if not re.match(r"https?://[^/\\s]+", url):
+        invalid(f"must be an http(s) URL, got {url!r}")
+    return url
+
+
+@section
+class OpenAIOptions(TeacherOptions):
+    """Options of the ``openai`` backend."""
+
+    NEEDS_MODEL: ClassVar[bool] = True
+
+    endpoint: Annotated[str, PlainValidator(_http_url)] = field(
+        default="https://api.openai.com",
+        metadata=_help("openai: base URL; requests go to {endpoint}/v1/chat/completions"),
+    )
+    api_key_env: Annotated[str | None, optional(key_env_name())] = field(
+        default=None, metadata=_help("openai: name of the environment variable with the API key")
+    )
+    concurrency: Annotated[int, integer(1, 1024)] = field(
+        default=4, metadata=_help("openai: requests in flight")
+    )
+    timeout_s: Annotated[float, number(0.0, 3600.0, lo_open=True)] = field(
+        default=60.0, metadata=_help("openai: per-request timeout")
+    )
+    max_retries: Annotated[int, integer(0, 100)] = field(
+        default=5, metadata=_help("openai: retries on 429, 5xx, timeouts and connection errors")
+    )
+    batch_samples: Annotated[bool, boolean()] = field(
+        default=True, metadata=_help("openai: request all k samples at once with `n`")
+    )
+
+
+@register_teacher("openai", options=OpenAIOptions)
 class OpenAITeacher(BaseTeacher):
     """An OpenAI-compatible chat-completions endpoint (see the module docstring).
 
@@ -517,8 +684,8 @@ class OpenAITeacher(BaseTeacher):
 
     def __init__(
         self,
-        spec: TeacherSpec,
-        task: TaskSpec,
+        spec: TeacherSection,
+        task: PromptTask,
         *,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
@@ -526,23 +693,25 @@ class OpenAITeacher(BaseTeacher):
         backoff_max_s: float = 30.0,
         spend: TeacherSpend | None = None,
     ) -> None:
-        assert spec.endpoint is not None and spec.model is not None
+        opts = _options(spec, OpenAIOptions)
+        assert spec.model is not None
         self._spec = spec
-        self._url = _chat_url(spec.endpoint)
-        self.endpoint = _display_url(spec.endpoint)
+        self._batch = opts.batch_samples
+        self._url = _chat_url(opts.endpoint)
+        self.endpoint = _display_url(opts.endpoint)
         self._api_key: str | None = None
-        if spec.api_key_env:
-            key = os.environ.get(spec.api_key_env, "")
+        if opts.api_key_env:
+            key = os.environ.get(opts.api_key_env, "")
             if not key.strip():
                 raise SpecError(
-                    f"spec.teacher.api_key_env: environment variable {spec.api_key_env} "
+                    f"spec.teacher.api_key_env: environment variable {opts.api_key_env} "
                     "is not set or empty"
                 )
             self._api_key = key.strip()
         self._params = _plain(spec.params)
-        self._timeout = float(spec.timeout_s or 60.0)
-        self._retries = int(spec.max_retries if spec.max_retries is not None else 5)
-        self._concurrency = int(spec.concurrency or 4)
+        self._timeout = float(opts.timeout_s)
+        self._retries = int(opts.max_retries)
+        self._concurrency = int(opts.concurrency)
         self._slots = threading.BoundedSemaphore(self._concurrency)
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -592,7 +761,7 @@ class OpenAITeacher(BaseTeacher):
         return text
 
     def sample(
-        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+        self, prompt_id: str, input_text: str, k: int, task: PromptTask, *, first_index: int = 0
     ) -> list[TeacherSample]:
         """POST until ``k`` choices arrived (one request when the server honours ``n``).
 
@@ -607,7 +776,7 @@ class OpenAITeacher(BaseTeacher):
         out: list[TeacherSample] = []
         malformed = 0
         while len(out) < k:
-            n = k - len(out) if self._spec.batch_samples is not False else 1
+            n = k - len(out) if self._batch else 1
             body = {**self._params, "messages": messages, "model": self._spec.model}
             if n > 1:
                 body["n"] = n
@@ -636,7 +805,7 @@ class OpenAITeacher(BaseTeacher):
     def sample_many(
         self,
         requests: Sequence[SampleRequest],
-        task: TaskSpec,
+        task: PromptTask,
         *,
         on_result: Callable[[int, list[TeacherSample]], None] | None = None,
         on_error: Callable[[int, InputRejected], None] | None = None,
@@ -844,7 +1013,7 @@ def _seed_int(*parts: object) -> int:
 _GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")
 
 
-def _transformers_preflight(name: str, task: TaskSpec) -> tuple[str, Any]:
+def _transformers_preflight(name: str, task: PromptTask) -> tuple[str, Any]:
     """Where ``spec.teacher.model`` is and its config, or one :class:`SpecError` line naming
     the field: a folder that is not there or holds no saved model, a hub id that is not in
     the local Hugging Face cache (kolm runs offline), a model without a generation head."""
@@ -888,7 +1057,21 @@ def _transformers_preflight(name: str, task: TaskSpec) -> tuple[str, Any]:
     return source, config
 
 
-@register_teacher("transformers")
+@section
+class TransformersOptions(TeacherOptions):
+    """Options of the ``transformers`` backend."""
+
+    NEEDS_MODEL: ClassVar[bool] = True
+
+    device: Annotated[str | None, optional(text())] = field(
+        default=None, metadata=_help("transformers: torch device")
+    )
+    seed: Annotated[int | None, optional(integer(0, MAX_SEED - 1))] = field(
+        default=None, metadata=_help("simulated/transformers: sampling seed; default spec.seed")
+    )
+
+
+@register_teacher("transformers", options=TransformersOptions)
 class TransformersTeacher(BaseTeacher):
     """A local causal (decoder-only) or seq2seq language model as the teacher.
 
@@ -901,7 +1084,7 @@ class TransformersTeacher(BaseTeacher):
     """
 
     def __init__(
-        self, spec: TeacherSpec, task: TaskSpec, *, model: Any = None, tokenizer: Any = None
+        self, spec: TeacherSection, task: PromptTask, *, model: Any = None, tokenizer: Any = None
     ) -> None:
         import torch
         import transformers
@@ -909,7 +1092,8 @@ class TransformersTeacher(BaseTeacher):
         assert spec.model is not None
         self._spec = spec
         self._params = _plain(spec.params)
-        self._seed = spec.seed if spec.seed is not None else task.seed
+        opts = _options(spec, TransformersOptions)
+        self._seed = opts.seed if opts.seed is not None else task.seed
         self._lock = threading.Lock()
         source = spec.model
         if model is None or tokenizer is None:
@@ -930,7 +1114,7 @@ class TransformersTeacher(BaseTeacher):
                 f"spec.teacher.model: {spec.model!r} cannot be loaded as a language model "
                 f"({type(e).__name__}: {first})"
             ) from None
-        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._model = model.to(device).eval()
         self._tokenizer = tokenizer
         self._device = device
@@ -946,7 +1130,7 @@ class TransformersTeacher(BaseTeacher):
             "seed": self._seed,
         }
 
-    def _prompt(self, task: TaskSpec, input_text: str) -> str:
+    def _prompt(self, task: PromptTask, input_text: str) -> str:
         messages = build_messages(task, input_text)
         if getattr(self._tokenizer, "chat_template", None):
             return str(
@@ -957,7 +1141,7 @@ class TransformersTeacher(BaseTeacher):
         return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
 
     def sample(
-        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+        self, prompt_id: str, input_text: str, k: int, task: PromptTask, *, first_index: int = 0
     ) -> list[TeacherSample]:
         """Generate samples ``first_index .. first_index + k - 1``, one seeded call each."""
         import torch
@@ -1008,7 +1192,16 @@ class TransformersTeacher(BaseTeacher):
 # --------------------------------------------------------------------------- replay
 
 
-@register_teacher("replay")
+@section
+class ReplayOptions(TeacherOptions):
+    """Options of the ``replay`` backend."""
+
+    path: Annotated[Path, file_path((".jsonl", ".ndjson"), blank_is_empty=False)] = field(
+        metadata=_help("replay: JSONL of recorded samples")
+    )
+
+
+@register_teacher("replay", options=ReplayOptions)
 class ReplayTeacher(BaseTeacher):
     """Answers recorded earlier: one JSONL line per input.
 
@@ -1018,9 +1211,8 @@ class ReplayTeacher(BaseTeacher):
     :class:`NotFoundError` naming the input digest.
     """
 
-    def __init__(self, spec: TeacherSpec, task: TaskSpec) -> None:
-        assert spec.path is not None
-        self._path = spec.path
+    def __init__(self, spec: TeacherSection, task: PromptTask) -> None:
+        self._path = _options(spec, ReplayOptions).path
         self._records: dict[str, list[TeacherSample]] = {}
         models: set[str] = set()
         try:
@@ -1082,7 +1274,7 @@ class ReplayTeacher(BaseTeacher):
         }
 
     def sample(
-        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+        self, prompt_id: str, input_text: str, k: int, task: PromptTask, *, first_index: int = 0
     ) -> list[TeacherSample]:
         """Recorded samples ``first_index .. first_index + k - 1`` (no cost: already paid)."""
         _check_k(k, first_index)
@@ -1127,7 +1319,23 @@ def _cosine(matrix: np.ndarray) -> list[list[float]]:
     return (m @ m.T).tolist()  # type: ignore[no-any-return]
 
 
-@register_teacher("simulated")
+@section
+class SimulatedOptions(TeacherOptions):
+    """Options of the ``simulated`` backend."""
+
+    dataset: Annotated[Path, table_path()] = field(metadata=_help("simulated: gold-labelled table"))
+    accuracy: Annotated[float, number(0.0, 1.0)] = field(
+        default=0.85, metadata=_help("simulated: chance that one sample is the gold label")
+    )
+    similarity_temperature: Annotated[float, number(0.0, 100.0, lo_open=True)] = field(
+        default=0.1, metadata=_help("simulated: softmax temperature over label similarity")
+    )
+    seed: Annotated[int | None, optional(integer(0, MAX_SEED - 1))] = field(
+        default=None, metadata=_help("simulated/transformers: sampling seed; default spec.seed")
+    )
+
+
+@register_teacher("simulated", options=SimulatedOptions)
 class SimulatedTeacher(BaseTeacher):
     """A stand-in teacher for offline demos and benchmarks — not a model.
 
@@ -1146,36 +1354,36 @@ class SimulatedTeacher(BaseTeacher):
 
     def __init__(
         self,
-        spec: TeacherSpec,
-        task: TaskSpec,
+        spec: TeacherSection,
+        task: PromptTask,
         *,
         embed: Callable[[list[str]], np.ndarray] | None = None,
     ) -> None:
-        assert spec.dataset is not None and task.labels is not None
+        opts = _options(spec, SimulatedOptions)
+        assert task.labels is not None
         self._spec = spec
         self._labels = list(task.labels)
-        self._accuracy = float(spec.accuracy if spec.accuracy is not None else 0.85)
-        self._temperature = float(spec.similarity_temperature or 0.1)
-        self._seed = spec.seed if spec.seed is not None else task.seed
+        self._accuracy = float(opts.accuracy)
+        self._temperature = float(opts.similarity_temperature)
+        self._seed = opts.seed if opts.seed is not None else task.seed
+        dataset = opts.dataset
         text_col, label_col = task.data.text_column, task.data.label_column
         known = set(self._labels)
         self._gold: dict[str, str] = {}
         h = hashlib.sha256()
-        from kolm_compile.spec import read_rows  # the one table reader (spec imports this)
-
         try:
-            h.update(spec.dataset.read_bytes())
-            for n, row in enumerate(read_rows(spec.dataset), 1):
+            h.update(dataset.read_bytes())
+            for n, row in enumerate(read_rows(dataset), 1):
                 if text_col not in row or label_col not in row:
                     raise FormatError(
-                        f"{spec.dataset.name} row {n}: needs columns {text_col!r} and {label_col!r}"
+                        f"{dataset.name} row {n}: needs columns {text_col!r} and {label_col!r}"
                     )
                 text, label = str(row[text_col]).strip(), str(row[label_col]).strip()
                 if label in known:
                     self._gold.setdefault(input_sha256(text), label)
         except OSError as e:
             raise SpecError(
-                f"spec.teacher.dataset: cannot read {spec.dataset}: {e.strerror or e}"
+                f"spec.teacher.dataset: cannot read {dataset}: {e.strerror or e}"
             ) from e
         self._dataset_sha256 = h.hexdigest()
         names = [_label_words(label) for label in self._labels]
@@ -1218,7 +1426,7 @@ class SimulatedTeacher(BaseTeacher):
         return (1.0 - self._accuracy) * p
 
     def sample(
-        self, prompt_id: str, input_text: str, k: int, task: TaskSpec, *, first_index: int = 0
+        self, prompt_id: str, input_text: str, k: int, task: PromptTask, *, first_index: int = 0
     ) -> list[TeacherSample]:
         """Samples ``first_index .. first_index + k - 1``; unknown input → NotFoundError."""
         _check_k(k, first_index)

@@ -51,7 +51,7 @@ from kolm_compile._pb import compile_pb2_grpc as pb_grpc
 from kolm_compile.cli import _dataset_chunks
 from kolm_compile.intake import TeacherProfiles
 from kolm_compile.spec import FILE_FIELDS, TaskSpec, load_spec_text
-from kolm_compile.teachers import input_sha256
+from kolm_compile.teachers import input_sha256, teacher_backends, teacher_options
 from kolm_ledger import tls
 from kolm_ledger.errors import SpecError
 from kolm_ledger.keys import PrivateKey, init_keys
@@ -295,7 +295,10 @@ def test_every_path_field_of_the_spec_goes_through_the_resolver() -> None:
     table the one resolver walks); a new file field that is not would fail here."""
     listed = {dotted for dotted, _, _ in FILE_FIELDS}
     found = set()
-    for section, cls in spec_mod._SECTIONS.items():
+    classes = [(section, cls) for section, cls in spec_mod._SECTIONS.items()]
+    # each teacher backend's options are written flat in the teacher section
+    classes += [("teacher", teacher_options(b)) for b in teacher_backends()]
+    for section, cls in classes:
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             if "Path" in str(hints.get(f.name)):
