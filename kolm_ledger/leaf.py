@@ -44,6 +44,7 @@ from .errors import InvalidInput
 __all__ = [
     "LOG_FORMAT",
     "MAX_INTEGRATED_TIME_US",
+    "chain_next",
     "entry_leaf_hash",
     "leaf_data",
     "statement_digest",
@@ -95,3 +96,9 @@ def statement_digest(envelope: Envelope) -> bytes:
     return hashlib.sha256(
         pae(envelope.payload_type, envelope.payload) + envelope.signatures[0].keyid.encode()
     ).digest()
+
+
+def chain_next(prev: bytes, leaf_hash: bytes) -> bytes:
+    """The hash chain's next link: ``chain[i] = SHA-256(0x02 || chain[i-1] || leaf_hash[i])``
+    (the ledger extends it as it sequences; the audit recomputes it)."""
+    return hashlib.sha256(b"\x02" + prev + leaf_hash).digest()
