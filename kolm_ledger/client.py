@@ -2,6 +2,12 @@
 :class:`AsyncLedgerClient` (``grpc.aio``). They take and return domain types
 (envelopes, bundles, checkpoints, entries) and raise :class:`KolmError` subclasses.
 
+Both are built on one request layer: each read and the single append is written once,
+as a *plan* (a generator that yields the unary calls it needs — several, for
+``find``'s pages — and returns the decoded answer), and each client only runs plans, on
+its own channel (:func:`_sync`, :func:`_async`). So the two clients have the same
+methods, signatures, defaults and paging, and cannot drift apart.
+
 Example::
 
     client = LedgerClient("127.0.0.1:7070")
@@ -13,12 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import grpc
 
@@ -166,6 +182,160 @@ def _leaf(
     return given
 
 
+# --------------------------------------------------------------------------- the requests
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+#: service page size of ``FindEntries``
+FIND_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class _Unary:
+    """One unary call a plan needs: method name, request message, deadline (None: the
+    client's ``timeout``)."""
+
+    method: str
+    request: Any
+    timeout: float | None = None
+
+
+#: A request plan: yields the calls it needs, is sent each response, returns the answer.
+_Plan = Generator[_Unary, Any, _T]
+
+
+def _append_plan(envelope: Envelope | bytes, *, wait: bool = False) -> _Plan[AppendResult]:
+    """Append one envelope; with ``wait`` the result carries the offline bundle."""
+    r = yield _Unary(
+        "Append", pb.AppendRequest(envelope=_env_bytes(envelope), wait_for_checkpoint=wait)
+    )
+    return _result(r)
+
+
+def _checkpoint_plan(size: int = 0) -> _Plan[SignedCheckpoint]:
+    """The newest signed checkpoint (or the one of ``size``)."""
+    r = yield _Unary("GetCheckpoint", pb.GetCheckpointRequest(size=size))
+    return SignedCheckpoint.from_bytes(r.note)
+
+
+def _inclusion_proof_plan(
+    *, index: int | None = None, leaf_hash: bytes | None = None, tree_size: int = 0
+) -> _Plan[pb.InclusionProof]:
+    """Inclusion proof message (index, tree_size, leaf_hash, hashes, checkpoint)."""
+    proof: pb.InclusionProof = yield _Unary(
+        "GetInclusionProof",
+        pb.GetInclusionProofRequest(tree_size=tree_size, **_leaf(index, leaf_hash)),
+    )
+    return proof
+
+
+def _consistency_proof_plan(from_size: int, to_size: int = 0) -> _Plan[tuple[list[bytes], bytes]]:
+    """(hashes, signed checkpoint note of to_size)."""
+    r = yield _Unary(
+        "GetConsistencyProof", pb.GetConsistencyProofRequest(from_size=from_size, to_size=to_size)
+    )
+    return list(r.hashes), bytes(r.checkpoint)
+
+
+def _find_plan(
+    *,
+    subject_digest: str | None = None,
+    kind: str | None = None,
+    key_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    after_index: int = -1,
+    limit: int = 1000,
+) -> _Plan[list[Entry]]:
+    """Matching entries after ``after_index``, in index order, up to ``limit`` (follows
+    the service's pages)."""
+    out: list[Entry] = []
+    after = after_index
+    while True:
+        r = yield _Unary(
+            "FindEntries",
+            _find_request(subject_digest, kind, key_id, since, until, after, min(limit, FIND_PAGE)),
+        )
+        out.extend(_entry(e) for e in r.entries)
+        if r.next_after_index < 0 or len(out) >= limit:
+            return out[:limit]
+        after = r.next_after_index
+
+
+def _bundle_plan(
+    *,
+    index: int | None = None,
+    leaf_hash: bytes | None = None,
+    statement_digest: bytes | None = None,
+    tree_size: int = 0,
+) -> _Plan[Bundle]:
+    """The offline receipt bundle of one entry: by index, by the leaf hash the ledger
+    gave, or by :func:`kolm_ledger.leaf.statement_digest` of its envelope."""
+    r = yield _Unary(
+        "GetReceiptBundle",
+        pb.GetReceiptBundleRequest(
+            tree_size=tree_size, **_leaf(index, leaf_hash, statement_digest)
+        ),
+    )
+    return Bundle.from_bytes(r.bundle)
+
+
+def _provenance_plan(artifact_digest: str, *, include_labels: bool = True) -> _Plan[Provenance]:
+    """Artifact → eval → labels, as the server sees it (re-verify client-side)."""
+    r = yield _Unary(
+        "GetProvenance",
+        pb.GetProvenanceRequest(artifact_digest=artifact_digest, include_labels=include_labels),
+        timeout=300,
+    )
+    return _provenance(r)
+
+
+def _entries_request(start: int, end: int) -> pb.GetEntriesRequest:
+    return pb.GetEntriesRequest(start=start, end=end)
+
+
+def _sync(plan: Callable[_P, _Plan[_T]]) -> Callable[Concatenate[LedgerClient, _P], _T]:
+    """A :class:`LedgerClient` method that runs ``plan``."""
+
+    @functools.wraps(plan)
+    def method(self: LedgerClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._run(plan(*args, **kwargs))
+
+    _name(method, plan, "LedgerClient")
+    return method
+
+
+def _async(
+    plan: Callable[_P, _Plan[_T]],
+) -> Callable[Concatenate[AsyncLedgerClient, _P], Coroutine[Any, Any, _T]]:
+    """An :class:`AsyncLedgerClient` method that runs ``plan`` (awaitable)."""
+
+    @functools.wraps(plan)
+    async def method(self: AsyncLedgerClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await self._run(plan(*args, **kwargs))
+
+    _name(method, plan, "AsyncLedgerClient")
+    return method
+
+
+def _name(method: Callable[..., Any], plan: Callable[..., Any], owner: str) -> None:
+    """``_find_plan`` → ``LedgerClient.find(self, *, ...) -> list[Entry]`` (for help(),
+    inspect and tracebacks)."""
+    name = plan.__name__.removeprefix("_").removesuffix("_plan")
+    method.__name__ = name
+    method.__qualname__ = f"{owner}.{name}"
+    sig = inspect.signature(plan)
+    ret = sig.return_annotation
+    if isinstance(ret, str) and ret.startswith("_Plan[") and ret.endswith("]"):
+        ret = ret[len("_Plan[") : -1]
+    self_ = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[self_, *sig.parameters.values()], return_annotation=ret
+    )
+    del method.__wrapped__  # type: ignore[attr-defined]
+
+
 class LedgerClient:
     """Synchronous client. ``credentials`` None means plain text (loopback only)."""
 
@@ -201,13 +371,22 @@ class LedgerClient:
         except grpc.RpcError as e:
             raise error_from_rpc(e) from e
 
-    def append(self, envelope: Envelope | bytes, *, wait: bool = False) -> AppendResult:
-        """Append one envelope; with ``wait`` the result carries the offline bundle."""
-        return _result(
-            self._call(
-                "Append", pb.AppendRequest(envelope=_env_bytes(envelope), wait_for_checkpoint=wait)
-            )
-        )
+    def _run(self, plan: _Plan[_T]) -> _T:
+        """Run a request plan: each call it yields, on this channel, its response sent back."""
+        try:
+            call = next(plan)
+            while True:
+                call = plan.send(self._call(call.method, call.request, call.timeout))
+        except StopIteration as done:
+            return cast(_T, done.value)
+
+    append = _sync(_append_plan)
+    checkpoint = _sync(_checkpoint_plan)
+    inclusion_proof = _sync(_inclusion_proof_plan)
+    consistency_proof = _sync(_consistency_proof_plan)
+    find = _sync(_find_plan)
+    bundle = _sync(_bundle_plan)
+    provenance = _sync(_provenance_plan)
 
     def append_many(
         self, envelopes: Iterable[Envelope | bytes], *, batch: int = 500, wait: bool = False
@@ -224,106 +403,23 @@ class LedgerClient:
         out: list[AppendResult | KolmError] = []
         try:
             for resp in self._stub.AppendStream(reqs(), timeout=max(self.timeout, 600)):
-                for r in resp.results:
-                    out.append(
-                        _result(r.ok) if r.WhichOneof("result") == "ok" else _status_error(r.error)
-                    )
+                out.extend(_results(resp))
         except grpc.RpcError as e:
             raise error_from_rpc(e) from e
         return out
 
-    def checkpoint(self, size: int = 0) -> SignedCheckpoint:
-        """The newest signed checkpoint (or the one of ``size``)."""
-        return SignedCheckpoint.from_bytes(
-            self._call("GetCheckpoint", pb.GetCheckpointRequest(size=size)).note
-        )
-
-    def inclusion_proof(
-        self, *, index: int | None = None, leaf_hash: bytes | None = None, tree_size: int = 0
-    ) -> pb.InclusionProof:
-        """Inclusion proof message (index, tree_size, leaf_hash, hashes, checkpoint)."""
-        proof: pb.InclusionProof = self._call(
-            "GetInclusionProof",
-            pb.GetInclusionProofRequest(tree_size=tree_size, **_leaf(index, leaf_hash)),
-        )
-        return proof
-
-    def consistency_proof(self, from_size: int, to_size: int = 0) -> tuple[list[bytes], bytes]:
-        """(hashes, signed checkpoint note of to_size)."""
-        r = self._call(
-            "GetConsistencyProof",
-            pb.GetConsistencyProofRequest(from_size=from_size, to_size=to_size),
-        )
-        return list(r.hashes), r.checkpoint
-
     def entries(self, start: int = 0, end: int = 0) -> Iterator[Entry]:
         """Stream entries ``start <= index < end`` (0: to the current size)."""
         try:
-            for e in self._stub.GetEntries(
-                pb.GetEntriesRequest(start=start, end=end), timeout=None
-            ):
+            for e in self._stub.GetEntries(_entries_request(start, end), timeout=None):
                 yield _entry(e)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from e
 
-    def find(
-        self,
-        *,
-        subject_digest: str | None = None,
-        kind: str | None = None,
-        key_id: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        after_index: int = -1,
-        limit: int = 1000,
-    ) -> list[Entry]:
-        """Matching entries after ``after_index``, in index order, up to ``limit`` (follows
-        the service's pages)."""
-        out: list[Entry] = []
-        after = after_index
-        while True:
-            r = self._call(
-                "FindEntries",
-                _find_request(subject_digest, kind, key_id, since, until, after, min(limit, 1000)),
-            )
-            out.extend(_entry(e) for e in r.entries)
-            if r.next_after_index < 0 or len(out) >= limit:
-                return out[:limit]
-            after = r.next_after_index
-
-    def bundle(
-        self,
-        *,
-        index: int | None = None,
-        leaf_hash: bytes | None = None,
-        statement_digest: bytes | None = None,
-        tree_size: int = 0,
-    ) -> Bundle:
-        """The offline receipt bundle of one entry: by index, by the leaf hash the ledger
-        gave, or by :func:`kolm_ledger.leaf.statement_digest` of its envelope."""
-        r = self._call(
-            "GetReceiptBundle",
-            pb.GetReceiptBundleRequest(
-                tree_size=tree_size, **_leaf(index, leaf_hash, statement_digest)
-            ),
-        )
-        return Bundle.from_bytes(r.bundle)
-
-    def provenance(self, artifact_digest: str, *, include_labels: bool = True) -> Provenance:
-        """Artifact → eval → labels, as the server sees it (re-verify client-side)."""
-        return _provenance(
-            self._call(
-                "GetProvenance",
-                pb.GetProvenanceRequest(
-                    artifact_digest=artifact_digest, include_labels=include_labels
-                ),
-                timeout=300,
-            )
-        )
-
 
 class AsyncLedgerClient:
-    """``grpc.aio`` client with the same surface as :class:`LedgerClient` (awaitable)."""
+    """``grpc.aio`` client with the same surface as :class:`LedgerClient` (awaitable; the
+    same request plans), plus batched and pipelined appends."""
 
     def __init__(
         self,
@@ -354,13 +450,30 @@ class AsyncLedgerClient:
         except grpc.RpcError as e:
             raise error_from_rpc(e) from e
 
-    async def append(self, envelope: Envelope | bytes, *, wait: bool = False) -> AppendResult:
-        """Append one envelope."""
-        return _result(
-            await self._call(
-                "Append", pb.AppendRequest(envelope=_env_bytes(envelope), wait_for_checkpoint=wait)
-            )
-        )
+    async def _run(self, plan: _Plan[_T]) -> _T:
+        """Run a request plan: each call it yields, awaited on this channel."""
+        try:
+            call = next(plan)
+            while True:
+                call = plan.send(await self._call(call.method, call.request, call.timeout))
+        except StopIteration as done:
+            return cast(_T, done.value)
+
+    append = _async(_append_plan)
+    checkpoint = _async(_checkpoint_plan)
+    inclusion_proof = _async(_inclusion_proof_plan)
+    consistency_proof = _async(_consistency_proof_plan)
+    find = _async(_find_plan)
+    bundle = _async(_bundle_plan)
+    provenance = _async(_provenance_plan)
+
+    async def entries(self, start: int = 0, end: int = 0) -> AsyncIterator[Entry]:
+        """Stream entries ``start <= index < end`` (0: to the current size)."""
+        try:
+            async for e in self._stub.GetEntries(_entries_request(start, end), timeout=None):
+                yield _entry(e)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from e
 
     async def append_batch(
         self, envelopes: Sequence[Envelope | bytes], *, wait: bool = False
@@ -402,55 +515,6 @@ class AsyncLedgerClient:
         except grpc.RpcError as e:
             raise error_from_rpc(e) from e
         return out
-
-    async def checkpoint(self, size: int = 0) -> SignedCheckpoint:
-        """The newest signed checkpoint."""
-        r = await self._call("GetCheckpoint", pb.GetCheckpointRequest(size=size))
-        return SignedCheckpoint.from_bytes(r.note)
-
-    async def bundle(
-        self,
-        *,
-        index: int | None = None,
-        leaf_hash: bytes | None = None,
-        statement_digest: bytes | None = None,
-        tree_size: int = 0,
-    ) -> Bundle:
-        """The offline receipt bundle of one entry (as :meth:`LedgerClient.bundle`)."""
-        r = await self._call(
-            "GetReceiptBundle",
-            pb.GetReceiptBundleRequest(
-                tree_size=tree_size, **_leaf(index, leaf_hash, statement_digest)
-            ),
-        )
-        return Bundle.from_bytes(r.bundle)
-
-    async def find(
-        self,
-        *,
-        subject_digest: str | None = None,
-        kind: str | None = None,
-        key_id: str | None = None,
-        limit: int = 1000,
-    ) -> list[Entry]:
-        """Matching entries (first page up to ``limit``)."""
-        r = await self._call(
-            "FindEntries",
-            _find_request(subject_digest, kind, key_id, None, None, -1, min(limit, 1000)),
-        )
-        return [_entry(e) for e in r.entries]
-
-    async def provenance(self, artifact_digest: str, *, include_labels: bool = False) -> Provenance:
-        """Artifact → eval → labels."""
-        return _provenance(
-            await self._call(
-                "GetProvenance",
-                pb.GetProvenanceRequest(
-                    artifact_digest=artifact_digest, include_labels=include_labels
-                ),
-                timeout=300,
-            )
-        )
 
 
 class AppendPipe:

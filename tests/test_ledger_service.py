@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -46,8 +47,7 @@ from kolm_ledger.client import AppendResult, LedgerClient
 from kolm_ledger.dsse import MAX_ENVELOPE_BYTES, Envelope
 from kolm_ledger.errors import BackpressureError, KolmError, SignatureError
 from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.leaf import entry_leaf_hash
-from kolm_ledger.ledger import chain_next
+from kolm_ledger.leaf import chain_next, entry_leaf_hash
 from kolm_ledger.provenance import training_set_root
 from kolm_ledger.provenance_check import check_provenance
 from kolm_ledger.receipts import (
@@ -1148,3 +1148,75 @@ def test_stream_messages_are_sequenced_in_order_while_validated_on_threads(
             results = c.append_many(chunk, batch=batch)
             got = [r.index if isinstance(r, AppendResult) else r for r in results]
             assert got == list(range(60 * n, 60 * (n + 1))), (batch, got)
+
+
+# ---- the sync and async clients: one request layer ---------------------------------------
+
+#: methods each client has for itself: appends over AppendStream, and the lifecycle
+_OWN = {"append_many", "append_batch", "append_batches", "append_pipelined", "close"}
+
+
+def _surface(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        n: inspect.signature(getattr(cls, n))
+        for n in dir(cls)
+        if not n.startswith("_") and callable(getattr(cls, n)) and n not in _OWN
+    }
+
+
+def test_the_sync_and_async_clients_have_one_surface() -> None:
+    from kolm_ledger.client import AsyncLedgerClient
+
+    sync, aio = _surface(LedgerClient), _surface(AsyncLedgerClient)
+    # every read (and the single append) on both, with the same parameters and defaults:
+    # inclusion_proof, consistency_proof and entries were sync-only, find took fewer
+    # filters and provenance defaulted include_labels=False on the async client
+    assert set(sync) == set(aio)
+    assert {"find", "provenance", "inclusion_proof", "consistency_proof", "entries"} <= set(aio)
+    for name in sync:
+        assert sync[name].parameters == aio[name].parameters, name
+
+
+def test_the_async_client_answers_as_the_sync_one(
+    client: LedgerClient, server: ThreadedServer, keys: Keys
+) -> None:
+    from kolm_ledger.client import AsyncLedgerClient
+
+    job = "job-parity"
+    envs = [label_env(keys.compile, i, job) for i in range(1005)]  # more than a page
+    acks = ok(client.append_many(envs))
+    good = _h("artifact", "parity")
+    ev = client.append(_eval(keys, good, 45, 50))
+    root = training_set_root([a.leaf_hash for a in acks])
+    client.append(_artifact(keys, good, root, len(acks), ev.leaf_hash, 90.0, job))
+    size = client.checkpoint().checkpoint.size
+
+    async def both() -> dict[str, Any]:
+        c = AsyncLedgerClient(server.target, timeout=30)
+        try:
+            return {
+                "find": await c.find(kind="label", limit=2000),
+                "after": await c.find(kind="label", after_index=1000, limit=3),
+                "prov": await c.provenance(good),
+                "incl": await c.inclusion_proof(index=7, tree_size=size),
+                "cons": await c.consistency_proof(5, size),
+                "entries": [e async for e in c.entries(0, 4)],
+            }
+        finally:
+            await c.close()
+
+    got = asyncio.run(both())
+    want = {
+        "find": client.find(kind="label", limit=2000),
+        "after": client.find(kind="label", after_index=1000, limit=3),
+        "prov": client.provenance(good),
+        "incl": client.inclusion_proof(index=7, tree_size=size),
+        "cons": client.consistency_proof(5, size),
+        "entries": list(client.entries(0, 4)),
+    }
+    # every page followed (the async find returned the first 1000 only)
+    assert len(got["find"]) == len(want["find"]) == 1005
+    assert [e.index for e in got["after"]] == [1001, 1002, 1003]
+    # the same default: the labels are listed (the async client left them out)
+    assert len(got["prov"].labels) == 1005 and got["prov"].root_matches
+    assert got == want
