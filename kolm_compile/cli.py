@@ -277,7 +277,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         from kolm_ledger.client import LedgerClient
 
         sink = ServiceSink(LedgerClient(a.ledger, timeout=600), trust=trust)
-    from ._train import embed_texts
+    from .student import embed_texts
 
     cache = Path(a.teacher_cache) if a.teacher_cache else default_teacher_cache()
     try:
@@ -382,10 +382,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from kolm_ledger.rpc import configure_logging
     from kolm_ledger.tls import client_credentials, server_credentials_from_args
 
-    from ._train import embed_texts
     from .intake import TeacherProfiles
     from .service import JobRunner, serve
     from .sinks import ServiceSink
+    from .student import embed_texts
 
     configure_logging(a.log_level)
     teachers = TeacherProfiles.load(a.teachers) if a.teachers else None

@@ -310,9 +310,9 @@ _BASE_DIGESTS: dict[str, str] = {}
 def base_weights_digest(model_id: str) -> str:
     """SHA-256 over the base model's file digests (name order): what ``base_model`` pins."""
     if model_id not in _BASE_DIGESTS:
-        from . import _train
+        from .student import resolve_base_model
 
-        root = _train.resolve_base_model(model_id)
+        root = resolve_base_model(model_id)
         files = sorted(
             p.relative_to(root).as_posix()
             for p in root.rglob("*")
@@ -873,6 +873,7 @@ class CompileJob:
 
     def _train(self, sgn: Mapping[str, Any]) -> dict[str, Any]:
         from . import _train
+        from .student import Student, torch_state
 
         cfg = self._train_config()
         mdir = self.model_dir()
@@ -923,8 +924,8 @@ class CompileJob:
         except InterruptedError as e:
             raise JobCancelled(f"job {self.job_id} cancelled during training") from e
         self._student = tr.student
-        student = tr.student or _train.Student.load(mdir / "adapter", threads=cfg.threads)
-        with _train._torch_state(cfg.threads, False):
+        student = tr.student or Student.load(mdir / "adapter", threads=cfg.threads)
+        with torch_state(cfg.threads, False):
             gate_meta = _gate.build(
                 student,
                 texts,
@@ -954,10 +955,10 @@ class CompileJob:
     # ---- (6) evaluate -------------------------------------------------------------------
 
     def _evaluate(self, ing: Mapping[str, Any], smp: Mapping[str, Any]) -> dict[str, Any]:
-        from . import _train
+        from .student import Student, torch_state
 
         cfg = self._train_config()
-        student = getattr(self, "_student", None) or _train.Student.load(
+        student = getattr(self, "_student", None) or Student.load(
             self.model_dir() / "adapter", threads=cfg.threads
         )
         texts = [t for t, _ in ing["holdout"]]
@@ -968,7 +969,7 @@ class CompileJob:
             return list(student.predict(list(xs), batch_size=bs))
 
         # at the recorded settings (threads, batch size), so an auditor can re-execute it
-        with _train._torch_state(cfg.threads, False):
+        with torch_state(cfg.threads, False):
             preds = [p for p, _ in predict(texts)]
             determinism = reexec.determinism_record(
                 predict, threads=cfg.threads, batch_size=bs, dtype=student.dtype
@@ -1015,7 +1016,7 @@ class CompileJob:
         gate_ev = None
         if (gate_meta := self._load("train").get("gate")) is not None:
             gate = _gate.Gate.load(self.model_dir(), gate_meta, self.spec.name)
-            with _train._torch_state(cfg.threads, False):
+            with torch_state(cfg.threads, False):
                 gate_ev = _gate.evaluate(gate, student, texts, [bool(o) for o in outcomes])
         return {
             **({"gate": gate_ev} if gate_ev is not None else {}),
@@ -1047,7 +1048,7 @@ class CompileJob:
         sgn: Mapping[str, Any],
         ev: Mapping[str, Any],
     ) -> dict[str, Any]:
-        from . import _train
+        from .student import resolve_base_model
 
         spec, v = self.spec, self.verifier
         cfg = self._train_config()
@@ -1105,7 +1106,7 @@ class CompileJob:
             manifest["gate"] = {**gate_meta, **({"holdout": ev["gate"]} if "gate" in ev else {})}
         cover = _cover_summary(manifest.get("gate"))
         if self.opts.bundle_base:
-            src = _train.resolve_base_model(cfg.base_model)
+            src = resolve_base_model(cfg.base_model)
             shutil.copytree(src, mdir / "base", ignore=shutil.ignore_patterns(".*"))
             manifest["base"] = "base"
         recall_info = self._build_recall(sgn, cfg) if spec.recall is not None else None
@@ -1231,11 +1232,12 @@ class CompileJob:
         ``source: documents`` chunks the spec's corpus; ``source: examples`` indexes the
         acknowledged training examples (ledger index order; chunk id = the example digest
         = the subject of its label receipt). Embeddings: the plain base model
-        (:func:`kolm_compile._train.embed_texts`, ``cfg.threads`` torch threads), as
+        (:func:`kolm_compile.student.embed_texts`, ``cfg.threads`` torch threads), as
         ``kolm recall update`` does. The manifest field is :meth:`IndexInfo.to_manifest`
         plus ``k``, the default number of chunks a prediction retrieves.
         """
-        from . import _train, recall
+        from . import recall
+        from .student import embed_texts, torch_state
 
         rs = self.spec.recall
         assert rs is not None
@@ -1248,9 +1250,9 @@ class CompileJob:
         model_id = cfg.base_model
 
         def embed(texts: Sequence[str]) -> Any:
-            return _train.embed_texts(list(texts), model_id)
+            return embed_texts(list(texts), model_id)
 
-        with _train._torch_state(cfg.threads, False):
+        with torch_state(cfg.threads, False):
             info = recall.build_index(
                 chunks,
                 embed,
@@ -1382,8 +1384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bundle-base", action="store_true")
     ap.add_argument("--threads", type=int)
     a = ap.parse_args(argv)
-    from ._train import embed_texts
     from .sinks import LocalLedgerSink, ServiceSink
+    from .student import embed_texts
 
     if a.db:
         sink: Any = LocalLedgerSink.open(a.db, a.keys)

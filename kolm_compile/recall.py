@@ -631,7 +631,7 @@ class RecallIndex:
         expected_root: str | None = None,
     ) -> RecallIndex:
         """Open ``path`` read-only. ``embed`` turns query texts into vectors (default:
-        :func:`kolm_compile._train.embed_texts` with the index's ``embedding_model``).
+        :func:`kolm_compile.student.embed_texts` with the index's ``embedding_model``).
         With ``expected_root``, :func:`verify_index` runs first. Requires ``k_cap >= 1``."""
         if not isinstance(k_cap, int) or k_cap < 1:
             raise InvalidInput(f"k_cap is {k_cap!r}, want an integer >= 1")
@@ -663,7 +663,7 @@ class RecallIndex:
     def _embed_texts(self, texts: Sequence[str]) -> numpy.ndarray:
         if self._embed is not None:
             return self._embed(texts)
-        from kolm_compile._train import embed_texts
+        from kolm_compile.student import embed_texts
 
         return embed_texts(texts, self.embedding_model)
 

@@ -130,7 +130,7 @@ def update_artifact(
         if not isinstance(model_id, str) or not model_id:
             raise InvalidInput(f"{artifact.name}: manifest names no embedding model or base model")
         if embed is None:
-            from kolm_compile._train import embed_texts
+            from kolm_compile.student import embed_texts
 
             def embed(texts: Sequence[str]) -> Any:
                 return embed_texts(texts, model_id)

@@ -182,7 +182,7 @@ async def _demo(a: argparse.Namespace) -> int:
                 else f" [yellow](no recall index: {no_recall}; pip install 'kolm[recall]')[/]"
             )
         )
-        from kolm_compile._train import embed_texts
+        from kolm_compile.student import embed_texts
 
         client = LedgerClient(target, timeout=600)
         job = CompileJob(

@@ -537,7 +537,7 @@ class Engine:
         index: int,
         info: IndexInfo | None,
     ) -> LoadedArtifact:
-        from kolm_compile._train import Student
+        from kolm_compile.student import Student
         from kolm_compile.verifiers import get_verifier
 
         m = va.manifest
@@ -838,8 +838,8 @@ def _verify_recall(name: str, va: Any, statement: Statement) -> IndexInfo | None
 
 def _open_recall(name: str, va: Any, info: IndexInfo) -> ArtifactRecall:
     """Open a verified index, build its corpus tree, load and check the query embedder."""
-    from kolm_compile._train import embed_texts
     from kolm_compile.recall import RecallIndex
+    from kolm_compile.student import embed_texts
 
     model_id = info.embedding_model
 

@@ -40,7 +40,7 @@ manifest's ``determinism`` and the eval receipt's ``determinism`` — ``torch`` 
 student's answers on :data:`PROBE_TEXTS` (a fixed batch), which tells an auditor whether
 the arithmetic here is the compile's without the holdout.
 
-Torch-free at import: the runtime predictor (``kolm_compile._train.Student``) and the
+Torch-free at import: the runtime predictor (``kolm_compile.student.Student``) and the
 verifiers are imported when a check runs (they need ``kolm[ml]``).
 """
 
@@ -252,8 +252,8 @@ class ReexecStudent:
 
     def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         """``(label, confidence)`` per text at the recorded threads and batch size."""
-        tr = _ml("kolm_compile._train")
-        with tr._torch_state(self.threads, False):
+        tr = _ml("kolm_compile.student")
+        with tr.torch_state(self.threads, False):
             return list(self.student.predict(list(texts), batch_size=self.batch_size))
 
     def environment(self) -> dict[str, Any]:
@@ -318,8 +318,8 @@ def load_student(
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise VerificationError(f"{p.name}: bad manifest.json: {e}") from e
         verifier = _ml("kolm_compile.verifiers").get_verifier(v["name"], v.get("params") or {})
-        tr = _ml("kolm_compile._train")
-        with tr._torch_state(n_threads, False):
+        tr = _ml("kolm_compile.student")
+        with tr.torch_state(n_threads, False):
             student = tr.Student.load(adapter, base_model_path=base, threads=n_threads)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -69,7 +69,7 @@ def test_one_table_reader_for_csv_and_jsonl(tmp_path: Path) -> None:
 
 
 def _embed(texts: list[str]) -> Any:
-    from kolm_compile._train import embed_texts
+    from kolm_compile.student import embed_texts
 
     return embed_texts(texts)
 

@@ -524,7 +524,7 @@ def test_a_transformers_teacher_that_is_not_there_is_one_line_naming_the_field(
 ) -> None:
     import shutil
 
-    from kolm_compile._train import DEFAULT_BASE_MODEL, resolve_base_model
+    from kolm_compile.student import DEFAULT_BASE_MODEL, resolve_base_model
     from kolm_compile.teachers import build_teacher
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

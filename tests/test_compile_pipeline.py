@@ -57,7 +57,7 @@ def tiny_spec(**kw: Any) -> TaskSpec:
 
 
 def _embed(texts: list[str]) -> Any:
-    from kolm_compile._train import embed_texts
+    from kolm_compile.student import embed_texts
 
     return embed_texts(texts)
 

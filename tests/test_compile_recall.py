@@ -70,7 +70,7 @@ def write_corpus(path: Path, docs: list[dict[str, Any]]) -> None:
 
 
 def _embed(texts: list[str]) -> Any:
-    from kolm_compile._train import embed_texts
+    from kolm_compile.student import embed_texts
 
     return embed_texts(texts)
 

@@ -119,7 +119,7 @@ def test_knn_similarity_is_the_kth_neighbour() -> None:
 def gated(world: World) -> dict[str, Any]:  # noqa: F811
     """The world's student with a gate: built on its training rows, thresholds chosen on
     32 rows it was not trained on, packed and logged as the artifact ``gated``."""
-    from kolm_compile._train import Student
+    from kolm_compile.student import Student
     from kolm_ledger.canonical import digest_hex
 
     student = Student.load(world.adapter, threads=1)

@@ -184,7 +184,8 @@ _LOCK = threading.Lock()
 
 
 def _build_world(root: Path) -> World:
-    from kolm_compile._train import Student, TrainConfig, train_classifier
+    from kolm_compile._train import TrainConfig, train_classifier
+    from kolm_compile.student import Student
 
     keys = root / "keys"
     trust = init_keys(keys)

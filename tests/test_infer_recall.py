@@ -99,7 +99,7 @@ def repack(w: World, top: Path, out: Path, extra: dict[str, Any] | None = None) 
 
 def examples_artifact(w: World, name: str, examples: list[tuple[str, str]], d: Path) -> Path:
     from kolm_compile import recall
-    from kolm_compile._train import embed_texts
+    from kolm_compile.student import embed_texts
 
     top = unpack(w.artifacts["router"], d / name)
     top = top.rename(top.parent / name)

@@ -375,7 +375,7 @@ def _filler() -> list[Document]:
 
 @pytest.mark.ml
 def test_planted_sentences_are_retrieved_by_paraphrase(tmp_path: Path) -> None:
-    from kolm_compile._train import DEFAULT_BASE_MODEL, embed_texts
+    from kolm_compile.student import DEFAULT_BASE_MODEL, embed_texts
 
     docs = _filler() + [Document(k, s) for k, (s, _) in PLANTED.items()]
     chunks = recall.chunk_documents(docs, ChunkConfig(size=40, overlap=10))

@@ -20,14 +20,8 @@ from pathlib import Path
 import pytest
 from _data import banking77
 
-from kolm_compile._train import (
-    DEFAULT_BASE_MODEL,
-    TOKENIZER_FILES,
-    TrainConfig,
-    TrainResult,
-    resolve_base_model,
-    train_classifier,
-)
+from kolm_compile._train import TrainConfig, TrainResult, train_classifier
+from kolm_compile.student import DEFAULT_BASE_MODEL, TOKENIZER_FILES, resolve_base_model
 from kolm_ledger.errors import InvalidInput, SpecError
 
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
@@ -113,7 +107,7 @@ def test_resolve_base_model() -> None:
 
 def test_import_is_cheap() -> None:
     code = (
-        "import sys, kolm_compile._train, kolm_compile.kscore\n"
+        "import sys, kolm_compile._train, kolm_compile.student, kolm_compile.kscore\n"
         "heavy = {'torch', 'transformers', 'peft'} & set(sys.modules)\n"
         "assert not heavy, heavy"
     )
@@ -266,7 +260,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(
 @pytest.mark.ml
 @pytest.mark.slow
 def test_load_round_trip(trained: TrainResult, subset: Subset) -> None:
-    from kolm_compile._train import Student
+    from kolm_compile.student import Student
 
     assert trained.student is not None
     texts = subset.test_texts[:48]
@@ -292,7 +286,7 @@ def test_load_round_trip(trained: TrainResult, subset: Subset) -> None:
 @pytest.mark.slow
 def test_load_rejects_incomplete_dir(tmp_path: Path) -> None:
     pytest.importorskip("peft")
-    from kolm_compile._train import Student
+    from kolm_compile.student import Student
 
     with pytest.raises(InvalidInput, match=r"has no adapter_config\.json"):
         Student.load(tmp_path)
@@ -301,7 +295,7 @@ def test_load_rejects_incomplete_dir(tmp_path: Path) -> None:
 @pytest.mark.ml
 @pytest.mark.slow
 def test_load_rejects_head_label_mismatch(trained: TrainResult, tmp_path: Path) -> None:
-    from kolm_compile._train import Student
+    from kolm_compile.student import Student
 
     bad = tmp_path / "bad"
     shutil.copytree(trained.adapter_dir, bad)
@@ -318,7 +312,7 @@ def test_load_rejects_head_label_mismatch(trained: TrainResult, tmp_path: Path) 
 def test_embeddings(trained: TrainResult) -> None:
     import numpy as np
 
-    from kolm_compile._train import embed_texts
+    from kolm_compile.student import embed_texts
 
     texts = [
         "my card has not arrived yet",
