@@ -21,7 +21,7 @@ for the same number whatever the batching.
 Backends:
 
 - ``openai``: any OpenAI-compatible ``POST {endpoint}/v1/chat/completions``
-  (stdlib HTTP). ``n = k`` per request (more requests if the server returns fewer
+  (httpx; one retry helper, kolm_compile.retry). ``n = k`` per request (more requests if the server returns fewer
   choices), retries with exponential backoff and jitter on 429/5xx/timeouts/
   connection errors, a concurrency limit, token usage and cost accounting, and
   ``max_teacher_calls`` from the budget. The API key is read from the
@@ -44,19 +44,19 @@ its recorded tokens and cost are what it cost when it was bought.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import http.client
 import json
 import logging
 import math
 import os
 import random
 import re
+import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
+import httpx
 from pydantic import PlainValidator
 
 from kolm_compile.fields import (
@@ -81,6 +82,7 @@ from kolm_compile.fields import (
     table_path,
     text,
 )
+from kolm_compile.retry import Backoff, Retry, retry, retry_after
 from kolm_compile.tables import read_rows
 from kolm_ledger.errors import (
     FormatError,
@@ -631,11 +633,14 @@ def _chat_url(endpoint: str) -> str:
     return f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect would resend the Authorization header elsewhere: treat as an error."""
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """The system's default TLS context (its trust store, as before httpx), built once:
+    building one per teacher costs ~0.1 s."""
+    return ssl.create_default_context()
 
 
 def _http_url(v: Any) -> str:
@@ -713,10 +718,7 @@ class OpenAITeacher(BaseTeacher):
         self._retries = int(opts.max_retries)
         self._concurrency = int(opts.concurrency)
         self._slots = threading.BoundedSemaphore(self._concurrency)
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._rng_lock = threading.Lock()
-        self._backoff = (float(backoff_base_s), float(backoff_max_s))
+        self._backoff = Backoff(backoff_base_s, backoff_max_s, rng=rng, sleep=sleep)
         self._budget = task.budget
         # the job's spend over all its runs (the pipeline passes the job folder's); the
         # budget is checked against it, so a resumed job does not get a fresh budget
@@ -725,11 +727,19 @@ class OpenAITeacher(BaseTeacher):
         self._calls = 0  # requests sent by this object (retries included)
         self._retries_done = 0
         self._inflight = [0, 0]  # requests, samples reserved by requests in flight
-        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
         host = urllib.parse.urlsplit(self._url).hostname or ""
-        if host in ("127.0.0.1", "localhost", "::1"):
-            handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
-        self._opener = urllib.request.build_opener(*handlers)
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(self._timeout),
+            verify=_tls(),
+            # a redirect would resend the Authorization header elsewhere: a 3xx is an error
+            follow_redirects=False,
+            trust_env=host not in _LOOPBACK,  # never send loopback through a proxy
+            limits=httpx.Limits(
+                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
+            ),
+        )
+        # kept-alive connections close with the teacher, closed or dropped
+        self._closer = weakref.finalize(self, self._client.close)
 
     @property
     def calls(self) -> int:
@@ -867,70 +877,57 @@ class OpenAITeacher(BaseTeacher):
             self._inflight[1] -= n
             self.spend.add(**({"requests": 1} if billed else {"failed_requests": 1}))
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        base, cap = self._backoff
-        d = min(cap, base * 2**attempt)
-        with self._rng_lock:
-            delay = d / 2 + self._rng.uniform(0, d / 2)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, cap))
-        return float(delay)
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._closer()
 
-    def _send(self, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    def _post(self, body: dict[str, Any], where: str, n: int = 1) -> Any:
+        """POST with retries (:func:`kolm_compile.retry.retry`). Errors name the endpoint,
+        the input (``where``) and the HTTP status or the local error class, never text the
+        endpoint sent: its body may carry anything, and job errors reach clients (the body
+        goes to the service log only)."""
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        req = urllib.request.Request(self._url, data=data, headers=headers, method="POST")
-        try:
-            with self._opener.open(req, timeout=self._timeout) as resp:
-                return resp.status, dict(resp.headers.items()), resp.read()
-        except urllib.error.HTTPError as e:
-            with e:
-                return e.code, dict(e.headers.items()) if e.headers else {}, e.read()
 
-    def _post(self, body: dict[str, Any], where: str, n: int = 1) -> Any:
-        """POST with retries. Errors name the endpoint, the input (``where``) and the HTTP
-        status or the local error class, never text the endpoint sent: its body may carry
-        anything, and job errors reach clients (the body goes to the service log only)."""
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        attempts = self._retries + 1
-        last = ""
-        for attempt in range(attempts):
+        def attempt() -> Any:
             self._take_call(n)
-            retry_after: float | None = None
             try:
                 with self._slots:
-                    status, headers, payload = self._send(data)
-            except (OSError, http.client.HTTPException) as e:
+                    response = self._client.post(self._url, content=data, headers=headers)
+            except httpx.RequestError as e:
                 self._settle(n, billed=False)
-                last = _local_reason(e)
-            else:
-                self._settle(n, billed=status == 200)
-                if status == 200:
-                    try:
-                        return json.loads(payload)
-                    except ValueError as e:
-                        raise _Malformed(
-                            f"teacher endpoint {self.endpoint} answered HTTP 200 with invalid "
-                            f"JSON for {where}"
-                        ) from e
-                if status not in _RETRY_STATUS and status < 500:
-                    raise self._client_error(status, payload, where)
-                last = f"HTTP {status}"
-                retry_after = _retry_after(headers)
-            if attempt + 1 < attempts:
-                with self.spend.lock:
-                    self._retries_done += 1
-                delay = self._delay(attempt, retry_after)
-                log.warning(
-                    "teacher %s request for %s failed (%s); retry %d/%d in %.2fs",
-                    self.endpoint, where, last, attempt + 1, self._retries, delay,
-                )  # fmt: skip
-                self._sleep(delay)
-        raise UnavailableError(
-            f"teacher endpoint {self.endpoint} unreachable after {attempts} attempts "
-            f"(last: {last}) for {where}"
-        )
+                return Retry(_local_reason(e))
+            status = response.status_code
+            self._settle(n, billed=status == 200)
+            if status == 200:
+                try:
+                    return json.loads(response.content)
+                except ValueError as e:
+                    raise _Malformed(
+                        f"teacher endpoint {self.endpoint} answered HTTP 200 with invalid "
+                        f"JSON for {where}"
+                    ) from e
+            if status not in _RETRY_STATUS and status < 500:
+                raise self._client_error(status, response.content, where)
+            return Retry(f"HTTP {status}", retry_after(response.headers))
+
+        def on_retry(attempt: int, why: Retry, delay: float) -> None:
+            with self.spend.lock:
+                self._retries_done += 1
+            log.warning(
+                "teacher %s request for %s failed (%s); retry %d/%d in %.2fs",
+                self.endpoint, where, why.reason, attempt + 1, self._retries, delay,
+            )  # fmt: skip
+
+        out = retry(attempt, retries=self._retries, backoff=self._backoff, on_retry=on_retry)
+        if isinstance(out, Retry):
+            raise UnavailableError(
+                f"teacher endpoint {self.endpoint} unreachable after {self._retries + 1} "
+                f"attempts (last: {out.reason}) for {where}"
+            )
+        return out
 
     def _client_error(self, status: int, payload: bytes, where: str) -> Exception:
         if status in (401, 403):
@@ -979,27 +976,22 @@ class OpenAITeacher(BaseTeacher):
 
 
 def _local_reason(e: BaseException) -> str:
-    """What went wrong with a request, in this machine's words only: the error class and,
-    for an OS error, its errno text (an ``http.client`` error can quote the peer's bytes)."""
-    reason = getattr(e, "reason", None)
-    err = reason if isinstance(reason, BaseException) else e
-    if isinstance(err, TimeoutError):
-        return f"{type(err).__name__}: timed out"
-    strerror = getattr(err, "strerror", None)
-    if isinstance(err, OSError) and isinstance(strerror, str):
-        return f"{type(err).__name__}: {strerror}"
-    return type(err).__name__
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    for key, value in headers.items():
-        if key.lower() == "retry-after":
-            try:
-                seconds = float(value)
-            except ValueError:
-                return None  # an HTTP date: fall back to our own backoff
-            return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    return None
+    """What went wrong with a request, in this machine's words only: a timeout, or the
+    OS error under the HTTP library's (its class and errno text), else the library error's
+    class. Never the error's message: a protocol error can quote the peer's bytes."""
+    if isinstance(e, httpx.TimeoutException):
+        return "TimeoutError: timed out"
+    err: BaseException | None = e
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, TimeoutError):
+            return f"{type(err).__name__}: timed out"
+        strerror = getattr(err, "strerror", None)
+        if isinstance(err, OSError) and isinstance(strerror, str):
+            return f"{type(err).__name__}: {strerror}"
+        err = err.__cause__ or err.__context__
+    return type(e).__name__
 
 
 # --------------------------------------------------------------------------- transformers

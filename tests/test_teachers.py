@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from kolm_compile.cache import CachedTeacher, TeacherCache, cache_key
+from kolm_compile.retry import Backoff, Retry, retry, retry_after
 from kolm_compile.spec import TaskSpec
 from kolm_compile.teachers import (
     PROMPT_VERSION,
@@ -506,6 +507,34 @@ def test_missing_key_variable_names_the_field(
         match=r"spec\.teacher\.api_key_env: environment variable KOLM_ABSENT_KEY is not set",
     ):
         build_teacher(spec.teacher, spec)
+
+
+def test_a_redirect_is_not_followed(tmp_path: Path, server: FakeOpenAI) -> None:
+    """A redirect would resend the Authorization header elsewhere: a 3xx is refused."""
+    other = FakeOpenAI()
+    try:
+        server.script = [("status", 307, {"Location": other.url + "/v1/chat/completions"}, {})]
+        spec = openai_spec(tmp_path, server)
+        with pytest.raises(InvalidInput, match=r"rejected the request \(HTTP 307\)"):
+            fast(spec).sample("p", "x", 1, spec)
+        assert server.count == 1 and other.count == 0
+    finally:
+        other.close()
+
+
+def test_the_retry_helper() -> None:
+    waits: list[float] = []
+    backoff = Backoff(0.1, 1.0, rng=random.Random(0), sleep=waits.append)
+    tries = iter([Retry("HTTP 500"), Retry("HTTP 429", retry_after=5.0), Retry("HTTP 503")])
+    last = retry(lambda: next(tries), retries=2, backoff=backoff)
+    assert last == Retry("HTTP 503")  # every attempt asked again: the last reason
+    assert len(waits) == 2 and 0.05 <= waits[0] <= 0.1
+    assert waits[1] == 1.0  # Retry-After, capped at max_s
+    assert retry(lambda: 7, retries=3, backoff=backoff) == 7 and len(waits) == 2
+    assert retry_after({"retry-after": "2.5"}) == 2.5
+    for bad in ("Wed, 21 Oct 2015 07:28:00 GMT", "-1", "nan", "inf"):
+        assert retry_after({"Retry-After": bad}) is None
+    assert retry_after({}) is None
 
 
 def test_endpoint_credentials_are_not_shown(tmp_path: Path, server: FakeOpenAI) -> None:
