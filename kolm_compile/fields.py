@@ -120,7 +120,8 @@ def spec_error(error: ValidationError, cls: type[Any]) -> SpecError:
     if kind == _KIND:
         message = str(ctx["message"])
     elif kind in _UNKNOWN:
-        message = f"unknown field (known: {', '.join(sorted(_known(cls)))})"
+        unknown = getattr(cls, "UNKNOWN", "unknown field")
+        message = f"{unknown} (known: {', '.join(sorted(_known(cls)))})"
     elif kind in _MISSING:
         message = str(getattr(cls, "REQUIRED", "required"))
     else:  # a pydantic check kolm has no words for (not expected: every field has its own)

@@ -35,9 +35,11 @@ bleu           1        threshold* in [0, 1], max_n=4, lowercase=false
 =============  =======  ==============================================================
 
 Bad params raise :class:`~kolm_ledger.errors.SpecError` naming the field, e.g.
-``"spec.verifier.params.pattern: not a valid regular expression: ..."``. New
-verifiers subclass :class:`BaseVerifier` and register with
-:func:`register_verifier`.
+``"spec.verifier.params.pattern: not a valid regular expression: ..."``. Each
+verifier declares its params as a :class:`VerifierParams` section (kolm_compile.fields,
+the one validation kit of the spec) and registers it with itself:
+``@register_verifier("bleu", "1", params=BLEUParams)``; ``configure`` receives the
+parsed params and checks what spans them.
 """
 
 from __future__ import annotations
@@ -49,19 +51,22 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import rfc8785
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, best_match
+from pydantic import PlainValidator
 
+from kolm_compile.fields import Section, boolean, integer, invalid, number, section, string
 from kolm_ledger.errors import SpecError
 
 __all__ = [
     "BaseVerifier",
     "Verdict",
     "Verifier",
+    "VerifierParams",
     "get_verifier",
     "register_verifier",
     "sentence_bleu",
@@ -121,92 +126,52 @@ class Verifier(Protocol):
 # --------------------------------------------------------------------------- params
 
 
-_MISSING: Any = object()
+@section
+class VerifierParams(Section):
+    """Base of a verifier's params: a section of kolm_compile.fields, one class per
+    verifier, registered with it (:func:`register_verifier`). A verifier registered
+    without one takes no params."""
 
+    PATH: ClassVar[str] = _PARAMS
+    UNKNOWN: ClassVar[str] = "unknown parameter"
 
-class _Params:
-    """Reads a params mapping field by field; what is left over is unknown."""
-
-    def __init__(self, verifier: str, raw: Any) -> None:
+    @classmethod
+    def parse(cls: type[_P], raw: Any) -> _P:
+        """The params from a spec's mapping (``None``: none given)."""
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
             raise SpecError(f"{_PARAMS}: must be a mapping, got {type(raw).__name__}")
-        self._verifier = verifier
-        self._raw = dict(raw)
-        self.values: dict[str, Any] = {}
+        for key in raw:
+            if not isinstance(key, str):
+                raise SpecError(f"{_PARAMS}: keys must be strings, got {key!r}")
+        return cls(**raw)
 
-    def _get(self, key: str, default: Any) -> Any:
-        if key in self._raw:
-            return self._raw[key]
-        if default is _MISSING:
-            raise SpecError(f"{_PARAMS}.{key}: required by verifier {self._verifier}")
-        return default
+    def to_dict(self) -> dict[str, Any]:
+        """Every param, defaults filled in, sorted by name."""
+        return {f.name: getattr(self, f.name) for f in sorted(fields(self), key=lambda f: f.name)}
 
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._get(key, default)
-        if not isinstance(value, bool):
-            raise SpecError(f"{_PARAMS}.{key}: must be true or false, got {value!r}")
-        self.values[key] = value
-        return value
 
-    def string(self, key: str, default: Any = _MISSING, choices: Sequence[str] = ()) -> str:
-        value = self._get(key, default)
-        if not isinstance(value, str):
-            raise SpecError(f"{_PARAMS}.{key}: must be a string, got {type(value).__name__}")
-        if choices and value not in choices:
-            raise SpecError(f"{_PARAMS}.{key}: must be one of {list(choices)}, got {value!r}")
-        self.values[key] = value
-        return value
+_P = TypeVar("_P", bound=VerifierParams)
 
-    def number(self, key: str, lo: float, hi: float, default: Any = _MISSING) -> float:
-        value = self._get(key, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or not lo <= value <= hi
-        ):
-            raise SpecError(f"{_PARAMS}.{key}: must be a number in [{lo:g}, {hi:g}], got {value!r}")
-        self.values[key] = value
-        return float(value)
 
-    def integer(self, key: str, lo: int, hi: int, default: Any = _MISSING) -> int:
-        value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise SpecError(f"{_PARAMS}.{key}: must be an integer in [{lo}, {hi}], got {value!r}")
-        self.values[key] = value
-        return value
+def _string_list(v: Any) -> list[str]:
+    if isinstance(v, str | bytes) or not isinstance(v, Sequence) or not v:
+        invalid("must be a non-empty list of strings")
+    for i, item in enumerate(v):
+        if not isinstance(item, str) or not item.strip():
+            invalid(f"must be a non-empty string, got {item!r}", f"[{i}]")
+    if len(set(v)) != len(v):
+        dup = next(x for x, n in Counter(v).items() if n > 1)
+        invalid(f"duplicate entry {dup!r}")
+    return list(v)
 
-    def string_list(self, key: str) -> list[str]:
-        value = self._get(key, _MISSING)
-        if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
-            raise SpecError(f"{_PARAMS}.{key}: must be a non-empty list of strings")
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item.strip():
-                raise SpecError(f"{_PARAMS}.{key}[{i}]: must be a non-empty string, got {item!r}")
-        if len(set(value)) != len(value):
-            dup = next(v for v, n in Counter(value).items() if n > 1)
-            raise SpecError(f"{_PARAMS}.{key}: duplicate entry {dup!r}")
-        self.values[key] = list(value)
-        return list(value)
 
-    def mapping(self, key: str) -> dict[str, Any]:
-        value = self._get(key, _MISSING)
-        if not isinstance(value, Mapping):
-            raise SpecError(f"{_PARAMS}.{key}: must be a mapping, got {type(value).__name__}")
-        plain: dict[str, Any] = json.loads(json.dumps(value))  # a deep, plain copy
-        self.values[key] = plain
-        return plain
-
-    def finish(self) -> dict[str, Any]:
-        unknown = sorted(set(self._raw) - set(self.values))
-        if unknown:
-            raise SpecError(
-                f"{_PARAMS}.{unknown[0]}: unknown parameter for verifier {self._verifier} "
-                f"(known: {', '.join(sorted(self.values))})"
-            )
-        return dict(sorted(self.values.items()))
+def _plain_mapping(v: Any) -> dict[str, Any]:
+    if not isinstance(v, Mapping):
+        invalid(f"must be a mapping, got {type(v).__name__}")
+    plain: dict[str, Any] = json.loads(json.dumps(v))  # a deep, plain copy
+    return plain
 
 
 # --------------------------------------------------------------------------- base and registry
@@ -224,9 +189,9 @@ class BaseVerifier:
     version: ClassVar[str] = ""
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
-        reader = _Params(self.name, params)
-        self.configure(reader)
-        self._params = reader.finish()
+        parsed = _PARAMS_OF.get(self.name, VerifierParams).parse(params)
+        self.configure(parsed)
+        self._params = parsed.to_dict()
         body: dict[str, Any] = {"name": self.name, "version": self.version, "params": self._params}
         try:
             canonical = rfc8785.dumps(body)
@@ -234,8 +199,9 @@ class BaseVerifier:
             raise SpecError(f"{_PARAMS}: not representable as canonical JSON: {e}") from e
         self._digest = hashlib.sha256(canonical).hexdigest()
 
-    def configure(self, p: _Params) -> None:
-        """Read and validate params (override)."""
+    def configure(self, p: Any) -> None:
+        """Take the parsed params (an instance of the params class registered with the
+        verifier) and check what spans them (override)."""
 
     @property
     def params(self) -> dict[str, Any]:
@@ -266,10 +232,14 @@ class BaseVerifier:
 
 _V = TypeVar("_V", bound=type[BaseVerifier])
 _REGISTRY: dict[str, type[BaseVerifier]] = {}
+_PARAMS_OF: dict[str, type[VerifierParams]] = {}
 
 
-def register_verifier(name: str, version: str) -> Callable[[_V], _V]:
-    """Class decorator: register a :class:`BaseVerifier` subclass under ``name``.
+def register_verifier(
+    name: str, version: str, *, params: type[VerifierParams] = VerifierParams
+) -> Callable[[_V], _V]:
+    """Class decorator: register a :class:`BaseVerifier` subclass under ``name``, with its
+    params class (``configure`` gets an instance of it).
 
     ``version`` is recorded in every receipt; bump it whenever the verdict or
     the normalized form could change for some input. Registering a name twice
@@ -281,7 +251,11 @@ def register_verifier(name: str, version: str) -> Callable[[_V], _V]:
             raise ValueError(f"verifier {name!r} is already registered")
         cls.name = name
         cls.version = version
+        if params is not VerifierParams:
+            params.REQUIRED = f"required by verifier {name}"
+            params.UNKNOWN = f"unknown parameter for verifier {name}"
         _REGISTRY[name] = cls
+        _PARAMS_OF[name] = params
         return cls
 
     return decorate
@@ -337,7 +311,22 @@ def _ensure_text(output: object, what: str = "output") -> str:
 _LABEL_STRIP = " \t\r\n\"'`."
 
 
-@register_verifier("label_set", "1")
+@section
+class LabelSetParams(VerifierParams):
+    """Params of ``label_set``."""
+
+    labels: Annotated[list[str], PlainValidator(_string_list)] = field(
+        metadata={"help": "the closed label set"}
+    )
+    case_sensitive: Annotated[bool, boolean()] = field(
+        default=False, metadata={"help": "compare case-sensitively"}
+    )
+    strip: Annotated[bool, boolean()] = field(
+        default=True, metadata={"help": "ignore surrounding spaces, quotes, full stops"}
+    )
+
+
+@register_verifier("label_set", "1", params=LabelSetParams)
 class LabelSetVerifier(BaseVerifier):
     """The output must be one of a closed set of labels.
 
@@ -346,12 +335,11 @@ class LabelSetVerifier(BaseVerifier):
     ``normalized`` is the label exactly as written in ``labels``.
     """
 
-    def configure(self, p: _Params) -> None:
-        labels = p.string_list("labels")
-        self._case_sensitive = p.boolean("case_sensitive", False)
-        self._strip = p.boolean("strip", True)
+    def configure(self, p: LabelSetParams) -> None:
+        self._case_sensitive = p.case_sensitive
+        self._strip = p.strip
         self._index: dict[str, str] = {}
-        for i, label in enumerate(labels):
+        for i, label in enumerate(p.labels):
             key = self._key(label)
             if key in self._index:
                 raise SpecError(
@@ -390,7 +378,19 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-@register_verifier("json_schema", "1")
+@section
+class JSONSchemaParams(VerifierParams):
+    """Params of ``json_schema``."""
+
+    schema: Annotated[dict[str, Any], PlainValidator(_plain_mapping)] = field(
+        metadata={"help": "the JSON Schema (Draft 2020-12) an output must satisfy"}
+    )
+    strip_code_fences: Annotated[bool, boolean()] = field(
+        default=True, metadata={"help": "remove a Markdown code fence first"}
+    )
+
+
+@register_verifier("json_schema", "1", params=JSONSchemaParams)
 class JSONSchemaVerifier(BaseVerifier):
     """The output must be JSON that validates against a Draft 2020-12 schema.
 
@@ -400,9 +400,9 @@ class JSONSchemaVerifier(BaseVerifier):
     order and spacing never split a vote.
     """
 
-    def configure(self, p: _Params) -> None:
-        schema = p.mapping("schema")
-        self._fences = p.boolean("strip_code_fences", True)
+    def configure(self, p: JSONSchemaParams) -> None:
+        schema = p.schema
+        self._fences = p.strip_code_fences
         try:
             Draft202012Validator.check_schema(schema)
         except SchemaError as e:
@@ -431,16 +431,27 @@ class JSONSchemaVerifier(BaseVerifier):
         return Verdict(True, normalized, "ok")
 
 
-@register_verifier("regex", "1")
+@section
+class RegexParams(VerifierParams):
+    """Params of ``regex``."""
+
+    pattern: Annotated[str, string()] = field(metadata={"help": "the whole output must match"})
+    ignore_case: Annotated[bool, boolean()] = field(
+        default=False, metadata={"help": "match case-insensitively"}
+    )
+    strip: Annotated[bool, boolean()] = field(
+        default=True, metadata={"help": "strip surrounding whitespace first"}
+    )
+
+
+@register_verifier("regex", "1", params=RegexParams)
 class RegexVerifier(BaseVerifier):
     """The whole output (stripped unless ``strip`` is false) must match ``pattern``."""
 
-    def configure(self, p: _Params) -> None:
-        pattern = p.string("pattern")
-        ignore_case = p.boolean("ignore_case", False)
-        self._strip = p.boolean("strip", True)
+    def configure(self, p: RegexParams) -> None:
+        self._strip = p.strip
         try:
-            self._regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+            self._regex = re.compile(p.pattern, re.IGNORECASE if p.ignore_case else 0)
         except re.error as e:
             raise SpecError(f"{_PARAMS}.pattern: not a valid regular expression: {e}") from e
 
@@ -453,7 +464,22 @@ class RegexVerifier(BaseVerifier):
         return Verdict(True, text, "ok")
 
 
-@register_verifier("exact_match", "1")
+@section
+class ExactMatchParams(VerifierParams):
+    """Params of ``exact_match``."""
+
+    strip: Annotated[bool, boolean()] = field(
+        default=True, metadata={"help": "strip surrounding whitespace"}
+    )
+    collapse_whitespace: Annotated[bool, boolean()] = field(
+        default=False, metadata={"help": "collapse runs of whitespace to one space"}
+    )
+    case_sensitive: Annotated[bool, boolean()] = field(
+        default=True, metadata={"help": "compare case-sensitively"}
+    )
+
+
+@register_verifier("exact_match", "1", params=ExactMatchParams)
 class ExactMatchVerifier(BaseVerifier):
     """The output must equal the reference after the configured normalization.
 
@@ -461,10 +487,10 @@ class ExactMatchVerifier(BaseVerifier):
     to one space, and case-fold unless ``case_sensitive``.
     """
 
-    def configure(self, p: _Params) -> None:
-        self._strip = p.boolean("strip", True)
-        self._collapse = p.boolean("collapse_whitespace", False)
-        self._case_sensitive = p.boolean("case_sensitive", True)
+    def configure(self, p: ExactMatchParams) -> None:
+        self._strip = p.strip
+        self._collapse = p.collapse_whitespace
+        self._case_sensitive = p.case_sensitive
 
     def _norm(self, text: str) -> str:
         if self._collapse:
@@ -483,7 +509,19 @@ class ExactMatchVerifier(BaseVerifier):
         return Verdict(True, normalized, "ok")
 
 
-@register_verifier("python_ast", "1")
+@section
+class PythonASTParams(VerifierParams):
+    """Params of ``python_ast``."""
+
+    mode: Annotated[str, string(("exec", "eval"))] = field(
+        default="exec", metadata={"help": "exec (statements) | eval (one expression)"}
+    )
+    strip_code_fences: Annotated[bool, boolean()] = field(
+        default=True, metadata={"help": "remove a Markdown code fence first"}
+    )
+
+
+@register_verifier("python_ast", "1", params=PythonASTParams)
 class PythonASTVerifier(BaseVerifier):
     """The output must be Python that parses; with a reference, to the same AST.
 
@@ -493,9 +531,9 @@ class PythonASTVerifier(BaseVerifier):
     running Python version).
     """
 
-    def configure(self, p: _Params) -> None:
-        self._mode = p.string("mode", "exec", choices=("exec", "eval"))
-        self._fences = p.boolean("strip_code_fences", True)
+    def configure(self, p: PythonASTParams) -> None:
+        self._mode = p.mode
+        self._fences = p.strip_code_fences
 
     def _parse(self, text: str) -> ast.AST:
         if self._fences:
@@ -558,7 +596,22 @@ def sentence_bleu(reference: Sequence[str], hypothesis: Sequence[str], max_n: in
     return bp * math.exp(log_sum / max_n)
 
 
-@register_verifier("bleu", "1")
+@section
+class BLEUParams(VerifierParams):
+    """Params of ``bleu``."""
+
+    threshold: Annotated[float, number(0.0, 1.0)] = field(
+        metadata={"help": "the least sentence BLEU an output must score"}
+    )
+    max_n: Annotated[int, integer(1, 8)] = field(
+        default=4, metadata={"help": "longest n-gram counted"}
+    )
+    lowercase: Annotated[bool, boolean()] = field(
+        default=False, metadata={"help": "lower-case the tokens first"}
+    )
+
+
+@register_verifier("bleu", "1", params=BLEUParams)
 class BLEUVerifier(BaseVerifier):
     """Sentence BLEU against the reference must be at least ``threshold``.
 
@@ -567,10 +620,10 @@ class BLEUVerifier(BaseVerifier):
     ``normalized`` is the output with whitespace collapsed.
     """
 
-    def configure(self, p: _Params) -> None:
-        self._threshold = p.number("threshold", 0.0, 1.0)
-        self._max_n = p.integer("max_n", 1, 8, default=4)
-        self._lowercase = p.boolean("lowercase", False)
+    def configure(self, p: BLEUParams) -> None:
+        self._threshold = p.threshold
+        self._max_n = p.max_n
+        self._lowercase = p.lowercase
 
     def _tokens(self, text: str) -> list[str]:
         return _TOKEN.findall(text.lower() if self._lowercase else text)
