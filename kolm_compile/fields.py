@@ -116,6 +116,7 @@ def spec_error(error: ValidationError, cls: type[Any]) -> SpecError:
     first = min(errors, key=lambda e: rank.get(e["type"], 2))
     ctx = first.get("ctx") or {}
     path = f"{getattr(cls, 'PATH', 'spec')}{_dotted(first['loc'])}{ctx.get('at', '')}"
+    path = path.removeprefix(".")  # a section at the top (PATH ""): the field's name alone
     kind = first["type"]
     if kind == _KIND:
         message = str(ctx["message"])
@@ -244,19 +245,27 @@ def integer(lo: int, hi: int | None = None) -> PlainValidator:
     return _check(lambda v: check_int(v, lo, hi))
 
 
-def check_num(v: Any, lo: float, hi: float, *, lo_open: bool = False, at: str = "") -> float:
-    """``v`` as a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+def check_num(
+    v: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False, at: str = ""
+) -> float:
+    """``v`` as a finite number in ``[lo, hi]`` (open at ``lo`` with ``lo_open``, at ``hi``
+    with ``hi_open``)."""
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         _fail("a number", v, at)
-    if v < lo or (lo_open and v == lo) or v > hi:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
+        if math.isinf(hi):
+            invalid(f"must be {'>' if lo_open else '>='} {lo:g}, got {v!r}", at)
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         invalid(f"must be in {interval}, got {v!r}", at)
     return float(v)
 
 
-def number(lo: float, hi: float, *, lo_open: bool = False) -> PlainValidator:
-    """A finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), as a float."""
-    return _check(lambda v: check_num(v, lo, hi, lo_open=lo_open))
+def number(
+    lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False
+) -> PlainValidator:
+    """A finite number in ``[lo, hi]`` (open ends with ``lo_open``/``hi_open``), as a
+    float (so ``0`` and ``0.0`` serialize alike)."""
+    return _check(lambda v: check_num(v, lo, hi, lo_open=lo_open, hi_open=hi_open))
 
 
 def check_str(v: Any, choices: Sequence[str] = (), at: str = "") -> str:
