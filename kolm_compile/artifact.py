@@ -14,25 +14,9 @@ Layout (every entry sorted, timestamps fixed at 1980-01-01, mode 0644)::
                                 (predicate https://model_signing/signature/v1.0) listing
                                 every other file's SHA-256
 
-``manifest.json`` fields (all required unless marked optional)::
-
-    format            "kolm/v1"
-    name              the task name
-    task_type         "classify" | "extract" | "generate"
-    labels            ordered label list (classify)
-    base_model        {"id", "revision", "weights_digest"}   logical id, never a local path
-    adapter           "adapter"                               folder holding the student
-    max_length        tokenizer max length used in training
-    confidence_threshold   escape-hatch threshold (student confidence below it → teacher)
-    verifier          {"name", "version", "params"}
-    spec_digest       the task spec digest
-    kolm_version
-    recall            optional: {"index": "recall/index.db", "corpus_root", "chunks", "dim",
-                      "embedding_model", "chunking", "k"} (docs/RECALL.md)
-    evaluation        {"outcomes", "n", "holdout_digest", "outcome_root", "text_column",
-                      "label_column"} (compiled artifacts; docs/FORMATS.md)
-    determinism       {"torch", "threads", "dtype", "batch_size", "cpu", "probe",
-                      "probe_digest"}: what the evaluation ran on (kolm_ledger.reexec)
+``manifest.json`` is :class:`kolm_ledger.manifest.Manifest` (its fields are listed
+there): the compile job writes it with :meth:`~kolm_ledger.manifest.Manifest.to_json`, and
+:func:`verify_artifact` parses it (a field of the wrong type is refused, naming it).
 
 Unzipped, ``<name>/`` verifies with ``model_signing verify key <name> --signature
 <name>/model.sig --public_key compile.pub``. The **artifact digest** is that statement's
@@ -46,8 +30,9 @@ needed at load time), through :mod:`kolm_ledger.artifact_check` — the one chec
 count) (2) ``model.sig`` (size-capped), its subject digest and the DSSE signature by a
 trusted ``compile`` key valid now (or ``at``) and not revoked (3) every file listed,
 nothing extra, no pickle-format file, declared sizes within the caps (4) each file's
-digest, streamed with nothing written (5) only then unpacking, atomically (6) with
-``manifest["recall"]``: the index is a signed file and
+digest, streamed with nothing written (5) only then unpacking, atomically, and
+``manifest.json`` parsed (:meth:`~kolm_ledger.manifest.Manifest.read`) (6) with a
+``recall`` section: the index is a signed file and
 :func:`kolm_compile.recall.verify_index` recomputes every chunk digest and the corpus
 root, which must equal the manifest's (so the text a prediction cites is the signed text).
 """
@@ -78,6 +63,7 @@ from kolm_ledger.artifact_check import (
 from kolm_ledger.dsse import IN_TOTO_PAYLOAD_TYPE
 from kolm_ledger.errors import ArtifactError
 from kolm_ledger.keys import TrustedKey, TrustRoot
+from kolm_ledger.manifest import FORMAT, Manifest, RecallRef
 from kolm_ledger.model_signing import (
     MODEL_SIGNING_PREDICATE,
     SIGNATURE_FILE,
@@ -89,6 +75,7 @@ __all__ = [
     "FORMAT",
     "MODEL_SIGNING_PREDICATE",
     "SIGNATURE_FILE",
+    "Manifest",
     "VerifiedArtifact",
     "artifact_digest",
     "open_verified",
@@ -98,7 +85,6 @@ __all__ = [
     "verify_artifact",
 ]
 
-FORMAT = "kolm/v1"
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -200,7 +186,7 @@ class VerifiedArtifact:
     digest: str
     file_digest: str
     signer: TrustedKey
-    manifest: dict[str, Any]
+    manifest: Manifest
     resources: tuple[tuple[str, str], ...]
 
 
@@ -229,17 +215,11 @@ def unpack_verified(opened: OpenedArtifact, into: Path) -> VerifiedArtifact:
     into = Path(into)
     root = opened.extract(into)
     try:
-        try:
-            manifest = json.loads((root / "manifest.json").read_bytes())
-            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-                fmt = manifest.get("format") if isinstance(manifest, dict) else None
-                raise ValueError(f"format {fmt!r}, want {FORMAT!r}")
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"{opened.name}: bad manifest.json: {e}") from e
+        manifest = Manifest.read(root, opened.name)
         # (6) the recall index, if any, against the corpus root the signed manifest gives
         listed = {n for n, _ in opened.resources}
-        if manifest.get("recall") is not None:
-            _verify_recall(opened.name, root, manifest["recall"], listed)
+        if manifest.recall is not None:
+            _verify_recall(opened.name, root, manifest.recall, listed)
         file_digest = sha256_file(opened.path)
     except BaseException:
         shutil.rmtree(into, ignore_errors=True)
@@ -276,16 +256,11 @@ def verify_artifact(
         return unpack_verified(opened, dest)
 
 
-def _verify_recall(name: str, root: Path, field: Any, listed: set[str]) -> None:
+def _verify_recall(name: str, root: Path, field: RecallRef, listed: set[str]) -> None:
     """Step (6) of :func:`verify_artifact`; raises :class:`ArtifactError` naming why."""
     from kolm_compile.recall import IndexInfo, verify_index
 
-    if not isinstance(field, dict):
-        raise ArtifactError(f"{name}: manifest recall field must be an object")
-    info = IndexInfo.from_manifest(field)
-    k = field.get("k")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise ArtifactError(f"{name}: manifest recall.k must be an integer >= 1, got {k!r}")
+    info = IndexInfo.from_manifest(field.to_dict())
     if info.index not in listed:
         raise ArtifactError(
             f"{name}: manifest recall.index {info.index[:80]!r} is not a signed file of the artifact"

@@ -79,6 +79,14 @@ from kolm_ledger import reexec
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.canonical import canonical_json
 from kolm_ledger.errors import ConflictError, KolmError, SpecError
+from kolm_ledger.manifest import (
+    MANIFEST_FILE,
+    BaseModelRef,
+    EvaluationRef,
+    Manifest,
+    RecallRef,
+    VerifierRef,
+)
 from kolm_ledger.provenance import training_set_root
 from kolm_ledger.receipts import (
     artifact_statement,
@@ -181,7 +189,7 @@ class CompileResult:
     cost: dict[str, Any]
     per_label: dict[str, Any]
     eval_index: int = -1
-    recall: dict[str, Any] | None = None  # manifest["recall"] when the artifact has an index
+    recall: dict[str, Any] | None = None  # the manifest's recall section, when it has an index
 
     @property
     def labels_sampled(self) -> int:
@@ -1054,7 +1062,7 @@ class CompileJob:
         cfg = self._train_config()
         mdir = self.model_dir()
         for extra in (
-            "manifest.json",
+            MANIFEST_FILE,
             "task.json",
             "verifier.json",
             "base",
@@ -1068,51 +1076,51 @@ class CompileJob:
             elif p.exists():
                 p.unlink()
         vdict = {"name": v.name, "version": v.version, "params": dict(v.params)}
-        base = {
-            "id": cfg.base_model,
-            "revision": "registered",
-            "weights_digest": base_weights_digest(cfg.base_model),
-        }
-        manifest: dict[str, Any] = {
-            "format": kolm_artifact.FORMAT,
-            "name": spec.name,
-            "task_type": spec.task,
-            "labels": list(spec.labels or ()),
-            **({"none_label": spec.none_label} if spec.none_label is not None else {}),
-            "base_model": base,
-            "adapter": "adapter",
-            "max_length": cfg.max_length,
-            "confidence_threshold": spec.student.confidence_threshold,
-            "verifier": vdict,
-            "spec_digest": spec.digest(),
-            "kolm_version": kolm_version(),
-        }
+        base_model = BaseModelRef(
+            id=cfg.base_model,
+            revision="registered",
+            weights_digest=base_weights_digest(cfg.base_model),
+        )
         # the evaluation an auditor re-executes (kolm kscore verify): the signed outcomes
         # and what it ran on
         outcomes = mdir / reexec.OUTCOMES_FILE
         outcomes.parent.mkdir(parents=True)
         outcomes.write_text("".join(x + "\n" for x in ev["outcomes"]), encoding="utf-8")
-        manifest["evaluation"] = {
-            "outcomes": reexec.OUTCOMES_FILE,
-            "n": len(ev["outcomes"]),
-            "holdout_digest": ev["holdout_root"],
-            "outcome_root": ev["outcome_root"],
-            "text_column": spec.data.text_column,
-            "label_column": spec.data.label_column,
-        }
-        manifest["determinism"] = dict(ev["determinism"])
         gate_meta = self._load("train").get("gate")
+        gate = None
         if gate_meta is not None:  # the selective-prediction gate (kolm_compile.gate)
-            manifest["gate"] = {**gate_meta, **({"holdout": ev["gate"]} if "gate" in ev else {})}
-        cover = _cover_summary(manifest.get("gate"))
+            gate = {**gate_meta, **({"holdout": ev["gate"]} if "gate" in ev else {})}
+        cover = _cover_summary(gate)
         if self.opts.bundle_base:
             src = resolve_base_model(cfg.base_model)
             shutil.copytree(src, mdir / "base", ignore=shutil.ignore_patterns(".*"))
-            manifest["base"] = "base"
         recall_info = self._build_recall(sgn, cfg) if spec.recall is not None else None
-        if recall_info is not None:
-            manifest["recall"] = recall_info
-        (mdir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        manifest = Manifest(
+            name=spec.name,
+            task_type=spec.task,
+            labels=tuple(spec.labels or ()),
+            none_label=spec.none_label,
+            base_model=base_model,
+            adapter="adapter",
+            max_length=cfg.max_length,
+            confidence_threshold=spec.student.confidence_threshold,
+            verifier=VerifierRef(v.name, v.version, dict(v.params)),
+            spec_digest=spec.digest(),
+            kolm_version=kolm_version(),
+            evaluation=EvaluationRef(
+                outcomes=reexec.OUTCOMES_FILE,
+                n=len(ev["outcomes"]),
+                holdout_digest=ev["holdout_root"],
+                outcome_root=ev["outcome_root"],
+                text_column=spec.data.text_column,
+                label_column=spec.data.label_column,
+            ),
+            determinism=dict(ev["determinism"]),
+            gate=gate,
+            base="base" if self.opts.bundle_base else None,
+            recall=RecallRef.from_dict(recall_info) if recall_info is not None else None,
+        ).replace()  # checked as a reader checks it
+        (mdir / MANIFEST_FILE).write_bytes(manifest.to_json())
         (mdir / "task.json").write_bytes(canonical_json(spec.to_dict()) + b"\n")
         (mdir / "verifier.json").write_text(json.dumps(vdict, indent=2, sort_keys=True) + "\n")
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -1172,7 +1180,7 @@ class CompileJob:
             artifact_digest=digest,
             file_name=out.name,
             file_digest=file_digest,
-            base_model=base,
+            base_model=base_model.to_dict(),
             training_set_root=sgn["training_set_root"],
             label_count=len(sgn["logged"]),
             eval_receipt=ev_res.leaf_hash.hex(),
@@ -1227,7 +1235,7 @@ class CompileJob:
         }
 
     def _build_recall(self, sgn: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
-        """Build ``recall/index.db`` in the model folder; returns ``manifest["recall"]``.
+        """Build ``recall/index.db`` in the model folder; returns the manifest's ``recall``.
 
         ``source: documents`` chunks the spec's corpus; ``source: examples`` indexes the
         acknowledged training examples (ledger index order; chunk id = the example digest

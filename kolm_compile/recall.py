@@ -15,7 +15,7 @@ Example::
     >>> docs = recall.load_corpus("corpus.jsonl")                        # doctest: +SKIP
     >>> chunks = recall.chunk_documents(docs, recall.ChunkConfig(size=200, overlap=40))
     >>> info = recall.build_index(chunks, embed_texts, "recall/index.db")  # doctest: +SKIP
-    >>> manifest["recall"] = info.to_manifest()                         # doctest: +SKIP
+    >>> recall_section = RecallRef.from_dict(info.to_manifest())         # doctest: +SKIP
     >>> idx = recall.RecallIndex.open("recall/index.db", embed=embed_texts)  # doctest: +SKIP
     >>> hits = idx.search(["where is my card?"], k=5)[0]                # doctest: +SKIP
     >>> receipt_evidence = recall.evidence(hits, idx)                   # doctest: +SKIP
@@ -222,7 +222,7 @@ def load_corpus(path: str | os.PathLike[str]) -> list[Document]:
 
 @dataclass(frozen=True)
 class ChunkConfig:
-    """How documents are cut into chunks (recorded in ``manifest["recall"]["chunking"]``).
+    """How documents are cut into chunks (recorded in the manifest's ``recall.chunking``).
 
     Words (the default) are maximal runs of non-whitespace; a word chunk's text is its
     words joined by one space, so whitespace is normalized. Characters slice the raw text.
@@ -345,7 +345,8 @@ def chunks_from_examples(examples: Iterable[Any]) -> list[Chunk]:
 
 @dataclass(frozen=True)
 class IndexInfo:
-    """What an index commits to; :meth:`to_manifest` is ``manifest["recall"]``."""
+    """What an index commits to; :meth:`to_manifest` is the manifest's ``recall`` section
+    (:class:`kolm_ledger.manifest.RecallRef`, less ``k``)."""
 
     corpus_root: str
     chunks: int
@@ -367,7 +368,8 @@ class IndexInfo:
 
     @classmethod
     def from_manifest(cls, d: Mapping[str, Any]) -> IndexInfo:
-        """Parse ``manifest["recall"]``; raises :class:`ArtifactError` naming the field."""
+        """Parse the manifest's ``recall`` section; raises :class:`ArtifactError` naming the
+        field."""
         try:
             info = cls(
                 str(d["corpus_root"]),

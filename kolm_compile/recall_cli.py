@@ -9,7 +9,7 @@ this module is cheap: numpy, sqlite-vec and torch load only when the command run
   2. load and chunk the new corpus (chunking from the flags, else the old manifest's,
      else the defaults) and embed it with the index's embedding model (the old
      ``recall.embedding_model``, else the manifest's ``base_model.id``);
-  3. rebuild ``recall/``, set ``manifest["recall"]`` and ``manifest["previous_artifact"]``;
+  3. rebuild ``recall/``, set the manifest's ``recall`` and ``previous_artifact``;
   4. re-pack and sign with the compile key, then verify the new file;
   5. append an ``artifact`` receipt for the new version: the old receipt's predicate
      (minus ``time``) plus ``previous_artifact``, ``corpus_root``, ``corpus_chunks``,
@@ -21,7 +21,6 @@ this module is cheap: numpy, sqlite-vec and torch load only when the command run
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -105,6 +104,7 @@ def update_artifact(
     """
     from kolm_compile import recall
     from kolm_compile.artifact import pack, sha256_file, verify_artifact
+    from kolm_ledger.manifest import MANIFEST_FILE, RecallRef
     from kolm_ledger.receipts import REQUIRED, artifact_statement, sign_statement
 
     artifact, out = Path(artifact), Path(out)
@@ -117,17 +117,19 @@ def update_artifact(
         old = verify_artifact(artifact, trust, into=Path(tmp) / "old")
         old_st = _find_artifact_receipt(ledger, old.digest)
         # (2) corpus → chunks → embeddings
-        manifest = dict(old.manifest)
-        old_recall = manifest.get("recall") if isinstance(manifest.get("recall"), dict) else {}
+        manifest = old.manifest
+        old_recall = manifest.recall
         if chunking is None:
-            prev = old_recall.get("chunking", {})
+            prev = old_recall.chunking if old_recall is not None else {}
             chunking = (
                 recall.ChunkConfig.from_dict(prev)
                 if prev.get("source") == "documents"
                 else recall.ChunkConfig()
             )
-        model_id = old_recall.get("embedding_model") or (manifest.get("base_model") or {}).get("id")
-        if not isinstance(model_id, str) or not model_id:
+        model_id = (old_recall.embedding_model if old_recall is not None else None) or (
+            manifest.base_model.id if manifest.base_model is not None else None
+        )
+        if not model_id:
             raise InvalidInput(f"{artifact.name}: manifest names no embedding model or base model")
         if embed is None:
             from kolm_compile.student import embed_texts
@@ -147,11 +149,11 @@ def update_artifact(
             embedding_model=model_id,
             chunking=chunking.to_dict(),
         )
-        manifest["recall"] = info.to_manifest()
-        if "k" in old_recall:  # the artifact's default top-k survives a corpus update
-            manifest["recall"]["k"] = old_recall["k"]
-        manifest["previous_artifact"] = old.digest
-        (build / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        # the artifact's default top-k survives a corpus update
+        k = old_recall.k if old_recall is not None else None
+        new_recall = RecallRef.from_dict({**info.to_manifest(), "k": k})
+        manifest = manifest.replace(recall=new_recall, previous_artifact=old.digest)
+        (build / MANIFEST_FILE).write_bytes(manifest.to_json())
         # (4) re-pack, sign, verify what we wrote
         out.parent.mkdir(parents=True, exist_ok=True)
         digest = pack(build, out, key)

@@ -97,6 +97,7 @@ from kolm_ledger.errors import (
     UnavailableError,
 )
 from kolm_ledger.keys import TrustRoot
+from kolm_ledger.manifest import Manifest
 from kolm_ledger.receipts import Statement
 from kolm_ledger.trust import TrustState
 from kolm_ledger.trust import ledger_trust_state as _ledger_trust_state
@@ -228,7 +229,7 @@ class LoadedArtifact:
     name: str
     digest: str
     file_digest: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     labels: list[str]
     task_type: str
     confidence_threshold: float
@@ -540,16 +541,19 @@ class Engine:
         from kolm_compile.student import Student
         from kolm_compile.verifiers import get_verifier
 
-        m = va.manifest
-        name = name or str(m.get("name") or va.name)
+        m: Manifest = va.manifest
+        name = name or m.name or va.name
         try:
-            labels = [str(x) for x in m.get("labels") or []]
-            threshold = float(m["confidence_threshold"])
-            v = m["verifier"]
-            verifier = get_verifier(v["name"], v.get("params") or {})
-            adapter = va.directory / str(m.get("adapter", "adapter"))
-            task_type = str(m.get("task_type", "classify"))
-        except (KeyError, TypeError, ValueError, KolmError) as e:
+            labels = list(m.labels or ())
+            if m.confidence_threshold is None:
+                raise ArtifactError("manifest.confidence_threshold: missing")
+            threshold = float(m.confidence_threshold)
+            if m.verifier is None:
+                raise ArtifactError("manifest.verifier: missing")
+            verifier = get_verifier(m.verifier.name, dict(m.verifier.params))
+            adapter = va.directory / m.adapter_dir
+            task_type = m.task_type or "classify"
+        except KolmError as e:
             raise ArtifactError(f"{Path(path).name}: bad manifest.json: {e}") from e
         if task_type != "classify":
             raise ArtifactError(f"{Path(path).name}: task_type {task_type!r} is not served yet")
@@ -559,12 +563,10 @@ class Engine:
                     f"the name {name!r} is already used by artifact {self._by_name[name][:16]}…"
                 )
         gate = None
-        if m.get("gate") is not None:
+        if m.gate is not None:
             from kolm_compile.gate import Gate
 
-            if not isinstance(m["gate"], dict):
-                raise ArtifactError(f"{Path(path).name}: manifest gate field is not an object")
-            gate = Gate.load(va.directory, m["gate"], Path(path).name)
+            gate = Gate.load(va.directory, dict(m.gate), Path(path).name)
         student = Student.load(adapter, threads=self.model_threads)
         rec = _open_recall(Path(path).name, va, info) if info is not None else None
         ks = statement.predicate.get("k_score")
@@ -811,14 +813,12 @@ def _verify_recall(name: str, va: Any, statement: Statement) -> IndexInfo | None
     """Load check 3 (see the module docstring); ``None`` for an artifact without recall."""
     from kolm_compile.recall import IndexInfo
 
-    rc = va.manifest.get("recall")
+    rc = va.manifest.recall
     if rc is None:
         return None
-    if not isinstance(rc, dict):
-        raise ArtifactError(f"{name}: manifest recall field is not an object")
-    info = IndexInfo.from_manifest(rc)
-    k = rc.get("k", DEFAULT_RECALL_K)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_RECALL_K:
+    info = IndexInfo.from_manifest(rc.to_dict())
+    k = DEFAULT_RECALL_K if rc.k is None else rc.k
+    if not 1 <= k <= MAX_RECALL_K:
         raise ArtifactError(
             f"{name}: manifest recall.k is {k!r}, want an integer in [1, {MAX_RECALL_K}]"
         )
@@ -862,8 +862,9 @@ def _open_recall(name: str, va: Any, info: IndexInfo) -> ArtifactRecall:
     except BaseException:
         idx.close()
         raise
-    k = va.manifest["recall"].get("k", DEFAULT_RECALL_K)
-    return ArtifactRecall(idx, tree.root_hex, tree.size, int(k), model_id, labelled)
+    rc = va.manifest.recall
+    k = DEFAULT_RECALL_K if rc is None or rc.k is None else rc.k
+    return ArtifactRecall(idx, tree.root_hex, tree.size, k, model_id, labelled)
 
 
 def _recall_k(art: LoadedArtifact, requested: int | None) -> int:

@@ -92,7 +92,7 @@ def artifact_pb(a: LoadedArtifact) -> pb.ArtifactInfo:
         confidence_threshold=a.confidence_threshold,
         k_score=a.k_score,
         artifact_receipt_index=a.receipt_index,
-        verifier=str(a.manifest.get("verifier", {}).get("name", "")),
+        verifier=a.manifest.verifier.name if a.manifest.verifier is not None else "",
         signer_key_id=a.signer_keyid,
         recall=pb.RecallInfo(
             corpus_root=a.recall.corpus_root,
@@ -408,7 +408,9 @@ async def start(
         interval_s=key_poll_s,
         on_untrusted=not_serving,  # key receipts that do not prove: fail closed
     )
-    server = rpc.new_server([*([AuthzInterceptor(INFER_POLICY)] if credentials else []), *interceptors])
+    server = rpc.new_server(
+        [*([AuthzInterceptor(INFER_POLICY)] if credentials else []), *interceptors]
+    )
     pb_grpc.add_InferenceServicer_to_server(
         InferenceServicer(engine, writer, infer_key, output_policy=output_policy, keys=keys),
         server,

@@ -61,6 +61,7 @@ from typing import IO
 
 from .errors import ArtifactError, KolmError
 from .keys import TrustedKey, format_time
+from .manifest import MANIFEST_FILE, Manifest
 from .model_signing import SIGNATURE_FILE, ModelSignature, artifact_digest, parse_model_signature
 
 __all__ = [
@@ -265,6 +266,19 @@ class OpenedArtifact:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest / self.top
+
+    def read_manifest(self) -> Manifest:
+        """``manifest.json``, checked against its digest and parsed
+        (:class:`~kolm_ledger.manifest.Manifest`; a bad one raises :class:`ArtifactError`
+        as ``<name>: bad manifest.json: <why>``)."""
+        if MANIFEST_FILE not in self._digests:
+            raise ArtifactError(f"{self.name}: no {MANIFEST_FILE} in {SIGNATURE_FILE}")
+        try:
+            return Manifest.from_json(self.read(MANIFEST_FILE))
+        except ArtifactError as e:
+            if str(e).startswith(f"{self.name}: "):
+                raise
+            raise ArtifactError(f"{self.name}: bad {MANIFEST_FILE}: {e}") from e
 
     def read(self, rel: str) -> bytes:
         """One listed file's bytes (checked against its digest; at most ``max_file_bytes``)."""

@@ -33,7 +33,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sqlite3
@@ -41,7 +40,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifact_check import open_artifact
@@ -261,16 +260,10 @@ def read_artifact_corpus(
         claimed = art.digest
         art.check()
         # (3) the manifest and the index it names, unpacked (both already hashed)
-        try:
-            manifest = json.loads(art.read("manifest.json"))
-            rc = manifest["recall"]
-            root, size, rel = str(rc["corpus_root"]), int(rc["chunks"]), str(rc["index"])
-        except ArtifactError:
-            raise
-        except (ValueError, KeyError, TypeError) as e:
-            raise ArtifactError(f"{name}: manifest.json has no valid recall field ({e})") from e
-        if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
-            raise ArtifactError(f"{name}: recall index path {rel[:80]!r} is unsafe")
+        rc = art.read_manifest().recall
+        if rc is None:
+            raise ArtifactError(f"{name}: manifest.json has no recall field")
+        root, size, rel = rc.corpus_root, rc.chunks, rc.index
         if rel not in dict(art.resources):
             raise ArtifactError(f"{name}: {rel[:80]} is not listed in {SIGNATURE_FILE}")
         db = art.extract(Path(tmp) / "a", only=[rel]) / rel

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 from .canonical import canonical_json, digest_hex
 from .errors import InvalidInput, KolmError, VerificationError
+from .manifest import Manifest
 from .merkle import root_from_leaves
 
 if TYPE_CHECKING:
@@ -236,7 +237,7 @@ class ReexecStudent:
     digest: str
     signer: TrustedKey
     directory: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     student: Any
     verifier: Any
     threads: int
@@ -247,8 +248,8 @@ class ReexecStudent:
     @property
     def recorded(self) -> dict[str, Any] | None:
         """The manifest's determinism record (``None`` for an older artifact)."""
-        d = self.manifest.get("determinism")
-        return dict(d) if isinstance(d, Mapping) else None
+        d = self.manifest.determinism
+        return dict(d) if d is not None else None
 
     def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         """``(label, confidence)`` per text at the recorded threads and batch size."""
@@ -302,22 +303,21 @@ def load_student(
         with open_artifact(p, keys, at=at, expect_digest=expect_digest) as art:
             root = art.extract(tmp / "a")
             digest, signer = art.digest, art.signer
+        manifest = Manifest.read(root, p.name)
         try:
-            manifest = json.loads((root / "manifest.json").read_bytes())
-            if not isinstance(manifest, dict):
-                raise ValueError("not an object")
-            v = manifest["verifier"]
-            det = manifest.get("determinism")
-            det = det if isinstance(det, Mapping) else {}
+            v = manifest.verifier
+            if v is None:
+                raise ValueError("manifest.verifier: missing")
+            det = manifest.determinism or {}
             n_threads = int(threads or det.get("threads") or 1)
             batch = int(det.get("batch_size") or EVAL_BATCH_SIZE)
             if n_threads < 1 or batch < 1:
                 raise ValueError("determinism threads and batch_size must be >= 1")
-            adapter = root / str(manifest.get("adapter", "adapter"))
-            base = root / str(manifest["base"]) if manifest.get("base") else None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            adapter = root / manifest.adapter_dir
+            base = root / manifest.base if manifest.base else None
+        except (ValueError, TypeError) as e:
             raise VerificationError(f"{p.name}: bad manifest.json: {e}") from e
-        verifier = _ml("kolm_compile.verifiers").get_verifier(v["name"], v.get("params") or {})
+        verifier = _ml("kolm_compile.verifiers").get_verifier(v.name, dict(v.params))
         tr = _ml("kolm_compile.student")
         with tr.torch_state(n_threads, False):
             student = tr.Student.load(adapter, base_model_path=base, threads=n_threads)
@@ -395,9 +395,9 @@ def _read_holdout(path: Path, text_col: str, label_col: str) -> list[tuple[int, 
 
 
 def _columns(art: ReexecStudent) -> tuple[str, str]:
-    ev = art.manifest.get("evaluation")
-    if isinstance(ev, Mapping) and ev.get("text_column") and ev.get("label_column"):
-        return str(ev["text_column"]), str(ev["label_column"])
+    ev = art.manifest.evaluation
+    if ev is not None:
+        return ev.text_column, ev.label_column
     try:
         task = json.loads(art.read("task.json"))
         data = task.get("data") or {}
@@ -490,7 +490,7 @@ def verify_kscore(
         # (3) the holdout
         tc, lc = _columns(art)
         tc, lc = text_column or tc, label_column or lc
-        labels = {str(y) for y in art.manifest.get("labels") or []}
+        labels = set(art.manifest.labels or ())
         rows = [(n, t, y) for n, t, y in _read_holdout(Path(holdout), tc, lc) if y in labels]
         res.holdout_rows = len(rows)
         digests = [example_digest(t, y) for _, t, y in rows]

@@ -140,8 +140,8 @@ def test_artifact_verifies_with_kolm_model_signing_and_provenance(world: dict[st
     d = world["dir"]
     v = verify_artifact(r.artifact_path, TrustState(world["trust"]), into=d / "v")
     assert v.digest == r.artifact_digest
-    assert v.manifest["labels"] == list(tiny_spec().labels or ())
-    assert v.manifest["format"] == "kolm/v1" and v.manifest["adapter"] == "adapter"
+    assert v.manifest.labels == tuple(tiny_spec().labels or ())
+    assert v.manifest.format == "kolm/v1" and v.manifest.adapter == "adapter"
     unz = d / "unzipped"
     with zipfile.ZipFile(r.artifact_path) as z:
         z.extractall(unz)
@@ -376,6 +376,6 @@ def test_bundle_base_ships_the_base_weights(world: dict[str, Any]) -> None:
     r = job.run()
     assert [e.stage for e in events if e.state == "started"] == ["package"]
     v = verify_artifact(r.artifact_path, TrustState(world["trust"]), into=d / "vb")
-    assert v.manifest["base"] == "base" and (v.directory / "base" / "config.json").is_file()
+    assert v.manifest.base == "base" and (v.directory / "base" / "config.json").is_file()
     assert r.artifact_digest != world["result"].artifact_digest
     assert world["client"].provenance(r.artifact_digest).root_matches

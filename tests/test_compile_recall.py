@@ -121,12 +121,13 @@ def test_corpus_index_is_in_the_manifest_and_matches_the_artifact_receipt(
 ) -> None:
     r: CompileResult = world["result"]
     v = verify_artifact(r.artifact_path, world["trust"], into=world["dir"] / "v-docs")
-    rc = v.manifest["recall"]
+    assert v.manifest.recall is not None and v.manifest.base_model is not None
+    rc = v.manifest.recall.to_dict()
     assert set(rc) == {"index", "corpus_root", "chunks", "dim", "embedding_model", "chunking", "k"}
     assert rc["index"] == "recall/index.db" and rc["index"] in dict(v.resources)
     assert rc["chunking"] == {"overlap": 3, "size": 12, "source": "documents", "unit": "words"}
     assert rc["dim"] == 384 and rc["k"] == 3
-    assert rc["embedding_model"] == v.manifest["base_model"]["id"]
+    assert rc["embedding_model"] == v.manifest.base_model.id
     assert r.recall == rc
     # the corpus as the spec cuts it is exactly what the index commits to
     chunks = world["spec"].recall.corpus_chunks()
@@ -149,13 +150,14 @@ def test_a_planted_query_retrieves_its_chunk_with_verifiable_evidence(
     world: dict[str, Any],
 ) -> None:
     v = verify_artifact(world["result"].artifact_path, world["trust"], into=world["dir"] / "v-q")
-    rc = v.manifest["recall"]
-    with recall.RecallIndex.open(v.directory / rc["index"], embed=_embed) as idx:
-        (hits,) = idx.search(["where is the spare vault key of the Reykjavik branch?"], k=rc["k"])
+    rc = v.manifest.recall
+    assert rc is not None and rc.k is not None
+    with recall.RecallIndex.open(v.directory / rc.index, embed=_embed) as idx:
+        (hits,) = idx.search(["where is the spare vault key of the Reykjavik branch?"], k=rc.k)
         assert hits[0].chunk_id == "planted#0", [h.chunk_id for h in hits]
         assert "vault key" in hits[0].text
         ev = recall.evidence(hits, idx)
-    verify_evidence(ev, rc["corpus_root"], rc["chunks"], texts={h.chunk_id: h.text for h in hits})
+    verify_evidence(ev, rc.corpus_root, rc.chunks, texts={h.chunk_id: h.text for h in hits})
 
 
 @pytest.mark.ml
@@ -179,7 +181,8 @@ def test_source_examples_indexes_the_acknowledged_training_examples(
     spec = TaskSpec.load(write_spec(world["dir"] / "spec-ex", {"source": "examples"}))
     r = world["compile"](spec, "examples")
     v = verify_artifact(r.artifact_path, world["trust"], into=world["dir"] / "v-ex")
-    rc = v.manifest["recall"]
+    assert v.manifest.recall is not None
+    rc = v.manifest.recall.to_dict()
     assert rc["chunking"] == {"source": "examples"} and rc["k"] == 5
     trained = json.loads((world["dir"] / "examples" / "train_set.json").read_text())
     pairs = list(zip(trained["texts"], trained["labels"], strict=True))
@@ -366,6 +369,7 @@ def test_recall_update_keeps_the_artifacts_default_k(world: dict[str, Any], tmp_
     res = update_artifact(world["result"].artifact_path, corpus, out, key=world["key"],
                           ledger=world["sink"].ledger, trust=world["trust"], embed=_embed)  # fmt: skip
     v = verify_artifact(out, world["trust"], into=tmp_path / "v")
-    assert v.manifest["recall"]["k"] == 3 and v.manifest["recall"]["chunks"] == 1
-    assert v.manifest["previous_artifact"] == world["result"].artifact_digest
+    assert v.manifest.recall is not None
+    assert v.manifest.recall.k == 3 and v.manifest.recall.chunks == 1
+    assert v.manifest.previous_artifact == world["result"].artifact_digest
     assert res.digest != world["result"].artifact_digest

@@ -513,8 +513,8 @@ def test_recall_update_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     new = verify_artifact(out, ledger.trust, into=tmp_path / "v2")
     assert f"artifact {new.digest}" in printed
     m = new.manifest
-    assert m["previous_artifact"] == old
-    rc = m["recall"]
+    assert m.previous_artifact == old and m.recall is not None
+    rc = m.recall.to_dict()
     assert rc["index"] == "recall/index.db" and rc["chunks"] == len(PLANTED) and rc["dim"] == 384
     assert rc["chunking"] == {"overlap": 5, "size": 50, "source": "documents", "unit": "words"}
     assert rc["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
