@@ -199,10 +199,11 @@ def from_mapping(cls: type[_S], raw: Any, **extra: Any) -> _S:
     path = getattr(cls, "PATH", "spec")
     if not isinstance(raw, Mapping):
         raise SpecError(f"{path}: must be a mapping, got {type(raw).__name__!r}")
-    for key in raw:
-        if key in getattr(cls, "INTERNAL", ()) or not isinstance(key, str):
-            known = ", ".join(sorted(_known(cls)))
-            raise SpecError(f"{path}.{key}: unknown field (known: {known})")
+    known = _known(cls)
+    for key in raw:  # the first unknown key as written (one a spec may not set is unknown too)
+        if key not in known:
+            unknown = getattr(cls, "UNKNOWN", "unknown field")
+            raise SpecError(f"{path}.{key}: {unknown} (known: {', '.join(sorted(known))})")
     return cls(**{k: v for k, v in raw.items() if v is not None}, **extra)
 
 

@@ -547,7 +547,7 @@ class RecallSpec(Section):
     chunk_unit: Annotated[str | None, _CHECKED_LATER] = field(
         default=None, metadata=_help("words (default) | chars")
     )
-    k: Annotated[int, integer(1, RECALL_K_MAX)] = field(
+    k: Annotated[int, _CHECKED_LATER] = field(
         default=5, metadata=_help(f"chunks a prediction retrieves by default, 1..{RECALL_K_MAX}")
     )
 
@@ -588,6 +588,7 @@ class RecallSpec(Section):
             put("chunk_unit", at(f"{p}.chunk_unit", check_str, unit, ("words", "chars")))
             put("chunk_size", size)
             put("chunk_overlap", overlap)
+        put("k", at(f"{p}.k", check_int, self.k, 1, RECALL_K_MAX))
 
     def chunk_config(self) -> Any:
         """The corpus chunking as a :class:`kolm_compile.recall.ChunkConfig` (documents only)."""
