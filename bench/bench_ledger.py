@@ -49,8 +49,8 @@ from kolm_ledger._crypto import PrivateKey  # noqa: E402
 from kolm_ledger._samples import sample_statements  # noqa: E402
 from kolm_ledger.dsse import Envelope, pae, parse_envelope  # noqa: E402
 from kolm_ledger.keys import init_keys  # noqa: E402
-from kolm_ledger.leaf import entry_leaf_hash, statement_digest  # noqa: E402
-from kolm_ledger.ledger import Ledger, chain_next  # noqa: E402
+from kolm_ledger.leaf import chain_next, entry_leaf_hash, statement_digest  # noqa: E402
+from kolm_ledger.ledger import Ledger  # noqa: E402
 from kolm_ledger.merkle import CompactRange, hash_leaf  # noqa: E402
 from kolm_ledger.receipts import sign_statement  # noqa: E402
 from kolm_ledger.storage import NewEntry, Store, StoredCheckpoint  # noqa: E402

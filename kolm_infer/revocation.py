@@ -14,7 +14,7 @@ each poll:
   ledger refuses that key's receipts.
 
 Every key receipt is *proven* before it is folded
-(:func:`kolm_ledger.verify.prove_entries`): its envelope and its integration time must be
+(:func:`kolm_ledger.trust.prove_entries`): its envelope and its integration time must be
 what the log's signed checkpoint holds at its index. A ledger that serves a key receipt
 that is not — a revocation's time moved to 2100 in the database, a forged or swapped
 entry — would otherwise un-revoke a key. Such a proof failure fails closed: the service
@@ -56,8 +56,7 @@ from kolm_ledger.errors import (
     VerificationError,
 )
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.trust import TrustState, fold_key_receipts, key_receipt_entries
-from kolm_ledger.verify import prove_entries
+from kolm_ledger.trust import TrustState, fold_key_receipts, key_receipt_entries, prove_entries
 
 from .engine import Engine, LoadedArtifact
 from .receipts import ReceiptWriter
@@ -148,7 +147,7 @@ class KeyFollower:
                     stop.append(art)
             if self.infer_key_id is not None and self.writer is not None:
                 try:
-                    self.state.get(self.infer_key_id).check_valid_at(now)
+                    self.state.authorize(self.infer_key_id, "prediction", now)
                 except KeyValidityError as e:
                     self.writer.refuse_key(str(e))
                 except KolmError:
@@ -169,7 +168,7 @@ class KeyFollower:
     def _why_not(self, art: LoadedArtifact, now: datetime) -> str | None:
         """Why ``art`` may not be served any more, or ``None``."""
         try:
-            self.state.get(art.signer_keyid).check_valid_at(now)
+            self.state.authorize(art.signer_keyid, "artifact", now)
         except KeyValidityError as e:
             return (
                 f"artifact {art.name!r} ({art.digest[:16]}…) is no longer served: its "

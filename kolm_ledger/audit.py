@@ -54,14 +54,13 @@ from .checkpoint import Checkpoint, check_consistent, verify_checkpoint
 from .dsse import Envelope, verify_signature
 from .errors import KolmError, NotFoundError
 from .keys import TrustRoot, format_time
-from .leaf import entry_leaf_hash, statement_digest
-from .ledger import chain_next
+from .leaf import chain_next, entry_leaf_hash, statement_digest
 from .merkle import CompactRange
 from .receipts import Statement
 from .storage import Entry, Store, micros
 from .storage.models import node_id
 from .timefmt import MAX_TIME_SKEW, check_receipt_time, receipt_time
-from .trust import TrustState
+from .trust import TrustState, check_key_policy
 
 if TYPE_CHECKING:
     from .client import LedgerClient
@@ -206,17 +205,20 @@ class _Walker:
                     "from the envelope"
                 )
             key = self.state.get(env.signatures[0].keyid)
-            verify_signature(env, key.public_key)
-            key.check_may_sign(st.kind)
-            key.check_valid_at(e.integrated_at)
+            if st.kind == "key":
+                # the fold's own step (trust.fold_key_receipts: signature, key policy, then
+                # the change), so the audit judges later entries by the trust state every
+                # reader folds, even past a key receipt it flags below
+                self.state = self.state.admit(env, e.integrated_at)
+            else:
+                verify_signature(env, key.public_key)
+                check_key_policy(key, st.kind, e.integrated_at)
             check_receipt_time(
                 receipt_time(st.predicate),
                 not_before=key.not_before,
                 integrated_at=e.integrated_at,
                 skew=self.skew,
             )
-            if st.kind == "key":
-                self.state = self.state.apply(st, e.integrated_at)
         except KolmError as err:
             fail(Failure(e.index, str(err)))
         # (5) chain

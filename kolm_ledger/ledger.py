@@ -77,14 +77,19 @@ from .receipts import Statement
 from .storage import Entry, Store, StoredCheckpoint, micros
 from .storage.repository import Head, LeafHashExists, SequencingTx, from_micros
 from .timefmt import MAX_TIME_SKEW, check_receipt_time, receipt_time
-from .trust import TrustState, fold_key_receipts, key_receipt_entries
-from .verify import prove_entry
+from .trust import (
+    TrustState,
+    check_key_policy,
+    fold_key_receipts,
+    key_receipt_entries,
+    prove_entry,
+)
 from .verify_pool import Checked, ProcessVerifier, parse_receipt
 from .witness import WitnessConflict, add_checkpoint
 
 log = logging.getLogger("kolm.ledger")
 
-__all__ = ["Appended", "Ledger", "Validated", "chain_next"]
+__all__ = ["Appended", "Ledger", "Validated"]
 
 Clock = Callable[[], datetime]
 
@@ -92,11 +97,6 @@ _MIN_CHUNK = 64  # fewer envelopes per thread than this are not worth a hand-off
 _T = TypeVar("_T")
 #: ``verify_threads`` when not given: two cores verify while one sequences (see BENCHMARKS.md)
 DEFAULT_VERIFY_THREADS = min(2, os.cpu_count() or 1)
-
-
-def chain_next(prev: bytes, leaf_hash: bytes) -> bytes:
-    """``chain[i] = SHA-256(0x02 || chain[i-1] || leaf_hash[i])``."""
-    return hashlib.sha256(b"\x02" + prev + leaf_hash).digest()
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ class Ledger:
 
     def _prove_key_receipts(self, found: Sequence[Entry], tx: SequencingTx | None) -> None:
         """Prove each key receipt (envelope and integration time) is what the newest signed
-        checkpoint holds at its index (:func:`kolm_ledger.verify.prove_entry`); raises
+        checkpoint holds at its index (:func:`kolm_ledger.trust.prove_entry`); raises
         :class:`ConflictError` (``FAILED_PRECONDITION``) naming the entry otherwise."""
         if not found:
             return
@@ -315,17 +315,18 @@ class Ledger:
         else:
             # (3) key in the trust state
             key = trust.get(keyid)
-            # (4) signature
-            verify_signature(env, key.public_key)
-            # (5) role and validity
-            key.check_may_sign(kind)
-            key.check_valid_at(now)
             if kind == "key":
-                # a key receipt that does not apply to the trust state must be refused here:
-                # once committed it would break every later refresh_trust (and every reopen)
-                trust.apply(st, now)
-            elif passed is not None:
-                passed[(keyid, kind)] = key
+                # (4), (5) and the change, as the one fold (trust.fold_key_receipts) runs
+                # them: a key receipt that does not apply to the trust state must be refused
+                # here, once committed it would break every later refresh_trust (and reopen)
+                trust.admit(env, now)
+            else:
+                # (4) signature
+                verify_signature(env, key.public_key)
+                # (5) role and validity: the key policy
+                check_key_policy(key, kind, now)
+                if passed is not None:
+                    passed[(keyid, kind)] = key
         # (5) the receipt time rule, against now (again at the integration time); in whole
         # microseconds (exact: datetimes hold µs), check_receipt_time only to name a failure
         t_us = micros(t)
@@ -504,9 +505,7 @@ class Ledger:
         digest, kind, keyid, subjects, time_us = c
         key = passed.get((keyid, kind))
         if key is None:
-            key = trust.get(keyid)  # (3)
-            key.check_may_sign(kind)  # (5)
-            key.check_valid_at(now)
+            key = trust.authorize(keyid, kind, now)  # (3) and (5)
             passed[(keyid, kind)] = key
         # the receipt time rule in µs, as in _validate (this runs on the caller's thread for
         # every receipt the workers checked: no datetime round trip unless it fails)
@@ -708,9 +707,7 @@ class Ledger:
                     not_before = passed.get((v.key_id, kind))
                     try:
                         if kind == "key" or not_before is None:
-                            key = state.get(v.key_id)
-                            key.check_may_sign(kind)
-                            key.check_valid_at(now)
+                            key = state.authorize(v.key_id, kind, now)
                             not_before = micros(key.not_before)
                             if kind == "key":
                                 assert v.statement is not None  # key receipts keep theirs
@@ -731,7 +728,7 @@ class Ledger:
                         results.append(e)
                         continue
                     leaf = sha256(b'\x00{"envelope":' + v.canonical + tail).digest()
-                    chain = sha256(b"\x02" + chain + leaf).digest()  # chain_next, inlined
+                    chain = sha256(b"\x02" + chain + leaf).digest()  # leaf.chain_next, inlined
                     nodes += peaks.append(leaf)
                     put((size, leaf, chain, kind, v.key_id, now_us, v.canonical, digest))
                     subs = v.subjects

@@ -28,7 +28,7 @@ from .leaf import entry_leaf_hash
 from .merkle import root_from_leaves
 from .provenance import Provenance, predicate_of
 from .storage import Entry, micros
-from .trust import TrustState
+from .trust import TrustState, check_key_policy
 
 __all__ = ["ProvenanceReport", "check_provenance"]
 
@@ -90,8 +90,7 @@ def _check_entry(e: Entry, what: str, state: TrustState | None, fails: list[str]
         env = Envelope.from_bytes(e.envelope)
         key = state.get(env.signatures[0].keyid)
         verify_signature(env, key.public_key)
-        key.check_may_sign(e.kind)
-        key.check_valid_at(e.integrated_at)
+        check_key_policy(key, e.kind, e.integrated_at)
     except KolmError as err:
         fails.append(f"{what} (index {e.index}): {err}")
 

@@ -12,12 +12,22 @@ naming a key id that is revoked (even from a time still to come) is refused by
 (``FAILED_PRECONDITION``), so the ledger refuses it at append, the audit flags it,
 and :func:`fold_key_receipts` leaves it out.
 
-One fold serves every reader of the trust state — the ledger's refresh, the
+One key policy — may this key sign this kind at this time — is
+:func:`check_key_policy` (:meth:`TrustState.authorize` looks the key up first): its
+role may sign the kind, and it is valid then (not before ``not_before``, not after
+``not_after``, not revoked). The ledger (at append and again at integration), the
+audit, offline verify (step 4), the provenance check, the fold below, the inference key
+follower and the compile pre-flight all ask it.
+
+One fold serves every reader of the trust state — the ledger's refresh, the audit, the
 inference loader and its key follower, ``kolm verify --ledger``, ``kolm provenance``
 and ``kolm report``: :func:`fold_key_receipts` checks each key receipt against the
-state so far (signer known, signature, an ``admin`` key valid at the integration
-time) and applies it; :func:`key_receipt_entries` pages through *every* key receipt
-of a ledger database or service (``FindEntries`` pages of 1000, to the end).
+state so far (:meth:`TrustState.admit`: signer known, signature, the key policy for an
+``admin`` key at the integration time) and applies it; :func:`key_receipt_entries` pages
+through *every* key receipt of a ledger database or service (``FindEntries`` pages of
+1000, to the end), and :func:`prove_entries` proves each (envelope and integration
+time) against the log's signed checkpoint before a reader folds it
+(:func:`ledger_trust_state` does both).
 
 Example::
 
@@ -36,8 +46,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ._crypto import PublicKey
+from .checkpoint import Checkpoint, verify_checkpoint
 from .dsse import Envelope, verify_signature
 from .errors import (
+    CheckpointError,
+    InclusionProofError,
     KeyFormatError,
     KeyValidityError,
     KolmError,
@@ -46,17 +59,24 @@ from .errors import (
     UnknownKeyError,
 )
 from .keys import ROLES, KeyID, Role, TrustedKey, TrustRoot, format_time, parse_time
+from .leaf import entry_leaf_hash
+from .merkle import verify_inclusion
 from .receipts import Statement
+from .timefmt import micros
 
 if TYPE_CHECKING:
     from .storage import Entry
 
 __all__ = [
     "KEY_PAGE",
+    "EntrySource",
     "TrustState",
+    "check_key_policy",
     "fold_key_receipts",
     "key_receipt_entries",
     "ledger_trust_state",
+    "prove_entries",
+    "prove_entry",
 ]
 
 log = logging.getLogger("kolm.trust")
@@ -97,6 +117,12 @@ class TrustState:
                 f"key {keyid[:16]} is not in the trust root or registered by a key receipt"
             ) from None
 
+    def authorize(self, keyid: str, kind: str, at: datetime) -> TrustedKey:
+        """The key ``keyid`` of this state, once :func:`check_key_policy` says it may sign
+        ``kind`` receipts at ``at``; raises :class:`UnknownKeyError`, :class:`RoleError` or
+        :class:`KeyValidityError`."""
+        return check_key_policy(self.get(keyid), kind, at)
+
     def admit(self, envelope: Envelope | bytes, integrated_at: datetime) -> TrustState:
         """The state after the key receipt ``envelope``, integrated at that time, once it
         is checked against this state: one signature, by a known key whose role may sign
@@ -120,6 +146,22 @@ class TrustState:
         b = _Builder(self)
         b.apply(statement, integrated_at)
         return b.build()
+
+
+def check_key_policy(key: TrustedKey, kind: str, at: datetime) -> TrustedKey:
+    """The key policy — may this key sign this kind at this time — returning ``key``.
+
+    Its role may sign ``kind`` receipts (:data:`~kolm_ledger.keys.ROLE_KINDS`, else
+    :class:`~kolm_ledger.errors.RoleError`), and at ``at`` it is valid: not before its
+    ``not_before``, not after its ``not_after``, not at or after its revocation
+    (:class:`~kolm_ledger.errors.KeyValidityError`). The one copy of the rule: the
+    ledger at append and again at integration, the audit, offline ``verify_bundle``
+    (step 4), the provenance check, the key-receipt fold and the compile pre-flight
+    all ask it (most through :meth:`TrustState.authorize`).
+    """
+    key.check_may_sign(kind)
+    key.check_valid_at(at)
+    return key
 
 
 class _Builder:
@@ -161,8 +203,7 @@ class _Builder:
             raise StatementFormatError(f"key receipt has {len(env.signatures)} signatures, want 1")
         signer = self.get(env.signatures[0].keyid)
         verify_signature(env, signer.public_key)
-        signer.check_may_sign("key")
-        signer.check_valid_at(integrated_at)
+        check_key_policy(signer, "key", integrated_at)
         self.apply(st, integrated_at)
 
     def apply(self, statement: Statement, integrated_at: datetime) -> None:
@@ -231,6 +272,84 @@ def _time(value: object, field: str) -> datetime:
         raise StatementFormatError(f"key receipt {field}: {e}") from e
 
 
+# --------------------------------------------------------------------------- proving entries
+
+
+class EntrySource(Protocol):
+    """What :func:`prove_entries` reads proofs from: a
+    :class:`~kolm_ledger.storage.Store` (``latest_checkpoint`` + ``inclusion_proof``) or a
+    :class:`~kolm_ledger.client.LedgerClient` (``inclusion_proof(index=...)``)."""
+
+    def inclusion_proof(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def prove_entries(
+    entries: Iterable[Entry],
+    source: EntrySource,
+    trust: TrustRoot,
+    *,
+    origin: str | None = None,
+) -> list[Entry]:
+    """Prove that each entry — its envelope *and its integration time* — is the one the
+    log's signed checkpoint holds at its index; returns the entries.
+
+    For each: the leaf is recomputed from the stored envelope and ``integrated_at``
+    (:func:`kolm_ledger.leaf.entry_leaf_hash`), and an inclusion proof from ``source``
+    links it to the root of a checkpoint signed by a trusted log key (for ``origin``).
+    So a time moved in the database (a revocation pushed to 2100) or a server's made-up
+    time is refused, not folded. Readers of key receipts (the trust-state fold) call
+    this before judging keys at those times. Raises
+    :class:`~kolm_ledger.errors.InclusionProofError` naming the entry, or the
+    checkpoint's error.
+    """
+    out = list(entries)
+    if not out:
+        return out
+    if hasattr(source, "latest_checkpoint"):  # a ledger database
+        stored = source.latest_checkpoint()
+        if stored is None:
+            raise CheckpointError("the ledger has no signed checkpoint to prove entries against")
+        cp = verify_checkpoint(stored.note, trust, origin=origin).checkpoint
+        for e in out:
+            prove_entry(e, cp, lambda i: source.inclusion_proof(i, cp.size))
+        return out
+    # a ledger service: one proof per entry, all against the checkpoint of the first
+    # (its note verified once)
+    size = 0
+    verified: dict[bytes, Checkpoint] = {}
+    for e in out:
+        r = source.inclusion_proof(index=e.index, tree_size=size)
+        note = bytes(r.checkpoint)
+        got = verified.get(note)
+        if got is None:
+            got = verified[note] = verify_checkpoint(note, trust, origin=origin).checkpoint
+        size = size or got.size
+        cp = got
+
+        def given(_i: int, hashes: Sequence[bytes] = tuple(r.hashes)) -> Sequence[bytes]:
+            return hashes
+
+        prove_entry(e, cp, given)
+    return out
+
+
+def prove_entry(e: Entry, cp: Checkpoint, proof: Callable[[int], Sequence[bytes]]) -> None:
+    """:func:`prove_entries` for one entry against ``cp`` (already verified); ``proof(i)``
+    gives the inclusion proof of index ``i`` in the tree of ``cp.size``."""
+    where = f"entry {e.index} ({e.kind}, integrated {e.integrated_at.isoformat()})"
+    if e.index >= cp.size:
+        raise InclusionProofError(f"{where} is not covered by the checkpoint of size {cp.size}")
+    try:
+        leaf = entry_leaf_hash(e.envelope, micros(e.integrated_at))
+        hashes = proof(e.index)
+        verify_inclusion(e.index, cp.size, leaf, hashes, cp.root)
+    except KolmError as err:
+        raise InclusionProofError(
+            f"{where}: its envelope and integration time are not what the signed checkpoint "
+            f"of size {cp.size} holds at that index ({err})"
+        ) from err
+
+
 # --------------------------------------------------------------------------- the fold
 
 
@@ -287,10 +406,8 @@ def fold_key_receipts(
 def ledger_trust_state(source: KeySource, trust: TrustRoot) -> TrustState:
     """The trust root plus *every* key receipt of the ledger database or service, each
     first proven to be the log's, integration time included
-    (:func:`kolm_ledger.verify.prove_entries`; raises
+    (:func:`prove_entries`; raises
     :class:`~kolm_ledger.errors.InclusionProofError` naming an entry whose stored time or
     envelope is not what the signed checkpoint holds)."""
-    from .verify import prove_entries
-
     entries = prove_entries(key_receipt_entries(source), cast(Any, source), trust)
     return fold_key_receipts(trust, entries)

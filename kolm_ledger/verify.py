@@ -64,11 +64,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from . import dsse
 from .artifact_check import check_artifact
@@ -79,7 +79,6 @@ from .dsse import MAX_ENVELOPE_BYTES, Envelope
 from .errors import (
     CheckpointError,
     EntryTooLargeError,
-    InclusionProofError,
     InvalidInput,
     KeyValidityError,
     KolmError,
@@ -89,24 +88,21 @@ from .errors import (
 )
 from .keys import Role, TrustedKey, TrustRoot
 from .leaf import entry_leaf_hash
-from .merkle import verify_inclusion
 from .recall_proof import read_artifact_corpus, verify_evidence
 from .receipts import Statement
-from .timefmt import MAX_TIME_SKEW, check_receipt_time, from_micros, micros, receipt_time
+from .timefmt import MAX_TIME_SKEW, check_receipt_time, from_micros, receipt_time
+from .trust import check_key_policy
 from .witness import CosignatureVerifier, verify_cosignatures
 
 if TYPE_CHECKING:
-    from .storage import Entry
+    pass
 
 __all__ = [
     "SALT_BYTES",
     "STEPS",
-    "EntrySource",
     "VerifiedPrediction",
     "VerifiedReceipt",
     "input_commitment",
-    "prove_entries",
-    "prove_entry",
     "step_of",
     "verify_bundle",
     "verify_bundle_bytes",
@@ -233,8 +229,7 @@ def verify_bundle(
     # (4) the key's role may sign this kind, it was valid when the log integrated the
     # receipt (a time steps 5-7 prove), and the receipt's own time obeys the time rule
     with _step(4):
-        key.check_may_sign(kind)
-        key.check_valid_at(integrated_at)
+        check_key_policy(key, kind, integrated_at)
         check_receipt_time(
             t, not_before=key.not_before, integrated_at=integrated_at, skew=max_time_skew
         )
@@ -554,7 +549,7 @@ def verify_prediction(
             # artifact is not to be served any more
             signer = next(k for k in trust.keys if k.keyid == artifact.keyid)
             try:
-                signer.check_valid_at(receipt.integrated_at)
+                check_key_policy(signer, "artifact", receipt.integrated_at)
             except KeyValidityError as e:
                 raise KeyValidityError(
                     f"the artifact's compile key is not valid at the prediction's integration time: {e}"
@@ -612,81 +607,3 @@ def verify_prediction(
         corpus_source=source,
         artifact_file_checked=artifact_file is not None,
     )
-
-
-# --------------------------------------------------------------------------- entries
-
-
-class EntrySource(Protocol):
-    """What :func:`prove_entries` reads proofs from: a
-    :class:`~kolm_ledger.storage.Store` (``latest_checkpoint`` + ``inclusion_proof``) or a
-    :class:`~kolm_ledger.client.LedgerClient` (``inclusion_proof(index=...)``)."""
-
-    def inclusion_proof(self, *args: Any, **kwargs: Any) -> Any: ...
-
-
-def prove_entries(
-    entries: Iterable[Entry],
-    source: EntrySource,
-    trust: TrustRoot,
-    *,
-    origin: str | None = None,
-) -> list[Entry]:
-    """Prove that each entry — its envelope *and its integration time* — is the one the
-    log's signed checkpoint holds at its index; returns the entries.
-
-    For each: the leaf is recomputed from the stored envelope and ``integrated_at``
-    (:func:`kolm_ledger.leaf.entry_leaf_hash`), and an inclusion proof from ``source``
-    links it to the root of a checkpoint signed by a trusted log key (for ``origin``).
-    So a time moved in the database (a revocation pushed to 2100) or a server's made-up
-    time is refused, not folded. Readers of key receipts (the trust-state fold) call
-    this before judging keys at those times. Raises
-    :class:`~kolm_ledger.errors.InclusionProofError` naming the entry, or the
-    checkpoint's error.
-    """
-    out = list(entries)
-    if not out:
-        return out
-    if hasattr(source, "latest_checkpoint"):  # a ledger database
-        stored = source.latest_checkpoint()
-        if stored is None:
-            raise CheckpointError("the ledger has no signed checkpoint to prove entries against")
-        cp = verify_checkpoint(stored.note, trust, origin=origin).checkpoint
-        for e in out:
-            prove_entry(e, cp, lambda i: source.inclusion_proof(i, cp.size))
-        return out
-    # a ledger service: one proof per entry, all against the checkpoint of the first
-    # (its note verified once)
-    size = 0
-    verified: dict[bytes, Checkpoint] = {}
-    for e in out:
-        r = source.inclusion_proof(index=e.index, tree_size=size)
-        note = bytes(r.checkpoint)
-        got = verified.get(note)
-        if got is None:
-            got = verified[note] = verify_checkpoint(note, trust, origin=origin).checkpoint
-        size = size or got.size
-        cp = got
-
-        def given(_i: int, hashes: Sequence[bytes] = tuple(r.hashes)) -> Sequence[bytes]:
-            return hashes
-
-        prove_entry(e, cp, given)
-    return out
-
-
-def prove_entry(e: Entry, cp: Checkpoint, proof: Callable[[int], Sequence[bytes]]) -> None:
-    """:func:`prove_entries` for one entry against ``cp`` (already verified); ``proof(i)``
-    gives the inclusion proof of index ``i`` in the tree of ``cp.size``."""
-    where = f"entry {e.index} ({e.kind}, integrated {e.integrated_at.isoformat()})"
-    if e.index >= cp.size:
-        raise InclusionProofError(f"{where} is not covered by the checkpoint of size {cp.size}")
-    try:
-        leaf = entry_leaf_hash(e.envelope, micros(e.integrated_at))
-        hashes = proof(e.index)
-        verify_inclusion(e.index, cp.size, leaf, hashes, cp.root)
-    except KolmError as err:
-        raise InclusionProofError(
-            f"{where}: its envelope and integration time are not what the signed checkpoint "
-            f"of size {cp.size} holds at that index ({err})"
-        ) from err

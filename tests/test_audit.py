@@ -45,8 +45,8 @@ from kolm_ledger.checkpoint import Checkpoint, check_consistent, sign_checkpoint
 from kolm_ledger.dsse import Envelope, Signature
 from kolm_ledger.errors import CheckpointError
 from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.leaf import entry_leaf_hash, statement_digest
-from kolm_ledger.ledger import Ledger, chain_next
+from kolm_ledger.leaf import chain_next, entry_leaf_hash, statement_digest
+from kolm_ledger.ledger import Ledger
 from kolm_ledger.merkle import CompactRange
 from kolm_ledger.note import NoteSigner
 from kolm_ledger.storage import Store, micros

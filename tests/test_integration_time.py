@@ -67,8 +67,8 @@ from kolm_ledger.ledger import Ledger
 from kolm_ledger.storage import Store, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES
 from kolm_ledger.timefmt import from_micros, parse_rfc3339
-from kolm_ledger.trust import ledger_trust_state
-from kolm_ledger.verify import prove_entries, step_of, verify_bundle
+from kolm_ledger.trust import ledger_trust_state, prove_entries
+from kolm_ledger.verify import step_of, verify_bundle
 
 ORIGIN = "time.kolm.dev/ledger"
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)

@@ -59,7 +59,8 @@ from kolm_ledger.errors import (
     UnknownKeyError,
 )
 from kolm_ledger.keys import TrustedKey, TrustRoot, init_keys
-from kolm_ledger.ledger import Ledger, chain_next
+from kolm_ledger.leaf import chain_next
+from kolm_ledger.ledger import Ledger
 from kolm_ledger.note import NoteSigner
 from kolm_ledger.storage import Store, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES, node_id

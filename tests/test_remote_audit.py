@@ -29,8 +29,7 @@ from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.client import AppendResult, LedgerClient
 from kolm_ledger.dsse import Envelope
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.leaf import entry_leaf_hash, statement_digest
-from kolm_ledger.ledger import chain_next
+from kolm_ledger.leaf import chain_next, entry_leaf_hash, statement_digest
 from kolm_ledger.merkle import CompactRange
 from kolm_ledger.note import NoteSigner
 from kolm_ledger.receipts import Statement, label_statement, sign_statement
