@@ -30,7 +30,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy kolm_ledger
+	$(BIN)/mypy kolm_ledger kolm_compile kolm_infer
 
 bench: setup
 	$(BIN)/python bench/run.py

@@ -472,7 +472,7 @@ def _cmd_submit(a: argparse.Namespace) -> int:
         else grpc.insecure_channel(a.to, channel_options())
     )
     with ch:
-        stub = pb_grpc.CompileStub(ch)
+        stub = pb_grpc.CompileStub(ch)  # type: ignore[no-untyped-call]
 
         def upload(filename: str, what: Path | bytes) -> str:
             got = stub.UploadDataset(_dataset_chunks(filename, what), timeout=600)
@@ -489,11 +489,12 @@ def _cmd_submit(a: argparse.Namespace) -> int:
             print(job.id, flush=True)
             if not (a.watch or a.fetch):
                 return 0
-            for e in stub.WatchJob(pb.WatchJobRequest(job_id=job.id)):
-                counters = " ".join(f"{k}={v:.4g}" for k, v in sorted(e.counters.items()))
-                prog = f" {e.done}/{e.total}" if e.total else ""
+            for ev in stub.WatchJob(pb.WatchJobRequest(job_id=job.id)):
+                counters = " ".join(f"{k}={v:.4g}" for k, v in sorted(ev.counters.items()))
+                prog = f" {ev.done}/{ev.total}" if ev.total else ""
                 print(
-                    f"{e.stage:<9} {e.state:<9}{prog} {counters} {e.message}".rstrip(), flush=True
+                    f"{ev.stage:<9} {ev.state:<9}{prog} {counters} {ev.message}".rstrip(),
+                    flush=True,
                 )
             job = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=60)
             if job.state != "succeeded":
@@ -510,11 +511,11 @@ def _cmd_submit(a: argparse.Namespace) -> int:
             if a.fetch:
                 h = hashlib.sha256()
                 want = ""
-                with open(a.fetch, "wb") as f:
+                with open(a.fetch, "wb") as out:
                     for c in stub.FetchArtifact(
                         pb.FetchArtifactRequest(digest=job.artifact_digest)
                     ):
-                        f.write(c.data)
+                        out.write(c.data)
                         h.update(c.data)
                         want = c.sha256 or want
                 if h.hexdigest() != want:

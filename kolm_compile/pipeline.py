@@ -560,7 +560,7 @@ class CompileJob:
         rows = read_table(d.holdout, d.text_column, d.label_column, field_name)
         if not rows:
             raise SpecError(f"{field_name}: {d.holdout.name} is empty (no data rows)")
-        first = next(iter(_rows_raw(d.holdout)), {})
+        first: Mapping[str, Any] = next(iter(_rows_raw(d.holdout)), {})
         if d.label_column not in first:
             raise SpecError(
                 f"{field_name}: {d.holdout.name} has no column {d.label_column!r} "

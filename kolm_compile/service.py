@@ -712,8 +712,10 @@ async def start(
     """
     if authorize is None:
         authorize = credentials is not None
-    server = rpc.new_server([*([AuthzInterceptor(COMPILE_POLICY)] if authorize else []), *interceptors])
-    pb_grpc.add_CompileServicer_to_server(CompileServicer(runner), server)
+    server = rpc.new_server(
+        [*([AuthzInterceptor(COMPILE_POLICY)] if authorize else []), *interceptors]
+    )
+    pb_grpc.add_CompileServicer_to_server(CompileServicer(runner), server)  # type: ignore[no-untyped-call]
     port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])
     runner.start()
     log.info("compile serving", extra={"kolm_port": port})

@@ -85,7 +85,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from ._pb import infer_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(a.to, channel_options()) as ch:
-        stub = pb_grpc.InferenceStub(ch)
+        stub = pb_grpc.InferenceStub(ch)  # type: ignore[no-untyped-call]
         try:
             req = pb.PredictRequest(artifact=a.artifact, input=a.text, wait_for_inclusion=a.wait)
             if a.recall_k is not None:
@@ -108,9 +108,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
         print(f"wrote the salt to {a.salt_out}", file=sys.stderr)
     if r.evidence:
         print(f"evidence (corpus root {r.corpus_root[:16]}…):", file=sys.stderr)
-        for e in r.evidence:
-            label = f" [{e.label}]" if e.label else ""
-            print(f"  {e.score:.3f} {e.id}{label} @ {e.position}", file=sys.stderr)
+        for ev in r.evidence:
+            label = f" [{ev.label}]" if ev.label else ""
+            print(f"  {ev.score:.3f} {ev.id}{label} @ {ev.position}", file=sys.stderr)
     if r.HasField("recall_vote"):
         v = r.recall_vote
         print(

@@ -221,7 +221,7 @@ async def _demo(a: argparse.Namespace) -> int:
 
         answers: list[Any] = []
         async with grpc.aio.insecure_channel(itarget) as ch:
-            stub = pb_grpc.InferenceStub(ch)
+            stub = pb_grpc.InferenceStub(ch)  # type: ignore[no-untyped-call]
             sem = asyncio.Semaphore(16)
             with Progress(
                 TextColumn("{task.description:<24}"),

@@ -411,7 +411,7 @@ async def start(
     server = rpc.new_server(
         [*([AuthzInterceptor(INFER_POLICY)] if credentials else []), *interceptors]
     )
-    pb_grpc.add_InferenceServicer_to_server(
+    pb_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
         InferenceServicer(engine, writer, infer_key, output_policy=output_policy, keys=keys),
         server,
     )

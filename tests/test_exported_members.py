@@ -8,7 +8,9 @@ import pkgutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 import types
+from pathlib import Path
 
 import grpc
 import pytest
@@ -160,3 +162,29 @@ def test_import_time_has_no_heavy_modules() -> None:
     assert p.returncode == 0, p.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if "|" in line}
     assert not {m for m in imported if m.split(".")[0] in FORBIDDEN}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("kolm_ledger", "kolm_compile", "kolm_infer")
+
+
+def test_every_package_ships_py_typed() -> None:
+    """PEP 561: each package carries py.typed and the build's package data lists it."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    package_data = data["tool"]["setuptools"]["package-data"]
+    for pkg in PACKAGES:
+        assert (ROOT / pkg / "py.typed").is_file(), pkg
+        assert "py.typed" in package_data.get(pkg, []) + package_data.get("*", []), pkg
+
+
+def test_inference_and_the_auditor_load_students_through_the_public_runtime() -> None:
+    """kolm_infer and kolm_ledger never name the private training module; the runtime
+    student (kolm_compile.student) does not import training either."""
+    for pkg in ("kolm_infer", "kolm_ledger"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            text = path.read_text()
+            assert "kolm_compile._train" not in text, path
+            assert "import _train" not in text, path
+    code = "import sys, kolm_compile.student\nassert 'kolm_compile._train' not in sys.modules"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
