@@ -14,9 +14,22 @@ Two scores per input, both computed from one forward pass of the student:
 **Rule** (``calibrated``): the student answers iff ``p >= t_prob`` *and*
 ``sim >= t_sim``; otherwise the input leaves the cover (to the teacher, or a refusal).
 The thresholds are chosen at compile time (:func:`select_thresholds`) on the calibration
-split: among candidate pairs, the one with the **largest coverage whose cover accuracy
-(point estimate) meets** ``student.target_cover_k_score``; the Wilson interval of the
-cover accuracy is recorded next to it. With no target set the rule is ``softmax``: the
+split, in two steps:
+
+1. ``t_sim`` — a conformal out-of-distribution test: the ``r``-th smallest calibration
+   similarity, ``r = floor(alpha·(n+1))`` with ``alpha`` = :data:`DISTANCE_ALPHA` (no
+   distance cut when ``r == 0``). An in-scope input (exchangeable with the calibration
+   split) falls below it with probability at most ``alpha``, whatever the out-of-scope
+   inputs look like — the calibration split has none, so accuracy alone cannot place
+   this threshold (the earlier joint search raised ``t_sim`` only where it helped
+   accuracy, and let 26% of out-of-scope inputs through on Banking77);
+2. ``t_prob`` — among the calibration inputs with ``sim >= t_sim``, the lowest cut whose
+   cover accuracy (point estimate) meets ``student.target_cover_k_score``: the largest
+   coverage that meets it. The Wilson interval of the cover accuracy is recorded next to
+   it (a 95% Wilson lower bound cannot reach 99 on fewer than ~380 calibration rows, so
+   it is reported, not used to select).
+
+With no target set the rule is ``softmax``: the
 spec's ``confidence_threshold`` on the uncalibrated softmax (``T = 1``, ``t_sim = -1``),
 the old behaviour, with the same values recorded.
 
@@ -41,6 +54,7 @@ from kolm_ledger.errors import ArtifactError
 __all__ = [
     "CALIBRATION_FRACTION",
     "DEFAULT_K",
+    "DISTANCE_ALPHA",
     "EMBEDDINGS_FILE",
     "GATE_FILE",
     "NOTHING",
@@ -56,6 +70,8 @@ __all__ = [
 ]
 
 DEFAULT_K = 5
+#: Share of in-scope inputs the distance test may reject (conformal level of ``t_sim``).
+DISTANCE_ALPHA = 0.05
 #: Share of the acknowledged labels held out from training to calibrate the gate.
 CALIBRATION_FRACTION = 0.1
 EMBEDDINGS_FILE = "gate/embeddings.safetensors"
@@ -69,6 +85,11 @@ _ROUND = 6
 def r6(x: float) -> float:
     """Round for receipts (RFC 8785 canonical JSON: finite floats, few digits)."""
     return round(float(x), _ROUND)
+
+
+def _r6_down(x: float) -> float:
+    """Round a threshold down to 6 digits: an input at the cut stays kept."""
+    return round(math.floor(float(x) * 10**_ROUND) / 10**_ROUND, _ROUND)
 
 
 def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -142,15 +163,25 @@ def knn_similarity(query: Any, bank: Any, k: int) -> Any:
         return torch.topk(sims, kk, dim=1).values[:, -1].to(torch.float64).numpy()
 
 
-def select_thresholds(
-    probs: Sequence[float], sims: Sequence[float], correct: Sequence[bool], target: float
-) -> dict[str, Any]:
-    """The ``(t_prob, t_sim)`` with the largest coverage whose cover accuracy (point
-    estimate, percent) is ``>= target``; ties to the higher ``t_sim``, then ``t_prob``.
+def distance_threshold(sims: Sequence[float], alpha: float) -> float:
+    """The conformal ``t_sim``: the ``floor(alpha·(n+1))``-th smallest of ``sims``
+    (``-1``, no cut, when that rank is 0)."""
+    r = math.floor(alpha * (len(sims) + 1))
+    return float(sorted(sims)[r - 1]) if r >= 1 else -1.0
 
-    Candidates: ``t_sim`` in ``{-1}`` ∪ the calibration similarities at 41 quantiles,
-    ``t_prob`` in every calibration probability (cuts between distinct values). Returns
-    ``t_prob``, ``t_sim``, ``coverage`` (percent), ``n_cover``, ``cover_correct``.
+
+def select_thresholds(
+    probs: Sequence[float],
+    sims: Sequence[float],
+    correct: Sequence[bool],
+    target: float,
+    alpha: float = DISTANCE_ALPHA,
+) -> dict[str, Any]:
+    """``t_sim`` = :func:`distance_threshold` of ``sims`` at ``alpha``; then, among the
+    inputs with ``sim >= t_sim``, the ``t_prob`` with the largest coverage whose cover
+    accuracy (point estimate, percent) is ``>= target`` (cuts fall between distinct
+    probabilities; :data:`NOTHING` when no cut meets it). Returns ``t_prob``, ``t_sim``,
+    ``alpha``, ``coverage`` (percent of all inputs), ``n_cover``, ``cover_correct``.
     """
     import numpy as np
 
@@ -158,29 +189,25 @@ def select_thresholds(
     s = np.asarray(sims, dtype=np.float64)
     c = np.asarray(correct, dtype=bool)
     n = len(p)
-    best: tuple[int, float, float] = (0, -1.0, NOTHING)
-    best_correct = 0
-    cands = sorted({-1.0, *np.quantile(s, np.linspace(0, 0.5, 41)).tolist()}) if n else [-1.0]
-    for ts in cands:
-        keep = s >= ts
-        pp, cc = p[keep], c[keep]
-        order = np.argsort(-pp, kind="stable")
-        pp, cc = pp[order], cc[order]
-        cum = np.cumsum(cc)
-        for j in range(len(pp) - 1, -1, -1):
-            if j + 1 < len(pp) and pp[j + 1] == pp[j]:
-                continue  # a cut must fall between distinct probabilities
-            m = j + 1
-            if 100.0 * cum[j] / m >= target:
-                if (m, ts, -pp[j]) > (best[0], best[1], -best[2]):
-                    best, best_correct = (m, ts, float(pp[j])), int(cum[j])
-                break
-    m, ts, tp = best
+    ts = distance_threshold(s.tolist(), alpha) if n else -1.0
+    keep = s >= ts
+    pp, cc = p[keep], c[keep]
+    order = np.argsort(-pp, kind="stable")
+    pp, cc = pp[order], cc[order]
+    cum = np.cumsum(cc)
+    m, tp, ok = 0, NOTHING, 0
+    for j in range(len(pp) - 1, -1, -1):
+        if j + 1 < len(pp) and pp[j + 1] == pp[j]:
+            continue  # a cut must fall between distinct probabilities
+        if 100.0 * cum[j] / (j + 1) >= target:
+            m, tp, ok = j + 1, float(pp[j]), int(cum[j])
+            break
     return {
-        "t_prob": r6(tp) if tp < NOTHING else NOTHING,
-        "t_sim": r6(ts),
+        "t_prob": _r6_down(tp) if tp < NOTHING else NOTHING,
+        "t_sim": _r6_down(ts),
+        "alpha": alpha,
         "n_cover": m,
-        "cover_correct": best_correct,
+        "cover_correct": ok,
         "coverage": r6(100.0 * m / n) if n else 0.0,
     }
 
@@ -386,7 +413,13 @@ def build(
             t_prob=sel["t_prob"],
             t_sim=sel["t_sim"],
             target_cover_k_score=r6(target),
-            calibration={**dict(calibration or {}), **figs, "selection": "point_estimate"},
+            distance_alpha=DISTANCE_ALPHA,
+            calibration={
+                **dict(calibration or {}),
+                **figs,
+                "selection": "point_estimate",
+                "distance": "conformal",
+            },
         )
     Gate.write(
         directory,

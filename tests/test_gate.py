@@ -9,7 +9,6 @@ trained once): the gate is built on its training rows, calibrated on rows it nev
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import random
 from pathlib import Path
@@ -51,8 +50,6 @@ TARGET = 95.0
 
 
 def test_select_thresholds_takes_the_largest_coverage_that_meets_the_target() -> None:
-    import numpy as np
-
     rnd = random.Random(7)
     probs = [rnd.random() for _ in range(120)]
     sims = [rnd.random() for _ in range(120)]
@@ -62,19 +59,23 @@ def test_select_thresholds_takes_the_largest_coverage_that_meets_the_target() ->
     ]
     for target in (80.0, 90.0, 97.0):
         sel = G.select_thresholds(probs, sims, correct, target)
+        # t_sim: the conformal level, the floor(0.05 * 121) = 6th smallest similarity
+        assert abs(sel["t_sim"] - sorted(sims)[5]) < 1e-6 and sel["alpha"] == G.DISTANCE_ALPHA
+        assert sum(s < sel["t_sim"] for s in sims) == 5
         figs = G.cover_figures(probs, sims, correct, sel["t_prob"], sel["t_sim"])
-        assert figs["n_cover"] == sel["n_cover"]
-        if sel["n_cover"]:
-            assert figs["cover_k_score"] >= target
-        # brute force over the same candidate grid: no pair meeting the target covers more
-        qs = np.quantile(sims, np.linspace(0, 0.5, 41))
-        cands_s = sorted({-1.0, *(float(x) for x in qs)})
+        assert figs["n_cover"] == sel["n_cover"] > 0
+        assert figs["cover_k_score"] >= target
+        # brute force over every probability cut at that t_sim: none meeting the target
+        # covers more
         best = 0
-        for tp, ts in itertools.product(probs, cands_s):
-            f = G.cover_figures(probs, sims, correct, tp, ts)
+        for tp in probs:
+            f = G.cover_figures(probs, sims, correct, tp, sel["t_sim"])
             if f["n_cover"] and f["cover_k_score"] >= target:
                 best = max(best, f["n_cover"])
         assert sel["n_cover"] == best, (target, sel, best)
+    # a split too small for the level: no distance cut
+    assert G.distance_threshold([0.3, 0.9, 0.5], 0.05) == -1.0
+    assert G.distance_threshold([0.3, 0.9, 0.5], 0.25) == 0.3
 
 
 def test_an_unreachable_target_keeps_nothing() -> None:
