@@ -264,19 +264,14 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
     from .cache import default_teacher_cache
     from .pipeline import CompileJob, CompileOptions
-    from .sinks import LocalLedgerSink, ServiceSink
+    from .sinks import open_sink
 
     # with --json stdout carries the result only: progress and notes go to stderr
     console = Console(stderr=a.json)
     spec = _load_spec(a)
     keys = Path(a.keys)
     key, trust = _load_keys(keys)
-    if a.db:
-        sink: Any = LocalLedgerSink.open(a.db, keys)
-    else:
-        from kolm_ledger.client import LedgerClient
-
-        sink = ServiceSink(LedgerClient(a.ledger, timeout=600), trust=trust)
+    sink = open_sink(db=a.db, ledger=a.ledger, keys=keys, trust=trust)
     from .student import embed_texts
 
     cache = Path(a.teacher_cache) if a.teacher_cache else default_teacher_cache()

@@ -1392,15 +1392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bundle-base", action="store_true")
     ap.add_argument("--threads", type=int)
     a = ap.parse_args(argv)
-    from .sinks import LocalLedgerSink, ServiceSink
+    from .sinks import open_sink
     from .student import embed_texts
 
-    if a.db:
-        sink: Any = LocalLedgerSink.open(a.db, a.keys)
-    else:
-        from kolm_ledger.client import LedgerClient
-
-        sink = ServiceSink(LedgerClient(a.ledger, timeout=600))
+    sink = open_sink(db=a.db, ledger=a.ledger, keys=a.keys)
 
     def show(e: StageEvent) -> None:
         if e.state != "progress":

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolm_ledger.errors import InvalidInput, NotFoundError
+from kolm_ledger.errors import InvalidInput, KolmError, NotFoundError
 
 if TYPE_CHECKING:
+    from kolm_compile.sinks import LedgerSink
     from kolm_ledger._crypto import PrivateKey
     from kolm_ledger.trust import TrustState
 
@@ -50,13 +51,12 @@ class UpdateResult:
     receipt_leaf_hash: str
 
 
-def _find_artifact_receipt(ledger: Any, digest: str) -> Any:
+def _find_artifact_receipt(sink: LedgerSink, digest: str) -> Any:
     """The newest ``artifact`` receipt whose first subject is ``digest`` (a Statement)."""
     from kolm_ledger.dsse import Envelope
     from kolm_ledger.receipts import Statement
 
-    finder = ledger.store.find if hasattr(ledger, "store") else ledger.find
-    for e in reversed(finder(subject_digest=digest, kind="artifact", limit=1000)):
+    for e in reversed(sink.find(subject_digest=digest, kind="artifact", limit=1000)):
         st = Statement.from_envelope(Envelope.from_bytes(e.envelope))
         if st.subjects and st.subjects[0].sha256 == digest:
             return st
@@ -66,20 +66,18 @@ def _find_artifact_receipt(ledger: Any, digest: str) -> Any:
     )
 
 
-def _checkpoint(ledger: Any) -> dict[str, Any]:
+def _checkpoint(sink: LedgerSink) -> dict[str, Any]:
     try:
-        cp = ledger.checkpoint().checkpoint
+        return sink.checkpoint()
     except NotFoundError:
         return {"size": 0}
-    return {"origin": cp.origin, "root": cp.root.hex(), "size": cp.size}
 
 
-def _append(ledger: Any, env: Any) -> tuple[int, str]:
-    if hasattr(ledger, "store"):  # in-process kolm_ledger.Ledger
-        (r,) = ledger.append([env])
-        return r.index, r.leaf_hash.hex()
-    r = ledger.append(env, wait=True)  # LedgerClient
-    return int(r.index), r.leaf_hash.hex()
+def _append(sink: LedgerSink, env: Any) -> tuple[int, str]:
+    (r,) = sink.append([env])
+    if isinstance(r, KolmError):
+        raise r
+    return r.index, r.leaf_hash.hex()
 
 
 def update_artifact(
@@ -88,16 +86,16 @@ def update_artifact(
     out: str | Path,
     *,
     key: PrivateKey,
-    ledger: Any,
+    sink: LedgerSink,
     trust: TrustState | None = None,
     chunking: Any = None,
     embed: Callable[[Sequence[str]], Any] | None = None,
 ) -> UpdateResult:
     """Publish ``artifact`` with the recall corpus ``corpus`` as a new signed ``.kolm``.
 
-    ``ledger`` is an in-process :class:`kolm_ledger.Ledger` or a
-    :class:`kolm_ledger.client.LedgerClient`; ``trust`` defaults to the in-process
-    ledger's trust state (required with a client). ``chunking`` is a
+    ``sink`` is the ledger (:func:`kolm_compile.sinks.open_sink`: an in-process ledger
+    or the service); ``trust`` defaults to the sink's trust state (the trust root plus
+    every key receipt of the ledger). ``chunking`` is a
     :class:`~kolm_compile.recall.ChunkConfig` (default: see the module docstring);
     ``embed`` overrides the embedding function (texts → ``(n, dim)`` array).
     Steps are numbered in the module docstring.
@@ -109,13 +107,11 @@ def update_artifact(
 
     artifact, out = Path(artifact), Path(out)
     if trust is None:
-        if not hasattr(ledger, "trust"):
-            raise InvalidInput("update_artifact: give trust= when the ledger is a client")
-        trust = ledger.trust
+        trust = sink.trust_state()
     with tempfile.TemporaryDirectory(prefix="kolm-recall-") as tmp:
         # (1) verify the old artifact; find its receipt
         old = verify_artifact(artifact, trust, into=Path(tmp) / "old")
-        old_st = _find_artifact_receipt(ledger, old.digest)
+        old_st = _find_artifact_receipt(sink, old.digest)
         # (2) corpus → chunks → embeddings
         manifest = old.manifest
         old_recall = manifest.recall
@@ -161,7 +157,7 @@ def update_artifact(
     # (5) the linked artifact receipt
     pred = {k: v for k, v in old_st.predicate.items() if k != "time"}
     required = {k: pred.pop(k) for k in REQUIRED["artifact"]}
-    required["checkpoint"] = _checkpoint(ledger)
+    required["checkpoint"] = _checkpoint(sink)
     pred.update(
         previous_artifact=old.digest,
         corpus_root=info.corpus_root,
@@ -175,15 +171,15 @@ def update_artifact(
         extra=pred,
         **required,
     )
-    index, leaf = _append(ledger, sign_statement(st, key))
+    index, leaf = _append(sink, sign_statement(st, key))
     return UpdateResult(out, digest, old.digest, info.corpus_root, info.chunks, index, leaf)
 
 
 def cmd_recall_update(a: argparse.Namespace) -> int:
     """Run ``kolm recall update``."""
     from kolm_compile.recall import ChunkConfig
+    from kolm_compile.sinks import open_sink
     from kolm_ledger.keys import PrivateKey, TrustRoot
-    from kolm_ledger.trust import ledger_trust_state
 
     keys = Path(a.keys)
     trust_path = Path(a.trust) if a.trust else keys / "trust.json"
@@ -199,25 +195,12 @@ def cmd_recall_update(a: argparse.Namespace) -> int:
         )
     key = PrivateKey.load(keys / "compile.key")
     root = TrustRoot.load(trust_path)
-    if a.db:
-        from kolm_ledger.ledger import Ledger
-        from kolm_ledger.storage import Store
-
-        ledger: Any = Ledger(Store(a.db), root, PrivateKey.load(keys / "log.key"))
-        r = update_artifact(a.artifact, a.corpus, a.out, key=key, ledger=ledger, chunking=chunking)
-    else:
-        from kolm_ledger.client import LedgerClient
-
-        with LedgerClient(a.ledger) as client:
-            r = update_artifact(
-                a.artifact,
-                a.corpus,
-                a.out,
-                key=key,
-                ledger=client,
-                trust=ledger_trust_state(client, root),  # the root plus every key receipt
-                chunking=chunking,
-            )
+    sink = open_sink(db=a.db, ledger=a.ledger, keys=keys, trust=root, timeout=30.0)
+    try:
+        # trust: the root plus every key receipt of the ledger (sink.trust_state())
+        r = update_artifact(a.artifact, a.corpus, a.out, key=key, sink=sink, chunking=chunking)
+    finally:
+        sink.close()
     print(f"wrote {r.path} ({r.chunks} chunks, corpus root {r.corpus_root})")
     print(f"artifact {r.digest}")
     print(f"previous {r.previous}")

@@ -6,7 +6,12 @@ and in order, either an :class:`Acked` (the ledger index and leaf hash) or the
 receipts may reach training, so an error for one envelope loses that one label only.
 ``job_labels(job_id)`` (optional for other sinks) answers the label receipts the ledger
 already holds for a job, by example digest, so a resumed job reuses them instead of
-logging a label twice.
+logging a label twice. Both sinks here also read the ledger (:class:`LedgerSink`:
+``find``, ``trust_state``), which republishing an artifact needs.
+
+:func:`open_sink` is the one place a command turns ``--db URL`` or ``--ledger HOST:PORT``
+into a sink (``kolm compile run``, ``kolm recall update``, ``python -m
+kolm_compile.pipeline``).
 
 Example::
 
@@ -19,15 +24,28 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kolm_ledger.dsse import Envelope
-from kolm_ledger.errors import KolmError
+from kolm_ledger.errors import InvalidInput, KolmError
 from kolm_ledger.receipts import Statement, job_digest
 
-__all__ = ["Acked", "LocalLedgerSink", "ReceiptSink", "ServiceSink", "labels_by_example"]
+if TYPE_CHECKING:
+    from kolm_ledger.keys import TrustRoot
+    from kolm_ledger.trust import TrustState
+
+__all__ = [
+    "Acked",
+    "LedgerSink",
+    "LocalLedgerSink",
+    "ReceiptSink",
+    "ServiceSink",
+    "labels_by_example",
+    "open_sink",
+]
 
 #: label receipts per append call (one AppendStream message / one ledger batch)
 LABEL_BATCH = 500
@@ -58,6 +76,20 @@ class ReceiptSink(Protocol):
     #   job reuses them); a sink without it makes the job rely on deterministic re-signing
 
 
+class LedgerSink(ReceiptSink, Protocol):
+    """A :class:`ReceiptSink` that also reads the ledger: what republishing an artifact
+    (:func:`kolm_compile.recall_cli.update_artifact`) needs. Both sinks here are one."""
+
+    def find(self, *, subject_digest: str, kind: str, limit: int) -> Sequence[Any]:
+        """Ledger entries whose subject is ``subject_digest`` and kind ``kind``, in index
+        order (at most ``limit``)."""
+        ...
+
+    def trust_state(self) -> TrustState:
+        """The ledger's trust state: its trust root plus every key receipt in it."""
+        ...
+
+
 def _checkpoint_dict(signed: Any) -> dict[str, Any]:
     cp = signed.checkpoint
     return {"origin": cp.origin, "size": cp.size, "root": cp.root.hex()}
@@ -84,27 +116,33 @@ def labels_by_example(entries: Iterable[Any]) -> dict[str, Acked]:
 
 def _check_trusted_signer(trust: Any, key: Any, where: str) -> None:
     """Raise :class:`ConflictError` in plain words unless ``key`` is a usable compile key
-    in ``trust`` (a :class:`~kolm_ledger.trust.TrustState`)."""
+    in ``trust`` (a :class:`~kolm_ledger.trust.TrustState`): the key policy
+    (:meth:`~kolm_ledger.trust.TrustState.authorize`: may it sign ``label`` receipts
+    now?), and no revocation of it logged yet, even one that takes effect later."""
     from datetime import UTC, datetime
 
-    from kolm_ledger.errors import ConflictError, UnknownKeyError
+    from kolm_ledger.errors import ConflictError, KeyValidityError, RoleError, UnknownKeyError
 
     keyid = key.keyid()
     try:
-        k = trust.get(keyid)
+        k = trust.authorize(keyid, "label", datetime.now(UTC))
     except UnknownKeyError:
         raise ConflictError(
             f"the compile key in --keys (key id {keyid}) is not trusted by {where}: this key "
             "folder belongs to another kolm setup; give the --keys folder the ledger was set "
             "up with (nothing was sent to the teacher)"
         ) from None
-    now = datetime.now(UTC)
-    if k.role != "compile":
+    except RoleError:
         raise ConflictError(
-            f"the key in --keys (key id {keyid}) has role {k.role} at {where}, not compile "
-            "(nothing was sent to the teacher)"
-        )
-    if k.revoked_at is not None or (k.not_after is not None and k.not_after <= now):
+            f"the key in --keys (key id {keyid}) has role {trust.get(keyid).role} at {where}, "
+            "not compile (nothing was sent to the teacher)"
+        ) from None
+    except KeyValidityError as e:
+        raise ConflictError(
+            f"the compile key in --keys (key id {keyid}) is revoked or expired at {where}, or "
+            f"not valid yet ({e}) (nothing was sent to the teacher)"
+        ) from None
+    if k.revoked_at is not None:
         raise ConflictError(
             f"the compile key in --keys (key id {keyid}) is revoked or expired at {where} "
             "(nothing was sent to the teacher)"
@@ -156,10 +194,24 @@ class ServiceSink:
     def job_labels(self, job_id: str) -> dict[str, Acked]:
         """FindEntries(subject = SHA-256 of the job id, kind label), by example digest."""
         return labels_by_example(
-            self.client.find(
-                subject_digest=job_digest(job_id), kind="label", limit=_JOB_LABELS_LIMIT
-            )
+            self.find(subject_digest=job_digest(job_id), kind="label", limit=_JOB_LABELS_LIMIT)
         )
+
+    def find(self, *, subject_digest: str, kind: str, limit: int) -> Sequence[Any]:
+        """FindEntries, following the service's pages up to ``limit``."""
+        found: Sequence[Any] = self.client.find(
+            subject_digest=subject_digest, kind=kind, limit=limit
+        )
+        return found
+
+    def trust_state(self) -> TrustState:
+        """``trust`` plus every key receipt of the service, each proven against its signed
+        checkpoint (:func:`kolm_ledger.trust.ledger_trust_state`); needs ``trust``."""
+        from kolm_ledger.trust import ledger_trust_state
+
+        if self.trust is None:
+            raise InvalidInput("this ledger service sink has no trust root: give trust=")
+        return ledger_trust_state(self.client, self.trust)
 
     def close(self) -> None:
         """Close the client channel."""
@@ -177,8 +229,9 @@ class LocalLedgerSink:
         self.ledger = ledger
 
     @classmethod
-    def open(cls, db: str, keys_dir: Any) -> LocalLedgerSink:
-        """Open the ledger database ``db`` with ``keys_dir``'s trust root and log key."""
+    def open(cls, db: str, keys_dir: Any, trust: TrustRoot | None = None) -> LocalLedgerSink:
+        """Open the ledger database ``db`` with ``keys_dir``'s log key and trust root (or
+        ``trust``)."""
         from pathlib import Path
 
         from kolm_ledger.keys import PrivateKey, TrustRoot
@@ -189,7 +242,7 @@ class LocalLedgerSink:
         return cls(
             Ledger(
                 Store(db),
-                TrustRoot.load(keys / "trust.json"),
+                trust if trust is not None else TrustRoot.load(keys / "trust.json"),
                 PrivateKey.load(keys / "log.key"),
             )
         )
@@ -221,11 +274,55 @@ class LocalLedgerSink:
     def job_labels(self, job_id: str) -> dict[str, Acked]:
         """The job's label receipts in the store, by example digest."""
         return labels_by_example(
-            self.ledger.store.find(
-                subject_digest=job_digest(job_id), kind="label", limit=_JOB_LABELS_LIMIT
-            )
+            self.find(subject_digest=job_digest(job_id), kind="label", limit=_JOB_LABELS_LIMIT)
         )
+
+    def find(self, *, subject_digest: str, kind: str, limit: int) -> Sequence[Any]:
+        """The store's matching entries."""
+        found: Sequence[Any] = self.ledger.store.find(
+            subject_digest=subject_digest, kind=kind, limit=limit
+        )
+        return found
+
+    def trust_state(self) -> TrustState:
+        """The in-process ledger's trust state."""
+        state: TrustState = self.ledger.trust
+        return state
 
     def close(self) -> None:
         """Close the store."""
         self.ledger.store.close()
+
+
+def open_sink(
+    *,
+    db: str | None = None,
+    ledger: str | None = None,
+    keys: str | os.PathLike[str],
+    trust: TrustRoot | None = None,
+    timeout: float = 600.0,
+) -> LocalLedgerSink | ServiceSink:
+    """The receipt sink that ``--db URL`` or ``--ledger HOST:PORT`` names (exactly one):
+    the one place a command chooses between an in-process ledger and the service.
+
+    ``db``: a :class:`LocalLedgerSink` on that database, its checkpoints signed with
+    ``keys/log.key``. ``ledger``: a :class:`ServiceSink` toward that service (a client
+    with ``timeout`` seconds per call). ``trust`` is the trust root (default:
+    ``keys/trust.json``; for a service, only when that file exists): the service sink
+    checks the service's checkpoint and the compile key against it before a job spends
+    anything (:meth:`ServiceSink.check_signer`). Close the sink when done.
+    """
+    from pathlib import Path
+
+    from kolm_ledger.keys import TrustRoot
+
+    if bool(db) == bool(ledger):
+        raise InvalidInput("give exactly one of --db URL or --ledger HOST:PORT")
+    folder = Path(keys)
+    if db:
+        return LocalLedgerSink.open(db, folder, trust)
+    from kolm_ledger.client import LedgerClient
+
+    if trust is None and (folder / "trust.json").is_file():
+        trust = TrustRoot.load(folder / "trust.json")
+    return ServiceSink(LedgerClient(str(ledger), timeout=timeout), trust=trust)

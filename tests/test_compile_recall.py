@@ -367,7 +367,7 @@ def test_recall_update_keeps_the_artifacts_default_k(world: dict[str, Any], tmp_
     write_corpus(corpus, [{"id": "fresh", "text": "the branch moved to a new street in May"}])
     out = tmp_path / "updated.kolm"
     res = update_artifact(world["result"].artifact_path, corpus, out, key=world["key"],
-                          ledger=world["sink"].ledger, trust=world["trust"], embed=_embed)  # fmt: skip
+                          sink=world["sink"], trust=world["trust"], embed=_embed)  # fmt: skip
     v = verify_artifact(out, world["trust"], into=tmp_path / "v")
     assert v.manifest.recall is not None
     assert v.manifest.recall.k == 3 and v.manifest.recall.chunks == 1

@@ -128,6 +128,7 @@ class Recall:
 def rec(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recall]:  # noqa: F811
     from kolm_compile.recall import ChunkConfig
     from kolm_compile.recall_cli import update_artifact
+    from kolm_compile.sinks import ServiceSink
     from kolm_ledger.trust import TrustState
 
     d = tmp_path_factory.mktemp("infer-recall")
@@ -144,7 +145,7 @@ def rec(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reca
             corpus,
             d / "docs.kolm",
             key=world.key("compile"),
-            ledger=c,
+            sink=ServiceSink(c),
             trust=TrustState(world.trust),
             chunking=ChunkConfig(size=40, overlap=10),
         )

@@ -481,6 +481,7 @@ def _receipt(ledger: Any, digest: str) -> dict[str, Any]:
 def test_recall_update_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kolm_compile import recall_cli
     from kolm_compile.artifact import verify_artifact
+    from kolm_compile.sinks import LocalLedgerSink
 
     keys, ledger, ck, art, old = _world(tmp_path)
     corpus = tmp_path / "corpus.jsonl"
@@ -538,7 +539,7 @@ def test_recall_update_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
         corpus2,
         tmp_path / "tiny-v3.kolm",
         key=ck,
-        ledger=ledger,
+        sink=LocalLedgerSink(ledger),
         embed=lambda ts: np.ones((len(ts), 384), dtype=np.float32),
     )
     p3 = _receipt(ledger, r.digest)
@@ -549,6 +550,7 @@ def test_recall_update_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_recall_update_refuses_an_unlogged_or_untrusted_artifact(tmp_path: Path) -> None:
     from kolm_compile import recall_cli
     from kolm_compile.artifact import pack
+    from kolm_compile.sinks import LocalLedgerSink
     from kolm_ledger.keys import PrivateKey
 
     _keys, ledger, ck, _art, _ = _world(tmp_path)
@@ -564,12 +566,12 @@ def test_recall_update_refuses_an_unlogged_or_untrusted_artifact(tmp_path: Path)
 
     with pytest.raises(NotFoundError, match="no artifact receipt"):
         recall_cli.update_artifact(
-            unlogged, corpus, tmp_path / "o.kolm", key=ck, ledger=ledger, embed=fake
+            unlogged, corpus, tmp_path / "o.kolm", key=ck, sink=LocalLedgerSink(ledger), embed=fake
         )
     rogue = tmp_path / "rogue.kolm"
     pack(d, rogue, PrivateKey.generate())
     with pytest.raises(ArtifactError, match="not signed by a trusted"):
         recall_cli.update_artifact(
-            rogue, corpus, tmp_path / "o.kolm", key=ck, ledger=ledger, embed=fake
+            rogue, corpus, tmp_path / "o.kolm", key=ck, sink=LocalLedgerSink(ledger), embed=fake
         )
     assert ledger.size == 2
