@@ -35,6 +35,10 @@ is written at all for an artifact whose content does not match them. The order:
    underneath), and the folder is renamed into place in one step; on any failure the
    temporary folder is removed, so a refused artifact leaves nothing behind.
 
+Its ``manifest.json`` is read with :meth:`OpenedArtifact.read_manifest` (in the zip) or
+:meth:`kolm_ledger.manifest.Manifest.read` (unpacked): one parser,
+:class:`kolm_ledger.manifest.Manifest`.
+
 Example::
 
     with open_artifact("router.kolm", trust.by_role("compile"), at=now) as art:
@@ -268,17 +272,9 @@ class OpenedArtifact:
         return dest / self.top
 
     def read_manifest(self) -> Manifest:
-        """``manifest.json``, checked against its digest and parsed
-        (:class:`~kolm_ledger.manifest.Manifest`; a bad one raises :class:`ArtifactError`
-        as ``<name>: bad manifest.json: <why>``)."""
-        if MANIFEST_FILE not in self._digests:
-            raise ArtifactError(f"{self.name}: no {MANIFEST_FILE} in {SIGNATURE_FILE}")
-        try:
-            return Manifest.from_json(self.read(MANIFEST_FILE))
-        except ArtifactError as e:
-            if str(e).startswith(f"{self.name}: "):
-                raise
-            raise ArtifactError(f"{self.name}: bad {MANIFEST_FILE}: {e}") from e
+        """``manifest.json``, checked against its digest (:meth:`read`) and parsed
+        (:meth:`kolm_ledger.manifest.Manifest.parse`)."""
+        return Manifest.parse(self.read(MANIFEST_FILE), self.name)
 
     def read(self, rel: str) -> bytes:
         """One listed file's bytes (checked against its digest; at most ``max_file_bytes``)."""

@@ -361,15 +361,22 @@ class Manifest:
         return cls.from_dict(obj)
 
     @classmethod
-    def read(cls, folder: Path, name: str) -> Manifest:
-        """Parse ``folder/manifest.json`` of an unpacked (already checked) artifact; raises
-        :class:`ArtifactError` as ``<name>: bad manifest.json: <why>``."""
+    def parse(cls, data: bytes, name: str) -> Manifest:
+        """:meth:`from_json` for the artifact file ``name``: raises :class:`ArtifactError` as
+        ``<name>: bad manifest.json: <why>``."""
         try:
-            return cls.from_json((Path(folder) / MANIFEST_FILE).read_bytes())
-        except OSError as e:
-            raise ArtifactError(f"{name}: bad {MANIFEST_FILE}: {e}") from e
+            return cls.from_json(data)
         except ArtifactError as e:
             raise ArtifactError(f"{name}: bad {MANIFEST_FILE}: {e}") from e
+
+    @classmethod
+    def read(cls, folder: Path, name: str) -> Manifest:
+        """:meth:`parse` of ``folder/manifest.json`` (an unpacked, already checked artifact)."""
+        try:
+            data = (Path(folder) / MANIFEST_FILE).read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"{name}: bad {MANIFEST_FILE}: {e}") from e
+        return cls.parse(data, name)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (``None`` fields left out, unknown keys kept)."""

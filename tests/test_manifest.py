@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kolm_compile.artifact import pack, verify_artifact
+from kolm_ledger.artifact_check import open_artifact
 from kolm_ledger.errors import ArtifactError
 from kolm_ledger.keys import PrivateKey, init_keys
 from kolm_ledger.manifest import (
@@ -203,11 +205,16 @@ def test_the_loader_refuses_a_signed_manifest_with_a_bad_field(tmp_path: Path) -
     raw["adapter"] = "../../elsewhere"
     (d / "manifest.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     pack(d, tmp_path / "tiny.kolm", key)
-    with pytest.raises(
-        ArtifactError, match=r"^tiny\.kolm: bad manifest\.json: manifest\.adapter: want a relative"
-    ):
+    bad = r"^tiny\.kolm: bad manifest\.json: manifest\.adapter: want a relative"
+    with pytest.raises(ArtifactError, match=bad):
         verify_artifact(tmp_path / "tiny.kolm", trust, into=tmp_path / "v")
     assert not (tmp_path / "v").exists()
+    # the auditor's reading, in the zip, says the same
+    with (
+        open_artifact(tmp_path / "tiny.kolm", trust.keys, at=datetime.now(UTC)) as art,
+        pytest.raises(ArtifactError, match=bad),
+    ):
+        art.read_manifest()
     # the same artifact with a good manifest loads, and its manifest is the typed one
     raw["adapter"] = "adapter"
     (d / "manifest.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
