@@ -107,6 +107,7 @@ import hashlib
 import json
 import os
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import field, fields, replace
 from pathlib import Path
@@ -277,6 +278,15 @@ def _check_backend(value: Any) -> str:
     return backend
 
 
+def _is_path(hint: Any) -> bool:
+    return hint is Path or any(_is_path(arg) for arg in typing.get_args(hint))
+
+
+def _path_fields(cls: type[Any]) -> set[str]:
+    """The fields of a section that name a file or folder."""
+    return {name for name, hint in typing.get_type_hints(cls).items() if _is_path(hint)}
+
+
 def _option_owners() -> dict[str, list[str]]:
     """Option name → the backends whose options class declares it."""
     owners: dict[str, list[str]] = {}
@@ -364,6 +374,13 @@ class TeacherSpec(Section):
         backend = _check_backend(raw["backend"])
         options_cls = teacher_options(backend)
         own = {f.name for f in fields(options_cls)}
+        for name in sorted(_path_fields(options_cls) - _TEACHER_FILES):
+            # every file a spec names goes through the one resolver (FILE_FIELDS): a file
+            # option it does not know would be read from anywhere, uploads and data root aside
+            raise SpecError(
+                f"{p}.{name}: backend {backend} declares a file option that is not in "
+                "kolm_compile.spec.FILE_FIELDS (the one file resolver); add it there"
+            )
         for key, value in raw.items():
             if key not in shared and key not in own and value is not None:
                 users = "/".join(sorted(owners[key]))
@@ -656,6 +673,7 @@ FILE_FIELDS = (
 )
 #: TaskSpec fields a spec file may not set (they say where it came from)
 _INTERNAL = frozenset({"base_dir", "file_refs"})
+_TEACHER_FILES = frozenset(name for _, attr, name in FILE_FIELDS if attr == "teacher")
 _SECTIONS: dict[str, type[Section]] = {
     "budget": BudgetSpec,
     "data": DataSpec,

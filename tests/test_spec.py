@@ -6,12 +6,15 @@ import copy
 import dataclasses
 import json
 import shutil
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 import yaml
 
+from kolm_compile import fields as kit
+from kolm_compile import teachers
 from kolm_compile.spec import (
     BudgetSpec,
     DataSpec,
@@ -343,6 +346,51 @@ def test_backend_specific_requirements(tmp_path: Path) -> None:
         load(tmp_path, d)
     d["teacher"] = {"backend": "replay", "path": "missing.jsonl"}
     with pytest.raises(SpecError, match=r"spec\.teacher\.path: file not found"):
+        load(tmp_path, d)
+
+
+def test_sections_built_in_code_check_like_the_loader() -> None:
+    """A section built in code goes through the same kit: the same field paths."""
+    with pytest.raises(SpecError, match=r"^spec\.teacher\.model: required for backend openai$"):
+        TeacherSpec(backend="openai")
+    with pytest.raises(SpecError, match=r"^spec\.teacher\.k: must be >= 1, got 0$"):
+        TeacherSpec(backend="openai", model="m", k=0)
+    with pytest.raises(
+        SpecError, match=r"^spec\.teacher\.dataset: required for backend simulated$"
+    ):
+        TeacherSpec(backend="simulated")
+    with pytest.raises(SpecError, match=r"^spec\.budget\.currency: unknown field \(known: "):
+        BudgetSpec(currency="EUR")  # type: ignore[call-arg]
+    t = TeacherSpec(backend="openai", model="m")
+    assert (t.k, t.min_agreement, t.endpoint) == (5, 3, "https://api.openai.com")
+
+
+def test_a_backend_file_option_must_go_through_the_resolver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend's options may not name a file the one resolver (FILE_FIELDS) does not
+    know: such a path would be read from anywhere, past the service's uploads and root."""
+
+    @kit.section
+    class FileOptions(teachers.TeacherOptions):
+        notes: Annotated[Path, kit.table_path()] = field(metadata={"help": "a file"})
+
+    monkeypatch.setitem(teachers._OPTIONS, "file-test", FileOptions)
+    monkeypatch.setitem(teachers._REGISTRY, "file-test", teachers.BaseTeacher)
+    d = mutate(base_spec(), "teacher", {"backend": "file-test", "notes": "data/train.csv"})
+    with pytest.raises(
+        SpecError, match=r"^spec\.teacher\.notes: backend file-test declares a file"
+    ):
+        load(tmp_path, d)
+
+
+def test_two_problems_name_the_one_named_before(tmp_path: Path) -> None:
+    # the cross-field rule of the recall section comes before its k, as it did
+    with pytest.raises(SpecError, match=r"^spec\.recall: needs corpus"):
+        load(tmp_path, mutate(base_spec(), "recall", {"k": 0}))
+    # the first unknown key as written, a field a spec may not set included
+    d = {**base_spec(), "colour": 1, "base_dir": "/x"}
+    with pytest.raises(SpecError, match=r"^spec\.colour: unknown field"):
         load(tmp_path, d)
 
 

@@ -16,11 +16,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 
+from kolm_compile import fields as kit
 from kolm_compile.cache import CachedTeacher, TeacherCache, cache_key
 from kolm_compile.retry import Backoff, Retry, retry, retry_after
 from kolm_compile.spec import TaskSpec
@@ -32,12 +34,14 @@ from kolm_compile.teachers import (
     SampleRequest,
     SimulatedTeacher,
     Teacher,
+    TeacherOptions,
     TeacherSample,
     build_messages,
     build_teacher,
     input_sha256,
     register_teacher,
     teacher_backends,
+    teacher_options,
     trigram_similarity,
 )
 from kolm_ledger.errors import (
@@ -249,6 +253,45 @@ def test_a_registered_backend_is_usable_from_a_spec(tmp_path: Path) -> None:
     assert teacher.describe() == {"backend": "echo-test", "model": "e"}
     got = teacher.sample_many([SampleRequest("a", "x", 2), SampleRequest("b", "y", 1, 3)], spec)
     assert [[s.text for s in row] for row in got] == [["x#0", "x#1"], ["y#3"]]
+
+
+@kit.section
+class _BiasOptions(TeacherOptions):
+    """A test backend's own options."""
+
+    voice: Annotated[str, kit.text()] = field(metadata={"help": "a setting it needs"})
+    bias: Annotated[float, kit.number(0.0, 1.0)] = field(default=0.5, metadata={"help": "a bias"})
+
+
+@register_teacher("bias-test", options=_BiasOptions)
+class _BiasTeacher(BaseTeacher):
+    def __init__(self, spec: Any, task: Any) -> None:
+        self.spec = spec
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "bias": self.spec.options.bias}
+
+
+def test_a_backend_owns_its_options(tmp_path: Path) -> None:
+    """The peft pattern: a backend registers its options class with its teacher; the spec
+    stays flat, hands the backend its keys, and checks them with the exact field path."""
+    assert teacher_options("bias-test") is _BiasOptions
+    spec = make_spec(tmp_path, {"backend": "bias-test", "voice": "calm", "bias": 0.25})
+    assert isinstance(spec.teacher.options, _BiasOptions)
+    assert spec.teacher.options == _BiasOptions(voice="calm", bias=0.25)
+    assert spec.teacher.bias == 0.25  # an option reads through the section
+    assert build_teacher(spec.teacher, spec).describe() == {"backend": "bias-test", "bias": 0.25}
+    assert spec.to_dict()["teacher"]["bias"] == 0.25  # written back flat
+    with pytest.raises(SpecError, match=r"^spec\.teacher\.bias: must be in \[0, 1\], got 2$"):
+        make_spec(tmp_path, {"backend": "bias-test", "voice": "calm", "bias": 2})
+    with pytest.raises(SpecError, match=r"^spec\.teacher\.voice: required for backend bias-test$"):
+        make_spec(tmp_path, {"backend": "bias-test"})
+    with pytest.raises(
+        SpecError, match=r"^spec\.teacher\.bias: only used by backend bias-test, not openai$"
+    ):
+        make_spec(tmp_path, {"backend": "openai", "model": "m", "bias": 0.1})
+    with pytest.raises(SpecError, match=r"^spec\.teacher\.colour: unknown field \(known: .*bias"):
+        make_spec(tmp_path, {"backend": "bias-test", "voice": "calm", "colour": 1})
 
 
 def test_prompts(tmp_path: Path) -> None:
