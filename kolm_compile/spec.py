@@ -997,10 +997,11 @@ class TaskSpec(Section):
 
         Parts: ``task`` (name, type, labels, schema, instructions, verifier, seed),
         ``data`` (the data section and its files' digests), ``teacher`` (the teacher
-        section without :data:`OPERATIONAL_TEACHER_FIELDS`, plus a replay or simulated
-        teacher's file digest) and ``recall``. Left out: the budget and the teacher's
-        operational settings (timeouts, retries, concurrency, batching), which a job may
-        change between runs, and the student section, whose change re-runs training only
+        section without the options its backend marks operational, plus a replay or
+        simulated teacher's file digest) and ``recall``. Left out: the budget and the
+        teacher's operational settings (:data:`OPERATIONAL_TEACHER_FIELDS`: timeouts,
+        retries, concurrency, batching), which a job may change between runs, and the
+        student section, whose change re-runs training only
         (:meth:`training_digest`). ``kolm_version`` is left out too.
         """
         d = self.to_dict(with_file_digests=True)
@@ -1008,7 +1009,11 @@ class TaskSpec(Section):
         d.pop("kolm_version", None)
         d.pop("budget", None)
         d.pop("student", None)
-        teacher = {k: v for k, v in d.pop("teacher").items() if k not in OPERATIONAL_TEACHER_FIELDS}
+        assert self.teacher.options is not None
+        operational = {
+            f.name for f in fields(self.teacher.options) if f.metadata.get("operational")
+        }
+        teacher = {k: v for k, v in d.pop("teacher").items() if k not in operational}
         parts: dict[str, Any] = {
             "data": {**(d.pop("data", None) or {}), "files": {
                 k: v for k, v in files.items() if k.startswith("data.")}},
@@ -1030,8 +1035,15 @@ class TaskSpec(Section):
         return hashlib.sha256(rfc8785.dumps(self.to_dict().get("student", {}))).hexdigest()
 
 
-#: teacher fields a job may change between runs without becoming another job
-OPERATIONAL_TEACHER_FIELDS = frozenset({"timeout_s", "max_retries", "concurrency", "batch_samples"})
+#: teacher fields a job may change between runs without becoming another job: the options
+#: each registered backend marks ``operational`` (openai: timeout_s, max_retries,
+#: concurrency, batch_samples)
+OPERATIONAL_TEACHER_FIELDS = frozenset(
+    f.name
+    for backend in teacher_backends()
+    for f in fields(teacher_options(backend))
+    if f.metadata.get("operational")
+)
 
 
 def _file_sha256(dotted: str, path: Path) -> str:

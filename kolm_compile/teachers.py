@@ -194,6 +194,12 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+def _operational(text: str) -> dict[str, Any]:
+    """Metadata of an option a job may change between runs without becoming another job
+    (timeouts, retries, concurrency, batching: how it asks, not what it asks)."""
+    return {"help": text, "operational": True}
+
+
 @section
 class TeacherOptions(Section):
     """Base of a backend's options: the teacher-section fields only that backend reads.
@@ -663,17 +669,19 @@ class OpenAIOptions(TeacherOptions):
     api_key_env: Annotated[str | None, optional(key_env_name())] = field(
         default=None, metadata=_help("openai: name of the environment variable with the API key")
     )
+    # operational: a job may change them between runs and stay the same job
     concurrency: Annotated[int, integer(1, 1024)] = field(
-        default=4, metadata=_help("openai: requests in flight")
+        default=4, metadata=_operational("openai: requests in flight")
     )
     timeout_s: Annotated[float, number(0.0, 3600.0, lo_open=True)] = field(
-        default=60.0, metadata=_help("openai: per-request timeout")
+        default=60.0, metadata=_operational("openai: per-request timeout")
     )
     max_retries: Annotated[int, integer(0, 100)] = field(
-        default=5, metadata=_help("openai: retries on 429, 5xx, timeouts and connection errors")
+        default=5,
+        metadata=_operational("openai: retries on 429, 5xx, timeouts and connection errors"),
     )
     batch_samples: Annotated[bool, boolean()] = field(
-        default=True, metadata=_help("openai: request all k samples at once with `n`")
+        default=True, metadata=_operational("openai: request all k samples at once with `n`")
     )
 
 
