@@ -153,10 +153,12 @@ def _known(cls: type[Any]) -> list[str]:
 
 class Section:
     """What every section offers: ``PATH`` (its dotted place in the spec), ``REQUIRED``
-    (the message for a missing field), :meth:`from_mapping` and :meth:`help`."""
+    and ``UNKNOWN`` (the words for a missing and an unknown field), :meth:`from_mapping`
+    and :meth:`help`."""
 
     PATH: ClassVar[str] = "spec"
     REQUIRED: ClassVar[str] = "required"
+    UNKNOWN: ClassVar[str] = "unknown field"
     #: init fields a spec file may not set (they say where the spec came from)
     INTERNAL: ClassVar[frozenset[str]] = frozenset()
 
