@@ -260,7 +260,7 @@ def _verify_recall(name: str, root: Path, field: RecallRef, listed: set[str]) ->
     """Step (6) of :func:`verify_artifact`; raises :class:`ArtifactError` naming why."""
     from kolm_compile.recall import IndexInfo, verify_index
 
-    info = IndexInfo.from_manifest(field.to_dict())
+    info = IndexInfo.from_ref(field)
     if info.index not in listed:
         raise ArtifactError(
             f"{name}: manifest recall.index {info.index[:80]!r} is not a signed file of the artifact"

@@ -15,7 +15,7 @@ Example::
     >>> docs = recall.load_corpus("corpus.jsonl")                        # doctest: +SKIP
     >>> chunks = recall.chunk_documents(docs, recall.ChunkConfig(size=200, overlap=40))
     >>> info = recall.build_index(chunks, embed_texts, "recall/index.db")  # doctest: +SKIP
-    >>> recall_section = RecallRef.from_dict(info.to_manifest())         # doctest: +SKIP
+    >>> manifest = manifest.replace(recall=info.to_ref(k=5))            # doctest: +SKIP
     >>> idx = recall.RecallIndex.open("recall/index.db", embed=embed_texts)  # doctest: +SKIP
     >>> hits = idx.search(["where is my card?"], k=5)[0]                # doctest: +SKIP
     >>> receipt_evidence = recall.evidence(hits, idx)                   # doctest: +SKIP
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kolm_ledger.errors import ArtifactError, InvalidInput, KolmError
+from kolm_ledger.manifest import RecallRef
 from kolm_ledger.recall_proof import CorpusTree, chunk_digest, corpus_root
 from kolm_ledger.receipts import example_digest
 
@@ -355,33 +356,35 @@ class IndexInfo:
     chunking: dict[str, Any]
     index: str = INDEX_FILE
 
+    def to_ref(self, k: int | None = None) -> RecallRef:
+        """The manifest's ``recall`` section for this index, with default top-``k``."""
+        return RecallRef(
+            index=self.index,
+            corpus_root=self.corpus_root,
+            chunks=self.chunks,
+            dim=self.dim,
+            embedding_model=self.embedding_model,
+            chunking=dict(self.chunking),
+            k=k,
+        )
+
     def to_manifest(self) -> dict[str, Any]:
         """``{"index", "corpus_root", "chunks", "dim", "embedding_model", "chunking"}``."""
-        return {
-            "chunking": dict(self.chunking),
-            "chunks": self.chunks,
-            "corpus_root": self.corpus_root,
-            "dim": self.dim,
-            "embedding_model": self.embedding_model,
-            "index": self.index,
-        }
+        return self.to_ref().to_dict()
+
+    @classmethod
+    def from_ref(cls, ref: RecallRef) -> IndexInfo:
+        """What the manifest's (already checked) ``recall`` section says the index holds."""
+        return cls(
+            ref.corpus_root, ref.chunks, ref.dim, ref.embedding_model, dict(ref.chunking), ref.index
+        )
 
     @classmethod
     def from_manifest(cls, d: Mapping[str, Any]) -> IndexInfo:
-        """Parse the manifest's ``recall`` section; raises :class:`ArtifactError` naming the
-        field."""
-        try:
-            info = cls(
-                str(d["corpus_root"]),
-                int(d["chunks"]),
-                int(d["dim"]),
-                str(d["embedding_model"]),
-                dict(d["chunking"]),
-                str(d["index"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"manifest recall field: missing or malformed {e}") from e
-        return info
+        """Parse the manifest's ``recall`` section (:meth:`RecallRef.from_dict
+        <kolm_ledger.manifest.RecallRef.from_dict>`); raises :class:`ArtifactError` naming
+        the field."""
+        return cls.from_ref(RecallRef.from_dict(d))
 
 
 def _as_matrix(vecs: Any, n: int | None, what: str) -> numpy.ndarray:

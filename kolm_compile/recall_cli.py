@@ -102,7 +102,7 @@ def update_artifact(
     """
     from kolm_compile import recall
     from kolm_compile.artifact import pack, sha256_file, verify_artifact
-    from kolm_ledger.manifest import MANIFEST_FILE, RecallRef
+    from kolm_ledger.manifest import MANIFEST_FILE
     from kolm_ledger.receipts import REQUIRED, artifact_statement, sign_statement
 
     artifact, out = Path(artifact), Path(out)
@@ -147,8 +147,7 @@ def update_artifact(
         )
         # the artifact's default top-k survives a corpus update
         k = old_recall.k if old_recall is not None else None
-        new_recall = RecallRef.from_dict({**info.to_manifest(), "k": k})
-        manifest = manifest.replace(recall=new_recall, previous_artifact=old.digest)
+        manifest = manifest.replace(recall=info.to_ref(k), previous_artifact=old.digest)
         (build / MANIFEST_FILE).write_bytes(manifest.to_json())
         # (4) re-pack, sign, verify what we wrote
         out.parent.mkdir(parents=True, exist_ok=True)

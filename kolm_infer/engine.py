@@ -816,7 +816,7 @@ def _verify_recall(name: str, va: Any, statement: Statement) -> IndexInfo | None
     rc = va.manifest.recall
     if rc is None:
         return None
-    info = IndexInfo.from_manifest(rc.to_dict())
+    info = IndexInfo.from_ref(rc)
     k = DEFAULT_RECALL_K if rc.k is None else rc.k
     if not 1 <= k <= MAX_RECALL_K:
         raise ArtifactError(
