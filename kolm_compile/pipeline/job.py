@@ -96,14 +96,14 @@ from kolm_ledger.receipts import (
     sign_statement,
 )
 
-from . import artifact as kolm_artifact
-from . import gate as _gate
-from . import kscore as ks
-from .cache import CachedTeacher, TeacherCache
-from .sinks import LABEL_BATCH, Acked, ReceiptSink
-from .spec import TaskSpec, kolm_version, read_table
-from .teachers import InputRejected, SampleRequest, TeacherSpend, build_teacher
-from .voting import VoteResult, summarize, vote
+from .. import artifact as kolm_artifact
+from .. import gate as _gate
+from .. import kscore as ks
+from ..cache import CachedTeacher, TeacherCache
+from ..sinks import LABEL_BATCH, Acked, ReceiptSink
+from ..spec import TaskSpec, kolm_version, read_table
+from ..teachers import InputRejected, SampleRequest, TeacherSpend, build_teacher
+from ..voting import VoteResult, summarize, vote
 
 __all__ = [
     "DEFAULT_DOLLARS_PER_CPU_HOUR",
@@ -292,7 +292,7 @@ def _nothing_accepted(summary: Mapping[str, Any]) -> str:
 
 
 def _rows_raw(path: Path) -> Any:
-    from .spec import read_rows
+    from ..spec import read_rows
 
     return read_rows(path)
 
@@ -318,7 +318,7 @@ _BASE_DIGESTS: dict[str, str] = {}
 def base_weights_digest(model_id: str) -> str:
     """SHA-256 over the base model's file digests (name order): what ``base_model`` pins."""
     if model_id not in _BASE_DIGESTS:
-        from .student import resolve_base_model
+        from ..student import resolve_base_model
 
         root = resolve_base_model(model_id)
         files = sorted(
@@ -868,7 +868,7 @@ class CompileJob:
     # ---- (5) train ----------------------------------------------------------------------
 
     def _train_config(self) -> Any:
-        from . import _train
+        from .. import _train
 
         cfg = self.spec.student.train_config(self.spec.seed)
         if self.opts.threads is not None:
@@ -880,8 +880,8 @@ class CompileJob:
         return self.dir / "build" / self.spec.name
 
     def _train(self, sgn: Mapping[str, Any]) -> dict[str, Any]:
-        from . import _train
-        from .student import Student, torch_state
+        from .. import _train
+        from ..student import Student, torch_state
 
         cfg = self._train_config()
         mdir = self.model_dir()
@@ -963,7 +963,7 @@ class CompileJob:
     # ---- (6) evaluate -------------------------------------------------------------------
 
     def _evaluate(self, ing: Mapping[str, Any], smp: Mapping[str, Any]) -> dict[str, Any]:
-        from .student import Student, torch_state
+        from ..student import Student, torch_state
 
         cfg = self._train_config()
         student = getattr(self, "_student", None) or Student.load(
@@ -1056,7 +1056,7 @@ class CompileJob:
         sgn: Mapping[str, Any],
         ev: Mapping[str, Any],
     ) -> dict[str, Any]:
-        from .student import resolve_base_model
+        from ..student import resolve_base_model
 
         spec, v = self.spec, self.verifier
         cfg = self._train_config()
@@ -1244,8 +1244,8 @@ class CompileJob:
         ``kolm recall update`` does. The manifest field is :meth:`IndexInfo.to_manifest`
         plus ``k``, the default number of chunks a prediction retrieves.
         """
-        from . import recall
-        from .student import embed_texts, torch_state
+        from .. import recall
+        from ..student import embed_texts, torch_state
 
         rs = self.spec.recall
         assert rs is not None
@@ -1392,8 +1392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bundle-base", action="store_true")
     ap.add_argument("--threads", type=int)
     a = ap.parse_args(argv)
-    from .sinks import open_sink
-    from .student import embed_texts
+    from ..sinks import open_sink
+    from ..student import embed_texts
 
     sink = open_sink(db=a.db, ledger=a.ledger, keys=a.keys)
 
