@@ -276,6 +276,10 @@ def test_spool_first_bounds_request_id_quarantines_refusals_and_fails_closed(
         assert q.code == "PERMISSION_DENIED" and "not in the trust root" in q.reason
         assert quarantined_total() == q0 + 1
         assert predict(srv.stub).spooled and writer.key_refused is None
+        # (that receipt is shipped before the revocation below: else the ledger refuses
+        # it for the revoked key, the service fails closed early and step 3 has no answer)
+        wait_for(lambda: spool.depth() == 0)
+        assert writer.key_refused is None
         # (3) the infer key revoked: the next receipt is refused by the ledger (kept in
         # quarantine), and from then on the service answers nothing
         kid = revoke(w, "infer", capsys)
