@@ -32,12 +32,10 @@ def _tokens(chars: int) -> int:
 def estimate(spec: TaskSpec, *, teacher_cache: Path | None = None) -> dict[str, Any]:
     """The estimate as a JSON-ready dict (``table``: rows for a person; ``notes``: what
     would stop or slow the job). Raises :class:`SpecError` for bad data, as a run would."""
-    from .pipeline import CompileJob
+    from .pipeline.labels import ingest
 
-    job = CompileJob.__new__(CompileJob)  # only the ingest logic: no folder, no ledger
-    job.spec = spec
-    ing = job._ingest()
-    inputs = list(ing["inputs"]) + [t for t, _ in ing["holdout"]]
+    ing = ingest(spec)  # the compile's own ingest stage: no folder, no ledger
+    inputs = list(ing.inputs) + [t for t, _ in ing.holdout]
     k = spec.teacher.k
     per_request = k if getattr(spec.teacher.options, "batch_samples", True) else 1
     notes: list[str] = []
@@ -92,7 +90,8 @@ def estimate(spec: TaskSpec, *, teacher_cache: Path | None = None) -> dict[str, 
         )
     if b.max_cost is not None and cost > b.max_cost:
         notes.append(f"budget.max_cost ${b.max_cost:.4f} < estimated ${cost:.4f}")
-    hold = ing["holdout_report"]
+    assert ing.holdout_report is not None  # ingest always reports
+    hold = ing.holdout_report.to_dict()
     if hold.get("mapped") or hold.get("dropped") or hold.get("unlabeled"):
         notes.append(
             f"spec.data.holdout: {hold['mapped']} labels mapped to spec.labels (case, _ or -), "
@@ -107,9 +106,9 @@ def estimate(spec: TaskSpec, *, teacher_cache: Path | None = None) -> dict[str, 
     out: dict[str, Any] = {
         "spec": spec.name,
         "identity_digest": spec.identity_digest(),
-        "inputs": len(ing["inputs"]),
-        "seed_pairs": len(ing["seeds"]),
-        "holdout": len(ing["holdout"]),
+        "inputs": len(ing.inputs),
+        "seed_pairs": len(ing.seeds),
+        "holdout": len(ing.holdout),
         "holdout_report": hold,
         "k": k,
         "samples": samples,

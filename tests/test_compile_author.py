@@ -24,7 +24,7 @@ import yaml
 from _data import banking77
 from test_teachers import FakeOpenAI
 
-from kolm_compile.pipeline import CompileJob, CompileOptions
+from kolm_compile.pipeline import CompileJob, CompileOptions, StageOutputs
 from kolm_compile.sinks import LocalLedgerSink
 from kolm_compile.spec import TaskSpec, read_table
 from kolm_compile.teachers import InputRejected, TeacherSpend
@@ -121,28 +121,9 @@ def job_of(w: dict[str, Any], spec: TaskSpec, name: str = "job", **kw: Any) -> C
     )
 
 
-def until(job: CompileJob, last: str) -> dict[str, Any]:
+def until(job: CompileJob, last: str) -> StageOutputs:
     """Run the stages up to ``last`` (no training); returns their outputs."""
-    out: dict[str, Any] = {}
-    try:
-        out["ingest"] = job._run_stage("ingest", job._ingest)
-        if last == "ingest":
-            return out
-        check = getattr(job.sink, "check_signer", None)
-        if check is not None:
-            check(job.key)
-        out["sample"] = job._run_stage("sample", lambda: job._sample(out["ingest"]))
-        if last == "sample":
-            return out
-        out["vote"] = job._run_stage("vote", lambda: job._vote(out["ingest"], out["sample"]))
-        if last == "vote":
-            return out
-        out["sign"] = job._run_stage(
-            "sign", lambda: job._sign(out["ingest"], out["sample"], out["vote"])
-        )
-        return out
-    finally:
-        job.close()
+    return job.run_until(last)
 
 
 # --------------------------------------------------------------------------- (1) the budget
@@ -168,14 +149,14 @@ def test_the_budget_is_per_job_and_counted_across_resumes(world: dict[str, Any])
     spent = TeacherSpend(world["tmp"] / "job" / "spend.json").to_dict()
     assert spent["requests"] == 20 and spent["failed_requests"] == 1
     assert spent["samples"] == 60
-    cost = job.cost_report(out["sample"], {"latency_s": 0.001, "threads": 1})
+    cost = job.cost_report(out.sample, latency_s=0.001, threads=1)
     assert cost["teacher_samples_bought_by_this_job"] == 60
     assert cost["teacher_calls_paid_by_this_job"] == 60  # the old name: samples, all runs
     assert cost["teacher_requests_billed_by_this_job"] == 20
     assert cost["teacher_requests_failed_not_billed"] == 1
     assert cost["cost_paid_by_this_job"] == pytest.approx(spent["cost"]) and spent["cost"] > 0
     # only this run's cache misses (36) would have been reported before
-    assert out["sample"]["usage"]["cache_misses"] == 36
+    assert out.sample.usage.cache_misses == 36
 
 
 def test_a_budget_in_samples_or_dollars(world: dict[str, Any]) -> None:
@@ -240,10 +221,10 @@ def test_one_bad_input_never_sinks_a_job(world: dict[str, Any]) -> None:
                      train[10][0]: [503, None]}  # fmt: skip
     job = job_of(world, spec_of(world))
     out = until(job, "sign")
-    vt = out["vote"]
-    assert vt["summary"]["reasons"] == {"teacher_error": 3}
-    assert vt["_counters"]["rejected_teacher_error"] == 3
-    rejected = {r["input"]: r for r in vt["rejected"]}
+    vt = out.vote
+    assert vt.summary.reasons == {"teacher_error": 3}
+    assert vt.counters["rejected_teacher_error"] == 3
+    rejected = {r["input"]: r for r in vt.rejected}
     assert set(rejected) == {1, 4, 7}
     assert rejected[1]["teacher_error"]["status"] == 400
     assert rejected[1]["teacher_error"]["reason"] == "refused"
@@ -253,9 +234,9 @@ def test_one_bad_input_never_sinks_a_job(world: dict[str, Any]) -> None:
     assert "empty choices" in rejected[7]["teacher_error"]["message"]
     for r in rejected.values():
         assert r["input_sha256"] in r["teacher_error"]["message"]
-    assert len(out["sign"]["logged"]) == 9
+    assert len(out.sign.logged) == 9
     on_disk = json.loads((world["tmp"] / "job" / "stages" / "vote.json").read_text())
-    assert on_disk["rejected"] == vt["rejected"]
+    assert on_disk["rejected"] == list(vt.rejected)
     # a rerun resumes: nothing fails, nothing is asked again
     before = server.count
     until(job_of(world, spec_of(world)), "sign")
@@ -311,14 +292,14 @@ def test_holdout_labels_are_mapped_counted_and_leakage_reported(world: dict[str,
         (train[0][0], "card_arrival"),  # also a training input: leakage
     ]
     write_csv(world["dir"] / "holdout.csv", rows)
-    ing = until(job_of(world, spec_of(world)), "ingest")["ingest"]
-    assert [y for _, y in ing["holdout"]] == [
+    ing = until(job_of(world, spec_of(world)), "ingest").ingest
+    assert [y for _, y in ing.holdout] == [
         "card_arrival", "card_arrival", "exchange_rate", "card_arrival",
     ]  # fmt: skip
-    assert ing["holdout_report"] == {
+    assert ing.holdout_report.to_dict() == {
         "rows": 5, "mapped": 2, "dropped": 1, "unlabeled": 0, "leaked": 1,
     }  # fmt: skip
-    assert ing["_counters"]["holdout_leaked"] == 1
+    assert ing.counters["holdout_leaked"] == 1
 
 
 def test_holdout_without_its_label_column_or_empty_is_named(world: dict[str, Any]) -> None:

@@ -113,6 +113,26 @@ def test_stages_in_order_with_progress(world: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+def test_each_stage_file_reads_back_into_its_dataclass_and_writes_the_same_json(
+    world: dict[str, Any],
+) -> None:
+    """A resumed job reads stages/<stage>.json with the stage's from_json: nothing is
+    lost or renamed on the way (to_json gives the file's JSON back, bar _seconds)."""
+    from kolm_compile.pipeline import result
+
+    types = dict(zip(STAGES, (result.Ingested, result.Sampled, result.Voted, result.Signed,
+                              result.Trained, result.Evaluated, result.Packaged), strict=True))  # fmt: skip
+    for stage, cls in types.items():
+        stored = json.loads((world["job"].stage_dir / f"{stage}.json").read_text())
+        assert stored.pop("_seconds") >= 0
+        assert json.dumps(cls.from_json(stored).to_json(), sort_keys=True) == json.dumps(
+            stored, sort_keys=True
+        ), stage
+    sign = result.Signed.from_json(json.loads((world["job"].stage_dir / "sign.json").read_text()))
+    assert [r.ledger_index for r in sign.logged] == sorted(r.ledger_index for r in sign.logged)
+
+
+@pytest.mark.slow
 def test_student_beats_chance_and_every_trained_label_has_a_receipt(
     world: dict[str, Any],
 ) -> None:
