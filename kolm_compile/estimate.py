@@ -32,7 +32,7 @@ def _tokens(chars: int) -> int:
 def estimate(spec: TaskSpec, *, teacher_cache: Path | None = None) -> dict[str, Any]:
     """The estimate as a JSON-ready dict (``table``: rows for a person; ``notes``: what
     would stop or slow the job). Raises :class:`SpecError` for bad data, as a run would."""
-    from .pipeline.labels import ingest
+    from .pipeline.ingest import ingest
 
     ing = ingest(spec)  # the compile's own ingest stage: no folder, no ledger
     inputs = list(ing.inputs) + [t for t, _ in ing.holdout]

@@ -118,10 +118,11 @@ def test_each_stage_file_reads_back_into_its_dataclass_and_writes_the_same_json(
 ) -> None:
     """A resumed job reads stages/<stage>.json with the stage's from_json: nothing is
     lost or renamed on the way (to_json gives the file's JSON back, bar _seconds)."""
-    from kolm_compile.pipeline import result
+    from kolm_compile.pipeline import outputs as result
 
-    types = dict(zip(STAGES, (result.Ingested, result.Sampled, result.Voted, result.Signed,
-                              result.Trained, result.Evaluated, result.Packaged), strict=True))  # fmt: skip
+    classes = (result.Ingested, result.Sampled, result.Voted, result.Signed, result.Trained,
+               result.Evaluated, result.Packaged)  # fmt: skip
+    types = dict(zip(STAGES, classes, strict=True))
     for stage, cls in types.items():
         stored = json.loads((world["job"].stage_dir / f"{stage}.json").read_text())
         assert stored.pop("_seconds") >= 0

@@ -49,10 +49,11 @@ Only ``classify`` tasks can be trained today; ``extract``/``generate`` are refus
 with a :class:`~kolm_ledger.errors.SpecError` ("not supported by the trainer yet").
 
 The modules: :mod:`.job` (:class:`CompileJob`: the run loop and the job folder),
-:mod:`.result` (what the stages hand each other, one frozen dataclass per stage, and
-:class:`CompileResult`), :mod:`.labels` (stages 1–4), :mod:`.training` (5–6),
-:mod:`.package` (7: the manifest, the ``.kolm`` and its receipts) and :mod:`.context`
-(what every stage shares).
+:mod:`.result` (what a compile hands its caller: :class:`CompileResult`,
+:class:`StageEvent`, :class:`CompileOptions`), :mod:`.outputs` (what the stages hand each
+other: one frozen dataclass per stage), :mod:`.ingest` (stage 1), :mod:`.labels` (2–4),
+:mod:`.training` (5–6), :mod:`.package` (7: the manifest, the ``.kolm`` and its
+receipts) and :mod:`.context` (what every stage shares).
 
 Example::
 
@@ -67,6 +68,7 @@ Example::
 """
 
 from .job import CompileJob
+from .outputs import StageOutputs
 from .package import base_weights_digest
 from .result import (
     DEFAULT_DOLLARS_PER_CPU_HOUR,
@@ -76,7 +78,6 @@ from .result import (
     CompileResult,
     JobCancelled,
     StageEvent,
-    StageOutputs,
 )
 
 __all__ = [

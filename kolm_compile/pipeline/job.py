@@ -19,22 +19,10 @@ from ..cache import CachedTeacher, TeacherCache
 from ..sinks import ReceiptSink
 from ..spec import TaskSpec
 from ..teachers import TeacherSpend, build_teacher
-from . import labels, package, training
+from . import ingest, labels, package, training
 from .context import StageContext, dump_json
-from .result import (
-    STAGES,
-    CompileOptions,
-    CompileResult,
-    Evaluated,
-    Ingested,
-    Packaged,
-    Sampled,
-    Signed,
-    StageEvent,
-    StageOutputs,
-    Trained,
-    Voted,
-)
+from .outputs import Evaluated, Ingested, Packaged, Sampled, Signed, StageOutputs, Trained, Voted
+from .result import STAGES, CompileOptions, CompileResult, StageEvent
 
 if TYPE_CHECKING:
     from ..student import Student
@@ -263,7 +251,7 @@ class CompileJob:
             for note in self.notes:
                 self.emit(StageEvent("ingest", "note", message=note))
             ing = out.ingest = self._run_stage(
-                "ingest", lambda: labels.ingest(self.spec), Ingested.from_json
+                "ingest", lambda: ingest.ingest(self.spec), Ingested.from_json
             )
             if stop == 0:
                 return out

@@ -38,7 +38,8 @@ from ..sinks import Acked
 from ..spec import kolm_version
 from ..teachers import TeacherSpend
 from .context import StageContext, stage_time
-from .result import CompileOptions, Evaluated, Ingested, Packaged, Sampled, Signed, Trained, Voted
+from .outputs import Evaluated, Ingested, Packaged, Sampled, Signed, Trained, Voted
+from .result import CompileOptions
 
 if TYPE_CHECKING:
     from .._train import TrainConfig

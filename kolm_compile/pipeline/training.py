@@ -24,7 +24,8 @@ from .. import gate as _gate
 from .. import kscore as ks
 from ..voting import vote
 from .context import StageContext, dump_json
-from .result import Evaluated, Ingested, JobCancelled, Sampled, Signed, Trained
+from .outputs import Evaluated, Ingested, Sampled, Signed, Trained
+from .result import JobCancelled
 
 if TYPE_CHECKING:
     from ..student import Student
