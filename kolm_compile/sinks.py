@@ -10,8 +10,7 @@ logging a label twice. Both sinks here also read the ledger (:class:`LedgerSink`
 ``find``, ``trust_state``), which republishing an artifact needs.
 
 :func:`open_sink` is the one place a command turns ``--db URL`` or ``--ledger HOST:PORT``
-into a sink (``kolm compile run``, ``kolm recall update``, ``python -m
-kolm_compile.pipeline``).
+into a sink (``kolm compile run``, ``kolm recall update``).
 
 Example::
 
