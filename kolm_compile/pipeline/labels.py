@@ -16,7 +16,12 @@ from typing import Any
 
 from kolm_ledger.errors import KolmError
 from kolm_ledger.provenance import training_set_root
-from kolm_ledger.receipts import example_digest, label_statement, sign_statement
+from kolm_ledger.receipts import (
+    Statement,
+    example_digest,
+    label_statement,
+    sign_statement,
+)
 
 from ..cache import CachedTeacher
 from ..sinks import Acked
@@ -252,7 +257,7 @@ def sign(ctx: StageContext, ing: Ingested, smp: Sampled, vt: Voted) -> Signed:
     v = ctx.verifier
     vdesc = {"name": v.name, "version": v.version, "spec_digest": v.spec_digest()}
     at = stage_time(stage_dir / "sign.time")
-    items: list[tuple[str, str, Any]] = []  # (text, label, statement)
+    items: list[tuple[str, str, Statement]] = []  # (text, label, statement)
     seed_teacher = {"backend": _SEED_TEACHER, "source": "spec.data.seed_pairs"}
     for text, label in ing.seeds:
         st = label_statement(
@@ -311,7 +316,7 @@ def sign(ctx: StageContext, ing: Ingested, smp: Sampled, vt: Voted) -> Signed:
 
 
 def _append_labels(
-    ctx: StageContext, items: Sequence[tuple[str, str, Any]]
+    ctx: StageContext, items: Sequence[tuple[str, str, Statement]]
 ) -> tuple[list[LoggedLabel], list[FailedLabel], int]:
     """Sign and append ``items`` batch by batch, resuming after the last batch an earlier
     run recorded; returns the acknowledged, the refused and how many were reused."""

@@ -18,6 +18,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,12 @@ from kolm_ledger.manifest import (
     RecallRef,
     VerifierRef,
 )
-from kolm_ledger.receipts import artifact_statement, eval_statement, sign_statement
+from kolm_ledger.receipts import (
+    Statement,
+    artifact_statement,
+    eval_statement,
+    sign_statement,
+)
 
 from .. import artifact as kolm_artifact
 from ..sinks import Acked
@@ -265,14 +271,16 @@ def build_recall(ctx: StageContext, sgn: Signed, cfg: TrainConfig) -> dict[str, 
 # --------------------------------------------------------------------------- the receipts
 
 
-def _append_one(ctx: StageContext, statement: Any) -> Acked:
+def _append_one(ctx: StageContext, statement: Statement) -> Acked:
     (res,) = ctx.sink.append([sign_statement(statement, ctx.key, deterministic=True)])
     if not isinstance(res, Acked):
         raise res
     return res
 
 
-def sign_eval(ctx: StageContext, ing: Ingested, ev: Evaluated, packed: _Packed, *, at: Any) -> Any:
+def sign_eval(
+    ctx: StageContext, ing: Ingested, ev: Evaluated, packed: _Packed, *, at: datetime
+) -> Statement:
     """The ``eval`` receipt's statement: the student's K-score on the holdout (subject =
     the artifact digest), the teacher's, per-label metrics, the determinism record, the
     gate's cover and (up to 80 labels) the confusion matrix."""
@@ -319,8 +327,8 @@ def sign_artifact(
     labels: Mapping[str, Any],
     cost: Mapping[str, Any],
     *,
-    at: Any,
-) -> Any:
+    at: datetime,
+) -> Statement:
     """The ``artifact`` receipt's statement: the file, its base model, the training-set
     root and label count, the eval receipt's leaf hash, the verifier, the compile
     configuration's digest, the ledger checkpoint, and the job's teacher, labels, cost,
