@@ -89,7 +89,8 @@ def r6(x: float) -> float:
 
 def _r6_down(x: float) -> float:
     """Round a threshold down to 6 digits: an input at the cut stays kept."""
-    return round(math.floor(float(x) * 10**_ROUND) / 10**_ROUND, _ROUND)
+    scale: int = 10**_ROUND
+    return round(math.floor(float(x) * scale) / scale, _ROUND)
 
 
 def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -518,7 +518,9 @@ async def start(
         ledger, log_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
     )
     seq.start()
-    server = rpc.new_server([*([AuthzInterceptor(LEDGER_POLICY)] if authorize else []), *interceptors])
+    server = rpc.new_server(
+        [*([AuthzInterceptor(LEDGER_POLICY)] if authorize else []), *interceptors]
+    )
     servicer = LedgerServicer(ledger, seq, authorize=authorize)
     pb_grpc.add_LedgerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     port, hs = await rpc.bind_and_start(server, listen, credentials, [SERVICE_NAME])
