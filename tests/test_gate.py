@@ -378,7 +378,7 @@ def test_a_compile_with_a_target_records_the_thresholds_in_manifest_and_receipts
         assert cal["n_cover"] == 0 or cal["cover_k_score"] >= 90.0
         # the calibration split was held out from training
         trained = json.loads((job.dir / "train_set.json").read_text())["texts"]
-        logged = [r[2] for r in job._load("sign")["logged"]]
+        logged = [r[2] for r in json.loads((job.stage_dir / "sign.json").read_text())["logged"]]
         assert len(trained) == len(logged) - cal["n"] == gate["examples"]
         hold = gate["holdout"]
         assert hold["n"] == res.k_score.n and len(hold["curve"]["prob"]) == 20
