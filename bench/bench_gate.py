@@ -21,10 +21,12 @@ Reported per variant, for ``softmax >= 0.5`` and for the gate:
   out-of-scope inputs the student answers itself with an in-scope label; an
   ``out_of_scope`` answer is not a leak), AUROC of the scores (in-scope vs out-of-scope),
   and the CPU cost of the gate per prediction (single-input calls, relative to the
-  student's own time). Also, per variant, every rule of ``kolm_compile.gate.RULES``
-  (thresholds chosen on the same calibration split) and, for each gate score, the best
-  leak any threshold on it reaches at 90% in-scope coverage (chosen on the test rows
-  themselves: an upper bound on what a rule of that score can do).
+  student's own time). Also, per variant, other rules on the same calibration split (the
+  distance score: kNN, class-conditional kNN, Mahalanobis; its level alpha, or the first
+  rule's joint search; ``t_prob`` by the point estimate or a Wilson lower bound) and, for
+  each gate score, the lowest leak any threshold on it reaches at 90% in-scope coverage
+  (chosen on the test rows themselves: an upper bound on what a rule of that score can
+  do).
 
     python bench/bench_gate.py [--variant both|plain|none_label] [--target 99]
         [--threads 2] [--json out.json] [--save DIR]
@@ -293,9 +295,8 @@ def run_variant(variant: str, a: argparse.Namespace, data: Path) -> dict[str, An
             leak_by.setdefault(y, [0, 0])
             leak_by[y][0] += int(x["inside"] and not z)
             leak_by[y][1] += 1
-        gated["leak_by_intent_top"] = sorted(
-            ([y, k, n] for y, (k, n) in leak_by.items()), key=lambda r: (-r[1], r[0])
-        )[:8]
+        top: list[list[Any]] = [[y, k, n] for y, (k, n) in leak_by.items()]
+        gated["leak_by_intent_top"] = sorted(top, key=lambda r: (-r[1], r[0]))[:8]
         # other rules, thresholds chosen on the same calibration split: the distance
         # score (kNN, class-conditional kNN, Mahalanobis), its level alpha (None: the
         # earlier joint search) and the selection of t_prob (point estimate, or the
@@ -312,12 +313,12 @@ def run_variant(variant: str, a: argparse.Namespace, data: Path) -> dict[str, An
         probe = texts[:: max(1, len(texts) // 200)][:200]
         student.predict(probe[:2], batch_size=1)
         t1 = time.perf_counter()
-        for x in probe:
-            student.predict([x], batch_size=1)
+        for text in probe:
+            student.predict([text], batch_size=1)
         predict_s = (time.perf_counter() - t1) / len(probe)
         t1 = time.perf_counter()
-        for x in probe:
-            lg, em = student.analyse([x], batch_size=1)
+        for text in probe:
+            lg, em = student.analyse([text], batch_size=1)
             gate.score(lg, em)
         gated_s = (time.perf_counter() - t1) / len(probe)
         t1 = time.perf_counter()
@@ -336,8 +337,7 @@ def run_variant(variant: str, a: argparse.Namespace, data: Path) -> dict[str, An
         "train_s": round(train_s, 1),
         "student_k_score_in_scope": round(100 * sum(right) / n_in, 2),
         "gate": {
-            k: meta.get(k)
-            for k in ("rule", "temperature", "t_prob", "t_sim", "t_dist", "k", "calibration")
+            k: meta.get(k) for k in ("rule", "temperature", "t_prob", "t_sim", "k", "calibration")
         },
         "softmax_0.5": softmax,
         "gate_figures": gated,
