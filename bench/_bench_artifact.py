@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from kolm_compile.artifact import pack, sha256_file
-from kolm_ledger.canonical import digest_hex
-from kolm_ledger.client import LedgerClient
+from kolm_ledger.formats.canonical import digest_hex
+from kolm_ledger.formats.receipts import artifact_statement, sign_statement
 from kolm_ledger.keys import PrivateKey
-from kolm_ledger.receipts import artifact_statement, sign_statement
+from kolm_ledger.service.client import LedgerClient
 
 __all__ = ["log_artifact", "package"]
 

@@ -161,7 +161,7 @@ def run_variant(variant: str, a: argparse.Namespace, data: Path) -> dict[str, An
 
     from kolm_compile import gate as G
     from kolm_compile._train import TrainConfig, train_classifier
-    from kolm_ledger.canonical import digest_hex
+    from kolm_ledger.formats.canonical import digest_hex
 
     spec = yaml.safe_load((ROOT / "kolm_compile/examples/banking77-router.yaml").read_text())
     in_labels: list[str] = list(spec["labels"])

@@ -54,9 +54,9 @@ import rfc8785  # noqa: E402
 from _bench_artifact import log_artifact, package  # noqa: E402
 from _shared import BANKING77, require  # noqa: E402
 
-from kolm_ledger.canonical import canonical_json  # noqa: E402
-from kolm_ledger.client import LedgerClient  # noqa: E402
+from kolm_ledger.formats.canonical import canonical_json  # noqa: E402
 from kolm_ledger.keys import PrivateKey, init_keys  # noqa: E402
+from kolm_ledger.service.client import LedgerClient  # noqa: E402
 
 DATA = BANKING77  # ../shared/data/banking77
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
@@ -178,8 +178,8 @@ async def bench(
     from kolm_infer.engine import Engine
     from kolm_infer.receipts import ReceiptWriter, Spool, sign_prediction
     from kolm_infer.service import InferenceServicer
-    from kolm_ledger.client import AsyncLedgerClient
     from kolm_ledger.keys import TrustRoot
+    from kolm_ledger.service.client import AsyncLedgerClient
 
     trust = TrustRoot.load(keys / "trust.json")
     sync = LedgerClient(ledger)

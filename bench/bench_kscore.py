@@ -1,5 +1,5 @@
 """Re-execution bench: an auditor recomputes a K-score and replays predictions
-(kolm_ledger.reexec), side by side with the compile's own evaluate stage in the same run.
+(kolm_ledger.audit.reexec), side by side with the compile's own evaluate stage in the same run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_kscore.py [--quick] [--full]
 
@@ -50,9 +50,9 @@ from kolm_compile.pipeline import CompileJob, CompileOptions  # noqa: E402
 from kolm_compile.sinks import LocalLedgerSink  # noqa: E402
 from kolm_compile.spec import TaskSpec, read_table  # noqa: E402
 from kolm_infer.receipts import sign_prediction  # noqa: E402
-from kolm_ledger import reexec  # noqa: E402
+from kolm_ledger.audit import reexec  # noqa: E402
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys  # noqa: E402
-from kolm_ledger.verify import verify_bundle, verify_prediction  # noqa: E402
+from kolm_ledger.verify.receipt import verify_bundle, verify_prediction  # noqa: E402
 
 DEMO_SPEC = ROOT / "kolm_compile" / "examples" / "banking77-router.yaml"
 

@@ -4,7 +4,7 @@
 
 1. ceiling: one core doing the per-entry crypto the ledger must do for real receipts
    (kolm log format v2): verify the ECDSA P-256 DSSE signature (strict DER, low-S), hash
-   the v2 leaf (envelope + integration time, ``kolm_ledger.leaf.entry_leaf_hash``) and the
+   the v2 leaf (envelope + integration time, ``kolm_ledger.formats.leaf.entry_leaf_hash``) and the
    statement digest (``statement_digest``). Every ratio is printed twice: to that ceiling,
    and (column "verify") to the verify alone, timed inside the same paired loop — the
    ceiling of the records before 2026-12-03, so those ratios compare with them. Then the
@@ -47,12 +47,12 @@ sys.path.insert(0, str(ROOT))
 
 from kolm_ledger._crypto import PrivateKey  # noqa: E402
 from kolm_ledger._samples import sample_statements  # noqa: E402
-from kolm_ledger.dsse import Envelope, pae, parse_envelope  # noqa: E402
+from kolm_ledger.formats.dsse import Envelope, pae, parse_envelope  # noqa: E402
+from kolm_ledger.formats.leaf import chain_next, entry_leaf_hash, statement_digest  # noqa: E402
+from kolm_ledger.formats.merkle import CompactRange, hash_leaf  # noqa: E402
+from kolm_ledger.formats.receipts import sign_statement  # noqa: E402
 from kolm_ledger.keys import init_keys  # noqa: E402
-from kolm_ledger.leaf import chain_next, entry_leaf_hash, statement_digest  # noqa: E402
-from kolm_ledger.ledger import Ledger  # noqa: E402
-from kolm_ledger.merkle import CompactRange, hash_leaf  # noqa: E402
-from kolm_ledger.receipts import sign_statement  # noqa: E402
+from kolm_ledger.log.ledger import Ledger  # noqa: E402
 from kolm_ledger.storage import NewEntry, Store, StoredCheckpoint  # noqa: E402
 from kolm_ledger.storage.repository import Head  # noqa: E402
 
@@ -333,7 +333,7 @@ def start_server(db: str, keydir: Path, work: Path, *extra: str) -> tuple[subpro
 
 def _client(args: tuple[str, str, list[bytes], int, mp.Barrier]) -> tuple[int, float]:
     target, mode, envs, batch, barrier = args
-    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.service.client import LedgerClient
 
     c = LedgerClient(target, timeout=600)
     barrier.wait()
@@ -365,7 +365,7 @@ def grpc_rate(target: str, mode: str, envs: list[bytes], procs: int, batch: int)
 
 def checkpoint_latency(target: str, envs: list[bytes], rate: float) -> tuple[float, float]:
     """Send batches of 10 at ``rate`` receipts/s; time from send to acknowledged (covered)."""
-    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.service.client import LedgerClient
 
     c = LedgerClient(target)
     lat = []
@@ -388,7 +388,7 @@ def served_proofs(target: str, n: int, count: int) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     from kolm_ledger._pb import ledger_pb2 as pb
-    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.service.client import LedgerClient
 
     c = LedgerClient(target)
     rng = random.Random(2)

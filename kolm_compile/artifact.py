@@ -14,8 +14,8 @@ Layout (every entry sorted, timestamps fixed at 1980-01-01, mode 0644)::
                                 (predicate https://model_signing/signature/v1.0) listing
                                 every other file's SHA-256
 
-``manifest.json`` is :class:`kolm_ledger.manifest.Manifest` (its fields are listed
-there): the compile job writes it with :meth:`~kolm_ledger.manifest.Manifest.to_json`, and
+``manifest.json`` is :class:`kolm_ledger.formats.manifest.Manifest` (its fields are listed
+there): the compile job writes it with :meth:`~kolm_ledger.formats.manifest.Manifest.to_json`, and
 :func:`verify_artifact` parses it (a field of the wrong type is refused, naming it).
 
 Unzipped, ``<name>/`` verifies with ``model_signing verify key <name> --signature
@@ -24,14 +24,14 @@ subject digest: SHA-256 over the file digests in name order. Signing uses RFC 69
 deterministic ECDSA, so the same inputs give a byte-identical ``.kolm``.
 
 :func:`verify_artifact` re-implements the check with kolm's own code (no model_signing
-needed at load time), through :mod:`kolm_ledger.artifact_check` — the one check that
+needed at load time), through :mod:`kolm_ledger.verify.artifact` — the one check that
 ``kolm verify --artifact`` and the auditor run too — and checks before it unpacks:
 (1) the zip directory (one top folder, safe names, no symlinks, no duplicates, entry
 count) (2) ``model.sig`` (size-capped), its subject digest and the DSSE signature by a
 trusted ``compile`` key valid now (or ``at``) and not revoked (3) every file listed,
 nothing extra, no pickle-format file, declared sizes within the caps (4) each file's
 digest, streamed with nothing written (5) only then unpacking, atomically, and
-``manifest.json`` parsed (:meth:`~kolm_ledger.manifest.Manifest.read`) (6) with a
+``manifest.json`` parsed (:meth:`~kolm_ledger.formats.manifest.Manifest.read`) (6) with a
 ``recall`` section: the index is a signed file and
 :func:`kolm_compile.recall.verify_index` recomputes every chunk digest and the corpus
 root, which must equal the manifest's (so the text a prediction cites is the signed text).
@@ -53,23 +53,23 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.artifact_check import (
+from kolm_ledger.errors import ArtifactError
+from kolm_ledger.formats.dsse import IN_TOTO_PAYLOAD_TYPE
+from kolm_ledger.formats.manifest import FORMAT, Manifest, RecallRef
+from kolm_ledger.formats.model_signing import (
+    MODEL_SIGNING_PREDICATE,
+    SIGNATURE_FILE,
+    artifact_digest,
+)
+from kolm_ledger.keys import TrustedKey, TrustRoot
+from kolm_ledger.verify.artifact import (
     DEFAULT_LIMITS,
     PICKLE_SUFFIXES,
     ArtifactLimits,
     OpenedArtifact,
     open_artifact,
 )
-from kolm_ledger.dsse import IN_TOTO_PAYLOAD_TYPE
-from kolm_ledger.errors import ArtifactError
-from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.manifest import FORMAT, Manifest, RecallRef
-from kolm_ledger.model_signing import (
-    MODEL_SIGNING_PREDICATE,
-    SIGNATURE_FILE,
-    artifact_digest,
-)
-from kolm_ledger.trust import TrustState
+from kolm_ledger.verify.trust import TrustState
 
 __all__ = [
     "FORMAT",
@@ -137,7 +137,7 @@ def sign_directory(model_dir: Path, key: PrivateKey) -> str:
     resources = sorted((f, sha256_file(model_dir / f)) for f in files)
     st = _statement(model_dir.name, resources)
     payload = json.dumps(st, indent=2, sort_keys=False).encode()
-    from kolm_ledger.dsse import pae
+    from kolm_ledger.formats.dsse import pae
 
     sig = key.sign(pae(IN_TOTO_PAYLOAD_TYPE, payload), deterministic=True)
     pem = key.public_key().pem().encode()
@@ -203,7 +203,7 @@ def open_verified(
     limits: ArtifactLimits = DEFAULT_LIMITS,
 ) -> OpenedArtifact:
     """Steps (1)-(3) of :func:`verify_artifact` with nothing unpacked: the zip directory,
-    ``model.sig``, its signer and the signed file list (:func:`kolm_ledger.artifact_check.
+    ``model.sig``, its signer and the signed file list (:func:`kolm_ledger.verify.artifact.
     open_artifact`). The caller closes it; :func:`unpack_verified` finishes the check."""
     return open_artifact(path, _signers(trust), at=at or datetime.now(UTC), limits=limits)
 
@@ -246,7 +246,7 @@ def verify_artifact(
 ) -> VerifiedArtifact:
     """Verify a ``.kolm`` against the trust state; raises :class:`ArtifactError` naming why.
 
-    The checks are :mod:`kolm_ledger.artifact_check`'s, the same ``kolm verify --artifact``
+    The checks are :mod:`kolm_ledger.verify.artifact`'s, the same ``kolm verify --artifact``
     and the auditor run, then the manifest and recall index. Unpacks into ``into`` (missing
     or empty; default: a fresh temporary directory, kept for loading) only once every
     entry matched its signed digest; a refused artifact leaves nothing unpacked.

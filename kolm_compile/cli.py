@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
     c.add_argument("--json", action="store_true", help="print the estimate as JSON")
     c.set_defaults(func=_cmd_check)
 
-    from kolm_ledger.tls import add_server_tls_arguments
+    from kolm_ledger.service.tls import add_server_tls_arguments
 
     s = csub.add_parser("serve", help="run the compile gRPC service (jobs persist in --work)")
     s.add_argument("--ledger", required=True, help="ledger service HOST:PORT")
@@ -122,8 +122,8 @@ def run_with_progress(job: Any, console: Any) -> Any:
         TimeElapsedColumn,
     )
 
-    from .pipeline import STAGE_TITLES as names
-    from .pipeline import STAGES
+    from kolm_compile.pipeline import STAGE_TITLES as names
+    from kolm_compile.pipeline import STAGES
 
     with Progress(
         TextColumn("{task.description:<24}"),
@@ -180,7 +180,7 @@ def plain_progress(out: Any, *, every_s: float = 5.0) -> Any:
     at most every ``every_s`` seconds per stage (the first step and the last always)."""
     import time
 
-    from .pipeline import STAGE_TITLES
+    from kolm_compile.pipeline import STAGE_TITLES
 
     last: dict[str, float] = {}
 
@@ -262,9 +262,9 @@ def summary_table(result: Any) -> Any:
 def _cmd_run(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .cache import default_teacher_cache
-    from .pipeline import CompileJob, CompileOptions
-    from .sinks import open_sink
+    from kolm_compile.cache import default_teacher_cache
+    from kolm_compile.pipeline import CompileJob, CompileOptions
+    from kolm_compile.sinks import open_sink
 
     # with --json stdout carries the result only: progress and notes go to stderr
     console = Console(stderr=a.json)
@@ -272,7 +272,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     keys = Path(a.keys)
     key, trust = _load_keys(keys)
     sink = open_sink(db=a.db, ledger=a.ledger, keys=keys, trust=trust)
-    from .student import embed_texts
+    from kolm_compile.student import embed_texts
 
     cache = Path(a.teacher_cache) if a.teacher_cache else default_teacher_cache()
     try:
@@ -302,11 +302,11 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _load_spec(a: argparse.Namespace) -> Any:
-    from .spec import TaskSpec
+    from kolm_compile.spec import TaskSpec
 
     policy = None
     if a.teachers:
-        from .intake import ServicePolicy, TeacherProfiles
+        from kolm_compile.intake import ServicePolicy, TeacherProfiles
 
         policy = ServicePolicy(
             None,
@@ -352,7 +352,7 @@ def _cmd_check(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .estimate import estimate
+    from kolm_compile.estimate import estimate
 
     spec = _load_spec(a)
     est = estimate(spec, teacher_cache=Path(a.teacher_cache) if a.teacher_cache else None)
@@ -373,21 +373,20 @@ def _cmd_check(a: argparse.Namespace) -> int:
 def _cmd_serve(a: argparse.Namespace) -> int:
     import asyncio
 
-    from kolm_ledger.client import LedgerClient
-    from kolm_ledger.rpc import configure_logging
-    from kolm_ledger.tls import client_credentials, server_credentials_from_args
-
-    from .intake import TeacherProfiles
-    from .service import JobRunner, serve
-    from .sinks import ServiceSink
-    from .student import embed_texts
+    from kolm_compile.intake import TeacherProfiles
+    from kolm_compile.service import JobRunner, serve
+    from kolm_compile.sinks import ServiceSink
+    from kolm_compile.student import embed_texts
+    from kolm_ledger.service.client import LedgerClient
+    from kolm_ledger.service.rpc import configure_logging
+    from kolm_ledger.service.tls import client_credentials, server_credentials_from_args
 
     configure_logging(a.log_level)
     teachers = TeacherProfiles.load(a.teachers) if a.teachers else None
     creds = server_credentials_from_args(a, "compile", a.listen)
     to_ledger = client_credentials(a.tls_dir, "compile") if a.tls_dir else None
     if to_ledger is None:
-        from kolm_ledger.tls import channel_credentials_from_args
+        from kolm_ledger.service.tls import channel_credentials_from_args
 
         channel_credentials_from_args(a, a.ledger)  # plain text only toward loopback
     keys = Path(a.keys)
@@ -412,7 +411,7 @@ def _dataset_chunks(filename: str, what: Path | bytes) -> Any:
     file, the last carrying its SHA-256."""
     import hashlib
 
-    from ._pb import compile_pb2 as pb
+    from kolm_compile._pb import compile_pb2 as pb
 
     h = hashlib.sha256()
     if isinstance(what, bytes):
@@ -441,15 +440,14 @@ def _cmd_submit(a: argparse.Namespace) -> int:
     import grpc
     import yaml
 
-    from kolm_ledger.client import channel_options
+    from kolm_compile._pb import compile_pb2 as pb
+    from kolm_compile._pb import compile_pb2_grpc as pb_grpc
+    from kolm_compile.intake import prepare_submission
+    from kolm_compile.spec import MAX_SPEC_BYTES, load_spec_text
     from kolm_ledger.errors import SpecError
-    from kolm_ledger.rpc import error_from_rpc
-    from kolm_ledger.tls import channel_credentials_from_args
-
-    from ._pb import compile_pb2 as pb
-    from ._pb import compile_pb2_grpc as pb_grpc
-    from .intake import prepare_submission
-    from .spec import MAX_SPEC_BYTES, load_spec_text
+    from kolm_ledger.service.client import channel_options
+    from kolm_ledger.service.rpc import error_from_rpc
+    from kolm_ledger.service.tls import channel_credentials_from_args
 
     spec_path = Path(a.spec)
     try:

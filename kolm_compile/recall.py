@@ -2,7 +2,7 @@
 
 A corpus (a JSONL of ``{"id", "text"}`` documents or a folder of text files) is cut
 into chunks, each chunk committed to by its digest and the corpus by an RFC 6962
-Merkle root (rules in :mod:`kolm_ledger.recall_proof`). The chunks and their
+Merkle root (rules in :mod:`kolm_ledger.verify.recall_proof`). The chunks and their
 embeddings go into one sqlite-vec database, ``recall/index.db``; the manifest's
 ``recall`` field records the root, so a cited chunk can be proved to be in the
 signed corpus. For a classify task with no corpus, the accepted training examples
@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kolm_ledger.errors import ArtifactError, InvalidInput, KolmError
-from kolm_ledger.manifest import RecallRef
-from kolm_ledger.recall_proof import CorpusTree, chunk_digest, corpus_root
-from kolm_ledger.receipts import example_digest
+from kolm_ledger.formats.manifest import RecallRef
+from kolm_ledger.formats.receipts import example_digest
+from kolm_ledger.verify.recall_proof import CorpusTree, chunk_digest, corpus_root
 
 if TYPE_CHECKING:
     import numpy
@@ -268,7 +268,7 @@ class ChunkConfig:
 
 @dataclass(frozen=True)
 class Chunk:
-    """An indexed chunk. ``digest`` is :func:`~kolm_ledger.recall_proof.chunk_digest`."""
+    """An indexed chunk. ``digest`` is :func:`~kolm_ledger.verify.recall_proof.chunk_digest`."""
 
     id: str
     text: str
@@ -317,7 +317,7 @@ def chunks_from_examples(examples: Iterable[Any]) -> list[Chunk]:
     """Accepted training examples as labelled chunks (classify tasks with no corpus).
 
     Each example is a ``(text, label)`` pair or a mapping with ``text``/``input`` and
-    ``label``/``output``. Chunk id = :func:`~kolm_ledger.receipts.example_digest`
+    ``label``/``output``. Chunk id = :func:`~kolm_ledger.formats.receipts.example_digest`
     ``(text, label)`` — the subject digest of the example's label receipt, so a cited
     neighbour leads to its receipt. Exact duplicates are kept once (first occurrence).
     """
@@ -347,7 +347,7 @@ def chunks_from_examples(examples: Iterable[Any]) -> list[Chunk]:
 @dataclass(frozen=True)
 class IndexInfo:
     """What an index commits to; :meth:`to_manifest` is the manifest's ``recall`` section
-    (:class:`kolm_ledger.manifest.RecallRef`, less ``k``)."""
+    (:class:`kolm_ledger.formats.manifest.RecallRef`, less ``k``)."""
 
     corpus_root: str
     chunks: int
@@ -382,7 +382,7 @@ class IndexInfo:
     @classmethod
     def from_manifest(cls, d: Mapping[str, Any]) -> IndexInfo:
         """Parse the manifest's ``recall`` section (:meth:`RecallRef.from_dict
-        <kolm_ledger.manifest.RecallRef.from_dict>`); raises :class:`ArtifactError` naming
+        <kolm_ledger.formats.manifest.RecallRef.from_dict>`); raises :class:`ArtifactError` naming
         the field."""
         return cls.from_ref(RecallRef.from_dict(d))
 
@@ -750,7 +750,7 @@ class RecallIndex:
 def evidence(hits: Sequence[Hit], index: RecallIndex) -> list[dict[str, Any]]:
     """Receipt evidence for ``hits``: ``{"id", "digest", "position", "proof"}`` each
     (plus ``"label"`` for labelled chunks), checkable with
-    :func:`kolm_ledger.recall_proof.verify_evidence` against the manifest's corpus root.
+    :func:`kolm_ledger.verify.recall_proof.verify_evidence` against the manifest's corpus root.
     Each item costs about 70 + 67·log2(size) bytes of receipt."""
     tree = index.corpus_tree()
     out = []

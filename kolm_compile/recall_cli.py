@@ -33,7 +33,7 @@ from kolm_ledger.errors import InvalidInput, KolmError, NotFoundError
 if TYPE_CHECKING:
     from kolm_compile.sinks import LedgerSink
     from kolm_ledger._crypto import PrivateKey
-    from kolm_ledger.trust import TrustState
+    from kolm_ledger.verify.trust import TrustState
 
 __all__ = ["UpdateResult", "cmd_recall_update", "register", "update_artifact"]
 
@@ -53,8 +53,8 @@ class UpdateResult:
 
 def _find_artifact_receipt(sink: LedgerSink, digest: str) -> Any:
     """The newest ``artifact`` receipt whose first subject is ``digest`` (a Statement)."""
-    from kolm_ledger.dsse import Envelope
-    from kolm_ledger.receipts import Statement
+    from kolm_ledger.formats.dsse import Envelope
+    from kolm_ledger.formats.receipts import Statement
 
     for e in reversed(sink.find(subject_digest=digest, kind="artifact", limit=1000)):
         st = Statement.from_envelope(Envelope.from_bytes(e.envelope))
@@ -102,8 +102,8 @@ def update_artifact(
     """
     from kolm_compile import recall
     from kolm_compile.artifact import pack, sha256_file, verify_artifact
-    from kolm_ledger.manifest import MANIFEST_FILE
-    from kolm_ledger.receipts import REQUIRED, artifact_statement, sign_statement
+    from kolm_ledger.formats.manifest import MANIFEST_FILE
+    from kolm_ledger.formats.receipts import REQUIRED, artifact_statement, sign_statement
 
     artifact, out = Path(artifact), Path(out)
     if trust is None:

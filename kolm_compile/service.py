@@ -15,7 +15,7 @@ interrupted run already appended are reused (found by the job's subject digest),
 the ledger holds exactly one receipt per trained label of the job.
 
 :class:`CompileServicer` is thin: it parses messages, calls the runner and builds
-replies. Errors become statuses in :class:`~kolm_ledger.rpc.ErrorInterceptor`:
+replies. Errors become statuses in :class:`~kolm_ledger.service.rpc.ErrorInterceptor`:
 a bad spec is ``INVALID_ARGUMENT`` naming the field, an unknown job ``NOT_FOUND``,
 cancelling a finished job ``FAILED_PRECONDITION``.
 
@@ -43,8 +43,6 @@ from typing import Any
 
 import grpc
 
-from kolm_ledger import rpc
-from kolm_ledger.authz import ALL_ROLES, AuthzInterceptor, Policy
 from kolm_ledger.errors import (
     ConflictError,
     InvalidInput,
@@ -53,6 +51,8 @@ from kolm_ledger.errors import (
     RoleError,
     SpecError,
 )
+from kolm_ledger.service import rpc
+from kolm_ledger.service.authz import ALL_ROLES, AuthzInterceptor, Policy
 
 from ._pb import compile_pb2 as pb
 from ._pb import compile_pb2_grpc as pb_grpc
@@ -87,7 +87,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Compile"].full_name
 MAX_MESSAGE = 16 * 1024 * 1024
 CHUNK = 1024 * 1024
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-#: Which client roles may call each method of this service (kolm_ledger.authz: the
+#: Which client roles may call each method of this service (kolm_ledger.service.authz: the
 #: mechanism; an unlisted method is refused, an admin may call every one)
 COMPILE_POLICY: Policy = {
     SERVICE_NAME: {
@@ -173,7 +173,7 @@ def caller_of(context: Any) -> Caller:
     """The :class:`Caller` of a gRPC call (from its verified client certificate)."""
     from cryptography import x509
 
-    from kolm_ledger.tls import role_of
+    from kolm_ledger.service.tls import role_of
 
     role = role_of(context)
     if role is None:

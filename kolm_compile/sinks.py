@@ -14,7 +14,7 @@ into a sink (``kolm compile run``, ``kolm recall update``).
 
 Example::
 
-    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.service.client import LedgerClient
     sink = ServiceSink(LedgerClient("127.0.0.1:7000"))
     acks = sink.append([envelope])            # [Acked(index=..., leaf_hash=...)] or errors
     sink.checkpoint()                         # {"origin": ..., "size": ..., "root": "<hex>"}
@@ -28,13 +28,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import InvalidInput, KolmError
-from kolm_ledger.receipts import Statement, job_digest
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.receipts import Statement, job_digest
 
 if TYPE_CHECKING:
     from kolm_ledger.keys import TrustRoot
-    from kolm_ledger.trust import TrustState
+    from kolm_ledger.verify.trust import TrustState
 
 __all__ = [
     "Acked",
@@ -115,8 +115,8 @@ def labels_by_example(entries: Iterable[Any]) -> dict[str, Acked]:
 
 def _check_trusted_signer(trust: Any, key: Any, where: str) -> None:
     """Raise :class:`ConflictError` in plain words unless ``key`` is a usable compile key
-    in ``trust`` (a :class:`~kolm_ledger.trust.TrustState`): the key policy
-    (:meth:`~kolm_ledger.trust.TrustState.authorize`: may it sign ``label`` receipts
+    in ``trust`` (a :class:`~kolm_ledger.verify.trust.TrustState`): the key policy
+    (:meth:`~kolm_ledger.verify.trust.TrustState.authorize`: may it sign ``label`` receipts
     now?), and no revocation of it logged yet, even one that takes effect later."""
     from datetime import UTC, datetime
 
@@ -149,7 +149,7 @@ def _check_trusted_signer(trust: Any, key: Any, where: str) -> None:
 
 
 class ServiceSink:
-    """The ledger service through :meth:`kolm_ledger.client.LedgerClient.append_many`.
+    """The ledger service through :meth:`kolm_ledger.service.client.LedgerClient.append_many`.
 
     With ``trust`` (the key folder's trust root) :meth:`check_signer` checks, before a
     job spends anything, that the service's checkpoint is signed by that root's log key
@@ -165,9 +165,9 @@ class ServiceSink:
         """Refuse a compile key this ledger service will not accept (needs ``trust``)."""
         if self.trust is None:
             return
-        from kolm_ledger.checkpoint import verify_checkpoint
         from kolm_ledger.errors import CheckpointError, ConflictError
-        from kolm_ledger.trust import ledger_trust_state
+        from kolm_ledger.formats.checkpoint import verify_checkpoint
+        from kolm_ledger.verify.trust import ledger_trust_state
 
         try:
             verify_checkpoint(self.client.checkpoint().to_bytes(), self.trust)
@@ -205,8 +205,8 @@ class ServiceSink:
 
     def trust_state(self) -> TrustState:
         """``trust`` plus every key receipt of the service, each proven against its signed
-        checkpoint (:func:`kolm_ledger.trust.ledger_trust_state`); needs ``trust``."""
-        from kolm_ledger.trust import ledger_trust_state
+        checkpoint (:func:`kolm_ledger.verify.trust.ledger_trust_state`); needs ``trust``."""
+        from kolm_ledger.verify.trust import ledger_trust_state
 
         if self.trust is None:
             raise InvalidInput("this ledger service sink has no trust root: give trust=")
@@ -218,7 +218,7 @@ class ServiceSink:
 
 
 class LocalLedgerSink:
-    """An in-process :class:`kolm_ledger.ledger.Ledger` (``kolm compile run --db URL``).
+    """An in-process :class:`kolm_ledger.log.ledger.Ledger` (``kolm compile run --db URL``).
 
     Each envelope is validated on its own (a refused one takes its error), the valid ones
     are sequenced as one batch with one checkpoint.
@@ -234,7 +234,7 @@ class LocalLedgerSink:
         from pathlib import Path
 
         from kolm_ledger.keys import PrivateKey, TrustRoot
-        from kolm_ledger.ledger import Ledger
+        from kolm_ledger.log.ledger import Ledger
         from kolm_ledger.storage import Store
 
         keys = Path(keys_dir)
@@ -320,7 +320,7 @@ def open_sink(
     folder = Path(keys)
     if db:
         return LocalLedgerSink.open(db, folder, trust)
-    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.service.client import LedgerClient
 
     if trust is None and (folder / "trust.json").is_file():
         trust = TrustRoot.load(folder / "trust.json")

@@ -1,6 +1,6 @@
 """The runtime student: a trained classifier loaded from its adapter folder, and the plain
 base-model embedder. Public: the inference engine, the compile job's evaluate stage and an
-auditor's re-execution (:mod:`kolm_ledger.reexec`) load students through it; training
+auditor's re-execution (:mod:`kolm_ledger.audit.reexec`) load students through it; training
 (:mod:`kolm_compile._train`) writes the folder this module reads and imports it, never the
 other way round::
 

@@ -22,15 +22,14 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
     """Run the inference service until SIGTERM/SIGINT."""
     import asyncio
 
+    from kolm_infer.service import serve
     from kolm_ledger.keys import PrivateKey, TrustRoot
-    from kolm_ledger.rpc import configure_logging
-    from kolm_ledger.tls import (
+    from kolm_ledger.service.rpc import configure_logging
+    from kolm_ledger.service.tls import (
         channel_credentials_from_args,
         client_credentials,
         server_credentials_from_args,
     )
-
-    from .service import serve
 
     configure_logging(a.log_level)
     creds = server_credentials_from_args(a, "infer", a.listen)
@@ -78,11 +77,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
     """Send one prediction; print the answer, write its receipt (bundle or promise)."""
     import grpc
 
-    from kolm_ledger.client import channel_options
-    from kolm_ledger.rpc import error_from_rpc
-
-    from ._pb import infer_pb2 as pb
-    from ._pb import infer_pb2_grpc as pb_grpc
+    from kolm_infer._pb import infer_pb2 as pb
+    from kolm_infer._pb import infer_pb2_grpc as pb_grpc
+    from kolm_ledger.service.client import channel_options
+    from kolm_ledger.service.rpc import error_from_rpc
 
     with grpc.insecure_channel(a.to, channel_options()) as ch:
         stub = pb_grpc.InferenceStub(ch)  # type: ignore[no-untyped-call]
@@ -125,7 +123,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         else:
             obj: dict[str, Any] = {"envelope": json.loads(r.envelope)}
             if kind == "promise":
-                from kolm_ledger.promise import Promise
+                from kolm_ledger.formats.promise import Promise
 
                 p = r.promise
                 obj["promise"] = Promise(
@@ -151,7 +149,7 @@ def _write_private(path: str, text: str) -> None:
 
 def register(sub: Any) -> None:
     """Add ``infer`` and ``predict`` to the root ``kolm`` subparsers."""
-    from kolm_ledger.tls import add_server_tls_arguments
+    from kolm_ledger.service.tls import add_server_tls_arguments
 
     inf = sub.add_parser("infer", help="serve verified artifacts with signed receipts")
     isub = inf.add_subparsers(dest="infer_command", required=True)

@@ -136,18 +136,17 @@ async def _demo(a: argparse.Namespace) -> int:
     from kolm_compile.cli import run_with_progress
     from kolm_compile.pipeline import CompileJob, CompileOptions
     from kolm_compile.sinks import ServiceSink
+    from kolm_infer import service as infer_service
+    from kolm_infer._pb import infer_pb2 as pb
+    from kolm_infer._pb import infer_pb2_grpc as pb_grpc
     from kolm_ledger._crypto import PrivateKey
-    from kolm_ledger.audit import audit, audit_remote
-    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.audit.auditor import audit, audit_remote
     from kolm_ledger.demo import tamper_copy
     from kolm_ledger.keys import init_keys
-    from kolm_ledger.server import start as start_ledger
-    from kolm_ledger.tls import init_certs
-    from kolm_ledger.verify import verify_prediction
-
-    from . import service as infer_service
-    from ._pb import infer_pb2 as pb
-    from ._pb import infer_pb2_grpc as pb_grpc
+    from kolm_ledger.service.client import LedgerClient
+    from kolm_ledger.service.server import start as start_ledger
+    from kolm_ledger.service.tls import init_certs
+    from kolm_ledger.verify.receipt import verify_prediction
 
     t_all = time.perf_counter()
     console = Console()
@@ -270,7 +269,7 @@ async def _demo(a: argparse.Namespace) -> int:
             console.print(_evidence_table(shown))
 
         # 5. one offline bundle, verified like a downstream system would
-        from kolm_ledger.bundle import Bundle
+        from kolm_ledger.formats.bundle import Bundle
 
         bundle_path = d / "prediction.kolm-receipt.json"
         bundle_path.write_bytes(one.bundle)
@@ -430,7 +429,7 @@ async def _demo(a: argparse.Namespace) -> int:
 
 def _verify_steps(v: Any) -> list[tuple[int, str, bool, str]]:
     """``(n, step name, ran and passed, what it established)`` for steps 1-10."""
-    from kolm_ledger.verify import STEPS
+    from kolm_ledger.verify.receipt import STEPS
 
     r = v.receipt
     what = {

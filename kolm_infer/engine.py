@@ -5,20 +5,20 @@ No gRPC here (the servicer in :mod:`kolm_infer.service` is a thin layer over thi
 Loading (:meth:`Engine.load`) refuses, with :class:`~kolm_ledger.errors.ArtifactError`
 (``FAILED_PRECONDITION``) naming the reason, any ``.kolm`` that fails:
 
-1. the artifact check (:mod:`kolm_ledger.artifact_check`, through
+1. the artifact check (:mod:`kolm_ledger.verify.artifact`, through
    :func:`kolm_compile.artifact.open_verified` and :func:`~kolm_compile.artifact.
    unpack_verified`), in this order: the zip directory (safe names, no symlinks or
    duplicates, entry count), ``model.sig`` and its signature by a trusted compile key
    valid now and not revoked (revocations come from the trust root and from ``key``
    receipts in the ledger), the subject digest, the signed file list (nothing extra,
-   nothing missing, no pickle) and the size caps (:class:`~kolm_ledger.artifact_check.
+   nothing missing, no pickle) and the size caps (:class:`~kolm_ledger.verify.artifact.
    ArtifactLimits`) — all before any content is read; then, after check 2, every file
    hashed against its signed digest with nothing written, and only then the unpacking
    into ``<workdir>/<digest>`` (a temporary folder renamed into place). Loads of one
    digest run one at a time and share that copy; a refused load leaves nothing;
 2. ledger inclusion: the ledger holds an ``artifact`` receipt whose subject is the
    artifact digest (``FindEntries``), and its offline bundle (``GetReceiptBundle``)
-   verifies against the trust root with :func:`kolm_ledger.verify.verify_bundle`:
+   verifies against the trust root with :func:`kolm_ledger.verify.receipt.verify_bundle`:
    signed by a compile key, included in a checkpoint signed by a trusted log key;
 3. recall (only when the manifest has ``recall``): the index file the manifest names
    passes :func:`kolm_compile.recall.verify_index` against the manifest's
@@ -86,9 +86,6 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Histogram
 
-from kolm_ledger.artifact_check import DEFAULT_LIMITS, ArtifactLimits
-from kolm_ledger.bundle import Bundle
-from kolm_ledger.client import LedgerClient
 from kolm_ledger.errors import (
     ArtifactError,
     InvalidInput,
@@ -96,12 +93,15 @@ from kolm_ledger.errors import (
     NotFoundError,
     UnavailableError,
 )
+from kolm_ledger.formats.bundle import Bundle
+from kolm_ledger.formats.manifest import Manifest
+from kolm_ledger.formats.receipts import Statement
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.manifest import Manifest
-from kolm_ledger.receipts import Statement
-from kolm_ledger.trust import TrustState
-from kolm_ledger.trust import ledger_trust_state as _ledger_trust_state
-from kolm_ledger.verify import verify_bundle
+from kolm_ledger.service.client import LedgerClient
+from kolm_ledger.verify.artifact import DEFAULT_LIMITS, ArtifactLimits
+from kolm_ledger.verify.receipt import verify_bundle
+from kolm_ledger.verify.trust import TrustState
+from kolm_ledger.verify.trust import ledger_trust_state as _ledger_trust_state
 
 if TYPE_CHECKING:
     from kolm_compile.recall import Hit, IndexInfo, RecallIndex
@@ -248,7 +248,7 @@ class LoadedArtifact:
 def ledger_trust_state(client: LedgerClient, trust: TrustRoot) -> TrustState:
     """The trust root plus *every* ``key`` receipt of the ledger (registrations, rotations,
     revocations), paged through ``FindEntries`` and folded by
-    :func:`kolm_ledger.trust.fold_key_receipts` (each must be signed by an ``admin`` key
+    :func:`kolm_ledger.verify.trust.fold_key_receipts` (each must be signed by an ``admin`` key
     of the state so far, valid at its integration time; others are left out)."""
     return _ledger_trust_state(client, trust)
 

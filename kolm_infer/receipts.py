@@ -52,15 +52,15 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.bundle import Bundle
-from kolm_ledger.canonical import digest_hex
-from kolm_ledger.client import AppendResult, AsyncLedgerClient
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import InvalidInput, KolmError, StorageError, UnavailableError
-from kolm_ledger.leaf import statement_digest
-from kolm_ledger.promise import Promise
-from kolm_ledger.receipts import prediction_statement, sign_statement
-from kolm_ledger.verify import SALT_BYTES, input_commitment
+from kolm_ledger.formats.bundle import Bundle
+from kolm_ledger.formats.canonical import digest_hex
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.leaf import statement_digest
+from kolm_ledger.formats.promise import Promise
+from kolm_ledger.formats.receipts import prediction_statement, sign_statement
+from kolm_ledger.service.client import AppendResult, AsyncLedgerClient
+from kolm_ledger.verify.receipt import SALT_BYTES, input_commitment
 
 __all__ = [
     "ACK_MODES",
@@ -351,7 +351,7 @@ class ReceiptWriter:
       submissions still go to the ledger (the caller asked for the bundle).
 
     Batches go over the client's persistent ``AppendStream``
-    (:meth:`~kolm_ledger.client.AsyncLedgerClient.append_pipelined`): everything queued
+    (:meth:`~kolm_ledger.service.client.AsyncLedgerClient.append_pipelined`): everything queued
     while batches are in flight goes in the next one, up to ``max_inflight`` at once.
     ``wait`` batches (the bundle takes longer to build) use a short call of their own so
     they never hold up the acknowledgements queued behind them on the stream
@@ -451,7 +451,7 @@ class ReceiptWriter:
             raise UnavailableError("the inference service is shutting down")
         self.check_serving()
         data = envelope.to_bytes()
-        # the spool keys a receipt by its statement digest (kolm_ledger.leaf): its leaf hash
+        # the spool keys a receipt by its statement digest (kolm_ledger.formats.leaf): its leaf hash
         # binds the integration time, so only the ledger's answer carries it
         leaf = statement_digest(envelope)
         if not wait and (self.ack == "spool" or self._spool_pending):

@@ -3,7 +3,7 @@
 :class:`KeyFollower` polls the ledger for ``key`` receipts every ``interval_s`` seconds
 (``kolm infer serve --key-poll-seconds``, default :data:`DEFAULT_KEY_POLL_S`): one
 ``FindEntries(kind="key", after_index=<last seen>)`` round trip, folded into the trust
-state with :func:`kolm_ledger.trust.fold_key_receipts` (the ledger's own fold). After
+state with :func:`kolm_ledger.verify.trust.fold_key_receipts` (the ledger's own fold). After
 each poll:
 
 - every loaded artifact whose compile key is no longer valid (revoked, or rotated away,
@@ -14,7 +14,7 @@ each poll:
   ledger refuses that key's receipts.
 
 Every key receipt is *proven* before it is folded
-(:func:`kolm_ledger.trust.prove_entries`): its envelope and its integration time must be
+(:func:`kolm_ledger.verify.trust.prove_entries`): its envelope and its integration time must be
 what the log's signed checkpoint holds at its index. A ledger that serves a key receipt
 that is not — a revocation's time moved to 2100 in the database, a forged or swapped
 entry — would otherwise un-revoke a key. Such a proof failure fails closed: the service
@@ -46,7 +46,6 @@ from datetime import UTC, datetime
 
 from prometheus_client import Counter, Gauge
 
-from kolm_ledger.client import LedgerClient
 from kolm_ledger.errors import (
     ArtifactError,
     FormatError,
@@ -56,7 +55,13 @@ from kolm_ledger.errors import (
     VerificationError,
 )
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.trust import TrustState, fold_key_receipts, key_receipt_entries, prove_entries
+from kolm_ledger.service.client import LedgerClient
+from kolm_ledger.verify.trust import (
+    TrustState,
+    fold_key_receipts,
+    key_receipt_entries,
+    prove_entries,
+)
 
 from .engine import Engine, LoadedArtifact
 from .receipts import ReceiptWriter

@@ -6,7 +6,7 @@ reply. Fail closed: a reply is sent only after its receipt is acknowledged by th
 ledger (the signed promise comes back with the answer; ``wait_for_inclusion`` returns
 the offline bundle instead) or, with a spool configured, committed to the spool. The
 ledger unreachable without a spool → ``UNAVAILABLE``. Errors become statuses through
-:class:`kolm_ledger.rpc.ErrorInterceptor` (a refused artifact → ``FAILED_PRECONDITION``).
+:class:`kolm_ledger.service.rpc.ErrorInterceptor` (a refused artifact → ``FAILED_PRECONDITION``).
 ``request_id`` longer than :data:`~kolm_infer.receipts.MAX_REQUEST_ID_CHARS` →
 ``INVALID_ARGUMENT``.
 
@@ -40,12 +40,12 @@ from typing import Any
 import grpc
 from prometheus_client import start_http_server
 
-from kolm_ledger import rpc
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.authz import ALL_ROLES, AuthzInterceptor, Policy
-from kolm_ledger.client import AsyncLedgerClient, LedgerClient
 from kolm_ledger.errors import InvalidInput
 from kolm_ledger.keys import TrustRoot
+from kolm_ledger.service import rpc
+from kolm_ledger.service.authz import ALL_ROLES, AuthzInterceptor, Policy
+from kolm_ledger.service.client import AsyncLedgerClient, LedgerClient
 
 from ._pb import infer_pb2 as pb
 from ._pb import infer_pb2_grpc as pb_grpc
@@ -68,7 +68,7 @@ log = logging.getLogger("kolm.infer")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 MAX_MESSAGE = 64 * 1024 * 1024
 MAX_INPUT_CHARS = 16_384
-#: Which client roles may call each method of this service (kolm_ledger.authz: the
+#: Which client roles may call each method of this service (kolm_ledger.service.authz: the
 #: mechanism; an unlisted method is refused, an admin may call every one)
 INFER_POLICY: Policy = {
     SERVICE_NAME: {

@@ -44,7 +44,7 @@ def register_up(sub: Any) -> None:
 
 
 def _cmd_up(a: argparse.Namespace) -> int:
-    from kolm_ledger.tls import check_insecure_listen
+    from kolm_ledger.service.tls import check_insecure_listen
 
     check_insecure_listen(f"{a.host}:0")
     if a.postgres != "embedded":
@@ -62,7 +62,7 @@ def _embedded_postgres(data: Path) -> Any:
     """Start (or adopt) the embedded server in ``data``; make sure its ``kolm`` database exists."""
     import sqlalchemy as sa
 
-    from .embedded_pg import EmbeddedPostgres
+    from kolm_infer.embedded_pg import EmbeddedPostgres
 
     pg = EmbeddedPostgres(data)
     pg.start()
@@ -87,12 +87,11 @@ async def _up(a: argparse.Namespace) -> int:
     from kolm_compile.service import JobRunner
     from kolm_compile.service import start as start_compile
     from kolm_compile.sinks import ServiceSink
+    from kolm_infer.service import start as start_infer
     from kolm_ledger._crypto import PrivateKey
-    from kolm_ledger.client import LedgerClient
     from kolm_ledger.keys import TrustRoot, init_keys
-    from kolm_ledger.server import start as start_ledger
-
-    from .service import start as start_infer
+    from kolm_ledger.service.client import LedgerClient
+    from kolm_ledger.service.server import start as start_ledger
 
     d = Path(a.dir).resolve()
     keys = d / "keys"

@@ -18,17 +18,17 @@ Example::
     True
 """
 
-from . import receipts
-from ._crypto import PrivateKey, PublicKey
-from .audit import AuditReport, audit
-from .bundle import Bundle
-from .checkpoint import Checkpoint, SignedCheckpoint
-from .dsse import Envelope
-from .errors import KolmError
-from .keys import TrustedKey, TrustRoot, init_keys
-from .ledger import Ledger
-from .storage import Store
-from .verify import VerifiedReceipt, verify_bundle
+from kolm_ledger._crypto import PrivateKey, PublicKey
+from kolm_ledger.audit.auditor import AuditReport, audit
+from kolm_ledger.errors import KolmError
+from kolm_ledger.formats import receipts
+from kolm_ledger.formats.bundle import Bundle
+from kolm_ledger.formats.checkpoint import Checkpoint, SignedCheckpoint
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.keys import TrustedKey, TrustRoot, init_keys
+from kolm_ledger.log.ledger import Ledger
+from kolm_ledger.storage import Store
+from kolm_ledger.verify.receipt import VerifiedReceipt, verify_bundle
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from .errors import KeyFormatError, SignatureError
+from kolm_ledger.errors import KeyFormatError, SignatureError
 
 Algorithm = Literal["ecdsa-p256-sha256", "ed25519"]
 ALGORITHMS: tuple[Algorithm, ...] = ("ecdsa-p256-sha256", "ed25519")

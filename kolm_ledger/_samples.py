@@ -7,9 +7,9 @@ import random
 from collections.abc import Iterator
 from datetime import datetime
 
-from ._crypto import PrivateKey
-from .canonical import digest_hex
-from .receipts import (
+from kolm_ledger._crypto import PrivateKey
+from kolm_ledger.formats.canonical import digest_hex
+from kolm_ledger.formats.receipts import (
     Statement,
     artifact_statement,
     eval_statement,

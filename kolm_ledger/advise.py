@@ -34,7 +34,7 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import InvalidInput
+from kolm_ledger.errors import InvalidInput
 
 __all__ = [
     "DISTILL",

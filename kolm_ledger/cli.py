@@ -19,7 +19,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from .errors import KolmError, VerificationError
+from kolm_ledger.errors import KolmError, VerificationError
 
 __all__ = ["main"]
 
@@ -31,7 +31,7 @@ def _trust_default(keyfile: str) -> Path:
 
 
 def cmd_keys_init(a: argparse.Namespace) -> int:
-    from .keys import init_keys
+    from kolm_ledger.keys import init_keys
 
     root = init_keys(a.dir, origin=a.origin)
     for k in root.keys:
@@ -41,16 +41,16 @@ def cmd_keys_init(a: argparse.Namespace) -> int:
 
 
 def _open_ledger(db: str, trust_path: str | Path, log_key_path: str | Path) -> Any:
-    from .keys import PrivateKey, TrustRoot
-    from .ledger import Ledger
-    from .storage import Store
+    from kolm_ledger.keys import PrivateKey, TrustRoot
+    from kolm_ledger.log.ledger import Ledger
+    from kolm_ledger.storage import Store
 
     return Ledger(Store(db), TrustRoot.load(trust_path), PrivateKey.load(log_key_path))
 
 
 def cmd_ledger_append(a: argparse.Namespace) -> int:
-    from .keys import PrivateKey
-    from .receipts import Statement, sign_statement
+    from kolm_ledger.formats.receipts import Statement, sign_statement
+    from kolm_ledger.keys import PrivateKey
 
     trust = a.trust or _trust_default(a.key)
     log_key = a.log_key or Path(trust).parent / "log.key"
@@ -67,8 +67,8 @@ def cmd_ledger_append(a: argparse.Namespace) -> int:
 
 
 def cmd_ledger_checkpoint(a: argparse.Namespace) -> int:
-    from .errors import NotFoundError
-    from .storage import Store
+    from kolm_ledger.errors import NotFoundError
+    from kolm_ledger.storage import Store
 
     cp = Store(a.db).latest_checkpoint()
     if cp is None:
@@ -78,8 +78,8 @@ def cmd_ledger_checkpoint(a: argparse.Namespace) -> int:
 
 
 def cmd_ledger_bundle(a: argparse.Namespace) -> int:
-    from .bundle import Bundle
-    from .storage import Store
+    from kolm_ledger.formats.bundle import Bundle
+    from kolm_ledger.storage import Store
 
     store = Store(a.db)
     try:
@@ -153,9 +153,9 @@ class _PendingReceipt:
         self.what = "promise" if promise is not None else "spooled receipt"
 
     def fetch(self, client: Any, trust: Any, ledger: str) -> Any:
-        from .leaf import statement_digest
-        from .note import key_id
-        from .promise import verify_promise
+        from kolm_ledger.formats.leaf import statement_digest
+        from kolm_ledger.formats.note import key_id
+        from kolm_ledger.formats.promise import verify_promise
 
         p = self.promise
         try:
@@ -213,10 +213,10 @@ def _at(step: int, msg: str) -> VerificationError:
 def _pending_receipt(data: bytes, path: str) -> _PendingReceipt | None:
     """Recognise a promise or spooled-receipt file; ``None`` for anything else (a bundle,
     or bytes that step 1 of the bundle check will name)."""
-    from .canonical import parse_json
-    from .dsse import Envelope
-    from .errors import BundleFormatError
-    from .promise import Promise
+    from kolm_ledger.errors import BundleFormatError
+    from kolm_ledger.formats.canonical import parse_json
+    from kolm_ledger.formats.dsse import Envelope
+    from kolm_ledger.formats.promise import Promise
 
     try:
         obj = parse_json(data)
@@ -243,17 +243,17 @@ def _pending_receipt(data: bytes, path: str) -> _PendingReceipt | None:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from .bundle import Bundle
-    from .errors import BundleFormatError
-    from .keys import TrustRoot
-    from .receipts import Statement
-    from .verify import verify_bundle, verify_bundle_bytes, verify_prediction
+    from kolm_ledger.errors import BundleFormatError
+    from kolm_ledger.formats.bundle import Bundle
+    from kolm_ledger.formats.receipts import Statement
+    from kolm_ledger.keys import TrustRoot
+    from kolm_ledger.verify.receipt import verify_bundle, verify_bundle_bytes, verify_prediction
 
     trust = TrustRoot.load(a.trust)
     client = None
     try:
         if a.ledger:
-            from .trust import ledger_trust_state
+            from kolm_ledger.verify.trust import ledger_trust_state
 
             client = _client(a)
             # judge keys by the ledger's trust state: trust.json plus every key receipt
@@ -315,7 +315,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
             digest = Statement.from_envelope(bundle.envelope).predicate.get("artifact_digest")
             found = client.find(subject_digest=str(digest), kind="artifact", limit=1)
             if not found:
-                from .errors import VerificationError
+                from kolm_ledger.errors import VerificationError
 
                 err = VerificationError(
                     f"step 8 (check artifact receipt): the ledger at {a.ledger} has no "
@@ -347,14 +347,14 @@ def cmd_verify(a: argparse.Namespace) -> int:
             max_time_skew=_skew(a),
         )
         replay = None
-        if a.replay:  # re-execute the student on the input (kolm_ledger.reexec)
-            from .reexec import replay_prediction
+        if a.replay:  # re-execute the student on the input (kolm_ledger.audit.reexec)
+            from kolm_ledger.audit.reexec import replay_prediction
 
             if a.artifact is None or a.input is None:
                 raise KolmError("--replay needs --artifact FILE.kolm, --input FILE and --salt HEX")
             replay = replay_prediction(p, a.artifact, input_value, trust)
     except KolmError as e:
-        from .reexec import ReplayMismatch
+        from kolm_ledger.audit.reexec import ReplayMismatch
 
         step = "replay" if isinstance(e, ReplayMismatch) else getattr(e, "step", None)
         print(f"FAILED{f' at step {step}' if step is not None else ''}: {e}")
@@ -426,13 +426,13 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 def _client(a: argparse.Namespace) -> Any:
     """A LedgerClient for ``--ledger``: mutual TLS with ``--tls-dir``/``--role``, else loopback."""
-    from .tls import ledger_client_from_args
+    from kolm_ledger.service.tls import ledger_client_from_args
 
     return ledger_client_from_args(a)
 
 
 def _fmt_time(t: Any) -> str:
-    from .keys import format_time
+    from kolm_ledger.keys import format_time
 
     return str(format_time(t))
 
@@ -460,7 +460,7 @@ def _add_skew_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _witness_policy(a: argparse.Namespace) -> dict[str, Any]:
-    from .witness import load_witness_verifiers
+    from kolm_ledger.formats.witness import load_witness_verifiers
 
     wfile = getattr(a, "witnesses", None)
     k = getattr(a, "min_witnesses", None)
@@ -473,15 +473,15 @@ def _witness_policy(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_audit(a: argparse.Namespace) -> int:
-    from .audit import audit
-    from .keys import TrustRoot
-    from .storage import Store
+    from kolm_ledger.audit.auditor import audit
+    from kolm_ledger.keys import TrustRoot
+    from kolm_ledger.storage import Store
 
     trust = TrustRoot.load(a.trust)
     if a.ledger:
         from rich.progress import Progress
 
-        from .audit import audit_remote
+        from kolm_ledger.audit.auditor import audit_remote
 
         with _client(a) as c, Progress(transient=True) as prog:
             task = prog.add_task("auditing", total=None)
@@ -519,10 +519,10 @@ def cmd_audit(a: argparse.Namespace) -> int:
 def cmd_ledger_serve(a: argparse.Namespace) -> int:
     import asyncio
 
-    from .keys import PrivateKey, TrustRoot
-    from .rpc import configure_logging
-    from .server import serve
-    from .tls import server_credentials_from_args
+    from kolm_ledger.keys import PrivateKey, TrustRoot
+    from kolm_ledger.service.rpc import configure_logging
+    from kolm_ledger.service.server import serve
+    from kolm_ledger.service.tls import server_credentials_from_args
 
     credentials = server_credentials_from_args(a, "ledger", a.listen)
     configure_logging(a.log_level)
@@ -550,14 +550,14 @@ def cmd_ledger_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_provenance(a: argparse.Namespace) -> int:
-    from .keys import TrustRoot
-    from .provenance_check import check_provenance
-    from .trust import ledger_trust_state
+    from kolm_ledger.audit.provenance import check_provenance
+    from kolm_ledger.keys import TrustRoot
+    from kolm_ledger.verify.trust import ledger_trust_state
 
     root = TrustRoot.load(a.trust) if a.trust else None
     if a.db:  # the ledger database itself, like kolm audit --db and kolm report --db
-        from .provenance import provenance
-        from .storage import Store
+        from kolm_ledger.log.provenance import provenance
+        from kolm_ledger.storage import Store
 
         store = Store(a.db)
         try:
@@ -577,25 +577,25 @@ def cmd_provenance(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from kolm_ledger.demo import run_demo
 
     return run_demo(a)
 
 
 def cmd_advise(a: argparse.Namespace) -> int:
-    from .advise import cmd_advise as run
+    from kolm_ledger.advise import cmd_advise as run
 
     return run(a)
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from .report import cmd_report as run
+    from kolm_ledger.audit.report import cmd_report as run
 
     return run(a)
 
 
 def _tls() -> Any:
-    from . import tls
+    from kolm_ledger.service import tls
 
     return tls
 
@@ -616,9 +616,9 @@ def _append_key_receipt(a: argparse.Namespace, env: Any) -> int:
 def _append_key_receipt_at(a: argparse.Namespace, env: Any) -> tuple[int, Any]:
     """:func:`_append_key_receipt`, with the receipt's integration time (a UTC datetime)."""
     if a.ledger:
-        from .client import LedgerClient
-        from .storage.repository import from_micros
-        from .tls import channel_credentials_from_args
+        from kolm_ledger.service.client import LedgerClient
+        from kolm_ledger.service.tls import channel_credentials_from_args
+        from kolm_ledger.storage.repository import from_micros
 
         ns = argparse.Namespace(tls_dir=a.tls_dir, role="admin")
         with LedgerClient(a.ledger, credentials=channel_credentials_from_args(ns, a.ledger)) as c:
@@ -632,8 +632,8 @@ def _append_key_receipt_at(a: argparse.Namespace, env: Any) -> tuple[int, Any]:
 def cmd_keys_rotate(a: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from .keys import PrivateKey, TrustedKey, TrustRoot
-    from .receipts import key_statement, sign_statement
+    from kolm_ledger.formats.receipts import key_statement, sign_statement
+    from kolm_ledger.keys import PrivateKey, TrustedKey, TrustRoot
 
     keys = Path(a.keys)
     old_path = keys / f"{a.role}.key"
@@ -679,8 +679,8 @@ def cmd_keys_revoke(a: argparse.Namespace) -> int:
     from dataclasses import replace
     from datetime import UTC, datetime, timedelta
 
-    from .keys import PrivateKey, TrustRoot, format_time
-    from .receipts import key_statement, sign_statement
+    from kolm_ledger.formats.receipts import key_statement, sign_statement
+    from kolm_ledger.keys import PrivateKey, TrustRoot, format_time
 
     keys = Path(a.keys)
     admin = PrivateKey.load(keys / "admin.key")
@@ -717,7 +717,7 @@ def cmd_keys_revoke(a: argparse.Namespace) -> int:
 
 
 def cmd_certs_init(a: argparse.Namespace) -> int:
-    from .tls import ROLE_URI_PREFIX, init_certs
+    from kolm_ledger.service.tls import ROLE_URI_PREFIX, init_certs
 
     for stem, path in init_certs(a.dir).items():
         print(f"{stem:16} {path}")
@@ -726,8 +726,8 @@ def cmd_certs_init(a: argparse.Namespace) -> int:
 
 
 def cmd_ledger_vkey(a: argparse.Namespace) -> int:
-    from .checkpoint import log_verifiers
-    from .keys import TrustRoot
+    from kolm_ledger.formats.checkpoint import log_verifiers
+    from kolm_ledger.keys import TrustRoot
 
     for v in log_verifiers(TrustRoot.load(a.trust)):
         print(v.vkey())
@@ -735,8 +735,8 @@ def cmd_ledger_vkey(a: argparse.Namespace) -> int:
 
 
 def cmd_witness_keygen(a: argparse.Namespace) -> int:
-    from .keys import PrivateKey
-    from .witness import Cosigner
+    from kolm_ledger.formats.witness import Cosigner
+    from kolm_ledger.keys import PrivateKey
 
     if Path(a.key).exists():
         raise KolmError(f"{a.key} exists; refusing to overwrite a key")
@@ -750,9 +750,9 @@ def cmd_witness_serve(a: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .keys import PrivateKey
-    from .note import NoteVerifier
-    from .witness import Cosigner, Witness, start_witness
+    from kolm_ledger.formats.note import NoteVerifier
+    from kolm_ledger.formats.witness import Cosigner, Witness, start_witness
+    from kolm_ledger.keys import PrivateKey
 
     w = Witness(
         Cosigner(a.name, PrivateKey.load(a.key)),
@@ -777,7 +777,7 @@ def cmd_witness_serve(a: argparse.Namespace) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     """The root parser with every built-in and plug-in subcommand."""
     p = argparse.ArgumentParser(prog="kolm", description="kolm: distillation you can prove")
-    from . import __version__
+    from kolm_ledger import __version__
 
     p.add_argument("--version", action="version", version=f"kolm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -952,7 +952,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     _tls().add_client_tls_arguments(au)
     au.set_defaults(func=cmd_audit)
 
-    from .reexec import add_kscore_parser  # torch-free; the predictor loads when it runs
+    from kolm_ledger.audit.reexec import (
+        add_kscore_parser,  # torch-free; the predictor loads when it runs
+    )
 
     add_kscore_parser(sub, _tls())
 
@@ -966,7 +968,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     pv.set_defaults(func=cmd_provenance)
 
     adv = sub.add_parser("advise", help="which technique fits: RAG, fine-tune or distillation")
-    from .advise import add_arguments as _advise_arguments  # stdlib only; no heavy imports
+    from kolm_ledger.advise import (
+        add_arguments as _advise_arguments,  # stdlib only; no heavy imports
+    )
 
     _advise_arguments(adv)
     adv.set_defaults(func=cmd_advise)

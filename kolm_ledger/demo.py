@@ -21,14 +21,14 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._crypto import PrivateKey
-from ._samples import sample_statements
-from .audit import AuditReport, audit
-from .keys import TrustRoot, init_keys
-from .ledger import Ledger
-from .receipts import KINDS, sign_statement
-from .storage import Store
-from .verify import verify_bundle
+from kolm_ledger._crypto import PrivateKey
+from kolm_ledger._samples import sample_statements
+from kolm_ledger.audit.auditor import AuditReport, audit
+from kolm_ledger.formats.receipts import KINDS, sign_statement
+from kolm_ledger.keys import TrustRoot, init_keys
+from kolm_ledger.log.ledger import Ledger
+from kolm_ledger.storage import Store
+from kolm_ledger.verify.receipt import verify_bundle
 
 __all__ = ["run_demo", "tamper_copy", "trust_core_story"]
 

@@ -30,15 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NewType, cast
 
-from ._crypto import ALGORITHMS, Algorithm, PrivateKey, PublicKey
-from .errors import (
+from kolm_ledger._crypto import ALGORITHMS, Algorithm, PrivateKey, PublicKey
+from kolm_ledger.errors import (
     KeyFormatError,
     KeyValidityError,
     RoleError,
     TrustRootFormatError,
     UnknownKeyError,
 )
-from .timefmt import format_time, parse_rfc3339
+from kolm_ledger.timefmt import format_time, parse_rfc3339
 
 __all__ = [
     "ROLES",
@@ -304,10 +304,10 @@ def init_keys(
     Producer keys are ECDSA P-256; the log key is Ed25519 (signed-note). Refuses to
     overwrite an existing key file. ``origin`` is the log's checkpoint origin and its
     signed-note key name, so it must be a valid note key name (non-empty; no whitespace,
-    ``+`` or control character: :func:`kolm_ledger.note.check_key_name`); checked before
+    ``+`` or control character: :func:`kolm_ledger.formats.note.check_key_name`); checked before
     anything is written.
     """
-    from .note import check_key_name
+    from kolm_ledger.formats.note import check_key_name
 
     roles = tuple(roles)
     if "log" in roles:

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .errors import FormatError, KeyValidityError, StatementFormatError
+from kolm_ledger.errors import FormatError, KeyValidityError, StatementFormatError
 
 __all__ = [
     "MAX_TIME_SKEW",

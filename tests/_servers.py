@@ -7,9 +7,9 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kolm_ledger.dsse import Envelope
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.receipts import label_statement, sign_statement
 from kolm_ledger.keys import PrivateKey, TrustRoot
-from kolm_ledger.receipts import label_statement, sign_statement
 
 __all__ = ["LedgerThread", "ServiceThread", "label_envelope"]
 
@@ -51,7 +51,7 @@ class LedgerThread:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        from kolm_ledger.server import start
+        from kolm_ledger.service.server import start
 
         self.srv = self.run(
             start(

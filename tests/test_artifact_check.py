@@ -1,4 +1,4 @@
-"""The one ``.kolm`` check (kolm_ledger.artifact_check): the loader's unpacking
+"""The one ``.kolm`` check (kolm_ledger.verify.artifact): the loader's unpacking
 (kolm_compile.artifact.verify_artifact) and ``kolm verify --artifact`` refuse the same
 files, signature and file list are checked before anything is written, size caps and zip
 bombs stop early, and a refused artifact leaves nothing on disk. No torch: the artifacts
@@ -27,15 +27,15 @@ import pytest
 from kolm_compile import artifact as artifact_mod
 from kolm_compile.artifact import pack, verify_artifact
 from kolm_infer.receipts import sign_prediction
-from kolm_ledger.artifact_check import (
+from kolm_ledger.errors import ArtifactError
+from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
+from kolm_ledger.log.ledger import Ledger
+from kolm_ledger.storage import Store
+from kolm_ledger.verify.artifact import (
     ArtifactLimits,
     check_artifact,
     open_artifact,
 )
-from kolm_ledger.errors import ArtifactError
-from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
-from kolm_ledger.ledger import Ledger
-from kolm_ledger.storage import Store
 
 Entries = list[tuple[zipfile.ZipInfo, bytes]]
 

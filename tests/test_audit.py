@@ -37,18 +37,18 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from sqlalchemy.pool import NullPool
 
-from kolm_ledger import dsse, receipts
 from kolm_ledger._crypto import P256_ORDER, PrivateKey
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.audit import AuditReport, Failure, audit
-from kolm_ledger.checkpoint import Checkpoint, check_consistent, sign_checkpoint
-from kolm_ledger.dsse import Envelope, Signature
+from kolm_ledger.audit.auditor import AuditReport, Failure, audit
 from kolm_ledger.errors import CheckpointError
+from kolm_ledger.formats import dsse, receipts
+from kolm_ledger.formats.checkpoint import Checkpoint, check_consistent, sign_checkpoint
+from kolm_ledger.formats.dsse import Envelope, Signature
+from kolm_ledger.formats.leaf import chain_next, entry_leaf_hash, statement_digest
+from kolm_ledger.formats.merkle import CompactRange
+from kolm_ledger.formats.note import NoteSigner
 from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.leaf import chain_next, entry_leaf_hash, statement_digest
-from kolm_ledger.ledger import Ledger
-from kolm_ledger.merkle import CompactRange
-from kolm_ledger.note import NoteSigner
+from kolm_ledger.log.ledger import Ledger
 from kolm_ledger.storage import Store, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES, node_id
 from kolm_ledger.timefmt import MAX_TIME_SKEW, from_micros

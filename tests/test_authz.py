@@ -21,17 +21,17 @@ from test_ledger_service import Keys, ThreadedServer, keys, sample_env  # noqa: 
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
-from kolm_ledger.authz import (
+from kolm_ledger.errors import RoleError
+from kolm_ledger.formats.receipts import key_statement, sign_statement
+from kolm_ledger.service.authz import (
     APPEND_KINDS,
     LEDGER_POLICY,
     allowed,
     authorize_append,
     authorize_call,
 )
-from kolm_ledger.client import LedgerClient
-from kolm_ledger.errors import RoleError
-from kolm_ledger.receipts import key_statement, sign_statement
-from kolm_ledger.tls import CLIENT_ROLES, client_credentials, init_certs
+from kolm_ledger.service.client import LedgerClient
+from kolm_ledger.service.tls import CLIENT_ROLES, client_credentials, init_certs
 
 LEDGER = "kolm.ledger.v1.Ledger"
 KINDS = ("label", "eval", "artifact", "prediction", "key")
@@ -46,7 +46,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tls_server(tmp_path: Path, keys: Keys, certs: Path) -> Iterator[ThreadedServer]:  # noqa: F811
-    from kolm_ledger.tls import server_credentials
+    from kolm_ledger.service.tls import server_credentials
 
     s = ThreadedServer(
         f"sqlite:///{tmp_path / 'ledger.db'}",

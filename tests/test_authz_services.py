@@ -25,9 +25,9 @@ from kolm_compile._pb import compile_pb2_grpc
 from kolm_compile.service import COMPILE_POLICY
 from kolm_infer._pb import infer_pb2_grpc
 from kolm_infer.service import INFER_POLICY
-from kolm_ledger.authz import LEDGER_POLICY, allowed
 from kolm_ledger.keys import PrivateKey, init_keys
-from kolm_ledger.tls import CLIENT_ROLES, client_credentials, init_certs, server_credentials
+from kolm_ledger.service.authz import LEDGER_POLICY, allowed
+from kolm_ledger.service.tls import CLIENT_ROLES, client_credentials, init_certs, server_credentials
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
 COMPILE = "kolm.compile.v1.Compile"

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from kolm_ledger import merkle, receipts
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.bundle import FILE_EXTENSION, MAX_BUNDLE_BYTES, Bundle
-from kolm_ledger.checkpoint import Checkpoint, sign_checkpoint
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import BundleFormatError
-from kolm_ledger.leaf import MAX_INTEGRATED_TIME_US, entry_leaf_hash
-from kolm_ledger.note import NoteSigner
-from kolm_ledger.tlogproof import TlogProof
+from kolm_ledger.formats import merkle, receipts
+from kolm_ledger.formats.bundle import FILE_EXTENSION, MAX_BUNDLE_BYTES, Bundle
+from kolm_ledger.formats.checkpoint import Checkpoint, sign_checkpoint
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.leaf import MAX_INTEGRATED_TIME_US, entry_leaf_hash
+from kolm_ledger.formats.note import NoteSigner
+from kolm_ledger.formats.tlogproof import TlogProof
 
 ORIGIN = "example.com/kolm"
 LOG_KEY = PrivateKey.generate("ed25519")

@@ -9,9 +9,9 @@ import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kolm_ledger import canonical
-from kolm_ledger.canonical import canonical_json
 from kolm_ledger.errors import FormatError
+from kolm_ledger.formats import canonical
+from kolm_ledger.formats.canonical import canonical_json
 
 
 def reference(obj: object) -> bytes | None:
@@ -128,7 +128,7 @@ def test_signed_receipt_bytes_are_the_canonical_encoding(
     encoding, are exactly what RFC 8785 writes for the values they hold."""
     import json
 
-    from kolm_ledger import receipts
+    from kolm_ledger.formats import receipts
 
     try:
         stmt = receipts.prediction_statement(

@@ -13,9 +13,16 @@ from _mutations import mutations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kolm_ledger import merkle
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.checkpoint import (
+from kolm_ledger.errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    ConsistencyProofError,
+    InvalidInput,
+    KolmError,
+)
+from kolm_ledger.formats import merkle
+from kolm_ledger.formats.checkpoint import (
     MAX_TREE_SIZE,
     Checkpoint,
     SignedCheckpoint,
@@ -24,15 +31,8 @@ from kolm_ledger.checkpoint import (
     sign_checkpoint,
     verify_checkpoint,
 )
-from kolm_ledger.errors import (
-    CheckpointError,
-    CheckpointFormatError,
-    ConsistencyProofError,
-    InvalidInput,
-    KolmError,
-)
+from kolm_ledger.formats.note import Note, NoteSigner, sign_note
 from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.note import Note, NoteSigner, sign_note
 
 FUZZ = settings(
     max_examples=150,

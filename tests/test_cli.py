@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from kolm_ledger import receipts
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.bundle import Bundle
-from kolm_ledger.canonical import canonical_json
-from kolm_ledger.checkpoint import verify_checkpoint
+from kolm_ledger.formats import receipts
+from kolm_ledger.formats.bundle import Bundle
+from kolm_ledger.formats.canonical import canonical_json
+from kolm_ledger.formats.checkpoint import verify_checkpoint
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.verify import STEPS, verify_bundle
+from kolm_ledger.verify.receipt import STEPS, verify_bundle
 
 _SCRIPT = Path(sys.executable).with_name("kolm")
 KOLM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "kolm_ledger.cli"]

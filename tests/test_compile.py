@@ -17,11 +17,11 @@ import yaml
 from kolm_compile.pipeline import CompileJob, CompileOptions, JobCancelled, StageEvent
 from kolm_compile.sinks import Acked, LocalLedgerSink
 from kolm_compile.spec import TaskSpec, read_rows, read_table
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import ConflictError, FormatError, KolmError, SpecError
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.receipts import job_digest
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
-from kolm_ledger.provenance import training_set_root
-from kolm_ledger.receipts import job_digest
+from kolm_ledger.log.provenance import training_set_root
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
 KOLM = [sys.executable, "-m", "kolm_ledger.cli"]

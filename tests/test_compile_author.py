@@ -468,8 +468,8 @@ def test_cli_json_is_only_json_progress_is_plain_and_digests_are_whole(
     store = Store(db)
     try:
         (entry,) = list(store.find(kind="artifact", limit=10))
-        from kolm_ledger.dsse import Envelope
-        from kolm_ledger.receipts import Statement
+        from kolm_ledger.formats.dsse import Envelope
+        from kolm_ledger.formats.receipts import Statement
 
         st = Statement.from_envelope(Envelope.from_bytes(entry.envelope))
         assert st.predicate["cost"]["teacher_samples_bought_by_this_job"] == 60

@@ -52,9 +52,9 @@ from kolm_compile.cli import _dataset_chunks
 from kolm_compile.intake import TeacherProfiles
 from kolm_compile.spec import FILE_FIELDS, TaskSpec, load_spec_text
 from kolm_compile.teachers import input_sha256, teacher_backends, teacher_options
-from kolm_ledger import tls
 from kolm_ledger.errors import SpecError
 from kolm_ledger.keys import PrivateKey, init_keys
+from kolm_ledger.service import tls
 
 LABELS = ["card_arrival", "pin_blocked", "exchange_rate"]
 ROWS = [
@@ -150,7 +150,7 @@ class ErrorTeacher:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from kolm_compile.service import JobRunner, start
     from kolm_compile.sinks import ServiceSink
-    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.service.client import LedgerClient
 
     d = tmp_path_factory.mktemp("compile-intake")
     init_keys(d / "keys")

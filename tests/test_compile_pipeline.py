@@ -30,13 +30,13 @@ from kolm_compile.pipeline import (
 )
 from kolm_compile.sinks import Acked, LocalLedgerSink, ServiceSink
 from kolm_compile.spec import TaskSpec
-from kolm_ledger.client import LedgerClient
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import KolmError, SpecError, VerificationError
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.receipts import Statement, job_digest
 from kolm_ledger.keys import PrivateKey, init_keys
-from kolm_ledger.provenance import training_set_root
-from kolm_ledger.receipts import Statement, job_digest
-from kolm_ledger.trust import TrustState
+from kolm_ledger.log.provenance import training_set_root
+from kolm_ledger.service.client import LedgerClient
+from kolm_ledger.verify.trust import TrustState
 
 pytestmark = [pytest.mark.ml]
 

@@ -21,12 +21,12 @@ from kolm_compile.artifact import pack, verify_artifact
 from kolm_compile.pipeline import CompileJob, CompileOptions, CompileResult
 from kolm_compile.sinks import LocalLedgerSink
 from kolm_compile.spec import TaskSpec
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import ArtifactError, SpecError
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.receipts import Statement, example_digest, job_digest
 from kolm_ledger.keys import PrivateKey, init_keys
-from kolm_ledger.recall_proof import corpus_root, verify_evidence
-from kolm_ledger.receipts import Statement, example_digest, job_digest
-from kolm_ledger.trust import TrustState
+from kolm_ledger.verify.recall_proof import corpus_root, verify_evidence
+from kolm_ledger.verify.trust import TrustState
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
 

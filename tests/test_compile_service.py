@@ -22,9 +22,9 @@ from kolm_compile.artifact import verify_artifact
 from kolm_compile.pipeline import STAGES
 from kolm_compile.service import JobRunner
 from kolm_compile.sinks import ServiceSink
-from kolm_ledger.client import LedgerClient
 from kolm_ledger.keys import PrivateKey, init_keys
-from kolm_ledger.trust import TrustState
+from kolm_ledger.service.client import LedgerClient
+from kolm_ledger.verify.trust import TrustState
 
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 
@@ -231,7 +231,7 @@ def test_restart_resumes_without_paying_the_teacher_twice(world: dict[str, Any])
             "package",
         ]
         # the resumed run reused the label receipts of the first: provenance still adds up
-        from kolm_ledger.client import LedgerClient
+        from kolm_ledger.service.client import LedgerClient
 
         with LedgerClient(world["ledger"].target) as c:
             prov = c.provenance(got.artifact_digest, include_labels=True)

@@ -35,12 +35,12 @@ from _servers import label_envelope
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
-from kolm_ledger.audit import audit
-from kolm_ledger.checkpoint import SignedCheckpoint
+from kolm_ledger.audit.auditor import audit
+from kolm_ledger.formats.checkpoint import SignedCheckpoint
+from kolm_ledger.formats.note import NoteSigner
+from kolm_ledger.formats.witness import Cosigner, Witness, start_witness, verify_cosignatures
 from kolm_ledger.keys import TrustRoot, init_keys
-from kolm_ledger.note import NoteSigner
 from kolm_ledger.storage import Store
-from kolm_ledger.witness import Cosigner, Witness, start_witness, verify_cosignatures
 
 KOLM = Path(sys.executable).with_name("kolm")
 PG_ADMIN_URL = os.environ.get(

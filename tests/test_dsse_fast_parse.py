@@ -15,9 +15,9 @@ from _mutations import mutations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kolm_ledger import dsse
-from kolm_ledger.dsse import Envelope, Signature, parse_envelope
 from kolm_ledger.errors import EnvelopeFormatError, KolmError
+from kolm_ledger.formats import dsse
+from kolm_ledger.formats.dsse import Envelope, Signature, parse_envelope
 
 _plain = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=30)
 _any_text = st.text(min_size=1, max_size=30)  # quotes, backslashes, controls, non-ASCII

@@ -22,8 +22,8 @@ from _servers import label_envelope
 from conftest import choose_pg
 
 from kolm_infer.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, answers, free_port
-from kolm_ledger.client import LedgerClient
 from kolm_ledger.keys import PrivateKey
+from kolm_ledger.service.client import LedgerClient
 
 KOLM = [sys.executable, "-m", "kolm_ledger.cli"]
 

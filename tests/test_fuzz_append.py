@@ -54,15 +54,15 @@ from hypothesis import strategies as st
 from test_crash import pg_database
 from test_ledger_service import ThreadedServer
 
-from kolm_ledger import dsse
 from kolm_ledger._crypto import P256_ORDER, PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.canonical import canonical_json
-from kolm_ledger.dsse import Envelope, Signature
+from kolm_ledger.formats import dsse
+from kolm_ledger.formats.canonical import canonical_json
+from kolm_ledger.formats.dsse import Envelope, Signature
+from kolm_ledger.formats.receipts import key_statement, sign_statement
 from kolm_ledger.keys import init_keys
-from kolm_ledger.receipts import key_statement, sign_statement
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -165,7 +165,7 @@ def world(
 
 
 def _audit_clean(w: World) -> None:
-    from kolm_ledger.audit import audit
+    from kolm_ledger.audit.auditor import audit
 
     rep = audit(w.server.srv.ledger.store, w.server.srv.ledger.trust.root)
     assert rep.ok, [str(f) for f in rep.failures][:5]

@@ -6,7 +6,7 @@ entry, a renamed entry, a symlink, a device, a huge compressible entry (added, o
 place of a signed file's bytes), a ``..``/absolute/backslash/empty/control-character
 name, a duplicate name, a second top-level folder, a dropped signed file, changed bytes
 in a signed file or in ``model.sig``, a bzip2 entry, a truncated file. Every result must
-be refused by ``kolm_ledger.artifact_check`` (``ArtifactError``, ``FAILED_PRECONDITION``)
+be refused by ``kolm_ledger.verify.artifact`` (``ArtifactError``, ``FAILED_PRECONDITION``)
 and by the loader's unpacking (``kolm_compile.artifact.verify_artifact``), and leave
 nothing in the folder it would unpack into. "Huge" is relative to the caps: half the
 examples run with caps of 256 KiB a file and 512 KiB in all, so a few MiB of zeros
@@ -34,8 +34,8 @@ from test_artifact_check import Art, _info, entries, write_zip
 from test_artifact_check import art as art
 
 from kolm_compile.artifact import verify_artifact
-from kolm_ledger.artifact_check import ArtifactLimits, check_artifact
 from kolm_ledger.errors import ArtifactError
+from kolm_ledger.verify.artifact import ArtifactLimits, check_artifact
 
 Entries = list[tuple[zipfile.ZipInfo, bytes]]
 Mutation = Callable[[Entries, random.Random], Entries]

@@ -457,7 +457,7 @@ def test_oversized_inference_requests_are_resource_exhausted(infer_world: InferW
 @ml
 @slow
 def test_inference_service_healthy_after_the_fuzzing(infer_world: InferWorld) -> None:
-    from kolm_ledger.audit import audit
+    from kolm_ledger.audit.auditor import audit
 
     w = infer_world
     assert w.svc.serving("kolm.infer.v1.Inference")

@@ -28,8 +28,8 @@ from test_ledger_service import ThreadedServer, label_env
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._samples import sample_statement
+from kolm_ledger.formats.receipts import key_statement, sign_statement
 from kolm_ledger.keys import TrustedKey, init_keys
-from kolm_ledger.receipts import key_statement, sign_statement
 
 L = "/kolm.ledger.v1.Ledger/"
 UNARY = [
@@ -183,10 +183,10 @@ def test_mutated_envelopes_are_refused_with_a_specific_status(
 def _resign(env: bytes, key: PrivateKey, claim: str | None = None) -> bytes:
     """``env``'s payload signed by ``key`` (its key id replaced by ``claim`` if given)."""
     obj = json.loads(env)
-    from kolm_ledger.dsse import Envelope
+    from kolm_ledger.formats.dsse import Envelope
 
     e = Envelope.from_json(obj)
-    from kolm_ledger.dsse import pae
+    from kolm_ledger.formats.dsse import pae
 
     sig = key.sign(pae(e.payload_type, e.payload))
     obj["signatures"] = [{"keyid": claim or key.keyid(), "sig": base64.b64encode(sig).decode()}]
@@ -253,7 +253,7 @@ def test_oversized_messages_are_resource_exhausted(world: World) -> None:
 
 
 def test_service_still_serves_and_audits_after_the_fuzzing(world: World) -> None:
-    from kolm_ledger.audit import audit
+    from kolm_ledger.audit.auditor import audit
 
     assert world.serving()
     with world.server.client() as c:

@@ -121,7 +121,7 @@ def gated(world: World) -> dict[str, Any]:  # noqa: F811
     """The world's student with a gate: built on its training rows, thresholds chosen on
     32 rows it was not trained on, packed and logged as the artifact ``gated``."""
     from kolm_compile.student import Student
-    from kolm_ledger.canonical import digest_hex
+    from kolm_ledger.formats.canonical import digest_hex
 
     student = Student.load(world.adapter, threads=1)
     train = rows("train", PER_LABEL)
@@ -258,9 +258,9 @@ def test_on_teacher_failure_student_gives_the_flagged_answer_with_the_gate_in_th
     gated: dict[str, Any],
     tmp_path: Path,
 ) -> None:
-    from kolm_ledger.bundle import Bundle
-    from kolm_ledger.client import LedgerClient
-    from kolm_ledger.verify import verify_prediction
+    from kolm_ledger.formats.bundle import Bundle
+    from kolm_ledger.service.client import LedgerClient
+    from kolm_ledger.verify.receipt import verify_prediction
 
     srv = _serve(world, gated, on_teacher_failure="student")
     try:
@@ -342,9 +342,9 @@ def test_a_compile_with_a_target_records_the_thresholds_in_manifest_and_receipts
     from kolm_compile.pipeline import CompileJob, CompileOptions
     from kolm_compile.sinks import ServiceSink
     from kolm_compile.spec import TaskSpec
-    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.formats.receipts import Statement
     from kolm_ledger.keys import PrivateKey, init_keys
-    from kolm_ledger.receipts import Statement
+    from kolm_ledger.service.client import LedgerClient
 
     trust = init_keys(tmp_path / "keys")
     ledger = LedgerThread(

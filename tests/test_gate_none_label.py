@@ -51,10 +51,10 @@ def test_a_none_label_spec_compiles_and_serves_the_out_of_scope_answer(tmp_path:
     from kolm_compile.spec import TaskSpec
     from kolm_compile.teachers import build_messages
     from kolm_infer.engine import Engine
-    from kolm_ledger.client import LedgerClient
-    from kolm_ledger.dsse import Envelope
+    from kolm_ledger.formats.dsse import Envelope
+    from kolm_ledger.formats.receipts import Statement, job_digest
     from kolm_ledger.keys import PrivateKey, init_keys
-    from kolm_ledger.receipts import Statement, job_digest
+    from kolm_ledger.service.client import LedgerClient
 
     raw = tiny_raw()
     all_labels = list(raw["labels"])  # tiny_raw keeps 4 of the demo's 12

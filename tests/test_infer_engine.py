@@ -25,10 +25,10 @@ import pytest
 from _data import banking77
 from _servers import LedgerThread
 
-from kolm_ledger.canonical import digest_hex
-from kolm_ledger.client import LedgerClient
+from kolm_ledger.formats.canonical import digest_hex
+from kolm_ledger.formats.receipts import artifact_statement, eval_statement, sign_statement
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
-from kolm_ledger.receipts import artifact_statement, eval_statement, sign_statement
+from kolm_ledger.service.client import LedgerClient
 
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 

@@ -36,13 +36,13 @@ from test_infer_engine import (  # the shared world (a session fixture built onc
 from test_infer_service import InferThread, kolm
 
 from kolm_infer._pb import infer_pb2 as pb
-from kolm_ledger.bundle import Bundle
 from kolm_ledger.cli import main as kolm_main
-from kolm_ledger.client import LedgerClient
-from kolm_ledger.dsse import Envelope
-from kolm_ledger.recall_proof import chunk_digest, verify_evidence
-from kolm_ledger.receipts import Statement, artifact_statement, sign_statement
-from kolm_ledger.verify import step_of, verify_prediction
+from kolm_ledger.formats.bundle import Bundle
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.receipts import Statement, artifact_statement, sign_statement
+from kolm_ledger.service.client import LedgerClient
+from kolm_ledger.verify.recall_proof import chunk_digest, verify_evidence
+from kolm_ledger.verify.receipt import step_of, verify_prediction
 
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 
@@ -129,7 +129,7 @@ def rec(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reca
     from kolm_compile.recall import ChunkConfig
     from kolm_compile.recall_cli import update_artifact
     from kolm_compile.sinks import ServiceSink
-    from kolm_ledger.trust import TrustState
+    from kolm_ledger.verify.trust import TrustState
 
     d = tmp_path_factory.mktemp("infer-recall")
     filler = [t for t, _ in rows("train", 10, skip=PER_LABEL)]
@@ -458,7 +458,7 @@ def test_receipts_verify_with_kolm_verify_and_tampering_fails_at_step_10(
 
 
 def test_the_receipt_size_stays_under_the_ledger_cap(rec: Recall) -> None:
-    from kolm_ledger.dsse import MAX_ENVELOPE_BYTES
+    from kolm_ledger.formats.dsse import MAX_ENVELOPE_BYTES
 
     r = predict(rec, PLANTED["volcano"][1], recall_k=10)
     size = len(Envelope.from_bytes(r.envelope).canonical())

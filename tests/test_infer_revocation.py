@@ -35,10 +35,10 @@ from test_infer_service import InferThread, predict, wait_for
 from kolm_infer._pb import infer_pb2 as pb
 from kolm_infer.receipts import sign_prediction
 from kolm_ledger.cli import main as kolm_main
-from kolm_ledger.client import AppendResult, LedgerClient
-from kolm_ledger.dsse import Envelope
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.receipts import key_statement, sign_statement
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
-from kolm_ledger.receipts import key_statement, sign_statement
+from kolm_ledger.service.client import AppendResult, LedgerClient
 
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 

@@ -38,16 +38,16 @@ from test_infer_engine import (  # the shared world (a session fixture built onc
 
 from kolm_infer._pb import infer_pb2 as pb
 from kolm_infer._pb import infer_pb2_grpc as pb_grpc
-from kolm_ledger.bundle import Bundle
-from kolm_ledger.canonical import canonical_json
-from kolm_ledger.client import LedgerClient
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import ArtifactError
+from kolm_ledger.formats.bundle import Bundle
+from kolm_ledger.formats.canonical import canonical_json
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.leaf import entry_leaf_hash, statement_digest
+from kolm_ledger.formats.receipts import Statement
 from kolm_ledger.keys import PrivateKey
-from kolm_ledger.leaf import entry_leaf_hash, statement_digest
-from kolm_ledger.receipts import Statement
-from kolm_ledger.sequencer import Promise, verify_promise
-from kolm_ledger.verify import input_commitment, verify_prediction
+from kolm_ledger.log.sequencer import Promise, verify_promise
+from kolm_ledger.service.client import LedgerClient
+from kolm_ledger.verify.receipt import input_commitment, verify_prediction
 
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 
@@ -174,7 +174,7 @@ def test_load_refuses_what_kolm_verify_artifact_refuses(
     monkeypatch: pytest.MonkeyPatch,
     case: str,
 ) -> None:
-    """The loader and ``kolm verify --artifact`` run one check (kolm_ledger.artifact_check):
+    """The loader and ``kolm verify --artifact`` run one check (kolm_ledger.verify.artifact):
     the cases of test_artifact_check are refused here with the same words."""
     from test_artifact_check import REFUSED, Art, make_bad
 
@@ -440,7 +440,7 @@ def test_escape_hatch_receipt_says_teacher_and_why(
         assert pred["backend"] == "teacher" and pred["reason"] == "low_confidence"
         assert pred["teacher"] == {"backend": "openai", "model": "gpt-test"}
         assert "output" not in pred  # output policy: digest only
-        from kolm_ledger.canonical import digest_hex
+        from kolm_ledger.formats.canonical import digest_hex
 
         assert statement_of(r).subjects[0].sha256 == digest_hex("card_arrival")
         r = predict(srv.stub, artifact="router")
@@ -638,8 +638,8 @@ def test_ledger_shutdown_ends_an_open_append_stream_and_the_client_reopens_one(
     world: World,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from kolm_ledger.client import AppendResult, AsyncLedgerClient
     from kolm_ledger.errors import UnavailableError
+    from kolm_ledger.service.client import AppendResult, AsyncLedgerClient
 
     led = LedgerThread(f"sqlite:///{tmp_path / 'l3.db'}", world.trust, world.key("log"))
     envs = _receipts(world, 6, "pipe")
@@ -692,8 +692,8 @@ def test_ledger_shutdown_ends_an_open_append_stream_and_the_client_reopens_one(
 
 def test_spool_first_ack_needs_a_spool(tmp_path: Path) -> None:
     from kolm_infer.receipts import ReceiptWriter, Spool
-    from kolm_ledger.client import AsyncLedgerClient
     from kolm_ledger.errors import InvalidInput
+    from kolm_ledger.service.client import AsyncLedgerClient
 
     async def scenario() -> None:
         c = AsyncLedgerClient("127.0.0.1:1")
@@ -748,9 +748,9 @@ def test_spool_first_answers_from_the_spool_and_ships_to_the_ledger_in_order(
 _SPOOL_FIRST_WRITER = """
 import asyncio, sys
 from kolm_infer.receipts import ReceiptWriter, Spool, sign_prediction
-from kolm_ledger.client import AsyncLedgerClient
+from kolm_ledger.service.client import AsyncLedgerClient
 from kolm_ledger.keys import PrivateKey
-from kolm_ledger.leaf import statement_digest
+from kolm_ledger.formats.leaf import statement_digest
 
 async def main() -> None:
     key = PrivateKey.load(sys.argv[2])
@@ -776,7 +776,7 @@ def test_spool_first_acks_survive_kill_9(
     tmp_path: Path,
 ) -> None:
     from kolm_infer.receipts import ReceiptWriter, Spool
-    from kolm_ledger.client import AsyncLedgerClient
+    from kolm_ledger.service.client import AsyncLedgerClient
 
     led = LedgerThread(f"sqlite:///{tmp_path / 'l4.db'}", world.trust, world.key("log"))
     spool = tmp_path / "spool.db"

@@ -37,14 +37,11 @@ import sqlalchemy as sa
 from _servers import LedgerThread
 from sqlalchemy.pool import NullPool
 
-import kolm_ledger.ledger as ledger_mod
-from kolm_ledger import receipts
+import kolm_ledger.log.ledger as ledger_mod
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.audit import audit, audit_remote
+from kolm_ledger.audit.auditor import audit, audit_remote
 from kolm_ledger.cli import main as kolm_main
-from kolm_ledger.client import LedgerClient
-from kolm_ledger.dsse import Envelope, Signature
 from kolm_ledger.errors import (
     ConflictError,
     InclusionProofError,
@@ -55,20 +52,23 @@ from kolm_ledger.errors import (
     StorageError,
     TrustRootFormatError,
 )
-from kolm_ledger.keys import TrustedKey, TrustRoot, format_time, parse_time
-from kolm_ledger.leaf import (
+from kolm_ledger.formats import receipts
+from kolm_ledger.formats.dsse import Envelope, Signature
+from kolm_ledger.formats.leaf import (
     LOG_FORMAT,
     MAX_INTEGRATED_TIME_US,
     entry_leaf_hash,
     leaf_data,
     statement_digest,
 )
-from kolm_ledger.ledger import Ledger
+from kolm_ledger.keys import TrustedKey, TrustRoot, format_time, parse_time
+from kolm_ledger.log.ledger import Ledger
+from kolm_ledger.service.client import LedgerClient
 from kolm_ledger.storage import Store, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES
 from kolm_ledger.timefmt import from_micros, parse_rfc3339
-from kolm_ledger.trust import ledger_trust_state, prove_entries
-from kolm_ledger.verify import step_of, verify_bundle
+from kolm_ledger.verify.receipt import step_of, verify_bundle
+from kolm_ledger.verify.trust import ledger_trust_state, prove_entries
 
 ORIGIN = "time.kolm.dev/ledger"
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)

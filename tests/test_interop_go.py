@@ -34,12 +34,12 @@ from typing import Any
 import pytest
 from _servers import LedgerThread
 
-from kolm_ledger.checkpoint import SignedCheckpoint, sign_checkpoint
 from kolm_ledger.cli import main as kolm_main
-from kolm_ledger.client import LedgerClient
+from kolm_ledger.formats.checkpoint import SignedCheckpoint, sign_checkpoint
+from kolm_ledger.formats.note import NoteSigner
+from kolm_ledger.formats.receipts import label_statement, sign_statement
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
-from kolm_ledger.note import NoteSigner
-from kolm_ledger.receipts import label_statement, sign_statement
+from kolm_ledger.service.client import LedgerClient
 
 SOURCE = Path(__file__).parent / "interop" / "go" / "kolm_interop.go"
 #: where Debian's golang-golang-x-mod-dev puts the sources (GOPATH layout)

@@ -21,15 +21,15 @@ import pytest
 from test_ledger_service import Keys, ThreadedServer, keys, label_env  # noqa: F401
 
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.audit import audit
-from kolm_ledger.checkpoint import verify_checkpoint
+from kolm_ledger.audit.auditor import audit
 from kolm_ledger.cli import main as kolm_main
-from kolm_ledger.client import LedgerClient
 from kolm_ledger.errors import KeyValidityError, KolmError
+from kolm_ledger.formats.checkpoint import verify_checkpoint
 from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.ledger import Ledger
+from kolm_ledger.log.ledger import Ledger
+from kolm_ledger.service.client import LedgerClient
 from kolm_ledger.storage import Store
-from kolm_ledger.verify import verify_bundle
+from kolm_ledger.verify.receipt import verify_bundle
 
 KOLM = Path(sys.executable).with_name("kolm")
 

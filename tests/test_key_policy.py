@@ -1,7 +1,7 @@
 """One key policy, one trust fold, one sink chooser (issue 15, "one owner per concept").
 
 - The key policy ("may this key sign this kind at this time") is
-  :func:`kolm_ledger.trust.check_key_policy` (:meth:`TrustState.authorize`): the ledger,
+  :func:`kolm_ledger.verify.trust.check_key_policy` (:meth:`TrustState.authorize`): the ledger,
   the audit, offline verify, the provenance check and the compile pre-flight all ask it,
   so a key is judged alike everywhere (here: every kind of failure, by each reader).
 - The audit folds key receipts with the fold's own step (:meth:`TrustState.admit`), so
@@ -19,11 +19,10 @@ from typing import Any
 import pytest
 
 from kolm_compile.sinks import LocalLedgerSink, ServiceSink, open_sink
-from kolm_ledger import receipts
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.audit import audit
-from kolm_ledger.dsse import Envelope
+from kolm_ledger.audit.auditor import audit
+from kolm_ledger.audit.provenance import _check_entry
 from kolm_ledger.errors import (
     ConflictError,
     InvalidInput,
@@ -32,12 +31,13 @@ from kolm_ledger.errors import (
     RoleError,
     UnknownKeyError,
 )
+from kolm_ledger.formats import receipts
+from kolm_ledger.formats.dsse import Envelope
 from kolm_ledger.keys import TrustedKey, TrustRoot, init_keys
-from kolm_ledger.ledger import Ledger
-from kolm_ledger.provenance_check import _check_entry
+from kolm_ledger.log.ledger import Ledger
 from kolm_ledger.storage import Store
-from kolm_ledger.trust import TrustState, check_key_policy, ledger_trust_state
-from kolm_ledger.verify import verify_bundle
+from kolm_ledger.verify.receipt import verify_bundle
+from kolm_ledger.verify.trust import TrustState, check_key_policy, ledger_trust_state
 
 T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -35,11 +35,11 @@ def test_a_broken_contract_is_caught(tmp_path: Path) -> None:
     cfg.write_text(
         "[importlinter]\nroot_packages =\n    kolm_ledger\n    kolm_infer\n\n"
         "[importlinter:contract:x]\nname = x\ntype = forbidden\n"
-        "source_modules =\n    kolm_infer.receipts\nforbidden_modules =\n    kolm_ledger.dsse\n"
+        "source_modules =\n    kolm_infer.receipts\nforbidden_modules =\n    kolm_ledger.formats.dsse\n"
     )
     p = _lint(cfg)
     assert p.returncode != 0
-    assert "kolm_infer.receipts -> kolm_ledger.dsse" in p.stdout, p.stdout[-2000:]
+    assert "kolm_infer.receipts -> kolm_ledger.formats.dsse" in p.stdout, p.stdout[-2000:]
 
 
 def test_no_import_cycles() -> None:

@@ -32,17 +32,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from sqlalchemy.pool import NullPool
 
-from kolm_ledger import dsse, merkle, receipts
 from kolm_ledger._crypto import PrivateKey, PublicKey
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.audit import audit
-from kolm_ledger.checkpoint import (
-    Checkpoint,
-    check_consistent,
-    sign_checkpoint,
-    verify_checkpoint,
-)
-from kolm_ledger.dsse import Envelope, Signature
+from kolm_ledger.audit.auditor import audit
 from kolm_ledger.errors import (
     ConflictError,
     EntryTooLargeError,
@@ -58,13 +50,21 @@ from kolm_ledger.errors import (
     UnavailableError,
     UnknownKeyError,
 )
+from kolm_ledger.formats import dsse, merkle, receipts
+from kolm_ledger.formats.checkpoint import (
+    Checkpoint,
+    check_consistent,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+from kolm_ledger.formats.dsse import Envelope, Signature
+from kolm_ledger.formats.leaf import chain_next
+from kolm_ledger.formats.note import NoteSigner
 from kolm_ledger.keys import TrustedKey, TrustRoot, init_keys
-from kolm_ledger.leaf import chain_next
-from kolm_ledger.ledger import Ledger
-from kolm_ledger.note import NoteSigner
+from kolm_ledger.log.ledger import Ledger
 from kolm_ledger.storage import Store, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES, node_id
-from kolm_ledger.verify import verify_bundle
+from kolm_ledger.verify.receipt import verify_bundle
 
 ORIGIN = "test.kolm.dev/ledger"
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)

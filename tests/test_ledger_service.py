@@ -2,7 +2,7 @@
 
 Servers are real ``grpc.aio`` servers on loopback port 0 (run on their own event loop
 in a background thread, or as a ``kolm ledger serve`` subprocess); every call goes
-through the synchronous :class:`~kolm_ledger.client.LedgerClient` or the generated
+through the synchronous :class:`~kolm_ledger.service.client.LedgerClient` or the generated
 stub over a real channel. Each error status is provoked from a real client and its
 message is checked to name what was wrong.
 """
@@ -34,23 +34,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kolm_ledger import merkle
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.audit import audit
-from kolm_ledger.canonical import canonical_json
-from kolm_ledger.checkpoint import check_consistent, verify_checkpoint
+from kolm_ledger.audit.auditor import audit
+from kolm_ledger.audit.provenance import check_provenance
 from kolm_ledger.cli import main as kolm_main
-from kolm_ledger.client import AppendResult, LedgerClient
-from kolm_ledger.dsse import MAX_ENVELOPE_BYTES, Envelope
 from kolm_ledger.errors import BackpressureError, KolmError, SignatureError
-from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.leaf import chain_next, entry_leaf_hash
-from kolm_ledger.provenance import training_set_root
-from kolm_ledger.provenance_check import check_provenance
-from kolm_ledger.receipts import (
+from kolm_ledger.formats import merkle
+from kolm_ledger.formats.canonical import canonical_json
+from kolm_ledger.formats.checkpoint import check_consistent, verify_checkpoint
+from kolm_ledger.formats.dsse import MAX_ENVELOPE_BYTES, Envelope
+from kolm_ledger.formats.leaf import chain_next, entry_leaf_hash
+from kolm_ledger.formats.receipts import (
     artifact_statement,
     eval_statement,
     job_digest,
@@ -58,10 +55,13 @@ from kolm_ledger.receipts import (
     label_statement,
     sign_statement,
 )
-from kolm_ledger.sequencer import verify_promise
-from kolm_ledger.server import LedgerServer, start
+from kolm_ledger.keys import TrustedKey, TrustRoot
+from kolm_ledger.log.provenance import training_set_root
+from kolm_ledger.log.sequencer import verify_promise
+from kolm_ledger.service.client import AppendResult, LedgerClient
+from kolm_ledger.service.server import LedgerServer, start
 from kolm_ledger.storage import Store, micros
-from kolm_ledger.verify import verify_bundle
+from kolm_ledger.verify.receipt import verify_bundle
 
 SERVICE = "kolm.ledger.v1.Ledger"
 KOLM = Path(sys.executable).with_name("kolm")
@@ -124,7 +124,7 @@ def sample_env(kind: str, key: PrivateKey, i: int) -> Envelope:
 
 
 class ThreadedServer:
-    """``kolm_ledger.server.start`` on its own event loop in a background thread."""
+    """``kolm_ledger.service.server.start`` on its own event loop in a background thread."""
 
     def __init__(self, db: str, trust: TrustRoot, log_key: PrivateKey, **kw: Any) -> None:
         self._loop = asyncio.new_event_loop()
@@ -1165,7 +1165,7 @@ def _surface(cls: type) -> dict[str, inspect.Signature]:
 
 
 def test_the_sync_and_async_clients_have_one_surface() -> None:
-    from kolm_ledger.client import AsyncLedgerClient
+    from kolm_ledger.service.client import AsyncLedgerClient
 
     sync, aio = _surface(LedgerClient), _surface(AsyncLedgerClient)
     # every read (and the single append) on both, with the same parameters and defaults:
@@ -1180,7 +1180,7 @@ def test_the_sync_and_async_clients_have_one_surface() -> None:
 def test_the_async_client_answers_as_the_sync_one(
     client: LedgerClient, server: ThreadedServer, keys: Keys
 ) -> None:
-    from kolm_ledger.client import AsyncLedgerClient
+    from kolm_ledger.service.client import AsyncLedgerClient
 
     job = "job-parity"
     envs = [label_env(keys.compile, i, job) for i in range(1005)]  # more than a page

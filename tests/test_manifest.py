@@ -1,4 +1,4 @@
-"""``manifest.json`` of a ``.kolm`` (kolm_ledger.manifest): the bytes the compile wrote
+"""``manifest.json`` of a ``.kolm`` (kolm_ledger.formats.manifest): the bytes the compile wrote
 before the type existed are the bytes it writes now, a read manifest writes back
 byte-identical, and a field of the wrong type is refused naming it."""
 
@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 
 from kolm_compile.artifact import pack, verify_artifact
-from kolm_ledger.artifact_check import open_artifact
 from kolm_ledger.errors import ArtifactError
-from kolm_ledger.keys import PrivateKey, init_keys
-from kolm_ledger.manifest import (
+from kolm_ledger.formats.manifest import (
     BaseModelRef,
     EvaluationRef,
     Manifest,
     RecallRef,
     VerifierRef,
 )
+from kolm_ledger.keys import PrivateKey, init_keys
+from kolm_ledger.verify.artifact import open_artifact
 
 H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64
 

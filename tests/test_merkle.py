@@ -1,4 +1,4 @@
-"""Unit and property tests for kolm_ledger.merkle (RFC 6962/9162 Merkle tree)."""
+"""Unit and property tests for kolm_ledger.formats.merkle (RFC 6962/9162 Merkle tree)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kolm_ledger import merkle
 from kolm_ledger.errors import (
     ConsistencyProofError,
     InclusionProofError,
     InvalidInput,
     ProofFormatError,
 )
-from kolm_ledger.merkle import (
+from kolm_ledger.formats import merkle
+from kolm_ledger.formats.merkle import (
     HASH_SIZE,
     CompactRange,
     MemoryTree,

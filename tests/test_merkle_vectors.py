@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kolm_ledger.errors import ConsistencyProofError, InclusionProofError
-from kolm_ledger.merkle import verify_consistency, verify_inclusion
+from kolm_ledger.formats.merkle import verify_consistency, verify_inclusion
 
 VECTORS = Path(__file__).parent / "vectors" / "transparency-dev-merkle"
 INCLUSION = sorted(VECTORS.glob("inclusion/**/*.json"))

@@ -1,4 +1,4 @@
-"""``model.sig`` parsing (kolm_ledger.model_signing): bad input is an ArtifactError naming it."""
+"""``model.sig`` parsing (kolm_ledger.formats.model_signing): bad input is an ArtifactError naming it."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from _mutations import mutations
 from hypothesis import given, settings
 
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.dsse import IN_TOTO_PAYLOAD_TYPE, pae
 from kolm_ledger.errors import ArtifactError, SignatureError
-from kolm_ledger.keys import TrustedKey
-from kolm_ledger.model_signing import (
+from kolm_ledger.formats.dsse import IN_TOTO_PAYLOAD_TYPE, pae
+from kolm_ledger.formats.model_signing import (
     MODEL_SIGNING_PREDICATE,
     artifact_digest,
     parse_model_signature,
 )
+from kolm_ledger.keys import TrustedKey
 
 KEY = PrivateKey.generate()
 RESOURCES = [("manifest.json", "ab" * 32), ("adapter/w.bin", "cd" * 32)]

@@ -63,9 +63,9 @@ def _assert_recall_shown_and_verified(d: Path, stdout: str) -> None:
     import base64
     import re
 
+    from kolm_ledger.formats.receipts import example_digest
     from kolm_ledger.keys import TrustRoot
-    from kolm_ledger.recall_proof import chunk_digest, read_artifact_corpus
-    from kolm_ledger.receipts import example_digest
+    from kolm_ledger.verify.recall_proof import chunk_digest, read_artifact_corpus
 
     s = json.loads((d / "summary.json").read_text())
     r = s["recall"]

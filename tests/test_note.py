@@ -19,7 +19,7 @@ from kolm_ledger.errors import (
     KeyFormatError,
     KolmError,
 )
-from kolm_ledger.note import (
+from kolm_ledger.formats.note import (
     MAX_NOTE_BYTES,
     MAX_SIGNATURES,
     Note,

@@ -18,7 +18,7 @@ from _planted import PLANTED
 from kolm_compile import recall
 from kolm_compile.recall import Chunk, ChunkConfig, Document, Hit
 from kolm_ledger.errors import ArtifactError, InclusionProofError, InvalidInput, NotFoundError
-from kolm_ledger.recall_proof import CorpusTree, chunk_digest, corpus_root, verify_evidence
+from kolm_ledger.verify.recall_proof import CorpusTree, chunk_digest, corpus_root, verify_evidence
 
 DIM = 24
 
@@ -335,7 +335,7 @@ def test_examples_index_and_neighbour_vote(tmp_path: Path) -> None:
     ]  # duplicate, kept once
     chunks = recall.chunks_from_examples(examples)
     assert len(chunks) == 3 and chunks[2].label == "card_arrival"
-    from kolm_ledger.receipts import example_digest
+    from kolm_ledger.formats.receipts import example_digest
 
     assert chunks[0].id == example_digest("card lost", "lost_card")
     assert chunks[0].digest == chunk_digest(chunks[0].id, "card lost", "lost_card")
@@ -404,9 +404,9 @@ def test_planted_sentences_are_retrieved_by_paraphrase(tmp_path: Path) -> None:
 
 def _world(tmp_path: Path) -> tuple[Path, Any, Any, Path, str]:
     from kolm_compile.artifact import pack, sha256_file
+    from kolm_ledger.formats.receipts import artifact_statement, eval_statement, sign_statement
     from kolm_ledger.keys import PrivateKey, init_keys
-    from kolm_ledger.ledger import Ledger
-    from kolm_ledger.receipts import artifact_statement, eval_statement, sign_statement
+    from kolm_ledger.log.ledger import Ledger
     from kolm_ledger.storage import Store
 
     keys = tmp_path / "keys"
@@ -470,8 +470,8 @@ def _world(tmp_path: Path) -> tuple[Path, Any, Any, Path, str]:
 
 
 def _receipt(ledger: Any, digest: str) -> dict[str, Any]:
-    from kolm_ledger.dsse import Envelope
-    from kolm_ledger.receipts import Statement
+    from kolm_ledger.formats.dsse import Envelope
+    from kolm_ledger.formats.receipts import Statement
 
     (e,) = ledger.store.find(subject_digest=digest, kind="artifact")
     return dict(Statement.from_envelope(Envelope.from_bytes(e.envelope)).predicate)

@@ -1,4 +1,4 @@
-"""Auditors re-execute (kolm_ledger.reexec) against a REAL artifact compiled here at tiny
+"""Auditors re-execute (kolm_ledger.audit.reexec) against a REAL artifact compiled here at tiny
 size (the shipped Banking77 subset, simulated teacher, real ledger service on SQLite):
 ``kolm kscore verify`` recomputes the K-score from the artifact and catches an inflated
 eval receipt and a fabricated outcomes file (both re-signed with the compile key) and a
@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from _servers import LedgerThread
 
-from kolm_ledger import reexec
+from kolm_ledger.audit import reexec
 from kolm_ledger.cli import main
-from kolm_ledger.client import LedgerClient
+from kolm_ledger.formats.receipts import Statement, eval_statement, sign_statement
 from kolm_ledger.keys import PrivateKey, init_keys
-from kolm_ledger.receipts import Statement, eval_statement, sign_statement
+from kolm_ledger.service.client import LedgerClient
 
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 
@@ -212,7 +212,7 @@ def test_a_fabricated_outcomes_file_resigned_with_the_compile_key_is_caught_by_r
     the student shows it, at the first example the student really gets wrong."""
     from kolm_compile.artifact import pack, sha256_file
     from kolm_compile.kscore import wilson_interval
-    from kolm_ledger.receipts import artifact_statement
+    from kolm_ledger.formats.receipts import artifact_statement
 
     ck = PrivateKey.load(world["keys"] / "compile.key")
     src = tmp_path / "unpacked"
@@ -225,7 +225,7 @@ def test_a_fabricated_outcomes_file_resigned_with_the_compile_key_is_caught_by_r
     assert wrong, "the tiny student got everything right: nothing to fabricate"
     gold = {}
     for t, y in _holdout_rows(world):
-        from kolm_ledger.receipts import example_digest
+        from kolm_ledger.formats.receipts import example_digest
 
         gold[example_digest(t, y)] = y
     lines = [reexec.outcome_line(r["example"], gold[r["example"]], True) for r in rows]

@@ -23,17 +23,17 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.audit import audit, audit_remote
-from kolm_ledger.checkpoint import Checkpoint, sign_checkpoint, verify_checkpoint
+from kolm_ledger.audit.auditor import audit, audit_remote
 from kolm_ledger.cli import main as kolm_main
-from kolm_ledger.client import AppendResult, LedgerClient
-from kolm_ledger.dsse import Envelope
+from kolm_ledger.formats.checkpoint import Checkpoint, sign_checkpoint, verify_checkpoint
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.leaf import chain_next, entry_leaf_hash, statement_digest
+from kolm_ledger.formats.merkle import CompactRange
+from kolm_ledger.formats.note import NoteSigner
+from kolm_ledger.formats.receipts import Statement, label_statement, sign_statement
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.leaf import chain_next, entry_leaf_hash, statement_digest
-from kolm_ledger.merkle import CompactRange
-from kolm_ledger.note import NoteSigner
-from kolm_ledger.receipts import Statement, label_statement, sign_statement
-from kolm_ledger.server import LedgerServer, start
+from kolm_ledger.service.client import AppendResult, LedgerClient
+from kolm_ledger.service.server import LedgerServer, start
 from kolm_ledger.storage import Store, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES, node_id
 
@@ -83,7 +83,7 @@ def label_env(key: PrivateKey, i: int) -> Envelope:
 
 
 class ThreadedServer:
-    """``kolm_ledger.server.start`` on its own event loop in a background thread."""
+    """``kolm_ledger.service.server.start`` on its own event loop in a background thread."""
 
     def __init__(self, db: str, keys: Keys) -> None:
         self._loop = asyncio.new_event_loop()

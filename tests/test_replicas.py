@@ -21,13 +21,13 @@ import pytest
 from _servers import label_envelope
 
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.audit import audit
-from kolm_ledger.checkpoint import check_consistent, verify_checkpoint
-from kolm_ledger.client import LedgerClient
+from kolm_ledger.audit.auditor import audit
 from kolm_ledger.errors import KolmError
+from kolm_ledger.formats.checkpoint import check_consistent, verify_checkpoint
+from kolm_ledger.formats.leaf import entry_leaf_hash
+from kolm_ledger.formats.receipts import key_statement, sign_statement
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.leaf import entry_leaf_hash
-from kolm_ledger.receipts import key_statement, sign_statement
+from kolm_ledger.service.client import LedgerClient
 from kolm_ledger.storage import Store
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -45,9 +45,9 @@ UNARY_N = 2
 WRITER = r"""
 import json, sys
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.client import AppendResult, LedgerClient
-from kolm_ledger.leaf import entry_leaf_hash
-from kolm_ledger.receipts import label_statement, sign_statement
+from kolm_ledger.service.client import AppendResult, LedgerClient
+from kolm_ledger.formats.leaf import entry_leaf_hash
+from kolm_ledger.formats.receipts import label_statement, sign_statement
 
 def own(e, res):
     return entry_leaf_hash(e, res.integrated_time_us).hex()

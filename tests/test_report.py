@@ -16,15 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from kolm_ledger import Ledger, PrivateKey, Store, TrustRoot, init_keys, receipts
-from kolm_ledger.merkle import root_from_leaves
-from kolm_ledger.report import (
+from kolm_ledger import Ledger, PrivateKey, Store, TrustRoot, init_keys
+from kolm_ledger.audit.report import (
     FIGURE_IDS,
     collect_from_store,
     render_html,
     svg_heatmap,
     volume_buckets,
 )
+from kolm_ledger.formats import receipts
+from kolm_ledger.formats.merkle import root_from_leaves
 
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
 JOB = "job-report-1"
@@ -331,7 +332,7 @@ def test_report_reaches_a_mutual_tls_ledger(built: Built, tmp_path: Path) -> Non
     provenance (before, report had no TLS options and could not reach such a ledger)."""
     from test_ledger_service import ThreadedServer
 
-    from kolm_ledger.tls import init_certs, server_credentials
+    from kolm_ledger.service.tls import init_certs, server_credentials
 
     certs = tmp_path / "certs"
     init_certs(certs)
@@ -365,7 +366,7 @@ def test_report_reaches_a_mutual_tls_ledger(built: Built, tmp_path: Path) -> Non
 
 
 def test_acceptance_rate_gets_its_own_scale_and_rejections_their_reasons() -> None:
-    from kolm_ledger.report import _acceptance, svg_bars
+    from kolm_ledger.audit.report import _acceptance, svg_bars
 
     # what the compile pipeline signs in the artifact receipt (labels)
     ap = {

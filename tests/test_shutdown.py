@@ -26,11 +26,11 @@ from _servers import label_envelope
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
-from kolm_ledger.client import LedgerClient
-from kolm_ledger.dsse import Envelope
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.leaf import entry_leaf_hash
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.leaf import entry_leaf_hash
-from kolm_ledger.verify import verify_bundle
+from kolm_ledger.service.client import LedgerClient
+from kolm_ledger.verify.receipt import verify_bundle
 
 pytestmark = pytest.mark.slow
 

@@ -21,11 +21,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from kolm_ledger import merkle, receipts
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.audit import audit
-from kolm_ledger.dsse import MAX_ENVELOPE_BYTES, Envelope
+from kolm_ledger.audit.auditor import audit
 from kolm_ledger.errors import (
     EntryTooLargeError,
     InvalidInput,
@@ -33,9 +31,11 @@ from kolm_ledger.errors import (
     SignatureError,
     StorageError,
 )
+from kolm_ledger.formats import merkle, receipts
+from kolm_ledger.formats.dsse import MAX_ENVELOPE_BYTES, Envelope
+from kolm_ledger.formats.leaf import entry_leaf_hash, statement_digest
 from kolm_ledger.keys import TrustRoot
-from kolm_ledger.leaf import entry_leaf_hash, statement_digest
-from kolm_ledger.ledger import Ledger
+from kolm_ledger.log.ledger import Ledger
 from kolm_ledger.storage import Head, NewEntry, Store, StoredCheckpoint, micros
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES
 
@@ -80,7 +80,7 @@ def write_synthetic(
     """Sequence ``n`` synthetic entries straight through the repository; return leaf hashes.
 
     Storage does not validate envelopes (the ledger does), so any bytes will do here; the
-    nodes written are exactly those :class:`~kolm_ledger.merkle.CompactRange` completes.
+    nodes written are exactly those :class:`~kolm_ledger.formats.merkle.CompactRange` completes.
     """
     leaves: list[bytes] = []
     with store.sequencing() as tx:

@@ -40,14 +40,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.pool import NullPool
 
-from kolm_ledger import dsse, verify_pool
 from kolm_ledger._crypto import P256_ORDER, PrivateKey
-from kolm_ledger.audit import audit
-from kolm_ledger.canonical import canonical_json, parse_json, strict_loads
-from kolm_ledger.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
+from kolm_ledger.audit.auditor import audit
 from kolm_ledger.cli import main as kolm_main
-from kolm_ledger.client import LedgerClient
-from kolm_ledger.dsse import Envelope, Signature
 from kolm_ledger.errors import (
     ArtifactError,
     EnvelopeFormatError,
@@ -56,17 +51,23 @@ from kolm_ledger.errors import (
     SignatureError,
     StatementFormatError,
 )
-from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.model_signing import (
+from kolm_ledger.formats import dsse
+from kolm_ledger.formats.canonical import canonical_json, parse_json, strict_loads
+from kolm_ledger.formats.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
+from kolm_ledger.formats.dsse import Envelope, Signature
+from kolm_ledger.formats.model_signing import (
     MODEL_SIGNING_PREDICATE,
     artifact_digest,
     parse_model_signature,
 )
-from kolm_ledger.note import NoteSigner
-from kolm_ledger.receipts import Statement, label_statement, sign_statement
+from kolm_ledger.formats.note import NoteSigner
+from kolm_ledger.formats.receipts import Statement, label_statement, sign_statement
+from kolm_ledger.keys import TrustedKey, TrustRoot
+from kolm_ledger.log import verify_pool
+from kolm_ledger.service.client import LedgerClient
 from kolm_ledger.storage import Store
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES
-from kolm_ledger.verify import verify_bundle
+from kolm_ledger.verify.receipt import verify_bundle
 
 HALF_N = P256_ORDER // 2
 

@@ -12,18 +12,18 @@ from _mutations import mutations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kolm_ledger import merkle
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.checkpoint import Checkpoint, sign_checkpoint
 from kolm_ledger.errors import (
     CheckpointError,
     InclusionProofError,
     KolmError,
     ProofFormatError,
 )
+from kolm_ledger.formats import merkle
+from kolm_ledger.formats.checkpoint import Checkpoint, sign_checkpoint
+from kolm_ledger.formats.note import NoteSigner
+from kolm_ledger.formats.tlogproof import HEADER, MAX_PROOF_HASHES, TlogProof
 from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.note import NoteSigner
-from kolm_ledger.tlogproof import HEADER, MAX_PROOF_HASHES, TlogProof
 
 FUZZ = settings(
     max_examples=150,

@@ -12,7 +12,7 @@ from test_ledger_service import Keys, ThreadedServer, keys, label_env  # noqa: F
 
 from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.errors import InvalidInput, KeyFormatError, RoleError
-from kolm_ledger.tls import (
+from kolm_ledger.service.tls import (
     CLIENT_ROLES,
     ROLE_URI_PREFIX,
     check_insecure_listen,
@@ -135,7 +135,7 @@ def test_cli_audit_verify_and_provenance_over_mtls(
     keys: Keys,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from kolm_ledger.client import LedgerClient
+    from kolm_ledger.service.client import LedgerClient
 
     with LedgerClient(tls_server.target, credentials=client_credentials(certs, "compile")) as c:
         for i in range(3):

@@ -1,4 +1,4 @@
-"""One fold of key receipts into a trust state (kolm_ledger.trust), used everywhere.
+"""One fold of key receipts into a trust state (kolm_ledger.verify.trust), used everywhere.
 
 - a revoked key id never becomes valid again: a ``register``/``rotate`` naming it is
   refused at append (``FAILED_PRECONDITION`` naming the key id), and a fold over a log
@@ -28,17 +28,17 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from kolm_ledger import receipts
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.audit import audit
-from kolm_ledger.client import LedgerClient
-from kolm_ledger.dsse import Envelope, Signature
+from kolm_ledger.audit.auditor import audit
 from kolm_ledger.errors import KeyValidityError, KolmError, SignatureError, UnknownKeyError
+from kolm_ledger.formats import receipts
+from kolm_ledger.formats.dsse import Envelope, Signature
 from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.ledger import Ledger
+from kolm_ledger.log.ledger import Ledger
+from kolm_ledger.service.client import LedgerClient
 from kolm_ledger.storage import Entry, Store
-from kolm_ledger.trust import (
+from kolm_ledger.verify.trust import (
     TrustState,
     fold_key_receipts,
     key_receipt_entries,

@@ -19,12 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kolm_ledger import dsse, merkle, receipts
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.bundle import Bundle
-from kolm_ledger.canonical import canonical_json
-from kolm_ledger.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
-from kolm_ledger.dsse import Envelope, Signature
 from kolm_ledger.errors import (
     BundleFormatError,
     CheckpointError,
@@ -38,12 +33,23 @@ from kolm_ledger.errors import (
     StatementFormatError,
     UnknownKeyError,
 )
+from kolm_ledger.formats import dsse, merkle, receipts
+from kolm_ledger.formats.bundle import Bundle
+from kolm_ledger.formats.canonical import canonical_json
+from kolm_ledger.formats.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
+from kolm_ledger.formats.dsse import Envelope, Signature
+from kolm_ledger.formats.leaf import entry_leaf_hash
+from kolm_ledger.formats.note import Note, NoteSigner
+from kolm_ledger.formats.tlogproof import TlogProof
 from kolm_ledger.keys import Role, TrustedKey, TrustRoot
-from kolm_ledger.leaf import entry_leaf_hash
-from kolm_ledger.note import Note, NoteSigner
 from kolm_ledger.storage import micros
-from kolm_ledger.tlogproof import TlogProof
-from kolm_ledger.verify import STEPS, VerifiedReceipt, step_of, verify_bundle, verify_bundle_bytes
+from kolm_ledger.verify.receipt import (
+    STEPS,
+    VerifiedReceipt,
+    step_of,
+    verify_bundle,
+    verify_bundle_bytes,
+)
 
 FUZZ = settings(
     max_examples=100,

@@ -17,10 +17,10 @@ from _servers import LedgerThread
 
 from kolm_ledger._samples import sample_statement
 from kolm_ledger.cli import main
-from kolm_ledger.client import AppendResult, LedgerClient
+from kolm_ledger.formats.promise import Promise, promise_message
+from kolm_ledger.formats.receipts import sign_statement
 from kolm_ledger.keys import PrivateKey, init_keys
-from kolm_ledger.promise import Promise, promise_message
-from kolm_ledger.receipts import sign_statement
+from kolm_ledger.service.client import AppendResult, LedgerClient
 
 
 class World:

@@ -19,21 +19,21 @@ from typing import Any
 import pytest
 
 from kolm_infer.receipts import sign_prediction
-from kolm_ledger.bundle import Bundle
-from kolm_ledger.canonical import canonical_json, digest_hex
-from kolm_ledger.dsse import Envelope
 from kolm_ledger.errors import InvalidInput, KolmError
-from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
-from kolm_ledger.ledger import Ledger
-from kolm_ledger.receipts import (
+from kolm_ledger.formats.bundle import Bundle
+from kolm_ledger.formats.canonical import canonical_json, digest_hex
+from kolm_ledger.formats.dsse import Envelope
+from kolm_ledger.formats.receipts import (
     Statement,
     artifact_statement,
     prediction_statement,
     sign_statement,
 )
+from kolm_ledger.formats.tlogproof import TlogProof
+from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
+from kolm_ledger.log.ledger import Ledger
 from kolm_ledger.storage import Store
-from kolm_ledger.tlogproof import TlogProof
-from kolm_ledger.verify import (
+from kolm_ledger.verify.receipt import (
     SALT_BYTES,
     STEPS,
     VerifiedPrediction,
@@ -344,7 +344,7 @@ def rec(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Rec:
 
     from kolm_compile import recall
     from kolm_compile.artifact import pack
-    from kolm_ledger.recall_proof import CorpusTree
+    from kolm_ledger.verify.recall_proof import CorpusTree
 
     d = tmp_path_factory.mktemp("rec") / "docs"
     docs = [recall.Document(f"doc{i}", f"text of document {i} " * 3) for i in range(CHUNKS)]
@@ -440,7 +440,7 @@ def test_an_id_change_needs_the_file_to_be_seen(rec: Rec) -> None:
 
 
 def test_the_corpus_root_must_come_from_the_artifact(rec: Rec, tmp_path: Path) -> None:
-    from kolm_ledger.recall_proof import CorpusTree
+    from kolm_ledger.verify.recall_proof import CorpusTree
 
     # a receipt naming another corpus (with proofs valid in that corpus) fails
     fake = [rec.chunks[0].digest, "11" * 32, "22" * 32]

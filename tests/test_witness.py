@@ -17,16 +17,13 @@ from pathlib import Path
 import pytest
 from test_ledger_service import Keys, keys, label_env  # noqa: F401
 
-from kolm_ledger import merkle
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.checkpoint import Checkpoint, sign_checkpoint
 from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.errors import CheckpointError, UnavailableError
-from kolm_ledger.ledger import Ledger
-from kolm_ledger.note import Note, NoteSigner
-from kolm_ledger.storage import Store
-from kolm_ledger.verify import verify_bundle
-from kolm_ledger.witness import (
+from kolm_ledger.formats import merkle
+from kolm_ledger.formats.checkpoint import Checkpoint, sign_checkpoint
+from kolm_ledger.formats.note import Note, NoteSigner
+from kolm_ledger.formats.witness import (
     CosignatureVerifier,
     Cosigner,
     Witness,
@@ -35,6 +32,9 @@ from kolm_ledger.witness import (
     start_witness,
     verify_cosignatures,
 )
+from kolm_ledger.log.ledger import Ledger
+from kolm_ledger.storage import Store
+from kolm_ledger.verify.receipt import verify_bundle
 
 KOLM = Path(sys.executable).with_name("kolm")
 ORIGIN = "kolm.dev/ledger"
@@ -139,7 +139,7 @@ def test_witness_over_http_and_client_errors(
         t = _tree(3)
         (sig,) = add_checkpoint(url, 0, [], _note(log_signer, t, 3))
         assert cosigner.verifier().verify(Note.from_bytes(_note(log_signer, t, 3)).text, sig)
-        from kolm_ledger.witness import WitnessConflict
+        from kolm_ledger.formats.witness import WitnessConflict
 
         with pytest.raises(WitnessConflict) as e:
             add_checkpoint(url, 0, [], _note(log_signer, t, 3))
@@ -249,7 +249,7 @@ def test_ledger_collects_cosignatures_and_verify_enforces_policy(
 
 
 def led_bundle(path: Path):  # type: ignore[no-untyped-def]
-    from kolm_ledger.bundle import Bundle
+    from kolm_ledger.formats.bundle import Bundle
 
     return Bundle.from_bytes(path.read_bytes())
 
@@ -414,7 +414,7 @@ def test_a_crash_between_commit_and_cosigning_is_healed_when_the_ledger_opens(
 ) -> None:
     """The batch committed, then the process died before any witness was asked: the
     newest checkpoint has no cosignature. Opening the ledger offers it again."""
-    import kolm_ledger.ledger as ledger_module
+    import kolm_ledger.log.ledger as ledger_module
 
     urls, cosigners, servers = _witnesses(tmp_path, keys, 2)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"

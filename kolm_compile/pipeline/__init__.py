@@ -14,7 +14,7 @@ folder when it finishes, so a restarted job resumes after the last finished stag
     (6) evaluate    K-score of the student on the holdout (n, Wilson interval), the
                     teacher's K-score per single sample and per k-vote, per-label P/R;
                     each example's outcome, at recorded settings (threads, batch size,
-                    a probe-batch digest: :func:`kolm_ledger.reexec.determinism_record`)
+                    a probe-batch digest: :func:`kolm_ledger.audit.reexec.determinism_record`)
     (7) package     manifest.json, task.json, verifier.json, adapter/,
                     evaluation/outcomes.jsonl (the signed outcomes; their root is the
                     eval receipt's ``outcome_root``), (base/ with
@@ -24,7 +24,7 @@ folder when it finishes, so a restarted job resumes after the last finished stag
                     (training-set root, eval leaf hash, ledger checkpoint, and
                     ``corpus_root``/``corpus_chunks`` when there is a recall index)
 
-The training-set root is :func:`kolm_ledger.provenance.training_set_root` over the
+The training-set root is :func:`kolm_ledger.log.provenance.training_set_root` over the
 leaf hashes of the acknowledged label receipts in ledger index order — what
 ``kolm provenance`` recomputes. Nothing inside the ``.kolm`` holds a time, a job id
 or a local path: the same spec, seed and teacher cache give a byte-identical file.

@@ -15,13 +15,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kolm_ledger.errors import KolmError
-from kolm_ledger.provenance import training_set_root
-from kolm_ledger.receipts import (
+from kolm_ledger.formats.receipts import (
     Statement,
     example_digest,
     label_statement,
     sign_statement,
 )
+from kolm_ledger.log.provenance import training_set_root
 
 from ..cache import CachedTeacher
 from ..sinks import Acked

@@ -2,7 +2,7 @@
 ``eval`` and ``artifact`` receipts.
 
 :func:`package` writes ``manifest.json`` (:func:`build_manifest`, a typed
-:class:`~kolm_ledger.manifest.Manifest`), ``task.json``, ``verifier.json`` and
+:class:`~kolm_ledger.formats.manifest.Manifest`), ``task.json``, ``verifier.json`` and
 ``evaluation/outcomes.jsonl`` (and ``base/``, ``recall/index.db``) into the model
 folder, packs and signs it deterministically, then appends the eval receipt (subject =
 the artifact digest: :func:`sign_eval`) and the artifact receipt (training-set root, eval
@@ -22,9 +22,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolm_ledger import reexec
-from kolm_ledger.canonical import canonical_json
-from kolm_ledger.manifest import (
+from kolm_ledger.audit import reexec
+from kolm_ledger.formats.canonical import canonical_json
+from kolm_ledger.formats.manifest import (
     MANIFEST_FILE,
     BaseModelRef,
     EvaluationRef,
@@ -32,7 +32,7 @@ from kolm_ledger.manifest import (
     RecallRef,
     VerifierRef,
 )
-from kolm_ledger.receipts import (
+from kolm_ledger.formats.receipts import (
     Statement,
     artifact_statement,
     eval_statement,

@@ -17,8 +17,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kolm_ledger import reexec
-from kolm_ledger.receipts import example_digest
+from kolm_ledger.audit import reexec
+from kolm_ledger.formats.receipts import example_digest
 
 from .. import gate as _gate
 from .. import kscore as ks
@@ -124,7 +124,7 @@ def evaluate(
     student: Student | None = None,
 ) -> Evaluated:
     """Stage (6): the student on the holdout at the recorded settings (threads, batch
-    size, a determinism record: :func:`kolm_ledger.reexec.determinism_record`), each
+    size, a determinism record: :func:`kolm_ledger.audit.reexec.determinism_record`), each
     example's signed outcome line and their root, the teacher's K-score per sample and
     per k-vote, the gate's coverage and risk–coverage curve, and the single-input latency
     over ``options.latency_probe`` holdout inputs. ``student``: the one :func:`train`

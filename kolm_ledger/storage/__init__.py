@@ -8,6 +8,14 @@ Example::
     0
 """
 
-from .repository import Entry, Head, NewEntry, SequencingTx, Store, StoredCheckpoint, micros
+from kolm_ledger.storage.repository import (
+    Entry,
+    Head,
+    NewEntry,
+    SequencingTx,
+    Store,
+    StoredCheckpoint,
+    micros,
+)
 
 __all__ = ["Entry", "Head", "NewEntry", "SequencingTx", "Store", "StoredCheckpoint", "micros"]

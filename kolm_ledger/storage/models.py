@@ -68,7 +68,7 @@ class EntryRow(Base):
     key_id: Mapped[str] = mapped_column(String(64), index=True)
     integrated_at: Mapped[int] = mapped_column(BigInteger, index=True)
     envelope: Mapped[bytes] = mapped_column(LargeBinary)
-    #: kolm_ledger.leaf.statement_digest of the envelope (revision 0003)
+    #: kolm_ledger.formats.leaf.statement_digest of the envelope (revision 0003)
     statement_digest: Mapped[bytes | None] = mapped_column(LargeBinary(32), unique=True)
 
 

@@ -24,11 +24,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from ..errors import InvalidInput, KolmError, NotFoundError, StorageError
-from ..merkle import CompactRange, NodeID, consistency_proof, inclusion_proof, peak_ids
-from ..timefmt import from_micros as from_micros
-from ..timefmt import micros as micros
-from .models import (
+from kolm_ledger.errors import InvalidInput, KolmError, NotFoundError, StorageError
+from kolm_ledger.formats.merkle import (
+    CompactRange,
+    NodeID,
+    consistency_proof,
+    inclusion_proof,
+    peak_ids,
+)
+from kolm_ledger.storage.models import (
     NODE_LEVEL_SHIFT,
     CheckpointRow,
     CosignatureRow,
@@ -37,6 +41,8 @@ from .models import (
     SubjectRow,
     node_id,
 )
+from kolm_ledger.timefmt import from_micros as from_micros
+from kolm_ledger.timefmt import micros as micros
 
 __all__ = [
     "Entry",
@@ -64,7 +70,7 @@ class Entry:
     key_id: str
     integrated_at: datetime
     envelope: bytes  # canonical JSON of the DSSE envelope (with the time: the leaf data)
-    #: :func:`kolm_ledger.leaf.statement_digest` of the envelope, as stored (b"" when not read)
+    #: :func:`kolm_ledger.formats.leaf.statement_digest` of the envelope, as stored (b"" when not read)
     statement_digest: bytes = b""
 
 
@@ -182,7 +188,7 @@ class LeafHashExists(StorageError):
     """An insert met an entry already in the log: its statement digest (one statement, one
     entry) or its leaf hash is stored (the unique constraints).
 
-    :meth:`~kolm_ledger.ledger.Ledger.append_validated` inserts optimistically (no
+    :meth:`~kolm_ledger.log.ledger.Ledger.append_validated` inserts optimistically (no
     look-up first) and, on this, sequences the batch again with the duplicates resolved.
     """
 
@@ -693,7 +699,7 @@ class Store:
         return _entry(r)
 
     def get_by_statement_digest(self, digest: bytes) -> Entry:
-        """The entry of the statement ``digest`` (:func:`kolm_ledger.leaf.statement_digest`:
+        """The entry of the statement ``digest`` (:func:`kolm_ledger.formats.leaf.statement_digest`:
         one statement, one entry); raises :class:`NotFoundError`."""
         with self._read() as c:
             r = c.execute(select(EntryRow).where(EntryRow.statement_digest == digest)).first()

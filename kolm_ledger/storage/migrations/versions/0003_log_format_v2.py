@@ -1,6 +1,6 @@
 """kolm log format v2: one statement, one entry; the integration time is in the leaf.
 
-Adds ``entries.statement_digest`` (``kolm_ledger.leaf.statement_digest``) with a unique
+Adds ``entries.statement_digest`` (``kolm_ledger.formats.leaf.statement_digest``) with a unique
 index, so an envelope whose statement (payload type, payload, key id) is already in the
 log cannot become a second entry, whatever its signature bytes.
 
