@@ -751,8 +751,9 @@ def cmd_witness_serve(a: argparse.Namespace) -> int:
     import threading
 
     from kolm_ledger.formats.note import NoteVerifier
-    from kolm_ledger.formats.witness import Cosigner, Witness, start_witness
+    from kolm_ledger.formats.witness import Cosigner
     from kolm_ledger.keys import PrivateKey
+    from kolm_ledger.service.witness import Witness, start_witness
 
     w = Witness(
         Cosigner(a.name, PrivateKey.load(a.key)),

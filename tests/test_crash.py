@@ -38,8 +38,9 @@ from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
 from kolm_ledger.audit.auditor import audit
 from kolm_ledger.formats.checkpoint import SignedCheckpoint
 from kolm_ledger.formats.note import NoteSigner
-from kolm_ledger.formats.witness import Cosigner, Witness, start_witness, verify_cosignatures
+from kolm_ledger.formats.witness import Cosigner, verify_cosignatures
 from kolm_ledger.keys import TrustRoot, init_keys
+from kolm_ledger.service.witness import Witness, start_witness
 from kolm_ledger.storage import Store
 
 KOLM = Path(sys.executable).with_name("kolm")

@@ -26,13 +26,12 @@ from kolm_ledger.formats.note import Note, NoteSigner
 from kolm_ledger.formats.witness import (
     CosignatureVerifier,
     Cosigner,
-    Witness,
-    add_checkpoint,
     cosignature_key_id,
-    start_witness,
     verify_cosignatures,
 )
 from kolm_ledger.log.ledger import Ledger
+from kolm_ledger.log.witnessing import add_checkpoint
+from kolm_ledger.service.witness import Witness, start_witness
 from kolm_ledger.storage import Store
 from kolm_ledger.verify.receipt import verify_bundle
 
@@ -139,7 +138,7 @@ def test_witness_over_http_and_client_errors(
         t = _tree(3)
         (sig,) = add_checkpoint(url, 0, [], _note(log_signer, t, 3))
         assert cosigner.verifier().verify(Note.from_bytes(_note(log_signer, t, 3)).text, sig)
-        from kolm_ledger.formats.witness import WitnessConflict
+        from kolm_ledger.log.witnessing import WitnessConflict
 
         with pytest.raises(WitnessConflict) as e:
             add_checkpoint(url, 0, [], _note(log_signer, t, 3))

@@ -78,9 +78,9 @@ from kolm_ledger.formats.leaf import statement_digest
 from kolm_ledger.formats.merkle import consistency_proof
 from kolm_ledger.formats.note import NoteSignature, NoteSigner
 from kolm_ledger.formats.receipts import Statement
-from kolm_ledger.formats.witness import WitnessConflict, add_checkpoint
 from kolm_ledger.keys import TrustedKey, TrustRoot
 from kolm_ledger.log.verify_pool import Checked, ProcessVerifier, parse_receipt
+from kolm_ledger.log.witnessing import WitnessConflict, add_checkpoint
 from kolm_ledger.storage import Entry, Store, StoredCheckpoint, micros
 from kolm_ledger.storage.repository import Head, LeafHashExists, SequencingTx, from_micros
 from kolm_ledger.timefmt import MAX_TIME_SKEW, check_receipt_time, receipt_time
