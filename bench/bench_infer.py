@@ -92,7 +92,7 @@ def start_ledger(
 ) -> tuple[subprocess.Popen[bytes], str]:
     ready = d / f"{name}.port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kolm_ledger.cli", "ledger", "serve",
+        [sys.executable, "-m", "kolm", "ledger", "serve",
          "--insecure",
          "--db", f"sqlite:///{d / f'{name}.db'}", "--trust", str(keys / "trust.json"),
          "--log-key", str(keys / "log.key"), "--listen", "127.0.0.1:0",

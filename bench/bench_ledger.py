@@ -302,7 +302,7 @@ def start_server(db: str, keydir: Path, work: Path, *extra: str) -> tuple[subpro
         [
             sys.executable,
             "-m",
-            "kolm_ledger.cli",
+            "kolm",
             "ledger",
             "serve",
             "--insecure",

@@ -177,7 +177,7 @@ def bench_predict(nq: int, tmp: Path, trained: Any) -> dict[str, float]:
 def _serve(args: list[str], ready: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     with log.open("ab") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kolm_ledger.cli", *args, "--insecure",
+            [sys.executable, "-m", "kolm", *args, "--insecure",
              "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--log-level", "WARNING"],
             stdout=subprocess.DEVNULL,
             stderr=err,

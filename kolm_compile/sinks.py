@@ -77,7 +77,7 @@ class ReceiptSink(Protocol):
 
 class LedgerSink(ReceiptSink, Protocol):
     """A :class:`ReceiptSink` that also reads the ledger: what republishing an artifact
-    (:func:`kolm_compile.recall_cli.update_artifact`) needs. Both sinks here are one."""
+    (:func:`kolm.cli.recall.update_artifact`) needs. Both sinks here are one."""
 
     def find(self, *, subject_digest: str, kind: str, limit: int) -> Sequence[Any]:
         """Ledger entries whose subject is ``subject_digest`` and kind ``kind``, in index

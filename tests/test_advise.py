@@ -12,7 +12,7 @@ from dataclasses import fields
 
 import pytest
 
-from kolm_ledger.advise import (
+from kolm_compile.advise import (
     DISTILL,
     DISTILL_ESCAPE,
     DISTILL_RECALL,
@@ -164,7 +164,7 @@ FLAGS = [
 def _kolm(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "160"}
     return subprocess.run(
-        [sys.executable, "-m", "kolm_ledger.cli", "advise", *args],
+        [sys.executable, "-m", "kolm", "advise", *args],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -196,7 +196,7 @@ def test_cli_json_and_overrides() -> None:
 
 def test_cli_every_figure_has_a_flag() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "kolm_ledger.cli", "advise", "--help"],
+        [sys.executable, "-m", "kolm", "advise", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -399,7 +399,7 @@ def kolm_verify(art: Art, bundle: Path, artifact: Path) -> subprocess.CompletedP
         [
             sys.executable,
             "-m",
-            "kolm_ledger.cli",
+            "kolm",
             "verify",
             str(bundle),
             "--trust",

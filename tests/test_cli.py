@@ -28,7 +28,7 @@ from kolm_ledger.keys import TrustRoot
 from kolm_ledger.verify.receipt import STEPS, verify_bundle
 
 _SCRIPT = Path(sys.executable).with_name("kolm")
-KOLM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "kolm_ledger.cli"]
+KOLM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "kolm"]
 ROLES = ("admin", "compile", "infer", "log")
 SIGNER = {"label": "compile", "eval": "compile", "artifact": "compile", "prediction": "infer"}
 SIGNER["key"] = "admin"

@@ -24,7 +24,7 @@ from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
 from kolm_ledger.log.provenance import training_set_root
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
-KOLM = [sys.executable, "-m", "kolm_ledger.cli"]
+KOLM = [sys.executable, "-m", "kolm"]
 
 
 def tiny_raw(labels: int = 3, per_label: int = 8, epochs: int = 1) -> dict[str, Any]:

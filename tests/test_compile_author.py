@@ -31,7 +31,7 @@ from kolm_compile.teachers import InputRejected, TeacherSpend
 from kolm_ledger.errors import ConflictError, KolmError, ResourceExhaustedError, SpecError
 from kolm_ledger.keys import PrivateKey, init_keys
 
-KOLM = [sys.executable, "-m", "kolm_ledger.cli"]
+KOLM = [sys.executable, "-m", "kolm"]
 LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
 
 

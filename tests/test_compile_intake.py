@@ -45,10 +45,10 @@ from _servers import LedgerThread, ServiceThread
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from kolm.cli.compile import _dataset_chunks
 from kolm_compile import spec as spec_mod
 from kolm_compile._pb import compile_pb2 as pb
 from kolm_compile._pb import compile_pb2_grpc as pb_grpc
-from kolm_compile.cli import _dataset_chunks
 from kolm_compile.intake import TeacherProfiles
 from kolm_compile.spec import FILE_FIELDS, TaskSpec, load_spec_text
 from kolm_compile.teachers import input_sha256, teacher_backends, teacher_options
@@ -68,7 +68,7 @@ ROWS = [
 SECRET = "sk-live-THIS-IS-A-SECRET-0123456789abcdef"
 TEACHER_KEY = "teacher-credential-abcdef-0123456789"
 MAX_UPLOAD = 4096
-KOLM = [sys.executable, "-m", "kolm_ledger.cli"]
+KOLM = [sys.executable, "-m", "kolm"]
 
 
 def table(rows: list[tuple[str, str]]) -> bytes:

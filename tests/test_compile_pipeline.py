@@ -41,7 +41,7 @@ from kolm_ledger.verify.trust import TrustState
 pytestmark = [pytest.mark.ml]
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
-KOLM = [sys.executable, "-m", "kolm_ledger.cli"]
+KOLM = [sys.executable, "-m", "kolm"]
 
 
 def tiny_raw(labels: int = 4, per_label: int = 24) -> dict[str, Any]:

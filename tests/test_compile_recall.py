@@ -361,7 +361,7 @@ def test_recall_defaults_and_no_recall_by_default(tmp_path: Path) -> None:
 @pytest.mark.ml
 @pytest.mark.slow
 def test_recall_update_keeps_the_artifacts_default_k(world: dict[str, Any], tmp_path: Path) -> None:
-    from kolm_compile.recall_cli import update_artifact
+    from kolm.cli.recall import update_artifact
 
     corpus = tmp_path / "new.jsonl"
     write_corpus(corpus, [{"id": "fresh", "text": "the branch moved to a new street in May"}])

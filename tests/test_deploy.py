@@ -1,7 +1,7 @@
 """deploy/: every manifest parses and agrees with the code it runs.
 
 Each ``kolm ...`` command line in the compose file and the Kubernetes manifests is parsed
-with the real ``kolm_ledger.cli.build_parser()``; container ports, probes, Services,
+with the real ``kolm.cli.main.build_parser()``; container ports, probes, Services,
 volume mounts, Secrets and NetworkPolicy selectors are checked against those command
 lines and against each other. A subcommand whose ``kolm.commands`` entry point is not
 installed in this checkout is skipped, and the skip names it.
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kolm_ledger.cli import build_parser
+from kolm.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -25,7 +25,7 @@ from kolm_infer.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, answ
 from kolm_ledger.keys import PrivateKey
 from kolm_ledger.service.client import LedgerClient
 
-KOLM = [sys.executable, "-m", "kolm_ledger.cli"]
+KOLM = [sys.executable, "-m", "kolm"]
 
 
 @pytest.fixture

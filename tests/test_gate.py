@@ -302,7 +302,7 @@ def test_on_teacher_failure_student_gives_the_flagged_answer_with_the_gate_in_th
 
 
 def test_verify_step_8_reads_the_cover_and_rechecks_the_gate_values() -> None:
-    from kolm_ledger.cli import cover_line
+    from kolm.cli.main import cover_line
 
     cover = {
         "rule": "calibrated",

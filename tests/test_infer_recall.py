@@ -3,7 +3,7 @@ evidence in responses and receipts, the classification rule, the recall_k field'
 load refusals of a tampered index, and ``kolm verify`` step 10 on the receipts.
 
 Artifacts: the shared test world's router (no recall); "docs", made from it by
-``kolm_compile.recall_cli.update_artifact`` with a small corpus of planted sentences and
+``kolm.cli.recall.update_artifact`` with a small corpus of planted sentences and
 Banking77 filler (artifact receipt with corpus_root/corpus_chunks); "examples" and
 "rotated", examples indexes of the student's own training rows (rotated: every label
 moved to the next one) with confidence threshold 1.0 so every answer meets the rule.
@@ -35,8 +35,8 @@ from test_infer_engine import (  # the shared world (a session fixture built onc
 )
 from test_infer_service import InferThread, kolm
 
+from kolm.cli.main import main as kolm_main
 from kolm_infer._pb import infer_pb2 as pb
-from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.formats.bundle import Bundle
 from kolm_ledger.formats.dsse import Envelope
 from kolm_ledger.formats.receipts import Statement, artifact_statement, sign_statement
@@ -126,8 +126,8 @@ class Recall:
 
 @pytest.fixture(scope="module")
 def rec(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recall]:  # noqa: F811
+    from kolm.cli.recall import update_artifact
     from kolm_compile.recall import ChunkConfig
-    from kolm_compile.recall_cli import update_artifact
     from kolm_compile.sinks import ServiceSink
     from kolm_ledger.verify.trust import TrustState
 

@@ -32,9 +32,9 @@ import pytest
 from test_infer_engine import LedgerThread, World, world  # noqa: F401 - a fixture
 from test_infer_service import InferThread, predict, wait_for
 
+from kolm.cli.main import main as kolm_main
 from kolm_infer._pb import infer_pb2 as pb
 from kolm_infer.receipts import sign_prediction
-from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.formats.dsse import Envelope
 from kolm_ledger.formats.receipts import key_statement, sign_statement
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys

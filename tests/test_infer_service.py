@@ -335,7 +335,7 @@ def test_wait_for_inclusion_returns_a_bundle_that_kolm_verify_accepts(
 
 def kolm(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kolm_ledger.cli", *map(str, args)],
+        [sys.executable, "-m", "kolm", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -550,7 +550,7 @@ def test_spool_survives_kill_9_of_kolm_infer_serve(
         logf = tmp_path / "serve.log"
         with logf.open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kolm_ledger.cli", "infer", "serve",
+                [sys.executable, "-m", "kolm", "infer", "serve",
                  "--insecure",
                  "--artifacts", str(path.parent), "--ledger", led.target,
                  "--key", str(world.keys / "infer.key"), "--trust", str(world.keys / "trust.json"),

@@ -38,10 +38,10 @@ from _servers import LedgerThread
 from sqlalchemy.pool import NullPool
 
 import kolm_ledger.log.ledger as ledger_mod
+from kolm.cli.main import main as kolm_main
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._samples import sample_statement
 from kolm_ledger.audit.auditor import audit, audit_remote
-from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.errors import (
     ConflictError,
     InclusionProofError,

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 from _servers import LedgerThread
 
-from kolm_ledger.cli import main as kolm_main
+from kolm.cli.main import main as kolm_main
 from kolm_ledger.formats.checkpoint import SignedCheckpoint, sign_checkpoint
 from kolm_ledger.formats.note import NoteSigner
 from kolm_ledger.formats.receipts import label_statement, sign_statement

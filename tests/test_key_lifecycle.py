@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from test_ledger_service import Keys, ThreadedServer, keys, label_env  # noqa: F401
 
+from kolm.cli.main import main as kolm_main
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.audit.auditor import audit
-from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.errors import KeyValidityError, KolmError
 from kolm_ledger.formats.checkpoint import verify_checkpoint
 from kolm_ledger.keys import TrustedKey, TrustRoot

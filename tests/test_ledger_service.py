@@ -34,13 +34,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from kolm.cli.main import main as kolm_main
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._pb import ledger_pb2 as pb
 from kolm_ledger._pb import ledger_pb2_grpc as pb_grpc
 from kolm_ledger._samples import sample_statement
 from kolm_ledger.audit.auditor import audit
 from kolm_ledger.audit.provenance import check_provenance
-from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.errors import BackpressureError, KolmError, SignatureError
 from kolm_ledger.formats import merkle
 from kolm_ledger.formats.canonical import canonical_json

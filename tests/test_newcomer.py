@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
-KOLM = [sys.executable, "-m", "kolm_ledger.cli"]
+KOLM = [sys.executable, "-m", "kolm"]
 
 
 def test_demo_runs_the_whole_story(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from _servers import LedgerThread
 from kolm_ledger.keys import PrivateKey, init_keys
 
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
-KOLM = [sys.executable, "-m", "kolm_ledger.cli"]
+KOLM = [sys.executable, "-m", "kolm"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "kolm_compile" / "examples"
 
 

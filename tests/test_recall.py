@@ -479,7 +479,7 @@ def _receipt(ledger: Any, digest: str) -> dict[str, Any]:
 
 @pytest.mark.ml
 def test_recall_update_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from kolm_compile import recall_cli
+    from kolm.cli import recall as recall_cli
     from kolm_compile.artifact import verify_artifact
     from kolm_compile.sinks import LocalLedgerSink
 
@@ -548,7 +548,7 @@ def test_recall_update_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_recall_update_refuses_an_unlogged_or_untrusted_artifact(tmp_path: Path) -> None:
-    from kolm_compile import recall_cli
+    from kolm.cli import recall as recall_cli
     from kolm_compile.artifact import pack
     from kolm_compile.sinks import LocalLedgerSink
     from kolm_ledger.keys import PrivateKey

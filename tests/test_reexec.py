@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from _servers import LedgerThread
 
+from kolm.cli.main import main
 from kolm_ledger.audit import reexec
-from kolm_ledger.cli import main
 from kolm_ledger.formats.receipts import Statement, eval_statement, sign_statement
 from kolm_ledger.keys import PrivateKey, init_keys
 from kolm_ledger.service.client import LedgerClient

@@ -22,9 +22,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
+from kolm.cli.main import main as kolm_main
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.audit.auditor import audit, audit_remote
-from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.formats.checkpoint import Checkpoint, sign_checkpoint, verify_checkpoint
 from kolm_ledger.formats.dsse import Envelope
 from kolm_ledger.formats.leaf import chain_next, entry_leaf_hash, statement_digest

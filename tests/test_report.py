@@ -210,7 +210,7 @@ def report_html(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
         [
             sys.executable,
             "-m",
-            "kolm_ledger.cli",
+            "kolm",
             "report",
             "--db",
             built.db,
@@ -320,7 +320,7 @@ def test_report_shows_a_broken_chain(built: Built, tmp_path: Path) -> None:
 
 def test_unknown_artifact_is_an_error(built: Built) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "kolm_ledger.cli", "report", "--db", built.db, "0" * 64,
+        [sys.executable, "-m", "kolm", "report", "--db", built.db, "0" * 64,
          "--trust", str(built.trust_path), "--out", "/dev/null"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -343,7 +343,7 @@ def test_report_reaches_a_mutual_tls_ledger(built: Built, tmp_path: Path) -> Non
         f"sqlite:///{db}", built.trust, log_key, credentials=server_credentials(certs, "ledger")
     )
     try:
-        base = [sys.executable, "-m", "kolm_ledger.cli", "report", built.digest, "--ledger",
+        base = [sys.executable, "-m", "kolm", "report", built.digest, "--ledger",
                 f"localhost:{srv.port}", "--trust", str(built.trust_path)]  # fmt: skip
 
         def report(*extra: str) -> subprocess.CompletedProcess[str]:

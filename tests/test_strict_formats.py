@@ -40,9 +40,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.pool import NullPool
 
+from kolm.cli.main import main as kolm_main
 from kolm_ledger._crypto import P256_ORDER, PrivateKey
 from kolm_ledger.audit.auditor import audit
-from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.errors import (
     ArtifactError,
     EnvelopeFormatError,

@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 from test_ledger_service import Keys, ThreadedServer, keys, label_env  # noqa: F401
 
-from kolm_ledger.cli import main as kolm_main
+from kolm.cli.main import main as kolm_main
 from kolm_ledger.errors import InvalidInput, KeyFormatError, RoleError
 from kolm_ledger.service.tls import (
     CLIENT_ROLES,

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from _servers import LedgerThread
 
+from kolm.cli.main import main
 from kolm_ledger._samples import sample_statement
-from kolm_ledger.cli import main
 from kolm_ledger.formats.promise import Promise, promise_message
 from kolm_ledger.formats.receipts import sign_statement
 from kolm_ledger.keys import PrivateKey, init_keys

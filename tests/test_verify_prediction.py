@@ -261,7 +261,7 @@ def test_digest_only_policy(env: Env) -> None:
 
 def kolm(*args: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kolm_ledger.cli", *map(str, args)],
+        [sys.executable, "-m", "kolm", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -515,7 +515,7 @@ def _rezip(src: Path, out: Path, member: str) -> Path:
 
 
 def test_kolm_verify_prints_step_10(rec: Rec, tmp_path: Path) -> None:
-    from kolm_ledger.cli import main
+    from kolm.cli.main import main
 
     good = tmp_path / "good.json"
     rec.predict(rec.evidence([4, 9])).save(good)

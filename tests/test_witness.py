@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from test_ledger_service import Keys, keys, label_env  # noqa: F401
 
+from kolm.cli.main import main as kolm_main
 from kolm_ledger._crypto import PrivateKey
-from kolm_ledger.cli import main as kolm_main
 from kolm_ledger.errors import CheckpointError, UnavailableError
 from kolm_ledger.formats import merkle
 from kolm_ledger.formats.checkpoint import Checkpoint, sign_checkpoint

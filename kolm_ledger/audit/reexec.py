@@ -748,7 +748,7 @@ def replay_prediction(
 
 
 def add_kscore_parser(sub: Any, tls: Any) -> None:
-    """``kolm kscore verify`` (registered by :func:`kolm_ledger.cli.build_parser`)."""
+    """``kolm kscore verify`` (registered by :func:`kolm.cli.main.build_parser`)."""
     ks = sub.add_parser("kscore", help="re-execute an artifact's K-score (auditors)")
     ksub = ks.add_subparsers(dest="kscore_command", required=True)
     v = ksub.add_parser(

@@ -1,9 +1,9 @@
 """The ``kolm`` command.
 
-``kolm_ledger`` owns the root parser. Other packages add subcommands through the
-``kolm.commands`` entry-point group: each entry point names a function
-``register(subparsers)`` that adds its parsers and sets ``func`` on them, so this
-package never imports them.
+The root parser. Each package's subcommands live in one module here (``kolm.cli.compile``,
+``kolm.cli.recall``, ``kolm.cli.infer``; the ledger's, keys', verify's and audit's in this
+one) whose ``register(subparsers)`` adds its parsers and sets ``func`` on them; imports
+stay inside the handlers, so ``kolm verify`` never loads torch.
 
 Exit codes: 0 success; 1 a verification or audit failed; 2 bad input or another error.
 """
@@ -15,7 +15,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -576,14 +575,8 @@ def cmd_provenance(a: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    from kolm_ledger.demo import run_demo
-
-    return run_demo(a)
-
-
 def cmd_advise(a: argparse.Namespace) -> int:
-    from kolm_ledger.advise import cmd_advise as run
+    from kolm_compile.advise import cmd_advise as run
 
     return run(a)
 
@@ -969,7 +962,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     pv.set_defaults(func=cmd_provenance)
 
     adv = sub.add_parser("advise", help="which technique fits: RAG, fine-tune or distillation")
-    from kolm_ledger.advise import (
+    from kolm_compile.advise import (
         add_arguments as _advise_arguments,  # stdlib only; no heavy imports
     )
 
@@ -990,13 +983,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     rp.add_argument("--artifact", help="the artifact's .kolm file (with --holdout)")
     rp.set_defaults(func=cmd_report)
 
-    for ep in sorted(entry_points(group="kolm.commands"), key=lambda e: e.name):
-        ep.load()(sub)
-    if "demo" not in sub.choices:  # without kolm[ml], the trust-core part of the story
-        d = sub.add_parser("demo", help="run the trust-core demo into a fresh directory")
-        d.add_argument("--dir", help="output directory (default: a fresh ./kolm-demo-<time>)")
-        d.add_argument("--receipts", type=int, default=300, help="receipts of each kind")
-        d.set_defaults(func=cmd_demo)
+    from kolm.cli import compile as compile_cli
+    from kolm.cli import infer as infer_cli
+    from kolm.cli import recall as recall_cli
+    from kolm.demo.full import register_demo
+    from kolm.up import register_up
+
+    for register in (
+        compile_cli.register,
+        register_demo,
+        infer_cli.register,
+        recall_cli.register,
+        register_up,
+    ):
+        register(sub)
     return p, sub
 
 

@@ -1,6 +1,6 @@
 """``kolm recall update``: give a ``.kolm`` a new recall corpus as a new, linked version.
 
-A ``kolm.commands`` plug-in (``recall = "kolm_compile.recall_cli:register"``). Importing
+A ``kolm.commands`` plug-in (``recall = "kolm.cli.recall:register"``). Importing
 this module is cheap: numpy, sqlite-vec and torch load only when the command runs.
 
 :func:`update_artifact` does the work, in order:

@@ -126,14 +126,15 @@ def _spec(small: bool, recall: bool = False) -> Any:
 def run_full_demo(a: argparse.Namespace) -> int:
     """Entry point of ``kolm demo``."""
     if a.trust_core:
-        from kolm_ledger.demo import run_demo
+        from kolm.demo.trust_core import run_demo
 
         return run_demo(a)
     return asyncio.run(_demo(a))
 
 
 async def _demo(a: argparse.Namespace) -> int:
-    from kolm_compile.cli import run_with_progress
+    from kolm.cli.compile import run_with_progress
+    from kolm.demo.trust_core import tamper_copy
     from kolm_compile.pipeline import CompileJob, CompileOptions
     from kolm_compile.sinks import ServiceSink
     from kolm_infer import service as infer_service
@@ -141,7 +142,6 @@ async def _demo(a: argparse.Namespace) -> int:
     from kolm_infer._pb import infer_pb2_grpc as pb_grpc
     from kolm_ledger._crypto import PrivateKey
     from kolm_ledger.audit.auditor import audit, audit_remote
-    from kolm_ledger.demo import tamper_copy
     from kolm_ledger.keys import init_keys
     from kolm_ledger.service.client import LedgerClient
     from kolm_ledger.service.server import start as start_ledger

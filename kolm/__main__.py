@@ -1,0 +1,7 @@
+"""``python -m kolm``: the ``kolm`` command."""
+
+import sys
+
+from kolm.cli.main import main
+
+sys.exit(main())
