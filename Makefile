@@ -30,7 +30,8 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy kolm_ledger kolm_compile kolm_infer
+	$(BIN)/mypy kolm kolm_ledger kolm_compile kolm_infer
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	$(BIN)/python bench/run.py
