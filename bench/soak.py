@@ -1,8 +1,8 @@
 """Full-size reliability campaigns (``make soak``): crash, overload, tamper and fuzzing.
 
-Runs the same campaign functions as the CI tests (tests/test_crash.py,
-tests/test_audit.py, tests/test_fuzz_rpc.py, tests/test_fuzz_compile_infer.py,
-tests/test_fuzz_append.py, tests/test_fuzz_artifact.py) at full size on 127.0.0.1, on
+Runs the same campaign functions as the CI tests (tests/ledger/test_crash.py,
+tests/ledger/test_audit.py, tests/ledger/test_fuzz_rpc.py, tests/e2e/test_fuzz_compile_infer.py,
+tests/ledger/test_fuzz_append.py, tests/ledger/test_fuzz_artifact.py) at full size on 127.0.0.1, on
 SQLite and on PostgreSQL (a fresh database per campaign, dropped after; ``KOLM_TEST_PG``
 names the server, default 127.0.0.1:5432), prints one JSON object per campaign, and
 rewrites the results block of docs/RELIABILITY.md.

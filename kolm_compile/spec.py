@@ -661,7 +661,7 @@ class RecallSpec(Section):
 
 #: Every file a spec section points at: (dotted field, section attribute, field name).
 #: :meth:`TaskSpec.from_dict` sends each through one resolver (and ``json_schema``, which
-#: may name a file too); tests/test_compile_intake.py checks that every ``Path`` field of
+#: may name a file too); tests/compile/test_compile_intake.py checks that every ``Path`` field of
 #: every section is listed here.
 FILE_FIELDS = (
     ("data.holdout", "data", "holdout"),
