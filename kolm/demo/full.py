@@ -37,11 +37,12 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import kolm_compile
+
 __all__ = ["register_demo", "run_full_demo"]
 
-EXAMPLE = (
-    Path(__file__).resolve().parents[1] / "kolm_compile" / "examples" / "banking77-router.yaml"
-)
+#: the example spec shipped inside kolm_compile (found through the package, wherever it is)
+EXAMPLE = Path(kolm_compile.__file__).resolve().parent / "examples" / "banking77-router.yaml"
 #: the recall section the demo adds to its copy of the example spec (see _spec)
 RECALL = {"source": "examples", "k": 5}
 #: tickets answered with recall and shown with their evidence
