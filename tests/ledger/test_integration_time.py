@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 from support.servers import LedgerThread
 
-import kolm_ledger.log.ledger as ledger_mod
+import kolm_ledger.log.validate as ledger_mod
 from kolm.cli.main import main as kolm_main
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger._samples import sample_statement

@@ -23,7 +23,8 @@ from kolm_ledger._samples import sample_statement
 from kolm_ledger.errors import KeyValidityError, StatementFormatError
 from kolm_ledger.formats import receipts
 from kolm_ledger.keys import TrustedKey, TrustRoot
-from kolm_ledger.log.ledger import _MIN_CHUNK, Ledger
+from kolm_ledger.log.ledger import Ledger
+from kolm_ledger.log.validate import _MIN_CHUNK
 from kolm_ledger.storage import Store
 from kolm_ledger.timefmt import MAX_TIME_SKEW
 

@@ -413,7 +413,7 @@ def test_a_crash_between_commit_and_cosigning_is_healed_when_the_ledger_opens(
 ) -> None:
     """The batch committed, then the process died before any witness was asked: the
     newest checkpoint has no cosignature. Opening the ledger offers it again."""
-    import kolm_ledger.log.ledger as ledger_module
+    import kolm_ledger.log.witnessing as ledger_module
 
     urls, cosigners, servers = _witnesses(tmp_path, keys, 2)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
