@@ -29,6 +29,10 @@ Appending an envelope:
    checkpoint is served with the cosignatures that came back. Opening a ledger
    re-offers its newest checkpoint (a crash may have come between commit and cosigning).
 
+Checks (1)-(5) run in :mod:`kolm_ledger.log.validate`, step 6 in
+:mod:`kolm_ledger.log.integrate`, step 7 in :mod:`kolm_ledger.log.witnessing`;
+:class:`Ledger` is the facade that holds the trust state and the clock and runs them.
+
 Example::
 
     >>> import tempfile, pathlib
@@ -134,7 +138,7 @@ class Ledger:
         self.max_time_skew = max_time_skew
         self.verify_threads = verify_threads
         self.verify_processes = verify_processes
-        self._processes = self._validator.processes  # the worker processes (tests kill one)
+        self._processes = self._validator.processes  # its worker processes, if any
         self._witnessing = WitnessRound(
             store, witnesses, policy=witness_policy, timeout=witness_timeout
         )

@@ -1,8 +1,8 @@
 """The receipt time rule at its edges, on every validation path of the append.
 
 ``not_before <= time <= integration time + skew`` (``kolm_ledger.timefmt.check_receipt_time``)
-is judged in whole microseconds on the hot paths (``Ledger._validate`` and, for receipts
-the worker processes checked, ``Ledger._finish``); these tests hold that to the rule
+is judged in whole microseconds on the hot paths (``Validator.validate`` and, for receipts
+the worker processes checked, ``Validator._finish``); these tests hold that to the rule
 exactly: each bound accepted, one microsecond past it refused with the rule's own error,
 on the one-thread append and on the worker-process append, on both engines. The clock
 reads NOW when a batch is validated and an hour later when it is integrated, so a receipt
