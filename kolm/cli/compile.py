@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
     c.add_argument("--json", action="store_true", help="print the estimate as JSON")
     c.set_defaults(func=_cmd_check)
 
-    from kolm_ledger.service.tls import add_server_tls_arguments
+    from kolm.cli._tls_args import add_server_tls_arguments
 
     s = csub.add_parser("serve", help="run the compile gRPC service (jobs persist in --work)")
     s.add_argument("--ledger", required=True, help="ledger service HOST:PORT")
@@ -373,20 +373,21 @@ def _cmd_check(a: argparse.Namespace) -> int:
 def _cmd_serve(a: argparse.Namespace) -> int:
     import asyncio
 
+    from kolm.cli._tls_args import server_credentials_from_args
     from kolm_compile.intake import TeacherProfiles
     from kolm_compile.service import JobRunner, serve
     from kolm_compile.sinks import ServiceSink
     from kolm_compile.student import embed_texts
     from kolm_ledger.service.client import LedgerClient
     from kolm_ledger.service.rpc import configure_logging
-    from kolm_ledger.service.tls import client_credentials, server_credentials_from_args
+    from kolm_ledger.service.tls import client_credentials
 
     configure_logging(a.log_level)
     teachers = TeacherProfiles.load(a.teachers) if a.teachers else None
     creds = server_credentials_from_args(a, "compile", a.listen)
     to_ledger = client_credentials(a.tls_dir, "compile") if a.tls_dir else None
     if to_ledger is None:
-        from kolm_ledger.service.tls import channel_credentials_from_args
+        from kolm.cli._tls_args import channel_credentials_from_args
 
         channel_credentials_from_args(a, a.ledger)  # plain text only toward loopback
     keys = Path(a.keys)
@@ -440,6 +441,7 @@ def _cmd_submit(a: argparse.Namespace) -> int:
     import grpc
     import yaml
 
+    from kolm.cli._tls_args import channel_credentials_from_args
     from kolm_compile._pb import compile_pb2 as pb
     from kolm_compile._pb import compile_pb2_grpc as pb_grpc
     from kolm_compile.intake import prepare_submission
@@ -447,7 +449,6 @@ def _cmd_submit(a: argparse.Namespace) -> int:
     from kolm_ledger.errors import SpecError
     from kolm_ledger.service.client import channel_options
     from kolm_ledger.service.rpc import error_from_rpc
-    from kolm_ledger.service.tls import channel_credentials_from_args
 
     spec_path = Path(a.spec)
     try:

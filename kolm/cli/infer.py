@@ -22,14 +22,11 @@ def cmd_infer_serve(a: argparse.Namespace) -> int:
     """Run the inference service until SIGTERM/SIGINT."""
     import asyncio
 
+    from kolm.cli._tls_args import channel_credentials_from_args, server_credentials_from_args
     from kolm_infer.service import serve
     from kolm_ledger.keys import PrivateKey, TrustRoot
     from kolm_ledger.service.rpc import configure_logging
-    from kolm_ledger.service.tls import (
-        channel_credentials_from_args,
-        client_credentials,
-        server_credentials_from_args,
-    )
+    from kolm_ledger.service.tls import client_credentials
 
     configure_logging(a.log_level)
     creds = server_credentials_from_args(a, "infer", a.listen)
@@ -149,7 +146,7 @@ def _write_private(path: str, text: str) -> None:
 
 def register(sub: Any) -> None:
     """Add ``infer`` and ``predict`` to the root ``kolm`` subparsers."""
-    from kolm_ledger.service.tls import add_server_tls_arguments
+    from kolm.cli._tls_args import add_server_tls_arguments
 
     inf = sub.add_parser("infer", help="serve verified artifacts with signed receipts")
     isub = inf.add_subparsers(dest="infer_command", required=True)

@@ -425,7 +425,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 def _client(a: argparse.Namespace) -> Any:
     """A LedgerClient for ``--ledger``: mutual TLS with ``--tls-dir``/``--role``, else loopback."""
-    from kolm_ledger.service.tls import ledger_client_from_args
+    from kolm.cli._tls_args import ledger_client_from_args
 
     return ledger_client_from_args(a)
 
@@ -518,10 +518,10 @@ def cmd_audit(a: argparse.Namespace) -> int:
 def cmd_ledger_serve(a: argparse.Namespace) -> int:
     import asyncio
 
+    from kolm.cli._tls_args import server_credentials_from_args
     from kolm_ledger.keys import PrivateKey, TrustRoot
     from kolm_ledger.service.rpc import configure_logging
     from kolm_ledger.service.server import serve
-    from kolm_ledger.service.tls import server_credentials_from_args
 
     credentials = server_credentials_from_args(a, "ledger", a.listen)
     configure_logging(a.log_level)
@@ -575,24 +575,6 @@ def cmd_provenance(a: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_advise(a: argparse.Namespace) -> int:
-    from kolm_compile.advise import cmd_advise as run
-
-    return run(a)
-
-
-def cmd_report(a: argparse.Namespace) -> int:
-    from kolm_ledger.audit.report import cmd_report as run
-
-    return run(a)
-
-
-def _tls() -> Any:
-    from kolm_ledger.service import tls
-
-    return tls
-
-
 def _key_target(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--ledger", help="append the key receipt through this ledger (HOST:PORT)")
@@ -610,11 +592,11 @@ def _append_key_receipt_at(a: argparse.Namespace, env: Any) -> tuple[int, Any]:
     """:func:`_append_key_receipt`, with the receipt's integration time (a UTC datetime)."""
     if a.ledger:
         from kolm_ledger.service.client import LedgerClient
-        from kolm_ledger.service.tls import channel_credentials_from_args
+        from kolm_ledger.service.tls import channel_credentials
         from kolm_ledger.storage.repository import from_micros
 
-        ns = argparse.Namespace(tls_dir=a.tls_dir, role="admin")
-        with LedgerClient(a.ledger, credentials=channel_credentials_from_args(ns, a.ledger)) as c:
+        creds = channel_credentials(a.ledger, tls_dir=a.tls_dir, role="admin")
+        with LedgerClient(a.ledger, credentials=creds) as c:
             r = c.append(env, wait=True)
             return int(r.index), from_micros(r.promise.integrated_time_us)
     keys = Path(a.keys)
@@ -771,6 +753,7 @@ def cmd_witness_serve(a: argparse.Namespace) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     """The root parser with every built-in and plug-in subcommand."""
     p = argparse.ArgumentParser(prog="kolm", description="kolm: distillation you can prove")
+    from kolm.cli._tls_args import add_client_tls_arguments, add_server_tls_arguments
     from kolm_ledger import __version__
 
     p.add_argument("--version", action="version", version=f"kolm {__version__}")
@@ -888,7 +871,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
             " and a retry returns them once the witnesses cosign"
         ),
     )
-    _tls().add_server_tls_arguments(ls)
+    add_server_tls_arguments(ls)
     ls.set_defaults(func=cmd_ledger_serve)
 
     lv = lsub.add_parser("vkey", help="print the signed-note verifier keys of the log keys")
@@ -931,7 +914,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="cosignatures needed from --witnesses (default: all of them)",
     )
     _add_skew_argument(v)
-    _tls().add_client_tls_arguments(v)
+    add_client_tls_arguments(v)
     v.set_defaults(func=cmd_verify)
 
     au = sub.add_parser("audit", help="audit a whole ledger")
@@ -943,14 +926,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
         help="remember the verified checkpoint here; demand consistency with it next time",
     )
     _add_skew_argument(au)
-    _tls().add_client_tls_arguments(au)
+    add_client_tls_arguments(au)
     au.set_defaults(func=cmd_audit)
 
-    from kolm_ledger.audit.reexec import (
-        add_kscore_parser,  # torch-free; the predictor loads when it runs
-    )
+    from kolm.cli import kscore as kscore_cli  # torch-free; the predictor loads when it runs
 
-    add_kscore_parser(sub, _tls())
+    kscore_cli.register(sub)
 
     pv = sub.add_parser("provenance", help="artifact → eval → training labels, recomputed")
     pv.add_argument("artifact_digest")
@@ -958,30 +939,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     pv_src.add_argument("--ledger", help="ledger service HOST:PORT")
     pv_src.add_argument("--db", help="SQLAlchemy URL of the ledger database")
     pv.add_argument("--trust", help="also verify every receipt's signature and key role")
-    _tls().add_client_tls_arguments(pv)
+    add_client_tls_arguments(pv)
     pv.set_defaults(func=cmd_provenance)
 
-    adv = sub.add_parser("advise", help="which technique fits: RAG, fine-tune or distillation")
-    from kolm_compile.advise import (
-        add_arguments as _advise_arguments,  # stdlib only; no heavy imports
-    )
+    from kolm.cli import advise as advise_cli  # no heavy imports; rich loads when it runs
 
-    _advise_arguments(adv)
-    adv.set_defaults(func=cmd_advise)
+    advise_cli.register(sub)
 
-    rp = sub.add_parser("report", help="self-contained HTML audit report of one artifact")
-    rp.add_argument("artifact_digest")
-    rp_src = rp.add_mutually_exclusive_group(required=True)
-    rp_src.add_argument("--ledger", help="ledger service HOST:PORT")
-    rp_src.add_argument("--db", help="SQLAlchemy URL of the ledger database")
-    _tls().add_client_tls_arguments(rp)  # --tls-dir/--role toward a mutual-TLS --ledger
-    rp.add_argument("--trust", required=True, help="trust root (trust.json)")
-    rp.add_argument("--out", help="write the HTML here (default: report-<digest>.html)")
-    rp.add_argument(
-        "--holdout", help="re-execute the K-score on this holdout file (needs --artifact)"
-    )
-    rp.add_argument("--artifact", help="the artifact's .kolm file (with --holdout)")
-    rp.set_defaults(func=cmd_report)
+    from kolm.cli import report as report_cli
+
+    report_cli.register(sub)
 
     from kolm.cli import compile as compile_cli
     from kolm.cli import infer as infer_cli

@@ -67,7 +67,7 @@ from kolm_ledger.formats.manifest import Manifest
 from kolm_ledger.formats.merkle import root_from_leaves
 
 if TYPE_CHECKING:
-    import argparse
+    import grpc
 
     from kolm_ledger.formats.bundle import Bundle
     from kolm_ledger.keys import TrustedKey, TrustRoot
@@ -83,14 +83,12 @@ __all__ = [
     "ReexecStudent",
     "ReplayMismatch",
     "ReplayResult",
-    "add_kscore_parser",
-    "cmd_kscore_verify",
     "determinism_record",
     "environment_differences",
     "eval_receipt_from",
     "example_outcome",
     "holdout_root",
-    "kscore_from_args",
+    "kscore_check",
     "load_student",
     "outcome_line",
     "outcomes_root",
@@ -744,50 +742,34 @@ def replay_prediction(
             art.close()
 
 
-# ---------------------------------------------------------------------------- CLI
-
-
-def add_kscore_parser(sub: Any, tls: Any) -> None:
-    """``kolm kscore verify`` (registered by :func:`kolm.cli.main.build_parser`)."""
-    ks = sub.add_parser("kscore", help="re-execute an artifact's K-score (auditors)")
-    ksub = ks.add_subparsers(dest="kscore_command", required=True)
-    v = ksub.add_parser(
-        "verify",
-        help="re-run the artifact's student on the holdout and compare with its eval receipt",
-    )
-    v.add_argument("artifact", help="the .kolm file")
-    v.add_argument("--holdout", required=True, help="the holdout file (CSV or JSON Lines)")
-    src = v.add_mutually_exclusive_group(required=True)
-    src.add_argument("--db", help="SQLAlchemy URL of the ledger database")
-    src.add_argument("--ledger", help="ledger service HOST:PORT")
-    src.add_argument("--eval-bundle", help="the eval receipt's offline bundle (JSON)")
-    v.add_argument("--trust", required=True, help="trust root (trust.json)")
-    v.add_argument("--text-column", help="default: the artifact's (task.json data.text_column)")
-    v.add_argument("--label-column", help="default: the artifact's (data.label_column)")
-    v.add_argument(
-        "--threads", type=int, help="torch threads (default: the recorded ones; a difference "
-        "is reported)"
-    )  # fmt: skip
-    tls.add_client_tls_arguments(v)
-    v.set_defaults(func=cmd_kscore_verify)
-
-
-def kscore_from_args(a: argparse.Namespace, artifact: str, holdout: str) -> KScoreCheck:
-    """Find and verify the eval receipt named by ``--db``/``--ledger``/``--eval-bundle``,
-    then run :func:`verify_kscore` (shared by ``kolm kscore verify`` and ``kolm report``)."""
+def kscore_check(
+    artifact: str,
+    holdout: str,
+    trust: TrustRoot,
+    *,
+    eval_bundle: str | None = None,
+    db: str | None = None,
+    ledger: str | None = None,
+    ledger_credentials: grpc.ChannelCredentials | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    threads: int | None = None,
+) -> KScoreCheck:
+    """Find and verify the artifact's eval receipt — from the bundle file ``eval_bundle``,
+    the ledger service ``ledger`` (with ``ledger_credentials``; ``None`` is plain text) or
+    the ledger database ``db`` — then run :func:`verify_kscore` (``kolm kscore verify`` and
+    ``kolm report --holdout``)."""
     from kolm_ledger.errors import BundleFormatError
     from kolm_ledger.formats.bundle import Bundle
-    from kolm_ledger.keys import TrustRoot
     from kolm_ledger.verify.artifact import open_artifact
     from kolm_ledger.verify.receipt import verify_bundle
     from kolm_ledger.verify.trust import ledger_trust_state
 
-    trust = TrustRoot.load(a.trust)
-    if getattr(a, "eval_bundle", None):
+    if eval_bundle:
         try:
-            bundle = Bundle.from_bytes(Path(a.eval_bundle).read_bytes())
+            bundle = Bundle.from_bytes(Path(eval_bundle).read_bytes())
         except OSError as e:
-            raise BundleFormatError(f"cannot read --eval-bundle {a.eval_bundle}: {e}") from e
+            raise BundleFormatError(f"cannot read --eval-bundle {eval_bundle}: {e}") from e
     else:
 
         def lookup(source: Any, **where: Any) -> tuple[TrustRoot, Bundle]:
@@ -799,44 +781,28 @@ def kscore_from_args(a: argparse.Namespace, artifact: str, holdout: str) -> KSco
                 digest = art.digest
             return state, eval_receipt_from(digest, **where)[0]
 
-        if a.ledger:
-            from kolm_ledger.service.tls import ledger_client_from_args
+        if ledger:
+            from kolm_ledger.service.client import LedgerClient
 
-            with ledger_client_from_args(a) as c:
+            with LedgerClient(ledger, credentials=ledger_credentials) as c:
                 trust, bundle = lookup(c, client=c)
-        else:
+        elif db:
             from kolm_ledger.storage import Store
 
-            store = Store(a.db, migrate=False)
+            store = Store(db, migrate=False)
             try:
                 trust, bundle = lookup(store, store=store)
             finally:
                 store.close()
+        else:
+            raise InvalidInput("the eval receipt: give a bundle file, a ledger or a database")
     receipt = verify_bundle(bundle, trust)
     return verify_kscore(
         artifact,
         holdout,
         receipt,
         trust,
-        text_column=getattr(a, "text_column", None),
-        label_column=getattr(a, "label_column", None),
-        threads=getattr(a, "threads", None),
+        text_column=text_column,
+        label_column=label_column,
+        threads=threads,
     )
-
-
-def cmd_kscore_verify(a: argparse.Namespace) -> int:
-    """Handler of ``kolm kscore verify``: exit 0 when the K-score re-executes to the signed
-    one, 1 when it does not (or the eval receipt fails to verify)."""
-    from kolm_ledger.errors import ArtifactError, KeyPolicyError
-
-    try:
-        res = kscore_from_args(a, a.artifact, a.holdout)
-    except ArtifactError as e:
-        print(f"FAILED: artifact: {e}")
-        return 1
-    except (VerificationError, KeyPolicyError) as e:  # the eval receipt did not verify
-        step = getattr(e, "step", None)
-        print(f"FAILED: eval receipt{f' at step {step}' if step is not None else ''}: {e}")
-        return 1
-    print(res.render())
-    return 0 if res.ok else 1

@@ -30,7 +30,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -38,7 +37,6 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kolm_ledger.audit.auditor import AuditReport
@@ -58,7 +56,6 @@ if TYPE_CHECKING:
 __all__ = [
     "FIGURE_IDS",
     "ReportData",
-    "cmd_report",
     "collect_from_client",
     "collect_from_store",
     "render_html",
@@ -918,57 +915,3 @@ def render_html(d: ReportData) -> str:
         _section_claims(d),
     ]
     return head + "".join(body) + "</body></html>\n"
-
-
-# ---- command line --------------------------------------------------------------------------
-
-
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "(unparsable URL)"
-
-
-def cmd_report(a: argparse.Namespace) -> int:
-    """Handler of ``kolm report``: exit 0 when provenance and audit pass, 1 when not."""
-    trust = TrustRoot.load(a.trust)
-    if a.ledger:
-        from kolm_ledger.service.client import LedgerClient
-        from kolm_ledger.service.tls import channel_credentials_from_args
-
-        # mutual TLS with --tls-dir/--role (default role auditor); plain text only to loopback
-        creds = channel_credentials_from_args(a, a.ledger)
-        with LedgerClient(a.ledger, credentials=creds) as c:
-            data = collect_from_client(c, a.artifact_digest, trust)
-    elif a.db:
-        store = Store(a.db, migrate=False)
-        try:
-            data = collect_from_store(
-                store, a.artifact_digest, trust, source=f"ledger database {_redact(a.db)}"
-            )
-        finally:
-            store.close()
-    else:
-        raise KolmError("give --db URL or --ledger HOST:PORT")
-    if getattr(a, "holdout", None):
-        if not getattr(a, "artifact", None):
-            raise KolmError("--holdout needs --artifact FILE.kolm (the artifact to re-execute)")
-        from kolm_ledger.audit.reexec import kscore_from_args
-
-        data.reexec = kscore_from_args(a, a.artifact, a.holdout)
-    out = Path(a.out or f"report-{data.artifact_digest[:16]}.html")
-    try:
-        out.write_text(render_html(data), encoding="utf-8")
-    except OSError as e:
-        raise KolmError(f"cannot write {out}: {e.strerror}") from e
-    ok = data.chain.ok and data.audit.ok and (data.reexec is None or data.reexec.ok)
-    reexec = "" if data.reexec is None else f", K-score {data.reexec.verdict}"
-    print(
-        f"{'OK' if ok else 'FAILED'}: wrote {out} (provenance {'ok' if data.chain.ok else 'FAILED'}, "
-        f"audit {'ok' if data.audit.ok else 'FAILED'}{reexec})"
-    )
-    return 0 if ok else 1

@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 from collections.abc import Iterable, Mapping
@@ -49,9 +48,7 @@ __all__ = [
     "ROLE_URI_PREFIX",
     "SERVICES",
     "ClientRole",
-    "add_client_tls_arguments",
-    "add_server_tls_arguments",
-    "channel_credentials_from_args",
+    "channel_credentials",
     "check_insecure_listen",
     "client_credentials",
     "init_certs",
@@ -59,7 +56,7 @@ __all__ = [
     "role_from_certificate",
     "role_of",
     "server_credentials",
-    "server_credentials_from_args",
+    "serving_credentials",
 ]
 
 ClientRole = Literal["admin", "compile", "infer", "auditor"]
@@ -287,34 +284,19 @@ def check_insecure_listen(listen: str) -> None:
         )
 
 
-# ---- argparse helpers the three services share ----------------------------------------------
+# ---- the choice every service and client makes: mutual TLS, or plain text to loopback ------
 
 
-def add_server_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--tls-dir DIR`` and ``--insecure`` to a ``serve`` command."""
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument(
-        "--tls-dir",
-        help="mutual TLS with the certificates of `kolm certs init DIR` (clients need a role cert)",
-    )
-    g.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plain-text gRPC without authorization; loopback listen addresses only",
-    )
-
-
-def server_credentials_from_args(
-    a: argparse.Namespace, service: str, listen: str
+def serving_credentials(
+    service: str, listen: str, *, tls_dir: str | None = None, insecure: bool = False
 ) -> grpc.ServerCredentials | None:
-    """Server credentials from ``--tls-dir``/``--insecure``; ``None`` means plain text.
-
-    Plain text needs an explicit ``--insecure`` and a loopback ``listen``.
-    """
-    if getattr(a, "tls_dir", None):
-        return server_credentials(a.tls_dir, service)
+    """Server credentials for ``service``: mutual TLS from ``tls_dir``; ``None`` means plain
+    text, which needs an explicit ``insecure`` and a loopback ``listen`` (the ``--tls-dir``
+    / ``--insecure`` flags of every ``serve`` command, read in :mod:`kolm.cli`)."""
+    if tls_dir:
+        return server_credentials(tls_dir, service)
     check_insecure_listen(listen)
-    if not getattr(a, "insecure", False):
+    if not insecure:
         raise InvalidInput(
             f"--listen {listen}: plain-text gRPC needs an explicit --insecure (and is only "
             "allowed on loopback); or give --tls-dir DIR for mutual TLS"
@@ -322,31 +304,13 @@ def server_credentials_from_args(
     return None
 
 
-def add_client_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--tls-dir DIR`` and ``--role ROLE`` to a command that calls a service."""
-    parser.add_argument("--tls-dir", help="connect with mutual TLS using the certificates in DIR")
-    parser.add_argument(
-        "--role",
-        choices=CLIENT_ROLES,
-        default="auditor",
-        help="which client certificate (client-<role>.pem) to present (default: auditor)",
-    )
-
-
-def ledger_client_from_args(a: argparse.Namespace) -> Any:
-    """A :class:`~kolm_ledger.service.client.LedgerClient` for ``--ledger``: mutual TLS with
-    ``--tls-dir``/``--role``, else plain text to loopback only."""
-    from kolm_ledger.service.client import LedgerClient
-
-    return LedgerClient(a.ledger, credentials=channel_credentials_from_args(a, a.ledger))
-
-
-def channel_credentials_from_args(
-    a: argparse.Namespace, target: str
+def channel_credentials(
+    target: str, *, tls_dir: str | None = None, role: str | None = None
 ) -> grpc.ChannelCredentials | None:
-    """Channel credentials from ``--tls-dir``/``--role``; plain text only to loopback."""
-    if getattr(a, "tls_dir", None):
-        return client_credentials(a.tls_dir, getattr(a, "role", None) or "auditor")
+    """Channel credentials toward ``target``: mutual TLS as ``role`` (default auditor) with
+    the certificates in ``tls_dir``; ``None`` (plain text) only to a loopback target."""
+    if tls_dir:
+        return client_credentials(tls_dir, role or "auditor")
     if not is_loopback(target):
         raise InvalidInput(
             f"{target} is not a loopback address: give --tls-dir DIR (and --role) to use TLS"
