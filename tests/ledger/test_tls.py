@@ -15,12 +15,14 @@ from kolm_ledger.errors import InvalidInput, KeyFormatError, RoleError
 from kolm_ledger.service.tls import (
     CLIENT_ROLES,
     ROLE_URI_PREFIX,
+    channel_credentials,
     check_insecure_listen,
     client_credentials,
     init_certs,
     is_loopback,
     role_from_certificate,
     server_credentials,
+    serving_credentials,
 )
 
 
@@ -89,6 +91,22 @@ def test_loopback_detection(addr: str, loop: bool) -> None:
     if not loop:
         with pytest.raises(InvalidInput, match="only allowed on loopback"):
             check_insecure_listen(addr)
+
+
+def test_the_library_chooses_tls_or_loopback_plain_text_from_explicit_parameters(
+    certs: Path,
+) -> None:
+    """What the --tls-dir/--insecure/--role flags (kolm/cli/_tls_args.py) hand in."""
+    assert serving_credentials("ledger", "0.0.0.0:7070", tls_dir=str(certs)) is not None
+    assert serving_credentials("ledger", "127.0.0.1:7070", insecure=True) is None
+    with pytest.raises(InvalidInput, match="needs an explicit --insecure"):
+        serving_credentials("ledger", "127.0.0.1:7070")
+    with pytest.raises(InvalidInput, match="only allowed on loopback"):
+        serving_credentials("ledger", "0.0.0.0:7070", insecure=True)
+    assert channel_credentials("ledger.internal:7070", tls_dir=str(certs), role="admin")
+    assert channel_credentials("127.0.0.1:7070") is None
+    with pytest.raises(InvalidInput, match="not a loopback address"):
+        channel_credentials("ledger.internal:7070")
 
 
 def test_serve_refuses_insecure_on_a_public_address(
