@@ -31,7 +31,7 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from support.mutations import FUZZ
+from support.fuzz import FUZZ
 from support.servers import ServiceThread
 
 from kolm_compile._pb import compile_pb2 as cpb

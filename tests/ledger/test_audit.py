@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from sqlalchemy.pool import NullPool
+from support.db import drop_triggers, raw, run_sql
 
 from kolm_ledger._crypto import P256_ORDER, PrivateKey
 from kolm_ledger._samples import sample_statement
@@ -92,31 +92,6 @@ def signed(kind: str, i: int, key: PrivateKey | None = None, at: datetime = T0) 
     # not_before, its integration time + 5 minutes]
     st = sample_statement(kind, i, random.Random(f"{kind}-{i}"), at)
     return receipts.sign_statement(st, key or KEYS[SIGNER[kind]])
-
-
-def raw(url: str) -> sa.Engine:
-    return sa.create_engine(url, poolclass=NullPool)
-
-
-def drop_triggers(url: str) -> None:
-    eng = raw(url)
-    with eng.begin() as c:
-        for t in APPEND_ONLY_TABLES:
-            if eng.dialect.name == "sqlite":
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_update"))
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_delete"))
-            else:
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_append_only ON {t}"))
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_truncate ON {t}"))
-    eng.dispose()
-
-
-def run_sql(url: str, statements: list[tuple[str, dict[str, Any]]]) -> None:
-    eng = raw(url)
-    with eng.begin() as c:
-        for sql, params in statements:
-            c.execute(sa.text(sql), params)
-    eng.dispose()
 
 
 def audit_url(url: str) -> AuditReport:

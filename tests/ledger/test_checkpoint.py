@@ -9,8 +9,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from support.fuzz import FUZZ_DERANDOMIZED
 from support.mutations import mutations
 
 from kolm_ledger._crypto import PrivateKey
@@ -33,13 +34,6 @@ from kolm_ledger.formats.checkpoint import (
 )
 from kolm_ledger.formats.note import Note, NoteSigner, sign_note
 from kolm_ledger.keys import TrustedKey, TrustRoot
-
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 
 ORIGIN = "example.com/kolm"
 LOG_KEY = PrivateKey.generate("ed25519")
@@ -258,7 +252,7 @@ def test_every_bit_flip_of_the_signed_checkpoint_fails() -> None:
             verify_checkpoint(bytes(data), TRUST)
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(bit=st.integers(0, 255), which=st.sampled_from(["root", "chain"]))
 def test_resigned_body_bit_flip_changes_the_checkpoint(bit: int, which: str) -> None:
     # A trusted log signing a different root/chain is a different checkpoint: it verifies
@@ -280,7 +274,7 @@ def test_resigned_body_bit_flip_changes_the_checkpoint(bit: int, which: str) -> 
 # Consistency
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(s1=st.integers(0, 50), s2=st.integers(0, 50))
 def test_consistency_between_any_two_sizes(s1: int, s2: int) -> None:
     s1, s2 = min(s1, s2), max(s1, s2)
@@ -315,7 +309,7 @@ def test_consistency_contradictions_name_both_sides() -> None:
 # Fuzzing the parsers
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(data=st.data())
 def test_parsers_raise_only_kolm_errors(data: st.DataObject) -> None:
     signed = data.draw(mutations(SIGNED))

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
-from support.mutations import FUZZ
+from support.fuzz import FUZZ
 from support.servers import label_envelope
 from test_crash import pg_database
 from test_ledger_service import ThreadedServer

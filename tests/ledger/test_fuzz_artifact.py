@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support.mutations import FUZZ
+from support.fuzz import FUZZ
 from test_artifact_check import Art, _info, entries, write_zip
 from test_artifact_check import art as art
 

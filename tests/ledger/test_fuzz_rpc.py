@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given
 from hypothesis import strategies as st
-from support.mutations import FUZZ
+from support.fuzz import FUZZ
 from test_ledger_service import ThreadedServer, label_env
 
 from kolm_ledger._crypto import PrivateKey

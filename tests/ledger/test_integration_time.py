@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import rfc8785
 import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
+from support.db import drop_triggers, raw
 from support.servers import LedgerThread
 
 import kolm_ledger.log.validate as ledger_mod
@@ -65,7 +65,6 @@ from kolm_ledger.keys import TrustedKey, TrustRoot, format_time, parse_time
 from kolm_ledger.log.ledger import Ledger
 from kolm_ledger.service.client import LedgerClient
 from kolm_ledger.storage import Store, micros
-from kolm_ledger.storage.models import APPEND_ONLY_TABLES
 from kolm_ledger.timefmt import from_micros, parse_rfc3339
 from kolm_ledger.verify.receipt import step_of, verify_bundle
 from kolm_ledger.verify.trust import ledger_trust_state, prove_entries
@@ -131,24 +130,6 @@ def with_time(key: PrivateKey, value: object, i: int = 0, *, drop: bool = False)
     else:
         pred["time"] = value
     return receipts.sign_statement(receipts.Statement(st.subjects, st.predicate_type, pred), key)
-
-
-def raw(url: str) -> sa.Engine:
-    return sa.create_engine(url, poolclass=NullPool)
-
-
-def drop_triggers(url: str) -> None:
-    """What an attacker with database access (and no keys) does first."""
-    eng = raw(url)
-    with eng.begin() as c:
-        for t in APPEND_ONLY_TABLES:
-            if eng.dialect.name == "sqlite":
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_update"))
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_delete"))
-            else:
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_append_only ON {t}"))
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_truncate ON {t}"))
-    eng.dispose()
 
 
 def set_time(url: str, index: int, us: int) -> None:

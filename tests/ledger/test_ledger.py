@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from cryptography.exceptions import InternalError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from sqlalchemy.pool import NullPool
+from support.db import raw, tamper
 
 from kolm_ledger._crypto import PrivateKey, PublicKey
 from kolm_ledger._samples import sample_statement
@@ -153,33 +153,6 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 def ledger(sqlite_url: str) -> Ledger:
     return ledger_on(sqlite_url)
-
-
-def raw(url: str) -> sa.Engine:
-    return sa.create_engine(url, poolclass=NullPool)
-
-
-def drop_triggers(url: str) -> None:
-    """What an attacker with database access does first."""
-    eng = raw(url)
-    with eng.begin() as c:
-        for t in APPEND_ONLY_TABLES:
-            if eng.dialect.name == "sqlite":
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_update"))
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_delete"))
-            else:
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_append_only ON {t}"))
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_truncate ON {t}"))
-    eng.dispose()
-
-
-def tamper(url: str, *statements: tuple[str, dict[str, Any]]) -> None:
-    drop_triggers(url)
-    eng = raw(url)
-    with eng.begin() as c:
-        for sql, params in statements:
-            c.execute(sa.text(sql), params)
-    eng.dispose()
 
 
 def counts(url: str) -> dict[str, int]:

@@ -7,8 +7,9 @@ import hashlib
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from support.fuzz import FUZZ_DERANDOMIZED
 from support.mutations import mutations
 
 from kolm_ledger._crypto import PrivateKey
@@ -30,13 +31,6 @@ from kolm_ledger.formats.note import (
     open_note,
     sign_note,
     strict_b64decode,
-)
-
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
 )
 
 # golang.org/x/mod/sumdb/note note_test.go (TestNewVerifier, TestSign, TestOpen).
@@ -338,7 +332,7 @@ LINE = st.text(
 SIGNERS = [NoteSigner(f"example.com/k{i}", PrivateKey.generate("ed25519")) for i in range(3)]
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(lines=st.lists(LINE, min_size=1, max_size=5), n=st.integers(1, 3))
 def test_round_trip_and_verify(lines: list[str], n: int) -> None:
     text = "".join(line + "\n" for line in lines)
@@ -353,7 +347,7 @@ GOOD_NOTE = sign_note("example.com/log\n42\nhello world\n", SIGNERS[:2]).to_byte
 ONE_SIG_NOTE = sign_note("example.com/log\n42\nhello world\n", SIGNERS[:1]).to_bytes()
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(bit=st.integers(0, len(ONE_SIG_NOTE) * 8 - 1))
 def test_any_bit_flip_fails(bit: int) -> None:
     # Only signature by a known key: any flip breaks the text, the signature, or makes the
@@ -375,7 +369,7 @@ def test_every_bit_flip_fails_exhaustively() -> None:
             open_note(bytes(mutated), verifiers)
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(data=st.data())
 def test_parser_raises_only_kolm_errors(data: st.DataObject) -> None:
     mutated = data.draw(mutations(GOOD_NOTE))
@@ -389,7 +383,7 @@ def test_parser_raises_only_kolm_errors(data: st.DataObject) -> None:
         names_something(e)
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(s=st.text(max_size=120))
 def test_vkey_parser_raises_only_kolm_errors(s: str) -> None:
     try:

@@ -8,8 +8,9 @@ import re
 from collections.abc import Callable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from support.fuzz import FUZZ_DERANDOMIZED
 from support.mutations import mutations
 
 from kolm_ledger._crypto import PrivateKey
@@ -24,13 +25,6 @@ from kolm_ledger.formats.checkpoint import Checkpoint, sign_checkpoint
 from kolm_ledger.formats.note import NoteSigner
 from kolm_ledger.formats.tlogproof import HEADER, MAX_PROOF_HASHES, TlogProof
 from kolm_ledger.keys import TrustedKey, TrustRoot
-
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 
 ORIGIN = "example.com/kolm"
 LOG_KEY = PrivateKey.generate("ed25519")
@@ -193,7 +187,7 @@ def test_checkpoint_for_another_tree_or_signer() -> None:
         p.verify(LEAVES[9], TRUST, origin="example.com/other")
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(index=st.integers(0, SIZE - 1), data=st.data())
 def test_any_bit_flip_in_a_proof_hash_fails(index: int, data: st.DataObject) -> None:
     p = proof_for(index)
@@ -206,7 +200,7 @@ def test_any_bit_flip_in_a_proof_hash_fails(index: int, data: st.DataObject) -> 
         TlogProof(index, hashes, CP).verify(LEAVES[index], TRUST)
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(index=st.integers(0, SIZE - 1), bit=st.integers(0, 255))
 def test_any_bit_flip_in_the_leaf_fails(index: int, bit: int) -> None:
     leaf = bytearray(LEAVES[index])
@@ -215,7 +209,7 @@ def test_any_bit_flip_in_the_leaf_fails(index: int, bit: int) -> None:
         proof_for(index).verify(bytes(leaf), TRUST)
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(index=st.integers(0, SIZE - 1), bit=st.integers(0, 255))
 def test_any_bit_flip_in_the_root_fails(index: int, bit: int) -> None:
     root = bytearray(TREE.root())
@@ -231,7 +225,7 @@ def test_any_bit_flip_in_the_root_fails(index: int, bit: int) -> None:
         TlogProof(index, p.hashes, tampered).verify(LEAVES[index], TRUST)
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(bit=st.integers(0, len(CP) * 8 - 1))
 def test_any_bit_flip_in_the_checkpoint_fails(bit: int) -> None:
     cp = bytearray(CP)
@@ -245,7 +239,7 @@ def test_any_bit_flip_in_the_checkpoint_fails(bit: int) -> None:
 # Fuzzing the parser
 
 
-@FUZZ
+@FUZZ_DERANDOMIZED
 @given(data=st.data())
 def test_parser_raises_only_kolm_errors(data: st.DataObject) -> None:
     mutated = data.draw(mutations(proof_for(9, b"x").to_bytes()))

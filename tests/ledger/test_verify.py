@@ -16,8 +16,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.fuzz import FUZZ_DERANDOMIZED
 
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.errors import (
@@ -51,12 +52,7 @@ from kolm_ledger.verify.receipt import (
     verify_bundle_bytes,
 )
 
-FUZZ = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FUZZ = settings(FUZZ_DERANDOMIZED, max_examples=100)
 
 ORIGIN = "example.com/kolm"
 T0 = datetime(2026, 1, 1, 12, tzinfo=UTC)  # the receipts' own time

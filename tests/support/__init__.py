@@ -1,2 +1,3 @@
 """Shared test support: real servers on loopback ports (servers), the bundled
-data (data), the tamper mutations and fuzz settings (mutations), planted inputs (planted)."""
+data (data), the tamper mutations (mutations), the hypothesis settings (fuzz), raw
+database access and dropped triggers (db), planted inputs (planted)."""

@@ -1,5 +1,5 @@
-"""Near-miss mutations of a valid encoding, shared by the parser fuzz tests, and the
-hypothesis settings shared by the RPC fuzz tests.
+"""Near-miss mutations of a valid encoding, shared by the parser fuzz tests (the
+hypothesis settings they share are in :mod:`support.fuzz`).
 
 Truncations, single-bit flips, a duplicated line, a dropped blank line, a changed digit,
 invalid UTF-8, the em dash replaced, stray whitespace, and random bytes.
@@ -7,20 +7,9 @@ invalid UTF-8, the em dash replaced, stray whitespace, and random bytes.
 
 from __future__ import annotations
 
-import os
-
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-__all__ = ["FUZZ", "mutations"]
-
-#: the RPC fuzz tests' settings: 60 examples per property, thousands under ``make soak``
-#: (``KOLM_FUZZ_EXAMPLES``); real servers are slow to answer and live in fixtures
-FUZZ = settings(
-    max_examples=int(os.environ.get("KOLM_FUZZ_EXAMPLES", "60")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+__all__ = ["mutations"]
 
 
 def mutations(data: bytes) -> st.SearchStrategy[bytes]:
