@@ -403,8 +403,10 @@ def test_planted_sentences_are_retrieved_by_paraphrase(tmp_path: Path) -> None:
 
 
 def _world(tmp_path: Path) -> tuple[Path, Any, Any, Path, str]:
-    from kolm_compile.artifact import pack, sha256_file
-    from kolm_ledger.formats.receipts import artifact_statement, eval_statement, sign_statement
+    from support.receipts import artifact_statement
+
+    from kolm_compile.artifact import pack
+    from kolm_ledger.formats.receipts import eval_statement, sign_statement
     from kolm_ledger.keys import PrivateKey, init_keys
     from kolm_ledger.log.ledger import Ledger
     from kolm_ledger.storage import Store
@@ -449,17 +451,13 @@ def _world(tmp_path: Path) -> tuple[Path, Any, Any, Path, str]:
     (evr,) = ledger.append([ev])
     ar = sign_statement(
         artifact_statement(
+            file=art,
             artifact_digest=digest,
-            file_name=art.name,
-            file_digest=sha256_file(art),
             base_model=manifest["base_model"],
-            training_set_root="3" * 64,
             label_count=20,
             eval_receipt=evr.leaf_hash.hex(),  # the leaf hash the ledger answered with
             k_score=90.0,
             verifier={"name": "label_set"},
-            compile_config_digest="4" * 64,
-            kolm_version="0.1.0",
             checkpoint={"size": 0},
             extra={"job_id": "job-1"},
         ),

@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 from support.data import banking77
+from support.receipts import artifact_statement
 from support.servers import LedgerThread
 
 from kolm_ledger.formats.canonical import digest_hex
-from kolm_ledger.formats.receipts import artifact_statement, eval_statement, sign_statement
+from kolm_ledger.formats.receipts import eval_statement, sign_statement
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
 from kolm_ledger.service.client import LedgerClient
 
@@ -135,7 +136,6 @@ class World:
     def log_artifact(
         self, ledger: LedgerThread, path: Path, digest: str, verifier: dict[str, Any]
     ) -> None:
-        from kolm_compile.artifact import sha256_file
 
         ck = self.key("compile")
         n = len(self.holdout)
@@ -159,17 +159,13 @@ class World:
             ev_leaf = c.append(ev, wait=True).leaf_hash
         art = sign_statement(
             artifact_statement(
+                file=path,
                 artifact_digest=digest,
-                file_name=path.name,
-                file_digest=sha256_file(path),
                 base_model={"id": "sentence-transformers/all-MiniLM-L6-v2", "revision": "test"},
-                training_set_root="3" * 64,
                 label_count=PER_LABEL * len(LABELS),
                 eval_receipt=ev_leaf.hex(),
                 k_score=self.k_score,
                 verifier=verifier,
-                compile_config_digest="4" * 64,
-                kolm_version="0.1.0",
                 checkpoint={"size": 0},
                 extra={"job_id": JOB},
             ),

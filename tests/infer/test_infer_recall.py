@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 from support.planted import PLANTED
+from support.receipts import artifact_statement
 from test_infer_engine import (  # the shared world (a session fixture built once)
     JOB,
     LABELS,
@@ -39,7 +40,7 @@ from kolm.cli.main import main as kolm_main
 from kolm_infer._pb import infer_pb2 as pb
 from kolm_ledger.formats.bundle import Bundle
 from kolm_ledger.formats.dsse import Envelope
-from kolm_ledger.formats.receipts import Statement, artifact_statement, sign_statement
+from kolm_ledger.formats.receipts import Statement, sign_statement
 from kolm_ledger.service.client import LedgerClient
 from kolm_ledger.verify.recall_proof import chunk_digest, verify_evidence
 from kolm_ledger.verify.receipt import step_of, verify_prediction
@@ -58,20 +59,13 @@ def rotate(label: str) -> str:
 
 def log_artifact(w: World, path: Path, digest: str, extra: dict[str, Any]) -> int:
     """Append an artifact receipt for ``path`` (with ``extra`` in its predicate)."""
-    from kolm_compile.artifact import sha256_file
-
     st = artifact_statement(
+        file=path,
         artifact_digest=digest,
-        file_name=path.name,
-        file_digest=sha256_file(path),
         base_model={"id": MODEL, "revision": "test"},
-        training_set_root="3" * 64,
         label_count=PER_LABEL * len(LABELS),
-        eval_receipt="5" * 64,
         k_score=w.k_score,
         verifier={"name": "label_set", "version": "1", "params": {"labels": LABELS}},
-        compile_config_digest="4" * 64,
-        kolm_version="0.1.0",
         checkpoint={"size": 0},
         extra={"job_id": JOB, **extra},
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.receipts import artifact_statement
 
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.errors import BundleFormatError
@@ -28,22 +29,7 @@ T0_US = 1_767_268_800_000_000  # T0 in µs since the epoch
 
 
 def artifact_envelope(key: PrivateKey = COMPILE_KEY) -> Envelope:
-    st = receipts.artifact_statement(
-        artifact_digest="a" * 64,
-        file_name="model.kolm",
-        file_digest="b" * 64,
-        base_model={"id": "tiny", "revision": "r1", "weights_digest": "c" * 64},
-        training_set_root="d" * 64,
-        label_count=3,
-        eval_receipt="e" * 64,
-        k_score=91.5,
-        verifier={"name": "exact", "version": "1"},
-        compile_config_digest="f" * 64,
-        kolm_version="0.1.0",
-        checkpoint={"origin": ORIGIN, "size": 1},
-        time=T0,
-    )
-    return receipts.sign_statement(st, key)
+    return receipts.sign_statement(artifact_statement(time=T0), key)
 
 
 def make_bundle(env: Envelope, index: int = 3, size: int = 10, at: int = T0_US) -> Bundle:

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.fuzz import FUZZ_DERANDOMIZED
+from support.receipts import artifact_statement as placeholder_artifact
 
 from kolm_ledger._crypto import PrivateKey
 from kolm_ledger.errors import (
@@ -93,22 +94,7 @@ INDEX = 137
 
 
 def artifact_statement(**extra: Any) -> receipts.Statement:
-    return receipts.artifact_statement(
-        artifact_digest="a" * 64,
-        file_name="model.kolm",
-        file_digest="b" * 64,
-        base_model={"id": "tiny", "revision": "r1", "weights_digest": "c" * 64},
-        training_set_root="d" * 64,
-        label_count=3,
-        eval_receipt="e" * 64,
-        k_score=91.5,
-        verifier={"name": "exact", "version": "1"},
-        compile_config_digest="f" * 64,
-        kolm_version="0.1.0",
-        checkpoint={"origin": ORIGIN, "size": 1},
-        extra=extra or None,
-        time=T0,
-    )
+    return placeholder_artifact(extra=extra or None, time=T0)
 
 
 def prediction_statement() -> receipts.Statement:

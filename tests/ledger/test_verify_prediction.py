@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.receipts import artifact_statement
 
 from kolm_infer.receipts import sign_prediction
 from kolm_ledger.errors import InvalidInput, KolmError
@@ -25,7 +26,6 @@ from kolm_ledger.formats.canonical import canonical_json, digest_hex
 from kolm_ledger.formats.dsse import Envelope
 from kolm_ledger.formats.receipts import (
     Statement,
-    artifact_statement,
     prediction_statement,
     sign_statement,
 )
@@ -71,15 +71,10 @@ def _artifact(digest: str, key: PrivateKey, k: float) -> Envelope:
         artifact_statement(
             artifact_digest=digest,
             file_name="router.kolm",
-            file_digest="ef" * 32,
             base_model={"id": "m", "revision": "r"},
-            training_set_root="01" * 32,
             label_count=64,
-            eval_receipt="02" * 32,
             k_score=k,
             verifier={"name": "label_set", "version": "1", "params": {"labels": ["a"]}},
-            compile_config_digest="03" * 32,
-            kolm_version="0.1.0",
             checkpoint={"size": 0},
             extra={"job_id": "j"},
         ),
