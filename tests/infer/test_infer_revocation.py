@@ -20,7 +20,6 @@ world (trained once per session) packed and logged under those keys.
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -101,7 +100,6 @@ def test_a_revocation_after_1000_key_receipts_is_honoured_by_the_loader(
 ) -> None:
     w, path, _ = site
     admin = w.key("admin")
-    t0 = time.perf_counter()
     regs = [
         sign_statement(
             key_statement(
@@ -115,7 +113,6 @@ def test_a_revocation_after_1000_key_receipts_is_honoured_by_the_loader(
         got = c.append_many(regs, batch=500)
         assert all(isinstance(r, AppendResult) for r in got)
     kid = revoke(w, "compile", capsys)
-    assert time.perf_counter() - t0 < 60
     with LedgerClient(w.ledger.target) as c:
         assert len(c.find(kind="key", limit=5000)) == 1006  # the revocation is the 1006th
     # kolm keys revoke wrote not_after into trust.json ...
@@ -199,7 +196,7 @@ def test_a_key_receipt_that_does_not_prove_stops_the_service(
     The follower proves every key receipt against the signed checkpoint first; this one
     does not prove, so the service fails closed: Predict FAILED_PRECONDITION, NOT_SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from test_integration_time import drop_triggers, set_time
+    from support.db import drop_triggers, set_time
 
     w, path, digest = site
     url = f"sqlite:///{w.root / 'ledger.db'}"

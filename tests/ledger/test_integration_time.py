@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import rfc8785
 import sqlalchemy as sa
-from support.db import drop_triggers, raw
+from support.db import drop_triggers, raw, set_time
 from support.servers import LedgerThread
 
 import kolm_ledger.log.validate as ledger_mod
@@ -130,15 +130,6 @@ def with_time(key: PrivateKey, value: object, i: int = 0, *, drop: bool = False)
     else:
         pred["time"] = value
     return receipts.sign_statement(receipts.Statement(st.subjects, st.predicate_type, pred), key)
-
-
-def set_time(url: str, index: int, us: int) -> None:
-    eng = raw(url)
-    with eng.begin() as c:
-        c.execute(
-            sa.text("UPDATE entries SET integrated_at = :t WHERE idx = :i"), {"t": us, "i": index}
-        )
-    eng.dispose()
 
 
 _OPEN: list[Store] = []

@@ -12,7 +12,7 @@ from sqlalchemy.pool import NullPool
 
 from kolm_ledger.storage.models import APPEND_ONLY_TABLES
 
-__all__ = ["drop_triggers", "raw", "run_sql", "tamper"]
+__all__ = ["drop_triggers", "raw", "run_sql", "set_time", "tamper"]
 
 
 def raw(url: str) -> sa.Engine:
@@ -47,3 +47,8 @@ def tamper(url: str, *statements: tuple[str, dict[str, Any]]) -> None:
     """Drop the triggers, then run ``statements`` in one transaction."""
     drop_triggers(url)
     run_sql(url, statements)
+
+
+def set_time(url: str, index: int, us: int) -> None:
+    """Rewrite entry ``index``'s integration time to ``us`` (the triggers must be gone)."""
+    run_sql(url, [("UPDATE entries SET integrated_at = :t WHERE idx = :i", {"t": us, "i": index})])
