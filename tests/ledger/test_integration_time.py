@@ -35,6 +35,7 @@ import pytest
 import rfc8785
 import sqlalchemy as sa
 from support.db import drop_triggers, raw, set_time
+from support.receipts import label_statement
 from support.servers import LedgerThread
 
 import kolm_ledger.log.validate as ledger_mod
@@ -112,18 +113,7 @@ def revocation(role: str, at: datetime) -> Envelope:
 
 def with_time(key: PrivateKey, value: object, i: int = 0, *, drop: bool = False) -> Envelope:
     """A label receipt whose predicate ``time`` is ``value`` verbatim (or absent)."""
-    st = receipts.label_statement(
-        input_value=f"ticket {i}",
-        output_value="card_arrival",
-        task={"name": "router"},
-        teacher={"backend": "simulated"},
-        k=1,
-        votes={"card_arrival": 1},
-        sample_digests=[],
-        verifier={"name": "label_set"},
-        agreement=1.0,
-        job_id="job-time",
-    )
+    st = label_statement(input_value=f"ticket {i}", job_id="job-time")
     pred = dict(st.predicate)
     if drop:
         del pred["time"]

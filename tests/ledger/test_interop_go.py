@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.receipts import label_statement
 from support.servers import LedgerThread
 
 from kolm.cli.main import main as kolm_main
 from kolm_ledger.formats.checkpoint import SignedCheckpoint, sign_checkpoint
 from kolm_ledger.formats.note import NoteSigner
-from kolm_ledger.formats.receipts import label_statement, sign_statement
+from kolm_ledger.formats.receipts import sign_statement
 from kolm_ledger.keys import PrivateKey, TrustRoot, init_keys
 from kolm_ledger.service.client import LedgerClient
 
@@ -84,18 +85,7 @@ def go_verifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def label(i: int) -> Any:
-    return label_statement(
-        input_value=f"interop ticket {i}",
-        output_value="card_arrival",
-        task={"name": "router"},
-        teacher={"backend": "simulated"},
-        k=1,
-        votes={"card_arrival": 1},
-        sample_digests=[],
-        verifier={"name": "label_set"},
-        agreement=1.0,
-        job_id="job-interop",
-    )
+    return label_statement(input_value=f"interop ticket {i}", job_id="job-interop")
 
 
 @dataclass

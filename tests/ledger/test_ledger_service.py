@@ -33,6 +33,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support.receipts import label_statement as placeholder_label
 
 from kolm.cli.main import main as kolm_main
 from kolm_ledger._crypto import PrivateKey
@@ -744,19 +745,7 @@ def test_numbers_out_of_range_are_invalid_argument_not_internal(
 
 
 def test_oversized_entry_is_resource_exhausted(client: LedgerClient, keys: Keys) -> None:
-    st = label_statement(
-        input_value="x" * 70_000,
-        output_value="card_arrival",
-        task={"name": "router"},
-        teacher={"backend": "simulated"},
-        k=1,
-        votes={"card_arrival": 1},
-        sample_digests=[],
-        verifier={"name": "label_set"},
-        agreement=1.0,
-        job_id="job-big",
-        include_input=True,
-    )
+    st = placeholder_label(input_value="x" * 70_000, job_id="job-big", include_input=True)
     env = sign_statement(st, keys.compile)
     size = len(env.canonical())
     assert MAX_ENVELOPE_BYTES < size < 2 * MAX_ENVELOPE_BYTES

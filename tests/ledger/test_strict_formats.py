@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.pool import NullPool
+from support.db import drop_triggers
 from support.mutations import mutations
 from support.servers import LedgerThread
 
@@ -66,7 +67,6 @@ from kolm_ledger.keys import TrustedKey, TrustRoot
 from kolm_ledger.log import verify_pool
 from kolm_ledger.service.client import LedgerClient
 from kolm_ledger.storage import Store
-from kolm_ledger.storage.models import APPEND_ONLY_TABLES
 from kolm_ledger.verify.receipt import verify_bundle
 
 HALF_N = P256_ORDER // 2
@@ -438,19 +438,6 @@ def test_kolm_verify_refuses_each_at_its_step(
     assert out.startswith("FAILED at step 1") and "unknown field(s) cert" in out, out
 
 
-def _drop_triggers(url: str) -> None:
-    eng = sa.create_engine(url, poolclass=NullPool)
-    with eng.begin() as c:
-        for t in APPEND_ONLY_TABLES:
-            if eng.dialect.name == "sqlite":
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_update"))
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_delete"))
-            else:
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_append_only ON {t}"))
-                c.execute(sa.text(f"DROP TRIGGER IF EXISTS {t}_no_truncate ON {t}"))
-    eng.dispose()
-
-
 def test_audit_names_each_planted_entry(world: World) -> None:
     plants: dict[str, tuple[bytes, str]] = {
         name: (signed(p, world.compile).to_bytes(), phrase)
@@ -471,7 +458,7 @@ def test_audit_names_each_planted_entry(world: World) -> None:
     # a database writer without keys puts each malformed (but correctly signed) receipt
     # in place of an entry; the leaf and chain no longer match either, but the audit must
     # also say what is wrong with the receipt itself
-    _drop_triggers(world.db)
+    drop_triggers(world.db)
     eng = sa.create_engine(world.db, poolclass=NullPool)
     with eng.begin() as c:
         for i, (data, _) in enumerate(plants.values()):

@@ -1,3 +1,4 @@
 """Shared test support: real servers on loopback ports (servers), the bundled
 data (data), the tamper mutations (mutations), the hypothesis settings (fuzz), raw
-database access and dropped triggers (db), planted inputs (planted)."""
+database access and dropped triggers (db), receipts with placeholder fields (receipts),
+planted inputs (planted)."""

@@ -1,5 +1,5 @@
-"""Receipts the tests sign: an ``artifact`` statement with a placeholder for every field
-a test does not care about, so each test names only what it checks."""
+"""Receipts the tests sign: ``artifact`` and ``label`` statements with a placeholder for
+every field a test does not care about, so each test names only what it checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from kolm_ledger.formats import receipts
 
-__all__ = ["ORIGIN", "artifact_statement"]
+__all__ = ["ORIGIN", "artifact_statement", "label_statement"]
 
 #: the log origin the placeholder checkpoint names
 ORIGIN = "example.com/kolm"
@@ -44,3 +44,23 @@ def artifact_statement(*, file: Path | None = None, **fields: Any) -> receipts.S
     if file is not None:
         fields = {"file_name": file.name, "file_digest": _sha256_file(file), **fields}
     return receipts.artifact_statement(**{**_PLACEHOLDERS, **fields})
+
+
+_LABEL_PLACEHOLDERS: dict[str, Any] = {
+    "output_value": "card_arrival",
+    "task": {"name": "router"},
+    "teacher": {"backend": "simulated"},
+    "k": 1,
+    "votes": {"card_arrival": 1},
+    "sample_digests": [],
+    "verifier": {"name": "label_set"},
+    "agreement": 1.0,
+}
+
+
+def label_statement(*, input_value: str, job_id: str, **fields: Any) -> receipts.Statement:
+    """:func:`kolm_ledger.formats.receipts.label_statement` for one unanimous simulated
+    vote (``card_arrival``), with ``fields`` over those placeholders."""
+    return receipts.label_statement(
+        input_value=input_value, job_id=job_id, **{**_LABEL_PLACEHOLDERS, **fields}
+    )

@@ -8,26 +8,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kolm_ledger.formats.dsse import Envelope
-from kolm_ledger.formats.receipts import label_statement, sign_statement
+from kolm_ledger.formats.receipts import sign_statement
 from kolm_ledger.keys import PrivateKey, TrustRoot
+from support.receipts import label_statement
 
 __all__ = ["LedgerThread", "ServiceThread", "label_envelope"]
 
 
 def label_envelope(key: PrivateKey, who: str, i: int) -> Envelope:
     """A distinct signed ``label`` receipt per (``who``, ``i``): load for crash/shutdown tests."""
-    st = label_statement(
-        input_value=f"{who} ticket {i}",
-        output_value="card_arrival",
-        task={"name": "router"},
-        teacher={"backend": "simulated"},
-        k=1,
-        votes={"card_arrival": 1},
-        sample_digests=[],
-        verifier={"name": "label_set"},
-        agreement=1.0,
-        job_id=f"job-{who}",
-    )
+    st = label_statement(input_value=f"{who} ticket {i}", job_id=f"job-{who}")
     return sign_statement(st, key)
 
 
