@@ -176,7 +176,7 @@ def test_load_refuses_what_kolm_verify_artifact_refuses(
 ) -> None:
     """The loader and ``kolm verify --artifact`` run one check (kolm_ledger.verify.artifact):
     the cases of test_artifact_check are refused here with the same words."""
-    from test_artifact_check import REFUSED, Art, make_bad
+    from support.artifacts import REFUSED, Art, make_bad
 
     a = Art(world.root, world.keys, world.trust, world.artifacts["router"], "", world.adapter)
     bad = make_bad(a, case, tmp_path / "bad.kolm", monkeypatch)

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.artifacts import Art, _info, entries, write_zip
 from support.fuzz import FUZZ
-from test_artifact_check import Art, _info, entries, write_zip
 from test_artifact_check import art as art
 
 from kolm_compile.artifact import verify_artifact
