@@ -201,25 +201,22 @@ def test_compile_serve_submit_infer_predict_verify(tmp_path: Path, procs: list) 
         assert "(promise)" in p.stderr
         assert salt.stat().st_mode & 0o777 == 0o600
         assert len(bytes.fromhex(salt.read_text().strip())) >= 16
+        verify_promise = [
+            *KOLM,
+            "verify",
+            str(promise),
+            "--trust",
+            str(keys / "trust.json"),
+            "--ledger",
+            ledger.target,
+            "--input",
+            str(text),
+            "--salt-file",
+            str(salt),
+        ]
         for _ in range(100):  # the ledger checkpoints the entry shortly after the promise
             v = subprocess.run(
-                [
-                    *KOLM,
-                    "verify",
-                    str(promise),
-                    "--trust",
-                    str(keys / "trust.json"),
-                    "--ledger",
-                    ledger.target,
-                    "--input",
-                    str(text),
-                    "--salt-file",
-                    str(salt),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
+                verify_promise, capture_output=True, text=True, timeout=120, check=False
             )
             if v.returncode == 0 or "has no entry" not in v.stdout:
                 break
@@ -227,25 +224,7 @@ def test_compile_serve_submit_infer_predict_verify(tmp_path: Path, procs: list) 
         assert v.returncode == 0, v.stdout + v.stderr
         assert "the input matches the commitment" in v.stdout, v.stdout
         text.write_text("some other input")  # the commitment opens for the input only
-        v = subprocess.run(
-            [
-                *KOLM,
-                "verify",
-                str(promise),
-                "--trust",
-                str(keys / "trust.json"),
-                "--ledger",
-                ledger.target,
-                "--input",
-                str(text),
-                "--salt-file",
-                str(salt),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        v = subprocess.run(verify_promise, capture_output=True, text=True, timeout=120, check=False)
         assert v.returncode == 1, v.stdout + v.stderr
         assert v.stdout.startswith("FAILED at step 9"), v.stdout
     finally:
