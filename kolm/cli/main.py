@@ -203,10 +203,11 @@ class _PendingReceipt:
             )
 
 
-def _at(step: int, msg: str) -> VerificationError:
-    err = VerificationError(msg)
-    err.step = step
-    return err
+def _at(step: int, msg: str) -> KolmError:
+    """A verification failure at ``step``, named as every other step's (``at_step``)."""
+    from kolm_ledger.verify.receipt import at_step
+
+    return at_step(step, VerificationError(msg))
 
 
 def _pending_receipt(data: bytes, path: str) -> _PendingReceipt | None:
@@ -314,14 +315,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
             digest = Statement.from_envelope(bundle.envelope).predicate.get("artifact_digest")
             found = client.find(subject_digest=str(digest), kind="artifact", limit=1)
             if not found:
-                from kolm_ledger.errors import VerificationError
-
-                err = VerificationError(
-                    f"step 8 (check artifact receipt): the ledger at {a.ledger} has no "
-                    f"artifact receipt for {str(digest)[:16]}…"
+                raise _at(
+                    8, f"the ledger at {a.ledger} has no artifact receipt for {str(digest)[:16]}…"
                 )
-                err.step = 8
-                raise err
             artifact_bundle = client.bundle(index=found[0].index)
         input_value = None
         salt = None

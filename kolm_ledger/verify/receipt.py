@@ -102,6 +102,7 @@ __all__ = [
     "STEPS",
     "VerifiedPrediction",
     "VerifiedReceipt",
+    "at_step",
     "input_commitment",
     "step_of",
     "verify_bundle",
@@ -151,7 +152,7 @@ def step_of(error: BaseException) -> int | None:
     return step if isinstance(step, int) else None
 
 
-def _at_step(step: int, error: KolmError) -> KolmError:
+def at_step(step: int, error: KolmError) -> KolmError:
     """A copy of ``error`` (same class) whose message names the step, with ``.step`` set."""
     new = type(error)(f"step {step} ({STEPS[step - 1]}): {error}")
     new.step = step
@@ -165,7 +166,7 @@ def _step(step: int) -> Iterator[None]:
     except KolmError as e:
         if step_of(e) is not None:
             raise
-        raise _at_step(step, e) from e
+        raise at_step(step, e) from e
 
 
 def _trusted_signer(envelope: Envelope, trust: TrustRoot) -> TrustedKey:
@@ -532,7 +533,7 @@ def verify_prediction(
                 artifact_bundle, trust, origin=origin, now=now, max_time_skew=max_time_skew
             )
         except KolmError as e:
-            raise _at_step(8, type(e)(f"artifact receipt: {e}")) from e
+            raise at_step(8, type(e)(f"artifact receipt: {e}")) from e
         with _step(8):
             if artifact.kind != "artifact":
                 raise VerificationError(
