@@ -213,14 +213,16 @@ def _at(step: int, msg: str) -> KolmError:
 def _pending_receipt(data: bytes, path: str) -> _PendingReceipt | None:
     """Recognise a promise or spooled-receipt file; ``None`` for anything else (a bundle,
     or bytes that step 1 of the bundle check will name)."""
-    from kolm_ledger.errors import BundleFormatError
+    from kolm_ledger.formats.bundle import MAX_BUNDLE_BYTES
     from kolm_ledger.formats.canonical import parse_json
     from kolm_ledger.formats.dsse import Envelope
     from kolm_ledger.formats.promise import Promise
 
+    if len(data) > MAX_BUNDLE_BYTES:  # the bundle parser refuses it at step 1, by size
+        return None
     try:
         obj = parse_json(data)
-    except Exception:  # not JSON: the bundle parser names it at step 1
+    except KolmError:  # not JSON: the bundle parser names it at step 1
         return None
     if not isinstance(obj, dict) or "tlog_proof" in obj:
         return None
@@ -228,7 +230,7 @@ def _pending_receipt(data: bytes, path: str) -> _PendingReceipt | None:
         return None
     extra = set(obj) - {"envelope", "promise", "spooled"}
     if extra:
-        raise BundleFormatError(f"{path}: unknown field(s) {', '.join(sorted(extra))}")
+        raise _at(1, f"{path}: unknown field(s) {', '.join(sorted(extra))[:200]}")
     try:
         envelope = Envelope.from_json(obj.get("envelope"))
     except KolmError as e:

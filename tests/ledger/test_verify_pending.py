@@ -166,3 +166,14 @@ def test_salt_file_is_read_for_the_input_commitment(world: World, capsys: Any) -
     assert "cannot read --salt-file" in capsys.readouterr().out
     assert world.verify(promise, "--salt-file", str(salt)) == 1
     assert "give --input and --salt (or --salt-file) together" in capsys.readouterr().out
+
+
+def test_a_promise_file_with_an_unknown_field_is_refused_at_step_1(
+    world: World, capsys: Any
+) -> None:
+    env, r = world.append(0)
+    bad = {"envelope": env, "promise": r.promise.to_json(), "x" * 500: 1}
+    assert world.verify(bad) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED at step 1") and "unknown field(s) xxxx" in out, out
+    assert "x" * 201 not in out  # a hostile field name is not echoed whole
