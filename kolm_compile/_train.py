@@ -70,6 +70,7 @@ from .student import (
 
 __all__ = [
     "MODULES_TO_SAVE",
+    "STUDENT_KINDS",
     "TrainConfig",
     "TrainResult",
     "train_classifier",
@@ -93,6 +94,16 @@ def _check_base_model(v: Any) -> str:
     ids = base_model_ids()
     if not isinstance(v, str) or v not in ids:
         invalid(f"must be one of {', '.join(ids)}, got {v!r}")
+    return v
+
+
+#: the student kinds a train config may name (kolm_compile.student.Student.load dispatches)
+STUDENT_KINDS = ("classifier", "causal_lm", "span_tagger")
+
+
+def _check_kind(v: Any) -> str:
+    if not isinstance(v, str) or v not in STUDENT_KINDS:
+        invalid(f"must be one of {', '.join(STUDENT_KINDS)}, got {v!r}")
     return v
 
 
@@ -122,6 +133,16 @@ class TrainConfig(Section):
     PATH: ClassVar[str] = ""
     UNKNOWN: ClassVar[str] = "unknown training option"
 
+    kind: Annotated[str, PlainValidator(_check_kind)] = field(
+        default="classifier",
+        metadata=_help(
+            "the student: classifier (encoder + head), causal_lm (generative), span_tagger "
+            "(encoder + BIO tags + enum heads); the runtime loader dispatches on it"
+        ),
+    )
+    max_new_tokens: Annotated[int, integer(1, 4096)] = field(
+        default=64, metadata=_help("causal_lm: the most tokens one output may have")
+    )
     base_model: Annotated[str, PlainValidator(_check_base_model)] = field(
         default=DEFAULT_BASE_MODEL,
         metadata=_help("logical id of the base encoder (see register_base_model); never a path"),
