@@ -37,12 +37,14 @@ __all__ = [
     "GROUNDED_KEY",
     "FieldScore",
     "SchemaField",
+    "assemble",
     "canonical",
     "field_pairs",
     "field_scores",
     "grounded_paths",
     "parse_object",
     "pointer",
+    "pointer_parts",
     "schema_fields",
     "span_schema",
 ]
@@ -148,16 +150,18 @@ def field_scores(
     n_gold: Counter[str] = Counter()
     for g, p in zip(golds, preds, strict=True):
         gp = Counter(x for x in field_pairs(g) if x[0].startswith(prefix))
-        pp = Counter(x for x in field_pairs(p) if x[0].startswith(prefix)) if p is not None else Counter()
+        pp = (
+            Counter(x for x in field_pairs(p) if x[0].startswith(prefix))
+            if p is not None
+            else Counter()
+        )
         for (path, _), n in gp.items():
             n_gold[path] += n
         for (path, _), n in pp.items():
             n_pred[path] += n
         for pair, n in (gp & pp).items():
             c[pair[0]] += n
-    per = {
-        path: _score(c[path], n_pred[path], n_gold[path]) for path in sorted(n_gold | n_pred)
-    }
+    per = {path: _score(c[path], n_pred[path], n_gold[path]) for path in sorted(n_gold | n_pred)}
     micro = _score(sum(c.values()), sum(n_pred.values()), sum(n_gold.values()))
     return per, micro
 
@@ -208,11 +212,41 @@ def span_schema(schema: Mapping[str, Any]) -> bool:
     """Whether a span tagger can produce every field of ``schema``: each leaf is an enum
     (a classification head) or a grounded string (a span), and enum fields hold one value."""
     fs = schema_fields(schema)
-    return bool(fs) and all(
-        f.kind == "span" or (f.kind == "enum" and not f.many) for f in fs
-    )
+    return bool(fs) and all(f.kind == "span" or (f.kind == "enum" and not f.many) for f in fs)
 
 
 def grounded_paths(schema: Mapping[str, Any]) -> set[str]:
     """Pointers of the span fields of ``schema`` (marked ``x-kolm-grounded``)."""
     return {f.path for f in schema_fields(schema) if f.kind == "span"}
+
+
+def pointer_parts(ptr: str) -> list[str]:
+    """The keys of RFC 6901 JSON Pointer ``ptr`` (the inverse of :func:`pointer`)."""
+    if ptr == "":
+        return []
+    if not ptr.startswith("/"):
+        raise ValueError(f"not a JSON Pointer: {ptr[:80]!r}")
+    return [p.replace("~1", "/").replace("~0", "~") for p in ptr[1:].split("/")]
+
+
+def assemble(values: Mapping[str, Sequence[Any]], fields: Sequence[SchemaField]) -> dict[str, Any]:
+    """Build an object from field values: ``values`` maps a field's pointer to its values in
+    order (plain JSON values, not canonical text); a ``many`` field becomes a list, another
+    its single (first) value; a field with no values is left out, and so is an object left
+    empty by that, except the top level. Pointers not among ``fields`` raise ``ValueError``."""
+    known = {f.path: f for f in fields}
+    out: dict[str, Any] = {}
+    for ptr in sorted(values):
+        if ptr not in known:
+            raise ValueError(f"no field {ptr[:80]!r} in the schema")
+        vs = list(values[ptr])
+        if not vs:
+            continue
+        parts = pointer_parts(ptr)
+        if not parts:
+            raise ValueError("the top level is not a field")
+        node = out
+        for key in parts[:-1]:
+            node = node.setdefault(key, {})
+        node[parts[-1]] = vs if known[ptr].many else vs[0]
+    return out
