@@ -1,6 +1,8 @@
 """Compile benchmark: is a verified, voted, receipted student worth it? Side by side, one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_compile.py [--quick]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_compile.py --task extract [--quick]
+        (SNIPS: the span tagger and the generative student; bench/bench_extract.py)
 
 Full run: Banking77 (all 77 intents) from ../shared/data/banking77 beside the repository
 (not shipped; without it the bench stops, saying so: bench/_shared.py).
@@ -144,6 +146,18 @@ def fmt(k: ks.KScore) -> str:
 
 
 def main() -> int:
+    if "--task" in sys.argv:  # --task classify (this file) | extract (bench_extract.py)
+        i = sys.argv.index("--task")
+        task = sys.argv[i + 1] if i + 1 < len(sys.argv) else ""
+        rest = sys.argv[1:i] + sys.argv[i + 2 :]
+        if task == "extract":
+            from bench_extract import main as extract_main
+
+            return extract_main(rest)
+        if task != "classify":
+            print(f"bench_compile.py: --task {task!r}: want classify or extract", file=sys.stderr)
+            return 2
+        sys.argv = [sys.argv[0], *rest]
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="reduced size (smoke run)")
     ap.add_argument("--skip-demo", action="store_true", help="skip the 12-intent demo compile")

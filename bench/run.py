@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark in turn (each prints its own side-by-side ratios).
 
-.venv/bin/python bench/run.py [--quick] [--only ledger,compile,infer,recall,kscore]
+.venv/bin/python bench/run.py [--quick] [--only ledger,compile,extract,infer,recall,kscore]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ BENCHES = {
     "infer": "bench_infer.py",
     "recall": "bench_recall.py",
     "compile": "bench_compile.py",
+    "extract": "bench_compile.py --task extract",
     "kscore": "bench_kscore.py",
 }
 
@@ -28,13 +29,14 @@ def main() -> int:
     a = ap.parse_args()
     rc = 0
     for name in a.only.split(","):
-        script = HERE / BENCHES[name]
+        file, *args = BENCHES[name].split()
+        script = HERE / file
         if not script.exists():
             print(f"== {name}: {script.name} missing", flush=True)
             rc = 1
             continue
         print(f"\n== {name} ({script.name}) {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
-        cmd = [sys.executable, str(script), *(["--quick"] if a.quick else [])]
+        cmd = [sys.executable, str(script), *args, *(["--quick"] if a.quick else [])]
         rc |= subprocess.call(cmd)
     return rc
 

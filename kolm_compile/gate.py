@@ -33,6 +33,15 @@ With no target set the rule is ``softmax``: the
 spec's ``confidence_threshold`` on the uncalibrated softmax (``T = 1``, ``t_sim = -1``),
 the old behaviour, with the same values recorded.
 
+**Generative and tagging students** (:func:`build_confidence`): the score is the student's
+own confidence — for ``causal_lm`` the geometric-mean token probability of its greedy output
+(``exp`` of the mean token log-probability; rule ``seq_logprob``), for ``span_tagger`` the
+tagger's confidence (rule ``span_prob``, :mod:`kolm_compile.tagger_student`). The student
+answers iff ``conf >= t_prob``; ``t_prob`` is the spec's ``confidence_threshold``, or, with
+``student.target_cover_k_score``, the lowest cut whose cover accuracy on the calibration
+split meets the target (the same selection as step 2 above, with no distance cut). These
+gates have no files: the manifest's ``gate`` object is all of it.
+
 Files in the artifact (signed like every other file): ``gate/embeddings.safetensors``
 (tensor ``embeddings``, float32, one row per training example) and ``gate/gate.json``
 (the example digests, row for row, and the parameters). The manifest's ``gate`` object
@@ -53,6 +62,7 @@ from kolm_ledger.errors import ArtifactError
 
 __all__ = [
     "CALIBRATION_FRACTION",
+    "CONFIDENCE_RULES",
     "DEFAULT_K",
     "DISTANCE_ALPHA",
     "EMBEDDINGS_FILE",
@@ -74,6 +84,8 @@ DEFAULT_K = 5
 DISTANCE_ALPHA = 0.05
 #: Share of the acknowledged labels held out from training to calibrate the gate.
 CALIBRATION_FRACTION = 0.1
+#: student kind → the rule of its confidence gate (:func:`build_confidence`)
+CONFIDENCE_RULES = {"causal_lm": "seq_logprob", "span_tagger": "span_prob"}
 EMBEDDINGS_FILE = "gate/embeddings.safetensors"
 GATE_FILE = "gate/gate.json"
 #: ``t_prob`` that keeps nothing (a calibrated probability is at most 1): the target
@@ -294,6 +306,8 @@ class Gate:
             return float(v)
 
         rule = meta.get("rule")
+        if rule in CONFIDENCE_RULES.values():
+            return cls(rule, 1.0, num("t_prob", 0.0, NOTHING), -1.0, 1, None, 0)
         if rule not in ("calibrated", "softmax"):
             raise ArtifactError(f"{name}: manifest gate.rule is {rule!r}")
         k = meta.get("k")
@@ -354,8 +368,30 @@ class Gate:
             )
         return out
 
+    @property
+    def confidence_only(self) -> bool:
+        """A gate on the student's own confidence (no logits, no kNN distance)."""
+        return self.rule in CONFIDENCE_RULES.values()
+
+    def score_confidence(self, confidences: Sequence[float]) -> list[dict[str, Any]]:
+        """Per input of a confidence gate: ``prob`` (the student's confidence), ``inside``
+        and ``by`` (``cover`` or ``prob``)."""
+        out = []
+        for c in confidences:
+            inside = float(c) >= self.t_prob
+            out.append({"prob": float(c), "inside": inside, "by": "cover" if inside else "prob"})
+        return out
+
     def receipt(self, g: Mapping[str, Any]) -> dict[str, Any]:
         """The gate's values for a prediction receipt (rounded, finite)."""
+        if self.confidence_only:
+            return {
+                "rule": self.rule,
+                "prob": r6(g["prob"]),
+                "t_prob": r6(self.t_prob),
+                "inside": bool(g["inside"]),
+                "decided_by": g["by"],
+            }
         return {
             "rule": self.rule,
             "prob": r6(g["prob"]),
@@ -445,3 +481,48 @@ def evaluate(
         **figs,
         "curve": {"prob": risk_coverage(probs, correct), "sim": risk_coverage(sims, correct)},
     }
+
+
+def build_confidence(
+    student: Any,
+    calib_texts: Sequence[str],
+    calib_outputs: Sequence[str],
+    *,
+    target: float | None,
+    confidence_threshold: float,
+    calibration: Mapping[str, Any] | None,
+    rule: str,
+    correct: Any,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Compile-time gate of a generative or tagging student (module docstring): returns the
+    manifest's ``gate`` object. ``correct(text, output, reference)`` is the K-score's
+    per-example rule."""
+    meta: dict[str, Any] = {"rule": rule}
+    if target is None or not calib_texts:
+        meta["t_prob"] = r6(confidence_threshold)
+        return meta
+    preds = student.predict(list(calib_texts), batch_size=batch_size)
+    confs = [float(c) for _, c in preds]
+    ok = [
+        bool(correct(x, p, y))
+        for x, (p, _), y in zip(calib_texts, preds, calib_outputs, strict=True)
+    ]
+    sims = [1.0] * len(confs)  # no distance part
+    sel = select_thresholds(confs, sims, ok, target, alpha=0.0)
+    figs = cover_figures(confs, sims, ok, sel["t_prob"], -1.0)
+    meta.update(
+        t_prob=sel["t_prob"],
+        target_cover_k_score=r6(target),
+        calibration={**dict(calibration or {}), **figs, "selection": "point_estimate"},
+    )
+    return meta
+
+
+def evaluate_confidence(
+    gate: Gate, confidences: Sequence[float], correct: Sequence[bool]
+) -> dict[str, Any]:
+    """A confidence gate on the holdout: coverage, cover K-score, the risk–coverage curve."""
+    sims = [1.0] * len(confidences)
+    figs = cover_figures(list(confidences), sims, correct, gate.t_prob, -1.0)
+    return {**figs, "curve": {"prob": risk_coverage(list(confidences), correct)}}

@@ -1,8 +1,11 @@
-"""K-score and the classification metrics reported next to it (pure Python).
+"""K-score and the metrics reported next to it (pure Python).
 
 The K-score of a model on a holdout is ``100 * correct / n`` where an example
 is correct when the model's output passes the verifier *and* equals the
-reference. It is always reported with ``n`` and its 95% Wilson score interval::
+reference (classify: the label; extract: the RFC 8785 canonical object — whole-frame
+exact match; generate: the verifier passes given the reference —
+:func:`kolm_ledger.audit.reexec.example_outcome`). It is always reported with ``n`` and
+its 95% Wilson score interval::
 
     >>> s = kscore([True] * 81 + [False] * 19)
     >>> (s.score, round(s.low, 2), round(s.high, 2))
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from kolm_ledger.errors import InvalidInput
 
@@ -23,6 +27,7 @@ __all__ = [
     "confusion_matrix",
     "kscore",
     "per_label_metrics",
+    "task_metrics",
     "wilson_interval",
 ]
 
@@ -148,3 +153,57 @@ def confusion_matrix(
                 raise InvalidInput(f"{name}[{k}] is {y!r}, which is not in labels")
         m[index[g]][index[p]] += 1
     return m
+
+
+def task_metrics(
+    task: str, verifier: Any, texts: Sequence[str], preds: Sequence[str], refs: Sequence[str]
+) -> dict[str, Any]:
+    """The figures an ``extract`` or ``generate`` eval receipt carries beside the K-score.
+
+    extract: ``schema_valid`` (percent of outputs the verifier accepts), ``exact_match``
+    (percent whose canonical object equals the reference), ``fields`` (per JSON Pointer:
+    precision, recall, F1, support — :func:`kolm_compile.structured.field_scores`; an
+    output the verifier refuses predicts no field) and ``micro`` (over every field).
+    generate: ``pass_rate`` (percent the verifier accepts given the reference),
+    ``exact_match`` (normalized output equals the reference) and ``bleu`` (mean sentence
+    BLEU-4 against the reference, whitespace tokens, in percent).
+    """
+    import json
+
+    from .structured import field_scores
+    from .verifiers import sentence_bleu
+
+    n = len(preds)
+    if len(texts) != n or len(refs) != n:
+        raise InvalidInput(f"{len(texts)} inputs, {n} outputs, {len(refs)} references")
+
+    def pct(k: int) -> float:
+        return round(100.0 * k / n, 4) if n else 0.0
+
+    verdicts = []
+    for x, p in zip(texts, preds, strict=True):
+        try:
+            verdicts.append(verifier.check(p, input=x))
+        except TypeError:  # a verifier that takes no input
+            verdicts.append(verifier.check(p))
+    if task == "extract":
+        golds = [json.loads(r) for r in refs]
+        objs = [json.loads(v.normalized) if v.ok else None for v in verdicts]
+        per, micro = field_scores(golds, objs)
+        return {
+            "schema_valid": pct(sum(v.ok for v in verdicts)),
+            "exact_match": pct(
+                sum(v.ok and v.normalized == r for v, r in zip(verdicts, refs, strict=True))
+            ),
+            "fields": {k: f.to_dict() for k, f in per.items()},
+            "micro": micro.to_dict(),
+        }
+    passed = sum(bool(verifier.check(p, reference=r).ok) for p, r in zip(preds, refs, strict=True))
+    bleu = [
+        sentence_bleu(r.split(), v.normalized.split()) for v, r in zip(verdicts, refs, strict=True)
+    ]
+    return {
+        "pass_rate": pct(passed),
+        "exact_match": pct(sum(v.normalized == r for v, r in zip(verdicts, refs, strict=True))),
+        "bleu": round(100.0 * sum(bleu) / n, 4) if n else 0.0,
+    }

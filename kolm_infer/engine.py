@@ -555,8 +555,8 @@ class Engine:
             task_type = m.task_type or "classify"
         except KolmError as e:
             raise ArtifactError(f"{Path(path).name}: bad manifest.json: {e}") from e
-        if task_type != "classify":
-            raise ArtifactError(f"{Path(path).name}: task_type {task_type!r} is not served yet")
+        if task_type not in ("classify", "extract", "generate"):
+            raise ArtifactError(f"{Path(path).name}: task_type {task_type!r} is not served")
         with self._lock:
             if name in self._by_name:
                 raise ArtifactError(
@@ -575,7 +575,7 @@ class Engine:
             digest=va.digest,
             file_digest=va.file_digest,
             manifest=m,
-            labels=labels or list(student.labels),
+            labels=labels or list(getattr(student, "labels", None) or ()),
             task_type=task_type,
             confidence_threshold=threshold,
             k_score=float(ks) if isinstance(ks, int | float) else float("nan"),
@@ -672,8 +672,8 @@ class Engine:
         LATENCY.observe(p.latency_ms / 1000)
         return art, p
 
-    def _verdict(self, art: LoadedArtifact, output: str) -> tuple[Any, dict[str, Any]]:
-        v = art.verifier.check(output)
+    def _verdict(self, art: LoadedArtifact, output: str, text: str) -> tuple[Any, dict[str, Any]]:
+        v = art.verifier.check(output, input=text)
         d = art.verifier.describe()
         return v, {
             "name": d["name"],
@@ -692,7 +692,7 @@ class Engine:
         rec: RecallResult | None = None,
         g: dict[str, Any] | None = None,
     ) -> Prediction:
-        verdict, vd = self._verdict(art, label)
+        verdict, vd = self._verdict(art, label, text)
         output = verdict.normalized if verdict.ok else label
         if g is not None:  # the artifact's gate decides (kolm_compile.gate)
             gate = art.gate.receipt(g)
@@ -732,7 +732,7 @@ class Engine:
             log.warning("teacher failed: %s", e)
             why = f"the teacher failed ({type(e).__name__}: {str(e)[:200]})"
             return self._no_teacher(art, why, reason, output, conf, vd, rec, vote, gate)
-        tv, tvd = self._verdict(art, answer)
+        tv, tvd = self._verdict(art, answer, text)
         desc = self.teacher.describe()
         teacher = {"backend": desc.get("backend"), "model": desc.get("model")}
         return Prediction(
@@ -894,13 +894,16 @@ def _run_batch(art: LoadedArtifact, items: Sequence[tuple[str, int]]) -> list[_R
 
     texts = [t for t, _ in items]
     gates: list[dict[str, Any] | None] = [None] * len(items)
-    if art.gate is not None:  # one forward pass gives the logits and the embeddings
+    if art.gate is not None and not art.gate.confidence_only:
+        # a classifier: one forward pass gives the logits and the embeddings
         logits, emb = art.student.analyse(texts)
         gates = list(art.gate.score(logits, emb))
         labels = art.student.labels
         preds = [(labels[x["index"]], float(x["raw"])) for x in gates]  # type: ignore[index]
-    else:
-        preds = art.student.predict(texts)
+    else:  # a generative or tagging student (padding-aware micro-batch), or no gate
+        preds = art.student.predict(texts, batch_size=max(1, len(texts)))
+        if art.gate is not None:
+            gates = list(art.gate.score_confidence([c for _, c in preds]))
     recalls: list[RecallResult | None] = [None] * len(items)
     want = [i for i, (_, k) in enumerate(items) if k > 0]
     if want and art.recall is not None:

@@ -61,6 +61,13 @@ def register_demo(sub: Any) -> None:
         action="store_true",
         help="reduced size (4 queues, few examples): for tests and a quick look",
     )
+    d.add_argument(
+        "--task",
+        choices=("classify", "extract"),
+        default="classify",
+        help="classify: the Banking77 ticket router (default); extract: a SNIPS frame "
+        "extractor (JSON output, span-tagger student)",
+    )
     d.add_argument("--tickets", type=int, default=200, help="held-out tickets to send")
     d.add_argument(
         "--frontier-cost-per-call",
@@ -130,6 +137,10 @@ def run_full_demo(a: argparse.Namespace) -> int:
         from kolm.demo.trust_core import run_demo
 
         return run_demo(a)
+    if a.task == "extract":
+        from kolm.demo.extract import run_extract_demo
+
+        return run_extract_demo(a)
     return asyncio.run(_demo(a))
 
 

@@ -51,8 +51,8 @@ _O = TypeVar("_O", bound=_Output)
 class CompileJob:
     """One compile, stage by stage, resumable from its job folder (package docstring).
 
-    Requires ``spec.task == "classify"`` (else :class:`SpecError`) and a ``compile``
-    key listed in the ledger's trust root. ``on_event`` gets every :class:`StageEvent`;
+    Any task kind (classify, extract, generate; the student kind the spec resolved). Requires
+    a ``compile`` key listed in the ledger's trust root. ``on_event`` gets every :class:`StageEvent`;
     ``should_stop`` is polled between stages and training steps (→ :class:`JobCancelled`);
     ``on_stage_done(stage)`` runs after a stage's output is durably written.
     """
@@ -72,10 +72,6 @@ class CompileJob:
         on_stage_done: Callable[[str], None] | None = None,
         embed: Callable[[list[str]], Any] | None = None,
     ) -> None:
-        if spec.task != "classify":
-            raise SpecError(
-                f"spec.task: {spec.task!r} is not supported by the trainer yet (classify only)"
-            )
         if spec.data.unlabeled is None and spec.data.seed_pairs is None:
             raise SpecError("spec.data: needs unlabeled inputs or seed_pairs")
         if spec.data.holdout is None:
@@ -316,4 +312,5 @@ class CompileJob:
             per_label=dict(ev.per_label),
             eval_index=pk.eval_index,
             recall=None if pk.recall is None else dict(pk.recall),
+            task_metrics=None if ev.task_metrics is None else dict(ev.task_metrics),
         )

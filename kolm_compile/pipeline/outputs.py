@@ -368,12 +368,16 @@ class Evaluated:
     threads: int
     total: int
     gate: Mapping[str, Any] | None = None
+    #: extract/generate: per-field P/R/F1, schema-valid share, exact match, BLEU
+    #: (:func:`kolm_compile.kscore.task_metrics`); ``None`` for classify
+    task_metrics: Mapping[str, Any] | None = None
     counters: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """``stages/evaluate.json`` (``gate`` only when the student has one)."""
         return {
             **({"gate": dict(self.gate)} if self.gate is not None else {}),
+            **({"task_metrics": dict(self.task_metrics)} if self.task_metrics else {}),
             "k_score": self.k_score.to_dict(),
             "teacher_single": self.teacher_single.to_dict(),
             "teacher_vote": self.teacher_vote.to_dict(),
@@ -406,6 +410,7 @@ class Evaluated:
             threads=int(d["threads"]),
             total=int(d.get("_total", 1)),
             gate=dict(d["gate"]) if "gate" in d else None,
+            task_metrics=dict(d["task_metrics"]) if "task_metrics" in d else None,
             counters=dict(d.get("_counters") or {}),
         )
 

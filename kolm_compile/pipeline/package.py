@@ -77,14 +77,10 @@ _BASE_DIGESTS: dict[str, str] = {}
 def base_weights_digest(model_id: str) -> str:
     """SHA-256 over the base model's file digests (name order): what ``base_model`` pins."""
     if model_id not in _BASE_DIGESTS:
-        from ..student import resolve_base_model
+        from ..student import base_model_files
 
-        root = resolve_base_model(model_id)
-        files = sorted(
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
+        root, files = base_model_files(model_id)
+        files = sorted(files)
         _BASE_DIGESTS[model_id] = kolm_artifact.artifact_digest(
             (f, kolm_artifact.sha256_file(root / f)) for f in files
         )
@@ -145,7 +141,7 @@ def package(
 
 def _pack(ctx: StageContext, sgn: Signed, trained: Trained, ev: Evaluated, out: Path) -> _Packed:
     """Write the manifest and the files beside the trained adapter, then pack ``out``."""
-    from ..student import resolve_base_model
+    from ..student import base_model_files
 
     spec, v = ctx.spec, ctx.verifier
     cfg = ctx.train_config()
@@ -165,9 +161,11 @@ def _pack(ctx: StageContext, sgn: Signed, trained: Trained, ev: Evaluated, out: 
     gate = None
     if trained.gate is not None:  # the selective-prediction gate (kolm_compile.gate)
         gate = {**trained.gate, **({"holdout": ev.gate} if ev.gate is not None else {})}
-    if ctx.opts.bundle_base:
-        src = resolve_base_model(cfg.base_model)
-        shutil.copytree(src, mdir / "base", ignore=shutil.ignore_patterns(".*"))
+    if ctx.opts.bundle_base:  # a folder's files, or a single GGUF file
+        root, files = base_model_files(cfg.base_model)
+        for rel in files:
+            (mdir / "base" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / rel, mdir / "base" / rel)
     recall_info = build_recall(ctx, sgn, cfg) if spec.recall is not None else None
     manifest = build_manifest(ctx, cfg, base_model, ev, gate, recall_info)
     (mdir / MANIFEST_FILE).write_bytes(manifest.to_json())
@@ -199,7 +197,7 @@ def build_manifest(
     return Manifest(
         name=spec.name,
         task_type=spec.task,
-        labels=tuple(spec.labels or ()),
+        labels=tuple(spec.labels) if spec.labels is not None else None,
         none_label=spec.none_label,
         base_model=base_model,
         adapter="adapter",
@@ -214,13 +212,29 @@ def build_manifest(
             holdout_digest=ev.holdout_root,
             outcome_root=ev.outcome_root,
             text_column=spec.data.text_column,
-            label_column=spec.data.label_column,
+            label_column=spec.data.label_column
+            if spec.task == "classify"
+            else spec.data.output_column,
         ),
         determinism=dict(ev.determinism),
+        student=student_record(ctx),
         gate=None if gate is None else dict(gate),
         base="base" if ctx.opts.bundle_base else None,
         recall=RecallRef.from_dict(recall_info) if recall_info is not None else None,
     ).replace()  # checked as a reader checks it
+
+
+def student_record(ctx: StageContext) -> dict[str, Any]:
+    """What the manifest's and the artifact receipt's ``student`` say: the kind, whether
+    ``student.kind: auto`` chose it (and why), and a generative student's token cap."""
+    cfg = ctx.train_config()
+    out: dict[str, Any] = {"kind": cfg.kind, "base_model": cfg.base_model}
+    chosen = getattr(ctx.spec.student, "chosen_by", None)
+    if chosen:
+        out["chosen_by"] = chosen
+    if cfg.kind == "causal_lm":
+        out["max_new_tokens"] = cfg.max_new_tokens
+    return out
 
 
 def _base_model(cfg: TrainConfig) -> BaseModelRef:
@@ -305,6 +319,9 @@ def sign_eval(
             "teacher_k_score_single": t_single.score,
             "teacher_k_score_vote": t_vote.score,
             "per_label": dict(ev.per_label),
+            # extract: per-field P/R/F1 and the schema-valid share; generate: pass rate,
+            # exact match, BLEU (kolm_compile.kscore.task_metrics)
+            **({"task_metrics": dict(ev.task_metrics)} if ev.task_metrics else {}),
             "determinism": dict(ev.determinism),
             # the matrix grows as labels²: left out past 80 labels (64 KiB entry cap)
             **(
@@ -361,6 +378,7 @@ def sign_artifact(
         checkpoint=ctx.sink.checkpoint(),
         extra={
             "job_id": ctx.job_id,
+            "student": student_record(ctx),
             "teacher": dict(smp.teacher),
             "labels": dict(labels),
             "cost": dict(cost),

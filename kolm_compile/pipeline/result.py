@@ -92,6 +92,8 @@ class CompileResult:
     per_label: dict[str, Any]
     eval_index: int = -1
     recall: dict[str, Any] | None = None  # the manifest's recall section, when it has an index
+    #: extract/generate: per-field P/R/F1, schema-valid share, ... (kscore.task_metrics)
+    task_metrics: dict[str, Any] | None = None
 
     @property
     def labels_sampled(self) -> int:
@@ -133,6 +135,7 @@ class CompileResult:
             "per_label": self.per_label,
             "eval_index": self.eval_index,
             "recall": self.recall,
+            **({"task_metrics": self.task_metrics} if self.task_metrics else {}),
         }
 
     @classmethod
@@ -155,4 +158,5 @@ class CompileResult:
             dict(d["per_label"]),
             int(d.get("eval_index", -1)),
             dict(d["recall"]) if d.get("recall") else None,
+            dict(d["task_metrics"]) if d.get("task_metrics") else None,
         )

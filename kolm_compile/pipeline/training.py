@@ -14,14 +14,16 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kolm_ledger.audit import reexec
 from kolm_ledger.formats.receipts import example_digest
 
 from .. import gate as _gate
 from .. import kscore as ks
+from ..fields import thaw
 from ..voting import vote
 from .context import StageContext, dump_json
 from .outputs import Evaluated, Ingested, Sampled, Signed, Trained
@@ -37,7 +39,6 @@ def train(ctx: StageContext, sgn: Signed) -> tuple[Trained, Student | None]:
     """Stage (5): train the student into ``model_dir/adapter`` and build its gate there;
     returns the stage output and the trained student (``None`` when the trainer keeps
     none in memory; :func:`evaluate` then loads it)."""
-    from .. import _train
     from ..student import Student, torch_state
 
     spec = ctx.spec
@@ -76,31 +77,37 @@ def train(ctx: StageContext, sgn: Signed) -> tuple[Trained, Student | None]:
         ctx.progress("train", step, total, loss=round(loss, 4))
 
     try:
-        tr = _train.train_classifier(
-            texts,
-            ys,
-            list(spec.labels or ()),
-            cfg,
-            mdir / "adapter",
-            progress=progress,
-            should_stop=ctx.should_stop,
-        )
+        tr = _train_student(ctx, texts, ys, mdir / "adapter", progress)
     except InterruptedError as e:
         raise JobCancelled(f"job {ctx.job_id} cancelled during training") from e
     student = tr.student or Student.load(mdir / "adapter", threads=cfg.threads)
     with torch_state(cfg.threads, False):
-        gate_meta = _gate.build(
-            student,
-            texts,
-            digests,
-            cal_texts,
-            cal_ys,
-            target=st.target_cover_k_score,
-            k=st.gate_k,
-            confidence_threshold=st.confidence_threshold,
-            calibration=calibration,
-            directory=mdir,
-        )
+        if cfg.kind == "classifier":
+            gate_meta = _gate.build(
+                student,
+                texts,
+                digests,
+                cal_texts,
+                cal_ys,
+                target=st.target_cover_k_score,
+                k=st.gate_k,
+                confidence_threshold=st.confidence_threshold,
+                calibration=calibration,
+                directory=mdir,
+            )
+        else:  # a generative or tagging student: its own confidence is the gate's score
+            gate_meta = _gate.build_confidence(
+                student,
+                cal_texts,
+                cal_ys,
+                target=st.target_cover_k_score,
+                confidence_threshold=st.confidence_threshold,
+                calibration=calibration,
+                rule=_gate.CONFIDENCE_RULES[cfg.kind],
+                correct=lambda x, p, y: reexec.example_outcome(
+                    ctx.verifier, p, y, task=spec.task, input=x
+                ),
+            )
     out = Trained(
         gate=gate_meta,
         examples=len(texts),
@@ -114,6 +121,54 @@ def train(ctx: StageContext, sgn: Signed) -> tuple[Trained, Student | None]:
         },
     )
     return out, tr.student
+
+
+def _train_student(
+    ctx: StageContext,
+    texts: list[str],
+    outputs: list[str],
+    adapter: Path,
+    progress: Callable[[int, int, float], None],
+) -> Any:
+    """Train the spec's student kind (``student.kind``, resolved at load) into ``adapter``;
+    returns the trainer's :class:`~kolm_compile._train.TrainResult`."""
+    spec, cfg = ctx.spec, ctx.train_config()
+    if cfg.kind == "causal_lm":
+        from .. import _train_lm
+
+        return _train_lm.train_causal_lm(
+            texts,
+            outputs,
+            cfg,
+            adapter,
+            instructions=spec.instructions,
+            progress=progress,
+            should_stop=ctx.should_stop,
+        )
+    if cfg.kind == "span_tagger":
+        from .. import _train_tagger
+
+        assert spec.output_schema is not None  # the spec refuses span_tagger without one
+        return _train_tagger.train_span_tagger(
+            texts,
+            outputs,
+            thaw(spec.output_schema),
+            cfg,
+            adapter,
+            progress=progress,
+            should_stop=ctx.should_stop,
+        )
+    from .. import _train
+
+    return _train.train_classifier(
+        texts,
+        outputs,
+        list(spec.labels or ()),
+        cfg,
+        adapter,
+        progress=progress,
+        should_stop=ctx.should_stop,
+    )
 
 
 def evaluate(
@@ -143,29 +198,31 @@ def evaluate(
 
     # at the recorded settings (threads, batch size), so an auditor can re-execute it
     with torch_state(cfg.threads, False):
-        preds = [p for p, _ in predict(texts)]
+        answers = predict(texts)
         determinism = reexec.determinism_record(
             predict, threads=cfg.threads, batch_size=bs, dtype=student.dtype
         )
-    v = ctx.verifier
-    outcomes = [reexec.example_outcome(v, p, r) for p, r in zip(preds, refs, strict=True)]
+    preds = [p for p, _ in answers]
+    v, task = ctx.verifier, ctx.spec.task
+    outcomes = [
+        reexec.example_outcome(v, p, r, task=task, input=x)
+        for x, p, r in zip(texts, preds, refs, strict=True)
+    ]
     score = ks.kscore(outcomes)
 
-    def teacher_ok(answer: str | None, ref: str) -> bool:
-        return (
-            answer is not None
-            and v.check(answer, reference=ref).ok
-            and (v.check(answer).normalized == ref)
-        )
+    def teacher_ok(x: str, answer: str | None, ref: str) -> bool:
+        return answer is not None and reexec.example_outcome(v, answer, ref, task=task, input=x)
 
     t = ctx.spec.teacher
     hs = smp.holdout_samples
-    single = ks.kscore([bool(ss) and teacher_ok(ss[0], r) for ss, r in zip(hs, refs, strict=True)])
+    single = ks.kscore(
+        [bool(ss) and teacher_ok(x, ss[0], r) for x, ss, r in zip(texts, hs, refs, strict=True)]
+    )
     voted = ks.kscore(
         [
             (vr := vote(ss, v, t.k, t.min_agreement or t.k // 2 + 1)).accepted
-            and teacher_ok(vr.answer, r)
-            for ss, r in zip(hs, refs, strict=True)
+            and teacher_ok(x, vr.answer, r)
+            for x, ss, r in zip(texts, hs, refs, strict=True)
         ]
     )
     # latency: one input per call, as a service would see it
@@ -187,15 +244,21 @@ def evaluate(
     gate_ev = None
     if trained.gate is not None:
         gate = _gate.Gate.load(ctx.model_dir, trained.gate, ctx.spec.name)
-        with torch_state(cfg.threads, False):
-            gate_ev = _gate.evaluate(gate, student, texts, [bool(o) for o in outcomes])
+        if gate.confidence_only:
+            gate_ev = _gate.evaluate_confidence(gate, [c for _, c in answers], outcomes)
+        else:
+            with torch_state(cfg.threads, False):
+                gate_ev = _gate.evaluate(gate, student, texts, [bool(o) for o in outcomes])
+    labels = list(ctx.spec.labels or ())
+    classify = task == "classify"
     return Evaluated(
         gate=gate_ev,
         k_score=score,
         teacher_single=single,
         teacher_vote=voted,
-        per_label=ks.per_label_metrics(refs, preds),
-        confusion=ks.confusion_matrix(refs, preds, list(ctx.spec.labels or ())),
+        per_label=ks.per_label_metrics(refs, preds) if classify else {},
+        confusion=ks.confusion_matrix(refs, preds, labels) if classify else [],
+        task_metrics=None if classify else ks.task_metrics(task, v, texts, preds, refs),
         holdout_root=holdout_root,
         outcome_root=outcome_root,
         outcomes=[x.decode() for x in lines],

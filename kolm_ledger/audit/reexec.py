@@ -140,10 +140,22 @@ def holdout_root(example_digests: Sequence[str]) -> str:
     return root_from_leaves([bytes.fromhex(d) for d in example_digests]).hex()
 
 
-def example_outcome(verifier: Any, output: str, reference: str) -> bool:
-    """The K-score's per-example rule: the output passes the verifier and equals the
-    reference (one definition for the evaluate stage and the auditor)."""
-    return bool(verifier.check(output, reference=reference).ok) and output == reference
+def example_outcome(
+    verifier: Any, output: str, reference: str, *, task: str = "classify", input: str | None = None
+) -> bool:
+    """The K-score's per-example rule (one definition for the evaluate stage and the
+    auditor): for ``classify`` and ``extract``, the output passes the verifier and its
+    normalized form (the label; the RFC 8785 canonical JSON) equals the reference; for
+    ``generate``, the verifier passes given the reference (exact_match, bleu, ... compare
+    with it). ``input``: the holdout input, for verifiers that check the output against it
+    (json_schema's ``grounded``)."""
+    kw: dict[str, Any] = {"reference": reference}
+    if input is not None:
+        kw["input"] = input
+    v = verifier.check(output, **kw)
+    if task == "generate":
+        return bool(v.ok)
+    return bool(v.ok) and v.normalized == reference
 
 
 def probe_digest(answers: Sequence[tuple[str, float]]) -> str:
@@ -386,10 +398,39 @@ class KScoreCheck:
         return "\n".join(out)
 
 
-def _read_holdout(path: Path, text_col: str, label_col: str) -> list[tuple[int, str, str | None]]:
-    spec = _ml("kolm_compile.spec")
-    rows = spec.read_table(path, text_col, label_col, "--holdout")
-    return [(n, t, y) for n, (t, y) in enumerate(rows, 1)]
+def _read_holdout(
+    path: Path, text_col: str, label_col: str, task: str = "classify"
+) -> list[tuple[int, str, str | None]]:
+    """``(row number, text, reference)`` of a holdout file; for ``extract`` the reference is
+    the RFC 8785 canonical JSON of the output object (an object in JSON Lines, JSON text in
+    a CSV cell), ``None`` where it is not a JSON object."""
+    tables = _ml("kolm_compile.tables")
+    if task != "extract":
+        rows = tables.read_table(path, text_col, label_col, "--holdout")
+        return [(n, t, y) for n, (t, y) in enumerate(rows, 1)]
+    out: list[tuple[int, str, str | None]] = []
+    for n, row in enumerate(tables.read_rows(path), 1):
+        text, y = row.get(text_col), row.get(label_col)
+        if isinstance(y, str):
+            try:
+                y = json.loads(y)
+            except ValueError:
+                y = None
+        ref = canonical_json(y).decode() if isinstance(y, dict) else None
+        out.append((n, str(text) if text is not None else "", ref))
+    return out
+
+
+def _evaluated(art: ReexecStudent, task: str, ref: str | None) -> bool:
+    """Whether the evaluate stage kept a holdout row with reference ``ref``: classify, a
+    label of the artifact; extract, an object the schema accepts; generate, any text."""
+    if ref is None:
+        return False
+    if task == "classify":
+        return ref in set(art.manifest.labels or ())
+    if task == "extract":
+        return bool(art.verifier.check(ref).ok)
+    return True
 
 
 def _columns(art: ReexecStudent) -> tuple[str, str]:
@@ -488,8 +529,12 @@ def verify_kscore(
         # (3) the holdout
         tc, lc = _columns(art)
         tc, lc = text_column or tc, label_column or lc
-        labels = set(art.manifest.labels or ())
-        rows = [(n, t, y) for n, t, y in _read_holdout(Path(holdout), tc, lc) if y in labels]
+        task = art.manifest.task_type or "classify"
+        rows = [
+            (n, t, y)
+            for n, t, y in _read_holdout(Path(holdout), tc, lc, task)
+            if _evaluated(art, task, y)
+        ]
         res.holdout_rows = len(rows)
         digests = [example_digest(t, y) for _, t, y in rows]
         want_ex = [o["example"] for _, o in published]
@@ -523,8 +568,8 @@ def verify_kscore(
         # (4) re-execute
         answers = art.predict([t for _, t, _ in rows])
         outcomes = [
-            example_outcome(art.verifier, y_hat, str(y))
-            for (y_hat, _), (_, _, y) in zip(answers, rows, strict=True)
+            example_outcome(art.verifier, y_hat, str(y), task=task, input=t)
+            for (y_hat, _), (_, t, y) in zip(answers, rows, strict=True)
         ]
         mine = [
             outcome_line(d, y_hat, o)

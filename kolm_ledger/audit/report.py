@@ -12,7 +12,10 @@ Everything shown is recomputed from the ledger's receipts on the reader's side:
    ``votes`` and ``agreement``); the cost comparison (teacher vs student per call, and
    after how many calls the student pays back what its labels cost) as a table;
 4. per-label precision / recall and the confusion matrix, when the eval receipt carries
-   ``per_label`` and ``confusion`` (rows: reference label, columns: predicted);
+   ``per_label`` and ``confusion`` (rows: reference label, columns: predicted); for an
+   ``extract`` or ``generate`` artifact, its ``task_metrics`` instead: the per-field
+   precision/recall/F1 table (JSON Pointers) and the schema-valid share, or the pass
+   rate, exact match and BLEU;
 5. receipt volume over time, by kind;
 6. the verdict of a whole-ledger audit (:func:`kolm_ledger.audit.auditor.audit` for a database,
    :func:`kolm_ledger.audit.auditor.audit_remote` for a ledger service).
@@ -74,6 +77,7 @@ FIGURE_IDS = (
     "fig-label-balance",
     "fig-per-label",
     "fig-confusion",
+    "fig-per-field",
     "fig-volume",
 )
 
@@ -638,8 +642,50 @@ def _section_cost(d: ReportData) -> str:
     )
 
 
+def _section_task_metrics(d: ReportData) -> str:
+    """extract: the per-field precision/recall/F1 table and the schema-valid share;
+    generate: pass rate, exact match and BLEU (the eval receipt's ``task_metrics``)."""
+    tm = d.eval_predicate.get("task_metrics")
+    if not isinstance(tm, dict):
+        return ""
+    parts = ['<section id="per-field"><h2>Per-field precision and recall</h2>']
+    head = [
+        (k, f"{v:.2f}%" if isinstance(v, int | float) and not isinstance(v, bool) else _short(v))
+        for k, v in sorted(tm.items())
+        if k not in ("fields", "micro")
+    ]
+    micro = tm.get("micro")
+    if isinstance(micro, dict):
+        head.append(("micro F1 (every field)", f"{(_num(micro.get('f1')) or 0.0):.4f}"))
+    parts.append(_kv(head))
+    fields_ = tm.get("fields")
+    if isinstance(fields_, dict) and fields_:
+        rows: list[tuple[str, Sequence[float]]] = []
+        table = []
+        for ptr, m in sorted(fields_.items()):
+            if not isinstance(m, dict):
+                continue
+            p, r = _num(m.get("precision")) or 0.0, _num(m.get("recall")) or 0.0
+            f1 = _num(m.get("f1")) or 0.0
+            rows.append((str(ptr), (p, r)))
+            table.append(
+                f"<tr><td><code>{_e(ptr)}</code></td><td>{p:.3f}</td><td>{r:.3f}</td>"
+                f"<td>{f1:.3f}</td><td>{_e(m.get('support', ''))}</td></tr>"
+            )
+        parts.append(svg_grouped("fig-per-field", rows, ("precision", "recall")))
+        parts.append(
+            '<table class="grid" id="field-table"><tr><th>field (JSON Pointer)</th>'
+            "<th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+            f"{''.join(table)}</table>"
+        )
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def _section_eval_detail(d: ReportData) -> str:
     ep = d.eval_predicate
+    if isinstance(ep.get("task_metrics"), dict) and not ep.get("per_label"):
+        return _section_task_metrics(d)  # extract / generate: no labels, no confusion
     parts = ['<section id="per-label"><h2>Per-label precision and recall</h2>']
     per = ep.get("per_label")
     if isinstance(per, dict) and per:
@@ -855,7 +901,7 @@ def _section_reexec(d: ReportData) -> str:
 def _section_claims(d: ReportData) -> str:
     ap, ep = d.artifact_predicate, d.eval_predicate
     std_a = set(REQUIRED["artifact"]) | {"time"}
-    std_e = set(REQUIRED["eval"]) | {"time", "per_label", "confusion"}
+    std_e = set(REQUIRED["eval"]) | {"time", "per_label", "confusion", "task_metrics"}
     rows = [(f"artifact.{k}", _short(v)) for k, v in sorted(ap.items()) if k in std_a]
     rows += [(f"artifact.{k} (extra)", _short(v)) for k, v in sorted(ap.items()) if k not in std_a]
     rows += [(f"eval.{k}", _short(v)) for k, v in sorted(ep.items()) if k not in std_e]

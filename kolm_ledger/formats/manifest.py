@@ -13,6 +13,9 @@ Fields (only ``format`` is required; a field left ``None`` is absent from the JS
     labels                ordered label list (classify)
     none_label            the label meaning "none of these" (optional)
     base_model            {"id", "revision", "weights_digest"}: a logical id, never a path
+    student               {"kind", "base_model", "chosen_by"?, "max_new_tokens"?}: the student
+                          kind (classifier | causal_lm | span_tagger) and, when the spec said
+                          ``kind: auto``, why it was chosen
     adapter               folder holding the student (relative)
     max_length            tokenizer max length used in training
     confidence_threshold  escape-hatch threshold (student confidence below it → teacher)
@@ -272,6 +275,7 @@ _TOP = (
     "labels",
     "none_label",
     "base_model",
+    "student",
     "adapter",
     "max_length",
     "confidence_threshold",
@@ -297,6 +301,7 @@ class Manifest:
     labels: tuple[str, ...] | None = None
     none_label: str | None = None
     base_model: BaseModelRef | None = None
+    student: Mapping[str, Any] | None = None
     adapter: str | None = None
     max_length: int | None = None
     confidence_threshold: float | None = None
@@ -325,9 +330,11 @@ class Manifest:
             not isinstance(labels, list) or not all(isinstance(y, str) and y for y in labels)
         ):
             raise _fail(f"{w}.labels", "a list of non-empty strings", labels)
-        for key in ("determinism", "gate"):
+        for key in ("determinism", "gate", "student"):
             if obj.get(key) is not None:
                 _object(obj[key], f"{w}.{key}")
+        if obj.get("student") is not None:
+            _str(obj["student"], "kind", f"{w}.student")
         prev = obj.get("previous_artifact")
         return cls(
             format=FORMAT,
@@ -336,6 +343,7 @@ class Manifest:
             labels=tuple(labels) if labels is not None else None,
             none_label=_str(obj, "none_label", w, required=False),
             base_model=_section(obj, "base_model", BaseModelRef._parse, w),
+            student=dict(obj["student"]) if obj.get("student") is not None else None,
             adapter=_relpath(obj, "adapter", w, required=False),
             max_length=_int(obj, "max_length", w, 1, required=False),
             confidence_threshold=_number(obj, "confidence_threshold", w),
