@@ -21,13 +21,21 @@ holdout). Without a reference (voting over teacher samples, where no answer is
 known yet) they check only the form of the output and normalize it; the verdict's
 reason then says ``"no reference: form only"``.
 
+``check(..., input=...)`` gives the input the output answers. ``json_schema`` uses it
+for its ``grounded`` check (values that must occur in the input); the others ignore it.
+Without an input that check is skipped and the verdict's reason says so.
+
+A verdict never raises for what a model wrote: text that is not JSON, not Python, or
+empty is a failed check (``ok`` false, the reason saying why).
+
 Registered verifiers and their params (``*`` = required):
 
 =============  =======  ==============================================================
 name           version  params
 =============  =======  ==============================================================
 label_set      1        labels*, case_sensitive=false, strip=true
-json_schema    1        schema* (Draft 2020-12), strip_code_fences=true
+json_schema    2        schema* (Draft 2020-12), strip_code_fences=true, grounded="marked"
+                        ("none" | "marked" | "all")
 regex          1        pattern*, ignore_case=false, strip=true
 exact_match    1        strip=true, collapse_whitespace=false, case_sensitive=true
 python_ast     1        mode="exec" ("exec" | "eval"), strip_code_fences=true
@@ -60,9 +68,11 @@ from jsonschema.exceptions import SchemaError, best_match
 from pydantic import PlainValidator
 
 from kolm_compile.fields import Section, boolean, integer, invalid, number, section, string
+from kolm_compile.structured import GROUNDED_KEY, canonical, field_pairs, grounded_paths
 from kolm_ledger.errors import SpecError
 
 __all__ = [
+    "GROUNDED_MODES",
     "BaseVerifier",
     "Verdict",
     "Verifier",
@@ -118,8 +128,11 @@ class Verifier(Protocol):
         """``{name, version, params, spec_digest}`` for receipts and artifacts."""
         ...
 
-    def check(self, output: str, *, reference: str | None = None) -> Verdict:
-        """Judge ``output`` (against ``reference`` when the verifier uses one)."""
+    def check(
+        self, output: str, *, reference: str | None = None, input: str | None = None
+    ) -> Verdict:
+        """Judge ``output`` (against ``reference`` when the verifier uses one; ``input``:
+        the text it answers, for verifiers that check the output against it)."""
         ...
 
 
@@ -222,8 +235,11 @@ class BaseVerifier:
             "version": self.version,
         }
 
-    def check(self, output: str, *, reference: str | None = None) -> Verdict:
-        """Judge ``output``; see the module docstring for what ``reference`` does."""
+    def check(
+        self, output: str, *, reference: str | None = None, input: str | None = None
+    ) -> Verdict:
+        """Judge ``output``; see the module docstring for what ``reference`` and ``input``
+        do."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -355,7 +371,9 @@ class LabelSetVerifier(BaseVerifier):
         text = self._clean(text)
         return text if self._case_sensitive else text.casefold()
 
-    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+    def check(
+        self, output: str, *, reference: str | None = None, input: str | None = None
+    ) -> Verdict:
         label = self._index.get(self._key(_ensure_text(output)))
         if label is None:
             cleaned = self._clean(output)
@@ -378,6 +396,11 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: ``json_schema``'s ``grounded`` param: which string values must occur in the input
+GROUNDED_MODES = ("none", "marked", "all")
+_NO_INPUT = "no input: grounded check skipped"
+
+
 @section
 class JSONSchemaParams(VerifierParams):
     """Params of ``json_schema``."""
@@ -388,21 +411,41 @@ class JSONSchemaParams(VerifierParams):
     strip_code_fences: Annotated[bool, boolean()] = field(
         default=True, metadata={"help": "remove a Markdown code fence first"}
     )
+    grounded: Annotated[str, string(GROUNDED_MODES)] = field(
+        default="marked",
+        metadata={
+            "help": "string values that must occur in the input: none, marked (the fields "
+            f"marked {GROUNDED_KEY!r} in the schema) or all"
+        },
+    )
 
 
-@register_verifier("json_schema", "1", params=JSONSchemaParams)
+@register_verifier("json_schema", "2", params=JSONSchemaParams)
 class JSONSchemaVerifier(BaseVerifier):
-    """The output must be JSON that validates against a Draft 2020-12 schema.
+    """The output must be JSON that validates against a Draft 2020-12 schema and, given
+    the input, whose grounded values occur in it.
 
     Strict JSON: ``NaN``/``Infinity`` and duplicate object keys are rejected.
     With ``strip_code_fences`` (default) a Markdown code fence around the JSON is
-    removed first. ``normalized`` is the RFC 8785 canonical JSON text, so key
-    order and spacing never split a vote.
+    removed first. ``normalized`` is the RFC 8785 canonical JSON text
+    (:func:`kolm_compile.structured.canonical`), so key order and spacing never split a
+    vote.
+
+    ``grounded`` (checked after the schema, only when ``check`` is given the ``input``):
+    ``marked`` (default) — every value of a field marked ``"x-kolm-grounded": true``
+    (:func:`kolm_compile.structured.grounded_paths`) must occur in the input, character
+    for character; ``all`` — every string value anywhere in the output must; ``none`` —
+    no such check. A value that does not occur fails the check with a reason naming the
+    field's JSON Pointer and the value (cut to 60 characters). Without an input the
+    check is skipped and the reason says ``"no input: grounded check skipped"``.
+
+    Version 2: the ``grounded`` param (version 1 had no grounded check).
     """
 
     def configure(self, p: JSONSchemaParams) -> None:
         schema = p.schema
         self._fences = p.strip_code_fences
+        self._grounded = p.grounded
         try:
             Draft202012Validator.check_schema(schema)
         except SchemaError as e:
@@ -410,8 +453,11 @@ class JSONSchemaVerifier(BaseVerifier):
                 f"{_PARAMS}.schema: not a valid JSON Schema (Draft 2020-12): {e.message}"
             ) from e
         self._validator = Draft202012Validator(schema)
+        self._paths = grounded_paths(schema)
 
-    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+    def check(
+        self, output: str, *, reference: str | None = None, input: str | None = None
+    ) -> Verdict:
         text = _ensure_text(output).strip()
         if self._fences:
             text = _strip_fences(text)
@@ -422,12 +468,30 @@ class JSONSchemaVerifier(BaseVerifier):
         except (ValueError, RecursionError) as e:
             return Verdict(False, text, f"not valid JSON: {e}")
         try:
-            normalized = rfc8785.dumps(value).decode()
-        except Exception as e:  # integers outside the I-JSON range, lone surrogates
+            normalized = canonical(value)
+        except (ValueError, RecursionError) as e:  # integers outside I-JSON, lone surrogates
             return Verdict(False, text, f"not representable as canonical JSON: {e}")
-        error = best_match(self._validator.iter_errors(value))
+        try:
+            error = best_match(self._validator.iter_errors(value))
+        except RecursionError:
+            return Verdict(False, normalized, "schema: nested too deeply to validate")
         if error is not None:
             return Verdict(False, normalized, f"schema: {error.json_path}: {error.message}")
+        if self._grounded == "none" or (self._grounded == "marked" and not self._paths):
+            return Verdict(True, normalized, "ok")
+        if input is None:
+            return Verdict(True, normalized, _NO_INPUT)
+        input_text = _ensure_text(input, "input")
+        for ptr, raw in field_pairs(value):
+            if self._grounded == "marked" and ptr not in self._paths:
+                continue
+            item = json.loads(raw)
+            if isinstance(item, str) and item not in input_text:
+                return Verdict(
+                    False,
+                    normalized,
+                    f"grounded: {ptr or '/'}: {_short(item, 60)} does not occur in the input",
+                )
         return Verdict(True, normalized, "ok")
 
 
@@ -455,7 +519,9 @@ class RegexVerifier(BaseVerifier):
         except re.error as e:
             raise SpecError(f"{_PARAMS}.pattern: not a valid regular expression: {e}") from e
 
-    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+    def check(
+        self, output: str, *, reference: str | None = None, input: str | None = None
+    ) -> Verdict:
         text = _ensure_text(output)
         if self._strip:
             text = text.strip()
@@ -499,7 +565,9 @@ class ExactMatchVerifier(BaseVerifier):
             text = text.strip()
         return text if self._case_sensitive else text.casefold()
 
-    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+    def check(
+        self, output: str, *, reference: str | None = None, input: str | None = None
+    ) -> Verdict:
         normalized = self._norm(_ensure_text(output))
         if reference is None:
             return Verdict(True, normalized, _NO_REFERENCE)
@@ -540,7 +608,9 @@ class PythonASTVerifier(BaseVerifier):
             text = _strip_fences(text)
         return ast.parse(text, mode=self._mode)
 
-    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+    def check(
+        self, output: str, *, reference: str | None = None, input: str | None = None
+    ) -> Verdict:
         text = _ensure_text(output)
         try:
             tree = self._parse(text)
@@ -628,7 +698,9 @@ class BLEUVerifier(BaseVerifier):
     def _tokens(self, text: str) -> list[str]:
         return _TOKEN.findall(text.lower() if self._lowercase else text)
 
-    def check(self, output: str, *, reference: str | None = None) -> Verdict:
+    def check(
+        self, output: str, *, reference: str | None = None, input: str | None = None
+    ) -> Verdict:
         normalized = " ".join(_ensure_text(output).split())
         if not normalized:
             return Verdict(False, normalized, "empty output")

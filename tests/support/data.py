@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-__all__ = ["BANKING77", "banking77"]
+__all__ = ["BANKING77", "SNIPS", "banking77"]
 
 # 4 Banking77 intents, CC BY 4.0: tests/data/banking77/README.md says what is in it
 BANKING77 = Path(__file__).resolve().parents[1] / "data" / "banking77"
+# 5 SNIPS intents, CC0: tests/data/snips/README.md; rows {"text", "output"}, schema.json
+SNIPS = Path(__file__).resolve().parents[1] / "data" / "snips"
 
 
 def banking77(split: str) -> list[tuple[str, str]]:
