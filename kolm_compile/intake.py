@@ -503,20 +503,20 @@ def prepare_submission(
 
     Relative paths start at ``base_dir`` (the spec file's folder). A corpus folder is
     sent as the JSONL of the documents the corpus reader takes from it (same ids, same
-    order: the same chunks); a ``json_schema`` file is inlined. A value that is already
+    order: the same chunks); an ``output_schema`` file is inlined. A value that is already
     ``sha256:…`` or names nothing here is left as it is, for the service to resolve
     under its data root. Returns the spec and ``(field, local path, ref)`` per upload.
     """
     import json as _json
 
     from .recall import load_corpus
-    from .spec import FILE_FIELDS, _load_json_schema
+    from .spec import FILE_FIELDS, _load_output_schema
 
     out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
     done: list[tuple[str, str, str]] = []
-    schema = out.get("json_schema")
+    schema = out.get("output_schema")
     if isinstance(schema, str) and (base_dir / schema).is_file():
-        out["json_schema"] = _load_json_schema(base_dir / schema)
+        out["output_schema"] = _load_output_schema(base_dir / schema)
     for dotted, attr, name in FILE_FIELDS:
         section = out.get(attr)
         if not isinstance(section, dict) or not isinstance(section.get(name), str):

@@ -18,12 +18,15 @@ Schema (``*`` = required; unknown fields are rejected by name)::
     task*: classify | extract | generate
     labels: [str, ...]        classify: the closed label set (required, >= 2, distinct)
     none_label: str           classify: the label (one of labels) meaning "none of these"
-    json_schema: {..} | path  extract: JSON Schema (Draft 2020-12) the output must satisfy
+    output_schema: {..} | path  extract (required): JSON Schema (Draft 2020-12) of the output,
+                              one JSON object (top-level type "object"); a path is a JSON
+                              file relative to the spec. A string field marked
+                              "x-kolm-grounded": true is a span of the input
     instructions: str         what the teacher is asked to do (prepended to every prompt)
     verifier:                 default: label_set (classify), json_schema (extract);
       name*: str              generate needs one: regex, exact_match, python_ast, bleu, ...
       params: {..}            see kolm_compile.verifiers; label_set gets `labels` and
-                              json_schema gets `schema` filled in from the task
+                              json_schema gets `schema` (= output_schema) filled in from the task
     teacher:
       backend*: openai | transformers | replay | simulated   (or any registered teacher)
       profile: str            an operator's teacher profile (kolm compile serve --teachers,
@@ -33,6 +36,9 @@ Schema (``*`` = required; unknown fields are rejected by name)::
                presence_penalty, frequency_penalty}
       k: int = 5              samples per input
       min_agreement: int      votes the winning answer needs; default floor(k/2)+1
+      vote: exact | per_field = exact   exact: min_agreement samples agree on the whole
+                              (normalized) answer; per_field (extract only): on each field
+                              of output_schema (kolm_compile.voting.vote_per_field)
       # each backend's own options, written flat here: declared by its options class
       # and registered with its teacher (kolm_compile.teachers.register_teacher)
       # openai only (OpenAIOptions)
@@ -42,30 +48,43 @@ Schema (``*`` = required; unknown fields are rejected by name)::
       timeout_s: float = 60   per request
       max_retries: int = 5    on 429, 5xx, timeouts and connection errors
       batch_samples: bool = true   ask for all k samples in one request (`n`)
+      response_format: json_schema | json_object | none   extract only; default json_schema
+                              (the schema goes in response_format; otherwise in the prompt)
       # transformers only
       device: str             default: cuda if available, else cpu
       # replay only
       path*: path             JSONL of {input_sha256, samples: [...], model}
       # simulated only (offline demos and benchmarks)
-      dataset*: path          CSV/JSONL with gold labels (data.text_column/label_column)
-      accuracy: float = 0.85  chance that one sample is the gold label
-      similarity_temperature: float = 0.1   wrong answers ~ softmax(similarity / t)
+      dataset*: path          CSV/JSONL with gold answers (data.text_column and
+                              data.label_column for classify, data.output_column otherwise)
+      accuracy: float = 0.85  chance that one sample is the gold answer
+      similarity_temperature: float = 0.1   classify: wrong answers ~ softmax(similarity / t)
       # simulated and transformers
       seed: int               default: the spec's seed
     student:                  defaults: kolm_compile._train.TrainConfig
-      base_model, lora_r, epochs, learning_rate, max_length, batch_size
+      kind: auto | classifier | causal_lm | span_tagger = auto   auto: classify → classifier;
+                              extract → span_tagger when every field of output_schema is a
+                              grounded string or a single enum, else causal_lm; generate →
+                              causal_lm. The spec holds the resolved kind once loaded
+      base_model: str         default by kind: sentence-transformers/all-MiniLM-L6-v2
+                              (classifier, span_tagger), HuggingFaceTB/SmolLM2-135M-Instruct
+                              (causal_lm)
+      max_new_tokens: int = 64   causal_lm only: the most tokens one output may have
+      lora_r, epochs, learning_rate, max_length, batch_size
       confidence_threshold: float = 0.5   below it, inference escalates to the teacher
       target_cover_k_score: float   K-score promised on the cover; the compile picks the gate
                               thresholds for it (docs/INFERENCE.md, selective prediction)
       gate_k: int = 5         neighbour rank of the kNN distance gate
     data:                     at least one of seed_pairs, unlabeled
-      seed_pairs: path        CSV/JSONL of labelled pairs (text,label or input,output)
+      seed_pairs: path        CSV/JSONL of pairs (text and label, or text and output)
       unlabeled: path         CSV/JSONL of inputs for the teacher to label
-      holdout: path           CSV/JSONL of labelled pairs for the K-score
+      holdout: path           CSV/JSONL of pairs for the K-score
       text_column: str = text
-      label_column: str = label
-      limit_per_label: int    keep at most this many rows per label
-      labels: [str, ...]      keep only rows with these labels (subset of `labels`)
+      label_column: str = label    classify only: the label column
+      output_column: str = output  extract/generate only: the reference output column (in
+                              JSON Lines an object or JSON text; in CSV JSON text for extract)
+      limit_per_label: int    classify only: keep at most this many rows per label
+      labels: [str, ...]      classify only: keep only rows with these labels (subset of `labels`)
     budget:                   per JOB, summed over every run of it (resumes included);
                               operational: changing it keeps the job (docs/COMPILE.md)
       max_teacher_calls: int  billed requests (HTTP 200 answers) the job may make (unset: no
@@ -115,6 +134,8 @@ from typing import Annotated, Any, ClassVar, Protocol, TypeVar
 
 import rfc8785
 import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 from pydantic import PlainValidator
 
 from kolm_compile import _train
@@ -146,12 +167,17 @@ from kolm_compile.fields import (
     text,
     thaw,
 )
+from kolm_compile.structured import schema_fields, span_schema
 from kolm_compile.tables import read_rows, read_table
 from kolm_compile.teachers import TeacherOptions, teacher_backends, teacher_options
 from kolm_compile.verifiers import Verifier, get_verifier
 from kolm_ledger.errors import InvalidInput, SpecError
 
 __all__ = [
+    "CAUSAL_LM_BASE_MODEL",
+    "CAUSAL_LM_TARGET_MODULES",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "ENCODER_BASE_MODEL",
     "FILE_FIELDS",
     "MAX_SPEC_ALIASES",
     "MAX_SPEC_BYTES",
@@ -159,7 +185,9 @@ __all__ = [
     "MAX_SPEC_NODES",
     "OPERATIONAL_TEACHER_FIELDS",
     "RECALL_K_MAX",
+    "STUDENT_KINDS",
     "TASK_TYPES",
+    "VOTE_KINDS",
     "BudgetSpec",
     "DataSpec",
     "RecallSpec",
@@ -169,6 +197,7 @@ __all__ = [
     "TeacherSpec",
     "VerifierSpec",
     "check_key_env_name",
+    "default_base_model",
     "kolm_version",
     "load_spec_text",
     "looks_like_key",
@@ -177,6 +206,8 @@ __all__ = [
 ]
 
 TASK_TYPES = ("classify", "extract", "generate")
+#: ``teacher.vote``: how k samples become one label (kolm_compile.voting)
+VOTE_KINDS = ("exact", "per_field")
 _NAME = re.compile(r"[a-z0-9][a-z0-9\-_]{0,63}")
 _CORPUS_SUFFIXES = (".jsonl", ".ndjson")
 #: most chunks a prediction may retrieve by default (a receipt cites ~10 at most: RECALL.md)
@@ -326,6 +357,13 @@ class TeacherSpec(Section):
     min_agreement: Annotated[int | None, optional(integer(1))] = field(
         default=None, metadata=_help("votes the winning answer needs; default floor(k/2)+1")
     )
+    vote: Annotated[str, string(VOTE_KINDS)] = field(
+        default="exact",
+        metadata=_help(
+            "exact: min_agreement samples agree on the whole normalized answer; per_field "
+            "(extract): on each field of the output schema"
+        ),
+    )
     options: Annotated[TeacherOptions | None, optional(instance_of(TeacherOptions))] = field(
         default=None,
         metadata=_help("the backend's own options (default: its options class's defaults)"),
@@ -400,6 +438,23 @@ class TeacherSpec(Section):
 
 _TRAIN_DEFAULTS = _train.TrainConfig()
 
+#: ``student.kind`` values: ``auto`` and the kinds a student may be
+#: (kolm_compile._train.STUDENT_KINDS)
+STUDENT_KINDS = ("auto", *_train.STUDENT_KINDS)
+#: the default base model of the encoder students (classifier, span_tagger)
+ENCODER_BASE_MODEL = _TRAIN_DEFAULTS.base_model
+#: the default base model of the generative student (causal_lm)
+CAUSAL_LM_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: the layers a causal LM student puts LoRA adapters on (Llama-style attention projections)
+CAUSAL_LM_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: default ``student.max_new_tokens`` of a causal_lm student
+DEFAULT_MAX_NEW_TOKENS = _TRAIN_DEFAULTS.max_new_tokens
+
+
+def default_base_model(kind: str) -> str:
+    """The base model a student of ``kind`` gets when the spec names none."""
+    return CAUSAL_LM_BASE_MODEL if kind == "causal_lm" else ENCODER_BASE_MODEL
+
 
 def _check_gate_k(k: Any) -> int | None:
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100):
@@ -409,13 +464,36 @@ def _check_gate_k(k: Any) -> int | None:
 
 @section
 class StudentSpec(Section):
-    """The small model trained on the verified labels (LoRA on an encoder)."""
+    """The small model trained on the verified labels: which kind, on which base, how.
+
+    ``kind: auto`` is resolved by the task spec (:meth:`resolved`); a :class:`TaskSpec`
+    holds the resolved kind, its base model and (causal_lm) ``max_new_tokens``, so
+    ``to_dict`` and the training digest record what is trained.
+    """
 
     PATH: ClassVar[str] = "spec.student"
 
+    kind: Annotated[str, string(STUDENT_KINDS)] = field(
+        default="auto",
+        metadata=_help(
+            "auto | classifier | causal_lm | span_tagger; auto: classify → classifier, "
+            "extract → span_tagger when the schema allows it else causal_lm, generate → "
+            "causal_lm"
+        ),
+    )
     # base_model .. batch_size: the trainer's own checks (TrainConfig), with our field path
-    base_model: Annotated[str, _CHECKED_LATER] = field(
-        default=_TRAIN_DEFAULTS.base_model, metadata=_help("logical id of the base encoder")
+    base_model: Annotated[str | None, _CHECKED_LATER] = field(
+        default=None,
+        metadata=_help(
+            f"logical id of the base model; default {ENCODER_BASE_MODEL} (classifier, "
+            f"span_tagger), {CAUSAL_LM_BASE_MODEL} (causal_lm)"
+        ),
+    )
+    max_new_tokens: Annotated[int | None, _CHECKED_LATER] = field(
+        default=None,
+        metadata=_help(
+            f"causal_lm: the most tokens one output may have (default {DEFAULT_MAX_NEW_TOKENS})"
+        ),
     )
     lora_r: Annotated[int, _CHECKED_LATER] = field(
         default=_TRAIN_DEFAULTS.lora_r, metadata=_help("LoRA rank")
@@ -448,13 +526,74 @@ class StudentSpec(Section):
     )
 
     def __post_init__(self) -> None:
-        self.train_config(0)  # the trainer's own checks, with our field path
+        p = self.PATH
+        if self.kind not in ("auto", "causal_lm") and self.max_new_tokens is not None:
+            raise SpecError(f"{p}.max_new_tokens: only used by kind causal_lm, not {self.kind}")
+        # the trainer's own checks, with our field path (auto: as the kind it will most
+        # likely be; TaskSpec resolves it and checks again)
+        self._config("classifier" if self.kind == "auto" else self.kind, 0)
+
+    def resolved(self, task: str, output_schema: Mapping[str, Any] | None = None) -> StudentSpec:
+        """This section with ``kind: auto`` resolved for ``task`` (and its output schema)
+        and the kind's defaults filled in: ``base_model``, and ``max_new_tokens`` for
+        causal_lm. Raises :class:`SpecError` naming ``spec.student.kind`` for a kind the
+        task cannot train: classifier needs classify; span_tagger needs extract and a
+        schema whose every field is a grounded string or a single enum
+        (:func:`kolm_compile.structured.span_schema`; the message names the first field
+        that is not)."""
+        p = self.PATH
+        schema = thaw(output_schema) if output_schema is not None else None
+        kind = self.kind
+        if kind == "auto":
+            if task == "classify":
+                kind = "classifier"
+            elif task == "extract" and schema is not None and span_schema(schema):
+                kind = "span_tagger"
+            else:
+                kind = "causal_lm"
+        if kind == "classifier" and task != "classify":
+            raise SpecError(f"{p}.kind: classifier needs task classify, not {task}")
+        if kind == "span_tagger":
+            if task != "extract":
+                raise SpecError(f"{p}.kind: span_tagger needs task extract, not {task}")
+            assert schema is not None  # TaskSpec requires output_schema for extract
+            bad = _first_untaggable(schema)
+            if bad is not None:
+                raise SpecError(
+                    f"{p}.kind: span_tagger needs every field of spec.output_schema to be a "
+                    f"grounded string (x-kolm-grounded) or a single enum; {bad}"
+                )
+        changes: dict[str, Any] = {"kind": kind}
+        if self.base_model is None:
+            changes["base_model"] = default_base_model(kind)
+        if kind == "causal_lm" and self.max_new_tokens is None:
+            changes["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+        return replace(self, **changes)
 
     def train_config(self, seed: int) -> _train.TrainConfig:
-        """The :class:`~kolm_compile._train.TrainConfig` these settings mean."""
+        """The :class:`~kolm_compile._train.TrainConfig` these settings mean: the kind, its
+        base model, ``max_new_tokens`` (causal_lm) and the LoRA target modules of the kind
+        (:data:`CAUSAL_LM_TARGET_MODULES` for causal_lm, the encoder's otherwise). Requires
+        a resolved kind (:meth:`resolved`; a :class:`TaskSpec`'s student is)."""
+        if self.kind == "auto":
+            raise SpecError(
+                f"{self.PATH}.kind: auto is resolved by the task (TaskSpec holds the resolved "
+                "kind); call StudentSpec.resolved(task, output_schema) first"
+            )
+        return self._config(self.kind, seed)
+
+    def _config(self, kind: str, seed: int) -> _train.TrainConfig:
+        causal = kind == "causal_lm"
         try:
             return _train.TrainConfig(
-                base_model=self.base_model,
+                kind=kind,
+                max_new_tokens=(
+                    DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
+                ),
+                base_model=self.base_model or default_base_model(kind),
+                target_modules=(
+                    CAUSAL_LM_TARGET_MODULES if causal else _TRAIN_DEFAULTS.target_modules
+                ),
                 lora_r=self.lora_r,
                 epochs=self.epochs,
                 learning_rate=self.learning_rate,
@@ -464,6 +603,21 @@ class StudentSpec(Section):
             )
         except SpecError as e:
             raise SpecError(f"{self.PATH}.{e}") from e
+
+
+def _first_untaggable(schema: Mapping[str, Any]) -> str | None:
+    """Why ``schema`` is not one a span tagger can produce (its first field that is neither
+    a grounded string nor a single enum), or ``None`` when it is."""
+    fs = schema_fields(schema)
+    if not fs:
+        return "it has no fields"
+    for f in fs:
+        where = f.path or "/ (the whole output)"
+        if f.kind == "other":
+            return f"field {where} is not (neither a grounded string nor an enum)"
+        if f.kind == "enum" and f.many:
+            return f"field {where} is not (an enum inside an array: several values)"
+    return None
 
 
 @section
@@ -485,14 +639,26 @@ class DataSpec(Section):
         default="text", metadata=_help("column with the input text")
     )
     label_column: Annotated[str, text()] = field(
-        default="label", metadata=_help("column with the label/output")
+        default="label", metadata=_help("classify: column with the label")
+    )
+    output_column: Annotated[str, text()] = field(
+        default="output",
+        metadata=_help(
+            "extract/generate: column with the reference output (JSON Lines: an object or "
+            "JSON text for extract; CSV: JSON text for extract)"
+        ),
     )
     limit_per_label: Annotated[int | None, optional(integer(1))] = field(
-        default=None, metadata=_help("rows kept per label")
+        default=None, metadata=_help("classify: rows kept per label")
     )
     labels: Annotated[tuple[str, ...] | None, optional(label_list())] = field(
-        default=None, metadata=_help("keep only rows with these labels")
+        default=None, metadata=_help("classify: keep only rows with these labels")
     )
+
+    def column(self, task: str) -> str:
+        """The column holding the reference answer of ``task``: ``label_column`` for
+        classify, ``output_column`` for extract and generate."""
+        return self.label_column if task == "classify" else self.output_column
 
     def __post_init__(self) -> None:
         if self.seed_pairs is None and self.unlabeled is None:
@@ -660,7 +826,7 @@ class RecallSpec(Section):
 
 
 #: Every file a spec section points at: (dotted field, section attribute, field name).
-#: :meth:`TaskSpec.from_dict` sends each through one resolver (and ``json_schema``, which
+#: :meth:`TaskSpec.from_dict` sends each through one resolver (and ``output_schema``, which
 #: may name a file too); tests/compile/test_compile_intake.py checks that every ``Path`` field of
 #: every section is listed here.
 FILE_FIELDS = (
@@ -720,8 +886,9 @@ class TaskSpec(Section):
             "prompt offers it, the student learns it, callers receive it as an answer"
         ),
     )
-    json_schema: Annotated[Mapping[str, Any] | None, optional(json_mapping())] = field(
-        default=None, metadata=_help("extract: JSON Schema of the output")
+    output_schema: Annotated[Mapping[str, Any] | None, optional(json_mapping())] = field(
+        default=None,
+        metadata=_help("extract: JSON Schema (Draft 2020-12) of the output, one JSON object"),
     )
     instructions: Annotated[str | None, optional(text())] = field(
         default=None, metadata=_help("what the teacher is asked")
@@ -770,10 +937,27 @@ class TaskSpec(Section):
                     f"{p}.none_label: {str(self.none_label)[:80]!r} is not one of labels; "
                     "list it there too (the student learns it as a class)"
                 )
-        if task == "extract" and self.json_schema is None:
-            raise SpecError(f"{p}.json_schema: required for task extract")
-        if task != "extract" and self.json_schema is not None:
-            raise SpecError(f"{p}.json_schema: only used by task extract, not {task}")
+        if task == "extract" and self.output_schema is None:
+            raise SpecError(f"{p}.output_schema: required for task extract")
+        if task != "extract" and self.output_schema is not None:
+            raise SpecError(f"{p}.output_schema: only used by task extract, not {task}")
+        if self.output_schema is not None:
+            _check_output_schema(thaw(self.output_schema))
+        if task != "classify":
+            for name in ("limit_per_label", "labels"):
+                if getattr(self.data, name) is not None:
+                    raise SpecError(f"{p}.data.{name}: only used by task classify, not {task}")
+        if self.teacher.vote == "per_field" and task != "extract":
+            raise SpecError(
+                f"{p}.teacher.vote: per_field needs task extract (the fields of a JSON "
+                f"object), not {task}"
+            )
+        if getattr(self.teacher.options, "response_format", None) is not None and task != (
+            "extract"
+        ):
+            raise SpecError(f"{p}.teacher.response_format: only used by task extract, not {task}")
+        # the student: kind auto resolved, the kind's defaults filled in
+        put("student", self.student.resolved(task, self.output_schema))
 
         # (2) the verifier, filled in from the task (building it checks the params)
         put("verifier", self._complete_verifier())
@@ -786,10 +970,6 @@ class TaskSpec(Section):
             options = replace(options, **{"seed": self.seed})  # a seeded backend's
         if options is not self.teacher.options:
             put("teacher", replace(self.teacher, options=options))
-        if self.teacher.backend == "simulated" and task != "classify":
-            raise SpecError(
-                f"{p}.teacher.backend: simulated only answers task classify, not {task}"
-            )
         if self.data.labels is not None and self.labels is not None:
             extra = [label for label in self.data.labels if label not in self.labels]
             if extra:
@@ -818,7 +998,7 @@ class TaskSpec(Section):
                 f"{p}.verifier.name: task {self.task} needs verifier {want}, got {v.name!r}"
             )
         params = thaw(v.params)
-        given = {"label_set": ("labels", "labels"), "json_schema": ("schema", "json_schema")}
+        given = {"label_set": ("labels", "labels"), "json_schema": ("schema", "output_schema")}
         if want in given:
             param, source = given[want]
             value = thaw(getattr(self, source))
@@ -871,11 +1051,13 @@ class TaskSpec(Section):
     ) -> TaskSpec:
         """Validate a parsed spec (the inverse of :meth:`to_dict`).
 
-        ``kolm_version`` in ``d`` is accepted and ignored; ``json_schema`` may be
+        ``kolm_version`` in ``d`` is accepted and ignored; ``output_schema`` may be
         a path to a JSON file. With ``check_files`` every referenced file must
-        exist.
+        exist. A data section naming the other task's answer column
+        (``data.label_column`` outside classify, ``data.output_column`` in classify) is
+        refused, naming it.
 
-        Every file a spec names (:data:`FILE_FIELDS` and a ``json_schema`` path) goes
+        Every file a spec names (:data:`FILE_FIELDS` and an ``output_schema`` path) goes
         through one resolver: ``policy.resolve_file`` when a ``policy`` is given (the
         compile service's: uploads and its data root only, see kolm_compile.intake),
         else paths relative to ``base_dir``. ``policy.teacher`` fills the teacher (and
@@ -888,10 +1070,11 @@ class TaskSpec(Section):
         base = Path(base_dir)
         resolve = policy.resolve_file if policy is not None else _local_resolver(base)
         refs: dict[str, str] = {}
-        if raw.get("json_schema") is not None and not isinstance(raw["json_schema"], Mapping):
-            where, _ = resolve("spec.json_schema", raw["json_schema"])
+        if raw.get("output_schema") is not None and not isinstance(raw["output_schema"], Mapping):
+            where, _ = resolve("spec.output_schema", raw["output_schema"])
             if isinstance(where, Path):
-                raw["json_schema"] = _load_json_schema(where)
+                raw["output_schema"] = _load_output_schema(where)
+        _check_task_column(raw)
         for dotted, attr, name in FILE_FIELDS:
             section = raw.get(attr)
             if isinstance(section, Mapping) and section.get(name) is not None:
@@ -972,6 +1155,9 @@ class TaskSpec(Section):
                     if isinstance(value, TeacherSpec)
                     else {g.name: getattr(value, g.name) for g in fields(value)}  # type: ignore[arg-type]
                 )
+                if isinstance(value, DataSpec):  # only the task's own answer column
+                    other = {n for n in _TASK_COLUMNS if n != _task_column(self.task)}
+                    items = {n: v for n, v in items.items() if n not in other}
                 value = {
                     name: self.file_refs.get(f"{f.name}.{name}", self._relative(item))
                     for name, item in items.items()
@@ -1075,13 +1261,55 @@ def _folder_sha256(dotted: str, path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_json_schema(path: Path) -> Any:
+def _load_output_schema(path: Path) -> Any:
+    """The JSON Schema a spec's ``output_schema`` path names (:class:`SpecError` naming
+    ``spec.output_schema`` when it cannot be read or is not JSON)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise SpecError(f"spec.json_schema: cannot read {path}: {e.strerror or e}") from e
+        raise SpecError(f"spec.output_schema: cannot read {path}: {e.strerror or e}") from e
     except ValueError as e:
-        raise SpecError(f"spec.json_schema: {path.name} is not JSON: {e}") from e
+        raise SpecError(f"spec.output_schema: {path.name} is not JSON: {e}") from e
+
+
+def _check_output_schema(schema: Any) -> None:
+    """A Draft 2020-12 JSON Schema of one JSON object, or :class:`SpecError` naming
+    ``spec.output_schema``."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        where = "".join(f"/{p}" for p in e.path)
+        raise SpecError(
+            f"spec.output_schema: not a valid JSON Schema (Draft 2020-12)"
+            f"{' at ' + where if where else ''}: {e.message}"
+        ) from None
+    if schema.get("type") != "object":
+        raise SpecError(
+            f'spec.output_schema.type: must be "object" (an extract output is one JSON '
+            f"object), got {schema.get('type')!r}"
+        )
+
+
+#: the data column each task reads its reference answers from, and the other's
+_TASK_COLUMNS = ("label_column", "output_column")
+
+
+def _task_column(task: Any) -> str:
+    return "label_column" if task == "classify" else "output_column"
+
+
+def _check_task_column(raw: Mapping[str, Any]) -> None:
+    """Refuse a data section that names the other task's answer column."""
+    data, task = raw.get("data"), raw.get("task")
+    if not isinstance(data, Mapping) or task not in TASK_TYPES:
+        return
+    own = _task_column(task)
+    for name in _TASK_COLUMNS:
+        if name != own and data.get(name) is not None:
+            raise SpecError(
+                f"spec.data.{name}: not used by task {task}; its reference answers are in "
+                f"data.{own}"
+            )
 
 
 # --------------------------------------------------------------------------- where files come from

@@ -325,7 +325,7 @@ def test_the_issue_reproduction_recall_corpus_at_the_keys_folder(world: dict[str
     assert db.execute("SELECT count(*) FROM jobs").fetchone() == (jobs_before,)
 
 
-@pytest.mark.parametrize("dotted", [d for d, _, _ in FILE_FIELDS] + ["json_schema"])
+@pytest.mark.parametrize("dotted", [d for d, _, _ in FILE_FIELDS] + ["output_schema"])
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink", "missing-upload"])
 def test_every_file_field_refuses_what_is_outside(
     world: dict[str, Any], dotted: str, how: str
@@ -337,8 +337,8 @@ def test_every_file_field_refuses_what_is_outside(
         "missing-upload": "sha256:" + "ab" * 32,
     }[how]
     raw = base_spec()
-    if dotted == "json_schema":
-        raw.update(task="extract", labels=None, json_schema=value)
+    if dotted == "output_schema":
+        raw.update(task="extract", labels=None, output_schema=value)
         raw.pop("labels")
     else:
         section, name = dotted.split(".")

@@ -12,10 +12,12 @@ from typing import Annotated, Any
 
 import pytest
 import yaml
+from support.bases import ensure_causal_lm_base
 
 from kolm_compile import fields as kit
 from kolm_compile import teachers
 from kolm_compile.spec import (
+    ENCODER_BASE_MODEL,
     BudgetSpec,
     DataSpec,
     StudentSpec,
@@ -30,6 +32,11 @@ EXAMPLE = (
     Path(__file__).resolve().parents[2] / "kolm_compile" / "examples" / "banking77-router.yaml"
 )
 LABELS = ["card_arrival", "pin_blocked", "exchange_rate"]
+
+
+@pytest.fixture(autouse=True)
+def _causal_lm_base() -> None:
+    ensure_causal_lm_base()  # generate specs default to the causal-LM student
 
 
 def write_data(d: Path) -> None:
@@ -92,7 +99,8 @@ def test_defaults_are_filled(tmp_path: Path) -> None:
     assert type(spec.teacher.options).__name__ == "SimulatedOptions"
     assert not hasattr(spec.teacher, "endpoint")
     assert dict(spec.teacher.params) == {"temperature": 0.7}
-    assert spec.student == StudentSpec()
+    assert spec.student == StudentSpec(kind="classifier", base_model=ENCODER_BASE_MODEL)
+    assert StudentSpec().resolved("classify") == spec.student
     assert spec.budget == BudgetSpec()
     assert spec.data.text_column == "text" and spec.data.label_column == "label"
     assert spec.data.unlabeled == tmp_path / "data" / "train.csv"
@@ -139,13 +147,13 @@ def test_extract_task_uses_the_schema(tmp_path: Path) -> None:
     (tmp_path / "schema.json").write_text(json.dumps(schema))
     d = base_spec()
     del d["labels"]
-    d.update(task="extract", json_schema="schema.json")
+    d.update(task="extract", output_schema="schema.json")
     d["teacher"] = {"backend": "replay", "path": "data/rec.jsonl"}
     spec = load(tmp_path, d, check_files=False)
-    assert dict(spec.json_schema or {}) == {"required": ("amount",), "type": "object"}
+    assert dict(spec.output_schema or {}) == {"required": ("amount",), "type": "object"}
     assert spec.verifier is not None and spec.verifier.name == "json_schema"
     assert spec.build_verifier().check('{"amount": 1}').ok
-    assert spec.to_dict()["json_schema"] == schema
+    assert spec.to_dict()["output_schema"] == schema
 
 
 def test_generate_task_with_verifier(tmp_path: Path) -> None:
@@ -239,7 +247,17 @@ BAD = [
     ("labels", ["a", "a"], r"spec\.labels: duplicate label 'a'"),
     ("labels", ["a", " b"], r"spec\.labels\[1\]: "),
     ("labels", "a,b", r"spec\.labels: must be a list"),
-    ("json_schema", {"type": "object"}, r"spec\.json_schema: only used by task extract"),
+    ("output_schema", {"type": "object"}, r"spec\.output_schema: only used by task extract"),
+    ("data.output_column", "out", r"^spec\.data\.output_column: not used by task classify"),
+    ("teacher.vote", "per_field", r"^spec\.teacher\.vote: per_field needs task extract"),
+    ("teacher.vote", "majority", r"^spec\.teacher\.vote: must be one of exact, per_field"),
+    ("student.kind", "span_tagger", r"^spec\.student\.kind: span_tagger needs task extract"),
+    ("student.kind", "causal", r"^spec\.student\.kind: must be one of auto, classifier, "),
+    (
+        "student.max_new_tokens",
+        8,
+        r"^spec\.student\.max_new_tokens: only used by kind causal_lm, not classifier",
+    ),
     ("instructions", "  ", r"spec\.instructions: must not be empty"),
     ("seed", -1, r"spec\.seed: must be >= 0, got -1"),
     ("seed", True, r"spec\.seed: must be an integer"),
@@ -398,26 +416,20 @@ def test_task_type_requirements(tmp_path: Path) -> None:
     d = base_spec()
     del d["labels"]
     d["teacher"] = {"backend": "openai", "model": "m"}
-    with pytest.raises(SpecError, match=r"spec\.json_schema: required for task extract"):
+    with pytest.raises(SpecError, match=r"spec\.output_schema: required for task extract"):
         load(tmp_path, {**d, "task": "extract"})
     with pytest.raises(SpecError, match=r"spec\.verifier: required for task generate"):
         load(tmp_path, {**d, "task": "generate"})
     with pytest.raises(SpecError, match=r"spec\.labels: only used by task classify"):
         load(tmp_path, {**d, "task": "generate", "labels": LABELS})
-    with pytest.raises(SpecError, match=r"spec\.json_schema: must be a mapping"):
-        load(tmp_path, {**d, "task": "extract", "json_schema": 3})
-    with pytest.raises(SpecError, match=r"spec\.json_schema: cannot read"):
-        load(tmp_path, {**d, "task": "extract", "json_schema": "nope.json"})
-    with pytest.raises(SpecError, match=r"spec\.verifier\.params\.schema: not a valid JSON Schema"):
-        load(tmp_path, {**d, "task": "extract", "json_schema": {"type": 5}})
-    d["teacher"] = {"backend": "simulated", "dataset": "data/train.csv"}
-    with pytest.raises(
-        SpecError, match=r"spec\.teacher\.backend: simulated only answers task classify"
-    ):
-        load(
-            tmp_path,
-            {**d, "task": "generate", "verifier": {"name": "regex", "params": {"pattern": "x"}}},
-        )
+    with pytest.raises(SpecError, match=r"spec\.output_schema: must be a mapping"):
+        load(tmp_path, {**d, "task": "extract", "output_schema": 3})
+    with pytest.raises(SpecError, match=r"spec\.output_schema: cannot read"):
+        load(tmp_path, {**d, "task": "extract", "output_schema": "nope.json"})
+    with pytest.raises(SpecError, match=r"^spec\.output_schema: not a valid JSON Schema"):
+        load(tmp_path, {**d, "task": "extract", "output_schema": {"type": 5}})
+    with pytest.raises(SpecError, match=r"^spec\.output_schema\.type: must be \"object\""):
+        load(tmp_path, {**d, "task": "extract", "output_schema": {"type": "array"}})
 
 
 def test_spec_must_be_a_mapping(tmp_path: Path) -> None:
