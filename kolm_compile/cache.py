@@ -9,8 +9,10 @@
 
 One SQLite file (stdlib ``sqlite3``). The key of sample ``i`` of an input is the
 hex SHA-256 of the RFC 8785 canonical JSON of ``{"teacher": describe(),
-"prompt": build_messages(task, input), "input": input, "index": i}``: a change
-of model, sampling params, endpoint, prompt wording or input is a new key, and
+"prompt": teacher.prompt(task, input), "input": input, "index": i}`` (the prompt: the
+chat messages, with the ``response_format`` when the openai backend sends one for an
+extract task; kolm_compile.teachers.teacher_prompt): a change of model, sampling
+params, endpoint, prompt wording, output schema, response format or input is a new key, and
 ``k`` is not part of it, so raising k from 5 to 7 buys only samples 5 and 6.
 
 Each row holds the sample as canonical JSON and ``SHA-256(canonical {"key",
@@ -46,7 +48,7 @@ from kolm_compile.teachers import (
     Teacher,
     TeacherSample,
     TeacherSpend,
-    build_messages,
+    teacher_prompt,
 )
 from kolm_ledger.errors import FormatError, StorageError, VerificationError
 
@@ -208,7 +210,7 @@ class CachedTeacher:
         keys: list[list[str]] = []
         missing: list[tuple[int, SampleRequest]] = []  # (request number, sub-request)
         for n, r in enumerate(requests):
-            prompt = build_messages(task, r.input_text)
+            prompt = teacher_prompt(self.teacher, task, r.input_text)
             row_keys = [
                 cache_key(self._description, prompt, r.input_text, i)
                 for i in range(r.first_index, r.first_index + r.k)

@@ -79,11 +79,21 @@ from kolm_compile.fields import (
     number,
     optional,
     section,
+    string,
     table_path,
     text,
 )
 from kolm_compile.retry import Backoff, Retry, retry, retry_after
-from kolm_compile.tables import read_rows
+from kolm_compile.structured import (
+    GROUNDED_KEY,
+    SchemaField,
+    canonical,
+    field_pairs,
+    grounded_paths,
+    pointer_parts,
+    schema_fields,
+)
+from kolm_compile.tables import read_outputs, read_rows
 from kolm_ledger.errors import (
     FormatError,
     InvalidInput,
@@ -97,7 +107,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
+    "EXTRACT_CORRUPTIONS",
     "PROMPT_VERSION",
+    "RESPONSE_FORMATS",
+    "SIMULATION_VERSION",
     "BaseTeacher",
     "InputRejected",
     "OpenAIOptions",
@@ -121,12 +134,13 @@ __all__ = [
     "register_teacher",
     "teacher_backends",
     "teacher_options",
+    "teacher_prompt",
     "trigram_similarity",
 ]
 
 log = logging.getLogger(__name__)
 
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"
 """Bumped whenever :func:`build_messages` changes what it sends; recorded by ``describe()``."""
 
 
@@ -148,12 +162,17 @@ class _Columns(Protocol):
     def text_column(self) -> str: ...
     @property
     def label_column(self) -> str: ...
+    @property
+    def output_column(self) -> str: ...
 
 
 class PromptTask(Protocol):
     """What a teacher reads of a task (kolm_compile.spec.TaskSpec is one): what to ask
-    (task type, labels, schema, instructions), the budget, the seed, where files are."""
+    (name, task type, labels, output schema, instructions), the budget, the seed, where
+    files are."""
 
+    @property
+    def name(self) -> str: ...
     @property
     def task(self) -> str: ...
     @property
@@ -161,7 +180,7 @@ class PromptTask(Protocol):
     @property
     def none_label(self) -> str | None: ...
     @property
-    def json_schema(self) -> Mapping[str, Any] | None: ...
+    def output_schema(self) -> Mapping[str, Any] | None: ...
     @property
     def instructions(self) -> str | None: ...
     @property
@@ -412,25 +431,32 @@ def _classify_prompt(task: PromptTask, input_text: str) -> str:
     )
 
 
-def _extract_prompt(task: PromptTask, input_text: str) -> str:
-    schema = json.dumps(dict(_plain(task.json_schema)), indent=2, sort_keys=True)
-    return (
-        "Extract the requested information from the input as one JSON value that is valid "
-        f"against this JSON Schema (Draft 2020-12):\n{schema}\n\n"
-        "Answer with the JSON only, without code fences or commentary."
-        f"\n\nInput:\n{input_text}"
-    )
+_ONE_OBJECT = "Answer with one JSON object only, without code fences or commentary."
+
+
+def _extract_prompt(task: PromptTask, input_text: str, schema_in_prompt: bool = True) -> str:
+    schema = dict(_plain(task.output_schema or {}))
+    if schema_in_prompt:
+        body = (
+            "Extract the requested information from the input as one JSON object that is "
+            f"valid against this JSON Schema (Draft 2020-12):\n"
+            f"{json.dumps(schema, indent=2, sort_keys=True)}\n\n"
+        )
+    else:  # the schema travels in the request's response_format
+        body = (
+            "Extract the requested information from the input as one JSON object that is "
+            "valid against the response format's JSON Schema.\n\n"
+        )
+    if grounded_paths(schema):
+        body += (
+            f'Copy the values of the fields marked "{GROUNDED_KEY}": true exactly as they '
+            "are written in the input.\n"
+        )
+    return f"{body}{_ONE_OBJECT}\n\nInput:\n{input_text}"
 
 
 def _generate_prompt(task: PromptTask, input_text: str) -> str:
     return f"Input:\n{input_text}"
-
-
-_PROMPTS: dict[str, Callable[[PromptTask, str], str]] = {
-    "classify": _classify_prompt,
-    "extract": _extract_prompt,
-    "generate": _generate_prompt,
-}
 
 
 def _plain(v: Any) -> Any:
@@ -441,17 +467,35 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def build_messages(task: PromptTask, input_text: str) -> list[dict[str, str]]:
+def build_messages(
+    task: PromptTask, input_text: str, *, schema_in_prompt: bool = True
+) -> list[dict[str, str]]:
     """The chat messages every backend sends for ``input_text`` (system, user).
 
     The user message starts with the spec's ``instructions`` (when set), then
-    what the task type needs: the label list (classify), the JSON Schema
-    (extract), or nothing more (generate); the input comes last.
+    what the task type needs: the label list (classify); for extract, the request for
+    one JSON object, the output schema (unless ``schema_in_prompt`` is false: the openai
+    backend sends it as ``response_format``) and, when the schema marks fields
+    ``x-kolm-grounded``, that their values are copied from the input; nothing more for
+    generate. The input comes last.
     """
-    body = _PROMPTS[task.task](task, input_text)
+    if task.task == "extract":
+        body = _extract_prompt(task, input_text, schema_in_prompt)
+    elif task.task == "classify":
+        body = _classify_prompt(task, input_text)
+    else:
+        body = _generate_prompt(task, input_text)
     if task.instructions:
         body = f"{task.instructions.strip()}\n\n{body}"
     return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": body}]
+
+
+def teacher_prompt(teacher: Any, task: PromptTask, input_text: str) -> Any:
+    """What ``teacher`` sends for ``input_text`` besides its ``describe()``: its
+    ``prompt(task, input_text)`` when it has one (:class:`BaseTeacher` does), else
+    :func:`build_messages`. The teacher cache keys samples by it."""
+    prompt = getattr(teacher, "prompt", None)
+    return prompt(task, input_text) if callable(prompt) else build_messages(task, input_text)
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -494,6 +538,12 @@ class BaseTeacher:
     ) -> list[TeacherSample]:
         """Samples ``first_index .. first_index + k - 1`` for one input; override."""
         raise NotImplementedError
+
+    def prompt(self, task: PromptTask, input_text: str) -> Any:
+        """What this teacher asks for ``input_text`` (JSON-ready): the teacher cache's key
+        covers it with ``describe()``. :func:`build_messages` here; a backend that sends
+        more (the openai backend's ``response_format``) says so."""
+        return build_messages(task, input_text)
 
     def sample_many(
         self,
@@ -640,6 +690,8 @@ def _chat_url(endpoint: str) -> str:
 
 
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+#: ``teacher.response_format`` of the openai backend (task extract)
+RESPONSE_FORMATS = ("json_schema", "json_object", "none")
 
 
 @functools.cache
@@ -682,6 +734,14 @@ class OpenAIOptions(TeacherOptions):
     )
     batch_samples: Annotated[bool, boolean()] = field(
         default=True, metadata=_operational("openai: request all k samples at once with `n`")
+    )
+    response_format: Annotated[str | None, optional(string(RESPONSE_FORMATS))] = field(
+        default=None,
+        metadata=_help(
+            "openai, task extract: how JSON is asked for: json_schema (default; the output "
+            "schema goes in response_format), json_object (response_format json_object, the "
+            "schema in the prompt) or none (the schema in the prompt only)"
+        ),
     )
 
 
@@ -728,6 +788,8 @@ class OpenAITeacher(BaseTeacher):
         self._slots = threading.BoundedSemaphore(self._concurrency)
         self._backoff = Backoff(backoff_base_s, backoff_max_s, rng=rng, sleep=sleep)
         self._budget = task.budget
+        # extract: JSON asked for through response_format (OpenAIOptions.response_format)
+        self._format = (opts.response_format or "json_schema") if task.task == "extract" else None
         # the job's spend over all its runs (the pipeline passes the job folder's); the
         # budget is checked against it, so a resumed job does not get a fresh budget
         self.spend = spend if spend is not None else TeacherSpend()
@@ -760,7 +822,8 @@ class OpenAITeacher(BaseTeacher):
         return self._retries_done
 
     def describe(self) -> dict[str, Any]:
-        """Backend, model, endpoint (no credentials), sampling params, prompt version."""
+        """Backend, model, endpoint (no credentials), sampling params, prompt version, and
+        for extract how JSON is asked for (``response_format``)."""
         return {
             "backend": self.backend,
             "endpoint": self.endpoint,
@@ -768,7 +831,32 @@ class OpenAITeacher(BaseTeacher):
             "params": self._params,
             "prompt_version": PROMPT_VERSION,
             **({"profile": self._spec.profile} if self._spec.profile else {}),
+            **({"response_format": self._format} if self._format is not None else {}),
         }
+
+    def _response_format(self, task: PromptTask) -> dict[str, Any] | None:
+        """The request's ``response_format`` (extract only; see :class:`OpenAIOptions`)."""
+        if self._format == "json_schema":
+            return {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": task.name,
+                    "schema": _plain(task.output_schema or {}),
+                    "strict": False,
+                },
+            }
+        if self._format == "json_object":
+            return {"type": "json_object"}
+        return None
+
+    def _messages(self, task: PromptTask, input_text: str) -> list[dict[str, str]]:
+        return build_messages(task, input_text, schema_in_prompt=self._format != "json_schema")
+
+    def prompt(self, task: PromptTask, input_text: str) -> Any:
+        """The messages, and the ``response_format`` when the request carries one."""
+        messages = self._messages(task, input_text)
+        fmt = self._response_format(task)
+        return messages if fmt is None else {"messages": messages, "response_format": fmt}
 
     def __repr__(self) -> str:
         return f"OpenAITeacher(endpoint={self.endpoint!r}, model={self._spec.model!r})"
@@ -788,7 +876,8 @@ class OpenAITeacher(BaseTeacher):
         :class:`ResourceExhaustedError` past ``budget.max_teacher_calls``.
         """
         _check_k(k, first_index)
-        messages = build_messages(task, input_text)
+        messages = self._messages(task, input_text)
+        fmt = self._response_format(task)
         digest = input_sha256(input_text)
         where = f"input {prompt_id} (sha256 {digest})"
         out: list[TeacherSample] = []
@@ -796,6 +885,8 @@ class OpenAITeacher(BaseTeacher):
         while len(out) < k:
             n = k - len(out) if self._batch else 1
             body = {**self._params, "messages": messages, "model": self._spec.model}
+            if fmt is not None:
+                body["response_format"] = fmt
             if n > 1:
                 body["n"] = n
             try:
@@ -1335,21 +1426,42 @@ class SimulatedOptions(TeacherOptions):
     )
 
 
+#: the corruption scheme of the simulated teacher's wrong structured answers; recorded by
+#: ``describe()`` (so the teacher cache and receipts tell schemes apart): bump it whenever
+#: a wrong answer for some input and sample number could change
+SIMULATION_VERSION = "1"
+#: what a wrong extract answer of the simulated teacher may be (SimulatedTeacher)
+EXTRACT_CORRUPTIONS = ("drop_field", "extra_field", "span_shift", "wrong_enum", "invalid_json")
+
+
 @register_teacher("simulated", options=SimulatedOptions)
 class SimulatedTeacher(BaseTeacher):
     """A stand-in teacher for offline demos and benchmarks — not a model.
 
-    Knows the gold label of every input in ``spec.dataset`` (columns
-    ``data.text_column``/``data.label_column``; rows whose label is not in the
-    task's label set are skipped; the first row wins for a repeated text). Each
-    sample is the gold label with probability ``accuracy``; otherwise another
-    label ``j`` with probability ∝ ``exp(sim(gold, j) / similarity_temperature)``,
-    where ``sim`` is the cosine similarity of ``embed([label names])`` (names with
-    ``_``/``-`` read as spaces) or, without ``embed``, the character-trigram
-    Jaccard similarity of the names. Sample ``i`` of an input uses its own RNG
-    seeded from ``(seed, input digest, i)``: reproducible and independent of
-    order and batching. Token counts are estimated at 4 characters per token so
-    cost demos have numbers; ``describe()`` says ``"simulated": true``.
+    Knows the gold answer of every input in ``spec.dataset`` (the first row wins for a
+    repeated text). Each sample is the gold answer with probability ``accuracy``,
+    otherwise a plausible wrong one. Sample ``i`` of an input uses its own RNG seeded
+    from ``(seed, input digest, i)``: reproducible and independent of order and
+    batching. Token counts are estimated at 4 characters per token so cost demos have
+    numbers; ``describe()`` says ``"simulated": true``.
+
+    * **classify** — gold labels from ``data.text_column``/``data.label_column`` (rows
+      whose label is not in the task's label set are skipped). A wrong sample is another
+      label ``j`` with probability ∝ ``exp(sim(gold, j) / similarity_temperature)``, where
+      ``sim`` is the cosine similarity of ``embed([label names])`` (names with ``_``/``-``
+      read as spaces) or, without ``embed``, the character-trigram Jaccard similarity.
+    * **extract** — gold objects from ``data.text_column``/``data.output_column``
+      (kolm_compile.tables.read_outputs: an object or JSON text; rows whose output is not
+      valid under the output schema are skipped); the answer is the gold object's
+      canonical JSON. A wrong sample is one corruption, drawn uniformly among those that
+      apply (:data:`EXTRACT_CORRUPTIONS`): ``drop_field`` (a field of the gold object
+      left out), ``extra_field`` (a field the gold object lacks, with an invented value:
+      for a string field either a phrase of the input or another row's value of that
+      field, for an enum another value), ``span_shift`` (a grounded value one word longer
+      or shorter at either end, its neighbour taken from the input), ``wrong_enum`` (an
+      enum field with another of its values), ``invalid_json`` (the answer cut short).
+    * **generate** — gold texts from ``data.output_column``; a wrong sample drops or
+      repeats one word of the gold text (its spacing kept).
     """
 
     def __init__(
@@ -1360,19 +1472,32 @@ class SimulatedTeacher(BaseTeacher):
         embed: Callable[[list[str]], np.ndarray] | None = None,
     ) -> None:
         opts = _options(spec, SimulatedOptions)
-        assert task.labels is not None
         self._spec = spec
-        self._labels = list(task.labels)
+        self._task = task.task
         self._accuracy = float(opts.accuracy)
         self._temperature = float(opts.similarity_temperature)
         self._seed = opts.seed if opts.seed is not None else task.seed
         dataset = opts.dataset
+        try:
+            self._dataset_sha256 = hashlib.sha256(dataset.read_bytes()).hexdigest()
+        except OSError as e:
+            raise SpecError(
+                f"spec.teacher.dataset: cannot read {dataset}: {e.strerror or e}"
+            ) from e
+        self._gold: dict[str, str] = {}
+        if task.task == "classify":
+            self._init_labels(dataset, task, embed)
+        else:
+            self._init_outputs(dataset, task)
+
+    def _init_labels(
+        self, dataset: Path, task: PromptTask, embed: Callable[[list[str]], np.ndarray] | None
+    ) -> None:
+        assert task.labels is not None
+        self._labels = list(task.labels)
         text_col, label_col = task.data.text_column, task.data.label_column
         known = set(self._labels)
-        self._gold: dict[str, str] = {}
-        h = hashlib.sha256()
         try:
-            h.update(dataset.read_bytes())
             for n, row in enumerate(read_rows(dataset), 1):
                 if text_col not in row or label_col not in row:
                     raise FormatError(
@@ -1385,7 +1510,6 @@ class SimulatedTeacher(BaseTeacher):
             raise SpecError(
                 f"spec.teacher.dataset: cannot read {dataset}: {e.strerror or e}"
             ) from e
-        self._dataset_sha256 = h.hexdigest()
         names = [_label_words(label) for label in self._labels]
         self._similarity_kind = "embedding-cosine" if embed else "char-trigram-jaccard"
         sim = _cosine(embed(names)) if embed else trigram_similarity(names)
@@ -1402,22 +1526,58 @@ class SimulatedTeacher(BaseTeacher):
                 cumulative.append(acc)
             self._wrong[gold] = ([self._labels[j] for j in others], cumulative)
 
+    def _init_outputs(self, dataset: Path, task: PromptTask) -> None:
+        schema = _plain(task.output_schema) if task.output_schema is not None else None
+        table = read_outputs(
+            dataset,
+            task.data.text_column,
+            task.data.output_column,
+            "spec.teacher.dataset",
+            task=task.task,
+            schema=schema,
+        )
+        if table.rows and not table.has_column:
+            raise SpecError(
+                f"spec.teacher.dataset: {dataset.name} has no column "
+                f"{task.data.output_column!r} (spec.data.output_column): the simulated "
+                "teacher answers from it"
+            )
+        self._fields = schema_fields(schema) if schema is not None else []
+        # every value each field takes over the table: another row's value is an invented
+        # one for this row (extra_field)
+        pool: dict[str, set[str]] = {}
+        for r in table.rows:
+            if r.output is None:
+                continue
+            self._gold.setdefault(input_sha256(r.text), r.output)
+            if schema is not None:
+                for ptr, value in field_pairs(json.loads(r.output)):
+                    pool.setdefault(ptr, set()).add(value)
+        self._pool = {ptr: sorted(values) for ptr, values in pool.items()}
+
     def describe(self) -> dict[str, Any]:
         """Says ``backend: simulated`` and ``simulated: true``, with every knob."""
-        return {
+        out: dict[str, Any] = {
             "accuracy": self._accuracy,
             "backend": self.backend,
             "dataset_sha256": self._dataset_sha256,
             "model": self._spec.model or "simulated",
             "prompt_version": PROMPT_VERSION,
             "seed": self._seed,
-            "similarity": self._similarity_kind,
-            "similarity_temperature": self._temperature,
             "simulated": True,
         }
+        if self._task == "classify":
+            out["similarity"] = self._similarity_kind
+            out["similarity_temperature"] = self._temperature
+        else:
+            out["simulation"] = f"{self._task}-v{SIMULATION_VERSION}"
+        return out
 
     def confusion_probability(self, gold: str, answer: str) -> float:
-        """Probability that one sample for an input with label ``gold`` is ``answer``."""
+        """Probability that one sample for an input with label ``gold`` is ``answer``
+        (classify only)."""
+        if self._task != "classify":
+            raise InvalidInput(f"confusion_probability is for task classify, not {self._task}")
         if answer == gold:
             return self._accuracy if gold in self._wrong else 1.0
         labels, cumulative = self._wrong[gold]
@@ -1433,16 +1593,173 @@ class SimulatedTeacher(BaseTeacher):
         digest = input_sha256(input_text.strip())
         gold = self._gold.get(digest)
         if gold is None:
-            raise NotFoundError(f"simulated teacher has no gold label for input sha256 {digest}")
+            what = "label" if self._task == "classify" else "output"
+            raise NotFoundError(f"simulated teacher has no gold {what} for input sha256 {digest}")
         texts = []
         for index in range(first_index, first_index + k):
             rng = random.Random(_seed_int(self._seed, digest, index))
-            if gold not in self._wrong or rng.random() < self._accuracy:
+            if self._task == "classify":
+                texts.append(self._label_sample(gold, rng))
+            elif rng.random() < self._accuracy:
                 texts.append(gold)
+            elif self._task == "extract":
+                texts.append(self._wrong_object(gold, input_text.strip(), rng))
             else:
-                labels, cumulative = self._wrong[gold]
-                pick = min(bisect_right(cumulative, rng.random()), len(labels) - 1)
-                texts.append(labels[pick])
+                texts.append(_wrong_text(gold, rng))
         prompt_chars = sum(len(m["content"]) for m in build_messages(task, input_text))
         out_chars = sum(len(t) for t in texts)
         return _samples(texts, math.ceil(prompt_chars / 4), math.ceil(out_chars / 4), task)
+
+    def _label_sample(self, gold: str, rng: random.Random) -> str:
+        if gold not in self._wrong or rng.random() < self._accuracy:
+            return gold
+        labels, cumulative = self._wrong[gold]
+        pick = min(bisect_right(cumulative, rng.random()), len(labels) - 1)
+        return labels[pick]
+
+    def _wrong_object(self, gold: str, input_text: str, rng: random.Random) -> str:
+        """One corruption of the gold object (see the class docstring)."""
+        obj = json.loads(gold)
+        words = input_text.split()
+        present = [f for f in self._fields if _slot(obj, f.path) is not None]
+        options: list[tuple[str, Callable[[], Any]]] = []
+        if present:
+            options.append(("drop_field", lambda: _drop(obj, rng.choice(present).path)))
+        absent = [
+            f
+            for f in self._fields
+            if f.kind in ("span", "enum") and f not in present and _can_add(obj, f.path)
+        ]
+        if absent:
+            options.append(("extra_field", lambda: self._add(obj, rng.choice(absent), words, rng)))
+        spans = [
+            (f, i)
+            for f in present
+            if f.kind == "span"
+            for i, v in enumerate(_values(obj, f))
+            if isinstance(v, str) and _shifts(v, words)
+        ]
+        if spans:
+            options.append(("span_shift", lambda: _shift(obj, *rng.choice(spans), words, rng)))
+        enums = [f for f in present if f.kind == "enum" and not f.many and len(f.enum) > 1]
+        if enums:
+            options.append(("wrong_enum", lambda: _other_enum(obj, rng.choice(enums), rng)))
+        options.append(("invalid_json", lambda: None))
+        name, corrupt = rng.choice(options)
+        if name == "invalid_json":
+            return gold[: rng.randint(1, len(gold) - 1)] if len(gold) > 1 else "{"
+        corrupt()
+        return canonical(obj)
+
+    def _add(self, obj: Any, f: SchemaField, words: list[str], rng: random.Random) -> None:
+        if f.kind == "enum":
+            value: Any = rng.choice(f.enum)
+        elif rng.random() < 0.5 and words:  # a phrase of the input: grounded, but wrong
+            i = rng.randrange(len(words))
+            value = " ".join(words[i : i + rng.randint(1, 2)])
+        else:  # another row's value: most likely not in this input at all
+            pool = self._pool.get(f.path) or [json.dumps("unknown")]
+            value = json.loads(rng.choice(pool))
+        parent, key = _slot(obj, f.path, make=True)  # type: ignore[misc]
+        parent[key] = [value] if f.many else value
+
+
+def _slot(obj: Any, ptr: str, *, make: bool = False) -> tuple[dict[str, Any], str] | None:
+    """The (object, key) that holds field ``ptr`` in ``obj``: with ``make``, missing
+    objects on the way are created and the key need not be there; without it, the key
+    must be there. ``None`` when the way is blocked (an array or a scalar)."""
+    parts = pointer_parts(ptr)
+    if not parts:
+        return None
+    node = obj
+    for key in parts[:-1]:
+        if not isinstance(node, dict):
+            return None
+        if key not in node:
+            if not make:
+                return None
+            node[key] = {}
+        node = node[key]
+    if not isinstance(node, dict) or (not make and parts[-1] not in node):
+        return None
+    return node, parts[-1]
+
+
+def _can_add(obj: Any, ptr: str) -> bool:
+    """Whether field ``ptr`` can be set in ``obj`` (objects only on the way, or none yet)."""
+    parts = pointer_parts(ptr)
+    node = obj
+    for key in parts[:-1]:
+        if not isinstance(node, dict):
+            return False
+        if key not in node:
+            return True
+        node = node[key]
+    return bool(parts) and isinstance(node, dict)
+
+
+def _values(obj: Any, f: SchemaField) -> list[Any]:
+    slot = _slot(obj, f.path)
+    if slot is None:
+        return []
+    value = slot[0][slot[1]]
+    return list(value) if f.many and isinstance(value, list) else [value]
+
+
+def _drop(obj: Any, ptr: str) -> None:
+    parent, key = _slot(obj, ptr)  # type: ignore[misc]
+    del parent[key]
+
+
+def _find(value: str, words: list[str]) -> int | None:
+    """Where the words of ``value`` start among ``words`` (the first place), or None."""
+    vw = value.split()
+    for i in range(len(words) - len(vw) + 1):
+        if vw and words[i : i + len(vw)] == vw:
+            return i
+    return None
+
+
+def _shifts(value: str, words: list[str]) -> list[str]:
+    """A span one word longer (a neighbour of the input) or shorter, at either end."""
+    i = _find(value, words)
+    if i is None:
+        return []
+    j = i + len(value.split())
+    out = []
+    if i > 0:
+        out.append(" ".join(words[i - 1 : j]))
+    if j < len(words):
+        out.append(" ".join(words[i : j + 1]))
+    if j - i >= 2:
+        out += [" ".join(words[i + 1 : j]), " ".join(words[i : j - 1])]
+    return out
+
+
+def _shift(obj: Any, f: SchemaField, index: int, words: list[str], rng: random.Random) -> None:
+    parent, key = _slot(obj, f.path)  # type: ignore[misc]
+    if f.many:
+        parent[key][index] = rng.choice(_shifts(parent[key][index], words))
+    else:
+        parent[key] = rng.choice(_shifts(parent[key], words))
+
+
+def _other_enum(obj: Any, f: SchemaField, rng: random.Random) -> None:
+    parent, key = _slot(obj, f.path)  # type: ignore[misc]
+    parent[key] = rng.choice([e for e in f.enum if e != parent[key]])
+
+
+_WORDS = re.compile(r"(\s+)")
+
+
+def _wrong_text(gold: str, rng: random.Random) -> str:
+    """The gold text with one word dropped or repeated (its spacing kept)."""
+    parts = _WORDS.split(gold)  # words at even indices, the spaces between at odd
+    words = list(range(0, len(parts), 2))
+    i = rng.choice(words)
+    if len(words) > 1 and rng.random() < 0.5:  # drop word i and the space after (or before)
+        cut = i + 1 if i + 1 < len(parts) else i - 1
+        del parts[min(i, cut) : max(i, cut) + 1]
+    else:
+        parts[i] = f"{parts[i]} {parts[i]}"
+    return "".join(parts)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
+from support.bases import ensure_causal_lm_base
 
 from kolm_compile import fields as kit
 from kolm_compile.cache import CachedTeacher, TeacherCache, cache_key
@@ -305,11 +306,13 @@ def test_prompts(tmp_path: Path) -> None:
     assert "exactly one label" in user["content"]
     assert user["content"].endswith("Input:\nwhere is my card?")
     (tmp_path / "s.json").write_text(json.dumps({"type": "object", "required": ["amount"]}))
+    ensure_causal_lm_base()  # the schema is not a span schema: the causal-LM student
     extract = TaskSpec.from_dict(
-        {"name": "e", "task": "extract", "json_schema": "s.json", "teacher": {"backend": "openai", "model": "m"},
+        {"name": "e", "task": "extract", "output_schema": "s.json", "teacher": {"backend": "openai", "model": "m"},
          "data": {"unlabeled": "gold.jsonl"}}, tmp_path)  # fmt: skip
     content = build_messages(extract, "pay 5 EUR")[1]["content"]
-    assert '"required": [\n    "amount"\n  ]' in content and "JSON only" in content
+    assert '"required": [\n    "amount"\n  ]' in content
+    assert "one JSON object only" in content and content.endswith("Input:\npay 5 EUR")
 
 
 # --------------------------------------------------------------------------- openai
