@@ -44,7 +44,7 @@ def estimate(spec: TaskSpec, *, teacher_cache: Path | None = None) -> dict[str, 
     teacher_ok = True
     try:
         from .cache import CachedTeacher, TeacherCache, cache_key
-        from .teachers import build_teacher
+        from .teachers import build_teacher, teacher_prompt
 
         teacher = build_teacher(spec.teacher, spec)
     except KolmError as e:
@@ -56,7 +56,7 @@ def estimate(spec: TaskSpec, *, teacher_cache: Path | None = None) -> dict[str, 
             try:
                 desc = CachedTeacher(teacher, cache).describe()
                 for text in inputs:
-                    prompt = build_messages(spec, text)
+                    prompt = teacher_prompt(teacher, spec, text)
                     cached += sum(
                         cache.get(cache_key(desc, prompt, text, i)) is not None for i in range(k)
                     )
@@ -92,7 +92,15 @@ def estimate(spec: TaskSpec, *, teacher_cache: Path | None = None) -> dict[str, 
         notes.append(f"budget.max_cost ${b.max_cost:.4f} < estimated ${cost:.4f}")
     assert ing.holdout_report is not None  # ingest always reports
     hold = ing.holdout_report.to_dict()
-    if hold.get("mapped") or hold.get("dropped") or hold.get("unlabeled"):
+    if spec.task != "classify" and (hold.get("dropped") or hold.get("unlabeled")):
+        why = (
+            "not an object valid under spec.output_schema" if spec.task == "extract" else "not text"
+        )
+        notes.append(
+            f"spec.data.holdout: {hold['dropped']} rows dropped (output {why}), "
+            f"{hold['unlabeled']} without an output"
+        )
+    elif hold.get("mapped") or hold.get("dropped") or hold.get("unlabeled"):
         notes.append(
             f"spec.data.holdout: {hold['mapped']} labels mapped to spec.labels (case, _ or -), "
             f"{hold['dropped']} rows dropped (label not in spec.labels), "

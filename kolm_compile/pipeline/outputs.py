@@ -42,30 +42,45 @@ __all__ = [
 @dataclass(frozen=True)
 class HoldoutReport:
     """What ingest did to the holdout's rows: ``mapped`` to a label of the spec (case,
-    quotes, ``_``/``-``), ``dropped`` (a label not in the spec), ``unlabeled`` (empty),
-    and ``leaked`` (also a training input: the K-score would flatter the student)."""
+    quotes, ``_``/``-``), ``dropped`` (classify: a label not in the spec; extract: an
+    output that is not an object valid under the output schema; generate: an output that
+    is not text), ``unlabeled`` (empty), and ``leaked`` (also a training input: the
+    K-score would flatter the student). ``dropped_rows`` names the first dropped rows of
+    a structured task with the reason (``row 4: not JSON: ...``); empty for classify."""
 
     rows: int
     mapped: int = 0
     dropped: int = 0
     unlabeled: int = 0
     leaked: int = 0
+    dropped_rows: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, int]:
-        """JSON-ready, in the order the receipts and the summary show."""
-        return {
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, in the order the receipts and the summary show (``dropped_rows``
+        only when there are some)."""
+        out: dict[str, Any] = {
             "rows": self.rows,
             "mapped": self.mapped,
             "dropped": self.dropped,
             "unlabeled": self.unlabeled,
             "leaked": self.leaked,
         }
+        if self.dropped_rows:
+            out["dropped_rows"] = list(self.dropped_rows)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HoldoutReport:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**d, "dropped_rows": tuple(d.get("dropped_rows", ()))})
 
 
 @dataclass(frozen=True)
 class Ingested:
     """The unlabeled inputs (unique, file order; their gold label when the file has one,
-    for diagnostics only; their data row), the seed pairs and the holdout."""
+    for diagnostics only; their data row), the seed pairs and the holdout. A label is the
+    task's answer text: a label of the set (classify), the canonical JSON of the object
+    (extract) or the text (generate)."""
 
     inputs: Sequence[str]
     input_gold: Sequence[str | None]
@@ -107,7 +122,7 @@ class Ingested:
             input_rows=list(d.get("input_rows") or [None] * len(inputs)),
             seeds=[(t, y) for t, y in d["seeds"]],
             holdout=[(t, y) for t, y in d["holdout"]],
-            holdout_report=HoldoutReport(**report) if report else None,
+            holdout_report=HoldoutReport.from_dict(report) if report else None,
             counters=dict(d.get("_counters") or {}),
         )
 
