@@ -24,9 +24,10 @@ from kolm_ledger.formats.receipts import (
 from kolm_ledger.log.provenance import training_set_root
 
 from ..cache import CachedTeacher
+from ..fields import thaw
 from ..sinks import Acked
 from ..teachers import InputRejected, SampleRequest, TeacherSample
-from ..voting import VoteResult, summarize
+from ..voting import VoteResult, summarize, vote_per_field
 from ..voting import vote as vote_on
 from .context import StageContext, dump_json, stage_time
 from .outputs import (
@@ -143,18 +144,27 @@ def sample(ctx: StageContext, teacher: CachedTeacher, ing: Ingested) -> Sampled:
 
 
 def vote(ctx: StageContext, ing: Ingested, smp: Sampled) -> Voted:
-    """Stage (3): verify every sample and take the majority (``teacher.min_agreement``,
-    default a strict majority of k); an input the teacher rejected is rejected with code
-    ``teacher_error``. With gold labels in the input file, the label precision of one
-    sample and of the vote are counted (diagnostics; they never reach training)."""
-    t = ctx.spec.teacher
+    """Stage (3): verify every sample (given its input: the grounded check of an extract
+    task needs it) and take the majority (``teacher.min_agreement``, default a strict
+    majority of k) of the whole answer, or field by field with ``teacher.vote:
+    per_field`` (kolm_compile.voting.vote_per_field); an input the teacher rejected is
+    rejected with code ``teacher_error``. With gold answers in the input file, the label
+    precision of one sample and of the vote are counted (diagnostics; they never reach
+    training)."""
+    spec = ctx.spec
+    t = spec.teacher
     need = t.min_agreement or t.k // 2 + 1
     errors = smp.teacher_errors
+    schema = thaw(spec.output_schema) if spec.output_schema is not None else None
     votes = []
     for i, ss in enumerate(smp.samples):
         err = errors.get(str(i))
         if err is None:
-            votes.append(vote_on(ss, ctx.verifier, t.k, need))
+            text = ing.inputs[i]
+            if t.vote == "per_field" and schema is not None:
+                votes.append(vote_per_field(ss, ctx.verifier, schema, t.k, need, input=text))
+            else:
+                votes.append(vote_on(ss, ctx.verifier, t.k, need, input=text))
             continue
         votes.append(
             VoteResult(
@@ -178,6 +188,7 @@ def vote(ctx: StageContext, ing: Ingested, smp: Sampled) -> Voted:
             "input_sha256": hashlib.sha256(ing.inputs[i].encode("utf-8")).hexdigest(),
             "code": v.rejected_code,
             "reason": v.rejected_reason,
+            **({"field": v.rejected_field} if v.rejected_field is not None else {}),
             **({"teacher_error": errors[str(i)]} if str(i) in errors else {}),
         }
         for i, v in enumerate(votes)
@@ -202,7 +213,18 @@ def vote(ctx: StageContext, ing: Ingested, smp: Sampled) -> Voted:
     }
     gold = ing.input_gold
     if gold and all(g is not None for g in gold):  # diagnostics when inputs carry gold
-        single = [ss[0] == g for ss, g in zip(smp.samples, gold, strict=True) if ss]
+
+        def first(sample: str, text: str) -> str:
+            """The first sample as the vote would count it (structured: normalized)."""
+            if spec.task == "classify":
+                return sample
+            return ctx.verifier.check(sample, input=text).normalized
+
+        single = [
+            first(ss[0], x) == g
+            for ss, g, x in zip(smp.samples, gold, ing.inputs, strict=True)
+            if ss
+        ]
         voted = [gold[a.input] == a.answer for a in accepted]
         counters["gold_precision_single"] = round(sum(single) / max(1, len(single)), 4)
         counters["gold_precision_vote"] = round(sum(voted) / max(1, len(voted)), 4)
@@ -225,6 +247,7 @@ def nothing_accepted(vt: Voted) -> str:
         "too_few_valid": "failed the verifier",
         "no_agreement": "had no agreement",
         "tie": "were ties",
+        "assembled_invalid": "had field majorities the verifier refuses together",
         REJECT_TEACHER_ERROR: "were rejected by the teacher",
     }
     reasons = vt.summary.reasons or {}
