@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import PlainValidator
 
@@ -67,6 +67,9 @@ from .student import (
     resolve_base_model,
     torch_state,
 )
+
+if TYPE_CHECKING:
+    from .lm_student import CausalLMStudent
 
 __all__ = [
     "MODULES_TO_SAVE",
@@ -205,7 +208,9 @@ class TrainConfig(Section):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What :func:`train_classifier` produced.
+    """What :func:`train_classifier` (or :func:`kolm_compile._train_lm.train_causal_lm`:
+    ``labels`` empty, ``student`` a :class:`~kolm_compile.lm_student.CausalLMStudent`)
+    produced.
 
     ``adapter_dir`` is self-contained apart from the base weights: adapter
     weights and sanitized config, ``labels.json`` (the ordered label list:
@@ -219,7 +224,7 @@ class TrainResult:
     losses: list[float]
     seconds: float
     steps: int
-    student: Student | None = field(default=None, repr=False, compare=False)
+    student: Student | CausalLMStudent | None = field(default=None, repr=False, compare=False)
 
 
 def _check_data(texts: Sequence[str], labels: Sequence[str], label_set: Sequence[str]) -> None:

