@@ -307,7 +307,7 @@ class Gate:
 
         rule = meta.get("rule")
         if rule in CONFIDENCE_RULES.values():
-            return cls(rule, 1.0, num("t_prob", 0.0, NOTHING), -1.0, 1, None, 0)
+            return cls(str(rule), 1.0, num("t_prob", 0.0, NOTHING), -1.0, 1, None, 0)
         if rule not in ("calibrated", "softmax"):
             raise ArtifactError(f"{name}: manifest gate.rule is {rule!r}")
         k = meta.get("k")

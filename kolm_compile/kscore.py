@@ -180,12 +180,7 @@ def task_metrics(
     def pct(k: int) -> float:
         return round(100.0 * k / n, 4) if n else 0.0
 
-    verdicts = []
-    for x, p in zip(texts, preds, strict=True):
-        try:
-            verdicts.append(verifier.check(p, input=x))
-        except TypeError:  # a verifier that takes no input
-            verdicts.append(verifier.check(p))
+    verdicts = [verifier.check(p, input=x) for x, p in zip(texts, preds, strict=True)]
     if task == "extract":
         golds = [json.loads(r) for r in refs]
         objs = [json.loads(v.normalized) if v.ok else None for v in verdicts]

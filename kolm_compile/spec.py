@@ -481,6 +481,13 @@ class StudentSpec(Section):
             "causal_lm"
         ),
     )
+    chosen_by: Annotated[str | None, optional(string(("auto",)))] = field(
+        default=None,
+        metadata=_help(
+            "set when loading resolves kind auto (\"auto\"): the manifest and the artifact "
+            "receipt say the kind was chosen, with the reason"
+        ),
+    )
     # base_model .. batch_size: the trainer's own checks (TrainConfig), with our field path
     base_model: Annotated[str | None, _CHECKED_LATER] = field(
         default=None,
@@ -564,6 +571,8 @@ class StudentSpec(Section):
                     f"grounded string (x-kolm-grounded) or a single enum; {bad}"
                 )
         changes: dict[str, Any] = {"kind": kind}
+        if self.kind == "auto":
+            changes["chosen_by"] = "auto"
         if self.base_model is None:
             changes["base_model"] = default_base_model(kind)
         if kind == "causal_lm" and self.max_new_tokens is None:

@@ -229,12 +229,22 @@ def student_record(ctx: StageContext) -> dict[str, Any]:
     ``student.kind: auto`` chose it (and why), and a generative student's token cap."""
     cfg = ctx.train_config()
     out: dict[str, Any] = {"kind": cfg.kind, "base_model": cfg.base_model}
-    chosen = getattr(ctx.spec.student, "chosen_by", None)
-    if chosen:
-        out["chosen_by"] = chosen
+    if ctx.spec.student.chosen_by == "auto":  # student.kind: auto, and why this kind
+        out["chosen_by"] = "auto: " + auto_reason(ctx.spec.task, cfg.kind)
     if cfg.kind == "causal_lm":
         out["max_new_tokens"] = cfg.max_new_tokens
     return out
+
+
+def auto_reason(task: str, kind: str) -> str:
+    """Why ``student.kind: auto`` gave ``kind`` for ``task`` (kolm_compile.spec)."""
+    if task == "classify":
+        return "task classify trains a classifier"
+    if kind == "span_tagger":
+        return "every field of the output schema is a grounded string or a single enum"
+    if task == "extract":
+        return "a field of the output schema is neither a grounded string nor a single enum"
+    return f"task {task} trains a generative student"
 
 
 def _base_model(cfg: TrainConfig) -> BaseModelRef:

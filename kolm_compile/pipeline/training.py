@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["evaluate", "train"]
 
 
-def train(ctx: StageContext, sgn: Signed) -> tuple[Trained, Student | None]:
+def train(ctx: StageContext, sgn: Signed) -> tuple[Trained, Any]:
     """Stage (5): train the student into ``model_dir/adapter`` and build its gate there;
     returns the stage output and the trained student (``None`` when the trainer keeps
     none in memory; :func:`evaluate` then loads it)."""
@@ -176,7 +176,7 @@ def evaluate(
     ing: Ingested,
     smp: Sampled,
     trained: Trained,
-    student: Student | None = None,
+    student: Any = None,
 ) -> Evaluated:
     """Stage (6): the student on the holdout at the recorded settings (threads, batch
     size, a determinism record: :func:`kolm_ledger.audit.reexec.determinism_record`), each
