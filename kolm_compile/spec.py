@@ -1196,8 +1196,10 @@ class TaskSpec(Section):
         simulated teacher's file digest) and ``recall``. Left out: the budget and the
         teacher's operational settings (:data:`OPERATIONAL_TEACHER_FIELDS`: timeouts,
         retries, concurrency, batching), which a job may change between runs, and the
-        student section, whose change re-runs training only
-        (:meth:`training_digest`). ``kolm_version`` is left out too.
+        student section, whose change re-runs training only (:meth:`training_digest`).
+        ``kolm_version`` is left out too, and so is ``teacher.vote`` when it is ``exact``
+        (the vote of every job before the field existed): a job an older kolm started keeps
+        its identity.
         """
         d = self.to_dict(with_file_digests=True)
         files = d.pop("files", {})
@@ -1209,6 +1211,9 @@ class TaskSpec(Section):
             f.name for f in fields(self.teacher.options) if f.metadata.get("operational")
         }
         teacher = {k: v for k, v in d.pop("teacher").items() if k not in operational}
+        if teacher.get("vote") == "exact":
+            # the one vote before teacher.vote existed: a job an older kolm started resumes
+            del teacher["vote"]
         parts: dict[str, Any] = {
             "data": {**(d.pop("data", None) or {}), "files": {
                 k: v for k, v in files.items() if k.startswith("data.")}},

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support.bases import ensure_causal_lm_base
 from support.servers import LedgerThread
 
 from kolm_compile.artifact import verify_artifact
@@ -314,6 +315,10 @@ def test_a_tampered_teacher_cache_entry_is_detected(world: dict[str, Any], tmp_p
                     teacher={"backend": "openai", "model": "m", "endpoint": "http://127.0.0.1:9"},
                 ),
                 r.pop("labels"),
+                # classify's own data fields (generate reads data.output_column)
+                r["data"].pop("label_column"),
+                r["data"].pop("limit_per_label"),
+                ensure_causal_lm_base(),  # generate's default student
             ),
             "spec.task",
         ),

@@ -3,11 +3,13 @@ column, the student kind and its defaults, the vote kind; every bad field named.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 from support.bases import ensure_causal_lm_base
 from support.data import SNIPS
 
@@ -323,3 +325,16 @@ def test_snips_test_subset_loads_as_an_extract_spec(tmp_path: Path) -> None:
     spec = TaskSpec.from_dict(d, tmp_path)
     assert spec.student.kind == "span_tagger"  # every slot is grounded, the intent an enum
     assert spec.verifier is not None and spec.verifier.params["grounded"] == "marked"
+
+
+def test_an_exact_vote_keeps_the_identity_of_older_jobs(tmp_path: Path) -> None:
+    """Jobs started before teacher.vote existed voted exactly: their identity (what a job
+    folder resumes) does not see the field at its default."""
+    spec = load(tmp_path, extract_spec())
+    teacher = spec.to_dict(with_file_digests=True)["teacher"]
+    assert teacher["vote"] == "exact"
+    del teacher["vote"]
+    files = spec.to_dict(with_file_digests=True)["files"]
+    teacher["files"] = {k: v for k, v in files.items() if k.startswith("teacher.")}
+    want = hashlib.sha256(rfc8785.dumps(teacher)).hexdigest()
+    assert spec.identity()["teacher"] == want
