@@ -49,7 +49,6 @@ from kolm_ledger.errors import (
     KolmError,
     NotFoundError,
     RoleError,
-    SpecError,
 )
 from kolm_ledger.service import rpc
 from kolm_ledger.service.authz import ALL_ROLES, AuthzInterceptor, Policy
@@ -138,12 +137,7 @@ def parse_spec(text: str, policy: ServicePolicy) -> TaskSpec:
     Raises :class:`SpecError` naming the field that is wrong (or the file that is missing).
     """
     raw = load_spec_text(text)
-    spec = TaskSpec.from_dict(raw, policy.data_root or Path("."), policy=policy)
-    if spec.task != "classify":
-        raise SpecError(
-            f"spec.task: {spec.task!r} is not supported by the trainer yet (classify only)"
-        )
-    return spec
+    return TaskSpec.from_dict(raw, policy.data_root or Path("."), policy=policy)
 
 
 @dataclass(frozen=True)

@@ -484,7 +484,7 @@ class StudentSpec(Section):
     chosen_by: Annotated[str | None, optional(string(("auto",)))] = field(
         default=None,
         metadata=_help(
-            "set when loading resolves kind auto (\"auto\"): the manifest and the artifact "
+            'set when loading resolves kind auto ("auto"): the manifest and the artifact '
             "receipt say the kind was chosen, with the reason"
         ),
     )

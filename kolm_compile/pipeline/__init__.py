@@ -45,8 +45,9 @@ an HTTP 400 content filter, a malformed answer after two retries) is rejected li
 failed vote (code ``teacher_error``, its status and reason in ``stages/vote.json``
 and the summary); the job goes on.
 
-Only ``classify`` tasks can be trained today; ``extract``/``generate`` are refused
-with a :class:`~kolm_ledger.errors.SpecError` ("not supported by the trainer yet").
+Every task kind trains: ``classify`` (the classifier student), ``extract`` (the span
+tagger or the generative student) and ``generate`` (the generative student); stage (5)
+dispatches on the spec's resolved ``student.kind`` (docs/COMPILE.md, "Task kinds").
 
 The modules: :mod:`.job` (:class:`CompileJob`: the run loop and the job folder),
 :mod:`.result` (what a compile hands its caller: :class:`CompileResult`,

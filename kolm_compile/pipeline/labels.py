@@ -41,7 +41,15 @@ from .outputs import (
     Voted,
 )
 
-__all__ = ["REJECT_TEACHER_ERROR", "nothing_accepted", "prompt_ids", "sample", "sign", "vote"]
+__all__ = [
+    "REJECT_TEACHER_ERROR",
+    "nothing_accepted",
+    "prompt_ids",
+    "sample",
+    "sign",
+    "vote",
+    "vote_one",
+]
 
 #: rejection code of an input the teacher could not answer (voting has the others)
 REJECT_TEACHER_ERROR = "teacher_error"
@@ -143,6 +151,18 @@ def sample(ctx: StageContext, teacher: CachedTeacher, ing: Ingested) -> Sampled:
 # --------------------------------------------------------------------------- (3) vote
 
 
+def vote_one(ctx: StageContext, text: str, samples: Sequence[str]) -> VoteResult:
+    """The spec's vote over one input's samples: the whole answer, or field by field with
+    ``teacher.vote: per_field``; the input goes to the verifier (grounded checks)."""
+    spec = ctx.spec
+    t = spec.teacher
+    need = t.min_agreement or t.k // 2 + 1
+    if t.vote == "per_field" and spec.output_schema is not None:
+        schema = thaw(spec.output_schema)
+        return vote_per_field(samples, ctx.verifier, schema, t.k, need, input=text)
+    return vote_on(samples, ctx.verifier, t.k, need, input=text)
+
+
 def vote(ctx: StageContext, ing: Ingested, smp: Sampled) -> Voted:
     """Stage (3): verify every sample (given its input: the grounded check of an extract
     task needs it) and take the majority (``teacher.min_agreement``, default a strict
@@ -155,16 +175,11 @@ def vote(ctx: StageContext, ing: Ingested, smp: Sampled) -> Voted:
     t = spec.teacher
     need = t.min_agreement or t.k // 2 + 1
     errors = smp.teacher_errors
-    schema = thaw(spec.output_schema) if spec.output_schema is not None else None
     votes = []
     for i, ss in enumerate(smp.samples):
         err = errors.get(str(i))
         if err is None:
-            text = ing.inputs[i]
-            if t.vote == "per_field" and schema is not None:
-                votes.append(vote_per_field(ss, ctx.verifier, schema, t.k, need, input=text))
-            else:
-                votes.append(vote_on(ss, ctx.verifier, t.k, need, input=text))
+            votes.append(vote_one(ctx, ing.inputs[i], ss))
             continue
         votes.append(
             VoteResult(

@@ -212,9 +212,7 @@ def build_manifest(
             holdout_digest=ev.holdout_root,
             outcome_root=ev.outcome_root,
             text_column=spec.data.text_column,
-            label_column=spec.data.label_column
-            if spec.task == "classify"
-            else spec.data.output_column,
+            label_column=spec.data.column(spec.task),
         ),
         determinism=dict(ev.determinism),
         student=student_record(ctx),

@@ -24,13 +24,13 @@ from kolm_ledger.formats.receipts import example_digest
 from .. import gate as _gate
 from .. import kscore as ks
 from ..fields import thaw
-from ..voting import vote
 from .context import StageContext, dump_json
+from .labels import vote_one
 from .outputs import Evaluated, Ingested, Sampled, Signed, Trained
 from .result import JobCancelled
 
 if TYPE_CHECKING:
-    from ..student import Student
+    pass
 
 __all__ = ["evaluate", "train"]
 
@@ -213,15 +213,13 @@ def evaluate(
     def teacher_ok(x: str, answer: str | None, ref: str) -> bool:
         return answer is not None and reexec.example_outcome(v, answer, ref, task=task, input=x)
 
-    t = ctx.spec.teacher
     hs = smp.holdout_samples
     single = ks.kscore(
         [bool(ss) and teacher_ok(x, ss[0], r) for x, ss, r in zip(texts, hs, refs, strict=True)]
     )
     voted = ks.kscore(
         [
-            (vr := vote(ss, v, t.k, t.min_agreement or t.k // 2 + 1)).accepted
-            and teacher_ok(x, vr.answer, r)
+            (vr := vote_one(ctx, x, ss)).accepted and teacher_ok(x, vr.answer, r)
             for x, ss, r in zip(texts, hs, refs, strict=True)
         ]
     )

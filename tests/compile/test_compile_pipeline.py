@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import yaml
-from support.bases import ensure_causal_lm_base
 from support.servers import LedgerThread
 
 from kolm_compile.artifact import verify_artifact
@@ -309,18 +308,13 @@ def test_a_tampered_teacher_cache_entry_is_detected(world: dict[str, Any], tmp_p
     [
         (
             lambda r: (
-                r.update(
-                    task="generate",
-                    verifier={"name": "regex", "params": {"pattern": ".+"}},
-                    teacher={"backend": "openai", "model": "m", "endpoint": "http://127.0.0.1:9"},
-                ),
+                r.update(task="extract", verifier=None),
                 r.pop("labels"),
-                # classify's own data fields (generate reads data.output_column)
+                # classify's own data fields (extract reads data.output_column)
                 r["data"].pop("label_column"),
                 r["data"].pop("limit_per_label"),
-                ensure_causal_lm_base(),  # generate's default student
             ),
-            "spec.task",
+            "spec.output_schema",
         ),
         (lambda r: r["teacher"].update(k=0), "spec.teacher.k"),
         (lambda r: r["student"].update(max_length=2), "spec.student.max_length"),

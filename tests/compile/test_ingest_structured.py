@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.bases import ensure_causal_lm_base
 
 from kolm_compile.pipeline.ingest import ingest, read_holdout
 from kolm_compile.spec import TaskSpec
@@ -30,11 +29,6 @@ SCHEMA = {
 }
 PAY = {"intent": "pay", "payee": "Ann"}
 REFUND = {"payee": "Bo", "intent": "refund"}
-
-
-@pytest.fixture(autouse=True)
-def _causal_lm_base() -> None:
-    ensure_causal_lm_base()
 
 
 def jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

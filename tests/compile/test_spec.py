@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 import pytest
 import yaml
-from support.bases import ensure_causal_lm_base
 
 from kolm_compile import fields as kit
 from kolm_compile import teachers
@@ -32,11 +31,6 @@ EXAMPLE = (
     Path(__file__).resolve().parents[2] / "kolm_compile" / "examples" / "banking77-router.yaml"
 )
 LABELS = ["card_arrival", "pin_blocked", "exchange_rate"]
-
-
-@pytest.fixture(autouse=True)
-def _causal_lm_base() -> None:
-    ensure_causal_lm_base()  # generate specs default to the causal-LM student
 
 
 def write_data(d: Path) -> None:
@@ -99,7 +93,9 @@ def test_defaults_are_filled(tmp_path: Path) -> None:
     assert type(spec.teacher.options).__name__ == "SimulatedOptions"
     assert not hasattr(spec.teacher, "endpoint")
     assert dict(spec.teacher.params) == {"temperature": 0.7}
-    assert spec.student == StudentSpec(kind="classifier", base_model=ENCODER_BASE_MODEL)
+    assert spec.student == StudentSpec(
+        kind="classifier", base_model=ENCODER_BASE_MODEL, chosen_by="auto"
+    )
     assert StudentSpec().resolved("classify") == spec.student
     assert spec.budget == BudgetSpec()
     assert spec.data.text_column == "text" and spec.data.label_column == "label"

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import rfc8785
-from support.bases import ensure_causal_lm_base
 from support.data import SNIPS
 
 from kolm_compile.spec import (
@@ -37,11 +36,6 @@ SPAN_SCHEMA = {
         },
     },
 }
-
-
-@pytest.fixture(autouse=True)
-def _causal_lm_base() -> None:
-    ensure_causal_lm_base()
 
 
 def extract_spec(**over: Any) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
-from support.bases import ensure_causal_lm_base
 from support.openai import FakeOpenAI
 
 from kolm_compile import fields as kit
@@ -187,7 +186,6 @@ def test_prompts(tmp_path: Path) -> None:
     assert "exactly one label" in user["content"]
     assert user["content"].endswith("Input:\nwhere is my card?")
     (tmp_path / "s.json").write_text(json.dumps({"type": "object", "required": ["amount"]}))
-    ensure_causal_lm_base()  # the schema is not a span schema: the causal-LM student
     extract = TaskSpec.from_dict(
         {"name": "e", "task": "extract", "output_schema": "s.json", "teacher": {"backend": "openai", "model": "m"},
          "data": {"unlabeled": "gold.jsonl"}}, tmp_path)  # fmt: skip

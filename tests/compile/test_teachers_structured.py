@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.bases import ensure_causal_lm_base
 from support.data import SNIPS
 from support.openai import FakeOpenAI
 
@@ -34,11 +33,6 @@ from kolm_ledger.errors import NotFoundError, SpecError
 
 SCHEMA = json.loads((SNIPS / "schema.json").read_text())
 ROWS = [json.loads(line) for line in (SNIPS / "train.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True)
-def _causal_lm_base() -> None:
-    ensure_causal_lm_base()
 
 
 @pytest.fixture

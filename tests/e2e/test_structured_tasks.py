@@ -26,10 +26,28 @@ from kolm_ledger.service.client import LedgerClient
 pytestmark = [pytest.mark.ml, pytest.mark.slow]
 
 SNIPS = Path(__file__).resolve().parents[1] / "data" / "snips"
-NAMES = (
-    "ada alan grace linus barbara ken dennis margaret donald edsger john niklaus tony "
-    "frances radia shafi whitfield leslie butler robin"
-).split()
+NAMES = [
+    "ada",
+    "alan",
+    "grace",
+    "linus",
+    "barbara",
+    "ken",
+    "dennis",
+    "margaret",
+    "donald",
+    "edsger",
+    "john",
+    "niklaus",
+    "tony",
+    "frances",
+    "radia",
+    "shafi",
+    "whitfield",
+    "leslie",
+    "butler",
+    "robin",
+]
 
 
 def _extract_spec() -> Any:

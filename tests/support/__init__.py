@@ -2,4 +2,4 @@
 data (data), the tamper mutations (mutations), the hypothesis settings (fuzz), raw
 database access and dropped triggers (db), receipts with placeholder fields (receipts),
 signed ``.kolm`` files and the zip surgery that breaks them (artifacts), planted inputs
-(planted), base-model ids the specs name (bases), an OpenAI-compatible endpoint (openai)."""
+(planted), an OpenAI-compatible endpoint (openai), a tiny random causal LM (lm)."""
