@@ -260,7 +260,7 @@ def test_kscore_re_executes_and_the_report_shows_the_field_table(
     assert f"matches the signed eval receipt ({r.k_score.score:.2f}" in out.out
     html = tmp_path / "report.html"
     rc = main(
-        ["report", str(r.artifact_path), "--db", world["db"], "--trust", world["trust_path"],
+        ["report", r.artifact_digest, "--db", world["db"], "--trust", world["trust_path"],
          "--out", str(html)]
     )  # fmt: skip
     capsys.readouterr()
