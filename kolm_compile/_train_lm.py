@@ -174,7 +174,9 @@ def train_causal_lm(
                     progress(step, total, loss)
 
         model.eval()
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+        # never resized, so never saved: "auto" would look for the base's config.json,
+        # which a GGUF base has not
+        model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(str(out_dir))
 
     _sanitize_adapter_config(out_dir, cfg.base_model)

@@ -52,10 +52,12 @@ them, so importing this module is cheap.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,7 +211,7 @@ def load_base_lm(base_path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     folder, gguf = base_model_source(base_path)
-    with quiet_hf():
+    with quiet_hf(), _quiet_gguf():
         try:
             model = AutoModelForCausalLM.from_pretrained(str(folder), **_gguf_kw(gguf))
         except (ValueError, KeyError) as e:
@@ -218,6 +220,27 @@ def load_base_lm(base_path: Path) -> Any:
     model_.to(torch.float32)
     model_.eval()
     return model_
+
+
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """Hide transformers' GGUF dequantization progress bar (a plain tqdm, which the hub
+    progress-bar switch does not reach) for the block."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils
+    except ImportError:  # pragma: no cover - a transformers without GGUF support
+        yield
+        return
+    gguf_utils: Any = modeling_gguf_pytorch_utils
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # pragma: no cover - a transformers that has no such bar
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _gguf_kw(gguf: str | None) -> dict[str, Any]:
@@ -338,6 +361,11 @@ class CausalLMStudent:
     def dtype(self) -> str:
         """The weights' dtype, e.g. ``"float32"`` (recorded with an evaluation)."""
         return str(next(self._model.parameters()).dtype).removeprefix("torch.")
+
+    @property
+    def tokenizer(self) -> Any:
+        """The student's tokenizer (the one saved with its adapter)."""
+        return self._tokenizer
 
     def prompt(self, text: str) -> str:
         """The prompt this student completes for ``text`` (:func:`lm_prompt`)."""

@@ -1,12 +1,13 @@
 """A tiny causal LM for the generative student's tests: a randomly initialised Llama-style
 model (hidden 64, 2 layers, 4 heads) and a byte-level BPE tokenizer trained here, offline,
-in well under a second. Nothing is downloaded::
+in seconds. Nothing is downloaded::
 
     model_id = tiny_causal_lm(tmp_path / "tiny")     # "test/tiny-llama", registered
     cfg = TrainConfig(kind="causal_lm", base_model=model_id, ...)
 
 ``chat=True`` gives the tokenizer a ChatML chat template, so the student's prompt takes its
-``chat`` format; without it the prompt is the plain layout.
+``chat`` format; without it the prompt is the plain layout. :func:`tiny_gguf_lm` writes the
+same model as a single GGUF file, as llama.cpp's converter would.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 TINY_LM_ID = "test/tiny-llama"
 TINY_CHAT_LM_ID = "test/tiny-llama-chat"
@@ -42,10 +44,12 @@ def _corpus() -> Iterator[str]:
         yield f'{{"n":{n},"x":["{words[n % len(words)]}"]}} {n * 37 % 1000}'
 
 
-def tiny_causal_lm(root: Path, *, chat: bool = False, seed: int = 0) -> str:
+def tiny_causal_lm(
+    root: Path, *, chat: bool = False, seed: int = 0, model_id: str | None = None
+) -> str:
     """Build the tiny model and its tokenizer into ``root`` (created), register them as a
-    base model and return its logical id (:data:`TINY_LM_ID`, or :data:`TINY_CHAT_LM_ID`
-    with ``chat``). Same ``seed``, same weights."""
+    base model and return its logical id (``model_id``; by default :data:`TINY_LM_ID`, or
+    :data:`TINY_CHAT_LM_ID` with ``chat``). Same ``seed``, same weights."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -65,7 +69,7 @@ def tiny_causal_lm(root: Path, *, chat: bool = False, seed: int = 0) -> str:
         show_progress=False,
     )
     bpe.train_from_iterator(_corpus(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe,
         bos_token="<s>",
         eos_token="<|im_end|>" if chat else "</s>",
@@ -94,6 +98,78 @@ def tiny_causal_lm(root: Path, *, chat: bool = False, seed: int = 0) -> str:
         model = LlamaForCausalLM(config)
     model.save_pretrained(str(root), safe_serialization=True)
 
-    model_id = TINY_CHAT_LM_ID if chat else TINY_LM_ID
+    model_id = model_id or (TINY_CHAT_LM_ID if chat else TINY_LM_ID)
     register_base_model(model_id, lambda: root)
     return model_id
+
+
+TINY_GGUF_LM_ID = "test/tiny-llama-gguf"
+TINY_GGUF_SOURCE_ID = "test/tiny-llama-gguf-source"
+
+
+def _permute(w: Any, n_head: int) -> Any:
+    """llama.cpp's q/k row order (transformers undoes it when it reads a llama GGUF)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def tiny_gguf_lm(root: Path, *, seed: int = 0) -> str:
+    """The tiny model of :func:`tiny_causal_lm` written as one float32 GGUF file
+    ``root/gguf/tiny.gguf`` (llama architecture, byte-level BPE vocabulary in its metadata),
+    the way llama.cpp's converter writes it; registered as :data:`TINY_GGUF_LM_ID`, which
+    resolves to the file. The Hugging Face folder it was made from, ``root/hf``, is
+    registered as :data:`TINY_GGUF_SOURCE_ID`: the two compute the same function."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    from kolm_compile.base_models import register_base_model
+
+    root = Path(root)
+    tiny_causal_lm(root / "hf", seed=seed, model_id=TINY_GGUF_SOURCE_ID)
+    cfg = json.loads((root / "hf" / "config.json").read_text())
+    tok = json.loads((root / "hf" / "tokenizer.json").read_text())
+    vocab: dict[str, int] = tok["model"]["vocab"]
+    specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    tokens = [""] * (len(vocab) + len([s for s in specials if s not in vocab]))
+    for t, i in {**vocab, **specials}.items():
+        tokens[i] = t
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    n_head = cfg["num_attention_heads"]
+
+    path = root / "gguf" / "tiny.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(specials["<s>"])
+    w.add_eos_token_id(specials["</s>"])
+    w.add_pad_token_id(specials["<pad>"])
+    w.add_add_bos_token(False)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    for name, t in load_file(str(root / "hf" / "model.safetensors")).items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            t = _permute(t, n_head)
+        gguf_name = names.get_name(name, try_suffixes=(".weight",))
+        assert gguf_name is not None, name
+        w.add_tensor(gguf_name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    register_base_model(TINY_GGUF_LM_ID, lambda: path)
+    return TINY_GGUF_LM_ID
