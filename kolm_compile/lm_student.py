@@ -341,19 +341,21 @@ class CausalLMStudent:
         lora.base_model_name_or_path = str(base_model_path)
         lora.inference_mode = True
 
+        with quiet_hf():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+            except (OSError, ValueError) as e:
+                raise InvalidInput(f"{adapter_dir}: tokenizer files: {e}") from e
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise InvalidInput(f"{adapter_dir}: the tokenizer has no EOS or pad token")
+        recipe.prompt("", tokenizer)  # a chat recipe needs the saved chat template
+
         if threads is not None:
             torch.set_num_threads(threads)
         with torch.random.fork_rng(devices=[]):
             base = load_base_lm(Path(base_model_path))
             with quiet_hf():
-                try:
-                    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-                except (OSError, ValueError) as e:
-                    raise InvalidInput(f"{adapter_dir}: tokenizer files: {e}") from e
                 model = PeftModel.from_pretrained(base, str(adapter_dir), config=lora)
-        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-            raise InvalidInput(f"{adapter_dir}: the tokenizer has no EOS or pad token")
-        recipe.prompt("", tokenizer)  # a chat recipe needs the saved chat template
         model.eval()
         return cls(model, tokenizer, recipe, max_length, max_new)
 
