@@ -15,7 +15,14 @@ adapter and its sanitized config (:data:`ADAPTER_CONFIG_FILE`, :data:`ADAPTER_WE
 with the classifier head and pooler), :data:`LABELS_FILE` (class index i is
 ``labels[i]``), :data:`TRAIN_CONFIG_FILE` (its ``max_length`` is the tokenizer limit) and
 the tokenizer files (:data:`TOKENIZER_FILES`). Base weights come from the registry of
-logical base-model ids (:func:`register_base_model`): artifacts never record a path.
+logical base-model ids (:mod:`kolm_compile.base_models`, re-exported here): artifacts never
+record a path.
+
+Other student kinds: :meth:`Student.load` reads the folder's :func:`student_kind` (its
+train config's ``kind``) and returns the runtime of that kind — the generative
+:class:`kolm_compile.lm_student.CausalLMStudent` for ``causal_lm``, the span tagger for
+``span_tagger``. Those runtimes share this module's machinery through
+:mod:`kolm_compile._ml` and never import it, so the dispatch makes no import cycle.
 
 Heavy libraries (torch, transformers, peft) are imported inside the functions that need
 them, so importing this module is cheap.
