@@ -399,6 +399,20 @@ def decode_spans(
     return values
 
 
+def transitions(tags: Sequence[str]) -> tuple[Any, Any]:
+    """Boolean masks of the valid BIO sequences over ``tags``: which tag may start a text
+    (not an ``I-``) and which may follow which (``I-f`` only after ``B-f`` or ``I-f``)."""
+    import torch
+
+    n = len(tags)
+    start = torch.tensor([not t.startswith("I-") for t in tags])
+    trans = torch.ones((n, n), dtype=torch.bool)
+    for j, t in enumerate(tags):
+        if t.startswith("I-"):
+            trans[:, j] = torch.tensor([a[2:] == t[2:] and a != OUTSIDE for a in tags])
+    return start, trans
+
+
 class SpanTaggerStudent:
     """A trained span tagger loaded for prediction (eval mode, no gradients).
 
@@ -414,6 +428,47 @@ class SpanTaggerStudent:
         self._tokenizer = tokenizer
         self.layout = layout
         self.max_length = max_length
+        self._decoding = "viterbi"  # or "argmax", "fields" (bench/tagger_probe.py compares)
+        self._allowed: Any = None
+
+    def _field_tags(self, probs: Any) -> list[int]:
+        """Per word, the field with the most probability (``B-f`` + ``I-f``) or ``O``;
+        a run of words of one field is one value."""
+        n = (len(self.layout.tags) - 1) // 2
+        field_p = probs[:, 1:].reshape(-1, n, 2).sum(dim=-1)
+        out: list[int] = []
+        prev = -1
+        for w in range(probs.shape[0]):
+            f = int(field_p[w].argmax())
+            if float(probs[w, 0]) >= float(field_p[w, f]):
+                out.append(0)
+                prev = -1
+            else:
+                out.append(1 + 2 * f + (1 if prev == f else 0))
+                prev = f
+        return out
+
+    def _best_tags(self, probs: Any) -> list[int]:
+        """The most probable valid tag sequence (Viterbi over the words' log
+        probabilities; ``I-f`` only after ``B-f`` or ``I-f``)."""
+        import torch
+
+        if self._allowed is None:
+            self._allowed = transitions(self.layout.tags)
+        start_ok, trans_ok = self._allowed
+        logp = torch.log(probs.clamp(min=1e-12))
+        neg = torch.tensor(float("-inf"))
+        score = torch.where(start_ok, logp[0], neg)
+        back = []
+        for w in range(1, logp.shape[0]):
+            cand = torch.where(trans_ok, score.unsqueeze(1), neg)  # [from, to]
+            best, arg = cand.max(dim=0)
+            back.append(arg)
+            score = best + logp[w]
+        path = [int(score.argmax())]
+        for arg in reversed(back):
+            path.append(int(arg[path[-1]]))
+        return path[::-1]
 
     @classmethod
     def load(
@@ -517,9 +572,15 @@ class SpanTaggerStudent:
         out = []
         for text, enc, wp, el in zip(texts, encs, word_probs, enum_logits, strict=True):
             parts: list[float] = []
-            tag_idx = wp.argmax(dim=-1).tolist() if len(enc.words) else []
-            if tag_idx:
-                parts.append(float(wp.max(dim=-1).values.mean()))
+            tag_idx: list[int] = []
+            if len(enc.words):
+                if self._decoding == "viterbi":
+                    tag_idx = self._best_tags(wp)
+                elif self._decoding == "fields":
+                    tag_idx = self._field_tags(wp)
+                else:
+                    tag_idx = wp.argmax(dim=-1).tolist()
+                parts.append(float(wp[range(len(tag_idx)), tag_idx].mean()))
             values: dict[str, list[Any]] = dict(
                 decode_spans(text, enc.words, [layout.tags[t] for t in tag_idx])
             )
