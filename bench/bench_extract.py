@@ -161,9 +161,14 @@ def latency_p50(student: Any, texts: list[str], n: int = 40) -> float:
     return statistics.median(times)
 
 
-def train_on(kind: str, spec: TaskSpec, texts: list[str], outs: list[str], out: Path) -> Any:
+def train_on(
+    kind: str, spec: TaskSpec, texts: list[str], outs: list[str], out: Path, threads: int
+) -> Any:
     """The same student kind trained directly on (texts, outs): the gold baseline."""
+    from kolm_compile._train import TrainConfig
+
     cfg = spec.student.train_config(spec.seed)
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "threads": threads})
     if kind == "span_tagger":
         from kolm_compile._train_tagger import train_span_tagger
 
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-epochs", type=int, default=2)
     ap.add_argument("--skip-lm", action="store_true", help="span tagger only")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lm-threads", type=int, default=1)
     a = ap.parse_args(argv)
     require()
     from kolm_compile.student import Student, torch_state
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         results["tagger"] = frame_scores(h_gold, outcomes(work / "job"))
         results["tagger"]["k_score"] = res.k_score.to_dict()
         results["tagger"]["schema_valid"] = (res.task_metrics or {}).get("schema_valid")
-        student = Student.load(work / "job" / "model" / "adapter", threads=a.threads)
+        student = Student.load(work / "job" / "build" / spec.name / "adapter", threads=a.threads)
         with torch_state(a.threads, False):
             results["tagger"]["p50_ms"] = round(latency_p50(student, h_texts), 2)
         del student
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with torch_state(a.threads, False):
             tr = train_on("span_tagger", spec, [t for t, _ in logged],
-                          [gold_of[t] for t, _ in logged], work / "gold-tagger")  # fmt: skip
+                          [gold_of[t] for t, _ in logged], work / "gold-tagger", a.threads)  # fmt: skip
             st = tr.student or Student.load(work / "gold-tagger", threads=a.threads)
             preds = [p for p, _ in st.predict(h_texts, batch_size=64)]
         results["tagger_gold"] = frame_scores(h_gold, preds)
@@ -236,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             # a second job: the generative student on a per-intent cap of the inputs the
             # first job accepted (CPU time), same teacher, votes and holdout
             lm_raw = json.loads(json.dumps(raw))
-            lm_raw["student"] = {"kind": "causal_lm", "epochs": a.lm_epochs, "max_length": 64,
-                                 "max_new_tokens": 64, "batch_size": 8,
-                                 "learning_rate": 1.0e-3}  # fmt: skip
+            # SNIPS prompts reach ~65 tokens, frames with EOS ~79 (bench/spike_lm.py)
+            lm_raw["student"] = {"kind": "causal_lm", "epochs": a.lm_epochs, "max_length": 96,
+                                 "max_new_tokens": 96, "batch_size": 4,
+                                 "learning_rate": 3.0e-3}  # fmt: skip
             lm_raw["data"]["unlabeled"] = "unlabeled-lm.jsonl"
             counts: Counter[str] = Counter()
             lm_rows = []
@@ -250,9 +257,12 @@ def main(argv: list[str] | None = None) -> int:
             write_jsonl(work / "unlabeled-lm.jsonl", lm_rows)
             lm_spec = TaskSpec.from_dict(lm_raw, work)
             t0 = time.perf_counter()
+            # one torch thread: a decoding step of a 135M model is faster on one core
+            # than split over two busy ones (measured: bench/spike_lm.py)
             lm_res = CompileJob(
-                lm_spec, key=key, sink=sink, job_dir=work / "job-lm", options=opts
-            ).run()
+                lm_spec, key=key, sink=sink, job_dir=work / "job-lm",
+                options=CompileOptions(threads=a.lm_threads),
+            ).run()  # fmt: skip
             lm_s = time.perf_counter() - t0
             lm_seconds = dict(lm_res.seconds)
             results["lm"] = frame_scores(h_gold, outcomes(work / "job-lm"))
@@ -260,15 +270,17 @@ def main(argv: list[str] | None = None) -> int:
             results["lm"]["schema_valid"] = (lm_res.task_metrics or {}).get("schema_valid")
             results["lm"]["labels"] = len(lm_rows)
             results["lm"]["compile_s"] = round(lm_s, 1)
-            student = Student.load(work / "job-lm" / "model" / "adapter", threads=a.threads)
-            with torch_state(a.threads, False):
+            student = Student.load(
+                work / "job-lm" / "build" / lm_spec.name / "adapter", threads=a.lm_threads
+            )
+            with torch_state(a.lm_threads, False):
                 results["lm"]["p50_ms"] = round(latency_p50(student, h_texts, n=10), 2)
             del student
             t0 = time.perf_counter()
-            with torch_state(a.threads, False):
+            with torch_state(a.lm_threads, False):
                 tr = train_on("causal_lm", lm_spec, [r["text"] for r in lm_rows],
-                              [gold_of[r["text"]] for r in lm_rows], work / "gold-lm")  # fmt: skip
-                st = tr.student or Student.load(work / "gold-lm", threads=a.threads)
+                              [gold_of[r["text"]] for r in lm_rows], work / "gold-lm", a.lm_threads)  # fmt: skip
+                st = tr.student or Student.load(work / "gold-lm", threads=a.lm_threads)
                 preds = [p for p, _ in st.predict(h_texts, batch_size=8)]
             results["lm_gold"] = frame_scores(h_gold, preds)
             results["lm_gold"]["seconds"] = round(time.perf_counter() - t0, 1)
