@@ -68,7 +68,7 @@ async def _demo(a: argparse.Namespace) -> int:
     import grpc
 
     from kolm.cli.compile import run_with_progress
-    from kolm.demo.full import _fresh_dir, _verify_steps
+    from kolm.demo.common import fresh_dir, verify_steps
     from kolm_compile.pipeline import CompileJob, CompileOptions
     from kolm_compile.sinks import ServiceSink
     from kolm_compile.structured import field_scores
@@ -85,7 +85,7 @@ async def _demo(a: argparse.Namespace) -> int:
 
     t_all = time.perf_counter()
     console = Console()
-    d = _fresh_dir(a.dir)
+    d = fresh_dir(a.dir)
     console.rule("kolm demo --task extract — structured distillation you can prove")
     trust = init_keys(d / "keys")
     ledger = await start_ledger(
@@ -173,7 +173,7 @@ async def _demo(a: argparse.Namespace) -> int:
             input_value=one_text,
             salt=one.salt,
         )
-        steps = _verify_steps(v)
+        steps = verify_steps(v)
         console.print(
             f"[bold]4.[/] utterance {one_text!r}\n   → {one.output}\n   (gold {one_gold}); "
             f"receipt verified offline: steps {', '.join(str(n) for n, _, ok, _ in steps if ok)}"

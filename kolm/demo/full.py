@@ -27,7 +27,6 @@ import csv
 import json
 import random
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import kolm_compile
+from kolm.demo.common import fresh_dir, verify_steps
 
 __all__ = ["register_demo", "run_full_demo"]
 
@@ -91,14 +91,6 @@ def register_demo(sub: Any) -> None:
         help="with --trust-core: receipts of each kind to append",
     )
     d.set_defaults(func=run_full_demo)
-
-
-def _fresh_dir(arg: str | None) -> Path:
-    d = Path(arg) if arg else Path.cwd() / f"kolm-demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    d.mkdir(parents=True, exist_ok=True)
-    if any(d.iterdir()):
-        raise SystemExit(f"kolm demo: {d} already holds a demo (not empty); pass a fresh --dir")
-    return d.resolve()
 
 
 def _recall_unavailable() -> str | None:
@@ -162,7 +154,7 @@ async def _demo(a: argparse.Namespace) -> int:
 
     t_all = time.perf_counter()
     console = Console()
-    d = _fresh_dir(a.dir)
+    d = fresh_dir(a.dir)
     console.rule("kolm demo — distillation you can prove")
     trust = init_keys(d / "keys")
     init_certs(d / "tls")
@@ -295,7 +287,7 @@ async def _demo(a: argparse.Namespace) -> int:
             salt=one.salt,
             artifact_file=result.artifact_path if recall_on else None,
         )
-        steps = _verify_steps(v)
+        steps = verify_steps(v)
         passed = [n for n, _, ok, _ in steps if ok]
         st = Table.grid(padding=(0, 1))
         st.add_column()
@@ -437,32 +429,6 @@ async def _demo(a: argparse.Namespace) -> int:
     if recall_on:
         ok = ok and v.evidence_checked
     return 0 if ok else 1
-
-
-def _verify_steps(v: Any) -> list[tuple[int, str, bool, str]]:
-    """``(n, step name, ran and passed, what it established)`` for steps 1-10."""
-    from kolm_ledger.verify.receipt import STEPS
-
-    r = v.receipt
-    what = {
-        1: "bundle, DSSE envelope, tlog-proof",
-        2: f"in-toto statement of a {r.kind} receipt",
-        3: f"signed by trusted key {r.keyid[:16]}",
-        4: f"role {getattr(r.role, 'value', r.role)} may sign it, key valid then",
-        5: "SHA-256 leaf of the envelope",
-        6: f"signed checkpoint, size {r.checkpoint.size}",
-        7: f"leaf {r.index} is under its Merkle root",
-        8: f"names this artifact; K-score {v.k_score:.2f}"
-        if v.artifact is not None
-        else "not run (no artifact receipt given)",
-        9: "ticket + salt open the commitment" if v.input_checked else "not run (no input given)",
-        10: f"{len(v.evidence)} cited examples are in the signed corpus "
-        f"{(v.corpus_root or '')[:12]}… ({v.corpus_source})"
-        if v.evidence_checked
-        else "not run (no evidence cited)",
-    }
-    ran = {8: v.artifact is not None, 9: v.input_checked, 10: v.evidence_checked}
-    return [(n, name, ran.get(n, True), what[n]) for n, name in enumerate(STEPS, 1)]
 
 
 def _evidence_table(shown: list[tuple[str, str, Any]], top: int = 3) -> Table:
