@@ -172,7 +172,9 @@ def train_on(
     if kind == "span_tagger":
         from kolm_compile._train_tagger import train_span_tagger
 
-        return train_span_tagger(texts, outs, dict(spec.output_schema or {}), cfg, out)
+        from kolm_compile.fields import thaw
+
+        return train_span_tagger(texts, outs, thaw(spec.output_schema), cfg, out)
     from kolm_compile._train_lm import train_causal_lm
 
     return train_causal_lm(texts, outs, cfg, out, instructions=spec.instructions)
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         label = {
             "tagger": "span tagger, distilled",
             "tagger_gold": "span tagger, trained on gold",
-            "lm": f"SmolLM2-135M LoRA, distilled ({results['lm'].get('labels')} labels)",
+            "lm": f"SmolLM2-135M LoRA, distilled ({r.get('labels')} labels)",
             "lm_gold": "SmolLM2-135M LoRA, trained on gold (same inputs)",
         }[name]
         rows.append((f"{label}: exact / slot F1 / intent acc",
