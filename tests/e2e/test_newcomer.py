@@ -121,6 +121,36 @@ def _assert_recall_shown_and_verified(d: Path, stdout: str) -> None:
     assert "(10)  5 evidence chunk(s) are in the signed corpus" in v.stdout, v.stdout
 
 
+def test_the_extract_demo_ends_in_a_verified_json_receipt(tmp_path: Path) -> None:
+    d = tmp_path / "demo-x"
+    p = subprocess.run(
+        [*KOLM, "demo", "--task", "extract", "--dir", str(d), "--small", "--tickets", "12",
+         "--threads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    s = json.loads((d / "summary.json").read_text())
+    assert s["task"] == "extract" and s["audit_ok"]
+    assert s["served"]["n"] == 12
+    frame = json.loads(s["prediction_output"])  # the verified receipt's output is JSON
+    assert set(frame) <= {"intent", "slots"} and "intent" in frame
+    assert all(s["verify_steps"][k] for k in list(s["verify_steps"])[:9])
+    assert "kolm demo --task extract — summary" in p.stdout
+    assert (d / "artifacts" / "snips-extract.kolm").exists()
+    v = subprocess.run(
+        [*KOLM, "verify", str(d / "prediction.kolm-receipt.json"), "--trust",
+         str(d / "keys" / "trust.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
 def test_up_serves_three_healthy_services_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
