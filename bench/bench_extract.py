@@ -110,7 +110,7 @@ def prepare(work: Path, per_intent: int, test_n: int | None) -> dict[str, Any]:
             "k": 5,
             "min_agreement": 3,
         },
-        "student": {"kind": "auto"},
+        "student": {"kind": "auto", "epochs": 10, "batch_size": 32, "max_length": 64},
         "data": {
             "unlabeled": "unlabeled.jsonl",
             "holdout": "holdout.jsonl",
