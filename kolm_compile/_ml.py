@@ -1,15 +1,17 @@
 """Shared machinery of the runtime students and their training: the ML environment,
-scoped torch settings, tokenising and batching. Internal; heavy libraries are imported
+scoped torch settings, tokenising and batching, and the one LoRA training loop every
+trainer runs (:func:`training_scope`, :func:`train_steps`). Internal; heavy libraries are imported
 inside the functions that need them, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 from kolm_ledger.errors import InvalidInput
 
@@ -17,6 +19,7 @@ __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
     "TRAIN_CONFIG_FILE",
+    "LoopConfig",
     "check_batch_size",
     "collate",
     "encode",
@@ -24,6 +27,8 @@ __all__ = [
     "prepare_ml_env",
     "quiet_hf",
     "torch_state",
+    "train_steps",
+    "training_scope",
 ]
 
 # The file names every student kind's adapter folder shares (kolm_compile.student says
@@ -124,3 +129,98 @@ def check_batch_size(batch_size: int) -> None:
     """Raise :class:`InvalidInput` unless ``batch_size`` is an integer >= 1."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInput(f"batch_size is {batch_size!r}, want an integer >= 1")
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+class LoopConfig(Protocol):
+    """The training settings :func:`train_steps` reads (``kolm_compile._train.TrainConfig``
+    has them all)."""
+
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def warmup_ratio(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+
+
+@contextlib.contextmanager
+def training_scope(threads: int | None, seed: int) -> Iterator[None]:
+    """The block a student trains in: transformers quiet, ``threads`` torch threads,
+    deterministic algorithms on, and the global torch RNG forked (the caller's state is
+    left as it was) and seeded with ``seed`` before anything random (heads, LoRA ``A``
+    matrices, dropout masks) is created."""
+    import torch
+
+    with (
+        quiet_hf(),
+        torch_state(threads, deterministic=True),
+        torch.random.fork_rng(devices=[]),
+    ):
+        torch.manual_seed(seed)
+        yield
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def train_steps(
+    model: Any,
+    n: int,
+    cfg: LoopConfig,
+    loss_of: Callable[[list[int]], Any],
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[float]:
+    """Train ``model``'s trainable parameters over ``n`` examples; return the loss of
+    every step (their count is the number of steps).
+
+    AdamW (``cfg.learning_rate``, ``cfg.weight_decay``); the learning rate warms up
+    linearly over ``cfg.warmup_ratio`` of the steps, then decays linearly to 0. Each of
+    ``cfg.epochs`` epochs draws a permutation of the examples from a ``torch.Generator``
+    seeded with ``cfg.seed`` (the data order is the seed's alone) and cuts it into
+    batches of ``cfg.batch_size``; ``loss_of(batch)`` is the loss tensor of a batch of
+    example indices. ``should_stop()`` is polled before every step and, when true, raises
+    :class:`InterruptedError`; ``progress(step, total_steps, loss)`` is called after every
+    optimizer step (``step`` counts from 1). Leaves the model in training mode.
+    """
+    import torch
+
+    total = math.ceil(n / cfg.batch_size) * cfg.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+
+    model.train()
+    losses: list[float] = []
+    for _epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=order_gen).tolist()
+        for start in range(0, n, cfg.batch_size):
+            if should_stop is not None and should_stop():
+                raise InterruptedError(f"training stopped at step {len(losses)} of {total}")
+            loss = loss_of(perm[start : start + cfg.batch_size])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(len(losses), total, losses[-1])
+    return losses

@@ -39,7 +39,6 @@ time in its worker, which is what this assumes.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +50,7 @@ from pydantic import PlainValidator
 
 from kolm_ledger.errors import InvalidInput, SpecError
 
+from ._ml import train_steps, training_scope
 from .fields import Section, integer, invalid, number, section
 from .student import (
     ADAPTER_CONFIG_FILE,
@@ -63,9 +63,7 @@ from .student import (
     collate,
     encode,
     prepare_ml_env,
-    quiet_hf,
     resolve_base_model,
-    torch_state,
 )
 
 if TYPE_CHECKING:
@@ -263,13 +261,16 @@ def _sanitize_adapter_config(adapter_dir: Path, base_model_id: str) -> None:
     _write_json(path, cfg)
 
 
-def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
+def _finish_adapter(out_dir: Path, base_model_id: str, tokenizer_from: Path | None) -> None:
+    """Make a saved adapter folder path-free: sanitize its ``adapter_config.json``, copy
+    the base's tokenizer files from ``tokenizer_from`` (when given) and drop peft's model
+    card (it holds the absolute base path)."""
+    _sanitize_adapter_config(out_dir, base_model_id)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(tokenizer_from / name, out_dir / name)
+    for stray in ("README.md",):
+        (out_dir / stray).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- training
@@ -310,13 +311,8 @@ def train_classifier(
     index = {y: i for i, y in enumerate(label_list)}
     started = time.perf_counter()
 
-    with (
-        quiet_hf(),
-        torch_state(config.threads, deterministic=True),
-        torch.random.fork_rng(devices=[]),
-    ):
-        # (1) seed before anything random is created: head init, LoRA A init.
-        torch.manual_seed(config.seed)
+    # (1) seeded before anything random is created: head init, LoRA A init.
+    with training_scope(config.threads, config.seed):
         tokenizer = AutoTokenizer.from_pretrained(str(base_path))
         model = AutoModelForSequenceClassification.from_pretrained(
             str(base_path),
@@ -336,49 +332,22 @@ def train_classifier(
 
         ids = encode(tokenizer, texts, config.max_length)
         y = torch.tensor([index[label] for label in labels], dtype=torch.long)
-        n = len(ids)
-        per_epoch = math.ceil(n / config.batch_size)
-        total = per_epoch * config.epochs
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        warmup = int(config.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
-        # (3) data order from its own seeded generator.
-        order_gen = torch.Generator().manual_seed(config.seed)
 
-        model.train()
-        losses: list[float] = []
-        step = 0
-        for _epoch in range(config.epochs):
-            perm = torch.randperm(n, generator=order_gen).tolist()
-            for start in range(0, n, config.batch_size):
-                if should_stop is not None and should_stop():
-                    raise InterruptedError(f"training stopped at step {step} of {total}")
-                batch = perm[start : start + config.batch_size]
-                inputs = collate([ids[i] for i in batch], tokenizer.pad_token_id)
-                out = model(**inputs, labels=y[batch])
-                out.loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss = float(out.loss.detach())
-                losses.append(loss)
-                if progress is not None:
-                    progress(step, total, loss)
+        def loss_of(batch: list[int]) -> Any:
+            inputs = collate([ids[i] for i in batch], tokenizer.pad_token_id)
+            return model(**inputs, labels=y[batch]).loss
+
+        # (3) the data order comes from train_steps' own seeded generator.
+        losses = train_steps(
+            model, len(ids), config, loss_of, progress=progress, should_stop=should_stop
+        )
 
         model.eval()
         model.save_pretrained(str(out_dir), safe_serialization=True)
 
-    _sanitize_adapter_config(out_dir, config.base_model)
+    _finish_adapter(out_dir, config.base_model, base_path)
     _write_json(out_dir / LABELS_FILE, label_list)
     _write_json(out_dir / TRAIN_CONFIG_FILE, config.to_dict())
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(base_path / name, out_dir / name)
-    for stray in ("README.md",):  # peft writes a model card with the absolute base path
-        (out_dir / stray).unlink(missing_ok=True)
 
     student = Student(model, tokenizer, label_list, config.max_length)
     return TrainResult(
@@ -386,6 +355,6 @@ def train_classifier(
         labels=label_list,
         losses=losses,
         seconds=time.perf_counter() - started,
-        steps=step,
+        steps=len(losses),
         student=student,
     )

@@ -29,19 +29,18 @@ or timestamp (``adapter_config.json`` names the base by its logical id).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from kolm_ledger.errors import InvalidInput, SpecError
 
-from ._ml import TRAIN_CONFIG_FILE, prepare_ml_env, quiet_hf, torch_state
+from ._ml import TRAIN_CONFIG_FILE, prepare_ml_env, train_steps, training_scope
 from ._train import (
     TrainConfig,
     TrainResult,
-    _lr_lambda,
-    _sanitize_adapter_config,
+    _finish_adapter,
     _write_json,
 )
 from .base_models import resolve_base_model
@@ -110,20 +109,14 @@ def train_causal_lm(
     _check_data(prompts, outputs, cfg)
     base_path = resolve_base_model(cfg.base_model)
     prepare_ml_env()
-    import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # fail on an unwritable place before training
     started = time.perf_counter()
 
-    with (
-        quiet_hf(),
-        torch_state(cfg.threads, deterministic=True),
-        torch.random.fork_rng(devices=[]),
-    ):
-        # (1) seed before anything random is created: the LoRA A matrices.
-        torch.manual_seed(cfg.seed)
+    # (1) seeded before anything random is created: the LoRA A matrices.
+    with training_scope(cfg.threads, cfg.seed):
         tokenizer = load_base_tokenizer(base_path)
         model = load_base_lm(base_path)
         recipe = PromptRecipe.for_tokenizer(tokenizer, instructions)
@@ -141,37 +134,17 @@ def train_causal_lm(
 
         src = [prompt_ids(tokenizer, recipe, p, cfg.max_length) for p in prompts]
         tgt = [target_ids(tokenizer, o, cfg.max_new_tokens) for o in outputs]
-        n = len(src)
-        total = math.ceil(n / cfg.batch_size) * cfg.epochs
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        warmup = int(cfg.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
-        # (3) data order from its own seeded generator.
-        order_gen = torch.Generator().manual_seed(cfg.seed)
 
-        model.train()
-        losses: list[float] = []
-        step = 0
-        for _epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=order_gen).tolist()
-            for start in range(0, n, cfg.batch_size):
-                if should_stop is not None and should_stop():
-                    raise InterruptedError(f"training stopped at step {step} of {total}")
-                batch = perm[start : start + cfg.batch_size]
-                inputs, labels = collate_lm(
-                    [src[i] for i in batch], [tgt[i] for i in batch], tokenizer.pad_token_id
-                )
-                out = model(**inputs, labels=labels)
-                out.loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss = float(out.loss.detach())
-                losses.append(loss)
-                if progress is not None:
-                    progress(step, total, loss)
+        def loss_of(batch: list[int]) -> Any:
+            inputs, labels = collate_lm(
+                [src[i] for i in batch], [tgt[i] for i in batch], tokenizer.pad_token_id
+            )
+            return model(**inputs, labels=labels).loss
+
+        # (3) the data order comes from train_steps' own seeded generator.
+        losses = train_steps(
+            model, len(src), cfg, loss_of, progress=progress, should_stop=should_stop
+        )
 
         model.eval()
         # never resized, so never saved: "auto" would look for the base's config.json,
@@ -179,10 +152,8 @@ def train_causal_lm(
         model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(str(out_dir))
 
-    _sanitize_adapter_config(out_dir, cfg.base_model)
+    _finish_adapter(out_dir, cfg.base_model, None)  # the tokenizer is saved above
     _write_json(out_dir / TRAIN_CONFIG_FILE, {**cfg.to_dict(), "prompt": recipe.to_dict()})
-    for stray in ("README.md",):  # peft writes a model card with the absolute base path
-        (out_dir / stray).unlink(missing_ok=True)
 
     student = CausalLMStudent(model, tokenizer, recipe, cfg.max_length, cfg.max_new_tokens)
     return TrainResult(
@@ -190,6 +161,6 @@ def train_causal_lm(
         labels=[],
         losses=losses,
         seconds=time.perf_counter() - started,
-        steps=step,
+        steps=len(losses),
         student=student,
     )

@@ -42,9 +42,7 @@ saved weights are byte-identical across runs.
 from __future__ import annotations
 
 import json
-import math
 import re
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +51,8 @@ from typing import Any
 
 from kolm_ledger.errors import InvalidInput, SpecError
 
-from ._train import TrainConfig, TrainResult, _lr_lambda, _sanitize_adapter_config, _write_json
+from ._ml import train_steps, training_scope
+from ._train import TrainConfig, TrainResult, _finish_adapter, _write_json
 from .structured import (
     SchemaField,
     field_pairs,
@@ -63,12 +62,9 @@ from .structured import (
     schema_fields,
 )
 from .student import (
-    TOKENIZER_FILES,
     TRAIN_CONFIG_FILE,
     prepare_ml_env,
-    quiet_hf,
     resolve_base_model,
-    torch_state,
 )
 from .tagger_student import (
     OUTSIDE,
@@ -362,7 +358,6 @@ def train_span_tagger(
     layout = tagger_layout(schema)
     base_path = resolve_base_model(cfg.base_model)
     prepare_ml_env()
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -370,13 +365,8 @@ def train_span_tagger(
     out_dir.mkdir(parents=True, exist_ok=True)  # fail on an unwritable place before training
     started = time.perf_counter()
 
-    with (
-        quiet_hf(),
-        torch_state(cfg.threads, deterministic=True),
-        torch.random.fork_rng(devices=[]),
-    ):
-        # (1) seed before anything random is created: heads, LoRA A.
-        torch.manual_seed(cfg.seed)
+    # (1) seeded before anything random is created: heads, LoRA A.
+    with training_scope(cfg.threads, cfg.seed):
         tokenizer = AutoTokenizer.from_pretrained(str(base_path))
         rows, n_values, n_unaligned = _rows(texts, outputs, layout, tokenizer, cfg.max_length)
         layout = TaggerLayout(
@@ -392,45 +382,20 @@ def train_span_tagger(
         )
         model = get_peft_model(net, lora)
 
-        n = len(rows)
-        per_epoch = math.ceil(n / cfg.batch_size)
-        total = per_epoch * cfg.epochs
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        warmup = int(cfg.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
-        # (3) data order from its own seeded generator.
-        order_gen = torch.Generator().manual_seed(cfg.seed)
+        def loss_of(batch: list[int]) -> Any:
+            return _batch_loss(model, [rows[i] for i in batch], layout, tokenizer.pad_token_id)
 
-        model.train()
-        losses: list[float] = []
-        step = 0
-        for _epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=order_gen).tolist()
-            for start in range(0, n, cfg.batch_size):
-                if should_stop is not None and should_stop():
-                    raise InterruptedError(f"training stopped at step {step} of {total}")
-                batch = [rows[i] for i in perm[start : start + cfg.batch_size]]
-                loss = _batch_loss(model, batch, layout, tokenizer.pad_token_id)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                losses.append(float(loss.detach()))
-                if progress is not None:
-                    progress(step, total, losses[-1])
+        # (3) the data order comes from train_steps' own seeded generator.
+        losses = train_steps(
+            model, len(rows), cfg, loss_of, progress=progress, should_stop=should_stop
+        )
 
         model.eval()
         model.save_pretrained(str(out_dir), safe_serialization=True)
 
-    _sanitize_adapter_config(out_dir, cfg.base_model)
+    _finish_adapter(out_dir, cfg.base_model, base_path)
     (out_dir / TAGGER_FILE).write_bytes(layout.to_bytes())
     _write_json(out_dir / TRAIN_CONFIG_FILE, cfg.to_dict())
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(base_path / name, out_dir / name)
-    for stray in ("README.md",):  # peft writes a model card with the absolute base path
-        (out_dir / stray).unlink(missing_ok=True)
 
     student = SpanTaggerStudent(model, tokenizer, layout, cfg.max_length)
     return TaggerTrainResult(
@@ -438,7 +403,7 @@ def train_span_tagger(
         labels=list(layout.tags),
         losses=losses,
         seconds=time.perf_counter() - started,
-        steps=step,
+        steps=len(losses),
         # TrainResult.student is typed for the classifier (see the report: widen it)
         student=student,  # type: ignore[arg-type]
         values=n_values,
