@@ -354,6 +354,9 @@ def test_recall_defaults_and_no_recall_by_default(tmp_path: Path) -> None:
     del raw["labels"]
     raw.update(task="generate", verifier={"name": "regex", "params": {"pattern": ".+"}},
                teacher={"backend": "openai", "model": "m"})  # fmt: skip
+    # classify's own data fields (generate reads data.output_column)
+    for key in ("label_column", "limit_per_label", "labels"):
+        raw["data"].pop(key, None)
     with pytest.raises(SpecError, match=r"^spec\.recall\.source: examples needs task classify"):
         TaskSpec.from_dict(raw, tmp_path)
 

@@ -18,7 +18,7 @@ from kolm_compile.sinks import LocalLedgerSink
 from kolm_compile.spec import TaskSpec
 from kolm_ledger.keys import PrivateKey, init_keys
 
-pytestmark = [pytest.mark.ml, pytest.mark.slow]
+pytestmark = [pytest.mark.ml, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SNIPS = Path(__file__).resolve().parents[1] / "data" / "snips"
 
@@ -26,7 +26,7 @@ SNIPS = Path(__file__).resolve().parents[1] / "data" / "snips"
 def test_a_few_dozen_frames_compile_with_smollm2(tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (SNIPS / "train.jsonl").read_text().splitlines()]
     test = [json.loads(x) for x in (SNIPS / "test.jsonl").read_text().splitlines()]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test[:6]))
     (tmp_path / "gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + test))
     (tmp_path / "schema.json").write_text((SNIPS / "schema.json").read_text())
@@ -54,11 +54,13 @@ seed: 7
             key=PrivateKey.load(tmp_path / "keys" / "compile.key"),
             sink=sink,
             job_dir=tmp_path / "job",
-            options=CompileOptions(threads=2, latency_probe=2),
+            # one torch thread: a 135M decoder step is faster on one core than on two
+            # busy ones (tests/compile/test_lm_student.py measures it)
+            options=CompileOptions(threads=1, latency_probe=1),
         ).run()
     finally:
         sink.close()
-    assert res.labels_logged >= 20 and res.k_score.n == 6
+    assert res.labels_logged >= 16 and res.k_score.n == 6
     assert res.task_metrics is not None and 0.0 <= res.task_metrics["schema_valid"] <= 100.0
     with zipfile.ZipFile(res.artifact_path) as z:
         names = z.namelist()
