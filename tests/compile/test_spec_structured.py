@@ -183,7 +183,7 @@ def test_train_config_carries_the_kind(tmp_path: Path) -> None:
     assert (span.kind, span.base_model, span.target_modules) == (
         "span_tagger",
         ENCODER_BASE_MODEL,
-        ("query", "value"),
+        ("query", "key", "value", "dense"),  # every linear layer (spec.TAGGER_TARGET_MODULES)
     )
     with pytest.raises(SpecError, match=r"^spec\.student\.kind: auto is resolved by the task"):
         StudentSpec().train_config(0)
