@@ -171,7 +171,6 @@ def train_on(
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "threads": threads})
     if kind == "span_tagger":
         from kolm_compile._train_tagger import train_span_tagger
-
         from kolm_compile.fields import thaw
 
         return train_span_tagger(texts, outs, thaw(spec.output_schema), cfg, out)
