@@ -23,11 +23,19 @@ resolve_base_model`) with LoRA adapters, and two linear heads on its last hidden
   ``len(classes) + optional`` columns; an optional field (not required all along its
   path) has an extra last column, "absent". No enum field: no ``enum_head``.
 
+**Case.** MiniLM's tokenizer lower-cases, and capitals are what most often mark a name.
+With :attr:`TaggerLayout.case_types` (what training writes), the token type ids carry
+it: 1 for the tokens of a word whose first character is upper-case, 0 otherwise; the
+encoder's ``token_type_embeddings`` are trained with the heads.
+
 **Words.** Tags are read per word of the tokenizer's pre-tokenizer (whitespace and
 punctuation split; a word is the character range of its tokens), from the word's first
-token; the other tokens of a word are not scored. Decoding: ``B-f`` starts a value of
-field ``f``; ``I-f`` continues the open value if it is ``f``'s, otherwise starts one (an
-``I`` after ``O`` or after another field counts as ``B``); ``O`` closes. A value is the
+token; the other tokens of a word are not scored. The tag sequence is the most probable
+one (Viterbi over the words' log-probabilities, :func:`transitions`) among those where
+``I-f`` follows ``B-f`` or ``I-f`` and ``B-f`` does not follow either (one field's values
+are never adjacent words). Spans (:func:`decode_spans`): ``B-f`` starts a value of field
+``f``; ``I-f`` continues the open value if it is ``f``'s, otherwise starts one (an ``I``
+after ``O`` or after another field counts as ``B``); ``O`` closes. A value is the
 ORIGINAL text from its first word's start to its last word's end (``text[start:end]``,
 by the fast tokenizer's character offsets): always an exact substring of the input. Words
 past ``max_length`` tokens are not tagged.
@@ -39,14 +47,16 @@ the schema requires all along their path (:attr:`TaggerLayout.objects`, e.g.
 schema-valid frame. :meth:`SpanTaggerStudent.predict` returns its canonical JSON.
 
 **Confidence** of one prediction: the minimum of each enum field's top softmax
-probability and the mean, over the tagged words, of the top tag probability (a part
-with nothing in it — no enum field, no word — is left out; nothing at all gives 1.0).
+probability and the mean, over the tagged words, of the probability of the tag chosen
+for the word (a part with nothing in it — no enum field, no word — is left out; nothing
+at all gives 1.0).
 
 **The folder** (written by :func:`kolm_compile._train_tagger.train_span_tagger`): the
 LoRA adapter with its sanitized config (``adapter_config.json``,
-``adapter_model.safetensors``; the two heads are peft ``modules_to_save``, so their
-weights are in the same safetensors file as ``base_model.model.tag_head.*`` and
-``base_model.model.enum_head.*``), :data:`TAGGER_FILE` (the :class:`TaggerLayout`),
+``adapter_model.safetensors``; the heads and the token type embeddings are peft
+``modules_to_save``, so their weights are in the same safetensors file, as
+``base_model.model.tag_head.*``, ``base_model.model.enum_head.*`` and
+``...token_type_embeddings...``), :data:`TAGGER_FILE` (the :class:`TaggerLayout`),
 ``train_config.json`` (its ``max_length`` is the tokenizer limit) and the tokenizer
 files. Heavy libraries (torch, transformers, peft) are imported inside the functions that
 need them, so importing this module is cheap.
@@ -87,9 +97,12 @@ __all__ = [
     "SpanTaggerStudent",
     "TaggerLayout",
     "build_net",
+    "collate_encoded",
     "decode_spans",
     "encode_words",
     "head_modules",
+    "transitions",
+    "viterbi",
 ]
 
 TAGGER_FILE = "tagger.json"
@@ -97,6 +110,7 @@ TAGGER_FORMAT = 1
 TAG_HEAD = "tag_head"
 ENUM_HEAD = "enum_head"
 OUTSIDE = "O"
+CASE_EMBEDDING = "token_type_embeddings"
 
 
 # --------------------------------------------------------------------------- layout
@@ -121,7 +135,8 @@ class TaggerLayout:
     """What ``tagger.json`` holds: the tag list, the enum heads, the schema's fields (for
     :func:`~kolm_compile.structured.assemble`), the always-present objects, and the
     training data's alignment counts (``values`` span values placed on words,
-    ``unaligned`` skipped: see :mod:`kolm_compile._train_tagger`)."""
+    ``unaligned`` skipped: see :mod:`kolm_compile._train_tagger`), and whether the token
+    type ids carry the words' case (see the module docstring)."""
 
     tags: tuple[str, ...]
     enums: tuple[EnumHead, ...]
@@ -129,6 +144,7 @@ class TaggerLayout:
     objects: tuple[str, ...]
     values: int = 0
     unaligned: int = 0
+    case_types: bool = False
 
     @property
     def enum_width(self) -> int:
@@ -149,6 +165,7 @@ class TaggerLayout:
             ],
             "objects": list(self.objects),
             "alignment": {"values": self.values, "unaligned": self.unaligned},
+            "case_types": self.case_types,
         }
         return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
 
@@ -175,6 +192,7 @@ class TaggerLayout:
                 objects=_strs(obj["objects"]),
                 values=_int(obj["alignment"]["values"]),
                 unaligned=_int(obj["alignment"]["unaligned"]),
+                case_types=_bool(obj["case_types"]),
             )
             layout.check()
         except (ValueError, KeyError, TypeError) as e:
@@ -236,6 +254,7 @@ class Encoded:
     ids: list[int]
     first: list[int]  # per token: the index of the word it starts, or -1
     words: list[tuple[int, int]]
+    cased: list[int]  # per token: 1 if its word starts with an upper-case letter, else 0
 
 
 def encode_words(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[Encoded]:
@@ -249,23 +268,29 @@ def encode_words(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[
         return_offsets_mapping=True,
     )
     out = []
-    for i, ids in enumerate(enc["input_ids"]):
+    for i, (text, ids) in enumerate(zip(texts, enc["input_ids"], strict=True)):
         word_ids = enc.word_ids(i)
         offsets = enc["offset_mapping"][i]
         first: list[int] = []
         words: list[tuple[int, int]] = []
+        owner: list[int] = []  # per token: its word, or -1
         prev = None
         for w, (s, e) in zip(word_ids, offsets, strict=True):
             if w is None:
                 first.append(-1)
+                owner.append(-1)
             elif w != prev:
                 first.append(len(words))
                 words.append((int(s), int(e)))
+                owner.append(len(words) - 1)
             else:
                 first.append(-1)
                 words[-1] = (words[-1][0], max(words[-1][1], int(e)))
+                owner.append(len(words) - 1)
             prev = w
-        out.append(Encoded(list(ids), first, words))
+        upper = [text[a:b][:1].isupper() for a, b in words]
+        cased = [int(w >= 0 and upper[w]) for w in owner]
+        out.append(Encoded(list(ids), first, words, cased))
     return out
 
 
@@ -276,10 +301,18 @@ def _batches(encs: Sequence[Encoded], batch_size: int) -> Iterator[list[int]]:
         yield order[start : start + batch_size]
 
 
-def _collate(encs: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
+def collate_encoded(encs: Sequence[Encoded], pad_id: int, case_types: bool) -> dict[str, Any]:
+    """Pad a batch (:func:`kolm_compile.student.collate`); with ``case_types``, the token
+    type ids carry :attr:`Encoded.cased`."""
+    import torch
+
     from .student import collate
 
-    return collate([e.ids for e in encs], pad_id)
+    batch = collate([e.ids for e in encs], pad_id)
+    if case_types:
+        for b, e in enumerate(encs):
+            batch["token_type_ids"][b, : len(e.cased)] = torch.tensor(e.cased, dtype=torch.long)
+    return batch
 
 
 # --------------------------------------------------------------------------- the net
@@ -333,7 +366,8 @@ def _masked_mean(hidden: Any, mask: Any) -> Any:
 
 def head_modules(layout: TaggerLayout) -> list[str]:
     """The peft ``modules_to_save`` of ``layout``'s net."""
-    return [TAG_HEAD, *([ENUM_HEAD] if layout.enums else [])]
+    case = [CASE_EMBEDDING] if layout.case_types else []
+    return [TAG_HEAD, *([ENUM_HEAD] if layout.enums else []), *case]
 
 
 def _check_heads(adapter_dir: Path, layout: TaggerLayout) -> None:
@@ -400,17 +434,43 @@ def decode_spans(
 
 
 def transitions(tags: Sequence[str]) -> tuple[Any, Any]:
-    """Boolean masks of the valid BIO sequences over ``tags``: which tag may start a text
-    (not an ``I-``) and which may follow which (``I-f`` only after ``B-f`` or ``I-f``)."""
+    """Boolean masks of the tag sequences Viterbi may choose over ``tags``: which tag may
+    start a text (not an ``I-``) and which may follow which: ``I-f`` only after ``B-f`` or
+    ``I-f``, and ``B-f`` not right after ``B-f`` or ``I-f`` (two values of one field are
+    never adjacent words: a run of ``f`` words is one value)."""
     import torch
 
     n = len(tags)
     start = torch.tensor([not t.startswith("I-") for t in tags])
     trans = torch.ones((n, n), dtype=torch.bool)
     for j, t in enumerate(tags):
+        same = torch.tensor([a != OUTSIDE and a[2:] == t[2:] for a in tags])
         if t.startswith("I-"):
-            trans[:, j] = torch.tensor([a[2:] == t[2:] and a != OUTSIDE for a in tags])
+            trans[:, j] = same
+        elif t.startswith("B-"):
+            trans[:, j] = ~same
     return start, trans
+
+
+def viterbi(probs: Any, start_ok: Any, trans_ok: Any) -> list[int]:
+    """The most probable tag sequence for per-word tag probabilities ``probs`` (a
+    ``(words, tags)`` tensor, ``words >= 1``) among those :func:`transitions`'s masks
+    allow."""
+    import torch
+
+    logp = torch.log(probs.clamp(min=1e-12))
+    neg = torch.tensor(float("-inf"))
+    score = torch.where(start_ok, logp[0], neg)
+    back = []
+    for w in range(1, logp.shape[0]):
+        cand = torch.where(trans_ok, score.unsqueeze(1), neg)  # [from, to]
+        best, arg = cand.max(dim=0)
+        back.append(arg)
+        score = best + logp[w]
+    path = [int(score.argmax())]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    return path[::-1]
 
 
 class SpanTaggerStudent:
@@ -428,7 +488,7 @@ class SpanTaggerStudent:
         self._tokenizer = tokenizer
         self.layout = layout
         self.max_length = max_length
-        self._decoding = "viterbi"  # or "argmax", "fields" (bench/tagger_probe.py compares)
+        self._decoding = "viterbi"  # or "argmax", "fields": bench/tagger_probe.py compares
         self._allowed: Any = None
 
     def _field_tags(self, probs: Any) -> list[int]:
@@ -449,26 +509,9 @@ class SpanTaggerStudent:
         return out
 
     def _best_tags(self, probs: Any) -> list[int]:
-        """The most probable valid tag sequence (Viterbi over the words' log
-        probabilities; ``I-f`` only after ``B-f`` or ``I-f``)."""
-        import torch
-
         if self._allowed is None:
             self._allowed = transitions(self.layout.tags)
-        start_ok, trans_ok = self._allowed
-        logp = torch.log(probs.clamp(min=1e-12))
-        neg = torch.tensor(float("-inf"))
-        score = torch.where(start_ok, logp[0], neg)
-        back = []
-        for w in range(1, logp.shape[0]):
-            cand = torch.where(trans_ok, score.unsqueeze(1), neg)  # [from, to]
-            best, arg = cand.max(dim=0)
-            back.append(arg)
-            score = best + logp[w]
-        path = [int(score.argmax())]
-        for arg in reversed(back):
-            path.append(int(arg[path[-1]]))
-        return path[::-1]
+        return viterbi(probs, *self._allowed)
 
     @classmethod
     def load(
@@ -549,7 +592,9 @@ class SpanTaggerStudent:
         self._model.eval()
         with torch.inference_mode():
             for batch in _batches(encs, batch_size):
-                inputs = _collate([encs[i] for i in batch], self._tokenizer.pad_token_id)
+                inputs = collate_encoded(
+                    [encs[i] for i in batch], self._tokenizer.pad_token_id, self.layout.case_types
+                )
                 tags, enums, hidden = self._model(**inputs)
                 probs = torch.softmax(tags.to(torch.float32), dim=-1)
                 mean = _masked_mean(hidden, inputs["attention_mask"])
