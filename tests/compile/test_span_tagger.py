@@ -150,14 +150,16 @@ def test_train_rejects_bad_data(tmp_path: Path) -> None:
 
 def test_layout_file_is_checked() -> None:
     good = json.loads(tagger_layout(_schema()).to_bytes())
-    for mutate in (
+    mutations: list[Callable[[dict[str, Any]], object]] = [
         lambda d: d.update(format=2),
         lambda d: d["tags"].pop(),
         lambda d: d["enums"][0]["classes"].reverse(),
         lambda d: d["alignment"].update(unaligned=-1),
         lambda d: d["fields"][0].update(kind="other"),
         lambda d: d.pop("objects"),
-    ):
+        lambda d: d.update(case_types="yes"),
+    ]
+    for mutate in mutations:
         bad = json.loads(json.dumps(good))
         mutate(bad)
         with pytest.raises(InvalidInput, match=r"^where/tagger\.json: malformed"):
@@ -431,12 +433,12 @@ def test_embed(trained: TaggerTrainResult) -> None:
 
     assert trained.student is not None
     texts = ["play some jazz", "play some blues", "will it rain in Paris tomorrow"]
-    vecs = trained.student.embed(texts)  # type: ignore[attr-defined]
+    vecs = trained.student.embed(texts)
     assert vecs.shape == (3, 384) and vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     sims = vecs @ vecs.T
     assert sims[0, 1] > sims[0, 2]
-    assert trained.student.embed([]).shape == (0, 384)  # type: ignore[attr-defined]
+    assert trained.student.embed([]).shape == (0, 384)
 
 
 @pytest.mark.ml
