@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from kolm_ledger.errors import InvalidInput
@@ -26,6 +27,7 @@ __all__ = [
     "length_batches",
     "prepare_ml_env",
     "quiet_hf",
+    "require_files",
     "torch_state",
     "train_steps",
     "training_scope",
@@ -224,3 +226,11 @@ def train_steps(
             if progress is not None:
                 progress(len(losses), total, losses[-1])
     return losses
+
+
+def require_files(adapter_dir: Path, names: Sequence[str]) -> None:
+    """Raise :class:`~kolm_ledger.errors.InvalidInput` naming the first of ``names`` that is
+    not a file in ``adapter_dir`` (every runtime student checks its folder this way)."""
+    for name in names:
+        if not (adapter_dir / name).is_file():
+            raise InvalidInput(f"adapter directory {adapter_dir} has no {name}")

@@ -72,6 +72,7 @@ from ._ml import (
     length_batches,
     prepare_ml_env,
     quiet_hf,
+    require_files,
 )
 from .base_models import base_model_source, resolve_base_model
 
@@ -321,14 +322,15 @@ class CausalLMStudent:
         from transformers import AutoTokenizer
 
         adapter_dir = Path(adapter_dir)
-        for name in (
-            ADAPTER_CONFIG_FILE,
-            ADAPTER_WEIGHTS_FILE,
-            TRAIN_CONFIG_FILE,
-            "tokenizer.json",
-        ):
-            if not (adapter_dir / name).is_file():
-                raise InvalidInput(f"adapter directory {adapter_dir} has no {name}")
+        require_files(
+            adapter_dir,
+            (
+                ADAPTER_CONFIG_FILE,
+                ADAPTER_WEIGHTS_FILE,
+                TRAIN_CONFIG_FILE,
+                "tokenizer.json",
+            ),
+        )
         max_length, max_new, recipe = _read_train_config(adapter_dir / TRAIN_CONFIG_FILE)
         _check_weights(adapter_dir / ADAPTER_WEIGHTS_FILE)
         try:

@@ -46,6 +46,7 @@ from ._ml import (
     encode,
     prepare_ml_env,
     quiet_hf,
+    require_files,
     torch_state,
 )
 from ._ml import check_batch_size as _check_batch_size
@@ -217,9 +218,9 @@ class Student:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         adapter_dir = Path(adapter_dir)
-        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LABELS_FILE, "tokenizer.json"):
-            if not (adapter_dir / name).is_file():
-                raise InvalidInput(f"adapter directory {adapter_dir} has no {name}")
+        require_files(
+            adapter_dir, (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, LABELS_FILE, "tokenizer.json")
+        )
         try:
             labels = json.loads((adapter_dir / LABELS_FILE).read_text())
             max_length = 512

@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 from kolm_ledger.errors import InvalidInput
 
+from ._ml import require_files
 from .structured import SchemaField, assemble, canonical, pointer_parts
 from .student import (
     ADAPTER_CONFIG_FILE,
@@ -531,15 +532,16 @@ class SpanTaggerStudent:
         from transformers import AutoTokenizer
 
         adapter_dir = Path(adapter_dir)
-        for name in (
-            ADAPTER_CONFIG_FILE,
-            ADAPTER_WEIGHTS_FILE,
-            TAGGER_FILE,
-            TRAIN_CONFIG_FILE,
-            "tokenizer.json",
-        ):
-            if not (adapter_dir / name).is_file():
-                raise InvalidInput(f"adapter directory {adapter_dir} has no {name}")
+        require_files(
+            adapter_dir,
+            (
+                ADAPTER_CONFIG_FILE,
+                ADAPTER_WEIGHTS_FILE,
+                TAGGER_FILE,
+                TRAIN_CONFIG_FILE,
+                "tokenizer.json",
+            ),
+        )
         layout = TaggerLayout.from_bytes(
             (adapter_dir / TAGGER_FILE).read_bytes(), str(adapter_dir / TAGGER_FILE)
         )
