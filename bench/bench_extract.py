@@ -2,7 +2,8 @@
 generative student, distilled and gold-trained, side by side in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_compile.py --task extract [--quick]
-        [--per-intent 400] [--lm-per-intent 100] [--lm-epochs 2] [--skip-lm]
+        [--per-intent 400] [--lm-per-intent 100] [--lm-epochs 2] [--lm-test-per-intent 20]
+        [--skip-lm]
 
 Data: SNIPS (five intents, CC0) from ../shared/data/snips beside the repository (not
 shipped; the package has a small subset for the demo). At most ``--per-intent`` training
@@ -15,7 +16,10 @@ One compile (kolm_compile.pipeline, in-process SQLite ledger) with the span tagg
 (``student.kind: auto`` picks it for this schema); then a second compile with
 ``student.kind: causal_lm`` (SmolLM2-135M-Instruct) whose unlabeled inputs are the first
 ``--lm-per-intent`` inputs per intent the first job accepted (CPU time: training runs at
-about 4 examples/s), with the same teacher, votes and holdout. Beside each, the same student
+about 4 examples/s), with the same teacher and votes; its holdout is the first
+``--lm-test-per-intent`` test rows of each intent (20: 100 rows; greedy decoding of a frame
+takes 4-13 s on 2 cores, so the 500 rows would take about an hour per generative student;
+0 keeps all 500), and the span tagger is scored on the same rows beside it. Beside each, the same student
 trained on the **gold** frames of the same inputs. Printed: whole-frame exact match (the
 K-score, Wilson 95%), slot F1 (micro over /slots/*), intent accuracy, schema-valid share,
 the teacher's single-sample and vote scores, compile seconds per stage, and the
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-intent", type=int, default=400)
     ap.add_argument("--lm-per-intent", type=int, default=100)
     ap.add_argument("--lm-epochs", type=int, default=2)
+    ap.add_argument("--lm-test-per-intent", type=int, default=20, help="0: all 500 rows")
     ap.add_argument("--skip-lm", action="store_true", help="span tagger only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lm-threads", type=int, default=1)
@@ -248,6 +253,22 @@ def main(argv: list[str] | None = None) -> int:
                                  "max_new_tokens": 96, "batch_size": 4,
                                  "learning_rate": 3.0e-3}  # fmt: skip
             lm_raw["data"]["unlabeled"] = "unlabeled-lm.jsonl"
+            # the generative students' holdout: the first rows of each intent (time)
+            lm_cap = 2 if a.quick else a.lm_test_per_intent
+            tcount: Counter[str] = Counter()
+            lm_idx = []
+            for i, r in enumerate(holdout):
+                intent = r["output"]["intent"]
+                if lm_cap <= 0 or tcount[intent] < lm_cap:
+                    tcount[intent] += 1
+                    lm_idx.append(i)
+            write_jsonl(work / "holdout-lm.jsonl", [holdout[i] for i in lm_idx])
+            lm_raw["data"]["holdout"] = "holdout-lm.jsonl"
+            lm_texts = [h_texts[i] for i in lm_idx]
+            lm_gold = [h_gold[i] for i in lm_idx]
+            tagger_out = outcomes(work / "job")
+            results["tagger_on_lm_rows"] = frame_scores(lm_gold, [tagger_out[i] for i in lm_idx])
+            results["tagger_on_lm_rows"]["rows"] = len(lm_idx)
             counts: Counter[str] = Counter()
             lm_rows = []
             for t, y in logged:
@@ -266,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             ).run()  # fmt: skip
             lm_s = time.perf_counter() - t0
             lm_seconds = dict(lm_res.seconds)
-            results["lm"] = frame_scores(h_gold, outcomes(work / "job-lm"))
+            results["lm"] = frame_scores(lm_gold, outcomes(work / "job-lm"))
             results["lm"]["k_score"] = lm_res.k_score.to_dict()
             results["lm"]["schema_valid"] = (lm_res.task_metrics or {}).get("schema_valid")
             results["lm"]["labels"] = len(lm_rows)
@@ -275,15 +296,15 @@ def main(argv: list[str] | None = None) -> int:
                 work / "job-lm" / "build" / lm_spec.name / "adapter", threads=a.lm_threads
             )
             with torch_state(a.lm_threads, False):
-                results["lm"]["p50_ms"] = round(latency_p50(student, h_texts, n=10), 2)
+                results["lm"]["p50_ms"] = round(latency_p50(student, lm_texts, n=10), 2)
             del student
             t0 = time.perf_counter()
             with torch_state(a.lm_threads, False):
                 tr = train_on("causal_lm", lm_spec, [r["text"] for r in lm_rows],
                               [gold_of[r["text"]] for r in lm_rows], work / "gold-lm", a.lm_threads)  # fmt: skip
                 st = tr.student or Student.load(work / "gold-lm", threads=a.lm_threads)
-                preds = [p for p, _ in st.predict(h_texts, batch_size=8)]
-            results["lm_gold"] = frame_scores(h_gold, preds)
+                preds = [p for p, _ in st.predict(lm_texts, batch_size=8)]
+            results["lm_gold"] = frame_scores(lm_gold, preds)
             results["lm_gold"]["seconds"] = round(time.perf_counter() - t0, 1)
         sink.close()
 
@@ -306,22 +327,23 @@ def main(argv: list[str] | None = None) -> int:
         ("teacher exact match: single sample", show(res.teacher_single)),
         ("teacher exact match: k-vote", show(res.teacher_vote)),
     ]  # fmt: skip
-    for name in ("tagger", "tagger_gold", "lm", "lm_gold"):
+    lm_n = (results.get("tagger_on_lm_rows") or {}).get("rows")
+    for name in ("tagger", "tagger_gold", "tagger_on_lm_rows", "lm", "lm_gold"):
         r = results.get(name)
         if r is None:
             continue
         label = {
-            "tagger": "span tagger, distilled",
-            "tagger_gold": "span tagger, trained on gold",
-            "lm": f"SmolLM2-135M LoRA, distilled ({r.get('labels')} labels)",
-            "lm_gold": "SmolLM2-135M LoRA, trained on gold (same inputs)",
+            "tagger": f"span tagger, distilled ({len(h_texts)} rows)",
+            "tagger_gold": f"span tagger, trained on gold ({len(h_texts)} rows)",
+            "tagger_on_lm_rows": f"span tagger, distilled, on the LM's {lm_n} rows",
+            "lm": f"SmolLM2-135M LoRA, distilled ({r.get('labels')} labels, {lm_n} rows)",
+            "lm_gold": f"SmolLM2-135M LoRA, trained on gold (same inputs, {lm_n} rows)",
         }[name]
         rows.append((f"{label}: exact / slot F1 / intent acc",
                      f"{r['exact']:.2f} / {r['slot_f1']:.2f} / {r['intent_acc']:.2f}"))  # fmt: skip
         if "p50_ms" in r:
-            rows.append(
-                (f"  single-input CPU latency p50 ({a.threads} threads)", f"{r['p50_ms']:.1f} ms")
-            )
+            th = a.lm_threads if name == "lm" else a.threads
+            rows.append((f"  single-input CPU latency p50 ({th} threads)", f"{r['p50_ms']:.1f} ms"))
         if r.get("schema_valid") is not None:
             rows.append(("  schema-valid outputs", f"{r['schema_valid']:.2f}%"))
     rows.append(("compile seconds, tagger job (all stages)", f"{compile_s:.1f}"))
