@@ -26,10 +26,12 @@ Reported per variant, for ``softmax >= 0.5`` and for the gate:
   rule's joint search; ``t_prob`` by the point estimate or a Wilson lower bound) and, for
   each gate score, the lowest leak any threshold on it reaches at 90% in-scope coverage
   (chosen on the test rows themselves: an upper bound on what a rule of that score can
-  do).
+  do), and over every pair of thresholds on the calibrated probability and the kNN
+  similarity chosen on the test rows, how many meet all three targets at once
+  (``oracle_thresholds_on_test``: when none does, no rule of these scores can).
 
     python bench/bench_gate.py [--variant both|plain|none_label] [--target 99]
-        [--threads 2] [--json out.json] [--save DIR]
+        [--threads 2] [--epochs N] [--json out.json] [--save DIR]
 
 Needs the full Banking77 in ../shared/data/banking77 (bench/_shared.py).
 """
@@ -117,6 +119,41 @@ def other_scores(gate: Any, bank_y: Any, logits: Any, emb: Any) -> dict[str, Any
         [np.einsum("ij,jk,ik->i", e - mus[c], prec, e - mus[c]) for c in range(classes)], axis=1
     )
     return {"index": idx, "prob": probs.max(axis=1), "sim": sim, "csim": csim, "maha": -d.min(1)}
+
+
+def oracle_region(prob: Any, sim: Any, right: Any, said_none: Any, n_in: int) -> dict[str, Any]:
+    """Every pair (``t_prob``, ``t_sim``) over the in-scope test rows' own distinct values
+    (4 and 3 decimals), chosen on the **test rows themselves** — an upper bound on any rule
+    of these two scores: how many pairs meet the issue's three targets at once (in-scope
+    coverage >= 90%, cover K-score >= 98.5, out-of-scope leak <= 10%), and the best cover
+    K-score among the pairs with coverage >= 90% and leak <= 10% (``best``)."""
+    import numpy as np
+
+    prob, sim = np.asarray(prob), np.asarray(sim)
+    ok_in = np.asarray(right, dtype=bool)
+    leaks = ~np.asarray(said_none, dtype=bool)
+    feasible, best = 0, None
+    for tp in np.unique(np.round(prob[:n_in], 4)):
+        for ts in np.unique(np.round(sim[:n_in], 3)):
+            keep = (prob >= tp) & (sim >= ts)
+            m = int(keep[:n_in].sum())
+            if m < 0.9 * n_in:
+                continue
+            leak = 100 * float((keep[n_in:] & leaks).mean())
+            if leak > 10:
+                continue
+            ck = 100 * float((keep[:n_in] & ok_in).sum()) / m
+            feasible += int(ck >= 98.5)
+            if best is None or ck > best[0]:
+                best = (ck, 100 * m / n_in, leak)
+    region: dict[str, Any] = {"pairs_meeting_all_three": feasible, "best": None}
+    if best is not None:
+        region["best"] = {
+            "cover_k_score": round(best[0], 2),
+            "coverage": round(best[1], 2),
+            "oos_leak": round(best[2], 2),
+        }
+    return region
 
 
 def choose(
@@ -289,6 +326,7 @@ def run_variant(variant: str, a: argparse.Namespace, data: Path) -> dict[str, An
             if name != "index"
         }
         gated["auroc"] = aurocs
+        oracle = oracle_region(sc["prob"], sc["sim"], right, said_none, n_in)
         # where the leak comes from: the out-of-scope intents the gate lets through most
         leak_by: dict[str, list[int]] = {}
         for x, (_, y), z in zip(g[n_in:], oos, said_none, strict=True):
@@ -342,6 +380,7 @@ def run_variant(variant: str, a: argparse.Namespace, data: Path) -> dict[str, An
         "softmax_0.5": softmax,
         "gate_figures": gated,
         "best_leak_at_90_coverage_on_test": best90,
+        "oracle_thresholds_on_test": oracle,
         "rules": rules,
         "cost": {
             "student_predict_ms": round(1000 * predict_s, 3),
