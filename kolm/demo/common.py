@@ -1,4 +1,5 @@
-"""What the demos share: the fresh output folder and the offline-verification step table."""
+"""What the demos share: the fresh output folder, the services they start in it (ledger,
+compile job, inference), and the offline-verification step table."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fresh_dir", "verify_steps"]
+__all__ = ["compile_job", "fresh_dir", "start_demo_inference", "start_demo_ledger", "verify_steps"]
 
 
 def fresh_dir(arg: str | None) -> Path:
@@ -15,6 +16,50 @@ def fresh_dir(arg: str | None) -> Path:
     if any(d.iterdir()):
         raise SystemExit(f"kolm demo: {d} already holds a demo (not empty); pass a fresh --dir")
     return d.resolve()
+
+
+async def start_demo_ledger(d: Path, trust: Any) -> tuple[Any, str]:
+    """The ledger service on SQLite in ``d`` (log key from ``d/keys``): ``(server, target)``."""
+    from kolm_ledger._crypto import PrivateKey
+    from kolm_ledger.service.server import start
+
+    key = PrivateKey.load(d / "keys" / "log.key")
+    ledger = await start(f"sqlite:///{d / 'ledger.db'}", trust, key, max_wait_ms=1.0)
+    return ledger, f"127.0.0.1:{ledger.port}"
+
+
+def compile_job(d: Path, spec: Any, client: Any, threads: int, embed: Any = None) -> Any:
+    """A compile job of ``spec`` in ``d`` whose receipts go to the ledger ``client``."""
+    from kolm_compile.pipeline import CompileJob, CompileOptions
+    from kolm_compile.sinks import ServiceSink
+    from kolm_ledger._crypto import PrivateKey
+
+    return CompileJob(
+        spec,
+        key=PrivateKey.load(d / "keys" / "compile.key"),
+        sink=ServiceSink(client),
+        job_dir=d / "compile",
+        out_dir=d / "artifacts",
+        options=CompileOptions(threads=threads),
+        embed=embed,
+    )
+
+
+async def start_demo_inference(d: Path, target: str, trust: Any, artifact: Path) -> Any:
+    """The inference service serving ``artifact``. The demos serve no teacher: an input
+    outside the cover gets the student's answer flagged ``teacher_unavailable`` instead
+    of a refusal."""
+    from kolm_infer import service
+    from kolm_ledger._crypto import PrivateKey
+
+    return await service.start(
+        target,
+        trust,
+        PrivateKey.load(d / "keys" / "infer.key"),
+        artifacts=[artifact],
+        spool=d / "spool.sqlite",
+        on_teacher_failure="student",
+    )
 
 
 def verify_steps(v: Any) -> list[tuple[int, str, bool, str]]:

@@ -68,19 +68,20 @@ async def _demo(a: argparse.Namespace) -> int:
     import grpc
 
     from kolm.cli.compile import run_with_progress
-    from kolm.demo.common import fresh_dir, verify_steps
-    from kolm_compile.pipeline import CompileJob, CompileOptions
-    from kolm_compile.sinks import ServiceSink
+    from kolm.demo.common import (
+        compile_job,
+        fresh_dir,
+        start_demo_inference,
+        start_demo_ledger,
+        verify_steps,
+    )
     from kolm_compile.structured import field_scores
-    from kolm_infer import service as infer_service
     from kolm_infer._pb import infer_pb2 as pb
     from kolm_infer._pb import infer_pb2_grpc as pb_grpc
-    from kolm_ledger._crypto import PrivateKey
     from kolm_ledger.audit.auditor import audit_remote
     from kolm_ledger.formats.bundle import Bundle
     from kolm_ledger.keys import init_keys
     from kolm_ledger.service.client import LedgerClient
-    from kolm_ledger.service.server import start as start_ledger
     from kolm_ledger.verify.receipt import verify_prediction
 
     t_all = time.perf_counter()
@@ -88,13 +89,7 @@ async def _demo(a: argparse.Namespace) -> int:
     d = fresh_dir(a.dir)
     console.rule("kolm demo --task extract — structured distillation you can prove")
     trust = init_keys(d / "keys")
-    ledger = await start_ledger(
-        f"sqlite:///{d / 'ledger.db'}",
-        trust,
-        PrivateKey.load(d / "keys" / "log.key"),
-        max_wait_ms=1.0,
-    )
-    target = f"127.0.0.1:{ledger.port}"
+    ledger, target = await start_demo_ledger(d, trust)
     console.print(f"[bold]1.[/] keys in {d / 'keys'}; ledger service on {target}")
     infer = None
     try:
@@ -106,25 +101,11 @@ async def _demo(a: argparse.Namespace) -> int:
             f"student kind {spec.student.kind}"
         )
         client = LedgerClient(target, timeout=600)
-        job = CompileJob(
-            spec,
-            key=PrivateKey.load(d / "keys" / "compile.key"),
-            sink=ServiceSink(client),
-            job_dir=d / "compile",
-            out_dir=d / "artifacts",
-            options=CompileOptions(threads=a.threads),
-        )
+        job = compile_job(d, spec, client, a.threads)
         t0 = time.perf_counter()
         result = await asyncio.to_thread(run_with_progress, job, console)
         compile_s = time.perf_counter() - t0
-        infer = await infer_service.start(
-            target,
-            trust,
-            PrivateKey.load(d / "keys" / "infer.key"),
-            artifacts=[result.artifact_path],
-            spool=d / "spool.sqlite",
-            on_teacher_failure="student",  # no teacher served: flagged answers, not refusals
-        )
+        infer = await start_demo_inference(d, target, trust, result.artifact_path)
         itarget = f"127.0.0.1:{infer.port}"
         console.print(
             f"[bold]3.[/] inference service on {itarget} loaded {result.artifact_path.name} "

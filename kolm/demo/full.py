@@ -37,7 +37,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import kolm_compile
-from kolm.demo.common import fresh_dir, verify_steps
+from kolm.demo.common import (
+    compile_job,
+    fresh_dir,
+    start_demo_inference,
+    start_demo_ledger,
+    verify_steps,
+)
 
 __all__ = ["register_demo", "run_full_demo"]
 
@@ -139,16 +145,11 @@ def run_full_demo(a: argparse.Namespace) -> int:
 async def _demo(a: argparse.Namespace) -> int:
     from kolm.cli.compile import run_with_progress
     from kolm.demo.trust_core import tamper_copy
-    from kolm_compile.pipeline import CompileJob, CompileOptions
-    from kolm_compile.sinks import ServiceSink
-    from kolm_infer import service as infer_service
     from kolm_infer._pb import infer_pb2 as pb
     from kolm_infer._pb import infer_pb2_grpc as pb_grpc
-    from kolm_ledger._crypto import PrivateKey
     from kolm_ledger.audit.auditor import audit, audit_remote
     from kolm_ledger.keys import init_keys
     from kolm_ledger.service.client import LedgerClient
-    from kolm_ledger.service.server import start as start_ledger
     from kolm_ledger.service.tls import init_certs
     from kolm_ledger.verify.receipt import verify_prediction
 
@@ -162,13 +163,7 @@ async def _demo(a: argparse.Namespace) -> int:
         f"[bold]1.[/] keys in {d / 'keys'} (trust root trust.json), dev certificates in {d / 'tls'}"
     )
 
-    ledger = await start_ledger(
-        f"sqlite:///{d / 'ledger.db'}",
-        trust,
-        PrivateKey.load(d / "keys" / "log.key"),
-        max_wait_ms=1.0,
-    )
-    target = f"127.0.0.1:{ledger.port}"
+    ledger, target = await start_demo_ledger(d, trust)
     console.print(f"[bold]2.[/] ledger service on {target} (SQLite {d / 'ledger.db'})")
     infer = None
     try:
@@ -188,30 +183,13 @@ async def _demo(a: argparse.Namespace) -> int:
         from kolm_compile.student import embed_texts
 
         client = LedgerClient(target, timeout=600)
-        job = CompileJob(
-            spec,
-            key=PrivateKey.load(d / "keys" / "compile.key"),
-            sink=ServiceSink(client),
-            job_dir=d / "compile",
-            out_dir=d / "artifacts",
-            options=CompileOptions(threads=a.threads),
-            embed=embed_texts,
-        )
+        job = compile_job(d, spec, client, a.threads, embed=embed_texts)
         t0 = time.perf_counter()
         result = await asyncio.to_thread(run_with_progress, job, console)
         compile_s = time.perf_counter() - t0
 
         # 4. serve and predict
-        infer = await infer_service.start(
-            target,
-            trust,
-            PrivateKey.load(d / "keys" / "infer.key"),
-            artifacts=[result.artifact_path],
-            spool=d / "spool.sqlite",
-            # the demo serves no teacher: inputs outside the cover get the student's
-            # answer flagged teacher_unavailable instead of a refusal
-            on_teacher_failure="student",
-        )
+        infer = await start_demo_inference(d, target, trust, result.artifact_path)
         itarget = f"127.0.0.1:{infer.port}"
         recall_on = bool(result.recall)
         console.print(
