@@ -59,7 +59,7 @@ def test_the_example_loads() -> None:
         0.8,
         5,
         3,
-        "exact",
+        "per_field",
     )
     assert spec.data.output_column == "output"
     assert set(spec.files()) == {"data.holdout", "data.unlabeled", "teacher.dataset"}
